@@ -1,0 +1,34 @@
+#pragma once
+// Row-major GEMM through CBLAS: C[m,n] = alpha * op(A)[m,kk] * op(B)[kk,n] + beta * C.
+#include <cblas.h>
+
+#include <cstdint>
+
+namespace moekit::backend::host {
+
+inline void gemm_dispatch(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int kk, float alpha,
+                          const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc) {
+  cblas_sgemm(CblasRowMajor, ta, tb, m, n, kk, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void gemm_dispatch(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int kk, double alpha,
+                          const double* a, int lda, const double* b, int ldb, double beta, double* c,
+                          int ldc) {
+  cblas_dgemm(CblasRowMajor, ta, tb, m, n, kk, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// trans_a/trans_b say whether A/B are stored transposed (A is [kk,m] / B is [n,kk]).
+template <class T>
+void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t kk, T alpha, const T* a,
+          const T* b, T beta, T* c) {
+  if (m == 0 || n == 0) return;
+  if (kk == 0) {  // BLAS would reject lda = 0; the product is empty
+    for (std::int64_t i = 0; i < m * n; ++i) c[i] = beta == T(0) ? T(0) : beta * c[i];
+    return;
+  }
+  const int lda = static_cast<int>(trans_a ? m : kk);
+  const int ldb = static_cast<int>(trans_b ? kk : n);
+  gemm_dispatch(trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, int(m), int(n),
+                int(kk), alpha, a, lda, b, ldb, beta, c, int(n));
+}
+
+}  // namespace moekit::backend::host

@@ -1,0 +1,37 @@
+#pragma once
+// Balance-loss and capacity formulas (DESIGN §4), host/device.
+#include <cmath>
+#include <cstdint>
+
+#include "moekit/core/macros.hpp"
+
+namespace moekit::balance {
+
+// LBL = N_E * sum_i eta_i * f_i * P_i with f_i = counts_i / (k * tokens_f), P_i = prob_sum_i / tokens_p.
+template <class S>
+MOEKIT_HD S load_balancing_loss(const std::int64_t* counts, const S* prob_sum, int n, int k,
+                                std::int64_t tokens_f, std::int64_t tokens_p, const S* eta = nullptr) {
+  if (tokens_f <= 0 || tokens_p <= 0) return S(0);
+  S acc = 0;
+  for (int i = 0; i < n; ++i) {
+    const S f = S(counts[i]) / (S(k) * S(tokens_f));
+    acc += (eta ? eta[i] : S(1)) * f * (prob_sum[i] / S(tokens_p));
+  }
+  return S(n) * acc;
+}
+
+// d LBL / d prob_ti (the same for every token t of the scope): N_E * eta_i * f_i / tokens_p.
+template <class S>
+MOEKIT_HD S load_balancing_dprob(std::int64_t count_i, int n, int k, std::int64_t tokens_f,
+                                 std::int64_t tokens_p, S eta_i = S(1)) {
+  if (tokens_f <= 0 || tokens_p <= 0) return S(0);
+  return S(n) * eta_i * (S(count_i) / (S(k) * S(tokens_f))) / S(tokens_p);
+}
+
+// Slots one expert may take: C = ceil(gamma * k * T / N_E); 0 means dropless (no limit, returns -1).
+inline std::int64_t expert_capacity(double gamma, std::int64_t k, std::int64_t tokens, std::int64_t n_experts) {
+  if (gamma <= 0.0) return -1;
+  return static_cast<std::int64_t>(std::ceil(gamma * double(k) * double(tokens) / double(n_experts)));
+}
+
+}  // namespace moekit::balance

@@ -1,0 +1,44 @@
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moekit {
+
+// A named trainable tensor and its gradient (both contiguous, same shape). Layers list theirs with
+// `parameters()`; the optimizer, checkpoints and the reference harness all use these names.
+template <class T>
+struct Parameter {
+  std::string name;
+  T* value = nullptr;
+  T* grad = nullptr;
+  std::vector<std::int64_t> shape;
+  std::int64_t numel() const {
+    std::int64_t n = 1;
+    for (auto s : shape) n *= s;
+    return n;
+  }
+};
+
+// Uniform [-bound, bound) from a splitmix64 stream: identical on every platform and compiler,
+// unlike std::uniform_real_distribution.
+struct SplitMix64 {
+  std::uint64_t state;
+  explicit SplitMix64(std::uint64_t seed) : state(seed) {}
+  std::uint64_t next() {
+    std::uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }  // [0, 1)
+  double uniform(double lo, double hi) { return lo + (hi - lo) * uniform(); }
+};
+
+// torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+template <class T>
+void init_uniform(T* p, std::int64_t n, double bound, SplitMix64& rng) {
+  for (std::int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(rng.uniform(-bound, bound));
+}
+
+}  // namespace moekit
