@@ -239,25 +239,30 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     else return prob_[at];
   }
 
+  // Phases, not a loop of per-expert phases: OpenMP loops and (separately threaded) BLAS calls
+  // alternate only a few times per call, since each switch makes the two thread pools contend.
   void expert_forward(const T* x) {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
     const std::int64_t rows = offset_[n];
 #pragma omp parallel for schedule(static)
     for (std::int64_t r = 0; r < rows; ++r) std::copy_n(x + (row_slot_[r] / k) * d, d, &xp_[r * d]);
-    for (std::int64_t e = 0; e < cfg_.num_ffn_experts; ++e) {
-      const std::int64_t m = offset_[e + 1] - offset_[e], r0 = offset_[e];
-      if (m == 0) continue;
-      const T* xe = &xp_[r0 * d];
-      backend::host::gemm<T>(false, true, m, f, d, T(1), xe, &params_.w1[e * f * d], T(0), &h1_[r0 * f]);
+    for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+      backend::host::gemm<T>(false, true, m, f, d, T(1), &xp_[r0 * d], &params_.w1[e * f * d], T(0), &h1_[r0 * f]);
       if constexpr (kGated)
-        backend::host::gemm<T>(false, true, m, f, d, T(1), xe, &params_.w3[e * f * d], T(0), &h3_[r0 * f]);
-      T* a = &a_[r0 * f];
-      const T* h1 = &h1_[r0 * f];
-      const T* h3 = kGated ? &h3_[r0 * f] : h1;
+        backend::host::gemm<T>(false, true, m, f, d, T(1), &xp_[r0 * d], &params_.w3[e * f * d], T(0), &h3_[r0 * f]);
+    });
+    const T* h3 = kGated ? h3_.data() : h1_.data();
 #pragma omp parallel for schedule(static)
-      for (std::int64_t i = 0; i < m * f; ++i) a[i] = act::apply(Act{}, h1[i], h3[i]);
-      backend::host::gemm<T>(false, true, m, d, f, T(1), a, &params_.w2[e * d * f], T(0), &yp_[r0 * d]);
-    }
+    for (std::int64_t i = 0; i < rows * f; ++i) a_[i] = act::apply(Act{}, h1_[i], h3[i]);
+    for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+      backend::host::gemm<T>(false, true, m, d, f, T(1), &a_[r0 * f], &params_.w2[e * d * f], T(0), &yp_[r0 * d]);
+    });
+  }
+
+  template <class F>
+  void for_each_expert(F&& fn) const {
+    for (std::int64_t e = 0; e < cfg_.num_ffn_experts; ++e)
+      if (offset_[e + 1] > offset_[e]) fn(e, offset_[e], offset_[e + 1] - offset_[e]);
   }
 
   // y_t = sum over kept slots of gate * expert output: a gather, so deterministic.
@@ -316,33 +321,31 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
 
   void expert_backward(T* dx) {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
-    for (std::int64_t e = 0; e < cfg_.num_ffn_experts; ++e) {
-      const std::int64_t m = offset_[e + 1] - offset_[e], r0 = offset_[e];
-      if (m == 0) continue;
-      const T* xe = &xp_[r0 * d];
-      T* dye = &dyp_[r0 * d];
-      T* h1 = &h1_[r0 * f];  // overwritten with dh1 below
-      T* a = &a_[r0 * f];    // overwritten with da, then unused
-      backend::host::gemm<T>(true, false, d, f, m, T(1), dye, a, T(1), &grads_.w2[e * d * f]);  // dW2 += dY^T A
-      backend::host::gemm<T>(false, false, m, f, d, T(1), dye, &params_.w2[e * d * f], T(0), a);  // dA = dY W2
-      T* h3 = kGated ? &h3_[r0 * f] : h1;
-      T* dh3 = kGated ? &dh3_[r0 * f] : h1;
+    const std::int64_t rows = offset_[n];
+    // a_ is overwritten with dA once dW2 has used it; h1_ with dH1; dyp_ with d(expert rows).
+    for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+      backend::host::gemm<T>(true, false, d, f, m, T(1), &dyp_[r0 * d], &a_[r0 * f], T(1), &grads_.w2[e * d * f]);
+      backend::host::gemm<T>(false, false, m, f, d, T(1), &dyp_[r0 * d], &params_.w2[e * d * f], T(0), &a_[r0 * f]);
+    });
+    T* h3 = kGated ? h3_.data() : h1_.data();
+    T* dh3 = kGated ? dh3_.data() : h1_.data();
 #pragma omp parallel for schedule(static)
-      for (std::int64_t i = 0; i < m * f; ++i) {
-        T g1, g3 = 0;
-        act::backward(Act{}, h1[i], h3[i], a[i], g1, g3);
-        h1[i] = g1;
-        if constexpr (kGated) dh3[i] = g3;
-      }
-      // Expert-row input gradients go to dyp_ (free now), then gather into dx.
-      backend::host::gemm<T>(true, false, f, d, m, T(1), h1, xe, T(1), &grads_.w1[e * f * d]);
-      backend::host::gemm<T>(false, false, m, d, f, T(1), h1, &params_.w1[e * f * d], T(0), dye);
-      if constexpr (kGated) {
-        backend::host::gemm<T>(true, false, f, d, m, T(1), dh3, xe, T(1), &grads_.w3[e * f * d]);
-        backend::host::gemm<T>(false, false, m, d, f, T(1), dh3, &params_.w3[e * f * d], T(1), dye);
-      }
+    for (std::int64_t i = 0; i < rows * f; ++i) {
+      T g1, g3 = 0;
+      act::backward(Act{}, h1_[i], h3[i], a_[i], g1, g3);
+      h1_[i] = g1;
+      if constexpr (kGated) dh3[i] = g3;
     }
-    (void)n;
+    for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+      const T* xe = &xp_[r0 * d];
+      T* dxe = &dyp_[r0 * d];
+      backend::host::gemm<T>(true, false, f, d, m, T(1), &h1_[r0 * f], xe, T(1), &grads_.w1[e * f * d]);
+      backend::host::gemm<T>(false, false, m, d, f, T(1), &h1_[r0 * f], &params_.w1[e * f * d], T(0), dxe);
+      if constexpr (kGated) {
+        backend::host::gemm<T>(true, false, f, d, m, T(1), &dh3[r0 * f], xe, T(1), &grads_.w3[e * f * d]);
+        backend::host::gemm<T>(false, false, m, d, f, T(1), &dh3[r0 * f], &params_.w3[e * f * d], T(1), dxe);
+      }
+    });
 #pragma omp parallel for schedule(static)
     for (std::int64_t t = 0; t < tokens_; ++t) {
       T* dxt = dx + t * d;
