@@ -1,0 +1,267 @@
+#pragma once
+// moekit-layer: runs one MoE layer forward and backward on tensors read from a safetensors file and
+// writes every result, so another framework's MoE block can be checked against moekit's
+// (docs/harness.md). run_harness() is the whole program; main.cpp only calls it, and the unit tests
+// call it in-process.
+#include <algorithm>
+#include <cstdint>
+#include <fstream>
+#include <iostream>
+#include <limits>
+#include <map>
+#include <set>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "moekit/io/safetensors.hpp"
+#include "moekit/moe_layer.hpp"
+
+namespace moekit_layer {
+
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitError = 2;  // every failure: arguments, config, input file, layer
+inline constexpr const char* kUsage =
+    "usage: moekit-layer --config cfg.json --input in.safetensors --output out.safetensors\n"
+    "Runs one moekit MoE layer (host backend, fp32) forward and backward and writes y, dx, the\n"
+    "parameter gradients, the router results and the aux losses. Exit code 0 on success, 2 on error.\n";
+
+// Bad command-line arguments: reported with the usage text.
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct Options {
+  std::string config, input, output;
+  bool help = false;
+};
+
+// --name value or --name=value; each of --config, --input, --output exactly once.
+inline Options parse_args(int argc, const char* const* argv) {
+  Options o;
+  std::map<std::string, std::string*> slots{{"--config", &o.config}, {"--input", &o.input}, {"--output", &o.output}};
+  std::set<std::string> seen;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i], value;
+    if (arg == "-h" || arg == "--help") {
+      o.help = true;
+      return o;
+    }
+    const auto eq = arg.find('=');
+    const bool inline_value = arg.rfind("--", 0) == 0 && eq != std::string::npos;
+    if (inline_value) {
+      value = arg.substr(eq + 1);
+      arg = arg.substr(0, eq);
+    }
+    const auto slot = slots.find(arg);
+    if (slot == slots.end()) throw UsageError("unknown argument '" + std::string(argv[i]) + "'");
+    if (!seen.insert(arg).second) throw UsageError(arg + " given twice");
+    if (!inline_value) {
+      if (i + 1 >= argc) throw UsageError(arg + " needs a value");
+      value = argv[++i];
+    }
+    if (value.empty()) throw UsageError(arg + " needs a non-empty value");
+    *slot->second = value;
+  }
+  for (const auto& [name, slot] : slots)
+    if (slot->empty()) throw UsageError("missing " + name);
+  return o;
+}
+
+// cfg.json -> MoeConfig. Shapes are required; the rest default as in MoeConfig. Any unknown key, wrong
+// JSON type or unsupported backend/dtype is a ConfigError naming the key.
+inline moekit::MoeConfig parse_config(const nlohmann::json& j) {
+  using moekit::ConfigError;
+  static const std::vector<std::string> known{"d_model",   "d_expert",        "num_ffn_experts", "top_k",
+                                              "router",    "renormalize",     "activation",      "capacity_factor",
+                                              "lbl_coef",  "zloss_coef",      "backend",         "dtype"};
+  if (!j.is_object()) throw ConfigError("config", j.dump(), "must be a JSON object");
+  for (const auto& [key, value] : j.items()) {
+    if (std::find(known.begin(), known.end(), key) != known.end()) continue;
+    std::string list;
+    for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
+    throw ConfigError(key, value.dump(), "is not a moekit-layer config key (known keys: " + list + ")");
+  }
+  auto integer = [&](const char* key) -> std::int64_t {
+    if (!j.contains(key)) throw ConfigError(key, "(missing)", "is required");
+    const auto& v = j[key];
+    if (!v.is_number_integer()) throw ConfigError(key, v.dump(), "must be a JSON integer");
+    if (v.is_number_unsigned() && v.get<std::uint64_t>() > std::uint64_t(std::numeric_limits<std::int64_t>::max()))
+      throw ConfigError(key, v.dump(), "must fit in a signed 64-bit integer");
+    return v.get<std::int64_t>();
+  };
+  auto number = [&](const char* key, double fallback) {
+    if (!j.contains(key)) return fallback;
+    if (!j[key].is_number()) throw ConfigError(key, j[key].dump(), "must be a JSON number");
+    return j[key].get<double>();
+  };
+  auto boolean = [&](const char* key, bool fallback) {
+    if (!j.contains(key)) return fallback;
+    if (!j[key].is_boolean()) throw ConfigError(key, j[key].dump(), "must be true or false");
+    return j[key].get<bool>();
+  };
+  auto string = [&](const char* key, const char* fallback) {
+    if (!j.contains(key)) return std::string(fallback);
+    if (!j[key].is_string()) throw ConfigError(key, j[key].dump(), "must be a JSON string");
+    return j[key].get<std::string>();
+  };
+  moekit::MoeConfig c;
+  c.d_model = integer("d_model");
+  c.d_expert = integer("d_expert");
+  c.num_ffn_experts = integer("num_ffn_experts");
+  c.top_k = integer("top_k");
+  c.router = moekit::parse_router(string("router", "softmax"));
+  c.renormalize = boolean("renormalize", false);
+  c.activation = moekit::parse_activation(string("activation", "swiglu"));
+  c.capacity_factor = number("capacity_factor", 0.0);
+  c.lbl_coef = number("lbl_coef", 0.0);
+  c.zloss_coef = number("zloss_coef", 0.0);
+  if (const auto b = string("backend", "host"); b != "host")
+    throw ConfigError("backend", "\"" + b + "\"", "moekit-layer supports only \"host\"");
+  if (const auto d = string("dtype", "fp32"); d != "fp32")
+    throw ConfigError("dtype", "\"" + d + "\"", "moekit-layer supports only \"fp32\"");
+  c.validate();
+  return c;
+}
+
+// The effective configuration, every key spelled out (stored in the output's metadata).
+inline nlohmann::json config_json(const moekit::MoeConfig& c) {
+  return {{"d_model", c.d_model},
+          {"d_expert", c.d_expert},
+          {"num_ffn_experts", c.num_ffn_experts},
+          {"top_k", c.top_k},
+          {"router", moekit::to_string(c.router)},
+          {"renormalize", c.renormalize},
+          {"activation", moekit::to_string(c.activation)},
+          {"capacity_factor", c.capacity_factor},
+          {"lbl_coef", c.lbl_coef},
+          {"zloss_coef", c.zloss_coef},
+          {"backend", "host"},
+          {"dtype", "fp32"}};
+}
+
+inline moekit::MoeConfig read_config(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error(path + ": cannot open the config file");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error(path + ": not valid JSON: " + e.what());
+  }
+  try {
+    return parse_config(j);
+  } catch (const moekit::ConfigError& e) {
+    throw std::runtime_error(path + ": " + e.what());  // name the file too
+  }
+}
+
+using Shape = std::vector<std::int64_t>;
+
+// The parameters of a layer with this config, in Mixtral's names and torch Linear layout [out, in].
+inline std::vector<std::pair<std::string, Shape>> parameter_shapes(const moekit::MoeConfig& c) {
+  std::vector<std::pair<std::string, Shape>> p{{"gate.weight", {c.num_experts(), c.d_model}}};
+  for (std::int64_t e = 0; e < c.num_ffn_experts; ++e) {
+    const std::string pre = "experts." + std::to_string(e) + ".";
+    p.push_back({pre + "w1.weight", {c.d_expert, c.d_model}});
+    p.push_back({pre + "w2.weight", {c.d_model, c.d_expert}});
+    if (c.activation == moekit::Activation::kSwiGLU) p.push_back({pre + "w3.weight", {c.d_expert, c.d_model}});
+  }
+  return p;
+}
+
+template <class T>
+std::span<const T> flat(const moekit::TensorView<const T, 2>& v) {
+  return {v.data, std::size_t(v.numel())};
+}
+
+// Reads and checks every input, runs forward + backward, returns the outputs (not yet written).
+// Every tensor is checked against the config before the layer allocates anything.
+inline moekit::io::SafetensorsWriter run_layer(const moekit::MoeConfig& cfg, const moekit::io::SafetensorsFile& in,
+                                               moekit::AuxLosses* aux_out = nullptr) {
+  const std::int64_t d = cfg.d_model;
+  const auto& xi = in.info("x");
+  if (xi.shape.size() != 2 || xi.shape[1] != d)
+    throw moekit::FormatError(in.source() + ": tensor 'x': wrong shape: expected [T, d_model = " + std::to_string(d) +
+                              "], found " + moekit::io::detail::shape_str(xi.shape));
+  const std::int64_t tokens = xi.shape[0];
+  if (tokens == 0) throw moekit::FormatError(in.source() + ": tensor 'x' has no tokens (shape [0, " + std::to_string(d) + "])");
+  const std::vector<float> x = in.get_f32("x", {tokens, d});
+  const std::vector<float> dy = in.get_f32("dy", {tokens, d});
+  std::map<std::string, std::vector<float>> weights;
+  for (const auto& [name, shape] : parameter_shapes(cfg)) weights[name] = in.get_f32(name, shape);
+  for (const auto& name : in.names())
+    if (name != "x" && name != "dy" && !weights.count(name))
+      throw moekit::FormatError(in.source() + ": tensor '" + name + "' is not an input of this layer (inputs: x, dy, " +
+                                "gate.weight, experts.{0.." + std::to_string(cfg.num_ffn_experts - 1) + "}.w1/w2" +
+                                (cfg.activation == moekit::Activation::kSwiGLU ? "/w3" : "") + ".weight for activation \"" +
+                                moekit::to_string(cfg.activation) + "\")");
+
+  moekit::io::SafetensorsWriter out;
+  moekit::with_layer_type<moekit::backend::Host<float>>(cfg, [&]<class Layer>(std::type_identity<Layer>) {
+    Layer layer(cfg);
+    auto params = layer.parameters();
+    for (auto& p : params) {
+      const auto it = weights.find(p.name);
+      if (it == weights.end() || std::int64_t(it->second.size()) != p.numel())
+        throw std::logic_error("moekit-layer: the layer's parameter '" + p.name + "' does not match parameter_shapes()");
+      std::copy(it->second.begin(), it->second.end(), p.value);
+    }
+    layer.zero_grad();
+    std::vector<float> y(x.size()), dx(x.size());
+    const moekit::AuxLosses aux = layer.forward(moekit::MatrixView<const float>(x.data(), {tokens, d}),
+                                                moekit::MatrixView<float>(y.data(), {tokens, d}));
+    // Router results are views into the layer: copy them before backward reuses any buffer.
+    const std::int64_t n = cfg.num_experts(), k = cfg.top_k;
+    out.add_f32("logits", {tokens, n}, flat(layer.logits()));
+    out.add_i32("topk.indices", {tokens, k}, flat(layer.topk_indices()));
+    out.add_f32("topk.gates", {tokens, k}, flat(layer.topk_gates()));
+    const auto counts = layer.expert_counts();
+    out.add_i32("expert.counts", {n}, std::span<const std::int32_t>(counts.data, std::size_t(n)));
+    out.add_f32("aux.lbl", {1}, std::vector<float>{float(aux.lbl)});
+    out.add_f32("aux.zloss", {1}, std::vector<float>{float(aux.zloss)});
+    // L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss.
+    layer.backward(moekit::MatrixView<const float>(dy.data(), {tokens, d}), moekit::MatrixView<float>(dx.data(), {tokens, d}));
+    out.add_f32("y", {tokens, d}, y);
+    out.add_f32("dx", {tokens, d}, dx);
+    for (const auto& p : params) out.add_f32("grad." + p.name, p.shape, std::span<const float>(p.grad, std::size_t(p.numel())));
+    if (aux_out) *aux_out = aux;
+  });
+  out.set_metadata("format", "moekit-layer");
+  out.set_metadata("config", config_json(cfg).dump());
+  return out;
+}
+
+// The program: 0 on success (output written atomically), 2 with a message on `err` on any error.
+inline int run_harness(int argc, const char* const* argv, std::ostream& out = std::cout, std::ostream& err = std::cerr) {
+  try {
+    const Options opt = parse_args(argc, argv);
+    if (opt.help) {
+      out << kUsage;
+      return kExitOk;
+    }
+    const moekit::MoeConfig cfg = read_config(opt.config);
+    const moekit::io::SafetensorsFile in = moekit::io::read_safetensors(opt.input);
+    moekit::AuxLosses aux;
+    const moekit::io::SafetensorsWriter result = run_layer(cfg, in, &aux);
+    result.write(opt.output);
+    out << "moekit-layer: " << in.info("x").shape[0] << " tokens, " << cfg.num_experts() << " experts, top-"
+        << cfg.top_k << "; lbl " << aux.lbl << ", zloss " << aux.zloss << "; wrote " << opt.output << "\n";
+    return kExitOk;
+  } catch (const UsageError& e) {
+    err << "moekit-layer: error: " << e.what() << "\n" << kUsage;
+  } catch (const std::exception& e) {
+    err << "moekit-layer: error: " << e.what() << "\n";
+  } catch (...) {
+    err << "moekit-layer: error: unknown exception\n";
+  }
+  return kExitError;
+}
+
+}  // namespace moekit_layer

@@ -1,0 +1,392 @@
+// The moekit-layer harness, run in-process: its outputs against an independent double-precision
+// reference written here (loops, no library code), its gradients against finite differences of that
+// reference, and exit code 2 with a useful message for every class of bad input.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <numeric>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#include "../../examples/moekit_layer/harness.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using Tensors = std::map<std::string, std::vector<double>>;  // values exactly representable in float
+using Shapes = std::map<std::string, std::vector<std::int64_t>>;
+
+struct Case {
+  const char* name = "softmax top-2 swiglu";
+  int T = 6, D = 8, F = 5, N = 4, K = 2;
+  std::string router = "softmax", act = "swiglu";
+  bool renorm = false;
+  double capacity = 0.0, lbl = 0.01, z = 0.001;
+
+  nlohmann::json config() const {
+    return {{"d_model", D},        {"d_expert", F},       {"num_ffn_experts", N},   {"top_k", K},
+            {"router", router},    {"renormalize", renorm}, {"activation", act},    {"capacity_factor", capacity},
+            {"lbl_coef", lbl},     {"zloss_coef", z},     {"backend", "host"},      {"dtype", "fp32"}};
+  }
+  std::vector<std::string> params() const {
+    std::vector<std::string> p{"gate.weight"};
+    for (int e = 0; e < N; ++e)
+      for (const char* w : {"w1", "w2", "w3"})
+        if (w[1] != '3' || act == "swiglu") p.push_back("experts." + std::to_string(e) + "." + w + ".weight");
+    return p;
+  }
+  Shapes shapes() const {
+    Shapes s{{"x", {T, D}}, {"dy", {T, D}}};
+    for (const auto& p : params()) {
+      if (p == "gate.weight") s[p] = {N, D};
+      else if (p.find("w2") != std::string::npos) s[p] = {D, F};
+      else s[p] = {F, D};
+    }
+    return s;
+  }
+  // Uniform values rounded to float, so the harness and the reference see the same numbers.
+  Tensors inputs(std::uint64_t seed) const {
+    std::uint64_t st = seed * 0x9E3779B97F4A7C15ull + 1;
+    auto uniform = [&](double bound) {
+      st ^= st << 13, st ^= st >> 7, st ^= st << 17;
+      return double(float(bound * (2.0 * double(st >> 11) * 0x1.0p-53 - 1.0)));
+    };
+    Tensors t;
+    for (const auto& [name, shape] : shapes()) {
+      const double bound = name == "x" || name == "dy" ? 1.0 : 1.0 / std::sqrt(double(shape[1]));
+      for (std::int64_t i = 0; i < shape[0] * shape[1]; ++i) t[name].push_back(uniform(bound));
+    }
+    return t;
+  }
+};
+
+struct Ref {
+  std::vector<double> y, logits, gates;
+  std::vector<int> idx, counts;
+  double lbl = 0, zloss = 0, loss = 0, min_gap = 1e9;
+};
+
+// DESIGN §2-§4 written out directly for one token at a time, in double.
+Ref reference(const Case& c, const Tensors& t) {
+  const int T = c.T, D = c.D, F = c.F, N = c.N, K = c.K;
+  const auto &x = t.at("x"), &dy = t.at("dy"), &wg = t.at("gate.weight");
+  Ref r;
+  r.y.assign(T * D, 0.0);
+  r.logits.assign(T * N, 0.0);
+  r.gates.assign(T * K, 0.0);
+  r.idx.assign(T * K, 0);
+  std::vector<double> score(T * N), P(T * N);
+  std::vector<int> routed(N, 0);
+  for (int tk = 0; tk < T; ++tk) {
+    double* l = &r.logits[tk * N];
+    for (int i = 0; i < N; ++i)
+      for (int d = 0; d < D; ++d) l[i] += wg[i * D + d] * x[tk * D + d];
+    const double m = *std::max_element(l, l + N);
+    double sum = 0, ssum = 0;
+    for (int i = 0; i < N; ++i) sum += std::exp(l[i] - m);
+    const double lse = m + std::log(sum);
+    r.zloss += lse * lse / T;
+    for (int i = 0; i < N; ++i) {
+      score[tk * N + i] = c.router == "softmax" ? std::exp(l[i] - lse) : 1.0 / (1.0 + std::exp(-l[i]));
+      ssum += score[tk * N + i];
+    }
+    for (int i = 0; i < N; ++i) P[tk * N + i] = c.router == "softmax" ? score[tk * N + i] : score[tk * N + i] / ssum;
+    std::vector<int> order(N);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return score[tk * N + a] > score[tk * N + b]; });
+    if (K < N) r.min_gap = std::min(r.min_gap, score[tk * N + order[K - 1]] - score[tk * N + order[K]]);
+    double picked = 0;
+    for (int j = 0; j < K; ++j) {
+      r.idx[tk * K + j] = order[j];
+      picked += (r.gates[tk * K + j] = score[tk * N + order[j]]);
+      ++routed[order[j]];
+    }
+    if (c.router == "sigmoid" || c.renorm)
+      for (int j = 0; j < K; ++j) r.gates[tk * K + j] /= picked;
+  }
+  // Capacity: each expert keeps its C highest-scoring slots (earlier token first on ties).
+  std::vector<bool> kept(T * K, true);
+  if (c.capacity > 0) {
+    const int cap = int(std::ceil(c.capacity * K * T / N));
+    for (int e = 0; e < N; ++e) {
+      std::vector<int> slots;
+      for (int s = 0; s < T * K; ++s)
+        if (r.idx[s] == e) slots.push_back(s);
+      std::stable_sort(slots.begin(), slots.end(),
+                       [&](int a, int b) { return score[(a / K) * N + e] > score[(b / K) * N + e]; });
+      for (std::size_t q = std::size_t(cap); q < slots.size(); ++q) kept[slots[q]] = false;
+    }
+  }
+  r.counts.assign(N, 0);
+  for (int s = 0; s < T * K; ++s) {
+    if (!kept[s]) continue;
+    const int tk = s / K, e = r.idx[s];
+    ++r.counts[e];
+    const auto& w1 = t.at("experts." + std::to_string(e) + ".w1.weight");
+    const auto& w2 = t.at("experts." + std::to_string(e) + ".w2.weight");
+    std::vector<double> a(F);
+    for (int f = 0; f < F; ++f) {
+      double h1 = 0, h3 = 0;
+      for (int d = 0; d < D; ++d) h1 += w1[f * D + d] * x[tk * D + d];
+      if (c.act == "swiglu") {
+        const auto& w3 = t.at("experts." + std::to_string(e) + ".w3.weight");
+        for (int d = 0; d < D; ++d) h3 += w3[f * D + d] * x[tk * D + d];
+        a[f] = h1 / (1.0 + std::exp(-h1)) * h3;
+      } else if (c.act == "gelu") {
+        a[f] = 0.5 * h1 * (1.0 + std::erf(h1 / std::sqrt(2.0)));
+      } else {
+        a[f] = std::max(h1, 0.0);
+      }
+    }
+    for (int d = 0; d < D; ++d) {
+      double o = 0;
+      for (int f = 0; f < F; ++f) o += w2[d * F + f] * a[f];
+      r.y[tk * D + d] += r.gates[s] * o;
+    }
+  }
+  // Switch LBL with f from the routed (pre-capacity) counts, P the mean router probability.
+  for (int i = 0; i < N; ++i) {
+    double p = 0;
+    for (int tk = 0; tk < T; ++tk) p += P[tk * N + i] / T;
+    r.lbl += N * (double(routed[i]) / (K * T)) * p;
+  }
+  for (int i = 0; i < T * D; ++i) r.loss += r.y[i] * dy[i];
+  r.loss += c.lbl * r.lbl + c.z * r.zloss;
+  return r;
+}
+
+// max |a - b| / max |b|: the error relative to the tensor's scale.
+double rel_error(const std::vector<float>& a, const std::vector<double>& b) {
+  REQUIRE(a.size() == b.size());
+  double err = 0, scale = 1e-30;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    err = std::max(err, std::abs(double(a[i]) - b[i]));
+    scale = std::max(scale, std::abs(b[i]));
+  }
+  return err / scale;
+}
+
+struct Run {
+  int rc = -1;
+  std::string out, err;
+};
+
+// A temporary folder with cfg.json and in.safetensors for a case, and the harness run on them.
+struct Harness {
+  fs::path dir, cfg, in, out;
+  explicit Harness(const Case& c = {}) {
+    static std::atomic<int> n{0};
+    dir = fs::temp_directory_path() / ("moekit_harness_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    cfg = dir / "cfg.json", in = dir / "in.safetensors", out = dir / "out.safetensors";
+    write_config(c.config());
+    write_input(c.inputs(7), c.shapes());
+  }
+  ~Harness() {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  }
+  void write_config(const nlohmann::json& j) const { std::ofstream(cfg) << j.dump(2); }
+  void write_input(const Tensors& t, const Shapes& s, const std::set<std::string>& as_bf16 = {}) const {
+    moekit::io::SafetensorsWriter w;
+    for (const auto& [name, v] : t) {
+      const std::vector<float> f(v.begin(), v.end());
+      if (as_bf16.count(name)) w.add_f32_as_bf16(name, s.at(name), f);
+      else w.add_f32(name, s.at(name), f);
+    }
+    w.write(in);
+  }
+  // Without `args`: --config cfg --input in --output out. "{CFG}", "{IN}", "{DIR}" in args are replaced.
+  Run run(std::optional<std::vector<std::string>> given = std::nullopt) const {
+    std::vector<std::string> args{"--config", cfg.string(), "--input", in.string(), "--output", out.string()};
+    if (given) args = *given;
+    for (auto& a : args)
+      for (const auto& [key, path] : {std::pair{"{CFG}", cfg}, {"{IN}", in}, {"{DIR}", dir}})
+        if (const auto at = a.find(key); at != std::string::npos) a.replace(at, std::string(key).size(), path.string());
+    args.insert(args.begin(), "moekit-layer");
+    std::vector<const char*> argv;
+    for (const auto& a : args) argv.push_back(a.c_str());
+    std::ostringstream o, e;
+    Run r;
+    r.rc = moekit_layer::run_harness(int(argv.size()), argv.data(), o, e);
+    r.out = o.str(), r.err = e.str();
+    return r;
+  }
+};
+
+std::vector<Case> cases() {
+  Case a;  // softmax top-2 swiglu, dropless
+  Case b;
+  b.name = "softmax top-2 gelu renormalised";
+  b.act = "gelu", b.renorm = true, b.lbl = 0.1, b.z = 0.0;
+  Case c;
+  c.name = "sigmoid top-2 relu with capacity 0.75";
+  c.router = "sigmoid", c.act = "relu", c.capacity = 0.75;
+  Case d;
+  d.name = "softmax top-3 swiglu with capacity 1.0";
+  d.K = 3, d.capacity = 1.0, d.z = 0.01;
+  return {a, b, c, d};
+}
+
+}  // namespace
+
+TEST_CASE("moekit-layer: outputs match an independent double reference") {
+  for (const Case& c : cases()) {
+    CAPTURE(c.name);
+    const Harness h(c);
+    const Tensors in = c.inputs(7);
+    const Ref ref = reference(c, in);
+    REQUIRE(ref.min_gap > 1e-4);  // no near-ties in top-k, so the routing is unambiguous
+
+    const Run r = h.run();
+    REQUIRE_MESSAGE(r.rc == 0, r.err);
+    CHECK(r.err.empty());
+    const auto f = moekit::io::read_safetensors(h.out);
+    std::set<std::string> expected{"y", "dx", "logits", "topk.indices", "topk.gates", "expert.counts", "aux.lbl", "aux.zloss"};
+    for (const auto& p : c.params()) expected.insert("grad." + p);
+    const auto names = f.names();
+    CHECK(std::set<std::string>(names.begin(), names.end()) == expected);
+    CHECK(f.metadata().at("format") == "moekit-layer");
+    CHECK(nlohmann::json::parse(f.metadata().at("config")) == c.config());
+
+    const std::int64_t T = c.T, D = c.D, N = c.N, K = c.K;
+    CHECK(rel_error(f.get_f32("y", {T, D}), ref.y) < 1e-5);
+    CHECK(rel_error(f.get_f32("logits", {T, N}), ref.logits) < 1e-5);
+    CHECK(rel_error(f.get_f32("topk.gates", {T, K}), ref.gates) < 1e-5);
+    const auto idx = f.get_i32("topk.indices", {T, K});
+    CHECK(std::vector<int>(idx.begin(), idx.end()) == ref.idx);
+    const auto counts = f.get_i32("expert.counts", {N});
+    CHECK(std::vector<int>(counts.begin(), counts.end()) == ref.counts);
+    CHECK(f.get_f32("aux.lbl", {1})[0] == doctest::Approx(ref.lbl).epsilon(1e-5));
+    CHECK(f.get_f32("aux.zloss", {1})[0] == doctest::Approx(ref.zloss).epsilon(1e-5));
+    if (c.capacity > 0) CHECK(std::accumulate(ref.counts.begin(), ref.counts.end(), 0) < c.T * c.K);  // some drops
+
+    // Gradients of L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss by central differences of the
+    // reference (f_i is piecewise constant, so this is also "f carries no gradient").
+    std::vector<std::pair<std::string, std::string>> wrt{{"x", "dx"}};
+    for (const auto& p : c.params()) wrt.push_back({p, "grad." + p});
+    for (const auto& [name, grad_name] : wrt) {
+      CAPTURE(grad_name);
+      std::vector<double> fd(in.at(name).size());
+      Tensors t = in;
+      for (std::size_t i = 0; i < fd.size(); ++i) {
+        const double h0 = t[name][i], step = 1e-6;
+        t[name][i] = h0 + step;
+        const double up = reference(c, t).loss;
+        t[name][i] = h0 - step;
+        const double down = reference(c, t).loss;
+        t[name][i] = h0;
+        fd[i] = (up - down) / (2 * step);
+      }
+      CHECK(rel_error(f.get_f32(grad_name, c.shapes().at(name)), fd) < 1e-4);
+    }
+    // Only the three inputs and the output are left in the folder: no temporary files.
+    std::set<std::string> files;
+    for (const auto& e : fs::directory_iterator(h.dir)) files.insert(e.path().filename().string());
+    CHECK(files == std::set<std::string>{"cfg.json", "in.safetensors", "out.safetensors"});
+  }
+}
+
+TEST_CASE("moekit-layer: every error exits 2 with a message and writes nothing") {
+  const Case c;
+  struct ErrorCase {
+    const char* what;
+    std::function<void(Harness&)> setup;
+    std::vector<std::string> message;
+    std::optional<std::vector<std::string>> args = std::nullopt;
+  };
+  auto with_config = [&](std::function<void(nlohmann::json&)> edit) {
+    return [c, edit](Harness& h) {
+      nlohmann::json j = c.config();
+      edit(j);
+      h.write_config(j);
+    };
+  };
+  auto with_tensors = [&](std::function<void(Tensors&, Shapes&)> edit, std::set<std::string> bf16 = {}) {
+    return [c, edit, bf16](Harness& h) {
+      Tensors t = c.inputs(7);
+      Shapes s = c.shapes();
+      edit(t, s);
+      h.write_input(t, s, bf16);
+    };
+  };
+  const std::vector<ErrorCase> errors{
+      {"missing tensor", with_tensors([](Tensors& t, Shapes&) { t.erase("experts.1.w2.weight"); }),
+       {"in.safetensors", "no tensor named 'experts.1.w2.weight'"}},
+      {"wrong shape", with_tensors([&](Tensors& t, Shapes& s) {
+         s["gate.weight"] = {c.N, c.D + 1};
+         t["gate.weight"].resize(std::size_t(c.N * (c.D + 1)), 0.5);
+       }),
+       {"tensor 'gate.weight'", "expected [4, 8], found [4, 9]"}},
+      {"dy rows differ from x", with_tensors([&](Tensors& t, Shapes& s) {
+         s["dy"] = {c.T + 1, c.D};
+         t["dy"].resize(std::size_t((c.T + 1) * c.D), 0.5);
+       }),
+       {"tensor 'dy'", "expected [6, 8], found [7, 8]"}},
+      {"x not a matrix", with_tensors([&](Tensors&, Shapes& s) { s["x"] = {c.T * c.D}; }), {"tensor 'x'", "[48]"}},
+      {"wrong dtype", with_tensors([](Tensors&, Shapes&) {}, {"x"}), {"tensor 'x'", "expected F32, found BF16"}},
+      {"unexpected tensor", with_tensors([&](Tensors& t, Shapes& s) {
+         t["experts.4.w1.weight"] = t["experts.0.w1.weight"];
+         s["experts.4.w1.weight"] = s["experts.0.w1.weight"];
+       }),
+       {"'experts.4.w1.weight' is not an input"}},
+      {"non-finite x", with_tensors([](Tensors& t, Shapes&) { t["x"][3] = std::nan(""); }), {"not finite"}},
+      {"truncated data", [](Harness& h) { fs::resize_file(h.in, fs::file_size(h.in) - 7); }, {"in.safetensors", "truncated"}},
+      {"truncated header", [](Harness& h) { fs::resize_file(h.in, 20); }, {"in.safetensors", "runs past the end of the file"}},
+      {"not safetensors", [](Harness& h) { std::ofstream(h.in) << "hello"; }, {"shorter than the 8-byte header"}},
+      {"input missing", [](Harness& h) { fs::remove(h.in); }, {"in.safetensors: no such file"}},
+      {"unknown activation", with_config([](nlohmann::json& j) { j["activation"] = "tanh"; }),
+       {"cfg.json", "activation = \"tanh\"", "\"swiglu\""}},
+      {"unknown router", with_config([](nlohmann::json& j) { j["router"] = "hash"; }), {"router = \"hash\""}},
+      {"top_k > experts", with_config([](nlohmann::json& j) { j["top_k"] = 5; }), {"top_k = 5", "number of experts = 4"}},
+      {"unknown key", with_config([](nlohmann::json& j) { j["d_hidden"] = 3; }), {"d_hidden", "not a moekit-layer config key"}},
+      {"missing key", with_config([](nlohmann::json& j) { j.erase("d_expert"); }), {"d_expert", "is required"}},
+      {"string for integer", with_config([](nlohmann::json& j) { j["d_model"] = "8"; }), {"d_model", "must be a JSON integer"}},
+      {"float for integer", with_config([](nlohmann::json& j) { j["top_k"] = 2.5; }), {"top_k", "must be a JSON integer"}},
+      {"number for bool", with_config([](nlohmann::json& j) { j["renormalize"] = 1; }), {"renormalize", "true or false"}},
+      {"negative coefficient", with_config([](nlohmann::json& j) { j["lbl_coef"] = -1; }), {"lbl_coef"}},
+      {"cuda backend", with_config([](nlohmann::json& j) { j["backend"] = "cuda"; }), {"backend", "supports only \"host\""}},
+      {"bf16 dtype", with_config([](nlohmann::json& j) { j["dtype"] = "bf16"; }), {"dtype", "supports only \"fp32\""}},
+      {"config not an object", [](Harness& h) { std::ofstream(h.cfg) << "[1, 2]"; }, {"must be a JSON object"}},
+      {"config not JSON", [](Harness& h) { std::ofstream(h.cfg) << "{\"d_model\": "; }, {"cfg.json", "not valid JSON"}},
+      {"config missing", [](Harness& h) { fs::remove(h.cfg); }, {"cfg.json", "cannot open"}},
+      {"no arguments", [](Harness&) {}, {"missing --config", "usage:"}, std::vector<std::string>{}},
+      {"missing --output", [](Harness&) {}, {"missing --output"}, std::vector<std::string>{"--config", "{CFG}", "--input", "{IN}"}},
+      {"unknown argument", [](Harness&) {}, {"unknown argument '--foo'"}, std::vector<std::string>{"--foo", "1"}},
+      {"missing value", [](Harness&) {}, {"--config needs a value"}, std::vector<std::string>{"--config"}},
+      {"repeated argument", [](Harness&) {}, {"--input given twice"},
+       std::vector<std::string>{"--config={CFG}", "--input={IN}", "--input={IN}", "--output={DIR}/out.safetensors"}},
+      {"output folder missing", [](Harness&) {}, {"cannot create a temporary file"},
+       std::vector<std::string>{"--config={CFG}", "--input={IN}", "--output={DIR}/no/out.safetensors"}},
+  };
+  for (const auto& e : errors) {
+    CAPTURE(e.what);
+    Harness h;
+    e.setup(h);
+    const Run r = h.run(e.args);
+    CHECK(r.rc == 2);
+    CHECK(r.err.rfind("moekit-layer: error: ", 0) == 0);
+    for (const auto& m : e.message) CHECK_MESSAGE(r.err.find(m) != std::string::npos, "expected '" << m << "' in: " << r.err);
+    CHECK_FALSE(fs::exists(h.out));
+  }
+}
+
+TEST_CASE("moekit-layer: --help prints the usage and exits 0") {
+  const Harness h;
+  const Run r = h.run(std::vector<std::string>{"--help"});
+  CHECK(r.rc == 0);
+  CHECK(r.out.find("usage: moekit-layer --config") != std::string::npos);
+}
