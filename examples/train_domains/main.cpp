@@ -1,0 +1,398 @@
+// train_domains: a small Mixture-of-Experts language model trained on the CPU, end to end.
+//
+// The data is a generated stream of four synthetic languages over one vocabulary (domains.hpp).
+// The model predicts each token from the W tokens before it: a bag of per-position embeddings, two
+// residual blocks h = h + MoE(RMSNorm(h)), a final RMSNorm and a linear head (model.hpp). It trains
+// with AdamW (warmup + cosine), global gradient clipping at 1.0 and the load-balancing and z losses,
+// then reports the held-out loss next to the unigram entropy of the held-out stream, per domain, and
+// which experts each domain was routed to. Exit status 1 when held-out loss is not below the baseline.
+//
+// Read top to bottom: options, data, model and optimizer, the training loop, the final evaluation.
+#include <omp.h>
+#include <unistd.h>
+
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include <moekit/train/adamw.hpp>
+
+#include "domains.hpp"
+#include "model.hpp"
+
+// ---------------------------------------------------------------------------------------------------
+// Options
+
+struct Options {
+  std::int64_t steps = 3000;
+  std::int64_t batch = 512;  // tokens per micro-batch
+  std::int64_t accum = 1;    // micro-batches per optimizer step
+  double lr = 4e-3;
+  std::int64_t experts = 8;
+  std::int64_t top_k = 2;
+  std::int64_t d_model = 64;
+  std::int64_t d_expert = 128;
+  std::int64_t context = 8;
+  double lbl_coef = 0.01;
+  double zloss_coef = 1e-3;
+  double weight_decay = 0.01;
+  std::uint64_t seed = 1234;
+  std::int64_t eval_interval = 200;
+  std::int64_t log_interval = 50;
+  std::int64_t train_tokens = 1 << 21;
+  std::int64_t heldout_tokens = 1 << 15;
+  int threads = 0;  // 0: OpenMP's default
+  std::string json;
+};
+
+static void usage(const char* prog) {
+  std::printf(
+      "usage: %s [flags]\n"
+      "  --steps N          optimizer steps (3000)\n"
+      "  --batch N          tokens per micro-batch (512)\n"
+      "  --accum N          micro-batches per step, gradient accumulation (1)\n"
+      "  --lr X             peak learning rate of the warmup + cosine schedule (4e-3)\n"
+      "  --experts N        FFN experts per MoE layer (8)\n"
+      "  --top-k N          experts per token (2)\n"
+      "  --d-model N        model width (64)\n"
+      "  --d-expert N       hidden width of each expert (128)\n"
+      "  --context N        tokens in the input window (8)\n"
+      "  --lbl-coef X       load-balancing loss coefficient (0.01)\n"
+      "  --zloss-coef X     router z-loss coefficient (0.001)\n"
+      "  --weight-decay X   AdamW weight decay of the matrices (0.01)\n"
+      "  --seed N           seed of the languages, the streams and the initialisation (1234)\n"
+      "  --eval-interval N  steps between held-out evaluations (200; 0 = only at the end)\n"
+      "  --log-interval N   steps between progress lines (50)\n"
+      "  --train-tokens N   length of the generated training stream (2097152)\n"
+      "  --heldout-tokens N length of the held-out stream (32768)\n"
+      "  --threads N        OpenMP (and OpenBLAS) threads (default: all cores)\n"
+      "  --json PATH        write metrics as JSON lines to PATH\n",
+      prog);
+}
+
+static Options parse_args(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    std::string flag = argv[i], value;
+    if (flag == "--help" || flag == "-h") {
+      usage(argv[0]);
+      std::exit(0);
+    }
+    if (const auto eq = flag.find('='); eq != std::string::npos) {
+      value = flag.substr(eq + 1);
+      flag = flag.substr(0, eq);
+    } else if (i + 1 < argc) {
+      value = argv[++i];
+    } else {
+      std::fprintf(stderr, "error: %s needs a value\n", flag.c_str());
+      std::exit(2);
+    }
+    auto integer = [&](std::int64_t lo) {
+      char* end = nullptr;
+      const long long v = std::strtoll(value.c_str(), &end, 10);
+      if (value.empty() || *end != '\0' || v < lo) {
+        std::fprintf(stderr, "error: %s = \"%s\" must be an integer >= %lld\n", flag.c_str(), value.c_str(), (long long)lo);
+        std::exit(2);
+      }
+      return std::int64_t(v);
+    };
+    auto real = [&]() {
+      char* end = nullptr;
+      const double v = std::strtod(value.c_str(), &end);
+      if (value.empty() || *end != '\0' || !(v >= 0.0)) {
+        std::fprintf(stderr, "error: %s = \"%s\" must be a number >= 0\n", flag.c_str(), value.c_str());
+        std::exit(2);
+      }
+      return v;
+    };
+    if (flag == "--steps") o.steps = integer(1);
+    else if (flag == "--batch") o.batch = integer(1);
+    else if (flag == "--accum") o.accum = integer(1);
+    else if (flag == "--lr") o.lr = real();
+    else if (flag == "--experts") o.experts = integer(1);
+    else if (flag == "--top-k") o.top_k = integer(1);
+    else if (flag == "--d-model") o.d_model = integer(1);
+    else if (flag == "--d-expert") o.d_expert = integer(1);
+    else if (flag == "--context") o.context = integer(1);
+    else if (flag == "--lbl-coef") o.lbl_coef = real();
+    else if (flag == "--zloss-coef") o.zloss_coef = real();
+    else if (flag == "--weight-decay") o.weight_decay = real();
+    else if (flag == "--seed") o.seed = std::uint64_t(integer(0));
+    else if (flag == "--eval-interval") o.eval_interval = integer(0);
+    else if (flag == "--log-interval") o.log_interval = integer(1);
+    else if (flag == "--train-tokens") o.train_tokens = integer(1);
+    else if (flag == "--heldout-tokens") o.heldout_tokens = integer(1);
+    else if (flag == "--threads") o.threads = int(integer(1));
+    else if (flag == "--json") o.json = value;
+    else {
+      std::fprintf(stderr, "error: unknown flag %s\n", flag.c_str());
+      usage(argv[0]);
+      std::exit(2);
+    }
+  }
+  return o;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Batches: token i of a stream is predicted from the W tokens before it (separators before the start).
+// Window slot j holds token i-1-j, offset by j * vocab to pick that slot's embedding table.
+
+static void make_windows(const domains::Stream& s, const std::int64_t* positions, std::int64_t rows, std::int64_t context,
+                         std::int32_t* ids, std::int32_t* targets) {
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int64_t i = positions[r];
+    for (std::int64_t j = 0; j < context; ++j) {
+      const std::int64_t at = i - 1 - j;
+      ids[r * context + j] = std::int32_t(j * domains::kVocab) + (at >= 0 ? s.tokens[at] : domains::kSeparator);
+    }
+    targets[r] = s.tokens[i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Evaluation over the first `limit` tokens of a stream, in chunks, without gradients.
+
+struct Evaluation {
+  double loss = 0, oracle = 0;
+  std::array<double, domains::kNumDomains> domain_loss{}, domain_oracle{};
+  std::array<std::int64_t, domains::kNumDomains> domain_tokens{};
+  // routed[l][d][e]: slots of layer l sent to expert e by windows whose latest token is in domain d.
+  std::vector<std::vector<std::vector<std::int64_t>>> routed;
+};
+
+static Evaluation evaluate(Model<float>& model, const domains::Stream& s, std::int64_t limit) {
+  const ModelConfig& c = model.config();
+  const std::int64_t n = std::min<std::int64_t>(limit, std::int64_t(s.tokens.size())), chunk = 2048;
+  Evaluation ev;
+  ev.routed.assign(c.blocks, std::vector<std::vector<std::int64_t>>(domains::kNumDomains, std::vector<std::int64_t>(c.experts, 0)));
+  std::vector<std::int64_t> pos(chunk);
+  std::vector<std::int32_t> ids(chunk * c.context), targets(chunk);
+  std::vector<float> token_loss(chunk);
+  for (std::int64_t start = 0; start < n; start += chunk) {
+    const std::int64_t rows = std::min(chunk, n - start);
+    for (std::int64_t r = 0; r < rows; ++r) pos[r] = start + r;
+    make_windows(s, pos.data(), rows, c.context, ids.data(), targets.data());
+    model.forward(ids.data(), targets.data(), rows, 0.0, token_loss.data());
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const std::int64_t i = start + r;
+      const int d = s.domain[i];
+      ev.loss += token_loss[r];
+      ev.oracle += s.oracle_nll[i];
+      ev.domain_loss[d] += token_loss[r];
+      ev.domain_oracle[d] += s.oracle_nll[i];
+      ev.domain_tokens[d] += 1;
+      const int context_domain = s.domain[i > 0 ? i - 1 : 0];
+      for (std::int64_t l = 0; l < c.blocks; ++l) {
+        const auto idx = model.moe(l).topk_indices();
+        for (std::int64_t j = 0; j < c.top_k; ++j) ev.routed[l][context_domain][idx(r, j)] += 1;
+      }
+    }
+  }
+  ev.loss /= double(n);
+  ev.oracle /= double(n);
+  for (int d = 0; d < domains::kNumDomains; ++d)
+    if (ev.domain_tokens[d] > 0) {
+      ev.domain_loss[d] /= double(ev.domain_tokens[d]);
+      ev.domain_oracle[d] /= double(ev.domain_tokens[d]);
+    }
+  return ev;
+}
+
+// OpenMP threads busy-wait between parallel regions by default. On a small machine shared with other
+// jobs that turns every barrier into a wait for a descheduled thread (20x slower steps, measured on a
+// loaded 2-core VM), so unless the user chose a policy, restart once with OMP_WAIT_POLICY=passive:
+// libgomp reads the variable only when it loads.
+static void prefer_passive_openmp(char** argv) {
+#ifdef __linux__
+  if (std::getenv("OMP_WAIT_POLICY") != nullptr) return;
+  setenv("OMP_WAIT_POLICY", "passive", 1);
+  execv("/proc/self/exe", argv);  // returns only on failure: carry on with the default policy
+#else
+  (void)argv;
+#endif
+}
+
+static double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+int main(int argc, char** argv) try {
+  const Options opt = parse_args(argc, argv);
+  prefer_passive_openmp(argv);
+  if (opt.threads > 0) omp_set_num_threads(opt.threads);
+#ifdef OPENBLAS_VERSION
+  openblas_set_num_threads(omp_get_max_threads());  // BLAS and OpenMP loops take turns on the same cores
+#endif
+  std::ofstream json_out;
+  if (!opt.json.empty()) {
+    json_out.open(opt.json);
+    if (!json_out) {
+      std::fprintf(stderr, "error: cannot write %s\n", opt.json.c_str());
+      return 2;
+    }
+  }
+  auto emit = [&](const nlohmann::ordered_json& j) {
+    if (json_out) json_out << j.dump() << "\n" << std::flush;
+  };
+
+  // 1. Data: one set of rules, two streams from different seeds.
+  const domains::Rules rules(opt.seed);
+  const domains::Stream train = domains::generate(rules, opt.train_tokens, opt.seed * 2 + 1);
+  const domains::Stream heldout = domains::generate(rules, opt.heldout_tokens, opt.seed * 2 + 2);
+  const double baseline = domains::unigram_entropy(heldout.tokens);
+  const std::int64_t interval_eval_tokens = std::min<std::int64_t>(8192, std::int64_t(heldout.tokens.size()));
+
+  // 2. Model and optimizer. Weight decay on matrices only (not on norm gains or the head's bias).
+  ModelConfig mc;
+  mc.vocab = domains::kVocab;
+  mc.context = opt.context;
+  mc.d_model = opt.d_model;
+  mc.d_expert = opt.d_expert;
+  mc.experts = opt.experts;
+  mc.top_k = opt.top_k;
+  mc.lbl_coef = opt.lbl_coef;
+  mc.zloss_coef = opt.zloss_coef;
+  Model<float> model(mc, opt.seed);
+  std::vector<moekit::Parameter<float>> params = model.parameters();
+  std::int64_t n_params = 0;
+  for (const auto& p : params) n_params += p.numel();
+  moekit::train::AdamWConfig ac;
+  ac.lr = opt.lr;
+  ac.beta2 = 0.95;
+  ac.weight_decay = opt.weight_decay;
+  moekit::train::AdamW<float> optimizer(params, ac, [](const moekit::Parameter<float>& p) { return p.shape.size() >= 2; });
+  moekit::train::CosineSchedule schedule{opt.lr, opt.lr / 10, std::max<std::int64_t>(1, opt.steps / 20), opt.steps};
+  schedule.validate();
+
+  std::printf("train_domains: %d threads (OMP_WAIT_POLICY=%s) | vocab %d, context %lld | %lld blocks of MoE(%lld experts, top-%lld, d_model %lld, d_expert %lld) | %lld parameters\n",
+              omp_get_max_threads(), std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "default", domains::kVocab, (long long)opt.context, (long long)mc.blocks, (long long)opt.experts,
+              (long long)opt.top_k, (long long)opt.d_model, (long long)opt.d_expert, (long long)n_params);
+  std::printf("data: %zu train tokens, %zu held-out tokens (different seed); held-out unigram entropy %.4f nats\n",
+              train.tokens.size(), heldout.tokens.size(), baseline);
+  std::printf("steps %lld x %lld tokens x %lld micro-batches | AdamW lr %.2e (warmup %lld, cosine to %.2e) | clip 1.0 | lbl %.3g, z %.3g\n\n",
+              (long long)opt.steps, (long long)opt.batch, (long long)opt.accum, opt.lr, (long long)schedule.warmup_steps,
+              schedule.min_lr, opt.lbl_coef, opt.zloss_coef);
+
+  // 3. Training.
+  moekit::SplitMix64 sampler(opt.seed ^ 0x53414d504c45ull);  // "SAMPLE"
+  std::vector<std::int64_t> pos(opt.batch);
+  std::vector<std::int32_t> ids(opt.batch * opt.context), targets(opt.batch);
+  // Interval statistics.
+  double sum_loss = 0, sum_norm = 0;
+  std::vector<double> sum_lbl(mc.blocks, 0), sum_z(mc.blocks, 0);
+  std::vector<std::vector<std::int64_t>> load(mc.blocks, std::vector<std::int64_t>(opt.experts, 0));
+  std::int64_t interval_steps = 0, interval_micro = 0;
+  double interval_train_s = 0, total_train_s = 0;
+  const auto run_start = std::chrono::steady_clock::now();
+
+  for (std::int64_t step = 0; step < opt.steps; ++step) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const double lr = schedule(step);
+    optimizer.zero_grad();
+    for (std::int64_t micro = 0; micro < opt.accum; ++micro) {
+      for (auto& p : pos) p = std::int64_t(sampler.next() % train.tokens.size());
+      make_windows(train, pos.data(), opt.batch, opt.context, ids.data(), targets.data());
+      sum_loss += model.forward(ids.data(), targets.data(), opt.batch, 1.0 / double(opt.accum));
+      model.backward(1.0 / double(opt.accum));
+      for (std::int64_t l = 0; l < mc.blocks; ++l) {
+        sum_lbl[l] += model.aux(l).lbl;
+        sum_z[l] += model.aux(l).zloss;
+        const auto counts = model.moe(l).expert_counts();
+        for (std::int64_t e = 0; e < opt.experts; ++e) load[l][e] += counts(e);
+      }
+      ++interval_micro;
+    }
+    sum_norm += moekit::train::clip_grad_norm(params, 1.0);
+    optimizer.step(lr);
+    const double dt = seconds_since(t0);
+    interval_train_s += dt;
+    total_train_s += dt;
+    ++interval_steps;
+
+    const bool last = step + 1 == opt.steps;
+    if ((step + 1) % opt.log_interval == 0 || last) {
+      const double m = double(interval_micro);
+      const double tok_s = double(interval_micro * opt.batch) / interval_train_s;
+      std::printf("step %5lld/%lld | loss %.4f | lbl", (long long)(step + 1), (long long)opt.steps, sum_loss / m);
+      for (auto v : sum_lbl) std::printf(" %.3f", v / m);
+      std::printf(" | z");
+      for (auto v : sum_z) std::printf(" %.3f", v / m);
+      std::printf(" | lr %.2e | |g| %.2f | %5.0f tok/s | load %%", lr, sum_norm / double(interval_steps), tok_s);
+      nlohmann::ordered_json load_json = nlohmann::ordered_json::array();
+      for (std::int64_t l = 0; l < mc.blocks; ++l) {
+        std::int64_t total = 0;
+        for (auto c : load[l]) total += c;
+        std::printf(" L%lld", (long long)l);
+        std::vector<double> frac;
+        for (auto c : load[l]) {
+          frac.push_back(double(c) / double(std::max<std::int64_t>(total, 1)));
+          std::printf(" %2.0f", 100.0 * frac.back());
+        }
+        load_json.push_back(frac);
+      }
+      std::printf("\n");
+      std::vector<double> lbl, z;
+      for (std::int64_t l = 0; l < mc.blocks; ++l) lbl.push_back(sum_lbl[l] / m), z.push_back(sum_z[l] / m);
+      emit({{"type", "train"}, {"step", step + 1}, {"loss", sum_loss / m}, {"lbl", lbl}, {"zloss", z}, {"lr", lr},
+            {"grad_norm", sum_norm / double(interval_steps)}, {"tokens_per_s", tok_s},
+            {"step_time_ms", 1000.0 * interval_train_s / double(interval_steps)}, {"expert_load", load_json}});
+      sum_loss = sum_norm = 0;
+      std::fill(sum_lbl.begin(), sum_lbl.end(), 0.0);
+      std::fill(sum_z.begin(), sum_z.end(), 0.0);
+      for (auto& v : load) std::fill(v.begin(), v.end(), 0);
+      interval_steps = interval_micro = 0;
+      interval_train_s = 0;
+    }
+    if (opt.eval_interval > 0 && (step + 1) % opt.eval_interval == 0 && !last) {
+      const Evaluation ev = evaluate(model, heldout, interval_eval_tokens);
+      std::printf("  eval @ %lld: held-out loss %.4f (first %lld tokens; unigram baseline %.4f)\n", (long long)(step + 1), ev.loss,
+                  (long long)interval_eval_tokens, baseline);
+      emit({{"type", "eval"}, {"step", step + 1}, {"heldout_loss", ev.loss}, {"tokens", interval_eval_tokens}});
+    }
+  }
+
+  // 4. Final evaluation on the whole held-out stream.
+  const Evaluation ev = evaluate(model, heldout, std::int64_t(heldout.tokens.size()));
+  const double wall = seconds_since(run_start);
+  std::printf("\nheld-out loss %.4f nats  vs  unigram baseline %.4f nats  (generator's own NLL %.4f)\n", ev.loss, baseline, ev.oracle);
+  std::printf("%-8s %10s %10s %8s\n", "domain", "loss", "generator", "tokens");
+  nlohmann::ordered_json per_domain;
+  for (int d = 0; d < domains::kNumDomains; ++d) {
+    std::printf("%-8s %10.4f %10.4f %8lld\n", domains::domain_name(d), ev.domain_loss[d], ev.domain_oracle[d],
+                (long long)ev.domain_tokens[d]);
+    per_domain[domains::domain_name(d)] = {{"loss", ev.domain_loss[d]}, {"generator_nll", ev.domain_oracle[d]}, {"tokens", ev.domain_tokens[d]}};
+  }
+  std::printf("\nexpert routing by domain (%% of the domain's slots per expert; domain of the window's latest token)\n");
+  for (std::int64_t l = 0; l < mc.blocks; ++l) {
+    std::printf("layer %lld  ", (long long)l);
+    for (std::int64_t e = 0; e < opt.experts; ++e) std::printf(" e%-3lld", (long long)e);
+    std::printf("\n");
+    for (int d = 0; d < domains::kNumDomains; ++d) {
+      std::int64_t total = 0;
+      for (auto c : ev.routed[l][d]) total += c;
+      std::printf("  %-8s", domains::domain_name(d));
+      for (auto c : ev.routed[l][d]) std::printf(" %4.0f", 100.0 * double(c) / double(std::max<std::int64_t>(total, 1)));
+      std::printf("\n");
+    }
+  }
+  std::printf("\ntraining %.1f s (%.0f tokens/s), total %.1f s\n", total_train_s,
+              double(opt.steps * opt.accum * opt.batch) / total_train_s, wall);
+  const bool beat = ev.loss < baseline;
+  emit({{"type", "final"}, {"heldout_loss", ev.loss}, {"unigram_baseline", baseline}, {"generator_nll", ev.oracle},
+        {"domains", per_domain}, {"routing", ev.routed}, {"train_seconds", total_train_s}, {"wall_seconds", wall},
+        {"beats_baseline", beat}});
+  if (!beat) {
+    std::printf("FAIL: held-out loss is not below the unigram baseline\n");
+    return 1;
+  }
+  return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "error: %s\n", e.what());
+  return 2;
+}
