@@ -1,0 +1,43 @@
+# cmake -P script run by ctest: configure, build and run one consumer project from scratch.
+#   CONSUMER_SOURCE_DIR, CONSUMER_BINARY_DIR  the consumer project and a scratch build directory
+#   CONSUMER_GENERATOR, CONSUMER_MAKE_PROGRAM, CONSUMER_CXX_COMPILER, CONSUMER_BUILD_TYPE  as moekit's build
+#   CONSUMER_DEFINES  extra -D settings, separated by '|' (ctest would split a ';' list)
+foreach(var IN ITEMS CONSUMER_SOURCE_DIR CONSUMER_BINARY_DIR CONSUMER_GENERATOR CONSUMER_CXX_COMPILER)
+  if(NOT DEFINED ${var} OR "${${var}}" STREQUAL "")
+    message(FATAL_ERROR "run_consumer.cmake: ${var} is not set")
+  endif()
+endforeach()
+
+function(run_step what)
+  list(JOIN ARGN " " command_line)
+  message(STATUS "${what}: ${command_line}")
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "${what} failed (${rc})")
+  endif()
+endfunction()
+
+set(configure_args -S ${CONSUMER_SOURCE_DIR} -B ${CONSUMER_BINARY_DIR} -G ${CONSUMER_GENERATOR}
+                   -DCMAKE_CXX_COMPILER=${CONSUMER_CXX_COMPILER})
+if(CONSUMER_MAKE_PROGRAM)
+  list(APPEND configure_args -DCMAKE_MAKE_PROGRAM=${CONSUMER_MAKE_PROGRAM})
+endif()
+if(CONSUMER_BUILD_TYPE)
+  list(APPEND configure_args -DCMAKE_BUILD_TYPE=${CONSUMER_BUILD_TYPE})
+endif()
+if(CONSUMER_DEFINES)
+  string(REPLACE "|" ";" defines "${CONSUMER_DEFINES}")
+  foreach(define IN LISTS defines)
+    list(APPEND configure_args -D${define})
+  endforeach()
+endif()
+
+file(REMOVE_RECURSE ${CONSUMER_BINARY_DIR})
+run_step("configure" ${CMAKE_COMMAND} ${configure_args})
+run_step("build" ${CMAKE_COMMAND} --build ${CONSUMER_BINARY_DIR})
+run_step("run" ${CONSUMER_BINARY_DIR}/consumer)
+if(EXISTS ${CONSUMER_BINARY_DIR}/cuda_probe)
+  run_step("run" ${CONSUMER_BINARY_DIR}/cuda_probe)
+else()
+  message(STATUS "no moekit::cuda in this consumer (no CUDA toolkit): cuda_probe not built")
+endif()
