@@ -275,6 +275,7 @@ TEST_CASE("safetensors: the writer rejects inconsistent tensors") {
   SafetensorsWriter w;
   CHECK_THROWS_AS(w.add_f32("a", {2, 3}, std::vector<float>(5)), moekit::ShapeError);
   CHECK_THROWS_AS(w.add_f32("a", {-1}, std::vector<float>{}), moekit::ShapeError);
+  CHECK_THROWS_AS(w.add_f32("a", {1ll << 40, 1ll << 40}, std::vector<float>{}), moekit::ShapeError);
   CHECK_THROWS_AS(w.add_f32("__metadata__", {1}, std::vector<float>{1}), std::invalid_argument);
   w.add_f32("a", {1}, std::vector<float>{1});
   CHECK_THROWS_AS(w.add_i32("a", {1}, std::vector<std::int32_t>{1}), std::invalid_argument);

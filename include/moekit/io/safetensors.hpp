@@ -452,6 +452,8 @@ class SafetensorsWriter {
     std::int64_t numel = 1;
     for (auto s : shape) {
       if (s < 0) throw ShapeError("safetensors writer: tensor '" + name + "' has a negative dimension in " + detail::shape_str(shape));
+      if (s != 0 && numel > std::numeric_limits<std::int64_t>::max() / s)
+        throw ShapeError("safetensors writer: tensor '" + name + "' shape " + detail::shape_str(shape) + " overflows int64");
       numel *= s;
     }
     if (std::uint64_t(numel) != data.size())
