@@ -225,10 +225,12 @@ static double seconds_since(std::chrono::steady_clock::time_point t0) {
 int main(int argc, char** argv) try {
   const Options opt = parse_args(argc, argv);
   prefer_passive_openmp(argv);
-  if (opt.threads > 0) omp_set_num_threads(opt.threads);
+  if (opt.threads > 0) {
+    omp_set_num_threads(opt.threads);
 #ifdef OPENBLAS_VERSION
-  openblas_set_num_threads(omp_get_max_threads());  // BLAS and OpenMP loops take turns on the same cores
+    openblas_set_num_threads(opt.threads);  // BLAS and the OpenMP loops take turns on the same cores
 #endif
+  }
   std::ofstream json_out;
   if (!opt.json.empty()) {
     json_out.open(opt.json);
@@ -270,7 +272,7 @@ int main(int argc, char** argv) try {
   moekit::train::CosineSchedule schedule{opt.lr, opt.lr / 10, std::max<std::int64_t>(1, opt.steps / 20), opt.steps};
   schedule.validate();
 
-  std::printf("train_domains: %d threads (OMP_WAIT_POLICY=%s) | vocab %d, context %lld | %lld blocks of MoE(%lld experts, top-%lld, d_model %lld, d_expert %lld) | %lld parameters\n",
+  std::printf("train_domains: threads %d (OMP_WAIT_POLICY=%s) | vocab %d, context %lld | %lld blocks of MoE(%lld experts, top-%lld, d_model %lld, d_expert %lld) | %lld parameters\n",
               omp_get_max_threads(), std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "default", domains::kVocab, (long long)opt.context, (long long)mc.blocks, (long long)opt.experts,
               (long long)opt.top_k, (long long)opt.d_model, (long long)opt.d_expert, (long long)n_params);
   std::printf("data: %zu train tokens, %zu held-out tokens (different seed); held-out unigram entropy %.4f nats\n",

@@ -98,8 +98,7 @@ class Model {
       T* next = h_[l + 1].data();
       const T* prev = h_[l].data();
       const T* out = mo_[l].data();
-#pragma omp parallel for schedule(static)
-      for (std::int64_t i = 0; i < rows * d; ++i) next[i] = prev[i] + out[i];
+      for (std::int64_t i = 0; i < rows * d; ++i) next[i] = prev[i] + out[i];  // too little work to share
     }
     final_norm_.forward(cmat(h_[L]), mat(hf_));
     head_.forward(cmat(hf_), Matrix<T>(logits_.data(), {rows, v}));
@@ -121,7 +120,6 @@ class Model {
       norms_[l].backward(cmat(h_[l]), cmat(dxn_), mat(dtmp_));
       T* dh = dh_.data();
       const T* dt = dtmp_.data();
-#pragma omp parallel for schedule(static)
       for (std::int64_t i = 0; i < rows * cfg_.d_model; ++i) dh[i] += dt[i];
     }
     embed_.backward(ids_, cmat(dh_));
