@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# Installs what a fresh Debian 12 machine lacks to build and test moekit (host side; nvcc, if present,
-# comes with the CUDA toolkit and is used to compile the CUDA tests). Safe to run again: it skips
-# apt entirely when every package is already installed.
+# Installs what a fresh Debian 12 machine lacks to build, test and run moekit on the host. The CUDA
+# toolkit is not an apt package here: when nvcc is present (/usr/local/cuda/bin) the CUDA tests are
+# compiled too. Safe to run again: apt is skipped when every package is installed.
 set -euo pipefail
-packages=(cmake g++ make doctest-dev libopenblas-dev nlohmann-json3-dev libopenmpi-dev openmpi-bin gnuplot-nox)
+# make: the presets use CMake's default generator (Unix Makefiles), and cmake only recommends it.
+packages=(cmake make g++ doctest-dev libopenblas-dev nlohmann-json3-dev libopenmpi-dev openmpi-bin gnuplot-nox)
 missing=()
 for p in "${packages[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  # "install ok installed", not merely known to dpkg (a removed package keeps its config files).
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$p")
+  fi
 done
-if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-deps: all packages present"
+if ((${#missing[@]} == 0)); then
+  echo "install-deps: all apt packages present"
   exit 0
 fi
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+sudo=()
+if [[ "$(id -u)" -ne 0 ]]; then sudo=(sudo); fi
 echo "install-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+"${sudo[@]}" apt-get update
+"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
