@@ -17,6 +17,12 @@
 #include "moekit/moe_layer.hpp"
 #include "moekit/router/topk.hpp"
 
+// Loops with less work than this many elements run on one thread: waking an OpenMP team costs more,
+// and idle OpenMP threads spinning after a region slow the (separately threaded) BLAS calls.
+#ifndef MOEKIT_OMP_MIN_WORK
+#define MOEKIT_OMP_MIN_WORK 32768
+#endif
+
 namespace moekit {
 
 // Weights (or their gradients) of one layer, torch Linear layout [out, in], experts contiguous.
@@ -183,7 +189,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model;
     backend::host::gemm<T>(false, true, tokens_, n, d, T(1), x, params_.router.data(), T(0), logits_.data());
     std::int64_t bad = -1;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens_ * n >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t t = 0; t < tokens_; ++t) {
       const T* l = &logits_[t * n];
       bool finite = true;
@@ -244,7 +250,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   void expert_forward(const T* x) {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
     const std::int64_t rows = offset_[n];
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * d >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t r = 0; r < rows; ++r) std::copy_n(x + (row_slot_[r] / k) * d, d, &xp_[r * d]);
     for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
       backend::host::gemm<T>(false, true, m, f, d, T(1), &xp_[r0 * d], &params_.w1[e * f * d], T(0), &h1_[r0 * f]);
@@ -252,7 +258,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
         backend::host::gemm<T>(false, true, m, f, d, T(1), &xp_[r0 * d], &params_.w3[e * f * d], T(0), &h3_[r0 * f]);
     });
     const T* h3 = kGated ? h3_.data() : h1_.data();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t i = 0; i < rows * f; ++i) a_[i] = act::apply(Act{}, h1_[i], h3[i]);
     for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
       backend::host::gemm<T>(false, true, m, d, f, T(1), &a_[r0 * f], &params_.w2[e * d * f], T(0), &yp_[r0 * d]);
@@ -268,7 +274,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   // y_t = sum over kept slots of gate * expert output: a gather, so deterministic.
   void combine(T* y) const {
     const auto k = cfg_.top_k, d = cfg_.d_model;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t t = 0; t < tokens_; ++t) {
       T* yt = y + t * d;
       std::fill_n(yt, d, T(0));
@@ -299,7 +305,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
 
   void combine_backward(const T* dy) {
     const auto k = cfg_.top_k, d = cfg_.d_model;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t t = 0; t < tokens_; ++t) {
       const T* dyt = dy + t * d;
       for (std::int64_t j = 0; j < k; ++j) {
@@ -329,7 +335,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     });
     T* h3 = kGated ? h3_.data() : h1_.data();
     T* dh3 = kGated ? dh3_.data() : h1_.data();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t i = 0; i < rows * f; ++i) {
       T g1, g3 = 0;
       act::backward(Act{}, h1_[i], h3[i], a_[i], g1, g3);
@@ -346,7 +352,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
         backend::host::gemm<T>(false, false, m, d, f, T(1), &dh3[r0 * f], &params_.w3[e * f * d], T(1), dxe);
       }
     });
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t t = 0; t < tokens_; ++t) {
       T* dxt = dx + t * d;
       std::fill_n(dxt, d, T(0));
@@ -366,7 +372,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
       dprob[i] = aux_scale * T(cfg_.lbl_coef) *
                  balance::load_balancing_dprob<T>(routed_[i], int(n), int(k), tokens_, tokens_);
     const T zscale = tokens_ > 0 ? aux_scale * T(cfg_.zloss_coef) * T(2) / T(tokens_) : T(0);
-#pragma omp parallel
+#pragma omp parallel if (tokens_ * n >= MOEKIT_OMP_MIN_WORK)
     {
       std::vector<T> scratch(n);
 #pragma omp for schedule(static)
