@@ -151,7 +151,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     route(x.data);
     assign_slots();
     expert_forward(x.data);
-    combine(y.data);
+    gather_slots(yp_.data(), y.data, /*gate_weighted=*/true);
     aux_ = compute_aux();
     has_forward_ = true;
     return aux_;
@@ -271,19 +271,20 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
       if (offset_[e + 1] > offset_[e]) fn(e, offset_[e], offset_[e + 1] - offset_[e]);
   }
 
-  // y_t = sum over kept slots of gate * expert output: a gather, so deterministic.
-  void combine(T* y) const {
+  // out_t = sum over t's kept slots of (gate or 1) * rows[slot's row]: a gather, not a scatter with
+  // atomics, so results are deterministic. Combine (gate-weighted) and dx (unweighted) share it.
+  void gather_slots(const T* rows, T* out, bool gate_weighted) const {
     const auto k = cfg_.top_k, d = cfg_.d_model;
 #pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t t = 0; t < tokens_; ++t) {
-      T* yt = y + t * d;
-      std::fill_n(yt, d, T(0));
+      T* ot = out + t * d;
+      std::fill_n(ot, d, T(0));
       for (std::int64_t j = 0; j < k; ++j) {
         const I32 row = slot_row_[t * k + j];
         if (row < 0) continue;
-        const T g = gate_[t * k + j];
-        const T* src = &yp_[std::int64_t(row) * d];
-        for (std::int64_t c = 0; c < d; ++c) yt[c] += g * src[c];
+        const T g = gate_weighted ? gate_[t * k + j] : T(1);
+        const T* src = rows + std::int64_t(row) * d;
+        for (std::int64_t c = 0; c < d; ++c) ot[c] += g * src[c];
       }
     }
   }
@@ -326,7 +327,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   }
 
   void expert_backward(T* dx) {
-    const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
+    const auto n = cfg_.num_experts(), d = cfg_.d_model, f = cfg_.d_expert;
     const std::int64_t rows = offset_[n];
     // a_ is overwritten with dA once dW2 has used it; h1_ with dH1; dyp_ with d(expert rows).
     for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
@@ -352,17 +353,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
         backend::host::gemm<T>(false, false, m, d, f, T(1), &dh3[r0 * f], &params_.w3[e * f * d], T(1), dxe);
       }
     });
-#pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
-    for (std::int64_t t = 0; t < tokens_; ++t) {
-      T* dxt = dx + t * d;
-      std::fill_n(dxt, d, T(0));
-      for (std::int64_t j = 0; j < k; ++j) {
-        const I32 row = slot_row_[t * k + j];
-        if (row < 0) continue;
-        const T* src = &dyp_[std::int64_t(row) * d];
-        for (std::int64_t c = 0; c < d; ++c) dxt[c] += src[c];
-      }
-    }
+    gather_slots(dyp_.data(), dx, /*gate_weighted=*/false);
   }
 
   void router_backward(T* dx, T aux_scale) {

@@ -1,4 +1,5 @@
-// A user of moekit that gets it through add_subdirectory: one small MoE layer forward, whose output must be finite.
+// A user of moekit (through add_subdirectory, FetchContent or find_package, named by MOEKIT_CONSUMER_KIND):
+// one small MoE layer forward, whose output must be finite.
 #include <moekit/moe_layer.hpp>
 
 #include <cmath>
@@ -22,15 +23,15 @@ int main() {
   bool nonzero = false;
   for (float v : y) {
     if (!std::isfinite(v)) {
-      std::fprintf(stderr, "moekit consumer (add_subdirectory): non-finite output %f\n", double(v));
+      std::fprintf(stderr, "moekit consumer (" MOEKIT_CONSUMER_KIND "): non-finite output %f\n", double(v));
       return 1;
     }
     nonzero = nonzero || v != 0.0f;
   }
   if (!nonzero) {
-    std::fprintf(stderr, "moekit consumer (add_subdirectory): output is all zeros\n");
+    std::fprintf(stderr, "moekit consumer (" MOEKIT_CONSUMER_KIND "): output is all zeros\n");
     return 1;
   }
-  std::printf("moekit consumer (add_subdirectory): forward of 8 tokens is finite, y[0] = %g\n", double(y[0]));
+  std::printf("moekit consumer (" MOEKIT_CONSUMER_KIND "): forward of 8 tokens is finite, y[0] = %g\n", double(y[0]));
   return 0;
 }
