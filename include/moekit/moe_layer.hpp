@@ -31,24 +31,31 @@ class MoeLayer {
                 "(available: backend::Host<float|double> with parallel::None)");
 };
 
-// The one runtime switch from MoeConfig's router/activation to the policy types: calls
-// f(std::type_identity<MoeLayer<Backend, R, E, Balance>>{}) for the matching combination.
+// The one runtime switch from MoeConfig to the policy types: router (softmax | sigmoid) x gating residual
+// x activation (swiglu | gelu | relu); the experts are Ffn<Act>, or Set<Ffn<Act>, Zero, Copy, Constant>
+// when the config has zero-computation experts. Calls f(std::type_identity<MoeLayer<...>>{}).
 template <class Backend, class Balance = balance::MicroBatch, class F>
 decltype(auto) with_layer_type(const MoeConfig& cfg, F&& f) {
-  auto by_act = [&]<class R>(std::type_identity<R>) -> decltype(auto) {
+  auto by_experts = [&]<class R, class A>(std::type_identity<R>, std::type_identity<A>) -> decltype(auto) {
+    using Mixed = experts::Set<experts::Ffn<A>, experts::Zero, experts::Copy, experts::Constant>;
+    if (cfg.num_zc_experts() > 0) return f(std::type_identity<MoeLayer<Backend, R, Mixed, Balance>>{});
+    return f(std::type_identity<MoeLayer<Backend, R, experts::Ffn<A>, Balance>>{});
+  };
+  auto by_act = [&]<class R>(std::type_identity<R> r) -> decltype(auto) {
     switch (cfg.activation) {
-      case Activation::kSwiGLU:
-        return f(std::type_identity<MoeLayer<Backend, R, experts::Ffn<act::SwiGLU>, Balance>>{});
-      case Activation::kGeLU:
-        return f(std::type_identity<MoeLayer<Backend, R, experts::Ffn<act::GeLU>, Balance>>{});
-      case Activation::kReLU:
-        return f(std::type_identity<MoeLayer<Backend, R, experts::Ffn<act::ReLU>, Balance>>{});
+      case Activation::kSwiGLU: return by_experts(r, std::type_identity<act::SwiGLU>{});
+      case Activation::kGeLU: return by_experts(r, std::type_identity<act::GeLU>{});
+      case Activation::kReLU: return by_experts(r, std::type_identity<act::ReLU>{});
     }
     throw ConfigError("activation", std::to_string(int(cfg.activation)), "must be swiglu, gelu or relu");
   };
+  auto by_residual = [&]<class R>(std::type_identity<R> r) -> decltype(auto) {
+    if (cfg.gating_residual) return by_act(std::type_identity<router::GatingResidual<R>>{});
+    return by_act(r);
+  };
   switch (cfg.router) {
-    case RouterKind::kSoftmax: return by_act(std::type_identity<router::TopK<router::Softmax>>{});
-    case RouterKind::kSigmoid: return by_act(std::type_identity<router::TopK<router::Sigmoid>>{});
+    case RouterKind::kSoftmax: return by_residual(std::type_identity<router::TopK<router::Softmax>>{});
+    case RouterKind::kSigmoid: return by_residual(std::type_identity<router::TopK<router::Sigmoid>>{});
   }
   throw ConfigError("router", std::to_string(int(cfg.router)), "must be softmax or sigmoid");
 }

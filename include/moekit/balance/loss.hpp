@@ -34,4 +34,22 @@ inline std::int64_t expert_capacity(double gamma, std::int64_t k, std::int64_t t
   return static_cast<std::int64_t>(std::ceil(gamma * double(k) * double(tokens) / double(n_experts)));
 }
 
+// Slots per expert with MoE++'s heterogeneous capacities (gamma > 0):
+//   C_FFN = ceil(gamma tau k T / (tau N_FFN + N_ZC)), C_ZC = ceil(gamma k T / (tau N_FFN + N_ZC));
+// without ZC experts both are ceil(gamma k T / N_FFN). -1 = no limit (dropless).
+struct Capacities {
+  std::int64_t ffn = -1, zc = -1;
+};
+inline Capacities expert_capacities(double gamma, double tau, std::int64_t k, std::int64_t tokens, std::int64_t n_ffn,
+                                    std::int64_t n_zc) {
+  if (gamma <= 0.0) return {};
+  if (n_zc == 0) {
+    const std::int64_t c = expert_capacity(gamma, k, tokens, n_ffn);
+    return {c, c};
+  }
+  const double denom = tau * double(n_ffn) + double(n_zc);
+  return {static_cast<std::int64_t>(std::ceil(gamma * tau * double(k) * double(tokens) / denom)),
+          static_cast<std::int64_t>(std::ceil(gamma * double(k) * double(tokens) / denom))};
+}
+
 }  // namespace moekit::balance

@@ -1,11 +1,51 @@
 #pragma once
 #include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <vector>
 
 namespace moekit::balance {
+
 // f_i of the load-balancing loss comes from the current micro-batch on this rank (DESIGN §4).
 struct MicroBatch {
   static constexpr bool global = false;
 };
+
+// Global-batch balancing (Qwen, arXiv 2501.11873, Algorithm 1): the per-expert routed counts of every
+// micro-batch are all-reduced over the ranks that hold different tokens and added into a buffer;
+// f_i comes from the buffer. Call reset() after each optimizer step. P_i stays per micro-batch.
+class GlobalBatch {
+ public:
+  static constexpr bool global = true;
+  using AllReduce = std::function<void(std::int64_t* data, std::size_t n)>;
+
+  // Sums counts (n experts) and the token count across ranks; the default is one rank (no-op).
+  void set_all_reduce(AllReduce fn) { all_reduce_ = std::move(fn); }
+
+  // Adds one micro-batch: local routed counts and tokens, all-reduced first.
+  void accumulate(const std::vector<std::int64_t>& local_counts, std::int64_t local_tokens) {
+    scratch_.assign(local_counts.begin(), local_counts.end());
+    scratch_.push_back(local_tokens);  // counts and tokens travel in one collective
+    if (all_reduce_) all_reduce_(scratch_.data(), scratch_.size());
+    if (counts_.size() != local_counts.size()) counts_.assign(local_counts.size(), 0);
+    for (std::size_t i = 0; i < counts_.size(); ++i) counts_[i] += scratch_[i];
+    tokens_ += scratch_.back();
+  }
+  void reset() {
+    counts_.assign(counts_.size(), 0);
+    tokens_ = 0;
+  }
+  const std::vector<std::int64_t>& counts() const { return counts_; }
+  std::int64_t tokens() const { return tokens_; }
+
+ private:
+  AllReduce all_reduce_;
+  std::vector<std::int64_t> counts_, scratch_;
+  std::int64_t tokens_ = 0;
+};
+
 template <class B>
 concept BalancePolicy = requires { { B::global } -> std::convertible_to<bool>; };
+
 }  // namespace moekit::balance

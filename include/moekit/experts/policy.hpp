@@ -29,6 +29,44 @@ struct Ffn {
   using activation = Act;
 };
 
+// MoE++ zero-computation experts (arXiv 2410.07348): no GEMM; finished in the combine step.
+struct Zero {};      // E(x) = 0
+struct Copy {};      // E(x) = x
+struct Constant {};  // E(x) = a1 x + a2 v, [a1, a2] = softmax(Wc x); Wc [2, D], v [D] trainable
+
+namespace detail {
+template <class T, class... Ts>
+inline constexpr bool contains = (std::same_as<T, Ts> || ...);
+template <class T>
+inline constexpr bool is_ffn = false;
+template <class A>
+inline constexpr bool is_ffn<Ffn<A>> = true;
+}  // namespace detail
+
+// A heterogeneous set: one Ffn<Act> first, then any of Zero, Copy, Constant; counts come from MoeConfig.
+template <class FfnExpert, class... ZeroComputation>
+struct Set {
+  static_assert(detail::is_ffn<FfnExpert>, "experts::Set<...>: the first member must be experts::Ffn<Act>");
+  static_assert(((std::same_as<ZeroComputation, Zero> || std::same_as<ZeroComputation, Copy> ||
+                  std::same_as<ZeroComputation, Constant>) && ...),
+                "experts::Set<Ffn<Act>, ...>: the other members must be experts::Zero, experts::Copy or experts::Constant");
+  using activation = typename FfnExpert::activation;
+  static constexpr bool has_zero = detail::contains<Zero, ZeroComputation...>;
+  static constexpr bool has_copy = detail::contains<Copy, ZeroComputation...>;
+  static constexpr bool has_constant = detail::contains<Constant, ZeroComputation...>;
+};
+
 template <class E>
 concept ExpertPolicy = requires { typename E::activation; };
+
+// Which zero-computation kinds a policy admits (none for a bare Ffn<Act>).
+template <class E>
+struct zc_kinds {
+  static constexpr bool zero = false, copy = false, constant = false;
+};
+template <class F, class... Z>
+struct zc_kinds<Set<F, Z...>> {
+  static constexpr bool zero = Set<F, Z...>::has_zero, copy = Set<F, Z...>::has_copy,
+                        constant = Set<F, Z...>::has_constant;
+};
 }  // namespace moekit::experts

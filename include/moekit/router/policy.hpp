@@ -23,12 +23,26 @@ struct TopK {
   static_assert(ScoreFunction<Score>, "router::TopK<Score>: Score must be router::Softmax or router::Sigmoid");
   using score = Score;
   static constexpr RouterKind kind = Score::kind;
+  static constexpr bool residual = false;
 };
 
 template <class R>
 concept RouterPolicy = requires {
   typename R::score;
   { R::kind } -> std::convertible_to<RouterKind>;
+  { R::residual } -> std::convertible_to<bool>;
+};
+
+// MoE++ gating residual (arXiv 2410.07348): logits^j = W^j x^j + W_g^j logits^{j-1}, W_g^j [N_E, N_E].
+// The first MoE layer of a model gets no previous logits and uses W x alone.
+template <class Inner>
+struct GatingResidual {
+  static_assert(RouterPolicy<Inner> && !Inner::residual,
+                "router::GatingResidual<Inner>: Inner must be a plain router such as router::TopK<router::Softmax>");
+  using score = typename Inner::score;
+  using inner = Inner;
+  static constexpr RouterKind kind = Inner::kind;
+  static constexpr bool residual = true;
 };
 
 }  // namespace moekit::router

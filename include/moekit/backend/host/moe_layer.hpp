@@ -4,16 +4,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <numeric>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "moekit/backend/host/blas.hpp"
+#include "moekit/backend/host/moe_weights.hpp"
 #include "moekit/backend/host/policy.hpp"
 #include "moekit/balance/loss.hpp"
 #include "moekit/core/parameter.hpp"
 #include "moekit/core/tensor.hpp"
 #include "moekit/experts/activation.hpp"
+#include "moekit/experts/zero_computation.hpp"
 #include "moekit/moe_layer.hpp"
 #include "moekit/router/topk.hpp"
 
@@ -25,51 +27,44 @@
 
 namespace moekit {
 
-// Weights (or their gradients) of one layer, torch Linear layout [out, in], experts contiguous.
-template <class T>
-struct MoeWeights {
-  std::vector<T> router;  // [N_E, D]           gate.weight
-  std::vector<T> w1;      // [N_FFN, d_expert, D] experts.{i}.w1.weight
-  std::vector<T> w2;      // [N_FFN, D, d_expert] experts.{i}.w2.weight
-  std::vector<T> w3;      // [N_FFN, d_expert, D] experts.{i}.w3.weight (gated activations only)
-
-  void resize(const MoeConfig& c, bool gated) {
-    const auto e = c.num_ffn_experts, d = c.d_model, f = c.d_expert;
-    router.assign(c.num_experts() * d, T(0));
-    w1.assign(e * f * d, T(0));
-    w2.assign(e * d * f, T(0));
-    w3.assign(gated ? e * f * d : 0, T(0));
-  }
-  void zero() {
-    for (auto* v : {&router, &w1, &w2, &w3}) std::fill(v->begin(), v->end(), T(0));
-  }
-};
-
 template <class T, class Router, class Experts, class Balance>
 class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   static_assert(router::RouterPolicy<Router>, "MoeLayer: Router must be a router policy such as router::TopK<router::Softmax>");
-  static_assert(experts::ExpertPolicy<Experts>, "MoeLayer: Experts must be an expert policy such as experts::Ffn<act::SwiGLU>");
-  static_assert(balance::BalancePolicy<Balance>, "MoeLayer: Balance must be balance::MicroBatch");
+  static_assert(experts::ExpertPolicy<Experts>, "MoeLayer: Experts must be experts::Ffn<Act> or experts::Set<Ffn<Act>, ...>");
+  static_assert(balance::BalancePolicy<Balance>, "MoeLayer: Balance must be balance::MicroBatch or balance::GlobalBatch");
 
   using Act = typename Experts::activation;
   using Score = typename Router::score;
+  using Kinds = experts::zc_kinds<Experts>;
   static constexpr bool kGated = Act::gated;
+  static constexpr bool kResidual = Router::residual;
+  static constexpr bool kAnyZc = Kinds::zero || Kinds::copy || Kinds::constant;
 
  public:
   using value_type = T;
 
   explicit MoeLayer(const MoeConfig& cfg) : cfg_(cfg) {
     cfg_.validate();
-    if (cfg_.router != Router::kind)
-      throw ConfigError("router", std::string("\"") + to_string(cfg_.router) + "\"",
-                        std::string("must match the layer's compile-time router policy (\"") +
-                            to_string(Router::kind) + "\")");
-    if (cfg_.activation != Act::kind)
-      throw ConfigError("activation", std::string("\"") + to_string(cfg_.activation) + "\"",
-                        std::string("must match the layer's compile-time expert policy (\"") +
-                            to_string(Act::kind) + "\")");
-    params_.resize(cfg_, kGated);
-    grads_.resize(cfg_, kGated);
+    auto must_match = [](const char* field, const std::string& got, const std::string& want) {
+      if (got != want)
+        throw ConfigError(field, got, "must match the layer's compile-time policy (" + want + ")");
+    };
+    must_match("router", to_string(cfg_.router), to_string(Router::kind));
+    must_match("activation", to_string(cfg_.activation), to_string(Act::kind));
+    must_match("gating_residual", cfg_.gating_residual ? "true" : "false", kResidual ? "true" : "false");
+    auto kind_allowed = [](const char* field, std::int64_t count, bool allowed, const char* tag) {
+      if (count > 0 && !allowed)
+        throw ConfigError(field, std::to_string(count),
+                          std::string("needs ") + tag + " in the layer's experts::Set<Ffn<Act>, ...>");
+    };
+    kind_allowed("num_zero_experts", cfg_.num_zero_experts, Kinds::zero, "experts::Zero");
+    kind_allowed("num_copy_experts", cfg_.num_copy_experts, Kinds::copy, "experts::Copy");
+    kind_allowed("num_constant_experts", cfg_.num_constant_experts, Kinds::constant, "experts::Constant");
+    params_.resize(cfg_, kGated, kResidual);
+    grads_.resize(cfg_, kGated, kResidual);
+    const auto n = cfg_.num_experts();
+    eta_.assign(n, T(cfg_.tau));
+    std::fill_n(eta_.begin(), cfg_.num_ffn_experts, T(1));
   }
 
   const MoeConfig& config() const { return cfg_; }
@@ -78,29 +73,43 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   MoeWeights<T>& grads() { return grads_; }
   const MoeWeights<T>& grads() const { return grads_; }
   void zero_grad() { grads_.zero(); }
+  // The balance-scope policy object (GlobalBatch keeps its count buffer here: reset() after each step).
+  Balance& balance() { return balance_; }
 
   // torch.nn.Linear's default initialisation, deterministic for a seed.
   void init_params(std::uint64_t seed) {
     SplitMix64 rng(seed);
     const double bd = 1.0 / std::sqrt(double(cfg_.d_model)), bf = 1.0 / std::sqrt(double(cfg_.d_expert));
-    init_uniform(params_.router.data(), std::int64_t(params_.router.size()), bd, rng);
-    init_uniform(params_.w1.data(), std::int64_t(params_.w1.size()), bd, rng);
-    init_uniform(params_.w2.data(), std::int64_t(params_.w2.size()), bf, rng);
-    init_uniform(params_.w3.data(), std::int64_t(params_.w3.size()), bd, rng);
+    auto init = [&](std::vector<T>& v, double bound) { init_uniform(v.data(), std::int64_t(v.size()), bound, rng); };
+    init(params_.router, bd);
+    init(params_.w1, bd);
+    init(params_.w2, bf);
+    init(params_.w3, bd);
+    init(params_.const_wc, bd);
+    init(params_.const_v, bd);
+    init(params_.gate_residual, 1.0 / std::sqrt(double(cfg_.num_experts())));
   }
 
-  // Every parameter with its gradient, named as Mixtral checkpoints name them.
+  // Every parameter with its gradient, named as Mixtral (and MoE++) checkpoints name them.
   std::vector<Parameter<T>> parameters(const std::string& prefix = "") {
-    const auto d = cfg_.d_model, f = cfg_.d_expert;
+    const auto d = cfg_.d_model, f = cfg_.d_expert, n = cfg_.num_experts();
     std::vector<Parameter<T>> ps;
-    ps.push_back({prefix + "gate.weight", params_.router.data(), grads_.router.data(), {cfg_.num_experts(), d}});
+    auto add = [&](std::string name, std::vector<T>& v, std::vector<T>& g, std::int64_t off, std::vector<std::int64_t> shape) {
+      ps.push_back({prefix + std::move(name), v.data() + off, g.data() + off, std::move(shape)});
+    };
+    add("gate.weight", params_.router, grads_.router, 0, {n, d});
     for (std::int64_t e = 0; e < cfg_.num_ffn_experts; ++e) {
-      const std::string p = prefix + "experts." + std::to_string(e) + ".";
-      ps.push_back({p + "w1.weight", params_.w1.data() + e * f * d, grads_.w1.data() + e * f * d, {f, d}});
-      ps.push_back({p + "w2.weight", params_.w2.data() + e * d * f, grads_.w2.data() + e * d * f, {d, f}});
-      if constexpr (kGated)
-        ps.push_back({p + "w3.weight", params_.w3.data() + e * f * d, grads_.w3.data() + e * f * d, {f, d}});
+      const std::string p = "experts." + std::to_string(e) + ".";
+      add(p + "w1.weight", params_.w1, grads_.w1, e * f * d, {f, d});
+      add(p + "w2.weight", params_.w2, grads_.w2, e * d * f, {d, f});
+      if constexpr (kGated) add(p + "w3.weight", params_.w3, grads_.w3, e * f * d, {f, d});
     }
+    for (std::int64_t j = 0; j < cfg_.num_constant_experts; ++j) {
+      const std::string p = "constant." + std::to_string(j) + ".";
+      add(p + "wc.weight", params_.const_wc, grads_.const_wc, j * 2 * d, {2, d});
+      add(p + "v", params_.const_v, grads_.const_v, j * d, {d});
+    }
+    if constexpr (kResidual) add("gate_residual.weight", params_.gate_residual, grads_.gate_residual, 0, {n, n});
     return ps;
   }
 
@@ -108,29 +117,25 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   std::int64_t workspace_bytes(std::int64_t tokens) const {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
     const std::int64_t rows = tokens * k;
-    const std::int64_t vals = tokens * d + tokens * n * 3 + tokens * k * 2 + tokens + rows * d * 3 + rows * f * (kGated ? 4 : 2);
-    return vals * std::int64_t(sizeof(T)) + (tokens * k * 3 + rows * 2) * std::int64_t(sizeof(std::int32_t));
+    const std::int64_t vals = tokens * d + tokens * n * (kResidual ? 4 : 3) + tokens * k * 4 + tokens +
+                              rows * d * 3 + rows * f * (kGated ? 4 : 2);
+    return vals * std::int64_t(sizeof(T)) + (tokens * k * 2 + rows) * std::int64_t(sizeof(std::int32_t));
   }
   // Sizes the saved activations for up to `tokens` tokens; forward() calls it, so buffers only grow.
   void reserve(std::int64_t tokens) {
     if (tokens <= reserved_) return;
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
     const std::int64_t rows = tokens * k;
-    x_.resize(tokens * d);
-    logits_.resize(tokens * n);
-    prob_.resize(tokens * n);
-    dlogits_.resize(tokens * n);
-    gate_.resize(tokens * k);
-    dgate_.resize(tokens * k);
+    for (auto* v : {&logits_, &prob_, &dlogits_}) v->resize(tokens * n);
+    if constexpr (kResidual) prev_.resize(tokens * n);
+    for (auto* v : {&gate_, &dgate_, &mix_}) v->resize(tokens * k * (v == &mix_ ? 2 : 1));
     lse_.resize(tokens);
     idx_.resize(tokens * k);
     slot_row_.resize(tokens * k);
     row_slot_.resize(rows);
-    xp_.resize(rows * d);
-    yp_.resize(rows * d);
-    dyp_.resize(rows * d);
-    h1_.resize(rows * f);
-    a_.resize(rows * f);
+    x_.resize(tokens * d);
+    for (auto* v : {&xp_, &yp_, &dyp_}) v->resize(rows * d);
+    for (auto* v : {&h1_, &a_}) v->resize(rows * f);
     if constexpr (kGated) {
       h3_.resize(rows * f);
       dh3_.resize(rows * f);
@@ -138,35 +143,53 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     reserved_ = tokens;
   }
 
-  // y = MoE(x). x, y: [T, D] contiguous. Saves what backward needs; returns the aux losses.
-  AuxLosses forward(MatrixView<const T> x, MatrixView<T> y) {
+  // y = MoE(x). x, y: [T, D] contiguous. prev_logits [T, N_E]: the previous MoE layer's logits, for
+  // router::GatingResidual (leave empty in the first layer). Saves what backward needs.
+  AuxLosses forward(MatrixView<const T> x, MatrixView<T> y, MatrixView<const T> prev_logits = {}) {
     const std::int64_t tokens = x.shape[0], d = cfg_.d_model;
     check_shape(x, "x", {tokens, d});
     check_shape(y, "y", {tokens, d});
     if (tokens * cfg_.top_k > std::int64_t(INT32_MAX))
       throw ShapeError("x has " + std::to_string(tokens) + " tokens; tokens * top_k must fit in int32");
+    has_prev_ = prev_logits.data != nullptr;
+    if (has_prev_) {
+      if (!kResidual) throw ShapeError("prev_logits given, but the router has no gating residual (router::GatingResidual)");
+      check_shape(prev_logits, "prev_logits", {tokens, cfg_.num_experts()});
+    }
     reserve(tokens);
     tokens_ = tokens;
     std::copy_n(x.data, tokens * d, x_.data());
-    route(x.data);
+    if constexpr (kResidual)
+      if (has_prev_) std::copy_n(prev_logits.data, prev_logits.numel(), prev_.data());
+    route();
     assign_slots();
-    expert_forward(x.data);
+    expert_forward();
     gather_slots(yp_.data(), y.data, /*gate_weighted=*/true);
+    if constexpr (kAnyZc) zero_computation_forward(y.data);
     aux_ = compute_aux();
     has_forward_ = true;
     return aux_;
   }
 
-  // Backward of L = sum(y * dy) + aux_scale * (lbl_coef * LBL + zloss_coef * zloss).
-  // Writes dx [T, D]; adds into grads() (so micro-batches accumulate). With gradient accumulation over
-  // m micro-batches pass aux_scale = 1/m, as dy is then scaled too.
-  void backward(MatrixView<const T> dy, MatrixView<T> dx, double aux_scale = 1.0) {
+  // Backward of L = sum(y * dy) + aux_scale * (lbl_coef * LBL + zloss_coef * zloss) + sum(logits * dlogits_next).
+  // Writes dx [T, D] and, when given, dprev_logits [T, N_E]; adds into grads() (so micro-batches
+  // accumulate). With gradient accumulation over m micro-batches pass aux_scale = 1/m.
+  // dlogits_next: the gradient the next layer's gating residual sends back to these logits.
+  void backward(MatrixView<const T> dy, MatrixView<T> dx, double aux_scale = 1.0, MatrixView<const T> dlogits_next = {},
+                MatrixView<T> dprev_logits = {}) {
     if (!has_forward_) throw std::logic_error("moekit::MoeLayer::backward called before forward");
+    const auto n = cfg_.num_experts();
     check_shape(dy, "dy", {tokens_, cfg_.d_model});
     check_shape(dx, "dx", {tokens_, cfg_.d_model});
+    if (dlogits_next.data) check_shape(dlogits_next, "dlogits_next", {tokens_, n});
+    if (dprev_logits.data) {
+      if (!has_prev_) throw ShapeError("dprev_logits asked for, but forward was given no prev_logits");
+      check_shape(dprev_logits, "dprev_logits", {tokens_, n});
+    }
     combine_backward(dy.data);
     expert_backward(dx.data);
-    router_backward(dx.data, T(aux_scale));
+    if constexpr (kAnyZc) zero_computation_backward(dy.data, dx.data);
+    router_backward(dx.data, T(aux_scale), dlogits_next.data, dprev_logits.data);
   }
 
   // Results of the last forward.
@@ -179,15 +202,25 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   VectorView<const std::int32_t> expert_counts() const { return {kept_.data(), {cfg_.num_experts()}}; }
   const std::vector<std::int64_t>& routed_counts() const { return routed_; }
   // True for (token, slot) pairs that were kept (not dropped by capacity).
-  bool slot_kept(std::int64_t t, std::int64_t j) const { return slot_row_[t * cfg_.top_k + j] >= 0; }
+  bool slot_kept(std::int64_t t, std::int64_t j) const { return slot_row_[t * cfg_.top_k + j] != kDropped; }
   AuxLosses aux() const { return aux_; }
+  // Work of the expert GEMMs in the last forward: FLOPs issued (2 m n k per GEMM) and rows that
+  // entered them. Slots of zero-computation experts never do.
+  std::int64_t expert_gemm_flops() const { return gemm_flops_; }
+  std::int64_t ffn_rows() const { return offset_.empty() ? 0 : offset_.back(); }
 
  private:
   using I32 = std::int32_t;
+  static constexpr I32 kDropped = -1, kZeroComputation = -2;  // slot_row_ values besides FFN rows
 
-  void route(const T* x) {
+  bool is_ffn(std::int64_t e) const { return e < cfg_.num_ffn_experts; }
+
+  void route() {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model;
-    backend::host::gemm<T>(false, true, tokens_, n, d, T(1), x, params_.router.data(), T(0), logits_.data());
+    backend::host::gemm<T>(false, true, tokens_, n, d, T(1), x_.data(), params_.router.data(), T(0), logits_.data());
+    if constexpr (kResidual)
+      if (has_prev_)
+        backend::host::gemm<T>(false, true, tokens_, n, n, T(1), prev_.data(), params_.gate_residual.data(), T(1), logits_.data());
     std::int64_t bad = -1;
 #pragma omp parallel for schedule(static) if (tokens_ * n >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t t = 0; t < tokens_; ++t) {
@@ -199,40 +232,47 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
         bad = bad < 0 ? t : std::min(bad, t);
         continue;
       }
-      lse_[t] = router::route_token(Score{}, l, int(n), int(k), cfg_.renormalize, &prob_[t * n], &idx_[t * k],
-                                    &gate_[t * k]);
+      lse_[t] = router::route_token(Score{}, l, int(n), int(k), cfg_.renormalize, &prob_[t * n], &idx_[t * k], &gate_[t * k]);
     }
     if (bad >= 0)
-      throw NumericError("router logits of token " + std::to_string(bad) + " are not finite (check the input x and gate.weight)");
+      throw NumericError("router logits of token " + std::to_string(bad) +
+                         " are not finite (check x, gate.weight and prev_logits)");
   }
 
-  // Counts, capacity drops (lowest router score first) and each kept slot's row in the
+  // Counts, capacity drops (lowest router score first) and each kept FFN slot's row in the
   // expert-contiguous buffers. Rows of one expert are in token order, so results are deterministic.
   void assign_slots() {
-    const auto n = cfg_.num_experts(), k = cfg_.top_k;
+    const auto n = cfg_.num_experts(), k = cfg_.top_k, nf = cfg_.num_ffn_experts;
     routed_.assign(n, 0);
     for (std::int64_t s = 0; s < tokens_ * k; ++s) ++routed_[idx_[s]];
-    std::fill(slot_row_.begin(), slot_row_.begin() + tokens_ * k, 0);  // 0 = kept, -1 = dropped
-    const std::int64_t cap = balance::expert_capacity(cfg_.capacity_factor, k, tokens_, n);
-    if (cap >= 0) {
+    std::fill(slot_row_.begin(), slot_row_.begin() + tokens_ * k, 0);
+    const auto caps = balance::expert_capacities(cfg_.capacity_factor, cfg_.tau, k, tokens_, nf, cfg_.num_zc_experts());
+    if (caps.ffn >= 0) {
       std::vector<std::vector<I32>> by_expert(n);
-      for (std::int64_t s = 0; s < tokens_ * k; ++s)
-        if (routed_[idx_[s]] > cap) by_expert[idx_[s]].push_back(I32(s));
-      for (auto& slots : by_expert) {
-        if (slots.empty()) continue;
+      for (std::int64_t s = 0; s < tokens_ * k; ++s) {
+        const std::int64_t e = idx_[s];
+        if (routed_[e] > (is_ffn(e) ? caps.ffn : caps.zc)) by_expert[e].push_back(I32(s));
+      }
+      for (std::int64_t e = 0; e < n; ++e) {
+        auto& slots = by_expert[e];
+        const auto cap = std::size_t(is_ffn(e) ? caps.ffn : caps.zc);
         // Higher router score first; equal scores keep the earlier token (slots are in token order).
         std::stable_sort(slots.begin(), slots.end(), [&](I32 a, I32 b) { return score_of(a) > score_of(b); });
-        for (std::size_t r = std::size_t(cap); r < slots.size(); ++r) slot_row_[slots[r]] = -1;
+        for (std::size_t r = cap; r < slots.size(); ++r) slot_row_[slots[r]] = kDropped;
       }
     }
     kept_.assign(n, 0);
     for (std::int64_t s = 0; s < tokens_ * k; ++s)
-      if (slot_row_[s] == 0) ++kept_[idx_[s]];
-    offset_.assign(n + 1, 0);
-    for (std::int64_t e = 0; e < n; ++e) offset_[e + 1] = offset_[e] + kept_[e];
+      if (slot_row_[s] != kDropped) ++kept_[idx_[s]];
+    offset_.assign(nf + 1, 0);
+    for (std::int64_t e = 0; e < nf; ++e) offset_[e + 1] = offset_[e] + kept_[e];
     std::vector<std::int64_t> fill(offset_.begin(), offset_.end() - 1);
     for (std::int64_t s = 0; s < tokens_ * k; ++s) {
-      if (slot_row_[s] < 0) continue;
+      if (slot_row_[s] == kDropped) continue;
+      if (!is_ffn(idx_[s])) {
+        slot_row_[s] = kZeroComputation;
+        continue;
+      }
       const std::int64_t row = fill[idx_[s]]++;
       slot_row_[s] = I32(row);
       row_slot_[row] = I32(s);
@@ -245,34 +285,38 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     else return prob_[at];
   }
 
-  // Phases, not a loop of per-expert phases: OpenMP loops and (separately threaded) BLAS calls
-  // alternate only a few times per call, since each switch makes the two thread pools contend.
-  void expert_forward(const T* x) {
-    const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
-    const std::int64_t rows = offset_[n];
-#pragma omp parallel for schedule(static) if (rows * d >= MOEKIT_OMP_MIN_WORK)
-    for (std::int64_t r = 0; r < rows; ++r) std::copy_n(x + (row_slot_[r] / k) * d, d, &xp_[r * d]);
-    for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
-      backend::host::gemm<T>(false, true, m, f, d, T(1), &xp_[r0 * d], &params_.w1[e * f * d], T(0), &h1_[r0 * f]);
-      if constexpr (kGated)
-        backend::host::gemm<T>(false, true, m, f, d, T(1), &xp_[r0 * d], &params_.w3[e * f * d], T(0), &h3_[r0 * f]);
-    });
-    const T* h3 = kGated ? h3_.data() : h1_.data();
-#pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
-    for (std::int64_t i = 0; i < rows * f; ++i) a_[i] = act::apply(Act{}, h1_[i], h3[i]);
-    for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
-      backend::host::gemm<T>(false, true, m, d, f, T(1), &a_[r0 * f], &params_.w2[e * d * f], T(0), &yp_[r0 * d]);
-    });
-  }
-
   template <class F>
   void for_each_expert(F&& fn) const {
     for (std::int64_t e = 0; e < cfg_.num_ffn_experts; ++e)
       if (offset_[e + 1] > offset_[e]) fn(e, offset_[e], offset_[e + 1] - offset_[e]);
   }
 
-  // out_t = sum over t's kept slots of (gate or 1) * rows[slot's row]: a gather, not a scatter with
-  // atomics, so results are deterministic. Combine (gate-weighted) and dx (unweighted) share it.
+  // Phases, not a loop of per-expert phases: OpenMP loops and (separately threaded) BLAS calls
+  // alternate only a few times per call, since each switch makes the two thread pools contend.
+  void expert_forward() {
+    const auto k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
+    const std::int64_t rows = ffn_rows();
+    gemm_flops_ = 0;
+    auto gemm = [&](bool ta, bool tb, std::int64_t m, std::int64_t nn, std::int64_t kk, const T* a, const T* b, T* c) {
+      backend::host::gemm<T>(ta, tb, m, nn, kk, T(1), a, b, T(0), c);
+      gemm_flops_ += 2 * m * nn * kk;
+    };
+#pragma omp parallel for schedule(static) if (rows * d >= MOEKIT_OMP_MIN_WORK)
+    for (std::int64_t r = 0; r < rows; ++r) std::copy_n(&x_[(row_slot_[r] / k) * d], d, &xp_[r * d]);
+    for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+      gemm(false, true, m, f, d, &xp_[r0 * d], &params_.w1[e * f * d], &h1_[r0 * f]);
+      if constexpr (kGated) gemm(false, true, m, f, d, &xp_[r0 * d], &params_.w3[e * f * d], &h3_[r0 * f]);
+    });
+    const T* h3 = kGated ? h3_.data() : h1_.data();
+#pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
+    for (std::int64_t i = 0; i < rows * f; ++i) a_[i] = act::apply(Act{}, h1_[i], h3[i]);
+    for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+      gemm(false, true, m, d, f, &a_[r0 * f], &params_.w2[e * d * f], &yp_[r0 * d]);
+    });
+  }
+
+  // out_t = sum over t's kept FFN slots of (gate or 1) * rows[slot's row]: a gather, not a scatter
+  // with atomics, so results are deterministic. Combine (gate-weighted) and dx (unweighted) share it.
   void gather_slots(const T* rows, T* out, bool gate_weighted) const {
     const auto k = cfg_.top_k, d = cfg_.d_model;
 #pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
@@ -289,6 +333,42 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     }
   }
 
+  enum class Zc { kZero, kCopy, kConstant };
+  Zc zc_kind(std::int64_t e) const {
+    const std::int64_t z = cfg_.num_ffn_experts + cfg_.num_zero_experts;
+    return e < z ? Zc::kZero : e < z + cfg_.num_copy_experts ? Zc::kCopy : Zc::kConstant;
+  }
+  std::int64_t constant_index(std::int64_t e) const {
+    return e - cfg_.num_ffn_experts - cfg_.num_zero_experts - cfg_.num_copy_experts;
+  }
+
+  // Zero/copy/constant experts are finished here, on the token's own row: no GEMM, no travel.
+  void zero_computation_forward(T* y) {
+    const auto k = cfg_.top_k, d = cfg_.d_model;
+#pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
+    for (std::int64_t t = 0; t < tokens_; ++t) {
+      const T* xt = &x_[t * d];
+      T* yt = y + t * d;
+      for (std::int64_t j = 0; j < k; ++j) {
+        const std::int64_t s = t * k + j, e = idx_[s];
+        if (slot_row_[s] != kZeroComputation) continue;
+        const T g = gate_[s];
+        const Zc kind = zc_kind(e);
+        if (kind == Zc::kCopy) {
+          for (std::int64_t c = 0; c < d; ++c) yt[c] += g * xt[c];
+        } else if (kind == Zc::kConstant) {
+          const std::int64_t q = constant_index(e);
+          T a1, a2;
+          experts::constant_mix(&params_.const_wc[q * 2 * d], xt, int(d), a1, a2);
+          mix_[2 * s] = a1;
+          mix_[2 * s + 1] = a2;
+          const T* v = &params_.const_v[q * d];
+          for (std::int64_t c = 0; c < d; ++c) yt[c] += g * (a1 * xt[c] + a2 * v[c]);
+        }
+      }
+    }
+  }
+
   AuxLosses compute_aux() {
     const auto n = cfg_.num_experts(), k = cfg_.top_k;
     prob_sum_.assign(n, T(0));
@@ -297,38 +377,57 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
       for (std::int64_t i = 0; i < n; ++i) prob_sum_[i] += prob_[t * n + i];
       z += lse_[t] * lse_[t];
     }
-    // MicroBatch scope: f_i from this micro-batch's routed (pre-capacity) counts.
+    // f_i from the scope's routed (pre-capacity) counts; P_i from this micro-batch.
+    if constexpr (Balance::global) {
+      balance_.accumulate(routed_, tokens_);
+      f_counts_ = balance_.counts();
+      f_tokens_ = balance_.tokens();
+    } else {
+      f_counts_ = routed_;
+      f_tokens_ = tokens_;
+    }
     AuxLosses a;
-    a.lbl = double(balance::load_balancing_loss<T>(routed_.data(), prob_sum_.data(), int(n), int(k), tokens_, tokens_));
+    a.lbl = double(balance::load_balancing_loss<T>(f_counts_.data(), prob_sum_.data(), int(n), int(k), f_tokens_,
+                                                   tokens_, eta_.data()));
     a.zloss = tokens_ > 0 ? double(z / T(tokens_)) : 0.0;
     return a;
   }
 
+  // dgate for every slot, and d(expert rows) = gate * dy for FFN slots.
   void combine_backward(const T* dy) {
     const auto k = cfg_.top_k, d = cfg_.d_model;
 #pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t t = 0; t < tokens_; ++t) {
       const T* dyt = dy + t * d;
+      const T* xt = &x_[t * d];
       for (std::int64_t j = 0; j < k; ++j) {
-        const I32 row = slot_row_[t * k + j];
+        const std::int64_t s = t * k + j;
+        const I32 row = slot_row_[s];
         T dg = 0;
         if (row >= 0) {
-          const T g = gate_[t * k + j];
           const T* src = &yp_[std::int64_t(row) * d];
           T* dst = &dyp_[std::int64_t(row) * d];
           for (std::int64_t c = 0; c < d; ++c) {
             dg += dyt[c] * src[c];
-            dst[c] = g * dyt[c];
+            dst[c] = gate_[s] * dyt[c];
+          }
+        } else if (row == kZeroComputation) {
+          const Zc kind = zc_kind(idx_[s]);
+          if (kind == Zc::kCopy) {
+            for (std::int64_t c = 0; c < d; ++c) dg += dyt[c] * xt[c];
+          } else if (kind == Zc::kConstant) {
+            const T* v = &params_.const_v[constant_index(idx_[s]) * d];
+            for (std::int64_t c = 0; c < d; ++c) dg += dyt[c] * (mix_[2 * s] * xt[c] + mix_[2 * s + 1] * v[c]);
           }
         }
-        dgate_[t * k + j] = dg;
+        dgate_[s] = dg;  // dropped slots and zero experts do not reach y: 0
       }
     }
   }
 
   void expert_backward(T* dx) {
-    const auto n = cfg_.num_experts(), d = cfg_.d_model, f = cfg_.d_expert;
-    const std::int64_t rows = offset_[n];
+    const auto d = cfg_.d_model, f = cfg_.d_expert;
+    const std::int64_t rows = ffn_rows();
     // a_ is overwritten with dA once dW2 has used it; h1_ with dH1; dyp_ with d(expert rows).
     for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
       backend::host::gemm<T>(true, false, d, f, m, T(1), &dyp_[r0 * d], &a_[r0 * f], T(1), &grads_.w2[e * d * f]);
@@ -356,37 +455,75 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     gather_slots(dyp_.data(), dx, /*gate_weighted=*/false);
   }
 
-  void router_backward(T* dx, T aux_scale) {
+  // Copy and constant experts' input gradients (per token, in parallel), then the constant experts'
+  // weight gradients in token order (few and small; a fixed order keeps them deterministic).
+  void zero_computation_backward(const T* dy, T* dx) {
+    const auto k = cfg_.top_k, d = cfg_.d_model;
+    std::vector<T> de(d);
+    for (std::int64_t t = 0; t < tokens_; ++t) {
+      const T* dyt = dy + t * d;
+      const T* xt = &x_[t * d];
+      T* dxt = dx + t * d;
+      for (std::int64_t j = 0; j < k; ++j) {
+        const std::int64_t s = t * k + j, e = idx_[s];
+        if (slot_row_[s] != kZeroComputation) continue;
+        const T g = gate_[s];
+        const Zc kind = zc_kind(e);
+        if (kind == Zc::kCopy) {
+          for (std::int64_t c = 0; c < d; ++c) dxt[c] += g * dyt[c];
+        } else if (kind == Zc::kConstant) {
+          const std::int64_t q = constant_index(e);
+          for (std::int64_t c = 0; c < d; ++c) de[c] = g * dyt[c];
+          experts::constant_backward(&params_.const_wc[q * 2 * d], xt, &params_.const_v[q * d], mix_[2 * s],
+                                     mix_[2 * s + 1], de.data(), int(d), dxt, &grads_.const_v[q * d],
+                                     &grads_.const_wc[q * 2 * d]);
+        }
+      }
+    }
+  }
+
+  void router_backward(T* dx, T aux_scale, const T* dlogits_next, T* dprev) {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model;
     std::vector<T> dprob(n);
     for (std::int64_t i = 0; i < n; ++i)
       dprob[i] = aux_scale * T(cfg_.lbl_coef) *
-                 balance::load_balancing_dprob<T>(routed_[i], int(n), int(k), tokens_, tokens_);
+                 balance::load_balancing_dprob<T>(f_counts_[i], int(n), int(k), f_tokens_, tokens_, eta_[i]);
     const T zscale = tokens_ > 0 ? aux_scale * T(cfg_.zloss_coef) * T(2) / T(tokens_) : T(0);
 #pragma omp parallel if (tokens_ * n >= MOEKIT_OMP_MIN_WORK)
     {
       std::vector<T> scratch(n);
 #pragma omp for schedule(static)
       for (std::int64_t t = 0; t < tokens_; ++t) {
-        // Dropped slots do not reach y, so their gate gradient is 0 (set by combine_backward).
+        T* dl = &dlogits_[t * n];
         router::route_token_backward(Score{}, &logits_[t * n], int(n), int(k), cfg_.renormalize, &prob_[t * n],
                                      &idx_[t * k], &gate_[t * k], &dgate_[t * k], dprob.data(), zscale * lse_[t],
-                                     scratch.data(), &dlogits_[t * n]);
+                                     scratch.data(), dl);
+        if (dlogits_next)
+          for (std::int64_t i = 0; i < n; ++i) dl[i] += dlogits_next[t * n + i];
       }
     }
     backend::host::gemm<T>(true, false, n, d, tokens_, T(1), dlogits_.data(), x_.data(), T(1), grads_.router.data());
     backend::host::gemm<T>(false, false, tokens_, d, n, T(1), dlogits_.data(), params_.router.data(), T(1), dx);
+    if constexpr (kResidual)
+      if (has_prev_) {
+        backend::host::gemm<T>(true, false, n, n, tokens_, T(1), dlogits_.data(), prev_.data(), T(1),
+                               grads_.gate_residual.data());
+        if (dprev)
+          backend::host::gemm<T>(false, false, tokens_, n, n, T(1), dlogits_.data(), params_.gate_residual.data(), T(0), dprev);
+      }
   }
 
   MoeConfig cfg_;
   MoeWeights<T> params_, grads_;
-  std::int64_t reserved_ = 0, tokens_ = 0;
-  bool has_forward_ = false;
+  Balance balance_;
+  std::vector<T> eta_;
+  std::int64_t reserved_ = 0, tokens_ = 0, f_tokens_ = 0, gemm_flops_ = 0;
+  bool has_forward_ = false, has_prev_ = false;
   AuxLosses aux_;
-  std::vector<T> logits_, prob_, dlogits_, gate_, dgate_, lse_, prob_sum_;
+  std::vector<T> x_, prev_, logits_, prob_, dlogits_, gate_, dgate_, mix_, lse_, prob_sum_;
   std::vector<I32> idx_, slot_row_, row_slot_, kept_;
-  std::vector<std::int64_t> routed_, offset_;
-  std::vector<T> x_, xp_, yp_, dyp_, h1_, h3_, dh3_, a_;
+  std::vector<std::int64_t> routed_, offset_, f_counts_;
+  std::vector<T> xp_, yp_, dyp_, h1_, h3_, dh3_, a_;
 };
 
 }  // namespace moekit
