@@ -7,12 +7,19 @@
 // then reports the held-out loss next to the unigram entropy of the held-out stream, per domain, and
 // which experts each domain was routed to. Exit status 1 when held-out loss is not below the baseline.
 //
+// Flags reach the library's MoE variants: --balance micro|global (balance::MicroBatch / GlobalBatch),
+// --granularity G (fine_grained_config), --zero/--copy/--constant/--tau (MoE++ zero-computation
+// experts), --gating-residual (router::GatingResidual), and --pack-by-domain draws every micro-batch
+// from one domain, as when training sequences are packed by source.
+//
 // Read top to bottom: options, data, model and optimizer, the training loop, the final evaluation.
 #include <omp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -49,6 +56,12 @@ struct Options {
   std::int64_t heldout_tokens = 1 << 15;
   int threads = 0;  // 0: OpenMP's default
   std::string json;
+  bool global_balance = false;   // --balance global
+  std::int64_t granularity = 1;  // G: G*experts experts of d_expert/G, top-(G*top_k)
+  std::int64_t zero_experts = 0, copy_experts = 0, constant_experts = 0;
+  double tau = 1.0;
+  bool gating_residual = false;
+  bool pack_by_domain = false;
 };
 
 static void usage(const char* prog) {
@@ -72,7 +85,16 @@ static void usage(const char* prog) {
       "  --train-tokens N   length of the generated training stream (2097152)\n"
       "  --heldout-tokens N length of the held-out stream (32768)\n"
       "  --threads N        OpenMP (and OpenBLAS) threads (default: all cores)\n"
-      "  --json PATH        write metrics as JSON lines to PATH\n",
+      "  --json PATH        write metrics as JSON lines to PATH\n"
+      "  --balance S        load-balance scope: micro (per micro-batch) or global (counts summed over the\n"
+      "                     step's micro-batches, reset after each optimizer step) (micro)\n"
+      "  --granularity G    fine-grained experts: G*experts experts of d_expert/G, top-(G*top_k) (1)\n"
+      "  --zero N           MoE++ zero experts, E(x) = 0 (0)\n"
+      "  --copy N           MoE++ copy experts, E(x) = x (0)\n"
+      "  --constant N       MoE++ constant experts, E(x) = a1 x + a2 v (0)\n"
+      "  --tau X            MoE++ tau: weight of zero-computation experts in the balance loss (1.0)\n"
+      "  --gating-residual  each MoE router adds W_g * (previous MoE layer's logits)\n"
+      "  --pack-by-domain   every micro-batch from one domain (drawn at random); default: mixed\n",
       prog);
 }
 
@@ -83,6 +105,10 @@ static Options parse_args(int argc, char** argv) {
     if (flag == "--help" || flag == "-h") {
       usage(argv[0]);
       std::exit(0);
+    }
+    if (flag == "--gating-residual" || flag == "--pack-by-domain") {  // switches: no value
+      (flag == "--gating-residual" ? o.gating_residual : o.pack_by_domain) = true;
+      continue;
     }
     if (const auto eq = flag.find('='); eq != std::string::npos) {
       value = flag.substr(eq + 1);
@@ -130,6 +156,18 @@ static Options parse_args(int argc, char** argv) {
     else if (flag == "--heldout-tokens") o.heldout_tokens = integer(1);
     else if (flag == "--threads") o.threads = int(integer(1));
     else if (flag == "--json") o.json = value;
+    else if (flag == "--balance") {
+      if (value != "micro" && value != "global") {
+        std::fprintf(stderr, "error: --balance = \"%s\" must be \"micro\" or \"global\"\n", value.c_str());
+        std::exit(2);
+      }
+      o.global_balance = value == "global";
+    }
+    else if (flag == "--granularity") o.granularity = integer(1);
+    else if (flag == "--zero") o.zero_experts = integer(0);
+    else if (flag == "--copy") o.copy_experts = integer(0);
+    else if (flag == "--constant") o.constant_experts = integer(0);
+    else if (flag == "--tau") o.tau = real();
     else {
       std::fprintf(stderr, "error: unknown flag %s\n", flag.c_str());
       usage(argv[0]);
@@ -164,13 +202,15 @@ struct Evaluation {
   std::array<std::int64_t, domains::kNumDomains> domain_tokens{};
   // routed[l][d][e]: slots of layer l sent to expert e by windows whose latest token is in domain d.
   std::vector<std::vector<std::vector<std::int64_t>>> routed;
+  double expert_gemm_flops = 0;  // forward expert GEMM FLOPs, summed over layers and tokens
 };
 
 static Evaluation evaluate(Model<float>& model, const domains::Stream& s, std::int64_t limit) {
   const ModelConfig& c = model.config();
   const std::int64_t n = std::min<std::int64_t>(limit, std::int64_t(s.tokens.size())), chunk = 2048;
   Evaluation ev;
-  ev.routed.assign(c.blocks, std::vector<std::vector<std::int64_t>>(domains::kNumDomains, std::vector<std::int64_t>(c.experts, 0)));
+  ev.routed.assign(c.blocks,
+                   std::vector<std::vector<std::int64_t>>(domains::kNumDomains, std::vector<std::int64_t>(c.total_experts(), 0)));
   std::vector<std::int64_t> pos(chunk);
   std::vector<std::int32_t> ids(chunk * c.context), targets(chunk);
   std::vector<float> token_loss(chunk);
@@ -179,6 +219,7 @@ static Evaluation evaluate(Model<float>& model, const domains::Stream& s, std::i
     for (std::int64_t r = 0; r < rows; ++r) pos[r] = start + r;
     make_windows(s, pos.data(), rows, c.context, ids.data(), targets.data());
     model.forward(ids.data(), targets.data(), rows, 0.0, token_loss.data());
+    for (std::int64_t l = 0; l < c.blocks; ++l) ev.expert_gemm_flops += double(model.moe(l).expert_gemm_flops());
     for (std::int64_t r = 0; r < rows; ++r) {
       const std::int64_t i = start + r;
       const int d = s.domain[i];
@@ -201,7 +242,56 @@ static Evaluation evaluate(Model<float>& model, const domains::Stream& s, std::i
       ev.domain_loss[d] /= double(ev.domain_tokens[d]);
       ev.domain_oracle[d] /= double(ev.domain_tokens[d]);
     }
+  // Forward passes add their counts to a GlobalBatch buffer too: empty it so training steps see only
+  // their own micro-batches.
+  model.reset_balance();
   return ev;
+}
+
+// How much each domain keeps to its own experts, from one layer's routing table [domain][expert].
+struct Specialisation {
+  std::array<double, domains::kNumDomains> top_share{};  // share of the domain's slots at its top expert
+  double mean_top_share = 0;
+  double mutual_information_bits = 0;  // I(domain; expert) over slots
+  double normalised_mi = 0;            // I / H(domain): 0 = routing ignores the domain, 1 = decides it
+};
+
+static Specialisation specialisation(const std::vector<std::vector<std::int64_t>>& table) {
+  Specialisation sp;
+  const std::size_t n_dom = table.size(), n_exp = table[0].size();
+  std::vector<double> row(n_dom, 0), col(n_exp, 0);
+  double total = 0;
+  for (std::size_t d = 0; d < n_dom; ++d)
+    for (std::size_t e = 0; e < n_exp; ++e) {
+      row[d] += double(table[d][e]);
+      col[e] += double(table[d][e]);
+      total += double(table[d][e]);
+    }
+  if (total <= 0) return sp;
+  double h_domain = 0;
+  for (std::size_t d = 0; d < n_dom; ++d) {
+    const double top = double(*std::max_element(table[d].begin(), table[d].end()));
+    sp.top_share[d] = row[d] > 0 ? top / row[d] : 0.0;
+    sp.mean_top_share += sp.top_share[d] / double(n_dom);
+    if (row[d] > 0) h_domain -= row[d] / total * std::log2(row[d] / total);
+    for (std::size_t e = 0; e < n_exp; ++e)
+      if (table[d][e] > 0) {
+        const double p = double(table[d][e]) / total;
+        sp.mutual_information_bits += p * std::log2(p * total * total / (row[d] * col[e]));
+      }
+  }
+  sp.normalised_mi = h_domain > 0 ? sp.mutual_information_bits / h_domain : 0.0;
+  return sp;
+}
+
+// Column label of expert e: e0.. for FFN experts, then Z (zero), C (copy), K (constant) experts.
+static std::string expert_label(const ModelConfig& c, std::int64_t e) {
+  if (e < c.experts) return "e" + std::to_string(e);
+  e -= c.experts;
+  if (e < c.zero_experts) return "Z" + std::to_string(e);
+  e -= c.zero_experts;
+  if (e < c.copy_experts) return "C" + std::to_string(e);
+  return "K" + std::to_string(e - c.copy_experts);
 }
 
 // OpenMP threads busy-wait between parallel regions by default. On a small machine shared with other
@@ -260,6 +350,20 @@ int main(int argc, char** argv) try {
   mc.top_k = opt.top_k;
   mc.lbl_coef = opt.lbl_coef;
   mc.zloss_coef = opt.zloss_coef;
+  mc.zero_experts = opt.zero_experts;
+  mc.copy_experts = opt.copy_experts;
+  mc.constant_experts = opt.constant_experts;
+  mc.tau = opt.tau;
+  mc.gating_residual = opt.gating_residual;
+  mc.global_balance = opt.global_balance;
+  if (opt.granularity > 1) {  // --d-expert is the d_ff being split, --experts E, --top-k k_base
+    const moekit::MoeConfig fine =
+        moekit::fine_grained_config(mc.moe_config(), opt.d_expert, opt.experts, opt.granularity, opt.top_k);
+    mc.d_expert = fine.d_expert;
+    mc.experts = fine.num_ffn_experts;
+    mc.top_k = fine.top_k;
+  }
+  const std::int64_t n_experts = mc.total_experts();
   Model<float> model(mc, opt.seed);
   std::vector<moekit::Parameter<float>> params = model.parameters();
   std::int64_t n_params = 0;
@@ -273,8 +377,15 @@ int main(int argc, char** argv) try {
   schedule.validate();
 
   std::printf("train_domains: threads %d (OMP_WAIT_POLICY=%s) | vocab %d, context %lld | %lld blocks of MoE(%lld experts, top-%lld, d_model %lld, d_expert %lld) | %lld parameters\n",
-              omp_get_max_threads(), std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "default", domains::kVocab, (long long)opt.context, (long long)mc.blocks, (long long)opt.experts,
-              (long long)opt.top_k, (long long)opt.d_model, (long long)opt.d_expert, (long long)n_params);
+              omp_get_max_threads(), std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "default", domains::kVocab, (long long)opt.context, (long long)mc.blocks, (long long)mc.experts,
+              (long long)mc.top_k, (long long)opt.d_model, (long long)mc.d_expert, (long long)n_params);
+  const bool variant = opt.global_balance || opt.granularity > 1 || opt.gating_residual || opt.pack_by_domain ||
+                       mc.zero_experts + mc.copy_experts + mc.constant_experts > 0;
+  if (variant)  // the default run's output stays as it was
+    std::printf("variant: balance %s | granularity %lld | zero %lld, copy %lld, constant %lld, tau %g | gating residual %s | micro-batches %s\n",
+                opt.global_balance ? "global" : "micro", (long long)opt.granularity, (long long)mc.zero_experts,
+                (long long)mc.copy_experts, (long long)mc.constant_experts, mc.tau, mc.gating_residual ? "on" : "off",
+                opt.pack_by_domain ? "packed by domain" : "mixed");
   std::printf("data: %zu train tokens, %zu held-out tokens (different seed); held-out unigram entropy %.4f nats\n",
               train.tokens.size(), heldout.tokens.size(), baseline);
   std::printf("steps %lld x %lld tokens x %lld micro-batches | AdamW lr %.2e (warmup %lld, cosine to %.2e) | clip 1.0 | lbl %.3g, z %.3g\n\n",
@@ -284,11 +395,15 @@ int main(int argc, char** argv) try {
   // 3. Training.
   moekit::SplitMix64 sampler(opt.seed ^ 0x53414d504c45ull);  // "SAMPLE"
   std::vector<std::int64_t> pos(opt.batch);
+  // --pack-by-domain: the training positions of each domain (the domain of the predicted token).
+  std::array<std::vector<std::int64_t>, domains::kNumDomains> by_domain;
+  if (opt.pack_by_domain)
+    for (std::int64_t i = 0; i < std::int64_t(train.tokens.size()); ++i) by_domain[train.domain[i]].push_back(i);
   std::vector<std::int32_t> ids(opt.batch * opt.context), targets(opt.batch);
   // Interval statistics.
   double sum_loss = 0, sum_norm = 0;
   std::vector<double> sum_lbl(mc.blocks, 0), sum_z(mc.blocks, 0);
-  std::vector<std::vector<std::int64_t>> load(mc.blocks, std::vector<std::int64_t>(opt.experts, 0));
+  std::vector<std::vector<std::int64_t>> load(mc.blocks, std::vector<std::int64_t>(n_experts, 0));
   std::int64_t interval_steps = 0, interval_micro = 0;
   double interval_train_s = 0, total_train_s = 0;
   const auto run_start = std::chrono::steady_clock::now();
@@ -298,7 +413,12 @@ int main(int argc, char** argv) try {
     const double lr = schedule(step);
     optimizer.zero_grad();
     for (std::int64_t micro = 0; micro < opt.accum; ++micro) {
-      for (auto& p : pos) p = std::int64_t(sampler.next() % train.tokens.size());
+      if (opt.pack_by_domain) {
+        const auto& from = by_domain[sampler.next() % domains::kNumDomains];
+        for (auto& p : pos) p = from[sampler.next() % from.size()];
+      } else {
+        for (auto& p : pos) p = std::int64_t(sampler.next() % train.tokens.size());
+      }
       make_windows(train, pos.data(), opt.batch, opt.context, ids.data(), targets.data());
       sum_loss += model.forward(ids.data(), targets.data(), opt.batch, 1.0 / double(opt.accum));
       model.backward(1.0 / double(opt.accum));
@@ -306,12 +426,13 @@ int main(int argc, char** argv) try {
         sum_lbl[l] += model.aux(l).lbl;
         sum_z[l] += model.aux(l).zloss;
         const auto counts = model.moe(l).expert_counts();
-        for (std::int64_t e = 0; e < opt.experts; ++e) load[l][e] += counts(e);
+        for (std::int64_t e = 0; e < n_experts; ++e) load[l][e] += counts(e);
       }
       ++interval_micro;
     }
     sum_norm += moekit::train::clip_grad_norm(params, 1.0);
     optimizer.step(lr);
+    model.reset_balance();  // GlobalBatch: the buffer spans one optimizer step's micro-batches
     const double dt = seconds_since(t0);
     interval_train_s += dt;
     total_train_s += dt;
@@ -373,7 +494,7 @@ int main(int argc, char** argv) try {
   std::printf("\nexpert routing by domain (%% of the domain's slots per expert; domain of the window's latest token)\n");
   for (std::int64_t l = 0; l < mc.blocks; ++l) {
     std::printf("layer %lld  ", (long long)l);
-    for (std::int64_t e = 0; e < opt.experts; ++e) std::printf(" e%-3lld", (long long)e);
+    for (std::int64_t e = 0; e < n_experts; ++e) std::printf(" %-4s", expert_label(mc, e).c_str());
     std::printf("\n");
     for (int d = 0; d < domains::kNumDomains; ++d) {
       std::int64_t total = 0;
@@ -383,11 +504,60 @@ int main(int argc, char** argv) try {
       std::printf("\n");
     }
   }
-  std::printf("\ntraining %.1f s (%.0f tokens/s), total %.1f s\n", total_train_s,
-              double(opt.steps * opt.accum * opt.batch) / total_train_s, wall);
+
+  // Specialisation per layer, the share of slots that zero-computation experts took (they do no GEMM),
+  // and the expert GEMM FLOPs per held-out token against the same top-k with FFN experts only.
+  std::printf("\nspecialisation (top-expert share of each domain's slots; I(domain; expert) in bits, / H(domain))\n");
+  nlohmann::ordered_json spec_json = nlohmann::ordered_json::array();
+  double mean_top = 0, mean_mi = 0, mean_nmi = 0, zc_slots = 0, all_slots = 0;
+  std::array<double, domains::kNumDomains> zc_by_domain{}, slots_by_domain{};
+  for (std::int64_t l = 0; l < mc.blocks; ++l) {
+    const Specialisation sp = specialisation(ev.routed[l]);
+    std::printf("  layer %lld:", (long long)l);
+    for (int d = 0; d < domains::kNumDomains; ++d) std::printf(" %s %.2f", domains::domain_name(d), sp.top_share[d]);
+    std::printf(" | mean %.3f | MI %.3f bits (%.3f)\n", sp.mean_top_share, sp.mutual_information_bits, sp.normalised_mi);
+    spec_json.push_back({{"top_share", sp.top_share}, {"mean_top_share", sp.mean_top_share},
+                         {"mutual_information_bits", sp.mutual_information_bits}, {"normalised_mi", sp.normalised_mi}});
+    mean_top += sp.mean_top_share / double(mc.blocks);
+    mean_mi += sp.mutual_information_bits / double(mc.blocks);
+    mean_nmi += sp.normalised_mi / double(mc.blocks);
+    for (int d = 0; d < domains::kNumDomains; ++d)
+      for (std::int64_t e = 0; e < n_experts; ++e) {
+        const double c = double(ev.routed[l][d][e]);
+        slots_by_domain[d] += c;
+        if (e >= mc.experts) zc_by_domain[d] += c;
+      }
+  }
+  for (int d = 0; d < domains::kNumDomains; ++d) zc_slots += zc_by_domain[d], all_slots += slots_by_domain[d];
+  const double zc_share = all_slots > 0 ? zc_slots / all_slots : 0.0;
+  const double eval_tokens = double(heldout.tokens.size());
+  const double flops_per_token = ev.expert_gemm_flops / eval_tokens;
+  const double flops_ffn_only = double(mc.blocks * mc.top_k * 6 * mc.d_model * mc.d_expert);  // SwiGLU: 3 GEMMs of 2*d*f
+  std::printf("  mean over layers: top-expert share %.3f | MI %.3f bits (%.3f)\n", mean_top, mean_mi, mean_nmi);
+  std::printf("zero-computation experts: %.1f %% of slots", 100.0 * zc_share);
+  nlohmann::ordered_json zc_domain_json;
+  for (int d = 0; d < domains::kNumDomains; ++d) {
+    const double share = slots_by_domain[d] > 0 ? zc_by_domain[d] / slots_by_domain[d] : 0.0;
+    std::printf(" | %s %.1f %%", domains::domain_name(d), 100.0 * share);
+    zc_domain_json[domains::domain_name(d)] = share;
+  }
+  std::printf("\nexpert GEMM FLOPs per token (forward, all layers): %.0f = %.3f x the %.0f of top-%lld over FFN experts only\n",
+              flops_per_token, flops_per_token / flops_ffn_only, flops_ffn_only, (long long)mc.top_k);
+  const double tokens_per_s = double(opt.steps * opt.accum * opt.batch) / total_train_s;
+  std::printf("\ntraining %.1f s (%.0f tokens/s), total %.1f s\n", total_train_s, tokens_per_s, wall);
   const bool beat = ev.loss < baseline;
   emit({{"type", "final"}, {"heldout_loss", ev.loss}, {"unigram_baseline", baseline}, {"generator_nll", ev.oracle},
-        {"domains", per_domain}, {"routing", ev.routed}, {"train_seconds", total_train_s}, {"wall_seconds", wall},
+        {"domains", per_domain}, {"routing", ev.routed},
+        {"config", {{"balance", opt.global_balance ? "global" : "micro"}, {"granularity", opt.granularity},
+                    {"ffn_experts", mc.experts}, {"zero_experts", mc.zero_experts}, {"copy_experts", mc.copy_experts},
+                    {"constant_experts", mc.constant_experts}, {"top_k", mc.top_k}, {"d_expert", mc.d_expert},
+                    {"tau", mc.tau}, {"gating_residual", mc.gating_residual}, {"pack_by_domain", opt.pack_by_domain},
+                    {"steps", opt.steps}, {"batch", opt.batch}, {"accum", opt.accum}, {"seed", opt.seed},
+                    {"parameters", n_params}}},
+        {"specialisation", spec_json}, {"mean_top_share", mean_top}, {"mean_mutual_information_bits", mean_mi},
+        {"mean_normalised_mi", mean_nmi}, {"zc_slot_share", zc_share}, {"zc_slot_share_by_domain", zc_domain_json},
+        {"expert_gemm_flops_per_token", flops_per_token}, {"expert_gemm_flops_per_token_ffn_only", flops_ffn_only},
+        {"tokens_per_s", tokens_per_s}, {"train_seconds", total_train_s}, {"wall_seconds", wall},
         {"beats_baseline", beat}});
   if (!beat) {
     std::printf("FAIL: held-out loss is not below the unigram baseline\n");

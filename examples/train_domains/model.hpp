@@ -3,6 +3,7 @@
 //
 //   h_0     = sum_j E_j[token_{t-1-j}],  j = 0..W-1      one embedding table per window position
 //   h_{l+1} = h_l + MoE_l(RMSNorm_l(h_l))                 residual MoE blocks
+//             (with --gating-residual, MoE_l's router also reads MoE_{l-1}'s logits)
 //   logits  = LMHead(RMSNorm_f(h_L))
 //   loss    = cross-entropy(logits, token_t)
 //
@@ -10,9 +11,11 @@
 // window slot j of token id v reads row j * vocab + v.
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include <moekit/experts/granularity.hpp>
 #include <moekit/moe_layer.hpp>
 #include <moekit/nn/cross_entropy.hpp>
 #include <moekit/nn/embedding.hpp>
@@ -29,30 +32,125 @@ struct ModelConfig {
   std::int64_t blocks = 2;
   double lbl_coef = 0.01;
   double zloss_coef = 1e-3;
+  // MoE++ (arXiv 2410.07348): zero-computation experts after the `experts` FFN experts, tau for the
+  // heterogeneous balance loss, and the gating residual between consecutive MoE layers.
+  std::int64_t zero_experts = 0, copy_experts = 0, constant_experts = 0;
+  double tau = 1.0;
+  bool gating_residual = false;
+  bool global_balance = false;  // balance::GlobalBatch instead of balance::MicroBatch
+
+  // The config of each MoE layer (softmax top-k router, SwiGLU experts, dropless).
+  moekit::MoeConfig moe_config() const {
+    moekit::MoeConfig mc;
+    mc.d_model = d_model;
+    mc.d_expert = d_expert;
+    mc.num_ffn_experts = experts;
+    mc.num_zero_experts = zero_experts;
+    mc.num_copy_experts = copy_experts;
+    mc.num_constant_experts = constant_experts;
+    mc.top_k = top_k;
+    mc.tau = tau;
+    mc.gating_residual = gating_residual;
+    mc.lbl_coef = lbl_coef;
+    mc.zloss_coef = zloss_coef;
+    return mc;
+  }
+  std::int64_t total_experts() const { return experts + zero_experts + copy_experts + constant_experts; }
 };
+
+// One MoE layer behind a small virtual interface, so the model can hold whichever of the layer types
+// the run-time flags pick. Virtual calls happen a few times per layer per step: nothing next to GEMMs.
+template <class T>
+class MoeBlock {
+ public:
+  template <class U>
+  using Matrix = moekit::MatrixView<U>;
+  virtual ~MoeBlock() = default;
+  virtual const moekit::MoeConfig& config() const = 0;
+  virtual moekit::AuxLosses forward(Matrix<const T> x, Matrix<T> y, Matrix<const T> prev_logits) = 0;
+  virtual void backward(Matrix<const T> dy, Matrix<T> dx, double aux_scale, Matrix<const T> dlogits_next,
+                        Matrix<T> dprev_logits) = 0;
+  virtual Matrix<const T> logits() const = 0;
+  virtual Matrix<const T> probs() const = 0;
+  virtual Matrix<const std::int32_t> topk_indices() const = 0;
+  virtual moekit::VectorView<const std::int32_t> expert_counts() const = 0;
+  virtual const std::vector<std::int64_t>& routed_counts() const = 0;
+  virtual std::int64_t expert_gemm_flops() const = 0;
+  virtual std::int64_t ffn_rows() const = 0;
+  virtual void init_params(std::uint64_t seed) = 0;
+  virtual std::vector<moekit::Parameter<T>> parameters(const std::string& prefix) = 0;
+  virtual void zero_grad() = 0;
+  // GlobalBatch: empty the count buffer (after each optimizer step, and after evaluation forwards,
+  // which also add their counts). MicroBatch: nothing to do.
+  virtual void reset_balance() = 0;
+};
+
+template <class Layer>
+class MoeBlockOf final : public MoeBlock<typename Layer::value_type> {
+  using T = typename Layer::value_type;
+  template <class U>
+  using Matrix = moekit::MatrixView<U>;
+
+ public:
+  explicit MoeBlockOf(const moekit::MoeConfig& c) : layer_(c) {}
+  const moekit::MoeConfig& config() const override { return layer_.config(); }
+  moekit::AuxLosses forward(Matrix<const T> x, Matrix<T> y, Matrix<const T> prev) override { return layer_.forward(x, y, prev); }
+  void backward(Matrix<const T> dy, Matrix<T> dx, double aux_scale, Matrix<const T> dnext, Matrix<T> dprev) override {
+    layer_.backward(dy, dx, aux_scale, dnext, dprev);
+  }
+  Matrix<const T> logits() const override { return layer_.logits(); }
+  Matrix<const T> probs() const override { return layer_.probs(); }
+  Matrix<const std::int32_t> topk_indices() const override { return layer_.topk_indices(); }
+  moekit::VectorView<const std::int32_t> expert_counts() const override { return layer_.expert_counts(); }
+  const std::vector<std::int64_t>& routed_counts() const override { return layer_.routed_counts(); }
+  std::int64_t expert_gemm_flops() const override { return layer_.expert_gemm_flops(); }
+  std::int64_t ffn_rows() const override { return layer_.ffn_rows(); }
+  void init_params(std::uint64_t seed) override { layer_.init_params(seed); }
+  std::vector<moekit::Parameter<T>> parameters(const std::string& prefix) override { return layer_.parameters(prefix); }
+  void zero_grad() override { layer_.zero_grad(); }
+  void reset_balance() override {
+    if constexpr (requires { layer_.balance().reset(); }) layer_.balance().reset();
+  }
+
+ private:
+  Layer layer_;
+};
+
+// The trainer's model is always softmax top-k + SwiGLU, so it instantiates only the 8 layer types the
+// flags can reach (gating residual x zero-computation experts x balance scope) rather than
+// moekit::with_layer_type's full router x activation grid, which would compile 6x as many.
+template <class T>
+std::unique_ptr<MoeBlock<T>> make_moe_block(const moekit::MoeConfig& mc, bool global_balance) {
+  namespace mk = moekit;
+  using Plain = mk::router::TopK<mk::router::Softmax>;
+  using Ffn = mk::experts::Ffn<mk::act::SwiGLU>;
+  using Mixed = mk::experts::Set<Ffn, mk::experts::Zero, mk::experts::Copy, mk::experts::Constant>;
+  auto by_balance = [&]<class R, class E>(std::type_identity<R>, std::type_identity<E>) -> std::unique_ptr<MoeBlock<T>> {
+    if (global_balance) return std::make_unique<MoeBlockOf<mk::MoeLayer<mk::backend::Host<T>, R, E, mk::balance::GlobalBatch>>>(mc);
+    return std::make_unique<MoeBlockOf<mk::MoeLayer<mk::backend::Host<T>, R, E, mk::balance::MicroBatch>>>(mc);
+  };
+  auto by_experts = [&]<class R>(std::type_identity<R> r) {
+    if (mc.num_zc_experts() > 0) return by_balance(r, std::type_identity<Mixed>{});
+    return by_balance(r, std::type_identity<Ffn>{});
+  };
+  if (mc.gating_residual) return by_experts(std::type_identity<mk::router::GatingResidual<Plain>>{});
+  return by_experts(std::type_identity<Plain>{});
+}
 
 // T = float for training; the unit tests instantiate it in double for finite differences.
 template <class T = float>
 class Model {
  public:
-  using Moe = moekit::MoeLayer<moekit::backend::Host<T>, moekit::router::TopK<moekit::router::Softmax>,
-                               moekit::experts::Ffn<moekit::act::SwiGLU>>;
   template <class U>
   using Matrix = moekit::MatrixView<U>;
 
   Model(const ModelConfig& c, std::uint64_t seed)
       : cfg_(c), embed_(c.context * c.vocab, c.d_model), final_norm_(c.d_model), head_(c.d_model, c.vocab) {
-    moekit::MoeConfig mc;
-    mc.d_model = c.d_model;
-    mc.d_expert = c.d_expert;
-    mc.num_ffn_experts = c.experts;
-    mc.top_k = c.top_k;
-    mc.lbl_coef = c.lbl_coef;
-    mc.zloss_coef = c.zloss_coef;
+    const moekit::MoeConfig mc = c.moe_config();
     for (std::int64_t l = 0; l < c.blocks; ++l) {
       norms_.emplace_back(c.d_model);
-      moes_.emplace_back(mc);
-      moes_.back().init_params(seed + 100 + std::uint64_t(l));
+      moes_.push_back(make_moe_block<T>(mc, c.global_balance));
+      moes_.back()->init_params(seed + 100 + std::uint64_t(l));
     }
     // Each position's rows have variance 1/W, so h_0 (a sum of W of them) starts with unit RMS.
     embed_.init_params(seed + 1, std::sqrt(3.0 / double(c.context)));
@@ -60,7 +158,11 @@ class Model {
   }
 
   const ModelConfig& config() const { return cfg_; }
-  Moe& moe(std::int64_t l) { return moes_[l]; }
+  MoeBlock<T>& moe(std::int64_t l) { return *moes_[l]; }
+  // GlobalBatch: call after each optimizer step (and after evaluation) to empty the count buffers.
+  void reset_balance() {
+    for (auto& m : moes_) m->reset_balance();
+  }
 
   std::vector<moekit::Parameter<T>> parameters() {
     std::vector<moekit::Parameter<T>> ps;
@@ -69,7 +171,7 @@ class Model {
     for (std::int64_t l = 0; l < cfg_.blocks; ++l) {
       const std::string p = "blocks." + std::to_string(l) + ".";
       add(norms_[l].parameters(p + "norm."));
-      add(moes_[l].parameters(p + "moe."));
+      add(moes_[l]->parameters(p + "moe."));
     }
     add(final_norm_.parameters("norm."));
     add(head_.parameters("lm_head."));
@@ -78,7 +180,7 @@ class Model {
   void zero_grad() {
     embed_.zero_grad();
     for (auto& n : norms_) n.zero_grad();
-    for (auto& m : moes_) m.zero_grad();
+    for (auto& m : moes_) m->zero_grad();
     final_norm_.zero_grad();
     head_.zero_grad();
   }
@@ -94,7 +196,9 @@ class Model {
     embed_.forward(ids_, mat(h_[0]));
     for (std::int64_t l = 0; l < L; ++l) {
       norms_[l].forward(cmat(h_[l]), mat(xn_[l]));
-      aux_[l] = moes_[l].forward(cmat(xn_[l]), mat(mo_[l]));
+      // Gating residual: block l's router adds W_g * (block l-1's logits); the first block has none.
+      const bool residual = cfg_.gating_residual && l > 0;
+      aux_[l] = moes_[l]->forward(cmat(xn_[l]), mat(mo_[l]), residual ? moes_[l - 1]->logits() : Matrix<const T>{});
       T* next = h_[l + 1].data();
       const T* prev = h_[l].data();
       const T* out = mo_[l].data();
@@ -116,7 +220,11 @@ class Model {
     final_norm_.backward(cmat(h_[cfg_.blocks]), cmat(dhf_), mat(dh_));
     for (std::int64_t l = cfg_.blocks - 1; l >= 0; --l) {
       // h_{l+1} = h_l + MoE(norm(h_l)): dh_l = dh_{l+1} + norm'(MoE'(dh_{l+1})).
-      moes_[l].backward(cmat(dh_), mat(dxn_), aux_scale);
+      // dlog_[l]: d loss / d (block l's logits) through block l+1's gating residual, written by block
+      // l+1's backward (which runs first) and read by block l's.
+      const bool has_next = cfg_.gating_residual && l + 1 < cfg_.blocks, has_prev = cfg_.gating_residual && l > 0;
+      moes_[l]->backward(cmat(dh_), mat(dxn_), aux_scale, has_next ? lmat(dlog_[l]) : Matrix<const T>{},
+                         has_prev ? Matrix<T>(dlog_[l - 1].data(), {rows_, n_experts_}) : Matrix<T>{});
       norms_[l].backward(cmat(h_[l]), cmat(dxn_), mat(dtmp_));
       T* dh = dh_.data();
       const T* dt = dtmp_.data();
@@ -138,23 +246,26 @@ class Model {
     mo_.assign(L, std::vector<T>(n));
     aux_.assign(L, {});
     for (auto* b : {&hf_, &dhf_, &dh_, &dxn_, &dtmp_}) b->assign(n, T(0));
+    n_experts_ = cfg_.total_experts();
+    if (cfg_.gating_residual) dlog_.assign(L, std::vector<T>(rows * n_experts_, T(0)));
     logits_.assign(rows * cfg_.vocab, T(0));
     dlogits_.assign(rows * cfg_.vocab, T(0));
   }
   Matrix<T> mat(std::vector<T>& b) const { return {b.data(), {rows_, cfg_.d_model}}; }
   Matrix<const T> cmat(const std::vector<T>& b) const { return {b.data(), {rows_, cfg_.d_model}}; }
+  Matrix<const T> lmat(const std::vector<T>& b) const { return {b.data(), {rows_, n_experts_}}; }
 
   ModelConfig cfg_;
   moekit::nn::Embedding<T> embed_;
   std::vector<moekit::nn::RMSNorm<T>> norms_;
-  std::vector<Moe> moes_;
+  std::vector<std::unique_ptr<MoeBlock<T>>> moes_;
   moekit::nn::RMSNorm<T> final_norm_;
   moekit::nn::Linear<T> head_;
 
   // Activations of the last forward (rows_ tokens) and the backward's scratch.
-  std::int64_t rows_ = 0;
+  std::int64_t rows_ = 0, n_experts_ = 0;
   Matrix<const std::int32_t> ids_;
-  std::vector<std::vector<T>> h_, xn_, mo_;
+  std::vector<std::vector<T>> h_, xn_, mo_, dlog_;
   std::vector<moekit::AuxLosses> aux_;
   std::vector<T> hf_, logits_, dlogits_, dhf_, dh_, dxn_, dtmp_;
 };

@@ -1,6 +1,7 @@
 // The train_domains example's pieces under test: the whole model's gradient (embedding bag, two
 // residual MoE blocks with their aux losses, RMSNorms, LM head, cross-entropy) against central finite
-// differences in double; a short AdamW run that must learn; and the data generator's rules.
+// differences in double, plain and with MoE++ experts + gating residual; global- against micro-batch
+// balancing; a short AdamW run that must learn; and the data generator's rules.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -8,6 +9,7 @@
 #include <moekit/train/adamw.hpp>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../../examples/train_domains/domains.hpp"
@@ -29,14 +31,11 @@ ModelConfig tiny_config() {
   return c;
 }
 
-}  // namespace
-
-TEST_CASE("train_domains model: full gradient matches finite differences (double)") {
-  // L = CE + sum_l (lbl_coef * LBL_l + zloss_coef * z_l); h = 1e-6; tolerance as in test_nn.cpp:
-  // |analytic - fd| <= 1e-7 * max(1, |analytic|). Routing must not change under +-h (checked).
-  const ModelConfig c = tiny_config();
-  Model<double> model(c, 21);
-  const std::int64_t rows = 6;
+// L = CE + sum_l (lbl_coef * LBL_l + zloss_coef * z_l); h = 1e-6; tolerance as in test_nn.cpp:
+// |analytic - fd| <= 1e-7 * max(1, |analytic|). Routing must not change under +-h (checked).
+// Returns the number of elements checked and the slots routed to zero-computation experts.
+std::pair<std::int64_t, std::int64_t> check_model_gradient(const ModelConfig& c, std::uint64_t seed, std::int64_t rows) {
+  Model<double> model(c, seed);
   std::mt19937_64 g(3);
   std::vector<std::int32_t> ids(rows * c.context), targets(rows);
   for (std::int64_t r = 0; r < rows; ++r) {
@@ -60,6 +59,8 @@ TEST_CASE("train_domains model: full gradient matches finite differences (double
   model.zero_grad();
   model.forward(ids.data(), targets.data(), rows, 1.0);
   const auto base_routing = routing();
+  std::int64_t zc_slots = 0;
+  for (auto e : base_routing) zc_slots += e >= c.experts;
   model.backward(1.0);
   auto params = model.parameters();
   CHECK(params.front().name == "embed.weight");
@@ -84,7 +85,138 @@ TEST_CASE("train_domains model: full gradient matches finite differences (double
       ++checked;
     }
   }
-  CHECK(checked > 300);
+  return {checked, zc_slots};
+}
+
+}  // namespace
+
+TEST_CASE("train_domains model: full gradient matches finite differences (double)") {
+  CHECK(check_model_gradient(tiny_config(), 21, 6).first > 300);
+}
+
+TEST_CASE("train_domains model: gradient with gating residual and zero/copy/constant experts matches finite differences") {
+  // Every MoE++ piece in one model: the second block's router reads the first's logits (W_g gets a
+  // gradient, and the first block's router gets one through W_g), tau != 1 weighs the ZC experts in
+  // the LBL, and tokens reach zero, copy and constant experts.
+  ModelConfig c = tiny_config();
+  c.zero_experts = 1;
+  c.copy_experts = 1;
+  c.constant_experts = 1;
+  c.tau = 0.5;
+  c.gating_residual = true;
+  {
+    Model<double> probe(c, 5);
+    bool has_residual = false, has_constant = false;
+    for (auto& p : probe.parameters()) {
+      has_residual = has_residual || p.name == "blocks.1.moe.gate_residual.weight";
+      has_constant = has_constant || p.name == "blocks.0.moe.constant.0.v";
+    }
+    CHECK(has_residual);
+    CHECK(has_constant);
+  }
+  const auto [checked, zc_slots] = check_model_gradient(c, 5, 10);
+  CHECK(checked > 400);
+  CHECK(zc_slots > 0);  // the ZC experts' paths were exercised
+}
+
+namespace {
+
+std::vector<double> all_grads(Model<double>& m) {
+  std::vector<double> g;
+  for (auto& p : m.parameters()) g.insert(g.end(), p.grad, p.grad + p.numel());
+  return g;
+}
+std::vector<double> all_values(Model<double>& m) {
+  std::vector<double> v;
+  for (auto& p : m.parameters()) v.insert(v.end(), p.value, p.value + p.numel());
+  return v;
+}
+
+// A batch of `rows` random windows and targets.
+void random_batch(const ModelConfig& c, std::mt19937_64& g, std::int64_t rows, std::vector<std::int32_t>& ids,
+                  std::vector<std::int32_t>& targets) {
+  ids.resize(rows * c.context);
+  targets.resize(rows);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t j = 0; j < c.context; ++j) ids[r * c.context + j] = std::int32_t(j * c.vocab + std::int64_t(g() % c.vocab));
+    targets[r] = std::int32_t(g() % c.vocab);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("train_domains model: global- and micro-batch balancing agree with one micro-batch per step") {
+  // DESIGN §4: with one rank and one micro-batch both scopes compute the same f_i. Three AdamW steps
+  // with reset_balance() after each must give the same losses, gradients and weights.
+  ModelConfig c = tiny_config();
+  c.zero_experts = 1;
+  c.copy_experts = 1;
+  ModelConfig cg = c;
+  cg.global_balance = true;
+  Model<double> micro(c, 13), global(cg, 13);
+  auto pm = micro.parameters(), pg = global.parameters();
+  moekit::train::AdamW<double> om(pm, {}), og(pg, {});
+  std::mt19937_64 g(9);
+  std::vector<std::int32_t> ids, targets;
+  for (int step = 0; step < 3; ++step) {
+    random_batch(c, g, 12, ids, targets);
+    micro.zero_grad();
+    global.zero_grad();
+    CHECK(micro.forward(ids.data(), targets.data(), 12, 1.0) == global.forward(ids.data(), targets.data(), 12, 1.0));
+    for (std::int64_t l = 0; l < c.blocks; ++l) CHECK(micro.aux(l).lbl == doctest::Approx(global.aux(l).lbl).epsilon(1e-14));
+    micro.backward(1.0);
+    global.backward(1.0);
+    const auto gm = all_grads(micro), gg = all_grads(global);
+    REQUIRE(gm.size() == gg.size());
+    for (std::size_t i = 0; i < gm.size(); ++i) CHECK(gm[i] == doctest::Approx(gg[i]).epsilon(1e-13).scale(1e-13));
+    om.step(1e-2);
+    og.step(1e-2);
+    micro.reset_balance();
+    global.reset_balance();
+  }
+  const auto vm = all_values(micro), vg = all_values(global);
+  for (std::size_t i = 0; i < vm.size(); ++i) CHECK(vm[i] == doctest::Approx(vg[i]).epsilon(1e-12).scale(1e-12));
+}
+
+TEST_CASE("train_domains model: global-batch LBL takes f from the step's micro-batches, P from the current one") {
+  // Reference written here: LBL = N_E * sum_i eta_i * f_i * P_i with f_i = (counts over the micro-batches
+  // so far) / (k * their tokens), P_i = mean router probability over the current micro-batch.
+  ModelConfig c = tiny_config();
+  c.zero_experts = 1;
+  c.constant_experts = 1;
+  c.tau = 0.25;
+  c.global_balance = true;
+  Model<double> model(c, 17);
+  const std::int64_t n = c.total_experts();
+  std::mt19937_64 g(4);
+  std::vector<std::int32_t> ids, targets;
+  for (int step = 0; step < 2; ++step) {
+    std::vector<std::vector<double>> counts(c.blocks, std::vector<double>(n, 0.0));
+    std::int64_t tokens = 0;
+    for (int micro = 0; micro < 3; ++micro) {
+      const std::int64_t rows = 7 + micro;
+      random_batch(c, g, rows, ids, targets);
+      model.forward(ids.data(), targets.data(), rows, 0.5);
+      tokens += rows;
+      for (std::int64_t l = 0; l < c.blocks; ++l) {
+        const auto& routed = model.moe(l).routed_counts();
+        const auto probs = model.moe(l).probs();
+        double lbl = 0;
+        for (std::int64_t i = 0; i < n; ++i) {
+          counts[l][i] += double(routed[i]);
+          double p = 0;
+          for (std::int64_t t = 0; t < rows; ++t) p += probs(t, i);
+          const double eta = i < c.experts ? 1.0 : c.tau;
+          lbl += eta * counts[l][i] / double(c.top_k * tokens) * p / double(rows);
+        }
+        lbl *= double(n);
+        INFO("step " << step << ", micro-batch " << micro << ", layer " << l);
+        CHECK(model.aux(l).lbl == doctest::Approx(lbl).epsilon(1e-12));
+      }
+      model.backward(0.5);
+    }
+    model.reset_balance();  // next step starts from an empty buffer
+  }
 }
 
 TEST_CASE("train_domains model: gradients accumulate over micro-batches with grad_scale and aux_scale 1/2") {
