@@ -209,6 +209,7 @@ static Evaluation evaluate(Model<float>& model, const domains::Stream& s, std::i
   const ModelConfig& c = model.config();
   const std::int64_t n = std::min<std::int64_t>(limit, std::int64_t(s.tokens.size())), chunk = 2048;
   Evaluation ev;
+  model.set_training(false);  // evaluation forwards leave GlobalBatch buffers alone
   ev.routed.assign(c.blocks,
                    std::vector<std::vector<std::int64_t>>(domains::kNumDomains, std::vector<std::int64_t>(c.total_experts(), 0)));
   std::vector<std::int64_t> pos(chunk);
@@ -242,9 +243,7 @@ static Evaluation evaluate(Model<float>& model, const domains::Stream& s, std::i
       ev.domain_loss[d] /= double(ev.domain_tokens[d]);
       ev.domain_oracle[d] /= double(ev.domain_tokens[d]);
     }
-  // Forward passes add their counts to a GlobalBatch buffer too: empty it so training steps see only
-  // their own micro-batches.
-  model.reset_balance();
+  model.set_training(true);
   return ev;
 }
 

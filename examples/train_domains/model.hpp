@@ -80,9 +80,10 @@ class MoeBlock {
   virtual void init_params(std::uint64_t seed) = 0;
   virtual std::vector<moekit::Parameter<T>> parameters(const std::string& prefix) = 0;
   virtual void zero_grad() = 0;
-  // GlobalBatch: empty the count buffer (after each optimizer step, and after evaluation forwards,
-  // which also add their counts). MicroBatch: nothing to do.
+  // GlobalBatch: empty the count buffer after each optimizer step. MicroBatch: nothing to do.
   virtual void reset_balance() = 0;
+  // Evaluation forwards (false) do not add their counts to a GlobalBatch buffer.
+  virtual void set_training(bool on) = 0;
 };
 
 template <class Layer>
@@ -111,6 +112,7 @@ class MoeBlockOf final : public MoeBlock<typename Layer::value_type> {
   void reset_balance() override {
     if constexpr (requires { layer_.balance().reset(); }) layer_.balance().reset();
   }
+  void set_training(bool on) override { layer_.set_training(on); }
 
  private:
   Layer layer_;
@@ -159,9 +161,12 @@ class Model {
 
   const ModelConfig& config() const { return cfg_; }
   MoeBlock<T>& moe(std::int64_t l) { return *moes_[l]; }
-  // GlobalBatch: call after each optimizer step (and after evaluation) to empty the count buffers.
+  // GlobalBatch: call after each optimizer step to empty the count buffers.
   void reset_balance() {
     for (auto& m : moes_) m->reset_balance();
+  }
+  void set_training(bool on) {
+    for (auto& m : moes_) m->set_training(on);
   }
 
   std::vector<moekit::Parameter<T>> parameters() {

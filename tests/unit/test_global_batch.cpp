@@ -400,3 +400,27 @@ TEST_CASE_TEMPLATE("GlobalBatch gradients use the buffered f (fp64 finite differ
   while (layer.parameters()[gate].name != "gate.weight") ++gate;
   CHECK(rel_diff(gm.params[gate], analytic.params[gate]) > 1e-6);
 }
+
+TEST_CASE_TEMPLATE("GlobalBatch in evaluation mode leaves the buffer alone and uses local counts", P, Pair<false>,
+                   Pair<true>) {
+  const refpp::Cfg rc = ref_cfg(P::sigmoid);
+  std::mt19937_64 g(31);
+  const refpp::Weights w = refpp::random_weights(rc, g, true);
+  const Batch train = make_batch(rc, 8, g), heldout = make_batch(rc, 11, g);
+  typename P::Global glob(to_config(rc, 0.3));
+  typename P::Micro micro(to_config(rc, 0.3));
+  load(glob, rc, w);
+  load(micro, rc, w);
+  std::vector<double> y;
+  run_forward(glob, train, y);
+  const std::vector<std::int64_t> buffered = glob.balance().counts();
+  CHECK(glob.training());
+  glob.set_training(false);
+  const AuxLosses ae = run_forward(glob, heldout, y);
+  CHECK(glob.balance().counts() == buffered);  // the step's buffer is untouched
+  CHECK(glob.balance().tokens() == train.T);
+  CHECK(ae.lbl == doctest::Approx(run_forward(micro, heldout, y).lbl).epsilon(1e-12));  // f from its own counts
+  glob.set_training(true);
+  run_forward(glob, heldout, y);
+  CHECK(glob.balance().tokens() == train.T + heldout.T);  // training mode accumulates again
+}

@@ -75,6 +75,11 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   void zero_grad() { grads_.zero(); }
   // The balance-scope policy object (GlobalBatch keeps its count buffer here: reset() after each step).
   Balance& balance() { return balance_; }
+  // Training mode (the default) adds each forward's counts to a GlobalBatch buffer; evaluation mode
+  // does not (the aux losses then use this forward's own counts), so eval forwards leave the buffer
+  // of the current step untouched. MicroBatch layers behave the same in both modes.
+  void set_training(bool on) { training_ = on; }
+  bool training() const { return training_; }
 
   // torch.nn.Linear's default initialisation, deterministic for a seed.
   void init_params(std::uint64_t seed) {
@@ -378,14 +383,14 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
       z += lse_[t] * lse_[t];
     }
     // f_i from the scope's routed (pre-capacity) counts; P_i from this micro-batch.
-    if constexpr (Balance::global) {
-      balance_.accumulate(routed_, tokens_);
-      f_counts_ = balance_.counts();
-      f_tokens_ = balance_.tokens();
-    } else {
-      f_counts_ = routed_;
-      f_tokens_ = tokens_;
-    }
+    f_counts_ = routed_;
+    f_tokens_ = tokens_;
+    if constexpr (Balance::global)
+      if (training_) {
+        balance_.accumulate(routed_, tokens_);
+        f_counts_ = balance_.counts();
+        f_tokens_ = balance_.tokens();
+      }
     AuxLosses a;
     a.lbl = double(balance::load_balancing_loss<T>(f_counts_.data(), prob_sum_.data(), int(n), int(k), f_tokens_,
                                                    tokens_, eta_.data()));
@@ -518,7 +523,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   Balance balance_;
   std::vector<T> eta_;
   std::int64_t reserved_ = 0, tokens_ = 0, f_tokens_ = 0, gemm_flops_ = 0;
-  bool has_forward_ = false, has_prev_ = false;
+  bool has_forward_ = false, has_prev_ = false, training_ = true;
   AuxLosses aux_;
   std::vector<T> x_, prev_, logits_, prob_, dlogits_, gate_, dgate_, mix_, lse_, prob_sum_;
   std::vector<I32> idx_, slot_row_, row_slot_, kept_;
