@@ -6,8 +6,9 @@
     python tools/ref_layer.py compare --config cfg.json --input in.safetensors --output out.safetensors
 
 `compare` rebuilds the layer as an ordinary torch.nn.Module (Mixtral's parameter names, a loop over the
-experts), runs it in float64 on the same inputs, backpropagates
-L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss, and compares every tensor of out.safetensors.
+experts; MoE++'s zero, copy and constant experts and gating residual, arXiv 2410.07348), runs it in
+float64 on the same inputs, backpropagates L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss, and
+compares every tensor of out.safetensors.
 Needs `pip install torch safetensors`. Exit code: 0 all match, 1 some differ, 2 bad arguments or files.
 """
 import argparse
@@ -20,8 +21,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 REQUIRED = ("d_model", "d_expert", "num_ffn_experts", "top_k")
-DEFAULTS = {"router": "softmax", "renormalize": False, "activation": "swiglu", "capacity_factor": 0.0,
-            "lbl_coef": 0.0, "zloss_coef": 0.0, "backend": "host", "dtype": "fp32"}
+DEFAULTS = {"num_zero_experts": 0, "num_copy_experts": 0, "num_constant_experts": 0, "router": "softmax",
+            "gating_residual": False, "renormalize": False, "activation": "swiglu", "capacity_factor": 0.0,
+            "lbl_coef": 0.0, "zloss_coef": 0.0, "tau": 1.0, "backend": "host", "dtype": "fp32"}
+ZC_KINDS = ("num_zero_experts", "num_copy_experts", "num_constant_experts")  # after the FFN experts, in order
 
 
 class InputError(Exception):
@@ -44,9 +47,21 @@ def load_config(path):
         raise InputError(f"{path}: router must be softmax or sigmoid")
     if cfg["activation"] not in ("swiglu", "gelu", "relu"):
         raise InputError(f"{path}: activation must be swiglu, gelu or relu")
-    if not 1 <= cfg["top_k"] <= cfg["num_ffn_experts"]:
-        raise InputError(f"{path}: top_k must be in [1, num_ffn_experts]")
+    for key in ZC_KINDS:
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
+            raise InputError(f"{path}: {key} must be an integer >= 0")
+    if not isinstance(cfg["gating_residual"], bool):
+        raise InputError(f"{path}: gating_residual must be true or false")
+    if not isinstance(cfg["tau"], (int, float)) or not math.isfinite(cfg["tau"]) or cfg["tau"] <= 0:
+        raise InputError(f"{path}: tau must be a finite number > 0")
+    if not 1 <= cfg["top_k"] <= num_experts(cfg):
+        raise InputError(f"{path}: top_k must be in [1, number of experts = {num_experts(cfg)}]")
     return cfg
+
+
+def num_experts(cfg):
+    """N_E: every expert; logits, indices and counts are ordered FFN, zero, copy, constant."""
+    return cfg["num_ffn_experts"] + sum(cfg[k] for k in ZC_KINDS)
 
 
 class Expert(torch.nn.Module):
@@ -71,21 +86,49 @@ class Expert(torch.nn.Module):
         return self.w2(a)
 
 
+class ConstantExpert(torch.nn.Module):
+    """MoE++ constant expert: E(x) = a1 x + a2 v with [a1, a2] = softmax(Wc x); wc.weight [2, D], v [D]."""
+
+    def __init__(self, d_model):
+        super().__init__()
+        self.wc = torch.nn.Linear(d_model, 2, bias=False)
+        self.v = torch.nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, x):
+        a = torch.softmax(self.wc(x), dim=-1)
+        return a[:, :1] * x + a[:, 1:] * self.v
+
+
 class MoeLayer(torch.nn.Module):
     """The layer moekit-layer computes. Parameter names match Mixtral's MoE block:
-    gate.weight [N_E, D], experts.{i}.w1.weight [d_expert, D], .w2.weight [D, d_expert], .w3.weight."""
+    gate.weight [N_E, D], experts.{i}.w1.weight [d_expert, D], .w2.weight [D, d_expert], .w3.weight;
+    and MoE++'s: constant.{j}.wc.weight [2, D], constant.{j}.v [D], gate_residual.weight [N_E, N_E].
+    Zero and copy experts have no parameters."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        d, n = cfg["d_model"], cfg["num_ffn_experts"]
+        d, n = cfg["d_model"], num_experts(cfg)
         self.gate = torch.nn.Linear(d, n, bias=False)
-        self.experts = torch.nn.ModuleList(Expert(d, cfg["d_expert"], cfg["activation"]) for _ in range(n))
+        self.experts = torch.nn.ModuleList(Expert(d, cfg["d_expert"], cfg["activation"])
+                                           for _ in range(cfg["num_ffn_experts"]))
+        self.constant = torch.nn.ModuleList(ConstantExpert(d) for _ in range(cfg["num_constant_experts"]))
+        if cfg["gating_residual"]:  # logits = W x + W_g prev_logits
+            self.gate_residual = torch.nn.Linear(n, n, bias=False)
 
-    def forward(self, x):
+    def expert_kinds(self):
+        """(first index, kind) of each expert, in the order of the logits."""
+        cfg = self.cfg
+        kinds = ["ffn"] * cfg["num_ffn_experts"] + ["zero"] * cfg["num_zero_experts"] \
+            + ["copy"] * cfg["num_copy_experts"] + ["constant"] * cfg["num_constant_experts"]
+        return list(enumerate(kinds))
+
+    def forward(self, x, prev_logits=None):
         cfg, tokens = self.cfg, x.shape[0]
-        n, k = cfg["num_ffn_experts"], cfg["top_k"]
+        n, k, n_ffn = num_experts(cfg), cfg["top_k"], cfg["num_ffn_experts"]
         logits = self.gate(x)  # [T, N_E]
+        if cfg["gating_residual"]:
+            logits = logits + self.gate_residual(prev_logits)
         if cfg["router"] == "softmax":
             score = torch.softmax(logits, dim=-1)
             prob = score  # P of the balance loss
@@ -99,24 +142,40 @@ class MoeLayer(torch.nn.Module):
             gates = gates / gates.sum(dim=-1, keepdim=True)
         routed = torch.bincount(idx.flatten(), minlength=n)
 
-        # Capacity C = ceil(gamma k T / N_E): each expert keeps its C highest-scoring slots, earlier
-        # tokens first on ties; a dropped slot contributes 0 to y.
+        # Capacity: each expert keeps its C highest-scoring slots, earlier tokens first on ties; a
+        # dropped slot contributes 0 to y. C = ceil(gamma k T / N_E), or with N_ZC zero-computation
+        # experts MoE++'s C_FFN = ceil(gamma tau k T / (tau N_FFN + N_ZC)), C_ZC = ceil(gamma k T / (...)).
+        gamma, tau, n_zc = cfg["capacity_factor"], cfg["tau"], n - n_ffn
         keep = torch.ones_like(idx, dtype=torch.bool)
-        if cfg["capacity_factor"] > 0:
-            cap = math.ceil(cfg["capacity_factor"] * k * tokens / n)
+        if gamma > 0:
+            if n_zc == 0:
+                cap_ffn = cap_zc = math.ceil(gamma * k * tokens / n)
+            else:
+                cap_ffn = math.ceil(gamma * tau * k * tokens / (tau * n_ffn + n_zc))
+                cap_zc = math.ceil(gamma * k * tokens / (tau * n_ffn + n_zc))
             for e in range(n):
+                cap = cap_ffn if e < n_ffn else cap_zc
                 t, j = (idx == e).nonzero(as_tuple=True)  # in token order
                 order = torch.sort(score.detach()[t, e], descending=True, stable=True).indices
                 keep[t[order[cap:]], j[order[cap:]]] = False
 
         y = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
+        for e, kind in self.expert_kinds():
             t, j = ((idx == e) & keep).nonzero(as_tuple=True)
-            if t.numel():
-                y = y.index_add(0, t, gates[t, j].unsqueeze(-1) * expert(x[t]))
+            if not t.numel() or kind == "zero":  # zero expert: E(x) = 0
+                continue
+            if kind == "ffn":
+                out = self.experts[e](x[t])
+            elif kind == "copy":  # E(x) = x
+                out = x[t]
+            else:
+                out = self.constant[e - (n - cfg["num_constant_experts"])](x[t])
+            y = y.index_add(0, t, gates[t, j].unsqueeze(-1) * out)
 
+        # MoE++'s heterogeneous LBL: eta_i = 1 for FFN experts, tau for the others (Switch's when tau = 1).
         f = routed.to(x.dtype) / (k * tokens)  # fraction of slots per expert: no gradient
-        lbl = n * (f * prob.mean(dim=0)).sum()
+        eta = torch.tensor([1.0] * n_ffn + [tau] * n_zc, dtype=x.dtype)
+        lbl = n * (eta * f * prob.mean(dim=0)).sum()
         zloss = (torch.logsumexp(logits, dim=-1) ** 2).mean()
         return {"y": y, "logits": logits, "topk.indices": idx.to(torch.int32), "topk.gates": gates,
                 "expert.counts": torch.bincount(idx[keep], minlength=n).to(torch.int32),
@@ -146,11 +205,13 @@ def make_input(args):
     g = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
         for p in layer.parameters():
-            bound = 1.0 / math.sqrt(p.shape[1])
+            bound = 1.0 / math.sqrt(p.shape[-1])
             p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
     tensors = {name: p.detach().float().contiguous() for name, p in layer.state_dict().items()}
     tensors["x"] = torch.randn(args.tokens, cfg["d_model"], generator=g)
     tensors["dy"] = torch.randn(args.tokens, cfg["d_model"], generator=g)
+    if cfg["gating_residual"]:  # stands in for the previous MoE layer's logits
+        tensors["prev_logits"] = torch.randn(args.tokens, num_experts(cfg), generator=g)
     save_file(tensors, args.input)
     print(f"wrote {args.input}: {len(tensors)} tensors, {args.tokens} tokens")
     return 0
@@ -161,14 +222,18 @@ def compare(args):
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     inp, out = load_file(args.input), load_file(args.output)
     layer = MoeLayer(cfg).to(dtype)
-    params = {k: v.to(dtype) for k, v in inp.items() if k not in ("x", "dy")}
+    data = ("x", "dy", "prev_logits") if cfg["gating_residual"] else ("x", "dy")
+    params = {k: v.to(dtype) for k, v in inp.items() if k not in data}
     layer.load_state_dict(params, strict=True)  # names and shapes must match exactly
     x = inp["x"].to(dtype).requires_grad_(True)
-    r = layer(x)
+    prev = inp["prev_logits"].to(dtype).requires_grad_(True) if cfg["gating_residual"] else None
+    r = layer(x, prev)
     loss = (r["y"] * inp["dy"].to(dtype)).sum() + cfg["lbl_coef"] * r["aux.lbl"].sum() \
         + cfg["zloss_coef"] * r["aux.zloss"].sum()
     loss.backward()
     ref = dict(r, dx=x.grad)
+    if prev is not None:
+        ref["grad.prev_logits"] = prev.grad
     ref.update({"grad." + name: p.grad for name, p in layer.named_parameters()})
 
     ok = True

@@ -2,7 +2,8 @@
 // moekit-layer: runs one MoE layer forward and backward on tensors read from a safetensors file and
 // writes every result, so another framework's MoE block can be checked against moekit's
 // (docs/harness.md). run_harness() is the whole program; main.cpp only calls it, and the unit tests
-// call it in-process.
+// call it in-process. The layer is any MoeConfig the host backend runs: FFN experts plus MoE++'s zero,
+// copy and constant experts, softmax or sigmoid routing, with or without the gating residual.
 #include <algorithm>
 #include <cstdint>
 #include <fstream>
@@ -29,7 +30,8 @@ inline constexpr int kExitError = 2;  // every failure: arguments, config, input
 inline constexpr const char* kUsage =
     "usage: moekit-layer --config cfg.json --input in.safetensors --output out.safetensors\n"
     "Runs one moekit MoE layer (host backend, fp32) forward and backward and writes y, dx, the\n"
-    "parameter gradients, the router results and the aux losses. Exit code 0 on success, 2 on error.\n";
+    "parameter gradients (and grad.prev_logits with the gating residual), the router results and the\n"
+    "aux losses. Exit code 0 on success, 2 on error.\n";
 
 // Bad command-line arguments: reported with the usage text.
 class UsageError : public std::runtime_error {
@@ -78,9 +80,10 @@ inline Options parse_args(int argc, const char* const* argv) {
 // JSON type or unsupported backend/dtype is a ConfigError naming the key.
 inline moekit::MoeConfig parse_config(const nlohmann::json& j) {
   using moekit::ConfigError;
-  static const std::vector<std::string> known{"d_model",   "d_expert",        "num_ffn_experts", "top_k",
-                                              "router",    "renormalize",     "activation",      "capacity_factor",
-                                              "lbl_coef",  "zloss_coef",      "backend",         "dtype"};
+  static const std::vector<std::string> known{
+      "d_model",         "d_expert",    "num_ffn_experts", "num_zero_experts", "num_copy_experts", "num_constant_experts",
+      "top_k",           "router",      "gating_residual", "renormalize",      "activation",       "capacity_factor",
+      "lbl_coef",        "zloss_coef",  "tau",             "backend",          "dtype"};
   if (!j.is_object()) throw ConfigError("config", j.dump(), "must be a JSON object");
   for (const auto& [key, value] : j.items()) {
     if (std::find(known.begin(), known.end(), key) != known.end()) continue;
@@ -95,6 +98,9 @@ inline moekit::MoeConfig parse_config(const nlohmann::json& j) {
     if (v.is_number_unsigned() && v.get<std::uint64_t>() > std::uint64_t(std::numeric_limits<std::int64_t>::max()))
       throw ConfigError(key, v.dump(), "must fit in a signed 64-bit integer");
     return v.get<std::int64_t>();
+  };
+  auto optional_integer = [&](const char* key, std::int64_t fallback) {
+    return j.contains(key) ? integer(key) : fallback;
   };
   auto number = [&](const char* key, double fallback) {
     if (!j.contains(key)) return fallback;
@@ -115,13 +121,18 @@ inline moekit::MoeConfig parse_config(const nlohmann::json& j) {
   c.d_model = integer("d_model");
   c.d_expert = integer("d_expert");
   c.num_ffn_experts = integer("num_ffn_experts");
+  c.num_zero_experts = optional_integer("num_zero_experts", 0);
+  c.num_copy_experts = optional_integer("num_copy_experts", 0);
+  c.num_constant_experts = optional_integer("num_constant_experts", 0);
   c.top_k = integer("top_k");
   c.router = moekit::parse_router(string("router", "softmax"));
+  c.gating_residual = boolean("gating_residual", false);
   c.renormalize = boolean("renormalize", false);
   c.activation = moekit::parse_activation(string("activation", "swiglu"));
   c.capacity_factor = number("capacity_factor", 0.0);
   c.lbl_coef = number("lbl_coef", 0.0);
   c.zloss_coef = number("zloss_coef", 0.0);
+  c.tau = number("tau", 1.0);
   if (const auto b = string("backend", "host"); b != "host")
     throw ConfigError("backend", "\"" + b + "\"", "moekit-layer supports only \"host\"");
   if (const auto d = string("dtype", "fp32"); d != "fp32")
@@ -135,13 +146,18 @@ inline nlohmann::json config_json(const moekit::MoeConfig& c) {
   return {{"d_model", c.d_model},
           {"d_expert", c.d_expert},
           {"num_ffn_experts", c.num_ffn_experts},
+          {"num_zero_experts", c.num_zero_experts},
+          {"num_copy_experts", c.num_copy_experts},
+          {"num_constant_experts", c.num_constant_experts},
           {"top_k", c.top_k},
           {"router", moekit::to_string(c.router)},
+          {"gating_residual", c.gating_residual},
           {"renormalize", c.renormalize},
           {"activation", moekit::to_string(c.activation)},
           {"capacity_factor", c.capacity_factor},
           {"lbl_coef", c.lbl_coef},
           {"zloss_coef", c.zloss_coef},
+          {"tau", c.tau},
           {"backend", "host"},
           {"dtype", "fp32"}};
 }
@@ -164,16 +180,38 @@ inline moekit::MoeConfig read_config(const std::string& path) {
 
 using Shape = std::vector<std::int64_t>;
 
-// The parameters of a layer with this config, in Mixtral's names and torch Linear layout [out, in].
+// The parameters of a layer with this config, in Mixtral's (and MoE++'s) names and torch Linear layout
+// [out, in]; the same list as MoeLayer::parameters().
 inline std::vector<std::pair<std::string, Shape>> parameter_shapes(const moekit::MoeConfig& c) {
-  std::vector<std::pair<std::string, Shape>> p{{"gate.weight", {c.num_experts(), c.d_model}}};
+  const std::int64_t d = c.d_model, n = c.num_experts();
+  std::vector<std::pair<std::string, Shape>> p{{"gate.weight", {n, d}}};
   for (std::int64_t e = 0; e < c.num_ffn_experts; ++e) {
     const std::string pre = "experts." + std::to_string(e) + ".";
-    p.push_back({pre + "w1.weight", {c.d_expert, c.d_model}});
-    p.push_back({pre + "w2.weight", {c.d_model, c.d_expert}});
-    if (c.activation == moekit::Activation::kSwiGLU) p.push_back({pre + "w3.weight", {c.d_expert, c.d_model}});
+    p.push_back({pre + "w1.weight", {c.d_expert, d}});
+    p.push_back({pre + "w2.weight", {d, c.d_expert}});
+    if (c.activation == moekit::Activation::kSwiGLU) p.push_back({pre + "w3.weight", {c.d_expert, d}});
   }
+  for (std::int64_t j = 0; j < c.num_constant_experts; ++j) {
+    const std::string pre = "constant." + std::to_string(j) + ".";
+    p.push_back({pre + "wc.weight", {2, d}});
+    p.push_back({pre + "v", {d}});
+  }
+  if (c.gating_residual) p.push_back({"gate_residual.weight", {n, n}});
   return p;
+}
+
+// The input tensors of this config in words, for the message about a tensor that does not belong.
+inline std::string describe_inputs(const moekit::MoeConfig& c) {
+  auto range = [](const char* what, std::int64_t count) {
+    return count == 1 ? std::string(what) + "{0}" : std::string(what) + "{0.." + std::to_string(count - 1) + "}";
+  };
+  std::string s = std::string("x, dy") + (c.gating_residual ? ", prev_logits" : "") + ", gate.weight, " +
+                  range("experts.", c.num_ffn_experts) + ".w1/w2" +
+                  (c.activation == moekit::Activation::kSwiGLU ? "/w3" : "") + ".weight";
+  if (c.num_constant_experts > 0) s += ", " + range("constant.", c.num_constant_experts) + ".wc.weight/v";
+  if (c.gating_residual) s += ", gate_residual.weight";
+  return s + " for activation \"" + moekit::to_string(c.activation) + "\", " + std::to_string(c.num_constant_experts) +
+         " constant experts, gating_residual " + (c.gating_residual ? "true" : "false");
 }
 
 template <class T>
@@ -194,14 +232,16 @@ inline moekit::io::SafetensorsWriter run_layer(const moekit::MoeConfig& cfg, con
   if (tokens == 0) throw moekit::FormatError(in.source() + ": tensor 'x' has no tokens (shape [0, " + std::to_string(d) + "])");
   const std::vector<float> x = in.get_f32("x", {tokens, d});
   const std::vector<float> dy = in.get_f32("dy", {tokens, d});
+  const std::int64_t n = cfg.num_experts(), k = cfg.top_k;
+  // The previous MoE layer's router logits, which the gating residual adds W_g times to this layer's.
+  std::vector<float> prev_logits;
+  if (cfg.gating_residual) prev_logits = in.get_f32("prev_logits", {tokens, n});
   std::map<std::string, std::vector<float>> weights;
   for (const auto& [name, shape] : parameter_shapes(cfg)) weights[name] = in.get_f32(name, shape);
   for (const auto& name : in.names())
-    if (name != "x" && name != "dy" && !weights.count(name))
-      throw moekit::FormatError(in.source() + ": tensor '" + name + "' is not an input of this layer (inputs: x, dy, " +
-                                "gate.weight, experts.{0.." + std::to_string(cfg.num_ffn_experts - 1) + "}.w1/w2" +
-                                (cfg.activation == moekit::Activation::kSwiGLU ? "/w3" : "") + ".weight for activation \"" +
-                                moekit::to_string(cfg.activation) + "\")");
+    if (name != "x" && name != "dy" && !(cfg.gating_residual && name == "prev_logits") && !weights.count(name))
+      throw moekit::FormatError(in.source() + ": tensor '" + name + "' is not an input of this layer (inputs: " +
+                                describe_inputs(cfg) + ")");
 
   moekit::io::SafetensorsWriter out;
   moekit::with_layer_type<moekit::backend::Host<float>>(cfg, [&]<class Layer>(std::type_identity<Layer>) {
@@ -214,11 +254,13 @@ inline moekit::io::SafetensorsWriter run_layer(const moekit::MoeConfig& cfg, con
       std::copy(it->second.begin(), it->second.end(), p.value);
     }
     layer.zero_grad();
-    std::vector<float> y(x.size()), dx(x.size());
+    std::vector<float> y(x.size()), dx(x.size()), dprev(prev_logits.size());
+    // Views of nothing (data == nullptr) without the gating residual.
+    const moekit::MatrixView<const float> prev{prev_logits.empty() ? nullptr : prev_logits.data(), {tokens, n}};
+    const moekit::MatrixView<float> dprev_view{dprev.empty() ? nullptr : dprev.data(), {tokens, n}};
     const moekit::AuxLosses aux = layer.forward(moekit::MatrixView<const float>(x.data(), {tokens, d}),
-                                                moekit::MatrixView<float>(y.data(), {tokens, d}));
+                                                moekit::MatrixView<float>(y.data(), {tokens, d}), prev);
     // Router results are views into the layer: copy them before backward reuses any buffer.
-    const std::int64_t n = cfg.num_experts(), k = cfg.top_k;
     out.add_f32("logits", {tokens, n}, flat(layer.logits()));
     out.add_i32("topk.indices", {tokens, k}, flat(layer.topk_indices()));
     out.add_f32("topk.gates", {tokens, k}, flat(layer.topk_gates()));
@@ -227,9 +269,12 @@ inline moekit::io::SafetensorsWriter run_layer(const moekit::MoeConfig& cfg, con
     out.add_f32("aux.lbl", {1}, std::vector<float>{float(aux.lbl)});
     out.add_f32("aux.zloss", {1}, std::vector<float>{float(aux.zloss)});
     // L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss.
-    layer.backward(moekit::MatrixView<const float>(dy.data(), {tokens, d}), moekit::MatrixView<float>(dx.data(), {tokens, d}));
+    // This is the last MoE layer (no next layer's residual sends gradient back to its logits).
+    layer.backward(moekit::MatrixView<const float>(dy.data(), {tokens, d}), moekit::MatrixView<float>(dx.data(), {tokens, d}),
+                   1.0, {}, dprev_view);
     out.add_f32("y", {tokens, d}, y);
     out.add_f32("dx", {tokens, d}, dx);
+    if (cfg.gating_residual) out.add_f32("grad.prev_logits", {tokens, n}, dprev);
     for (const auto& p : params) out.add_f32("grad." + p.name, p.shape, std::span<const float>(p.grad, std::size_t(p.numel())));
     if (aux_out) *aux_out = aux;
   });
@@ -251,8 +296,9 @@ inline int run_harness(int argc, const char* const* argv, std::ostream& out = st
     moekit::AuxLosses aux;
     const moekit::io::SafetensorsWriter result = run_layer(cfg, in, &aux);
     result.write(opt.output);
-    out << "moekit-layer: " << in.info("x").shape[0] << " tokens, " << cfg.num_experts() << " experts, top-"
-        << cfg.top_k << "; lbl " << aux.lbl << ", zloss " << aux.zloss << "; wrote " << opt.output << "\n";
+    out << "moekit-layer: " << in.info("x").shape[0] << " tokens, " << cfg.num_experts() << " experts ("
+        << cfg.num_zc_experts() << " zero-computation), top-" << cfg.top_k << "; lbl " << aux.lbl << ", zloss "
+        << aux.zloss << "; wrote " << opt.output << "\n";
     return kExitOk;
   } catch (const UsageError& e) {
     err << "moekit-layer: error: " << e.what() << "\n" << kUsage;

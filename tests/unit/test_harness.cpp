@@ -1,6 +1,7 @@
 // The moekit-layer harness, run in-process: its outputs against an independent double-precision
 // reference written here (loops, no library code), its gradients against finite differences of that
-// reference, and exit code 2 with a useful message for every class of bad input.
+// reference, and exit code 2 with a useful message for every class of bad input. The reference covers
+// MoE++ (arXiv 2410.07348) too: zero, copy and constant experts, tau, its capacities, the gating residual.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -30,34 +31,46 @@ using Shapes = std::map<std::string, std::vector<std::int64_t>>;
 
 struct Case {
   const char* name = "softmax top-2 swiglu";
-  int T = 6, D = 8, F = 5, N = 4, K = 2;
+  int T = 6, D = 8, F = 5, N = 4, K = 2;  // N: FFN experts
+  int Z = 0, C = 0, Q = 0;                // MoE++ zero, copy and constant experts
   std::string router = "softmax", act = "swiglu";
-  bool renorm = false;
-  double capacity = 0.0, lbl = 0.01, z = 0.001;
+  bool renorm = false, residual = false;
+  double capacity = 0.0, lbl = 0.01, z = 0.001, tau = 1.0;
+  std::uint64_t seed = 7;
 
+  int NE() const { return N + Z + C + Q; }  // logits, indices and counts: FFN, zero, copy, constant
   nlohmann::json config() const {
-    return {{"d_model", D},        {"d_expert", F},       {"num_ffn_experts", N},   {"top_k", K},
-            {"router", router},    {"renormalize", renorm}, {"activation", act},    {"capacity_factor", capacity},
-            {"lbl_coef", lbl},     {"zloss_coef", z},     {"backend", "host"},      {"dtype", "fp32"}};
+    return {{"d_model", D},         {"d_expert", F},           {"num_ffn_experts", N},  {"num_zero_experts", Z},
+            {"num_copy_experts", C}, {"num_constant_experts", Q}, {"top_k", K},        {"router", router},
+            {"gating_residual", residual}, {"renormalize", renorm}, {"activation", act}, {"capacity_factor", capacity},
+            {"lbl_coef", lbl},      {"zloss_coef", z},         {"tau", tau},            {"backend", "host"},
+            {"dtype", "fp32"}};
   }
   std::vector<std::string> params() const {
     std::vector<std::string> p{"gate.weight"};
     for (int e = 0; e < N; ++e)
       for (const char* w : {"w1", "w2", "w3"})
         if (w[1] != '3' || act == "swiglu") p.push_back("experts." + std::to_string(e) + "." + w + ".weight");
+    for (int j = 0; j < Q; ++j)
+      for (const char* w : {"wc.weight", "v"}) p.push_back("constant." + std::to_string(j) + "." + w);
+    if (residual) p.push_back("gate_residual.weight");
     return p;
   }
   Shapes shapes() const {
     Shapes s{{"x", {T, D}}, {"dy", {T, D}}};
+    if (residual) s["prev_logits"] = {T, NE()};
     for (const auto& p : params()) {
-      if (p == "gate.weight") s[p] = {N, D};
+      if (p == "gate.weight") s[p] = {NE(), D};
+      else if (p == "gate_residual.weight") s[p] = {NE(), NE()};
+      else if (p.find("wc.weight") != std::string::npos) s[p] = {2, D};
+      else if (p.find(".v") != std::string::npos) s[p] = {D};
       else if (p.find("w2") != std::string::npos) s[p] = {D, F};
       else s[p] = {F, D};
     }
     return s;
   }
   // Uniform values rounded to float, so the harness and the reference see the same numbers.
-  Tensors inputs(std::uint64_t seed) const {
+  Tensors inputs() const {
     std::uint64_t st = seed * 0x9E3779B97F4A7C15ull + 1;
     auto uniform = [&](double bound) {
       st ^= st << 13, st ^= st >> 7, st ^= st << 17;
@@ -65,8 +78,10 @@ struct Case {
     };
     Tensors t;
     for (const auto& [name, shape] : shapes()) {
-      const double bound = name == "x" || name == "dy" ? 1.0 : 1.0 / std::sqrt(double(shape[1]));
-      for (std::int64_t i = 0; i < shape[0] * shape[1]; ++i) t[name].push_back(uniform(bound));
+      const bool data = name == "x" || name == "dy" || name == "prev_logits";
+      const double bound = data ? 1.0 : 1.0 / std::sqrt(double(shape.back()));
+      const auto numel = std::accumulate(shape.begin(), shape.end(), std::int64_t(1), std::multiplies<>());
+      for (std::int64_t i = 0; i < numel; ++i) t[name].push_back(uniform(bound));
     }
     return t;
   }
@@ -74,93 +89,113 @@ struct Case {
 
 struct Ref {
   std::vector<double> y, logits, gates;
-  std::vector<int> idx, counts;
+  std::vector<int> idx, counts, routed;
   double lbl = 0, zloss = 0, loss = 0, min_gap = 1e9;
 };
 
 // DESIGN §2-§4 written out directly for one token at a time, in double.
 Ref reference(const Case& c, const Tensors& t) {
-  const int T = c.T, D = c.D, F = c.F, N = c.N, K = c.K;
+  const int T = c.T, D = c.D, F = c.F, N = c.N, K = c.K, NE = c.NE(), NZC = c.Z + c.C + c.Q;
   const auto &x = t.at("x"), &dy = t.at("dy"), &wg = t.at("gate.weight");
   Ref r;
   r.y.assign(T * D, 0.0);
-  r.logits.assign(T * N, 0.0);
+  r.logits.assign(T * NE, 0.0);
   r.gates.assign(T * K, 0.0);
   r.idx.assign(T * K, 0);
-  std::vector<double> score(T * N), P(T * N);
-  std::vector<int> routed(N, 0);
+  r.routed.assign(NE, 0);
+  std::vector<double> score(T * NE), P(T * NE);
   for (int tk = 0; tk < T; ++tk) {
-    double* l = &r.logits[tk * N];
-    for (int i = 0; i < N; ++i)
+    double* l = &r.logits[tk * NE];
+    for (int i = 0; i < NE; ++i) {
       for (int d = 0; d < D; ++d) l[i] += wg[i * D + d] * x[tk * D + d];
-    const double m = *std::max_element(l, l + N);
+      if (c.residual)  // MoE++ gating residual: + W_g prev_logits
+        for (int j = 0; j < NE; ++j) l[i] += t.at("gate_residual.weight")[i * NE + j] * t.at("prev_logits")[tk * NE + j];
+    }
+    const double m = *std::max_element(l, l + NE);
     double sum = 0, ssum = 0;
-    for (int i = 0; i < N; ++i) sum += std::exp(l[i] - m);
+    for (int i = 0; i < NE; ++i) sum += std::exp(l[i] - m);
     const double lse = m + std::log(sum);
     r.zloss += lse * lse / T;
-    for (int i = 0; i < N; ++i) {
-      score[tk * N + i] = c.router == "softmax" ? std::exp(l[i] - lse) : 1.0 / (1.0 + std::exp(-l[i]));
-      ssum += score[tk * N + i];
+    for (int i = 0; i < NE; ++i) {
+      score[tk * NE + i] = c.router == "softmax" ? std::exp(l[i] - lse) : 1.0 / (1.0 + std::exp(-l[i]));
+      ssum += score[tk * NE + i];
     }
-    for (int i = 0; i < N; ++i) P[tk * N + i] = c.router == "softmax" ? score[tk * N + i] : score[tk * N + i] / ssum;
-    std::vector<int> order(N);
+    for (int i = 0; i < NE; ++i) P[tk * NE + i] = c.router == "softmax" ? score[tk * NE + i] : score[tk * NE + i] / ssum;
+    std::vector<int> order(NE);
     std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return score[tk * N + a] > score[tk * N + b]; });
-    if (K < N) r.min_gap = std::min(r.min_gap, score[tk * N + order[K - 1]] - score[tk * N + order[K]]);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return score[tk * NE + a] > score[tk * NE + b]; });
+    if (K < NE) r.min_gap = std::min(r.min_gap, score[tk * NE + order[K - 1]] - score[tk * NE + order[K]]);
     double picked = 0;
     for (int j = 0; j < K; ++j) {
       r.idx[tk * K + j] = order[j];
-      picked += (r.gates[tk * K + j] = score[tk * N + order[j]]);
-      ++routed[order[j]];
+      picked += (r.gates[tk * K + j] = score[tk * NE + order[j]]);
+      ++r.routed[order[j]];
     }
     if (c.router == "sigmoid" || c.renorm)
       for (int j = 0; j < K; ++j) r.gates[tk * K + j] /= picked;
   }
-  // Capacity: each expert keeps its C highest-scoring slots (earlier token first on ties).
+  // Capacity: each expert keeps its C highest-scoring slots (earlier token first on ties), with MoE++'s
+  // C_FFN and C_ZC when there are zero-computation experts.
   std::vector<bool> kept(T * K, true);
   if (c.capacity > 0) {
-    const int cap = int(std::ceil(c.capacity * K * T / N));
-    for (int e = 0; e < N; ++e) {
+    const double g = c.capacity, denom = c.tau * N + NZC;
+    const int cap_ffn = int(std::ceil(NZC == 0 ? g * K * T / NE : g * c.tau * K * T / denom));
+    const int cap_zc = int(std::ceil(NZC == 0 ? g * K * T / NE : g * K * T / denom));
+    for (int e = 0; e < NE; ++e) {
       std::vector<int> slots;
       for (int s = 0; s < T * K; ++s)
         if (r.idx[s] == e) slots.push_back(s);
       std::stable_sort(slots.begin(), slots.end(),
-                       [&](int a, int b) { return score[(a / K) * N + e] > score[(b / K) * N + e]; });
-      for (std::size_t q = std::size_t(cap); q < slots.size(); ++q) kept[slots[q]] = false;
+                       [&](int a, int b) { return score[(a / K) * NE + e] > score[(b / K) * NE + e]; });
+      for (std::size_t q = std::size_t(e < N ? cap_ffn : cap_zc); q < slots.size(); ++q) kept[slots[q]] = false;
     }
   }
-  r.counts.assign(N, 0);
+  r.counts.assign(NE, 0);
   for (int s = 0; s < T * K; ++s) {
     if (!kept[s]) continue;
     const int tk = s / K, e = r.idx[s];
+    const double* xt = &x[tk * D];
     ++r.counts[e];
-    const auto& w1 = t.at("experts." + std::to_string(e) + ".w1.weight");
-    const auto& w2 = t.at("experts." + std::to_string(e) + ".w2.weight");
-    std::vector<double> a(F);
-    for (int f = 0; f < F; ++f) {
-      double h1 = 0, h3 = 0;
-      for (int d = 0; d < D; ++d) h1 += w1[f * D + d] * x[tk * D + d];
-      if (c.act == "swiglu") {
-        const auto& w3 = t.at("experts." + std::to_string(e) + ".w3.weight");
-        for (int d = 0; d < D; ++d) h3 += w3[f * D + d] * x[tk * D + d];
-        a[f] = h1 / (1.0 + std::exp(-h1)) * h3;
-      } else if (c.act == "gelu") {
-        a[f] = 0.5 * h1 * (1.0 + std::erf(h1 / std::sqrt(2.0)));
-      } else {
-        a[f] = std::max(h1, 0.0);
+    std::vector<double> o(D, 0.0);  // E_e(x_t)
+    if (e < N) {
+      const auto& w1 = t.at("experts." + std::to_string(e) + ".w1.weight");
+      const auto& w2 = t.at("experts." + std::to_string(e) + ".w2.weight");
+      std::vector<double> a(F);
+      for (int f = 0; f < F; ++f) {
+        double h1 = 0, h3 = 0;
+        for (int d = 0; d < D; ++d) h1 += w1[f * D + d] * xt[d];
+        if (c.act == "swiglu") {
+          const auto& w3 = t.at("experts." + std::to_string(e) + ".w3.weight");
+          for (int d = 0; d < D; ++d) h3 += w3[f * D + d] * xt[d];
+          a[f] = h1 / (1.0 + std::exp(-h1)) * h3;
+        } else if (c.act == "gelu") {
+          a[f] = 0.5 * h1 * (1.0 + std::erf(h1 / std::sqrt(2.0)));
+        } else {
+          a[f] = std::max(h1, 0.0);
+        }
       }
+      for (int d = 0; d < D; ++d)
+        for (int f = 0; f < F; ++f) o[d] += w2[d * F + f] * a[f];
+    } else if (e < N + c.Z) {
+      // zero expert: E(x) = 0
+    } else if (e < N + c.Z + c.C) {
+      std::copy(xt, xt + D, o.begin());  // copy expert: E(x) = x
+    } else {  // constant expert: a1 x + a2 v, [a1, a2] = softmax(Wc x)
+      const std::string pre = "constant." + std::to_string(e - N - c.Z - c.C) + ".";
+      const auto &wc = t.at(pre + "wc.weight"), &v = t.at(pre + "v");
+      double z1 = 0, z2 = 0;
+      for (int d = 0; d < D; ++d) z1 += wc[d] * xt[d], z2 += wc[D + d] * xt[d];
+      const double a1 = 1.0 / (1.0 + std::exp(z2 - z1)), a2 = 1.0 - a1;
+      for (int d = 0; d < D; ++d) o[d] = a1 * xt[d] + a2 * v[d];
     }
-    for (int d = 0; d < D; ++d) {
-      double o = 0;
-      for (int f = 0; f < F; ++f) o += w2[d * F + f] * a[f];
-      r.y[tk * D + d] += r.gates[s] * o;
-    }
+    for (int d = 0; d < D; ++d) r.y[tk * D + d] += r.gates[s] * o[d];
   }
-  // Switch LBL with f from the routed (pre-capacity) counts, P the mean router probability.
-  for (int i = 0; i < N; ++i) {
+  // MoE++ LBL (Switch's when tau = 1): N_E sum eta_i f_i P_i, f from the routed (pre-capacity) counts,
+  // P the mean router probability, eta_i = 1 for FFN experts and tau for the others.
+  for (int i = 0; i < NE; ++i) {
     double p = 0;
-    for (int tk = 0; tk < T; ++tk) p += P[tk * N + i] / T;
-    r.lbl += N * (double(routed[i]) / (K * T)) * p;
+    for (int tk = 0; tk < T; ++tk) p += P[tk * NE + i] / T;
+    r.lbl += NE * (i < N ? 1.0 : c.tau) * (double(r.routed[i]) / (K * T)) * p;
   }
   for (int i = 0; i < T * D; ++i) r.loss += r.y[i] * dy[i];
   r.loss += c.lbl * r.lbl + c.z * r.zloss;
@@ -193,7 +228,7 @@ struct Harness {
     fs::create_directories(dir);
     cfg = dir / "cfg.json", in = dir / "in.safetensors", out = dir / "out.safetensors";
     write_config(c.config());
-    write_input(c.inputs(7), c.shapes());
+    write_input(c.inputs(), c.shapes());
   }
   ~Harness() {
     std::error_code ec;
@@ -238,18 +273,38 @@ std::vector<Case> cases() {
   Case d;
   d.name = "softmax top-3 swiglu with capacity 1.0";
   d.K = 3, d.capacity = 1.0, d.z = 0.01;
-  return {a, b, c, d};
+  // MoE++. C_FFN = ceil(1.25 * 0.5 * 2 * 10 / (0.5 * 3 + 4)) = 3, C_ZC = ceil(1.25 * 2 * 10 / 5.5) = 5 (the
+  // plain ceil(gamma k T / N_E) = 4 would keep 4 of expert 0's 4 slots; here FFN slots are dropped).
+  Case e;
+  e.name = "MoE++ softmax top-2 swiglu, 3 FFN + zero + copy + 2 constant, tau 0.5, capacity 1.25";
+  e.T = 10, e.N = 3, e.Z = 1, e.C = 1, e.Q = 2, e.tau = 0.5, e.capacity = 1.25, e.lbl = 0.1;
+  Case f;
+  f.name = "MoE++ sigmoid top-3 gelu with gating residual, 4 FFN + zero + 2 copy + constant, tau 1.5";
+  f.router = "sigmoid", f.act = "gelu", f.K = 3, f.Z = 1, f.C = 2, f.Q = 1, f.tau = 1.5, f.residual = true;
+  f.lbl = 0.05, f.z = 0.01, f.seed = 3;  // seed 3: every expert gets a slot
+  Case g;
+  g.name = "MoE++ softmax top-2 relu renormalised with gating residual, 2 FFN + zero + copy + constant, capacity 1.0";
+  g.act = "relu", g.renorm = true, g.T = 9, g.N = 2, g.Z = g.C = g.Q = 1, g.tau = 2.0, g.capacity = 1.0;
+  g.residual = true;  // C_FFN = ceil(2 * 18 / 7) = 6, C_ZC = ceil(18 / 7) = 3 (plain: 4): the zero expert drops
+  Case h;
+  h.name = "sigmoid top-2 swiglu with gating residual, FFN experts only";
+  h.router = "sigmoid", h.residual = true, h.z = 0.01;
+  return {a, b, c, d, e, f, g, h};
 }
 
 }  // namespace
 
 TEST_CASE("moekit-layer: outputs match an independent double reference") {
   for (const Case& c : cases()) {
-    CAPTURE(c.name);
+    const std::string name = c.name;
+    CAPTURE(name);
     const Harness h(c);
-    const Tensors in = c.inputs(7);
+    const Tensors in = c.inputs();
     const Ref ref = reference(c, in);
     REQUIRE(ref.min_gap > 1e-4);  // no near-ties in top-k, so the routing is unambiguous
+    // Every kind of expert the case has does work, so each one's forward and backward is checked.
+    for (const auto& [first, count] : {std::pair{0, c.N}, {c.N, c.Z}, {c.N + c.Z, c.C}, {c.N + c.Z + c.C, c.Q}})
+      if (count > 0) CHECK(std::accumulate(ref.counts.begin() + first, ref.counts.begin() + first + count, 0) > 0);
 
     const Run r = h.run();
     REQUIRE_MESSAGE(r.rc == 0, r.err);
@@ -257,12 +312,13 @@ TEST_CASE("moekit-layer: outputs match an independent double reference") {
     const auto f = moekit::io::read_safetensors(h.out);
     std::set<std::string> expected{"y", "dx", "logits", "topk.indices", "topk.gates", "expert.counts", "aux.lbl", "aux.zloss"};
     for (const auto& p : c.params()) expected.insert("grad." + p);
+    if (c.residual) expected.insert("grad.prev_logits");
     const auto names = f.names();
     CHECK(std::set<std::string>(names.begin(), names.end()) == expected);
     CHECK(f.metadata().at("format") == "moekit-layer");
     CHECK(nlohmann::json::parse(f.metadata().at("config")) == c.config());
 
-    const std::int64_t T = c.T, D = c.D, N = c.N, K = c.K;
+    const std::int64_t T = c.T, D = c.D, N = c.NE(), K = c.K;
     CHECK(rel_error(f.get_f32("y", {T, D}), ref.y) < 1e-5);
     CHECK(rel_error(f.get_f32("logits", {T, N}), ref.logits) < 1e-5);
     CHECK(rel_error(f.get_f32("topk.gates", {T, K}), ref.gates) < 1e-5);
@@ -277,6 +333,7 @@ TEST_CASE("moekit-layer: outputs match an independent double reference") {
     // Gradients of L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss by central differences of the
     // reference (f_i is piecewise constant, so this is also "f carries no gradient").
     std::vector<std::pair<std::string, std::string>> wrt{{"x", "dx"}};
+    if (c.residual) wrt.push_back({"prev_logits", "grad.prev_logits"});
     for (const auto& p : c.params()) wrt.push_back({p, "grad." + p});
     for (const auto& [name, grad_name] : wrt) {
       CAPTURE(grad_name);
@@ -300,30 +357,53 @@ TEST_CASE("moekit-layer: outputs match an independent double reference") {
   }
 }
 
+namespace {
+
+struct ErrorCase {
+  const char* what;
+  std::function<void(Harness&)> setup;
+  std::vector<std::string> message;
+  std::optional<std::vector<std::string>> args = std::nullopt;
+};
+// Setups that write the case's config or inputs after an edit.
+std::function<void(Harness&)> with_config(const Case& c, std::function<void(nlohmann::json&)> edit) {
+  return [c, edit](Harness& h) {
+    nlohmann::json j = c.config();
+    edit(j);
+    h.write_config(j);
+  };
+}
+std::function<void(Harness&)> with_tensors(const Case& c, std::function<void(Tensors&, Shapes&)> edit,
+                                           std::set<std::string> bf16 = {}) {
+  return [c, edit, bf16](Harness& h) {
+    Tensors t = c.inputs();
+    Shapes s = c.shapes();
+    edit(t, s);
+    h.write_input(t, s, bf16);
+  };
+}
+void check_errors(const Case& c, const std::vector<ErrorCase>& errors) {
+  for (const auto& e : errors) {
+    CAPTURE(e.what);
+    Harness h(c);
+    e.setup(h);
+    const Run r = h.run(e.args);
+    CHECK(r.rc == 2);
+    CHECK(r.err.rfind("moekit-layer: error: ", 0) == 0);
+    for (const auto& m : e.message) CHECK_MESSAGE(r.err.find(m) != std::string::npos, "expected '" << m << "' in: " << r.err);
+    CHECK_FALSE(fs::exists(h.out));
+  }
+}
+
+}  // namespace
+
 TEST_CASE("moekit-layer: every error exits 2 with a message and writes nothing") {
   const Case c;
-  struct ErrorCase {
-    const char* what;
-    std::function<void(Harness&)> setup;
-    std::vector<std::string> message;
-    std::optional<std::vector<std::string>> args = std::nullopt;
-  };
-  auto with_config = [&](std::function<void(nlohmann::json&)> edit) {
-    return [c, edit](Harness& h) {
-      nlohmann::json j = c.config();
-      edit(j);
-      h.write_config(j);
-    };
-  };
+  auto with_config = [&](std::function<void(nlohmann::json&)> edit) { return ::with_config(c, std::move(edit)); };
   auto with_tensors = [&](std::function<void(Tensors&, Shapes&)> edit, std::set<std::string> bf16 = {}) {
-    return [c, edit, bf16](Harness& h) {
-      Tensors t = c.inputs(7);
-      Shapes s = c.shapes();
-      edit(t, s);
-      h.write_input(t, s, bf16);
-    };
+    return ::with_tensors(c, std::move(edit), std::move(bf16));
   };
-  const std::vector<ErrorCase> errors{
+  check_errors(c, {
       {"missing tensor", with_tensors([](Tensors& t, Shapes&) { t.erase("experts.1.w2.weight"); }),
        {"in.safetensors", "no tensor named 'experts.1.w2.weight'"}},
       {"wrong shape", with_tensors([&](Tensors& t, Shapes& s) {
@@ -371,17 +451,72 @@ TEST_CASE("moekit-layer: every error exits 2 with a message and writes nothing")
        std::vector<std::string>{"--config={CFG}", "--input={IN}", "--input={IN}", "--output={DIR}/out.safetensors"}},
       {"output folder missing", [](Harness&) {}, {"cannot create a temporary file"},
        std::vector<std::string>{"--config={CFG}", "--input={IN}", "--output={DIR}/no/out.safetensors"}},
+      {"prev_logits without gating residual", with_tensors([&](Tensors& t, Shapes& s) {
+         t["prev_logits"].assign(std::size_t(c.T * c.N), 0.5);
+         s["prev_logits"] = {c.T, c.N};
+       }),
+       {"'prev_logits' is not an input", "gating_residual false"}},
+  });
+}
+
+TEST_CASE("moekit-layer: MoE++ config and input errors exit 2 with a message") {
+  Case m;  // 4 FFN + zero + copy + 2 constant experts (N_E = 8), gating residual
+  m.Z = 1, m.C = 1, m.Q = 2, m.residual = true, m.tau = 0.5;
+  auto with_config = [&](std::function<void(nlohmann::json&)> edit) { return ::with_config(m, std::move(edit)); };
+  auto with_tensors = [&](std::function<void(Tensors&, Shapes&)> edit) { return ::with_tensors(m, std::move(edit)); };
+  auto resize = [](const char* name, std::vector<std::int64_t> shape) {
+    return [name, shape](Tensors& t, Shapes& s) {
+      s[name] = shape;
+      t[name].resize(std::size_t(std::accumulate(shape.begin(), shape.end(), std::int64_t(1), std::multiplies<>())), 0.25);
+    };
   };
-  for (const auto& e : errors) {
-    CAPTURE(e.what);
-    Harness h;
-    e.setup(h);
-    const Run r = h.run(e.args);
-    CHECK(r.rc == 2);
-    CHECK(r.err.rfind("moekit-layer: error: ", 0) == 0);
-    for (const auto& m : e.message) CHECK_MESSAGE(r.err.find(m) != std::string::npos, "expected '" << m << "' in: " << r.err);
-    CHECK_FALSE(fs::exists(h.out));
+  {  // the valid base case runs
+    const Harness h(m);
+    const Run r = h.run();
+    REQUIRE_MESSAGE(r.rc == 0, r.err);
   }
+  check_errors(m, {
+      {"missing constant.1.v", with_tensors([](Tensors& t, Shapes&) { t.erase("constant.1.v"); }),
+       {"in.safetensors", "no tensor named 'constant.1.v'"}},
+      {"missing constant.0.wc.weight", with_tensors([](Tensors& t, Shapes&) { t.erase("constant.0.wc.weight"); }),
+       {"no tensor named 'constant.0.wc.weight'"}},
+      {"wrong constant wc shape", with_tensors(resize("constant.0.wc.weight", {3, 8})),
+       {"tensor 'constant.0.wc.weight'", "expected [2, 8], found [3, 8]"}},
+      {"constant v not a vector", with_tensors(resize("constant.1.v", {1, 8})),
+       {"tensor 'constant.1.v'", "expected [8], found [1, 8]"}},
+      {"gate.weight for the FFN experts only", with_tensors(resize("gate.weight", {4, 8})),
+       {"tensor 'gate.weight'", "expected [8, 8], found [4, 8]"}},
+      {"missing prev_logits", with_tensors([](Tensors& t, Shapes&) { t.erase("prev_logits"); }),
+       {"no tensor named 'prev_logits'"}},
+      {"wrong prev_logits shape", with_tensors(resize("prev_logits", {6, 7})),
+       {"tensor 'prev_logits'", "expected [6, 8], found [6, 7]"}},
+      {"missing gate_residual.weight", with_tensors([](Tensors& t, Shapes&) { t.erase("gate_residual.weight"); }),
+       {"no tensor named 'gate_residual.weight'"}},
+      {"wrong gate_residual shape", with_tensors(resize("gate_residual.weight", {8, 4})),
+       {"tensor 'gate_residual.weight'", "expected [8, 8], found [8, 4]"}},
+      {"one constant expert too many", with_tensors([](Tensors& t, Shapes& s) {
+         t["constant.2.v"] = t["constant.0.v"];
+         s["constant.2.v"] = s["constant.0.v"];
+       }),
+       {"'constant.2.v' is not an input", "constant.{0..1}.wc.weight/v"}},
+      {"non-finite prev_logits", with_tensors([](Tensors& t, Shapes&) { t["prev_logits"][10] = INFINITY; }),
+       {"router logits of token 1 are not finite"}},
+      {"negative num_copy_experts", with_config([](nlohmann::json& j) { j["num_copy_experts"] = -1; }),
+       {"cfg.json", "num_copy_experts = -1", "must be >= 0"}},
+      {"fractional num_zero_experts", with_config([](nlohmann::json& j) { j["num_zero_experts"] = 1.5; }),
+       {"num_zero_experts", "must be a JSON integer"}},
+      {"string num_constant_experts", with_config([](nlohmann::json& j) { j["num_constant_experts"] = "2"; }),
+       {"num_constant_experts", "must be a JSON integer"}},
+      {"tau = 0", with_config([](nlohmann::json& j) { j["tau"] = 0; }), {"tau = 0", "must be finite and > 0"}},
+      {"negative tau", with_config([](nlohmann::json& j) { j["tau"] = -0.5; }), {"tau = -0.5", "> 0"}},
+      {"string tau", with_config([](nlohmann::json& j) { j["tau"] = "1"; }), {"tau", "must be a JSON number"}},
+      {"number for gating_residual", with_config([](nlohmann::json& j) { j["gating_residual"] = 1; }),
+       {"gating_residual", "true or false"}},
+      {"top_k > all experts", with_config([](nlohmann::json& j) { j["top_k"] = 9; }),
+       {"top_k = 9", "number of experts = 8"}},
+      {"fewer constant experts in the config than in the file", with_config([](nlohmann::json& j) { j["num_constant_experts"] = 1; }),
+       {"tensor 'prev_logits'", "expected [6, 7], found [6, 8]"}},
+  });
 }
 
 TEST_CASE("moekit-layer: --help prints the usage and exits 0") {
