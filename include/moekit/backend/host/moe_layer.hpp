@@ -347,6 +347,13 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     return e - cfg_.num_ffn_experts - cfg_.num_zero_experts - cfg_.num_copy_experts;
   }
 
+  // Calls fn(slot, kind, constant index) for each kept zero-computation slot of token t.
+  template <class F>
+  void for_each_zc_slot(std::int64_t t, F&& fn) const {
+    for (std::int64_t s = t * cfg_.top_k; s < (t + 1) * cfg_.top_k; ++s)
+      if (slot_row_[s] == kZeroComputation) fn(s, zc_kind(idx_[s]), constant_index(idx_[s]));
+  }
+
   // Zero/copy/constant experts are finished here, on the token's own row: no GEMM, no travel.
   void zero_computation_forward(T* y) {
     const auto k = cfg_.top_k, d = cfg_.d_model;
@@ -354,15 +361,11 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     for (std::int64_t t = 0; t < tokens_; ++t) {
       const T* xt = &x_[t * d];
       T* yt = y + t * d;
-      for (std::int64_t j = 0; j < k; ++j) {
-        const std::int64_t s = t * k + j, e = idx_[s];
-        if (slot_row_[s] != kZeroComputation) continue;
+      for_each_zc_slot(t, [&](std::int64_t s, Zc kind, std::int64_t q) {
         const T g = gate_[s];
-        const Zc kind = zc_kind(e);
         if (kind == Zc::kCopy) {
           for (std::int64_t c = 0; c < d; ++c) yt[c] += g * xt[c];
         } else if (kind == Zc::kConstant) {
-          const std::int64_t q = constant_index(e);
           T a1, a2;
           experts::constant_mix(&params_.const_wc[q * 2 * d], xt, int(d), a1, a2);
           mix_[2 * s] = a1;
@@ -370,7 +373,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
           const T* v = &params_.const_v[q * d];
           for (std::int64_t c = 0; c < d; ++c) yt[c] += g * (a1 * xt[c] + a2 * v[c]);
         }
-      }
+      });
     }
   }
 
@@ -460,30 +463,25 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     gather_slots(dyp_.data(), dx, /*gate_weighted=*/false);
   }
 
-  // Copy and constant experts' input gradients (per token, in parallel), then the constant experts'
-  // weight gradients in token order (few and small; a fixed order keeps them deterministic).
+  // Copy and constant experts' input gradients and the constant experts' weight gradients, in token
+  // order: the work is small, and one fixed order keeps the weight gradients deterministic.
   void zero_computation_backward(const T* dy, T* dx) {
-    const auto k = cfg_.top_k, d = cfg_.d_model;
+    const auto d = cfg_.d_model;
     std::vector<T> de(d);
     for (std::int64_t t = 0; t < tokens_; ++t) {
       const T* dyt = dy + t * d;
-      const T* xt = &x_[t * d];
       T* dxt = dx + t * d;
-      for (std::int64_t j = 0; j < k; ++j) {
-        const std::int64_t s = t * k + j, e = idx_[s];
-        if (slot_row_[s] != kZeroComputation) continue;
+      for_each_zc_slot(t, [&](std::int64_t s, Zc kind, std::int64_t q) {
         const T g = gate_[s];
-        const Zc kind = zc_kind(e);
         if (kind == Zc::kCopy) {
           for (std::int64_t c = 0; c < d; ++c) dxt[c] += g * dyt[c];
         } else if (kind == Zc::kConstant) {
-          const std::int64_t q = constant_index(e);
           for (std::int64_t c = 0; c < d; ++c) de[c] = g * dyt[c];
-          experts::constant_backward(&params_.const_wc[q * 2 * d], xt, &params_.const_v[q * d], mix_[2 * s],
+          experts::constant_backward(&params_.const_wc[q * 2 * d], &x_[t * d], &params_.const_v[q * d], mix_[2 * s],
                                      mix_[2 * s + 1], de.data(), int(d), dxt, &grads_.const_v[q * d],
                                      &grads_.const_wc[q * 2 * d]);
         }
-      }
+      });
     }
   }
 
