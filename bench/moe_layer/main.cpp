@@ -1,0 +1,237 @@
+// bench_moe_layer: time an MoE layer's forward and forward+backward on the shapes of DESIGN §10 and
+// compare with the ceiling of one dense GEMM of equal FLOPs measured in the same run.
+//
+//   OMP_WAIT_POLICY=passive bench_moe_layer [--backend host] [--quick] [--reps N] [--json out.json]
+//
+// Host backend now (fp32, SwiGLU, softmax top-k); the CUDA backend will add its rows here.
+// FLOPs: forward 6·T·k·d·d_expert, forward+backward 18·T·k·d·d_expert (the router, 2·T·d·N_E and
+// x3 with backward, is reported separately and not in the ratio).
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <fstream>
+#include <moekit/moe_layer.hpp>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+using namespace moekit;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+struct Shape {
+  const char* name;
+  std::int64_t tokens, d, f, experts, k;
+};
+// DESIGN §10 host shapes, and a tiny one for the smoke test.
+const Shape kShapes[] = {{"cpu-mixtral-mini", 2048, 512, 1024, 8, 2}, {"cpu-fine", 4096, 256, 128, 64, 8}};
+const Shape kQuick[] = {{"quick", 256, 64, 128, 8, 2}};
+
+template <class F>
+double median_ms(F&& fn, int reps) {
+  fn();  // warm-up: first touch of buffers, BLAS thread start
+  std::vector<double> ms;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = Clock::now();
+    fn();
+    ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+// Routing: "uniform" = random router weights on random x; "skewed" = every token carries a constant
+// feature (x[:, 0] = 1) and the router weight of that feature is +bias for the first N_FFN/8 experts
+// (at least 1), so about half the slots land on 1/8 of the experts. The measured share is reported.
+void set_routing(std::vector<float>& router, std::vector<float>& x, const Shape& s, bool skewed) {
+  if (!skewed) return;
+  const std::int64_t hot = std::max<std::int64_t>(1, s.experts / 8);
+  for (std::int64_t t = 0; t < s.tokens; ++t) x[t * s.d] = 1.0f;
+  const float bias = 3.0f / float(s.k);  // tuned so about half the slots go to the hot experts
+  for (std::int64_t e = 0; e < hot; ++e) router[e * s.d] = bias;
+}
+
+struct Row {
+  std::string shape, routing, experts;
+  double tau = 1, gamma = 0, fwd_ms = 0, fb_ms = 0, ceiling_gflops = 0, hot_share = 0, zc_share = 0;
+  std::int64_t expert_flops = 0, ffn_rows = 0;
+  double flops_fwd = 0;
+};
+
+// One dense sgemm of the forward's FLOPs ([T·k, d] x [d, 3·d_expert]) on the same threads: the ceiling.
+double ceiling_gflops(const Shape& s, int reps) {
+  const std::int64_t m = s.tokens * s.k, n = 3 * s.f;
+  std::vector<float> a(m * s.d, 0.01f), b(s.d * n, 0.01f), c(m * n);
+  const double ms = median_ms([&] { backend::host::gemm<float>(false, false, m, n, s.d, 1.f, a.data(), b.data(), 0.f, c.data()); }, reps);
+  return 2.0 * double(m) * double(n) * double(s.d) / (ms * 1e6);
+}
+
+template <class Layer>
+Row run(const Shape& s, const MoeConfig& cfg, bool skewed, int reps, const char* experts_name) {
+  Layer layer(cfg);
+  layer.init_params(1);
+  // Two input sets, alternated, so a rep does not find the previous rep's x in cache.
+  std::vector<float> x[2], y(s.tokens * s.d), dx(s.tokens * s.d), dy(s.tokens * s.d);
+  SplitMix64 rng(7);
+  for (auto& v : x) {
+    v.resize(s.tokens * s.d);
+    for (auto& e : v) e = float(rng.uniform(-1, 1));
+    set_routing(layer.params().router, v, s, skewed);
+  }
+  for (auto& e : dy) e = float(rng.uniform(-1, 1));
+  int which = 0;
+  auto fwd = [&] {
+    layer.forward(MatrixView<const float>(x[which].data(), {s.tokens, s.d}), MatrixView<float>(y.data(), {s.tokens, s.d}));
+    which ^= 1;
+  };
+  Row r;
+  r.shape = s.name;
+  r.routing = skewed ? "skewed" : "uniform";
+  r.experts = experts_name;
+  r.tau = cfg.tau;
+  r.gamma = cfg.capacity_factor;
+  r.fwd_ms = median_ms(fwd, reps);
+  r.fb_ms = median_ms([&] {
+    fwd();
+    layer.backward(MatrixView<const float>(dy.data(), {s.tokens, s.d}), MatrixView<float>(dx.data(), {s.tokens, s.d}));
+  }, reps);
+  r.expert_flops = layer.expert_gemm_flops();
+  r.ffn_rows = layer.ffn_rows();
+  const auto& routed = layer.routed_counts();
+  std::int64_t hot = 0, zc = 0, all = 0;
+  for (std::int64_t e = 0; e < std::int64_t(routed.size()); ++e) {
+    all += routed[e];
+    if (e < std::max<std::int64_t>(1, s.experts / 8)) hot += routed[e];
+    if (e >= cfg.num_ffn_experts) zc += routed[e];
+  }
+  r.hot_share = double(hot) / double(std::max<std::int64_t>(all, 1));
+  r.zc_share = double(zc) / double(std::max<std::int64_t>(all, 1));
+  r.flops_fwd = 6.0 * double(s.tokens) * double(s.k) * double(s.d) * double(s.f);
+  return r;
+}
+
+MoeConfig base_config(const Shape& s) {
+  MoeConfig c;
+  c.d_model = s.d;
+  c.d_expert = s.f;
+  c.num_ffn_experts = s.experts;
+  c.top_k = s.k;
+  c.lbl_coef = 0.01;
+  return c;
+}
+
+std::string machine() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  int reps = 5;
+  std::string json_path, backend = "host";
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "bench_moe_layer: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--quick") quick = true;
+    else if (a == "--reps") reps = std::max(1, std::atoi(next().c_str()));
+    else if (a == "--json") json_path = next();
+    else if (a == "--backend") backend = next();
+    else {
+      std::fprintf(stderr, "usage: bench_moe_layer [--backend host] [--quick] [--reps N] [--json out.json]\n");
+      return 2;
+    }
+  }
+  if (backend != "host") {
+    std::fprintf(stderr, "bench_moe_layer: --backend %s is not available yet (only \"host\")\n", backend.c_str());
+    return 2;
+  }
+  if (quick) reps = 1;
+  const char* wait = std::getenv("OMP_WAIT_POLICY");
+  std::printf("bench_moe_layer: backend host fp32 SwiGLU | %d threads | OMP_WAIT_POLICY=%s | %s\n",
+              omp_get_max_threads(), wait ? wait : "(default)", machine().c_str());
+
+  using Vanilla = MoeLayer<backend::Host<float>, router::TopK<router::Softmax>, experts::Ffn<act::SwiGLU>>;
+  using MoePP = MoeLayer<backend::Host<float>, router::TopK<router::Softmax>,
+                         experts::Set<experts::Ffn<act::SwiGLU>, experts::Zero, experts::Copy, experts::Constant>>;
+  std::vector<Row> rows;
+  std::vector<double> ceilings;
+  const auto* begin = quick ? std::begin(kQuick) : std::begin(kShapes);
+  const auto* end = quick ? std::end(kQuick) : std::end(kShapes);
+  for (const Shape* s = begin; s != end; ++s) {
+    const double ceil = ceiling_gflops(*s, reps);
+    for (bool skewed : {false, true}) {
+      rows.push_back(run<Vanilla>(*s, base_config(*s), skewed, reps, "ffn"));
+      rows.back().ceiling_gflops = ceil;
+    }
+    if (s != begin) continue;  // MoE++ rows on the first shape only
+    // MoE++ (8 FFN + 1 zero + 1 copy + 2 constant) against the vanilla layer of the same FFN experts,
+    // both with capacity factor 1: tau shrinks C_FFN = ceil(gamma tau k T / (tau N_FFN + N_ZC)).
+    MoeConfig v = base_config(*s);
+    v.capacity_factor = 1.0;
+    rows.push_back(run<Vanilla>(*s, v, false, reps, "ffn"));
+    rows.back().ceiling_gflops = ceil;
+    for (double tau : {1.0, 0.75, 0.1}) {
+      MoeConfig c = v;
+      c.num_zero_experts = 1;
+      c.num_copy_experts = 1;
+      c.num_constant_experts = 2;
+      c.tau = tau;
+      rows.push_back(run<MoePP>(*s, c, false, reps, "ffn+1z+1c+2k"));
+      rows.back().ceiling_gflops = ceil;
+    }
+  }
+
+  std::printf("\n%-17s %-8s %-13s %5s %5s | %9s %8s %6s | %9s %8s %6s | %8s %6s %6s\n", "shape", "routing", "experts", "gamma",
+              "tau", "fwd ms", "GFLOP/s", "ratio", "f+b ms", "GFLOP/s", "ratio", "sgemm", "hot", "zc");
+  nlohmann::ordered_json out;
+  char date[32];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
+  out["date"] = date;
+  out["machine"] = machine();
+  out["threads"] = omp_get_max_threads();
+  out["omp_wait_policy"] = wait ? wait : "default";
+  std::string cmd;
+  for (int i = 0; i < argc; ++i) cmd += (i ? " " : "") + std::string(argv[i]);
+  out["command"] = cmd;
+  out["rows"] = nlohmann::json::array();
+  for (const Row& r : rows) {
+    const double gf = r.flops_fwd / (r.fwd_ms * 1e6), gfb = 3 * r.flops_fwd / (r.fb_ms * 1e6);
+    std::printf("%-17s %-8s %-13s %5.2f %5.2f | %9.2f %8.1f %6.2f | %9.2f %8.1f %6.2f | %8.1f %6.2f %6.2f\n", r.shape.c_str(),
+                r.routing.c_str(), r.experts.c_str(), r.gamma, r.tau, r.fwd_ms, gf, gf / r.ceiling_gflops, r.fb_ms, gfb,
+                gfb / r.ceiling_gflops, r.ceiling_gflops, r.hot_share, r.zc_share);
+    out["rows"].push_back({{"shape", r.shape}, {"routing", r.routing}, {"experts", r.experts}, {"capacity_factor", r.gamma},
+                           {"tau", r.tau}, {"fwd_ms", r.fwd_ms}, {"fwd_gflops_nominal", gf}, {"fwd_ratio", gf / r.ceiling_gflops},
+                           {"fwd_bwd_ms", r.fb_ms}, {"fwd_bwd_gflops_nominal", gfb}, {"fwd_bwd_ratio", gfb / r.ceiling_gflops},
+                           {"sgemm_ceiling_gflops", r.ceiling_gflops}, {"hot_expert_share", r.hot_share},
+                           {"zc_slot_share", r.zc_share}, {"expert_gemm_flops", r.expert_flops}, {"ffn_rows", r.ffn_rows}});
+  }
+  std::printf("\nGFLOP/s are nominal: 6·T·k·d·d_expert (forward) and 18·T·k·d·d_expert (forward+backward) over the time,\n"
+              "so rows with capacity drops or zero-computation experts show the saving as a higher rate.\n"
+              "hot: share of slots on the first N/8 experts; zc: share of slots on zero-computation experts.\n");
+  if (!json_path.empty()) {
+    std::ofstream f(json_path);
+    f << out.dump(2) << "\n";
+    if (!f) {
+      std::fprintf(stderr, "bench_moe_layer: cannot write %s\n", json_path.c_str());
+      return 2;
+    }
+  }
+  return 0;
+}
