@@ -1,0 +1,107 @@
+#pragma once
+// Fused router kernels (DESIGN §6): from fp32 logits [T, N_E] (the router GEMM, and the gating
+// residual's prev·W_g^T, are cuBLAS GEMMs before this) to softmax or sigmoid, top-k (ties to the
+// lower index), gates, probabilities for the LBL, the logsumexp for the z-loss and per-expert routed
+// counts, in one pass over the logits. The math is router/topk.hpp's, shared with the host backend,
+// so both backends compute the same function.
+//
+// Layers: route_tokens() validates and launches (returns cudaError_t); token_kernel is a thin
+// __global__ shim; RouteTokenOp / RouteTokenBackwardOp are the device functors.
+// One thread per token: N_E up to a few hundred fits in registers and L1; a warp-per-token variant
+// for large N_E is future work once a device can measure both.
+#include <cuda_runtime.h>
+
+#include "moekit/backend/cuda/status.cuh"
+#include "moekit/router/topk.hpp"
+
+namespace moekit::backend::cuda {
+
+struct RouteParams {
+  const float* logits = nullptr;  // [T, N_E]
+  int tokens = 0, experts = 0, top_k = 0;
+  bool renormalize = false;
+  float* prob = nullptr;   // [T, N_E] out: P of the balance loss
+  int* idx = nullptr;      // [T, k]   out
+  float* gate = nullptr;   // [T, k]   out
+  float* lse = nullptr;    // [T]      out
+  int* counts = nullptr;   // [N_E]    out: routed (pre-capacity) slots per expert
+};
+
+struct RouteBackwardParams {
+  const float* logits = nullptr;  // [T, N_E]
+  const float* prob = nullptr;    // [T, N_E] from forward
+  const int* idx = nullptr;       // [T, k]
+  const float* gate = nullptr;    // [T, k]
+  const float* dgate = nullptr;   // [T, k]
+  const float* dprob = nullptr;   // [N_E]: d(aux)/d(prob_ti), the same for every token
+  const float* lse = nullptr;     // [T]
+  float zscale = 0.f;             // zloss_coef * 2 / T (times aux_scale); d/d(lse_t) = zscale * lse_t
+  int tokens = 0, experts = 0, top_k = 0;
+  bool renormalize = false;
+  float* scratch = nullptr;  // [T, N_E] workspace
+  float* dlogits = nullptr;  // [T, N_E] out
+};
+
+template <class Score>
+struct RouteTokenOp {
+  __device__ void operator()(const RouteParams& p, int t) const {
+    const std::size_t n = std::size_t(p.experts), k = std::size_t(p.top_k);
+    int* idx = p.idx + t * k;
+    p.lse[t] = router::route_token(Score{}, p.logits + t * n, p.experts, p.top_k, p.renormalize, p.prob + t * n, idx,
+                                   p.gate + t * k);
+    // Integer atomics: exact and order-free, so counts are deterministic.
+    for (int j = 0; j < p.top_k; ++j) atomicAdd(&p.counts[idx[j]], 1);
+  }
+};
+
+template <class Score>
+struct RouteTokenBackwardOp {
+  __device__ void operator()(const RouteBackwardParams& p, int t) const {
+    const std::size_t n = std::size_t(p.experts), k = std::size_t(p.top_k);
+    router::route_token_backward(Score{}, p.logits + t * n, p.experts, p.top_k, p.renormalize, p.prob + t * n,
+                                 p.idx + t * k, p.gate + t * k, p.dgate + t * k, p.dprob, p.zscale * p.lse[t],
+                                 p.scratch + t * n, p.dlogits + t * n);
+  }
+};
+
+template <class Op, class Params>
+MOEKIT_KERNEL void token_kernel(Params p) {
+  const int t = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
+  if (t < p.tokens) Op{}(p, t);
+}
+
+inline bool valid_shape(int tokens, int experts, int top_k) {
+  return tokens >= 0 && experts > 0 && top_k >= 1 && top_k <= experts;
+}
+
+template <class Op, class Params>
+cudaError_t launch_per_token(const Params& p, cudaStream_t stream) {
+  if (p.tokens == 0) return cudaSuccess;
+  constexpr int kBlock = 128;
+  token_kernel<Op><<<(p.tokens + kBlock - 1) / kBlock, kBlock, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Forward: zeroes counts, then one pass over the logits. Score is router::Softmax or router::Sigmoid.
+template <class Score>
+cudaError_t route_tokens(const RouteParams& p, cudaStream_t stream) {
+  if (!valid_shape(p.tokens, p.experts, p.top_k) || !p.logits || !p.prob || !p.idx || !p.gate || !p.lse || !p.counts)
+    return cudaErrorInvalidValue;
+  MOEKIT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p.counts, 0, sizeof(int) * std::size_t(p.experts), stream));
+  return launch_per_token<RouteTokenOp<Score>>(p, stream);
+}
+
+// Workspace of the backward: scratch [T, N_E] floats.
+inline std::size_t route_tokens_backward_workspace(int tokens, int experts) {
+  return sizeof(float) * std::size_t(tokens) * std::size_t(experts);
+}
+
+template <class Score>
+cudaError_t route_tokens_backward(const RouteBackwardParams& p, cudaStream_t stream) {
+  if (!valid_shape(p.tokens, p.experts, p.top_k) || !p.logits || !p.prob || !p.idx || !p.gate || !p.dgate ||
+      !p.dprob || !p.lse || !p.scratch || !p.dlogits)
+    return cudaErrorInvalidValue;
+  return launch_per_token<RouteTokenBackwardOp<Score>>(p, stream);
+}
+
+}  // namespace moekit::backend::cuda
