@@ -1,0 +1,104 @@
+#pragma once
+// Fused expert activations (DESIGN §6) over expert rows [rows, d_expert]: a = act(h1[, h3]) and its
+// backward (dh1[, dh3] from da). Storage is float or __nv_bfloat16; the math is fp32 and is
+// experts/activation.hpp's, shared with the host backend.
+//
+// Layers: activation_forward / activation_backward validate and launch (return cudaError_t);
+// elementwise_kernel is a thin __global__ shim; ActForwardOp / ActBackwardOp are device functors.
+// h3 / dh3 are read / written only for gated activations (SwiGLU); they may be null otherwise.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <type_traits>
+
+#include "moekit/backend/cuda/status.cuh"
+#include "moekit/experts/activation.hpp"
+
+namespace moekit::backend::cuda {
+
+template <class T>
+__device__ __forceinline__ float load_f32(const T* p, std::size_t i) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(p[i]);
+  else return float(p[i]);
+}
+template <class T>
+__device__ __forceinline__ void store_f32(T* p, std::size_t i, float v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) p[i] = __float2bfloat16_rn(v);
+  else p[i] = v;
+}
+
+template <class Act>
+inline constexpr bool is_gated_v = std::is_same_v<Act, act::SwiGLU>;
+
+template <class T>
+struct ActParams {
+  const T* h1 = nullptr;  // [rows, d]
+  const T* h3 = nullptr;  // [rows, d], gated only
+  const T* da = nullptr;  // [rows, d], backward only
+  T* a = nullptr;         // [rows, d] out (forward)
+  T* dh1 = nullptr;       // [rows, d] out (backward)
+  T* dh3 = nullptr;       // [rows, d] out (backward, gated only)
+  std::size_t n = 0;      // rows * d
+};
+
+template <class Act>
+struct ActForwardOp {
+  template <class T>
+  __device__ void operator()(const ActParams<T>& p, std::size_t i) const {
+    const float h3 = is_gated_v<Act> ? load_f32(p.h3, i) : 0.f;
+    store_f32(p.a, i, act::apply(Act{}, load_f32(p.h1, i), h3));
+  }
+};
+
+template <class Act>
+struct ActBackwardOp {
+  template <class T>
+  __device__ void operator()(const ActParams<T>& p, std::size_t i) const {
+    const float h3 = is_gated_v<Act> ? load_f32(p.h3, i) : 0.f;
+    float g1 = 0.f, g3 = 0.f;
+    act::backward(Act{}, load_f32(p.h1, i), h3, load_f32(p.da, i), g1, g3);
+    store_f32(p.dh1, i, g1);
+    if constexpr (is_gated_v<Act>) store_f32(p.dh3, i, g3);
+  }
+};
+
+// Grid-stride loop: any n with a bounded grid.
+template <class Op, class T>
+MOEKIT_KERNEL void elementwise_kernel(ActParams<T> p) {
+  const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
+  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride) Op{}(p, i);
+}
+
+template <class Op, class T>
+cudaError_t launch_elementwise(const ActParams<T>& p, cudaStream_t stream) {
+  if (p.n == 0) return cudaSuccess;
+  constexpr int kBlock = 256;
+  const std::size_t want = (p.n + kBlock - 1) / kBlock;
+  const unsigned grid = unsigned(want < 65535 * 8 ? want : 65535 * 8);
+  elementwise_kernel<Op><<<grid, kBlock, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// a = act(h1, h3) over rows * d elements.
+template <class Act, class T>
+cudaError_t activation_forward(const T* h1, const T* h3, T* a, int rows, int d, cudaStream_t stream) {
+  if (rows < 0 || d < 0 || (rows && d && (!h1 || !a || (is_gated_v<Act> && !h3)))) return cudaErrorInvalidValue;
+  ActParams<T> p;
+  p.h1 = h1, p.h3 = h3, p.a = a, p.n = std::size_t(rows) * std::size_t(d);
+  return launch_elementwise<ActForwardOp<Act>>(p, stream);
+}
+
+// dh1 (and dh3 if gated) from da. Recomputes from h1/h3 (the activation output is not needed).
+template <class Act, class T>
+cudaError_t activation_backward(const T* h1, const T* h3, const T* da, T* dh1, T* dh3, int rows, int d,
+                                cudaStream_t stream) {
+  if (rows < 0 || d < 0 ||
+      (rows && d && (!h1 || !da || !dh1 || (is_gated_v<Act> && (!h3 || !dh3)))))
+    return cudaErrorInvalidValue;
+  ActParams<T> p;
+  p.h1 = h1, p.h3 = h3, p.da = da, p.dh1 = dh1, p.dh3 = dh3, p.n = std::size_t(rows) * std::size_t(d);
+  return launch_elementwise<ActBackwardOp<Act>>(p, stream);
+}
+
+}  // namespace moekit::backend::cuda

@@ -1,0 +1,121 @@
+// backend/cuda/activation.cuh against the host: act::apply / act::backward run on the host.
+// Outputs are poisoned (0xFF: NaN) before each launch so an unwritten element fails.
+// fp32 within 1e-5 relative (‖out − ref‖/‖ref‖), bf16 storage within 1e-2.
+#include <cuda_bf16.h>
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <moekit/backend/cuda/activation.cuh>
+#include <random>
+#include <type_traits>
+#include <vector>
+
+namespace mc = moekit::backend::cuda;
+
+namespace {
+
+template <class T>
+struct Buf {  // test-only RAII
+  T* p = nullptr;
+  std::size_t n = 0;
+  explicit Buf(std::size_t count) : n(count) { MOEKIT_CUDA_CHECK(cudaMalloc(&p, sizeof(T) * (n ? n : 1))); }
+  ~Buf() { cudaFree(p); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  void poison() { MOEKIT_CUDA_CHECK(cudaMemset(p, 0xFF, sizeof(T) * n)); }
+  void upload(const std::vector<T>& v) { MOEKIT_CUDA_CHECK(cudaMemcpy(p, v.data(), sizeof(T) * n, cudaMemcpyHostToDevice)); }
+  std::vector<T> download() const {
+    std::vector<T> v(n);
+    MOEKIT_CUDA_CHECK(cudaMemcpy(v.data(), p, sizeof(T) * n, cudaMemcpyDeviceToHost));
+    return v;
+  }
+};
+
+template <class T>
+float to_f(T v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
+  else return float(v);
+}
+template <class T>
+T from_f(float v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
+  else return v;
+}
+
+double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    const double d = double(got[i]) - double(ref[i]);
+    num += std::isfinite(got[i]) ? d * d : 1e30;
+    den += double(ref[i]) * double(ref[i]);
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
+}
+
+template <class Act, class T>
+void check_activation(int rows, int d, unsigned seed) {
+  CAPTURE(rows);
+  CAPTURE(d);
+  constexpr bool gated = mc::is_gated_v<Act>;
+  const double tol = std::is_same_v<T, float> ? 1e-5 : 1e-2;
+  const std::size_t n = std::size_t(rows) * std::size_t(d);
+  std::mt19937 g(seed);
+  std::normal_distribution<float> nd(0.f, 1.5f);
+  std::vector<T> h1(n), h3(n), da(n);
+  for (std::size_t i = 0; i < n; ++i) h1[i] = from_f<T>(nd(g)), h3[i] = from_f<T>(nd(g)), da[i] = from_f<T>(nd(g));
+
+  // Host reference in fp32 from the (rounded) stored inputs.
+  std::vector<float> a_ref(n), dh1_ref(n), dh3_ref(n, 0.f);
+  for (std::size_t i = 0; i < n; ++i) {
+    const float x1 = to_f(h1[i]), x3 = gated ? to_f(h3[i]) : 0.f;
+    a_ref[i] = moekit::act::apply(Act{}, x1, x3);
+    float g1 = 0.f, g3 = 0.f;
+    moekit::act::backward(Act{}, x1, x3, to_f(da[i]), g1, g3);
+    dh1_ref[i] = g1, dh3_ref[i] = g3;
+  }
+
+  Buf<T> dh1v(n), dh3v(n), dda(n), da_out(n), ddh1(n), ddh3(n);
+  dh1v.upload(h1), dh3v.upload(h3), dda.upload(da);
+  da_out.poison(), ddh1.poison(), ddh3.poison();
+  REQUIRE(mc::activation_forward<Act>(dh1v.p, gated ? dh3v.p : nullptr, da_out.p, rows, d, nullptr) == cudaSuccess);
+  REQUIRE(mc::activation_backward<Act>(dh1v.p, gated ? dh3v.p : nullptr, dda.p, ddh1.p, gated ? ddh3.p : nullptr, rows,
+                                       d, nullptr) == cudaSuccess);
+  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+
+  auto as_f = [](const std::vector<T>& v) {
+    std::vector<float> f(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) f[i] = to_f(v[i]);
+    return f;
+  };
+  if (n == 0) return;
+  CHECK(rel_err(as_f(da_out.download()), a_ref) <= tol);
+  CHECK(rel_err(as_f(ddh1.download()), dh1_ref) <= tol);
+  if (gated) CHECK(rel_err(as_f(ddh3.download()), dh3_ref) <= tol);
+}
+
+template <class T>
+void check_all_activations() {
+  for (int rows : {0, 1, 37, 1000})
+    for (int d : {1, 48, 129}) {
+      check_activation<moekit::act::SwiGLU, T>(rows, d, 11u + unsigned(rows * 7 + d));
+      check_activation<moekit::act::GeLU, T>(rows, d, 23u + unsigned(rows * 7 + d));
+      check_activation<moekit::act::ReLU, T>(rows, d, 31u + unsigned(rows * 7 + d));
+    }
+}
+
+}  // namespace
+
+TEST_CASE("cuda activation forward/backward matches the host functors (fp32 storage)") { check_all_activations<float>(); }
+
+TEST_CASE("cuda activation forward/backward matches the host functors (bf16 storage)") {
+  check_all_activations<__nv_bfloat16>();
+}
+
+TEST_CASE("cuda activation rejects a gated call without h3") {
+  float* dummy = nullptr;
+  MOEKIT_CUDA_CHECK(cudaMalloc(&dummy, sizeof(float) * 4));
+  CHECK(mc::activation_forward<moekit::act::SwiGLU>(dummy, static_cast<const float*>(nullptr), dummy, 2, 2, nullptr) ==
+        cudaErrorInvalidValue);
+  cudaFree(dummy);
+}
