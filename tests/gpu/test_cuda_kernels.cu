@@ -176,6 +176,18 @@ void check_permute(int T, int K, int E, int used_experts, unsigned seed) {
     for (int c = 0; c < d; ++c)
       xp_ref[std::size_t(r) * d + c] = x[std::size_t(slot_ref[std::size_t(r)] / K) * d + c];
   CHECK(dxp.download() == xp_ref);  // a copy: bit-exact
+
+  // Backward: dx[t] = Σ_j dxp[row_of_slot[t·k + j]], with the gathered xp standing in for dxp.
+  std::vector<float> dx_ref(x.size(), 0.f);
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < K; ++j)
+      for (int c = 0; c < d; ++c)
+        dx_ref[std::size_t(t) * d + c] += xp_ref[std::size_t(row_ref[std::size_t(t * K + j)]) * d + c];
+  Buf<float> ddx(x.size());
+  ddx.poison();
+  REQUIRE(mc::gather_rows_backward(dxp.p, drow.p, ddx.p, T, K, d, nullptr) == cudaSuccess);
+  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+  CHECK(rel_err(ddx.download(), dx_ref) <= 1e-6);
 }
 
 }  // namespace

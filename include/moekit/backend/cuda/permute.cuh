@@ -10,6 +10,7 @@
 //
 // Two-phase like CUB: call permute_slots with temp == nullptr to get temp_bytes, then again.
 #include <cub/device/device_radix_sort.cuh>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -112,6 +113,39 @@ cudaError_t gather_rows(const T* x, const int* slot_of_row, T* xp, int rows, int
   const std::size_t want = (n + kBlock - 1) / kBlock;
   gather_rows_kernel<<<unsigned(want < 65535 * 8 ? want : 65535 * 8), kBlock, 0, stream>>>(x, slot_of_row, xp, rows,
                                                                                           top_k, d);
+  return cudaGetLastError();
+}
+
+// Backward of gather_rows, by gather (no float atomics, deterministic):
+//   dx[t, :] = Σ_j dxp[row_of_slot[t·k + j], :], summed in slot order in fp32.
+template <class T>
+MOEKIT_KERNEL void gather_rows_backward_kernel(const T* dxp, const int* row_of_slot, T* dx, int tokens, int top_k,
+                                               int d) {
+  const std::size_t n = std::size_t(tokens) * std::size_t(d);
+  const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
+  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const std::size_t t = i / std::size_t(d), c = i % std::size_t(d);
+    float acc = 0.f;
+    for (int j = 0; j < top_k; ++j) {
+      const T v = dxp[std::size_t(row_of_slot[t * std::size_t(top_k) + std::size_t(j)]) * std::size_t(d) + c];
+      if constexpr (std::is_same_v<T, float>) acc += v;
+      else acc += __bfloat162float(v);
+    }
+    if constexpr (std::is_same_v<T, float>) dx[i] = acc;
+    else dx[i] = __float2bfloat16_rn(acc);
+  }
+}
+
+template <class T>
+cudaError_t gather_rows_backward(const T* dxp, const int* row_of_slot, T* dx, int tokens, int top_k, int d,
+                                 cudaStream_t stream) {
+  if (tokens < 0 || d < 0 || top_k < 1 || (tokens && d && (!dxp || !row_of_slot || !dx))) return cudaErrorInvalidValue;
+  const std::size_t n = std::size_t(tokens) * std::size_t(d);
+  if (n == 0) return cudaSuccess;
+  constexpr int kBlock = 256;
+  const std::size_t want = (n + kBlock - 1) / kBlock;
+  gather_rows_backward_kernel<<<unsigned(want < 65535 * 8 ? want : 65535 * 8), kBlock, 0, stream>>>(
+      dxp, row_of_slot, dx, tokens, top_k, d);
   return cudaGetLastError();
 }
 
