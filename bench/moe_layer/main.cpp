@@ -59,7 +59,7 @@ void set_routing(std::vector<float>& router, std::vector<float>& x, const Shape&
 struct Row {
   std::string shape, routing, experts;
   double tau = 1, gamma = 0, fwd_ms = 0, fb_ms = 0, ceiling_gflops = 0, hot_share = 0, zc_share = 0;
-  std::int64_t expert_flops = 0, ffn_rows = 0;
+  std::int64_t expert_flops = 0, ffn_rows = 0, router_flops_fwd = 0;
   double flops_fwd = 0;
 };
 
@@ -102,6 +102,9 @@ Row run(const Shape& s, const MoeConfig& cfg, bool skewed, int reps, const char*
   }, reps);
   r.expert_flops = layer.expert_gemm_flops();
   r.ffn_rows = layer.ffn_rows();
+  // Router logits GEMM, 2·T·d·N over all N experts (FFN and zero-computation); not in the GFLOP/s.
+  r.router_flops_fwd = 2 * s.tokens * s.d * (cfg.num_ffn_experts + cfg.num_zero_experts + cfg.num_copy_experts +
+                                             cfg.num_constant_experts);
   const auto& routed = layer.routed_counts();
   std::int64_t hot = 0, zc = 0, all = 0;
   for (std::int64_t e = 0; e < std::int64_t(routed.size()); ++e) {
@@ -205,7 +208,14 @@ int main(int argc, char** argv) {
   std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
   out["date"] = date;
   out["machine"] = machine();
+  out["cores"] = omp_get_num_procs();
   out["threads"] = omp_get_max_threads();
+  {
+    std::ifstream la("/proc/loadavg");
+    std::string l1, l5, l15;
+    la >> l1 >> l5 >> l15;
+    out["loadavg_at_end"] = l1 + " " + l5 + " " + l15;
+  }
   out["omp_wait_policy"] = wait ? wait : "default";
   std::string cmd;
   for (int i = 0; i < argc; ++i) cmd += (i ? " " : "") + std::string(argv[i]);
@@ -220,7 +230,8 @@ int main(int argc, char** argv) {
                            {"tau", r.tau}, {"fwd_ms", r.fwd_ms}, {"fwd_gflops_nominal", gf}, {"fwd_ratio", gf / r.ceiling_gflops},
                            {"fwd_bwd_ms", r.fb_ms}, {"fwd_bwd_gflops_nominal", gfb}, {"fwd_bwd_ratio", gfb / r.ceiling_gflops},
                            {"sgemm_ceiling_gflops", r.ceiling_gflops}, {"hot_expert_share", r.hot_share},
-                           {"zc_slot_share", r.zc_share}, {"expert_gemm_flops", r.expert_flops}, {"ffn_rows", r.ffn_rows}});
+                           {"zc_slot_share", r.zc_share}, {"expert_gemm_flops", r.expert_flops}, {"ffn_rows", r.ffn_rows},
+                           {"router_flops_fwd", r.router_flops_fwd}});
   }
   std::printf("\nGFLOP/s are nominal: 6·T·k·d·d_expert (forward) and 18·T·k·d·d_expert (forward+backward) over the time,\n"
               "so rows with capacity drops or zero-computation experts show the saving as a higher rate.\n"
