@@ -16,6 +16,7 @@
 #include "moekit/experts/activation.hpp"
 
 namespace moekit::backend::cuda {
+inline namespace MOEKIT_CUDA_ABI {
 
 template <class T>
 __device__ __forceinline__ float load_f32(const T* p, std::size_t i) {
@@ -101,4 +102,5 @@ cudaError_t activation_backward(const T* h1, const T* h3, const T* da, T* dh1, T
   return launch_elementwise<ActBackwardOp<Act>>(p, stream);
 }
 
+}  // inline namespace MOEKIT_CUDA_ABI
 }  // namespace moekit::backend::cuda

@@ -17,6 +17,7 @@
 #include "moekit/backend/cuda/status.cuh"
 
 namespace moekit::backend::cuda {
+inline namespace MOEKIT_CUDA_ABI {
 
 template <class T>
 MOEKIT_KERNEL void combine_kernel(const T* y, const float* gate, const int* row_of_slot, T* out, int tokens,
@@ -98,4 +99,5 @@ cudaError_t combine_backward(const T* dout, const T* y, const float* gate, const
   return cudaGetLastError();
 }
 
+}  // inline namespace MOEKIT_CUDA_ABI
 }  // namespace moekit::backend::cuda

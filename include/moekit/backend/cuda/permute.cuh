@@ -19,6 +19,7 @@
 #include "moekit/backend/cuda/status.cuh"
 
 namespace moekit::backend::cuda {
+inline namespace MOEKIT_CUDA_ABI {
 
 struct PermuteParams {
   const int* idx = nullptr;  // [T, k]: expert of each slot (from route_tokens)
@@ -149,4 +150,5 @@ cudaError_t gather_rows_backward(const T* dxp, const int* row_of_slot, T* dx, in
   return cudaGetLastError();
 }
 
+}  // inline namespace MOEKIT_CUDA_ABI
 }  // namespace moekit::backend::cuda

@@ -15,6 +15,7 @@
 #include "moekit/router/topk.hpp"
 
 namespace moekit::backend::cuda {
+inline namespace MOEKIT_CUDA_ABI {
 
 struct RouteParams {
   const float* logits = nullptr;  // [T, N_E]
@@ -104,4 +105,5 @@ cudaError_t route_tokens_backward(const RouteBackwardParams& p, cudaStream_t str
   return launch_per_token<RouteTokenBackwardOp<Score>>(p, stream);
 }
 
+}  // inline namespace MOEKIT_CUDA_ABI
 }  // namespace moekit::backend::cuda
