@@ -11,26 +11,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "device_buffer.cuh"
+
 namespace mc = moekit::backend::cuda;
 
 namespace {
 
-template <class T>
-struct Buf {  // test-only RAII
-  T* p = nullptr;
-  std::size_t n = 0;
-  explicit Buf(std::size_t count) : n(count) { MOEKIT_CUDA_CHECK(cudaMalloc(&p, sizeof(T) * (n ? n : 1))); }
-  ~Buf() { cudaFree(p); }
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-  void poison() { MOEKIT_CUDA_CHECK(cudaMemset(p, 0xFF, sizeof(T) * n)); }
-  void upload(const std::vector<T>& v) { MOEKIT_CUDA_CHECK(cudaMemcpy(p, v.data(), sizeof(T) * n, cudaMemcpyHostToDevice)); }
-  std::vector<T> download() const {
-    std::vector<T> v(n);
-    MOEKIT_CUDA_CHECK(cudaMemcpy(v.data(), p, sizeof(T) * n, cudaMemcpyDeviceToHost));
-    return v;
-  }
-};
 
 template <class T>
 float to_f(T v) {
@@ -75,7 +61,7 @@ void check_activation(int rows, int d, unsigned seed) {
     dh1_ref[i] = g1, dh3_ref[i] = g3;
   }
 
-  Buf<T> dh1v(n), dh3v(n), dda(n), da_out(n), ddh1(n), ddh3(n);
+  DeviceBuffer<T> dh1v(n), dh3v(n), dda(n), da_out(n), ddh1(n), ddh3(n);
   dh1v.upload(h1), dh3v.upload(h3), dda.upload(da);
   da_out.poison(), ddh1.poison(), ddh3.poison();
   REQUIRE(mc::activation_forward<Act>(dh1v.p, gated ? dh3v.p : nullptr, da_out.p, rows, d, nullptr) == cudaSuccess);
@@ -154,8 +140,8 @@ void check_permute(int T, int K, int E, int used_experts, unsigned seed) {
   for (auto& v : x) v = float(g() % 1000) * 0.5f;
 
   const std::size_t Sz = static_cast<std::size_t>(S);
-  Buf<int> didx(Sz), dslot(Sz), drow(Sz), doff(static_cast<std::size_t>(E) + 1);
-  Buf<float> dx(x.size()), dxp(Sz * d);
+  DeviceBuffer<int> didx(Sz), dslot(Sz), drow(Sz), doff(static_cast<std::size_t>(E) + 1);
+  DeviceBuffer<float> dx(x.size()), dxp(Sz * d);
   didx.upload(idx), dx.upload(x);
   dslot.poison(), drow.poison(), doff.poison(), dxp.poison();
   mc::PermuteParams p;
@@ -163,7 +149,7 @@ void check_permute(int T, int K, int E, int used_experts, unsigned seed) {
   p.slot_of_row = dslot.p, p.row_of_slot = drow.p, p.offsets = doff.p;
   std::size_t bytes = 0;
   REQUIRE(mc::permute_slots(nullptr, bytes, p, nullptr) == cudaSuccess);
-  Buf<char> temp(bytes);
+  DeviceBuffer<char> temp(bytes);
   REQUIRE(mc::permute_slots(temp.p, bytes, p, nullptr) == cudaSuccess);
   REQUIRE(mc::gather_rows(dx.p, dslot.p, dxp.p, S, K, d, nullptr) == cudaSuccess);
   MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
@@ -183,7 +169,7 @@ void check_permute(int T, int K, int E, int used_experts, unsigned seed) {
     for (int j = 0; j < K; ++j)
       for (int c = 0; c < d; ++c)
         dx_ref[std::size_t(t) * d + c] += xp_ref[std::size_t(row_ref[std::size_t(t * K + j)]) * d + c];
-  Buf<float> ddx(x.size());
+  DeviceBuffer<float> ddx(x.size());
   ddx.poison();
   REQUIRE(mc::gather_rows_backward(dxp.p, drow.p, ddx.p, T, K, d, nullptr) == cudaSuccess);
   MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
@@ -245,9 +231,9 @@ void check_combine(int T_, int K, int E, int d, unsigned seed) {
     for (int c = 0; c < d; ++c) dy_ref[std::size_t(r) * d + c] = gate[std::size_t(s)] * to_f(dout[std::size_t(s / K) * d + c]);
   }
 
-  Buf<T> dyv(y.size()), ddout(dout.size()), dout_out(Tz * d), ddy(Sz * d);
-  Buf<float> dgatev(Sz), ddgate(Sz);
-  Buf<int> dsor(Sz), dros(Sz);
+  DeviceBuffer<T> dyv(y.size()), ddout(dout.size()), dout_out(Tz * d), ddy(Sz * d);
+  DeviceBuffer<float> dgatev(Sz), ddgate(Sz);
+  DeviceBuffer<int> dsor(Sz), dros(Sz);
   dyv.upload(y), ddout.upload(dout), dgatev.upload(gate), dsor.upload(slot_of_row), dros.upload(row_of_slot);
   dout_out.poison(), ddy.poison(), ddgate.poison();
   REQUIRE(mc::combine(dyv.p, dgatev.p, dros.p, dout_out.p, T_, K, d, nullptr) == cudaSuccess);

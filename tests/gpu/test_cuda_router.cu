@@ -9,24 +9,12 @@
 #include <random>
 #include <vector>
 
+#include "device_buffer.cuh"
+
 namespace mc = moekit::backend::cuda;
 
 namespace {
 
-template <class T>
-struct DeviceBuffer {  // test-only RAII
-  T* p = nullptr;
-  std::size_t n = 0;
-  explicit DeviceBuffer(std::size_t count) : n(count) { MOEKIT_CUDA_CHECK(cudaMalloc(&p, sizeof(T) * (n ? n : 1))); }
-  ~DeviceBuffer() { cudaFree(p); }
-  void poison() { MOEKIT_CUDA_CHECK(cudaMemset(p, 0xFF, sizeof(T) * n)); }  // NaN for floats, -1 for ints
-  void upload(const std::vector<T>& v) { MOEKIT_CUDA_CHECK(cudaMemcpy(p, v.data(), sizeof(T) * n, cudaMemcpyHostToDevice)); }
-  std::vector<T> download() const {
-    std::vector<T> v(n);
-    MOEKIT_CUDA_CHECK(cudaMemcpy(v.data(), p, sizeof(T) * n, cudaMemcpyDeviceToHost));
-    return v;
-  }
-};
 
 double rel(const std::vector<float>& got, const std::vector<float>& ref) {
   double num = 0, den = 0;
