@@ -1,5 +1,7 @@
 #pragma once
 // MoeLayer<Backend, Router, Experts, Balance, Parallel>: the public entry point (DESIGN §1).
+#include <cstdint>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -14,6 +16,28 @@ namespace moekit {
 namespace detail {
 template <class...>
 inline constexpr bool dependent_false = false;
+
+// cfg.validate(), then the runtime fields that must agree with the compile-time policies of a layer.
+template <class Router, class Experts>
+void validate_layer_config(const MoeConfig& cfg) {
+  cfg.validate();
+  using Act = typename Experts::activation;
+  using Kinds = experts::zc_kinds<Experts>;
+  auto must_match = [](const char* field, const std::string& got, const std::string& want) {
+    if (got != want) throw ConfigError(field, got, "must match the layer's compile-time policy (" + want + ")");
+  };
+  must_match("router", to_string(cfg.router), to_string(Router::kind));
+  must_match("activation", to_string(cfg.activation), to_string(Act::kind));
+  must_match("gating_residual", cfg.gating_residual ? "true" : "false", Router::residual ? "true" : "false");
+  auto kind_allowed = [](const char* field, std::int64_t count, bool allowed, const char* tag) {
+    if (count > 0 && !allowed)
+      throw ConfigError(field, std::to_string(count),
+                        std::string("needs ") + tag + " in the layer's experts::Set<Ffn<Act>, ...>");
+  };
+  kind_allowed("num_zero_experts", cfg.num_zero_experts, Kinds::zero, "experts::Zero");
+  kind_allowed("num_copy_experts", cfg.num_copy_experts, Kinds::copy, "experts::Copy");
+  kind_allowed("num_constant_experts", cfg.num_constant_experts, Kinds::constant, "experts::Constant");
+}
 }
 
 // Results of the aux losses of the last forward (unscaled by their coefficients).
@@ -28,7 +52,8 @@ template <class Backend, class Router, class Experts, class Balance = balance::M
 class MoeLayer {
   static_assert(detail::dependent_false<Backend, Parallel>,
                 "moekit::MoeLayer: no implementation for this Backend/Parallel combination "
-                "(available: backend::Host<float|double> with parallel::None)");
+                "(available: backend::Host<float|double> and backend::Cuda<float|bf16> with parallel::None; "
+                "include <moekit/backend/cuda/moe_layer.cuh> for the CUDA one)");
 };
 
 // The one runtime switch from MoeConfig to the policy types: router (softmax | sigmoid) x gating residual

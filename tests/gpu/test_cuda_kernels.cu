@@ -107,7 +107,7 @@ TEST_CASE("cuda activation rejects a gated call without h3") {
 }
 
 // ---------------------------------------------------------------- permute (dropless)
-#include <moekit/backend/cuda/permute.cuh>
+#include <moekit/backend/cuda/combine.cuh>  // permute.cuh, and gather_rows_backward
 
 namespace {
 

@@ -6,6 +6,10 @@
 // Layers: activation_forward / activation_backward validate and launch (return cudaError_t);
 // elementwise_kernel is a thin __global__ shim; ActForwardOp / ActBackwardOp are device functors.
 // h3 / dh3 are read / written only for gated activations (SwiGLU); they may be null otherwise.
+// h1/h3/dh1/dh3 rows may be strided (ldh >= d): the layer keeps W1 x and W3 x side by side in one
+// [rows, 2·d_expert] buffer (one GEMM for both), so h3 = h1 + d_expert and ldh = 2·d_expert. The
+// backward may run in place (dh1 == h1, dh3 == h3): each element is read before it is written, by the
+// same thread.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -29,6 +33,21 @@ __device__ __forceinline__ void store_f32(T* p, std::size_t i, float v) {
   else p[i] = v;
 }
 
+// dst[i] = src[i] converted (float <-> __nv_bfloat16, RNE), for i < n.
+template <class S, class D>
+MOEKIT_KERNEL void convert_kernel(const S* src, D* dst, std::size_t n) {
+  const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
+  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) store_f32(dst, i, load_f32(src, i));
+}
+template <class S, class D>
+cudaError_t convert(const S* src, D* dst, std::size_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (!src || !dst) return cudaErrorInvalidValue;
+  const std::size_t want = (n + 255) / 256;
+  convert_kernel<<<unsigned(want < 65535 * 8 ? want : 65535 * 8), 256, 0, stream>>>(src, dst, n);
+  return cudaGetLastError();
+}
+
 template <class Act>
 inline constexpr bool is_gated_v = std::is_same_v<Act, act::SwiGLU>;
 
@@ -41,14 +60,22 @@ struct ActParams {
   T* dh1 = nullptr;       // [rows, d] out (backward)
   T* dh3 = nullptr;       // [rows, d] out (backward, gated only)
   std::size_t n = 0;      // rows * d
+  std::size_t d = 1;      // columns
+  std::size_t ldh = 1;    // row stride of h1, h3, dh1, dh3 (a and da are contiguous)
 };
+
+template <class T>
+__device__ __forceinline__ std::size_t h_index(const ActParams<T>& p, std::size_t i) {
+  return p.ldh == p.d ? i : (i / p.d) * p.ldh + i % p.d;
+}
 
 template <class Act>
 struct ActForwardOp {
   template <class T>
   __device__ void operator()(const ActParams<T>& p, std::size_t i) const {
-    const float h3 = is_gated_v<Act> ? load_f32(p.h3, i) : 0.f;
-    store_f32(p.a, i, act::apply(Act{}, load_f32(p.h1, i), h3));
+    const std::size_t h = h_index(p, i);
+    const float h3 = is_gated_v<Act> ? load_f32(p.h3, h) : 0.f;
+    store_f32(p.a, i, act::apply(Act{}, load_f32(p.h1, h), h3));
   }
 };
 
@@ -56,11 +83,12 @@ template <class Act>
 struct ActBackwardOp {
   template <class T>
   __device__ void operator()(const ActParams<T>& p, std::size_t i) const {
-    const float h3 = is_gated_v<Act> ? load_f32(p.h3, i) : 0.f;
+    const std::size_t h = h_index(p, i);
+    const float h3 = is_gated_v<Act> ? load_f32(p.h3, h) : 0.f;
     float g1 = 0.f, g3 = 0.f;
-    act::backward(Act{}, load_f32(p.h1, i), h3, load_f32(p.da, i), g1, g3);
-    store_f32(p.dh1, i, g1);
-    if constexpr (is_gated_v<Act>) store_f32(p.dh3, i, g3);
+    act::backward(Act{}, load_f32(p.h1, h), h3, load_f32(p.da, i), g1, g3);
+    store_f32(p.dh1, h, g1);
+    if constexpr (is_gated_v<Act>) store_f32(p.dh3, h, g3);
   }
 };
 
@@ -81,24 +109,28 @@ cudaError_t launch_elementwise(const ActParams<T>& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// a = act(h1, h3) over rows * d elements.
+// a = act(h1, h3) over rows * d elements; ldh = 0 means d (contiguous h).
 template <class Act, class T>
-cudaError_t activation_forward(const T* h1, const T* h3, T* a, int rows, int d, cudaStream_t stream) {
-  if (rows < 0 || d < 0 || (rows && d && (!h1 || !a || (is_gated_v<Act> && !h3)))) return cudaErrorInvalidValue;
+cudaError_t activation_forward(const T* h1, const T* h3, T* a, int rows, int d, cudaStream_t stream, int ldh = 0) {
+  if (ldh == 0) ldh = d;
+  if (rows < 0 || d < 0 || ldh < d || (rows && d && (!h1 || !a || (is_gated_v<Act> && !h3)))) return cudaErrorInvalidValue;
   ActParams<T> p;
   p.h1 = h1, p.h3 = h3, p.a = a, p.n = std::size_t(rows) * std::size_t(d);
+  p.d = std::size_t(d ? d : 1), p.ldh = std::size_t(ldh ? ldh : 1);
   return launch_elementwise<ActForwardOp<Act>>(p, stream);
 }
 
 // dh1 (and dh3 if gated) from da. Recomputes from h1/h3 (the activation output is not needed).
 template <class Act, class T>
 cudaError_t activation_backward(const T* h1, const T* h3, const T* da, T* dh1, T* dh3, int rows, int d,
-                                cudaStream_t stream) {
-  if (rows < 0 || d < 0 ||
+                                cudaStream_t stream, int ldh = 0) {
+  if (ldh == 0) ldh = d;
+  if (rows < 0 || d < 0 || ldh < d ||
       (rows && d && (!h1 || !da || !dh1 || (is_gated_v<Act> && (!h3 || !dh3)))))
     return cudaErrorInvalidValue;
   ActParams<T> p;
   p.h1 = h1, p.h3 = h3, p.da = da, p.dh1 = dh1, p.dh3 = dh3, p.n = std::size_t(rows) * std::size_t(d);
+  p.d = std::size_t(d ? d : 1), p.ldh = std::size_t(ldh ? ldh : 1);
   return launch_elementwise<ActBackwardOp<Act>>(p, stream);
 }
 

@@ -1,63 +1,205 @@
 #pragma once
-// Un-permute + gate-weighted combine by gather (DESIGN §6), dropless, routed FFN experts only:
-//   out[t, :] = Σ_j gate[t, j] · y[row_of_slot[t·k + j], :]
-// One thread per output element sums its k terms in slot order: no float atomics, deterministic.
+// Un-permute + gate-weighted combine by gather (DESIGN §3, §6). For token t with slots s = t·k + j:
+//   out[t, :] = Σ_j gate[s] · y[row_of_slot[s], :]                  (FFN slots that kept a row, in slot order)
+//             + Σ_j gate[s] · E_{idx[s]}(x[t, :])                     (kept zero-computation slots, in slot order)
+// with E = 0 (zero), x (copy) or a1·x + a2·v (constant, [a1, a2] = softmax(Wc x) from zc_mix()).
+// Dropped slots (kDroppedSlot) add nothing. One thread per output element sums its terms in a fixed
+// order: no float atomics, deterministic. Zero-computation slots never have a row: they are finished
+// here, on the token's own row, so they never touch the GEMMs.
 // Backward, also by gather:
-//   dy[r, :]  = gate[s] · dout[s / k, :]           (s = slot_of_row[r])
-//   dgate[s]  = Σ_c dout[s / k, c] · y[row_of_slot[s], c]   (one warp per slot, fixed order)
+//   dy[r, :]   = gate[s] · dout[s / k, :]                              (s = slot_of_row[r], FFN rows only)
+//   dgate[s]   = dout[t] · (y[row] | x[t] | a1 x[t] + a2 v)            (one warp per slot, fixed order)
+//   constant slots also give the coefficients of their weight gradients (dz1, dz2, gate·a2) and
+//   token_backward() gathers dx[t] = Σ dxp[rows of t] + the copy / constant experts' input gradients.
 // Storage T is float or __nv_bfloat16; accumulation is fp32.
-//
-// NOT YET: Zero / Copy / Constant (MoE++) expert slots and capacity-dropped slots (row -1). The
-// launch functions reject nothing about them; callers must pass a dropless, FFN-only routing.
 #include <cuda_runtime.h>
 
 #include <cstddef>
 
 #include "moekit/backend/cuda/activation.cuh"  // load_f32 / store_f32
+#include "moekit/backend/cuda/permute.cuh"     // kDroppedSlot, kZeroComputationSlot
 #include "moekit/backend/cuda/status.cuh"
 
 namespace moekit::backend::cuda {
 inline namespace MOEKIT_CUDA_ABI {
 
+// Everything combine, its backward and token_backward read; unused fields may stay null.
 template <class T>
-MOEKIT_KERNEL void combine_kernel(const T* y, const float* gate, const int* row_of_slot, T* out, int tokens,
-                                  int top_k, int d) {
-  const std::size_t n = std::size_t(tokens) * std::size_t(d);
+struct CombineParams {
+  int tokens = 0, top_k = 1, d = 0;
+  const float* gate = nullptr;       // [T·k]
+  const int* row_of_slot = nullptr;  // [T·k]: a row, kDroppedSlot or kZeroComputationSlot
+  const int* slot_of_row = nullptr;  // [T·k] (backward: dy rows)
+  const int* num_rows = nullptr;     // device count of FFN rows (bounds dy rows); null = T·k
+  const T* y = nullptr;              // [rows, d] expert outputs (forward, dgate)
+  const T* x = nullptr;              // [T, d] layer input (copy / constant experts)
+  // Zero-computation experts: ids [ffn, ffn+zero) zero, [.., +copy) copy, [.., +constant) constant.
+  const int* idx = nullptr;  // [T·k] expert of each slot
+  int ffn_experts = 0, zero_experts = 0, copy_experts = 0, constant_experts = 0;
+  const T* const_v = nullptr;   // [N_const, d]
+  const T* const_wc = nullptr;  // [N_const, 2, d] (token_backward)
+  const float* mix = nullptr;   // [T·k, 2]: a1, a2 of constant slots (from zc_mix)
+};
+
+enum class ZcKind { kZero, kCopy, kConstant };
+template <class T>
+__device__ __forceinline__ ZcKind zc_kind(const CombineParams<T>& p, int e, int& q) {
+  q = e - p.ffn_experts - p.zero_experts - p.copy_experts;
+  if (e < p.ffn_experts + p.zero_experts) return ZcKind::kZero;
+  return q < 0 ? ZcKind::kCopy : ZcKind::kConstant;
+}
+
+template <class T>
+MOEKIT_KERNEL void combine_kernel(CombineParams<T> p, T* out) {
+  const std::size_t d = std::size_t(p.d), n = std::size_t(p.tokens) * d;
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const std::size_t t = i / std::size_t(d), c = i % std::size_t(d);
+    const std::size_t t = i / d, c = i % d, s0 = t * std::size_t(p.top_k);
     float acc = 0.f;
-    for (int j = 0; j < top_k; ++j) {
-      const std::size_t s = t * std::size_t(top_k) + std::size_t(j);
-      acc += gate[s] * load_f32(y, std::size_t(row_of_slot[s]) * std::size_t(d) + c);
+    bool any_zc = false;
+    for (int j = 0; j < p.top_k; ++j) {
+      const int row = p.row_of_slot[s0 + j];
+      if (row >= 0) acc += p.gate[s0 + j] * load_f32(p.y, std::size_t(row) * d + c);
+      any_zc = any_zc || row == kZeroComputationSlot;
+    }
+    if (any_zc) {  // after the FFN terms, as the host backend adds them
+      const float xc = load_f32(p.x, i);
+      for (int j = 0; j < p.top_k; ++j) {
+        if (p.row_of_slot[s0 + j] != kZeroComputationSlot) continue;
+        int q;
+        const ZcKind kind = zc_kind(p, p.idx[s0 + j], q);
+        const float g = p.gate[s0 + j];
+        if (kind == ZcKind::kCopy) acc += g * xc;
+        else if (kind == ZcKind::kConstant)
+          acc += g * (p.mix[2 * (s0 + j)] * xc + p.mix[2 * (s0 + j) + 1] * load_f32(p.const_v, std::size_t(q) * d + c));
+      }
     }
     store_f32(out, i, acc);
   }
 }
 
+// [a1, a2] = softmax(zc_logits[t, 2q], zc_logits[t, 2q + 1]) for kept constant slots; 0 elsewhere.
+// zc_logits [T, 2·N_const] = x · Wc^T comes from one GEMM over all constant experts.
 template <class T>
-MOEKIT_KERNEL void combine_dy_kernel(const T* dout, const float* gate, const int* slot_of_row, T* dy, int rows,
-                                     int top_k, int d) {
-  const std::size_t n = std::size_t(rows) * std::size_t(d);
+MOEKIT_KERNEL void zc_mix_kernel(CombineParams<T> p, const float* zc_logits, float* mix) {
+  const int s = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
+  if (s >= p.tokens * p.top_k) return;
+  float a1 = 0.f, a2 = 0.f;
+  int q;
+  if (p.row_of_slot[s] == kZeroComputationSlot && zc_kind(p, p.idx[s], q) == ZcKind::kConstant) {
+    const float* z = zc_logits + std::size_t(s / p.top_k) * std::size_t(2 * p.constant_experts) + 2 * q;
+    const float m = fmaxf(z[0], z[1]), e1 = expf(z[0] - m), e2 = expf(z[1] - m);
+    a1 = e1 / (e1 + e2);
+    a2 = e2 / (e1 + e2);
+  }
+  mix[2 * s] = a1;
+  mix[2 * s + 1] = a2;
+}
+
+template <class T>
+MOEKIT_KERNEL void combine_dy_kernel(CombineParams<T> p, const T* dout, T* dy) {
+  int rows = p.tokens * p.top_k;
+  if (p.num_rows && *p.num_rows < rows) rows = *p.num_rows;
+  const std::size_t d = std::size_t(p.d), n = std::size_t(rows) * d;
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const std::size_t r = i / std::size_t(d), c = i % std::size_t(d);
-    const int s = slot_of_row[r];
-    store_f32(dy, i, gate[s] * load_f32(dout, std::size_t(s / top_k) * std::size_t(d) + c));
+    const int s = p.slot_of_row[i / d];
+    store_f32(dy, i, p.gate[s] * load_f32(dout, std::size_t(s / p.top_k) * d + i % d));
   }
 }
 
-// One warp per slot; lanes stride over d, then a fixed butterfly: the same order every run.
+// Outputs of the per-slot backward; coef_z / coef_v may be null without constant experts.
 template <class T>
-MOEKIT_KERNEL void combine_dgate_kernel(const T* dout, const T* y, const int* row_of_slot, float* dgate, int slots,
-                                        int top_k, int d) {
-  const int warp = int((std::size_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32), lane = int(threadIdx.x % 32);
-  if (warp >= slots) return;
-  const std::size_t xo = std::size_t(warp / top_k) * std::size_t(d), yo = std::size_t(row_of_slot[warp]) * std::size_t(d);
+struct SlotGrads {
+  float* dgate = nullptr;  // [T·k]
+  float* dz = nullptr;     // [T·k, 2]: dz1, dz2 of constant slots (for token_backward)
+  T* coef_z = nullptr;     // [T, 2·N_const]: dz1, dz2 at (t, 2q), (t, 2q+1); caller zeroes it
+  T* coef_v = nullptr;     // [T, N_const]:   gate·a2 at (t, q); caller zeroes it
+};
+
+template <class T>
+__device__ __forceinline__ float warp_dot(const T* a, const T* b, int d, int lane) {
   float acc = 0.f;
-  for (int c = lane; c < d; c += 32) acc += load_f32(dout, xo + std::size_t(c)) * load_f32(y, yo + std::size_t(c));
-  for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  if (lane == 0) dgate[warp] = acc;
+  for (int c = lane; c < d; c += 32) acc += load_f32(a, std::size_t(c)) * load_f32(b, std::size_t(c));
+  for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);  // fixed butterfly
+  return acc;
+}
+
+// One warp per slot; every lane ends with the same sums.
+template <class T>
+MOEKIT_KERNEL void combine_dgate_kernel(CombineParams<T> p, const T* dout, SlotGrads<T> g) {
+  const int s = int((std::size_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32), lane = int(threadIdx.x % 32);
+  if (s >= p.tokens * p.top_k) return;
+  const std::size_t d = std::size_t(p.d), t = std::size_t(s / p.top_k);
+  const T* dot = dout + t * d;
+  const int row = p.row_of_slot[s];
+  float dg = 0.f, dz1 = 0.f, dz2 = 0.f;
+  if (row >= 0) {
+    dg = warp_dot(dot, p.y + std::size_t(row) * d, p.d, lane);
+  } else if (row == kZeroComputationSlot) {
+    int q;
+    const ZcKind kind = zc_kind(p, p.idx[s], q);
+    if (kind == ZcKind::kCopy) {
+      dg = warp_dot(dot, p.x + t * d, p.d, lane);
+    } else if (kind == ZcKind::kConstant) {
+      const float a1 = p.mix[2 * s], a2 = p.mix[2 * s + 1], gate = p.gate[s];
+      const float dx_dot = warp_dot(dot, p.x + t * d, p.d, lane);
+      const float dv_dot = warp_dot(dot, p.const_v + std::size_t(q) * d, p.d, lane);
+      dg = a1 * dx_dot + a2 * dv_dot;
+      // E = a1 x + a2 v, dE = gate·dout: d a1 = gate·dout·x, d a2 = gate·dout·v, softmax backward.
+      const float da1 = gate * dx_dot, da2 = gate * dv_dot, sm = a1 * da1 + a2 * da2;
+      dz1 = a1 * (da1 - sm);
+      dz2 = a2 * (da2 - sm);
+      if (lane == 0) {
+        const std::size_t nc = std::size_t(p.constant_experts);
+        store_f32(g.coef_z, t * 2 * nc + 2 * std::size_t(q), dz1);
+        store_f32(g.coef_z, t * 2 * nc + 2 * std::size_t(q) + 1, dz2);
+        store_f32(g.coef_v, t * nc + std::size_t(q), gate * a2);
+      }
+    }
+  }
+  if (lane == 0) {
+    g.dgate[s] = dg;  // dropped slots and zero experts do not reach the output: 0
+    if (g.dz) {
+      g.dz[2 * s] = dz1;
+      g.dz[2 * s + 1] = dz2;
+    }
+  }
+}
+
+// dx[t, c] = Σ_j dxp[row of slot j, c] (FFN rows, slot order) + copy: gate·dout[t, c]
+//          + constant: a1·gate·dout[t, c] + dz1·Wc[q, 0, c] + dz2·Wc[q, 1, c]   (then ZC slots in slot order)
+// O is the output type: float for the layer (the router's GEMM adds into it next), or T.
+template <class T, class O>
+MOEKIT_KERNEL void token_backward_kernel(CombineParams<T> p, const T* dxp, const T* dout, const float* dz, O* dx) {
+  const std::size_t d = std::size_t(p.d), n = std::size_t(p.tokens) * d;
+  const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
+  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const std::size_t t = i / d, c = i % d, s0 = t * std::size_t(p.top_k);
+    float acc = 0.f;
+    bool any_zc = false;
+    for (int j = 0; j < p.top_k; ++j) {
+      const int row = p.row_of_slot[s0 + j];
+      if (row >= 0) acc += load_f32(dxp, std::size_t(row) * d + c);
+      any_zc = any_zc || row == kZeroComputationSlot;
+    }
+    if (any_zc) {
+      const float dc = load_f32(dout, i);
+      for (int j = 0; j < p.top_k; ++j) {
+        const std::size_t s = s0 + j;
+        if (p.row_of_slot[s] != kZeroComputationSlot) continue;
+        int q;
+        const ZcKind kind = zc_kind(p, p.idx[s], q);
+        if (kind == ZcKind::kCopy) {
+          acc += p.gate[s] * dc;
+        } else if (kind == ZcKind::kConstant) {
+          const T* wc = p.const_wc + std::size_t(q) * 2 * d;
+          acc += p.mix[2 * s] * p.gate[s] * dc + dz[2 * s] * load_f32(wc, c) + dz[2 * s + 1] * load_f32(wc, d + c);
+        }
+      }
+    }
+    store_f32(dx, i, acc);
+  }
 }
 
 namespace detail {
@@ -65,38 +207,96 @@ inline unsigned grid_for(std::size_t n, int block) {
   const std::size_t want = (n + std::size_t(block) - 1) / std::size_t(block);
   return unsigned(want < 65535 * 8 ? want : 65535 * 8);
 }
+template <class T>
+bool combine_params_ok(const CombineParams<T>& p) {
+  if (p.tokens < 0 || p.top_k < 1 || p.d < 0) return false;
+  if (p.tokens == 0 || p.d == 0) return true;
+  const bool zc = p.zero_experts + p.copy_experts + p.constant_experts > 0;
+  return p.row_of_slot && (!zc || (p.idx && p.x && p.gate)) && (p.constant_experts == 0 || (p.const_v && p.mix));
+}
 }  // namespace detail
 
-// out [T, d] from y [T·k, d] (permuted rows), gate [T, k], row_of_slot [T·k].
+// out [T, d] from the expert rows and the zero-computation slots.
 template <class T>
-cudaError_t combine(const T* y, const float* gate, const int* row_of_slot, T* out, int tokens, int top_k, int d,
-                    cudaStream_t stream) {
-  if (tokens < 0 || top_k < 1 || d < 0 || (tokens && d && (!y || !gate || !row_of_slot || !out)))
-    return cudaErrorInvalidValue;
-  const std::size_t n = std::size_t(tokens) * std::size_t(d);
+cudaError_t combine(const CombineParams<T>& p, T* out, cudaStream_t stream) {
+  if (!detail::combine_params_ok(p) || (p.tokens && p.d && (!out || !p.y || !p.gate))) return cudaErrorInvalidValue;
+  const std::size_t n = std::size_t(p.tokens) * std::size_t(p.d);
   if (n == 0) return cudaSuccess;
-  combine_kernel<<<detail::grid_for(n, 256), 256, 0, stream>>>(y, gate, row_of_slot, out, tokens, top_k, d);
+  combine_kernel<<<detail::grid_for(n, 256), 256, 0, stream>>>(p, out);
   return cudaGetLastError();
 }
 
-// dy [T·k, d] (permuted rows) and dgate [T, k] from dout [T, d].
+// Dropless FFN-only form: out [T, d] from y [T·k, d] (permuted rows), gate [T, k], row_of_slot [T·k].
+template <class T>
+cudaError_t combine(const T* y, const float* gate, const int* row_of_slot, T* out, int tokens, int top_k, int d,
+                    cudaStream_t stream) {
+  CombineParams<T> p;
+  p.tokens = tokens, p.top_k = top_k, p.d = d, p.gate = gate, p.row_of_slot = row_of_slot, p.y = y;
+  return combine(p, out, stream);
+}
+
+// mix [T·k, 2] of the constant experts from zc_logits [T, 2·N_const].
+template <class T>
+cudaError_t zc_mix(const CombineParams<T>& p, const float* zc_logits, float* mix, cudaStream_t stream) {
+  if (!detail::combine_params_ok(p) || (p.tokens && (!mix || (p.constant_experts && !zc_logits)))) return cudaErrorInvalidValue;
+  const int slots = p.tokens * p.top_k;
+  if (slots == 0) return cudaSuccess;
+  zc_mix_kernel<<<unsigned((slots + 255) / 256), 256, 0, stream>>>(p, zc_logits, mix);
+  return cudaGetLastError();
+}
+
+// dy [rows, d] (permuted FFN rows) and the per-slot gradients from dout [T, d].
+template <class T>
+cudaError_t combine_backward(const CombineParams<T>& p, const T* dout, T* dy, const SlotGrads<T>& g, cudaStream_t stream) {
+  if (!detail::combine_params_ok(p) || (p.tokens && (!dout || !dy || !p.y || !p.gate || !p.slot_of_row || !g.dgate)) ||
+      (p.constant_experts && p.tokens && (!g.coef_z || !g.coef_v)))
+    return cudaErrorInvalidValue;
+  const int slots = p.tokens * p.top_k;
+  if (slots == 0) return cudaSuccess;
+  const std::size_t n = std::size_t(slots) * std::size_t(p.d);
+  if (n) {
+    combine_dy_kernel<<<detail::grid_for(n, 256), 256, 0, stream>>>(p, dout, dy);
+    MOEKIT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  combine_dgate_kernel<<<unsigned((std::size_t(slots) * 32 + 255) / 256), 256, 0, stream>>>(p, dout, g);
+  return cudaGetLastError();
+}
+
+// Dropless FFN-only form: dy [T·k, d] (permuted rows) and dgate [T, k] from dout [T, d].
 template <class T>
 cudaError_t combine_backward(const T* dout, const T* y, const float* gate, const int* slot_of_row,
                              const int* row_of_slot, T* dy, float* dgate, int tokens, int top_k, int d,
                              cudaStream_t stream) {
-  if (tokens < 0 || top_k < 1 || d < 0 ||
-      (tokens && (!dout || !y || !gate || !slot_of_row || !row_of_slot || !dy || !dgate)))
+  CombineParams<T> p;
+  p.tokens = tokens, p.top_k = top_k, p.d = d, p.gate = gate, p.row_of_slot = row_of_slot, p.slot_of_row = slot_of_row;
+  p.y = y;
+  SlotGrads<T> g;
+  g.dgate = dgate;
+  return combine_backward(p, dout, dy, g, stream);
+}
+
+// dx [T, d] (type O) by gather; dz [T·k, 2] from combine_backward (constant experts only).
+template <class T, class O>
+cudaError_t token_backward(const CombineParams<T>& p, const T* dxp, const T* dout, const float* dz, O* dx,
+                           cudaStream_t stream) {
+  if (!detail::combine_params_ok(p) || (p.tokens && p.d && (!dxp || !dx)) ||
+      (p.tokens && p.d && p.copy_experts + p.constant_experts > 0 && !dout) ||
+      (p.tokens && p.d && p.constant_experts > 0 && (!dz || !p.const_wc)))
     return cudaErrorInvalidValue;
-  const int slots = tokens * top_k;
-  if (slots == 0) return cudaSuccess;
-  const std::size_t n = std::size_t(slots) * std::size_t(d);
-  if (n) {
-    combine_dy_kernel<<<detail::grid_for(n, 256), 256, 0, stream>>>(dout, gate, slot_of_row, dy, slots, top_k, d);
-    MOEKIT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  }
-  combine_dgate_kernel<<<unsigned((std::size_t(slots) * 32 + 255) / 256), 256, 0, stream>>>(dout, y, row_of_slot,
-                                                                                             dgate, slots, top_k, d);
+  const std::size_t n = std::size_t(p.tokens) * std::size_t(p.d);
+  if (n == 0) return cudaSuccess;
+  token_backward_kernel<<<detail::grid_for(n, 256), 256, 0, stream>>>(p, dxp, dout, dz, dx);
   return cudaGetLastError();
+}
+
+// Backward of gather_rows (permute.cuh), by gather: dx[t, :] = Σ_j dxp[row_of_slot[t·k + j], :] over the
+// slots that have a row, summed in slot order in fp32.
+template <class T>
+cudaError_t gather_rows_backward(const T* dxp, const int* row_of_slot, T* dx, int tokens, int top_k, int d,
+                                 cudaStream_t stream) {
+  CombineParams<T> p;
+  p.tokens = tokens, p.top_k = top_k, p.d = d, p.row_of_slot = row_of_slot;
+  return token_backward<T, T>(p, dxp, nullptr, nullptr, dx, stream);
 }
 
 }  // inline namespace MOEKIT_CUDA_ABI

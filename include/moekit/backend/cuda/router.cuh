@@ -26,7 +26,10 @@ struct RouteParams {
   float* gate = nullptr;   // [T, k]   out
   float* lse = nullptr;    // [T]      out
   int* counts = nullptr;   // [N_E]    out: routed (pre-capacity) slots per expert
+  int* bad_token = nullptr;  // [1] optional out: lowest token with a non-finite logit (kNoBadToken if none)
 };
+
+inline constexpr int kNoBadToken = 0x7F7F7F7F;  // what cudaMemset(0x7F) writes
 
 struct RouteBackwardParams {
   const float* logits = nullptr;  // [T, N_E]
@@ -48,6 +51,11 @@ struct RouteTokenOp {
   __device__ void operator()(const RouteParams& p, int t) const {
     const std::size_t n = std::size_t(p.experts), k = std::size_t(p.top_k);
     int* idx = p.idx + t * k;
+    if (p.bad_token) {
+      bool finite = true;
+      for (std::size_t i = 0; i < n; ++i) finite = finite && isfinite(p.logits[t * n + i]);
+      if (!finite) atomicMin(p.bad_token, t);
+    }
     p.lse[t] = router::route_token(Score{}, p.logits + t * n, p.experts, p.top_k, p.renormalize, p.prob + t * n, idx,
                                    p.gate + t * k);
     // Integer atomics: exact and order-free, so counts are deterministic.
@@ -83,12 +91,14 @@ cudaError_t launch_per_token(const Params& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Forward: zeroes counts, then one pass over the logits. Score is router::Softmax or router::Sigmoid.
+// Forward: zeroes counts (and sets bad_token to kNoBadToken), then one pass over the logits. Score is
+// router::Softmax or router::Sigmoid.
 template <class Score>
 cudaError_t route_tokens(const RouteParams& p, cudaStream_t stream) {
   if (!valid_shape(p.tokens, p.experts, p.top_k) || !p.logits || !p.prob || !p.idx || !p.gate || !p.lse || !p.counts)
     return cudaErrorInvalidValue;
   MOEKIT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p.counts, 0, sizeof(int) * std::size_t(p.experts), stream));
+  if (p.bad_token) MOEKIT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p.bad_token, 0x7F, sizeof(int), stream));
   return launch_per_token<RouteTokenOp<Score>>(p, stream);
 }
 
@@ -103,6 +113,49 @@ cudaError_t route_tokens_backward(const RouteBackwardParams& p, cudaStream_t str
       !p.dprob || !p.lse || !p.scratch || !p.dlogits)
     return cudaErrorInvalidValue;
   return launch_per_token<RouteTokenBackwardOp<Score>>(p, stream);
+}
+
+// The score a slot was picked by, for capacity drops: p for softmax, s = sigmoid(logit) for sigmoid
+// (as the host backend's score_of).
+template <class Score>
+MOEKIT_KERNEL void slot_scores_kernel(const float* logits, const float* prob, const int* idx, int tokens, int experts,
+                                      int top_k, float* score) {
+  const int s = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
+  if (s >= tokens * top_k) return;
+  const std::size_t at = std::size_t(s / top_k) * std::size_t(experts) + std::size_t(idx[s]);
+  if constexpr (Score::kind == RouterKind::kSigmoid) score[s] = router::sigmoid(logits[at]);
+  else score[s] = prob[at];
+}
+
+template <class Score>
+cudaError_t slot_scores(const float* logits, const float* prob, const int* idx, int tokens, int experts, int top_k,
+                        float* score, cudaStream_t stream) {
+  if (!valid_shape(tokens, experts, top_k) || (tokens && (!logits || !prob || !idx || !score))) return cudaErrorInvalidValue;
+  const int n = tokens * top_k;
+  if (n == 0) return cudaSuccess;
+  slot_scores_kernel<Score><<<unsigned((n + 255) / 256), 256, 0, stream>>>(logits, prob, idx, tokens, experts, top_k, score);
+  return cudaGetLastError();
+}
+
+// out[0] = Σ v[i]², one block with a fixed reduction tree (deterministic). For the z-loss: Σ_t lse_t².
+template <class I>
+MOEKIT_KERNEL void sum_squares_kernel(const float* v, I n, float* out) {
+  __shared__ float part[256];
+  float acc = 0.f;
+  for (I i = I(threadIdx.x); i < n; i += I(blockDim.x)) acc += v[i] * v[i];
+  part[threadIdx.x] = acc;
+  __syncthreads();
+  for (int w = 128; w > 0; w /= 2) {
+    if (int(threadIdx.x) < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[0] = part[0];
+}
+
+inline cudaError_t sum_squares(const float* v, int n, float* out, cudaStream_t stream) {
+  if (n < 0 || !out || (n && !v)) return cudaErrorInvalidValue;
+  sum_squares_kernel<int><<<1, 256, 0, stream>>>(v, n, out);
+  return cudaGetLastError();
 }
 
 }  // inline namespace MOEKIT_CUDA_ABI

@@ -44,22 +44,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   using value_type = T;
 
   explicit MoeLayer(const MoeConfig& cfg) : cfg_(cfg) {
-    cfg_.validate();
-    auto must_match = [](const char* field, const std::string& got, const std::string& want) {
-      if (got != want)
-        throw ConfigError(field, got, "must match the layer's compile-time policy (" + want + ")");
-    };
-    must_match("router", to_string(cfg_.router), to_string(Router::kind));
-    must_match("activation", to_string(cfg_.activation), to_string(Act::kind));
-    must_match("gating_residual", cfg_.gating_residual ? "true" : "false", kResidual ? "true" : "false");
-    auto kind_allowed = [](const char* field, std::int64_t count, bool allowed, const char* tag) {
-      if (count > 0 && !allowed)
-        throw ConfigError(field, std::to_string(count),
-                          std::string("needs ") + tag + " in the layer's experts::Set<Ffn<Act>, ...>");
-    };
-    kind_allowed("num_zero_experts", cfg_.num_zero_experts, Kinds::zero, "experts::Zero");
-    kind_allowed("num_copy_experts", cfg_.num_copy_experts, Kinds::copy, "experts::Copy");
-    kind_allowed("num_constant_experts", cfg_.num_constant_experts, Kinds::constant, "experts::Constant");
+    detail::validate_layer_config<Router, Experts>(cfg_);
     params_.resize(cfg_, kGated, kResidual);
     grads_.resize(cfg_, kGated, kResidual);
     const auto n = cfg_.num_experts();
@@ -82,41 +67,10 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   bool training() const { return training_; }
 
   // torch.nn.Linear's default initialisation, deterministic for a seed.
-  void init_params(std::uint64_t seed) {
-    SplitMix64 rng(seed);
-    const double bd = 1.0 / std::sqrt(double(cfg_.d_model)), bf = 1.0 / std::sqrt(double(cfg_.d_expert));
-    auto init = [&](std::vector<T>& v, double bound) { init_uniform(v.data(), std::int64_t(v.size()), bound, rng); };
-    init(params_.router, bd);
-    init(params_.w1, bd);
-    init(params_.w2, bf);
-    init(params_.w3, bd);
-    init(params_.const_wc, bd);
-    init(params_.const_v, bd);
-    init(params_.gate_residual, 1.0 / std::sqrt(double(cfg_.num_experts())));
-  }
+  void init_params(std::uint64_t seed) { init_moe_weights(params_, cfg_, seed); }
 
   // Every parameter with its gradient, named as Mixtral (and MoE++) checkpoints name them.
-  std::vector<Parameter<T>> parameters(const std::string& prefix = "") {
-    const auto d = cfg_.d_model, f = cfg_.d_expert, n = cfg_.num_experts();
-    std::vector<Parameter<T>> ps;
-    auto add = [&](std::string name, std::vector<T>& v, std::vector<T>& g, std::int64_t off, std::vector<std::int64_t> shape) {
-      ps.push_back({prefix + std::move(name), v.data() + off, g.data() + off, std::move(shape)});
-    };
-    add("gate.weight", params_.router, grads_.router, 0, {n, d});
-    for (std::int64_t e = 0; e < cfg_.num_ffn_experts; ++e) {
-      const std::string p = "experts." + std::to_string(e) + ".";
-      add(p + "w1.weight", params_.w1, grads_.w1, e * f * d, {f, d});
-      add(p + "w2.weight", params_.w2, grads_.w2, e * d * f, {d, f});
-      if constexpr (kGated) add(p + "w3.weight", params_.w3, grads_.w3, e * f * d, {f, d});
-    }
-    for (std::int64_t j = 0; j < cfg_.num_constant_experts; ++j) {
-      const std::string p = "constant." + std::to_string(j) + ".";
-      add(p + "wc.weight", params_.const_wc, grads_.const_wc, j * 2 * d, {2, d});
-      add(p + "v", params_.const_v, grads_.const_v, j * d, {d});
-    }
-    if constexpr (kResidual) add("gate_residual.weight", params_.gate_residual, grads_.gate_residual, 0, {n, n});
-    return ps;
-  }
+  std::vector<Parameter<T>> parameters(const std::string& prefix = "") { return moe_parameters(cfg_, params_, grads_, prefix); }
 
   // Bytes this layer keeps for a forward/backward of `tokens` tokens (allocated by reserve()).
   std::int64_t workspace_bytes(std::int64_t tokens) const {
@@ -356,7 +310,8 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
 
   // Zero/copy/constant experts are finished here, on the token's own row: no GEMM, no travel.
   void zero_computation_forward(T* y) {
-    const auto k = cfg_.top_k, d = cfg_.d_model;
+    [[maybe_unused]] const auto k = cfg_.top_k;  // read by the OpenMP clause only
+    const auto d = cfg_.d_model;
 #pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t t = 0; t < tokens_; ++t) {
       const T* xt = &x_[t * d];

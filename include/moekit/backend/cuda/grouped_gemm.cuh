@@ -1,0 +1,296 @@
+#pragma once
+// Expert GEMMs through cuBLAS (DESIGN §6): one "phase" is a list of row-major problems
+//   C_i = alpha · op(A_i) · op(B_i) + beta · C_i,   i over the experts that have rows,
+// sharing transposes, types and scalars, differing in sizes and pointers. Three ways to run a phase:
+//   kGrouped  one cublasGemmGroupedBatchedEx call (one group per expert; pointer arrays copied to the
+//             device from pinned memory, asynchronously);
+//   kStreams  one cublasGemmEx per expert, spread over side streams (fork/join with events), each
+//             stream with its own handle (cuBLAS handles must not be shared across concurrent streams);
+//   kLt       one cublasLtMatmul per expert on the same side streams, algorithm from Lt's heuristic
+//             (cached per problem shape), with a preallocated workspace per stream.
+// kAuto picks at construction: grouped for many experts (>= 16), streams otherwise. That rule is a
+// placeholder until bench_moe_layer --gemm all has measured the three on a GPU (docs/cuda.md).
+// Row-major problems are mapped to cuBLAS's column-major form as C^T = op(B)^T · op(A)^T.
+// Every cuBLAS status is checked; failures throw moekit::CublasError naming the call (this is the
+// convenience layer: the layer that owns handles and memory).
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "moekit/backend/cuda/status.cuh"
+#include "moekit/core/error.hpp"
+
+namespace moekit {
+
+class CublasError : public std::runtime_error {
+ public:
+  CublasError(cublasStatus_t s, const std::string& what) : std::runtime_error("moekit::CublasError: " + what), status_(s) {}
+  cublasStatus_t status() const noexcept { return status_; }
+
+ private:
+  cublasStatus_t status_;
+};
+
+namespace backend::cuda {
+inline void throw_on_cublas(cublasStatus_t s, const char* call, const char* file, int line) {
+  if (s != CUBLAS_STATUS_SUCCESS)
+    throw CublasError(s, std::string(call) + " failed at " + file + ":" + std::to_string(line) + ": " +
+                             cublasGetStatusName(s) + " (" + cublasGetStatusString(s) + ")");
+}
+}  // namespace backend::cuda
+}  // namespace moekit
+
+#ifndef MOEKIT_CUBLAS_CHECK
+#define MOEKIT_CUBLAS_CHECK(call) ::moekit::backend::cuda::throw_on_cublas((call), #call, __FILE__, __LINE__)
+#endif
+
+namespace moekit::backend::cuda {
+
+enum class GemmStrategy { kAuto, kGrouped, kStreams, kLt };
+inline const char* to_string(GemmStrategy s) {
+  switch (s) {
+    case GemmStrategy::kAuto: return "auto";
+    case GemmStrategy::kGrouped: return "grouped";
+    case GemmStrategy::kStreams: return "streams";
+    case GemmStrategy::kLt: return "lt";
+  }
+  return "?";
+}
+inline GemmStrategy parse_gemm_strategy(const std::string& s) {
+  if (s == "auto") return GemmStrategy::kAuto;
+  if (s == "grouped") return GemmStrategy::kGrouped;
+  if (s == "streams") return GemmStrategy::kStreams;
+  if (s == "lt") return GemmStrategy::kLt;
+  throw ConfigError("gemm", "\"" + s + "\"", "must be one of \"auto\", \"grouped\", \"streams\", \"lt\"");
+}
+
+template <class T>
+constexpr cudaDataType_t data_type() {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, __nv_bfloat16>, "data_type<T>: float or __nv_bfloat16");
+  return std::is_same_v<T, float> ? CUDA_R_32F : CUDA_R_16BF;
+}
+
+// Shared by the problems of a phase (row-major terms).
+struct GemmSpec {
+  bool ta = false, tb = false;
+  cudaDataType_t ab = CUDA_R_32F, c = CUDA_R_32F;  // A and B share a type; C may differ (bf16 x bf16 -> fp32)
+  float alpha = 1.f, beta = 0.f;
+};
+struct GemmProblem {
+  int m = 0, n = 0, k = 0;  // C [m, n], op(A) [m, k], op(B) [k, n], row-major
+  const void* a = nullptr;
+  int lda = 0;
+  const void* b = nullptr;
+  int ldb = 0;
+  void* c = nullptr;
+  int ldc = 0;
+};
+
+// One row-major GEMM on the handle's stream (fp32 compute). For the dense GEMMs around the experts.
+inline cublasStatus_t gemm_row_major(cublasHandle_t h, const GemmSpec& s, const GemmProblem& p) {
+  if (p.m == 0 || p.n == 0) return CUBLAS_STATUS_SUCCESS;
+  return cublasGemmEx(h, s.tb ? CUBLAS_OP_T : CUBLAS_OP_N, s.ta ? CUBLAS_OP_T : CUBLAS_OP_N, p.n, p.m, p.k, &s.alpha, p.b,
+                      s.ab, p.ldb, p.a, s.ab, p.lda, &s.beta, p.c, s.c, p.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+
+class ExpertGemm {
+ public:
+  static constexpr int kPhases = 8;         // distinct pointer-array slots (phases in flight per step)
+  static constexpr int kSideStreams = 4;
+  static constexpr std::size_t kLtWorkspace = std::size_t(32) << 20;
+
+  // max_problems: the most experts of one phase. Creates handles, streams and (for kGrouped / kLt) the
+  // pointer arrays or Lt workspaces; nothing is allocated later.
+  ExpertGemm(GemmStrategy strategy, int num_experts) : max_problems_(num_experts > 0 ? num_experts : 1) {
+    strategy_ = strategy == GemmStrategy::kAuto ? (num_experts >= 16 ? GemmStrategy::kGrouped : GemmStrategy::kStreams)
+                                                : strategy;
+    MOEKIT_CUBLAS_CHECK(cublasCreate(&main_));
+    // Streams are also the fallback of a grouped phase that cuBLAS does not support (see run()).
+    for (int i = 0; i < kSideStreams; ++i) {
+      MOEKIT_CUDA_CHECK(cudaStreamCreateWithFlags(&side_[i], cudaStreamNonBlocking));
+      MOEKIT_CUDA_CHECK(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming));
+      MOEKIT_CUBLAS_CHECK(cublasCreate(&side_handle_[i]));
+      MOEKIT_CUBLAS_CHECK(cublasSetStream(side_handle_[i], side_[i]));
+    }
+    MOEKIT_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    const std::size_t ptrs = std::size_t(kPhases) * 3 * std::size_t(max_problems_);
+    MOEKIT_CUDA_CHECK(cudaMallocHost(&host_ptrs_, ptrs * sizeof(void*)));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&dev_ptrs_, ptrs * sizeof(void*)));
+    if (strategy_ == GemmStrategy::kLt) {
+      MOEKIT_CUBLAS_CHECK(cublasLtCreate(&lt_));
+      for (auto& w : lt_workspace_) MOEKIT_CUDA_CHECK(cudaMalloc(&w, kLtWorkspace));
+    }
+  }
+  ExpertGemm(const ExpertGemm&) = delete;
+  ExpertGemm& operator=(const ExpertGemm&) = delete;
+  ~ExpertGemm() {  // never throws: statuses are ignored here
+    for (auto& [key, plan] : lt_plans_) destroy(plan);
+    if (lt_) cublasLtDestroy(lt_);
+    for (auto* w : lt_workspace_) cudaFree(w);
+    cudaFree(dev_ptrs_);
+    cudaFreeHost(host_ptrs_);
+    cudaEventDestroy(fork_);
+    for (int i = 0; i < kSideStreams; ++i) {
+      if (side_handle_[i]) cublasDestroy(side_handle_[i]);
+      if (done_[i]) cudaEventDestroy(done_[i]);
+      if (side_[i]) cudaStreamDestroy(side_[i]);
+    }
+    if (main_) cublasDestroy(main_);
+  }
+
+  GemmStrategy strategy() const { return strategy_; }
+  // The handle for single GEMMs on the caller's stream (router, constant experts).
+  cublasHandle_t handle(cudaStream_t stream) {
+    MOEKIT_CUBLAS_CHECK(cublasSetStream(main_, stream));
+    return main_;
+  }
+  // Grouped phases that cuBLAS refused (CUBLAS_STATUS_NOT_SUPPORTED for the type combination) and ran
+  // as kStreams instead; the benchmark reports it.
+  int grouped_fallbacks() const { return fallbacks_; }
+
+  // Runs one phase on `stream`. Problems with m == 0 or n == 0 must already be left out; k == 0
+  // problems are valid (C = beta C). `phase` < kPhases picks the pointer-array slot: phases enqueued
+  // between two host synchronisations of the stream must use distinct slots.
+  void run(int phase, const GemmSpec& spec, const std::vector<GemmProblem>& problems, cudaStream_t stream) {
+    if (problems.empty()) return;
+    if (phase < 0 || phase >= kPhases || int(problems.size()) > max_problems_)
+      throw std::logic_error("ExpertGemm::run: phase " + std::to_string(phase) + " or " + std::to_string(problems.size()) +
+                             " problems out of range");
+    if (strategy_ == GemmStrategy::kGrouped) {
+      const cublasStatus_t s = run_grouped(phase, spec, problems, stream);
+      if (s == CUBLAS_STATUS_SUCCESS) return;
+      // A type combination the grouped call lacks (e.g. bf16 inputs with an fp32 C) is refused with
+      // NOT_SUPPORTED or INVALID_VALUE; the per-expert path below then runs it, or reports a real error.
+      if (s != CUBLAS_STATUS_NOT_SUPPORTED && s != CUBLAS_STATUS_INVALID_VALUE)
+        throw_on_cublas(s, "cublasGemmGroupedBatchedEx", __FILE__, __LINE__);
+      ++fallbacks_;
+    }
+    run_on_streams(spec, problems, stream, strategy_ == GemmStrategy::kLt);
+  }
+
+ private:
+  cublasStatus_t run_grouped(int phase, const GemmSpec& spec, const std::vector<GemmProblem>& ps, cudaStream_t stream) {
+    const int g = int(ps.size());
+    const std::size_t base = std::size_t(phase) * 3 * std::size_t(max_problems_);
+    const void** a = const_cast<const void**>(host_ptrs_ + base);
+    const void** b = a + max_problems_;
+    void** c = host_ptrs_ + base + 2 * std::size_t(max_problems_);
+    ta_.assign(g, spec.tb ? CUBLAS_OP_T : CUBLAS_OP_N);  // column-major: A' = B, B' = A
+    tb_.assign(g, spec.ta ? CUBLAS_OP_T : CUBLAS_OP_N);
+    m_.resize(g), n_.resize(g), k_.resize(g), lda_.resize(g), ldb_.resize(g), ldc_.resize(g);
+    alpha_.assign(g, spec.alpha), beta_.assign(g, spec.beta), size_.assign(g, 1);
+    for (int i = 0; i < g; ++i) {
+      const GemmProblem& p = ps[i];
+      m_[i] = p.n, n_[i] = p.m, k_[i] = p.k, lda_[i] = p.ldb, ldb_[i] = p.lda, ldc_[i] = p.ldc;
+      a[i] = p.b, b[i] = p.a, c[i] = p.c;
+    }
+    void** dev = dev_ptrs_ + base;
+    // The pinned slot is rewritten only after the stream's next host synchronisation (the forward's),
+    // by which time this copy has run.
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(dev, host_ptrs_ + base, 3 * std::size_t(max_problems_) * sizeof(void*),
+                                      cudaMemcpyHostToDevice, stream));
+    MOEKIT_CUBLAS_CHECK(cublasSetStream(main_, stream));
+    return cublasGemmGroupedBatchedEx(main_, ta_.data(), tb_.data(), m_.data(), n_.data(), k_.data(), alpha_.data(),
+                                      const_cast<const void* const*>(dev), spec.ab, lda_.data(),
+                                      const_cast<const void* const*>(dev + max_problems_), spec.ab, ldb_.data(),
+                                      beta_.data(), dev + 2 * max_problems_, spec.c, ldc_.data(), g, size_.data(),
+                                      CUBLAS_COMPUTE_32F);
+  }
+
+  void run_on_streams(const GemmSpec& spec, const std::vector<GemmProblem>& ps, cudaStream_t stream, bool lt) {
+    const int used = int(ps.size()) < kSideStreams ? int(ps.size()) : kSideStreams;
+    MOEKIT_CUDA_CHECK(cudaEventRecord(fork_, stream));
+    for (int i = 0; i < used; ++i) MOEKIT_CUDA_CHECK(cudaStreamWaitEvent(side_[i], fork_, 0));
+    for (std::size_t i = 0; i < ps.size(); ++i) {
+      const int sidx = int(i % std::size_t(kSideStreams));
+      if (lt) run_lt(spec, ps[i], sidx);
+      else MOEKIT_CUBLAS_CHECK(gemm_row_major(side_handle_[sidx], spec, ps[i]));
+    }
+    for (int i = 0; i < used; ++i) {
+      MOEKIT_CUDA_CHECK(cudaEventRecord(done_[i], side_[i]));
+      MOEKIT_CUDA_CHECK(cudaStreamWaitEvent(stream, done_[i], 0));
+    }
+  }
+
+  struct LtPlan {
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+  };
+  static void destroy(LtPlan& p) {
+    if (p.a) cublasLtMatrixLayoutDestroy(p.a);
+    if (p.b) cublasLtMatrixLayoutDestroy(p.b);
+    if (p.c) cublasLtMatrixLayoutDestroy(p.c);
+    if (p.desc) cublasLtMatmulDescDestroy(p.desc);
+  }
+  using LtKey = std::tuple<int, int, int, int, int, int, bool, bool, int, int, bool>;
+
+  // Column-major form as in gemm_row_major: A' = B (op tb), B' = A (op ta), C' [n, m].
+  const LtPlan& lt_plan(const GemmSpec& s, const GemmProblem& p) {
+    const LtKey key{p.m, p.n, p.k, p.lda, p.ldb, p.ldc, s.ta, s.tb, int(s.ab), int(s.c), s.beta != 0.f};
+    if (auto it = lt_plans_.find(key); it != lt_plans_.end()) return it->second;
+    if (lt_plans_.size() >= 4096) {  // routing changes m every step: bound the cache
+      for (auto& [k, plan] : lt_plans_) destroy(plan);
+      lt_plans_.clear();
+    }
+    LtPlan plan;
+    const cublasOperation_t opa = s.tb ? CUBLAS_OP_T : CUBLAS_OP_N, opb = s.ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    MOEKIT_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    MOEKIT_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa));
+    MOEKIT_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb));
+    MOEKIT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, s.ab, s.tb ? p.k : p.n, s.tb ? p.n : p.k, p.ldb));
+    MOEKIT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, s.ab, s.ta ? p.m : p.k, s.ta ? p.k : p.m, p.lda));
+    MOEKIT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.c, s.c, p.n, p.m, p.ldc));
+    cublasLtMatmulPreference_t pref = nullptr;
+    MOEKIT_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const std::size_t ws = kLtWorkspace;
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    if (st == CUBLAS_STATUS_SUCCESS)
+      st = cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c, plan.c, pref, 1, &result, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (st == CUBLAS_STATUS_SUCCESS && found == 0) st = CUBLAS_STATUS_NOT_SUPPORTED;
+    if (st != CUBLAS_STATUS_SUCCESS) {
+      destroy(plan);
+      throw_on_cublas(st, "cublasLtMatmulAlgoGetHeuristic", __FILE__, __LINE__);
+    }
+    plan.algo = result.algo;
+    return lt_plans_.emplace(key, plan).first->second;
+  }
+
+  void run_lt(const GemmSpec& s, const GemmProblem& p, int sidx) {
+    if (p.m == 0 || p.n == 0) return;
+    const LtPlan& plan = lt_plan(s, p);
+    MOEKIT_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.desc, &s.alpha, p.b, plan.a, p.a, plan.b, &s.beta, p.c, plan.c, p.c, plan.c,
+                                       &plan.algo, lt_workspace_[sidx], kLtWorkspace, side_[sidx]));
+  }
+
+  GemmStrategy strategy_;
+  int max_problems_;
+  int fallbacks_ = 0;
+  cublasHandle_t main_ = nullptr;
+  cudaStream_t side_[kSideStreams] = {};
+  cublasHandle_t side_handle_[kSideStreams] = {};
+  cudaEvent_t done_[kSideStreams] = {}, fork_ = nullptr;
+  void** host_ptrs_ = nullptr;  // pinned
+  void** dev_ptrs_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  void* lt_workspace_[kSideStreams] = {};
+  std::map<LtKey, LtPlan> lt_plans_;
+  // Host arrays of the grouped call (reused; sized by the first calls, at most max_problems_).
+  std::vector<cublasOperation_t> ta_, tb_;
+  std::vector<int> m_, n_, k_, lda_, ldb_, ldc_, size_;
+  std::vector<float> alpha_, beta_;
+};
+
+}  // namespace moekit::backend::cuda

@@ -1,0 +1,106 @@
+#pragma once
+// Owning device and pinned-host arrays for the convenience layer (the layer that allocates), and host
+// conversions between float and the storage types. Destructors never throw.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "moekit/backend/cuda/status.cuh"
+#include "moekit/core/bf16.hpp"
+
+namespace moekit::backend::cuda {
+
+// The device storage type of a backend::Cuda<T> value type: float, or __nv_bfloat16 for moekit::bf16.
+template <class T>
+using storage_t = std::conditional_t<std::is_same_v<T, float>, float, __nv_bfloat16>;
+
+template <class T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  explicit DeviceArray(std::size_t n) { resize(n); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  DeviceArray(DeviceArray&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  ~DeviceArray() { cudaFree(p_); }
+  void resize(std::size_t n) {  // discards the contents
+    if (n == n_) return;
+    cudaFree(std::exchange(p_, nullptr));
+    n_ = 0;
+    if (n) MOEKIT_CUDA_CHECK(cudaMalloc(&p_, n * sizeof(T)));
+    n_ = n;
+  }
+  T* data() const { return p_; }
+  std::size_t size() const { return n_; }
+
+ private:
+  T* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+template <class T>
+class PinnedArray {
+ public:
+  PinnedArray() = default;
+  PinnedArray(const PinnedArray&) = delete;
+  PinnedArray& operator=(const PinnedArray&) = delete;
+  ~PinnedArray() { cudaFreeHost(p_); }
+  void resize(std::size_t n) {
+    if (n == n_) return;
+    cudaFreeHost(std::exchange(p_, nullptr));
+    n_ = 0;
+    if (n) MOEKIT_CUDA_CHECK(cudaMallocHost(&p_, n * sizeof(T)));
+    n_ = n;
+  }
+  T* data() const { return p_; }
+  std::size_t size() const { return n_; }
+
+ private:
+  T* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+// Host conversions (round to nearest even for bf16, as __float2bfloat16_rn).
+template <class S>
+S storage_from_float(float f) {
+  if constexpr (std::is_same_v<S, float>) {
+    return f;
+  } else {
+    __nv_bfloat16_raw r;
+    r.x = moekit::bf16::from_float(f);
+    return S(r);
+  }
+}
+template <class S>
+float storage_to_float(S v) {
+  if constexpr (std::is_same_v<S, float>) {
+    return v;
+  } else {
+    const __nv_bfloat16_raw r(v);
+    return moekit::bf16::to_float(r.x);
+  }
+}
+
+// Synchronous copies with conversion (setup and test paths, not the hot path).
+template <class S>
+void upload_as(const float* src, std::size_t n, S* dst) {
+  if (n == 0) return;
+  std::vector<S> h(n);
+  for (std::size_t i = 0; i < n; ++i) h[i] = storage_from_float<S>(src[i]);
+  MOEKIT_CUDA_CHECK(cudaMemcpy(dst, h.data(), n * sizeof(S), cudaMemcpyHostToDevice));
+}
+template <class S>
+void download_as(const S* src, std::size_t n, float* dst) {
+  if (n == 0) return;
+  std::vector<S> h(n);
+  MOEKIT_CUDA_CHECK(cudaMemcpy(h.data(), src, n * sizeof(S), cudaMemcpyDeviceToHost));
+  for (std::size_t i = 0; i < n; ++i) dst[i] = storage_to_float(h[i]);
+}
+
+}  // namespace moekit::backend::cuda

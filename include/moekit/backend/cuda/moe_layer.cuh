@@ -1,0 +1,583 @@
+#pragma once
+// CUDA backend of MoeLayer (DESIGN §6): the same function as the host backend, for every router,
+// expert set, balance scope and capacity mode, forward and exact backward. Include this header from a
+// .cu file (nvcc); the kernels are instantiated in the including translation unit.
+//
+// Forward on the caller's stream:
+//   router GEMM (+ gating residual GEMM) -> fused route_tokens (softmax/sigmoid, top-k, gates, P, lse,
+//   routed counts, non-finite check) -> capacity + permutation (CUB radix sorts) -> gather x rows ->
+//   [one host synchronisation: counts, aux-loss sums, non-finite flag] -> expert GEMM (W1|W3 in one)
+//   -> fused activation -> expert GEMM (W2) -> combine by gather, with zero/copy/constant experts.
+// Backward mirrors it; weight gradients are grouped GEMMs accumulating into fp32 gradients.
+//
+// Host synchronisations: exactly one per forward (cudaStreamSynchronize after copying ~(N_FFN + 4·N_E)
+// numbers to pinned memory): the grouped GEMM needs each expert's row count on the host, and the aux
+// losses (GlobalBatch's all-reduce hook runs on the host) need the counts and sums. None in backward.
+// Memory: parameters (T) and fp32 gradients are allocated at construction; the workspace at reserve()
+// (or the caller's, through attach_workspace()); forward/backward allocate nothing.
+// Calls of one layer must be ordered on one stream (or the caller synchronises between streams).
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "moekit/backend/cuda/activation.cuh"
+#include "moekit/backend/cuda/combine.cuh"
+#include "moekit/backend/cuda/grouped_gemm.cuh"
+#include "moekit/backend/cuda/memory.cuh"
+#include "moekit/backend/cuda/permute.cuh"
+#include "moekit/backend/cuda/policy.hpp"
+#include "moekit/backend/cuda/router.cuh"
+#include "moekit/backend/host/moe_weights.hpp"
+#include "moekit/balance/loss.hpp"
+#include "moekit/core/tensor.hpp"
+#include "moekit/moe_layer.hpp"
+
+namespace moekit {
+
+// A parameter on the device: value in the layer's storage type (fp32 for gate_residual), gradient fp32.
+struct DeviceParameter {
+  std::string name;
+  void* value = nullptr;
+  float* grad = nullptr;
+  std::vector<std::int64_t> shape;
+  cudaDataType_t dtype = CUDA_R_32F;
+  std::int64_t numel() const {
+    std::int64_t n = 1;
+    for (auto s : shape) n *= s;
+    return n;
+  }
+};
+
+template <class V, class Router, class Experts, class Balance>
+class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
+  static_assert(router::RouterPolicy<Router>, "MoeLayer: Router must be a router policy such as router::TopK<router::Softmax>");
+  static_assert(experts::ExpertPolicy<Experts>, "MoeLayer: Experts must be experts::Ffn<Act> or experts::Set<Ffn<Act>, ...>");
+  static_assert(balance::BalancePolicy<Balance>, "MoeLayer: Balance must be balance::MicroBatch or balance::GlobalBatch");
+
+  using Act = typename Experts::activation;
+  using Score = typename Router::score;
+  static constexpr bool kGated = Act::gated;
+  static constexpr bool kResidual = Router::residual;
+
+ public:
+  using value_type = V;  // float or moekit::bf16
+  using storage_type = backend::cuda::storage_t<V>;
+  using S = storage_type;
+
+  explicit MoeLayer(const MoeConfig& cfg, backend::cuda::GemmStrategy gemm = backend::cuda::GemmStrategy::kAuto)
+      : cfg_(cfg) {
+    detail::validate_layer_config<Router, Experts>(cfg_);
+    const auto d = cfg_.d_model, f = cfg_.d_expert, nf = cfg_.num_ffn_experts, n = cfg_.num_experts(),
+               nc = cfg_.num_constant_experts;
+    const std::pair<const char*, std::int64_t> dims[] = {{"d_model", d}, {"d_expert", f}, {"num_experts()", n}};
+    for (const auto& [field, v] : dims)
+      if (v > (std::int64_t(1) << 30)) throw ConfigError(field, std::to_string(v), "must be <= 2^30 on the CUDA backend");
+    wf_ = kGated ? 2 * f : f;
+    router_.resize(n * d), w13_.resize(nf * wf_ * d), w2_.resize(nf * d * f), wc_.resize(nc * 2 * d), v_.resize(nc * d);
+    g_router_.resize(n * d), g_w13_.resize(nf * wf_ * d), g_w2_.resize(nf * d * f), g_wc_.resize(nc * 2 * d), g_v_.resize(nc * d);
+    if constexpr (kResidual) gate_res_.resize(n * n), g_gate_res_.resize(n * n);
+    eta_.assign(n, float(cfg_.tau));
+    std::fill_n(eta_.begin(), nf, 1.f);
+    gemm_ = std::make_unique<backend::cuda::ExpertGemm>(gemm, int(nf));
+    host_stats_.resize(stats_ints() + stats_floats());
+    host_dprob_.resize(n);
+    zero_grad();
+    MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+
+  const MoeConfig& config() const { return cfg_; }
+  Balance& balance() { return balance_; }
+  void set_training(bool on) { training_ = on; }
+  bool training() const { return training_; }
+  backend::cuda::GemmStrategy gemm_strategy() const { return gemm_->strategy(); }
+  int gemm_fallbacks() const { return gemm_->grouped_fallbacks(); }
+
+  // ---- parameters -------------------------------------------------------------------------------
+  // The values a host layer holds for the same seed (generated on the host, then converted).
+  void init_params(std::uint64_t seed) {
+    MoeWeights<float> w;
+    w.resize(cfg_, kGated, kResidual);
+    init_moe_weights(w, cfg_, seed);
+    upload_params(w);
+  }
+  // Host fp32 weights (MoeWeights layout) to the device (rounded to T).
+  void upload_params(const MoeWeights<float>& w) {
+    check_sizes(w, "upload_params");
+    backend::cuda::upload_as(w.router.data(), w.router.size(), router_.data());
+    std::vector<float> w13(w13_.size());
+    interleave(w.w1, w.w3, w13);
+    backend::cuda::upload_as(w13.data(), w13.size(), w13_.data());
+    backend::cuda::upload_as(w.w2.data(), w.w2.size(), w2_.data());
+    backend::cuda::upload_as(w.const_wc.data(), w.const_wc.size(), wc_.data());
+    backend::cuda::upload_as(w.const_v.data(), w.const_v.size(), v_.data());
+    if constexpr (kResidual) backend::cuda::upload_as(w.gate_residual.data(), w.gate_residual.size(), gate_res_.data());
+  }
+  void download_params(MoeWeights<float>& w) const {
+    w.resize(cfg_, kGated, kResidual);
+    backend::cuda::download_as(router_.data(), router_.size(), w.router.data());
+    std::vector<float> w13(w13_.size());
+    backend::cuda::download_as(w13_.data(), w13_.size(), w13.data());
+    deinterleave(w13, w.w1, w.w3);
+    backend::cuda::download_as(w2_.data(), w2_.size(), w.w2.data());
+    backend::cuda::download_as(wc_.data(), wc_.size(), w.const_wc.data());
+    backend::cuda::download_as(v_.data(), v_.size(), w.const_v.data());
+    if constexpr (kResidual) backend::cuda::download_as(gate_res_.data(), gate_res_.size(), w.gate_residual.data());
+  }
+  // The fp32 gradients accumulated so far (synchronises the device).
+  void download_grads(MoeWeights<float>& g) const {
+    MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+    g.resize(cfg_, kGated, kResidual);
+    backend::cuda::download_as(g_router_.data(), g_router_.size(), g.router.data());
+    std::vector<float> w13(g_w13_.size());
+    backend::cuda::download_as(g_w13_.data(), g_w13_.size(), w13.data());
+    deinterleave(w13, g.w1, g.w3);
+    backend::cuda::download_as(g_w2_.data(), g_w2_.size(), g.w2.data());
+    backend::cuda::download_as(g_wc_.data(), g_wc_.size(), g.const_wc.data());
+    backend::cuda::download_as(g_v_.data(), g_v_.size(), g.const_v.data());
+    if constexpr (kResidual) backend::cuda::download_as(g_gate_res_.data(), g_gate_res_.size(), g.gate_residual.data());
+  }
+  void zero_grad(cudaStream_t stream = nullptr) {
+    for (auto* a : {&g_router_, &g_w13_, &g_w2_, &g_wc_, &g_v_, &g_gate_res_})
+      if (a->size()) MOEKIT_CUDA_CHECK(cudaMemsetAsync(a->data(), 0, a->size() * sizeof(float), stream));
+  }
+  // Device parameters named as the host layer's (w1 and w3 of an expert are the two halves of its
+  // [2·d_expert, D] block): for an optimizer or a checkpoint.
+  std::vector<DeviceParameter> parameters(const std::string& prefix = "") {
+    const auto d = cfg_.d_model, f = cfg_.d_expert, n = cfg_.num_experts();
+    const cudaDataType_t st = backend::cuda::data_type<S>();
+    std::vector<DeviceParameter> ps;
+    auto add = [&](std::string name, void* v, float* g, std::vector<std::int64_t> shape, cudaDataType_t t) {
+      ps.push_back({prefix + std::move(name), v, g, std::move(shape), t});
+    };
+    add("gate.weight", router_.data(), g_router_.data(), {n, d}, st);
+    for (std::int64_t e = 0; e < cfg_.num_ffn_experts; ++e) {
+      const std::string p = "experts." + std::to_string(e) + ".";
+      add(p + "w1.weight", w13_.data() + e * wf_ * d, g_w13_.data() + e * wf_ * d, {f, d}, st);
+      add(p + "w2.weight", w2_.data() + e * d * f, g_w2_.data() + e * d * f, {d, f}, st);
+      if constexpr (kGated) add(p + "w3.weight", w13_.data() + (e * wf_ + f) * d, g_w13_.data() + (e * wf_ + f) * d, {f, d}, st);
+    }
+    for (std::int64_t j = 0; j < cfg_.num_constant_experts; ++j) {
+      const std::string p = "constant." + std::to_string(j) + ".";
+      add(p + "wc.weight", wc_.data() + j * 2 * d, g_wc_.data() + j * 2 * d, {2, d}, st);
+      add(p + "v", v_.data() + j * d, g_v_.data() + j * d, {d}, st);
+    }
+    if constexpr (kResidual) add("gate_residual.weight", gate_res_.data(), g_gate_res_.data(), {n, n}, CUDA_R_32F);
+    return ps;
+  }
+
+  // ---- workspace --------------------------------------------------------------------------------
+  // Bytes of device workspace a forward/backward of up to `tokens` tokens needs.
+  std::size_t workspace_bytes(std::int64_t tokens) const {
+    Buffers b;
+    return carve(b, nullptr, tokens);
+  }
+  // Allocates (or grows) the layer's own workspace for up to `tokens` tokens.
+  void reserve(std::int64_t tokens) {
+    if (tokens <= reserved_ && !external_) return;
+    owned_.resize(0);
+    owned_.resize(workspace_bytes(tokens));
+    bind(owned_.data(), tokens);
+    external_ = false;
+  }
+  // Uses caller-owned device memory (at least workspace_bytes(tokens)) instead.
+  void attach_workspace(void* p, std::size_t bytes, std::int64_t tokens) {
+    const std::size_t need = workspace_bytes(tokens);
+    if (!p || bytes < need)
+      throw ShapeError("attach_workspace: " + std::to_string(bytes) + " bytes given, " + std::to_string(need) +
+                       " needed for " + std::to_string(tokens) + " tokens");
+    owned_.resize(0);
+    bind(static_cast<char*>(p), tokens);
+    external_ = true;
+  }
+  std::int64_t reserved_tokens() const { return reserved_; }
+
+  // ---- forward / backward -----------------------------------------------------------------------
+  // y = MoE(x). x, y: device [T, D] in the storage type; prev_logits: device [T, N_E] fp32 (gating
+  // residual only). T must be <= reserved_tokens(). Returns the aux losses (unscaled).
+  AuxLosses forward(MatrixView<const S> x, MatrixView<S> y, MatrixView<const float> prev_logits = {},
+                    cudaStream_t stream = nullptr) {
+    using namespace backend::cuda;
+    const std::int64_t tokens = x.shape[0], d = cfg_.d_model, n = cfg_.num_experts(), k = cfg_.top_k,
+                       nf = cfg_.num_ffn_experts, nc = cfg_.num_constant_experts, f = cfg_.d_expert;
+    check_shape(x, "x", {tokens, d});
+    check_shape(y, "y", {tokens, d});
+    if (tokens > reserved_)
+      throw ShapeError("x has " + std::to_string(tokens) + " tokens but the workspace holds " + std::to_string(reserved_) +
+                       " (call reserve(" + std::to_string(tokens) + ") first: forward never allocates)");
+    const bool has_prev = prev_logits.data != nullptr;
+    if (has_prev) {
+      if (!kResidual) throw ShapeError("prev_logits given, but the router has no gating residual (router::GatingResidual)");
+      check_shape(prev_logits, "prev_logits", {tokens, n});
+    }
+    has_forward_ = false;
+    has_prev_ = has_prev;
+    tokens_ = tokens;
+    const int T = int(tokens), N = int(n), K = int(k), D = int(d), NF = int(nf), NC = int(nc);
+    const cudaDataType_t st = data_type<S>();
+    cublasHandle_t h = gemm_->handle(stream);
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(b_.x, x.data, std::size_t(tokens * d) * sizeof(S), cudaMemcpyDeviceToDevice, stream));
+    // Router logits in fp32: x W_r^T (+ prev W_g^T).
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, true, st, CUDA_R_32F, 1.f, 0.f},
+                                       {T, N, D, b_.x, D, router_.data(), D, b_.logits, N}));
+    if constexpr (kResidual)
+      if (has_prev) {
+        MOEKIT_CUDA_CHECK(cudaMemcpyAsync(b_.prev, prev_logits.data, std::size_t(tokens * n) * sizeof(float),
+                                          cudaMemcpyDeviceToDevice, stream));
+        MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, true, CUDA_R_32F, CUDA_R_32F, 1.f, 1.f},
+                                           {T, N, N, b_.prev, N, gate_res_.data(), N, b_.logits, N}));
+      }
+    RouteParams rp;
+    rp.logits = b_.logits, rp.tokens = T, rp.experts = N, rp.top_k = K, rp.renormalize = cfg_.renormalize;
+    rp.prob = b_.prob, rp.idx = b_.idx, rp.gate = b_.gate, rp.lse = b_.lse, rp.counts = routed_dev(), rp.bad_token = bad_dev();
+    MOEKIT_CUDA_CHECK(route_tokens<Score>(rp, stream));
+    // Capacity, permutation and the gather into expert-contiguous rows.
+    const auto caps = balance::expert_capacities(cfg_.capacity_factor, cfg_.tau, k, tokens, nf, cfg_.num_zc_experts());
+    PermuteParams pp;
+    pp.idx = b_.idx, pp.tokens = T, pp.top_k = K, pp.experts = N, pp.ffn_experts = NF;
+    pp.cap_ffn = int(std::min<std::int64_t>(caps.ffn, INT32_MAX)), pp.cap_zc = int(std::min<std::int64_t>(caps.zc, INT32_MAX));
+    if (caps.ffn >= 0) {
+      MOEKIT_CUDA_CHECK(slot_scores<Score>(b_.logits, b_.prob, b_.idx, T, N, K, b_.score, stream));
+      pp.score = b_.score;
+    }
+    pp.slot_of_row = b_.slot_of_row, pp.row_of_slot = b_.row_of_slot, pp.offsets = offsets_dev(), pp.kept_counts = kept_dev();
+    std::size_t perm_bytes = perm_bytes_;
+    MOEKIT_CUDA_CHECK(permute_slots(b_.perm, perm_bytes, pp, stream));
+    MOEKIT_CUDA_CHECK(gather_rows(b_.x, b_.slot_of_row, b_.xp, T * K, K, D, stream, offsets_dev() + NF));
+    // Sums of the aux losses: P_i = Σ_t prob[t, i] (prob^T · 1) and Σ_t lse_t².
+    if (T > 0) {
+      const float one = 1.f, zero = 0.f;
+      MOEKIT_CUBLAS_CHECK(cublasSgemv(h, CUBLAS_OP_N, N, T, &one, b_.prob, N, b_.ones, 1, &zero, prob_sum_dev(), 1));
+    } else {
+      MOEKIT_CUDA_CHECK(cudaMemsetAsync(prob_sum_dev(), 0, sizeof(float) * std::size_t(N), stream));
+    }
+    MOEKIT_CUDA_CHECK(sum_squares(b_.lse, T, zsum_dev(), stream));
+    CombineParams<S> cp = combine_params();
+    if (NC > 0) {  // [a1, a2] of constant experts from one GEMM over all of them
+      MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, true, st, CUDA_R_32F, 1.f, 0.f},
+                                         {T, 2 * NC, D, b_.x, D, wc_.data(), D, b_.zc_logits, 2 * NC}));
+      MOEKIT_CUDA_CHECK(zc_mix(cp, b_.zc_logits, b_.mix, stream));
+    }
+    // The one host synchronisation of the forward.
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(host_stats_.data(), b_.stats, stats_bytes(), cudaMemcpyDeviceToHost, stream));
+    MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
+    read_stats();
+    if (bad_token_ != kNoBadToken)
+      throw NumericError("router logits of token " + std::to_string(bad_token_) +
+                         " are not finite (check x, gate.weight and prev_logits)");
+    // Experts: [W1|W3] x, activation, W2 a.
+    const int rows = offsets_.back();
+    gemm_flops_ = 0;
+    const GemmSpec fwd{false, true, st, st, 1.f, 0.f};
+    gemm_->run(0, fwd, expert_problems([&](int e, int off, int m) {
+                 return GemmProblem{m, int(wf_), D, b_.xp + std::size_t(off) * D, D, w13_.data() + std::size_t(e) * wf_ * d, D,
+                                    b_.h13 + std::size_t(off) * wf_, int(wf_)};
+               }), stream);
+    MOEKIT_CUDA_CHECK(activation_forward<Act>(b_.h13, kGated ? b_.h13 + f : nullptr, b_.a, rows, int(f), stream, int(wf_)));
+    gemm_->run(1, fwd, expert_problems([&](int e, int off, int m) {
+                 return GemmProblem{m, D, int(f), b_.a + std::size_t(off) * f, int(f), w2_.data() + std::size_t(e) * d * f, int(f),
+                                    b_.yp + std::size_t(off) * D, D};
+               }), stream);
+    gemm_flops_ = std::int64_t(rows) * 2 * (wf_ * d + d * f);
+    MOEKIT_CUDA_CHECK(combine(cp, y.data, stream));
+    aux_ = compute_aux();
+    has_forward_ = true;
+    return aux_;
+  }
+
+  // Backward of L = sum(y * dy) + aux_scale * (lbl_coef * LBL + zloss_coef * zloss) + sum(logits * dlogits_next),
+  // as the host backend: writes dx (and dprev_logits when given), adds into the fp32 gradients.
+  void backward(MatrixView<const S> dy, MatrixView<S> dx, double aux_scale = 1.0, MatrixView<const float> dlogits_next = {},
+                MatrixView<float> dprev_logits = {}, cudaStream_t stream = nullptr) {
+    using namespace backend::cuda;
+    if (!has_forward_) throw std::logic_error("moekit::MoeLayer::backward called before forward");
+    const std::int64_t n = cfg_.num_experts(), d = cfg_.d_model, f = cfg_.d_expert;
+    check_shape(dy, "dy", {tokens_, d});
+    check_shape(dx, "dx", {tokens_, d});
+    if (dlogits_next.data) check_shape(dlogits_next, "dlogits_next", {tokens_, n});
+    if (dprev_logits.data) {
+      if (!has_prev_) throw ShapeError("dprev_logits asked for, but forward was given no prev_logits");
+      check_shape(dprev_logits, "dprev_logits", {tokens_, n});
+    }
+    const int T = int(tokens_), D = int(d), F = int(f), WF = int(wf_), NC = int(cfg_.num_constant_experts);
+    const cudaDataType_t st = data_type<S>();
+    cublasHandle_t h = gemm_->handle(stream);
+    CombineParams<S> cp = combine_params();
+    SlotGrads<S> sg;
+    sg.dgate = b_.dgate;
+    if (NC > 0) {
+      sg.dz = b_.dz, sg.coef_z = b_.coef_z, sg.coef_v = b_.coef_v;
+      MOEKIT_CUDA_CHECK(cudaMemsetAsync(b_.coef_z, 0, sizeof(S) * std::size_t(T) * 2 * NC, stream));
+      MOEKIT_CUDA_CHECK(cudaMemsetAsync(b_.coef_v, 0, sizeof(S) * std::size_t(T) * NC, stream));
+    }
+    MOEKIT_CUDA_CHECK(combine_backward(cp, dy.data, b_.dyp, sg, stream));
+    // Experts in reverse: dW2 += dY^T A; dA = dY W2; activation backward in place; dW13 += dH^T X; dX = dH W13.
+    const GemmSpec wgrad{true, false, st, CUDA_R_32F, 1.f, 1.f}, dgrad{false, false, st, st, 1.f, 0.f};
+    gemm_->run(2, wgrad, expert_problems([&](int e, int off, int m) {
+                 return GemmProblem{D, F, m, b_.dyp + std::size_t(off) * D, D, b_.a + std::size_t(off) * F, F,
+                                    g_w2_.data() + std::size_t(e) * d * f, F};
+               }), stream);
+    gemm_->run(3, dgrad, expert_problems([&](int e, int off, int m) {
+                 return GemmProblem{m, F, D, b_.dyp + std::size_t(off) * D, D, w2_.data() + std::size_t(e) * d * f, F,
+                                    b_.a + std::size_t(off) * F, F};
+               }), stream);
+    const int rows = offsets_.back();
+    MOEKIT_CUDA_CHECK(activation_backward<Act>(b_.h13, kGated ? b_.h13 + f : nullptr, b_.a, b_.h13,
+                                               kGated ? b_.h13 + f : nullptr, rows, F, stream, WF));
+    gemm_->run(4, wgrad, expert_problems([&](int e, int off, int m) {
+                 return GemmProblem{WF, D, m, b_.h13 + std::size_t(off) * WF, WF, b_.xp + std::size_t(off) * D, D,
+                                    g_w13_.data() + std::size_t(e) * wf_ * d, D};
+               }), stream);
+    gemm_->run(5, dgrad, expert_problems([&](int e, int off, int m) {
+                 return GemmProblem{m, D, WF, b_.h13 + std::size_t(off) * WF, WF, w13_.data() + std::size_t(e) * wf_ * d, D,
+                                    b_.dyp + std::size_t(off) * D, D};
+               }), stream);
+    // dx in fp32: the gather of the expert rows + copy/constant experts, then the router's term.
+    float* dx32 = b_.dx32 ? b_.dx32 : reinterpret_cast<float*>(dx.data);
+    MOEKIT_CUDA_CHECK(token_backward(cp, b_.dyp, dy.data, b_.dz, dx32, stream));
+    if (NC > 0) {
+      MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f},
+                                         {NC, D, T, b_.coef_v, NC, dy.data, D, g_v_.data(), D}));
+      MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f},
+                                         {2 * NC, D, T, b_.coef_z, 2 * NC, b_.x, D, g_wc_.data(), D}));
+    }
+    router_backward(h, float(aux_scale), dlogits_next.data, dprev_logits.data, dx32, stream);
+    if (b_.dx32) MOEKIT_CUDA_CHECK(convert(b_.dx32, dx.data, std::size_t(tokens_ * d), stream));
+  }
+
+  // ---- results of the last forward ----------------------------------------------------------------
+  std::int64_t num_tokens() const { return tokens_; }
+  AuxLosses aux() const { return aux_; }
+  // Routed (pre-capacity) slots per expert, and slots each expert kept (host copies from the forward).
+  const std::vector<std::int64_t>& routed_counts() const { return routed_; }
+  const std::vector<std::int32_t>& expert_counts() const { return kept_; }
+  std::int64_t expert_gemm_flops() const { return gemm_flops_; }
+  std::int64_t ffn_rows() const { return offsets_.empty() ? 0 : offsets_.back(); }
+  // Device views (valid until the next forward).
+  const float* logits_device() const { return b_.logits; }
+  const float* probs_device() const { return b_.prob; }
+  const int* topk_indices_device() const { return b_.idx; }
+  const float* topk_gates_device() const { return b_.gate; }
+  const int* slot_rows_device() const { return b_.row_of_slot; }  // row, or kDroppedSlot / kZeroComputationSlot
+
+ private:
+  struct Buffers {
+    S *x = nullptr, *xp = nullptr, *h13 = nullptr, *a = nullptr, *yp = nullptr, *dyp = nullptr, *dlogits_s = nullptr,
+      *coef_z = nullptr, *coef_v = nullptr;
+    float *prev = nullptr, *logits = nullptr, *prob = nullptr, *dlogits = nullptr, *scratch = nullptr, *gate = nullptr,
+          *dgate = nullptr, *lse = nullptr, *score = nullptr, *mix = nullptr, *dz = nullptr, *zc_logits = nullptr,
+          *dx32 = nullptr, *ones = nullptr, *dprob = nullptr;
+    int *idx = nullptr, *slot_of_row = nullptr, *row_of_slot = nullptr;
+    void* perm = nullptr;
+    char* stats = nullptr;
+  };
+
+  // Stats block (device, copied to pinned host memory once per forward):
+  // ints offsets [N_FFN + 1] | kept [N_E] | routed [N_E] | bad token [1], then floats prob_sum [N_E] | Σ lse² [1].
+  std::size_t stats_ints() const { return std::size_t(cfg_.num_ffn_experts + 1 + 2 * cfg_.num_experts() + 1); }
+  std::size_t stats_floats() const { return std::size_t(cfg_.num_experts() + 1); }
+  std::size_t stats_bytes() const { return 4 * (stats_ints() + stats_floats()); }
+  int* offsets_dev() const { return reinterpret_cast<int*>(b_.stats); }
+  int* kept_dev() const { return offsets_dev() + cfg_.num_ffn_experts + 1; }
+  int* routed_dev() const { return kept_dev() + cfg_.num_experts(); }
+  int* bad_dev() const { return routed_dev() + cfg_.num_experts(); }
+  float* prob_sum_dev() const { return reinterpret_cast<float*>(b_.stats + 4 * stats_ints()); }
+  float* zsum_dev() const { return prob_sum_dev() + cfg_.num_experts(); }
+
+  // Lays the buffers for `tokens` tokens out from `base` (or only counts with base == nullptr).
+  std::size_t carve(Buffers& b, char* base, std::int64_t tokens) const {
+    const std::size_t t = std::size_t(tokens), n = std::size_t(cfg_.num_experts()), k = std::size_t(cfg_.top_k),
+                      d = std::size_t(cfg_.d_model), f = std::size_t(cfg_.d_expert), nc = std::size_t(cfg_.num_constant_experts),
+                      rows = t * k, wf = std::size_t(wf_);
+    constexpr bool kBf16 = !std::is_same_v<S, float>;
+    std::size_t at = 0;
+    auto take = [&](auto*& p, std::size_t count) {
+      using P = std::remove_reference_t<decltype(*p)>;
+      p = base ? reinterpret_cast<P*>(base + at) : nullptr;  // valid (unread) even when count is 0
+      at += (count * sizeof(P) + 255) / 256 * 256;
+    };
+    take(b.x, t * d);
+    if constexpr (kResidual) take(b.prev, t * n);
+    for (float** p : {&b.logits, &b.prob, &b.dlogits, &b.scratch}) take(*p, t * n);
+    if constexpr (kBf16) take(b.dlogits_s, t * n);
+    for (float** p : {&b.gate, &b.dgate, &b.score}) take(*p, rows);
+    for (float** p : {&b.mix, &b.dz}) take(*p, 2 * rows);
+    take(b.lse, t);
+    for (int** p : {&b.idx, &b.slot_of_row, &b.row_of_slot}) take(*p, rows);
+    take(b.xp, rows * d), take(b.h13, rows * wf), take(b.a, rows * f), take(b.yp, rows * d), take(b.dyp, rows * d);
+    if (nc) take(b.zc_logits, t * 2 * nc), take(b.coef_z, t * 2 * nc), take(b.coef_v, t * nc);
+    if constexpr (kBf16) take(b.dx32, t * d);
+    take(b.ones, t);
+    take(b.dprob, n);
+    take(b.stats, stats_bytes());
+    char* perm = nullptr;
+    take(perm, permute_temp_bytes(tokens));
+    b.perm = perm;
+    return at;
+  }
+  std::size_t permute_temp_bytes(std::int64_t tokens) const {
+    backend::cuda::PermuteParams pp;
+    pp.tokens = int(tokens), pp.top_k = int(cfg_.top_k), pp.experts = int(cfg_.num_experts());
+    pp.ffn_experts = int(cfg_.num_ffn_experts);
+    std::size_t bytes = 0;
+    MOEKIT_CUDA_CHECK(backend::cuda::permute_slots(nullptr, bytes, pp, nullptr));
+    return bytes;
+  }
+  void bind(char* base, std::int64_t tokens) {
+    if (tokens * cfg_.top_k > (std::int64_t(1) << 30))
+      throw ShapeError("tokens * top_k = " + std::to_string(tokens * cfg_.top_k) + " exceeds 2^30 on the CUDA backend");
+    carve(b_, base, tokens);
+    perm_bytes_ = permute_temp_bytes(tokens);
+    if (tokens > 0) {
+      const std::vector<float> ones(std::size_t(tokens), 1.f);
+      MOEKIT_CUDA_CHECK(cudaMemcpy(b_.ones, ones.data(), ones.size() * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    reserved_ = tokens;
+    has_forward_ = false;
+  }
+
+  backend::cuda::CombineParams<S> combine_params() const {
+    backend::cuda::CombineParams<S> p;
+    p.tokens = int(tokens_), p.top_k = int(cfg_.top_k), p.d = int(cfg_.d_model);
+    p.gate = b_.gate, p.row_of_slot = b_.row_of_slot, p.slot_of_row = b_.slot_of_row;
+    p.num_rows = offsets_dev() + cfg_.num_ffn_experts;
+    p.y = b_.yp, p.x = b_.x, p.idx = b_.idx;
+    p.ffn_experts = int(cfg_.num_ffn_experts), p.zero_experts = int(cfg_.num_zero_experts);
+    p.copy_experts = int(cfg_.num_copy_experts), p.constant_experts = int(cfg_.num_constant_experts);
+    p.const_v = v_.data(), p.const_wc = wc_.data(), p.mix = b_.mix;
+    return p;
+  }
+
+  // One problem per FFN expert with rows, from the host offsets of the last forward.
+  template <class F>
+  std::vector<backend::cuda::GemmProblem> expert_problems(F&& make) const {
+    std::vector<backend::cuda::GemmProblem> ps;
+    for (int e = 0; e + 1 < int(offsets_.size()); ++e)
+      if (offsets_[e + 1] > offsets_[e]) ps.push_back(make(e, offsets_[e], offsets_[e + 1] - offsets_[e]));
+    return ps;
+  }
+
+  void read_stats() {
+    const auto nf = cfg_.num_ffn_experts, n = cfg_.num_experts();
+    const std::int32_t* ints = host_stats_.data();
+    offsets_.assign(ints, ints + nf + 1);
+    kept_.assign(ints + nf + 1, ints + nf + 1 + n);
+    routed_.assign(ints + nf + 1 + n, ints + nf + 1 + 2 * n);
+    bad_token_ = ints[nf + 1 + 2 * n];
+    const float* floats = reinterpret_cast<const float*>(ints + stats_ints());
+    prob_sum_.assign(floats, floats + n);
+    zsum_ = floats[n];
+  }
+
+  AuxLosses compute_aux() {
+    const auto n = cfg_.num_experts(), k = cfg_.top_k;
+    f_counts_ = routed_;
+    f_tokens_ = tokens_;
+    if constexpr (Balance::global)
+      if (training_) {
+        balance_.accumulate(routed_, tokens_);
+        f_counts_ = balance_.counts();
+        f_tokens_ = balance_.tokens();
+      }
+    AuxLosses a;
+    a.lbl = double(balance::load_balancing_loss<float>(f_counts_.data(), prob_sum_.data(), int(n), int(k), f_tokens_, tokens_,
+                                                       eta_.data()));
+    a.zloss = tokens_ > 0 ? double(zsum_ / float(tokens_)) : 0.0;
+    return a;
+  }
+
+  void router_backward(cublasHandle_t h, float aux_scale, const float* dlogits_next, float* dprev, float* dx32,
+                       cudaStream_t stream) {
+    using namespace backend::cuda;
+    const auto n = cfg_.num_experts(), k = cfg_.top_k;
+    const int T = int(tokens_), N = int(n), D = int(cfg_.d_model);
+    for (std::int64_t i = 0; i < n; ++i)
+      host_dprob_.data()[i] = aux_scale * float(cfg_.lbl_coef) *
+                              balance::load_balancing_dprob<float>(f_counts_[i], int(n), int(k), f_tokens_, tokens_, eta_[i]);
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(b_.dprob, host_dprob_.data(), sizeof(float) * std::size_t(n), cudaMemcpyHostToDevice, stream));
+    if (T == 0) return;
+    RouteBackwardParams rb;
+    rb.logits = b_.logits, rb.prob = b_.prob, rb.idx = b_.idx, rb.gate = b_.gate, rb.dgate = b_.dgate, rb.dprob = b_.dprob;
+    rb.lse = b_.lse, rb.zscale = aux_scale * float(cfg_.zloss_coef) * 2.f / float(T);
+    rb.tokens = T, rb.experts = N, rb.top_k = int(k), rb.renormalize = cfg_.renormalize;
+    rb.scratch = b_.scratch, rb.dlogits = b_.dlogits;
+    MOEKIT_CUDA_CHECK(route_tokens_backward<Score>(rb, stream));
+    if (dlogits_next) {
+      const float one = 1.f;
+      MOEKIT_CUBLAS_CHECK(cublasSaxpy(h, T * N, &one, dlogits_next, 1, b_.dlogits, 1));
+    }
+    const cudaDataType_t st = data_type<S>();
+    const void* dl = b_.dlogits;
+    if (b_.dlogits_s) {  // bf16: the GEMMs with x and W_r take one input type
+      MOEKIT_CUDA_CHECK(convert(b_.dlogits, b_.dlogits_s, std::size_t(T) * N, stream));
+      dl = b_.dlogits_s;
+    }
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f}, {N, D, T, dl, N, b_.x, D, g_router_.data(), D}));
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, false, st, CUDA_R_32F, 1.f, 1.f}, {T, D, N, dl, N, router_.data(), D, dx32, D}));
+    if constexpr (kResidual)
+      if (has_prev_) {
+        MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, CUDA_R_32F, CUDA_R_32F, 1.f, 1.f},
+                                           {N, N, T, b_.dlogits, N, b_.prev, N, g_gate_res_.data(), N}));
+        if (dprev)
+          MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, false, CUDA_R_32F, CUDA_R_32F, 1.f, 0.f},
+                                             {T, N, N, b_.dlogits, N, gate_res_.data(), N, dprev, N}));
+      }
+  }
+
+  void check_sizes(const MoeWeights<float>& w, const char* what) const {
+    MoeWeights<float> want;
+    want.resize(cfg_, kGated, kResidual);
+    auto same = [&](const std::vector<float>& a, const std::vector<float>& b, const char* name) {
+      if (a.size() != b.size())
+        throw ShapeError(std::string(what) + ": " + name + " has " + std::to_string(a.size()) + " values, expected " +
+                         std::to_string(b.size()));
+    };
+    same(w.router, want.router, "router"), same(w.w1, want.w1, "w1"), same(w.w2, want.w2, "w2"), same(w.w3, want.w3, "w3");
+    same(w.const_wc, want.const_wc, "const_wc"), same(w.const_v, want.const_v, "const_v");
+    same(w.gate_residual, want.gate_residual, "gate_residual");
+  }
+  // [N_FFN, d_expert, D] w1 and w3 -> [N_FFN, wf, D] with expert e's w1 then w3 (w1 alone when not gated).
+  void interleave(const std::vector<float>& w1, const std::vector<float>& w3, std::vector<float>& w13) const {
+    const std::size_t blk = std::size_t(cfg_.d_expert * cfg_.d_model);
+    for (std::size_t e = 0; e < std::size_t(cfg_.num_ffn_experts); ++e) {
+      std::copy_n(w1.begin() + e * blk, blk, w13.begin() + e * std::size_t(wf_ / cfg_.d_expert) * blk);
+      if constexpr (kGated) std::copy_n(w3.begin() + e * blk, blk, w13.begin() + (2 * e + 1) * blk);
+    }
+  }
+  void deinterleave(const std::vector<float>& w13, std::vector<float>& w1, std::vector<float>& w3) const {
+    const std::size_t blk = std::size_t(cfg_.d_expert * cfg_.d_model);
+    for (std::size_t e = 0; e < std::size_t(cfg_.num_ffn_experts); ++e) {
+      std::copy_n(w13.begin() + e * std::size_t(wf_ / cfg_.d_expert) * blk, blk, w1.begin() + e * blk);
+      if constexpr (kGated) std::copy_n(w13.begin() + (2 * e + 1) * blk, blk, w3.begin() + e * blk);
+    }
+  }
+
+  MoeConfig cfg_;
+  std::int64_t wf_ = 0;  // rows of an expert's [W1|W3] block: 2·d_expert (gated) or d_expert
+  Balance balance_;
+  std::vector<float> eta_;
+  std::unique_ptr<backend::cuda::ExpertGemm> gemm_;
+  backend::cuda::DeviceArray<S> router_, w13_, w2_, wc_, v_;
+  backend::cuda::DeviceArray<float> gate_res_, g_router_, g_w13_, g_w2_, g_wc_, g_v_, g_gate_res_;
+  backend::cuda::DeviceArray<char> owned_;
+  backend::cuda::PinnedArray<std::int32_t> host_stats_;  // ints then floats (same 4-byte size)
+  backend::cuda::PinnedArray<float> host_dprob_;
+  Buffers b_;
+  std::size_t perm_bytes_ = 0;
+  std::int64_t reserved_ = 0, tokens_ = 0, f_tokens_ = 0, gemm_flops_ = 0;
+  bool external_ = false, has_forward_ = false, has_prev_ = false, training_ = true;
+  int bad_token_ = 0;
+  float zsum_ = 0.f;
+  AuxLosses aux_;
+  std::vector<std::int32_t> offsets_, kept_;
+  std::vector<std::int64_t> routed_, f_counts_;
+  std::vector<float> prob_sum_;
+};
+
+}  // namespace moekit

@@ -1,0 +1,36 @@
+// MoeLayer<backend::Cuda<float>> against the host backend (tests/gpu/layer_check.cuh): every router,
+// expert set, balance scope, capacity mode and GEMM strategy; fp32 within 1e-5 relative. Also the
+// errors a caller can provoke.
+#include <limits>
+
+#include "layer_check.cuh"
+
+TEST_CASE("cuda layer fp32 equals the host layer") { layer_check::run_all<float>(); }
+
+TEST_CASE("cuda layer: bad input gives a clear error") {
+  using namespace moekit;
+  using Layer = MoeLayer<backend::Cuda<float>, router::TopK<router::Softmax>, experts::Ffn<act::SwiGLU>>;
+  MoeConfig cfg = layer_check::small_config(4, 2, RouterKind::kSoftmax, Activation::kSwiGLU);
+  Layer layer(cfg);
+  layer.init_params(1);
+  const std::int64_t T = 8, D = cfg.d_model;
+  DeviceBuffer<float> x(T * D), y(T * D);
+  std::vector<float> hx(T * D, 0.5f);
+  hx[3 * D + 1] = std::numeric_limits<float>::quiet_NaN();
+  x.upload(hx);
+  // No workspace yet: forward never allocates.
+  CHECK_THROWS_AS(layer.forward(MatrixView<const float>(x.p, {T, D}), MatrixView<float>(y.p, {T, D})), ShapeError);
+  layer.reserve(T);
+  CHECK_THROWS_AS(layer.backward(MatrixView<const float>(y.p, {T, D}), MatrixView<float>(x.p, {T, D})), std::logic_error);
+  try {
+    layer.forward(MatrixView<const float>(x.p, {T, D}), MatrixView<float>(y.p, {T, D}));
+    FAIL("a NaN input must throw");
+  } catch (const NumericError& e) {
+    CHECK(std::string(e.what()).find("token 3") != std::string::npos);
+  }
+  CHECK_THROWS_AS(layer.forward(MatrixView<const float>(x.p, {T, D - 1}), MatrixView<float>(y.p, {T, D})), ShapeError);
+  MoeConfig wrong = cfg;
+  wrong.activation = Activation::kGeLU;
+  CHECK_THROWS_AS(Layer{wrong}, ConfigError);
+  CHECK_THROWS_AS(backend::cuda::parse_gemm_strategy("fastest"), ConfigError);
+}
