@@ -2,8 +2,10 @@
 // compare with the ceiling of one dense GEMM of equal FLOPs measured in the same run.
 //
 //   OMP_WAIT_POLICY=passive bench_moe_layer [--backend host] [--quick] [--reps N] [--json out.json]
+//   bench_moe_layer --backend cuda [--quick] [--reps N] [--json out.json] [--gemm auto|grouped|streams|lt|all]
+//                   [--dtype bf16|fp32] [--shape mixtral|olmoe|qwen3-30b-a3b|deepseek-v3-routed ...]
 //
-// Host backend now (fp32, SwiGLU, softmax top-k); the CUDA backend will add its rows here.
+// Host rows: fp32, SwiGLU, softmax top-k. CUDA rows: cuda_bench.cu (built when CUDA is enabled).
 // FLOPs: forward 6·T·k·d·d_expert, forward+backward 18·T·k·d·d_expert (the router, 2·T·d·N_E and
 // x3 with backward, is reported separately and not in the ratio).
 #include <omp.h>
@@ -18,6 +20,10 @@
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
+
+#ifdef MOEKIT_BENCH_WITH_CUDA
+#include "cuda_bench.hpp"
+#endif
 
 using namespace moekit;
 using Clock = std::chrono::steady_clock;
@@ -139,6 +145,20 @@ std::string machine() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::string(argv[i]) == "--backend" && std::string(argv[i + 1]) == "cuda") {
+#ifdef MOEKIT_BENCH_WITH_CUDA
+      try {
+        return run_cuda_bench(argc, argv);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "bench_moe_layer: %s\n", e.what());
+        return 2;
+      }
+#else
+      std::fprintf(stderr, "bench_moe_layer: built without CUDA (configure with MOEKIT_ENABLE_CUDA=ON or the cuda preset)\n");
+      return 2;
+#endif
+    }
   bool quick = false;
   int reps = 5;
   std::string json_path, backend = "host";
@@ -156,12 +176,13 @@ int main(int argc, char** argv) {
     else if (a == "--json") json_path = next();
     else if (a == "--backend") backend = next();
     else {
-      std::fprintf(stderr, "usage: bench_moe_layer [--backend host] [--quick] [--reps N] [--json out.json]\n");
+      std::fprintf(stderr, "usage: bench_moe_layer [--backend host|cuda] [--quick] [--reps N] [--json out.json] "
+                           "(cuda: [--gemm auto|grouped|streams|lt|all] [--dtype bf16|fp32] [--shape NAME])\n");
       return 2;
     }
   }
   if (backend != "host") {
-    std::fprintf(stderr, "bench_moe_layer: --backend %s is not available yet (only \"host\")\n", backend.c_str());
+    std::fprintf(stderr, "bench_moe_layer: --backend must be host or cuda, not %s\n", backend.c_str());
     return 2;
   }
   if (quick) reps = 1;

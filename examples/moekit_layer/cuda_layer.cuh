@@ -1,0 +1,103 @@
+#pragma once
+// moekit-layer's CUDA run: MoeLayer<backend::Cuda<V>> forward + backward on the harness's fp32 inputs,
+// results back in fp32 (layer_io.hpp). Included by cuda_layer_fp32.cu and cuda_layer_bf16.cu, one
+// value type each, so nvcc builds the two sets of layer instantiations in parallel.
+//
+// bf16: x, dy and every weight but gate_residual.weight are rounded to bf16 on upload (as the layer
+// stores them); prev_logits, gate_residual.weight, the router results and every gradient stay fp32.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "layer_io.hpp"
+#include "moekit/backend/cuda/memory.cuh"
+#include "moekit/backend/cuda/moe_layer.cuh"
+#include "moekit/backend/host/moe_weights.hpp"
+#include "moekit/moe_layer.hpp"
+
+namespace moekit_layer::cuda_detail {
+
+// A clear error (exit code 2 in the harness) rather than a failure inside the layer when this machine
+// has no usable CUDA device or driver.
+inline void require_device() {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e == cudaSuccess && count > 0) return;
+  (void)cudaGetLastError();  // clear the sticky error, if any
+  const std::string why = e != cudaSuccess ? std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e)
+                                           : std::string("no CUDA device found");
+  throw std::runtime_error("backend \"cuda\": no usable CUDA device (" + why +
+                           "); run on a machine with an NVIDIA GPU, or use \"backend\": \"host\"");
+}
+
+template <class S>
+void download_raw(const S* src, std::size_t n, std::vector<S>& dst) {
+  dst.resize(n);
+  if (n) MOEKIT_CUDA_CHECK(cudaMemcpy(dst.data(), src, n * sizeof(S), cudaMemcpyDeviceToHost));
+}
+
+template <class V>
+LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
+  namespace mc = moekit::backend::cuda;
+  using moekit::MatrixView;
+  require_device();
+  const std::int64_t T = in.tokens, d = cfg.d_model, n = cfg.num_experts(), k = cfg.top_k;
+  const bool gated = cfg.activation == moekit::Activation::kSwiGLU, residual = cfg.gating_residual;
+
+  // The weights in MoeWeights' layout, through the named views every backend shares.
+  moekit::MoeWeights<float> w, g;
+  w.resize(cfg, gated, residual);
+  g.resize(cfg, gated, residual);
+  for (const auto& p : moekit::moe_parameters(cfg, w, g)) {
+    const auto it = in.weights.find(p.name);
+    if (it == in.weights.end() || std::int64_t(it->second.size()) != p.numel())
+      throw std::logic_error("moekit-layer: the layer's parameter '" + p.name + "' does not match parameter_shapes()");
+    std::copy(it->second.begin(), it->second.end(), p.value);
+  }
+
+  LayerOutputs out;
+  moekit::with_layer_type<moekit::backend::Cuda<V>>(cfg, [&]<class Layer>(std::type_identity<Layer>) {
+    using S = typename Layer::storage_type;
+    Layer layer(cfg);
+    layer.upload_params(w);
+    layer.reserve(T);
+    const std::size_t td = std::size_t(T * d), tn = std::size_t(T * n), tk = std::size_t(T * k);
+    mc::DeviceArray<S> x(td), y(td), dy(td), dx(td);
+    mc::DeviceArray<float> prev(residual ? tn : 0), dprev(residual ? tn : 0);
+    mc::upload_as(in.x.data(), td, x.data());
+    mc::upload_as(in.dy.data(), td, dy.data());
+    if (residual) mc::upload_as(in.prev_logits.data(), tn, prev.data());
+    // Views of nothing (data == nullptr) without the gating residual.
+    const MatrixView<const float> prev_view{residual ? prev.data() : nullptr, {T, n}};
+    const MatrixView<float> dprev_view{residual ? dprev.data() : nullptr, {T, n}};
+
+    const moekit::AuxLosses aux =
+        layer.forward(MatrixView<const S>(x.data(), {T, d}), MatrixView<S>(y.data(), {T, d}), prev_view);
+    // Router results live in the layer's workspace: copy them before backward reuses any buffer.
+    download_raw(layer.logits_device(), tn, out.logits);
+    std::vector<int> idx;
+    download_raw(layer.topk_indices_device(), tk, idx);
+    out.topk_indices.assign(idx.begin(), idx.end());
+    download_raw(layer.topk_gates_device(), tk, out.topk_gates);
+    out.expert_counts = layer.expert_counts();
+    out.lbl = aux.lbl, out.zloss = aux.zloss;
+    // L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss; the last MoE layer (no dlogits_next).
+    layer.backward(MatrixView<const S>(dy.data(), {T, d}), MatrixView<S>(dx.data(), {T, d}), 1.0, {}, dprev_view);
+    MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+    out.y.resize(td), out.dx.resize(td);
+    mc::download_as(y.data(), td, out.y.data());
+    mc::download_as(dx.data(), td, out.dx.data());
+    if (residual) download_raw(dprev.data(), tn, out.grad_prev_logits);
+    layer.download_grads(g);
+  });
+  // download_grads may have reallocated g's vectors: take the views anew.
+  for (const auto& p : moekit::moe_parameters(cfg, w, g)) out.grads[p.name].assign(p.grad, p.grad + p.numel());
+  return out;
+}
+
+}  // namespace moekit_layer::cuda_detail

@@ -1,0 +1,48 @@
+#pragma once
+// The plain data that crosses between the harness (harness.hpp: JSON, safetensors, compiled by the C++
+// compiler) and the layer runs: the host run in harness.hpp and the CUDA runs in cuda_layer_fp32.cu and
+// cuda_layer_bf16.cu (compiled by nvcc, with neither nlohmann_json nor safetensors). Every tensor is
+// fp32 (int32 for indices and counts) here, whatever dtype the layer computes in.
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "moekit/core/config.hpp"
+
+namespace moekit_layer {
+
+// "backend" and "dtype" of cfg.json.
+enum class Backend { kHost, kCuda };
+enum class Dtype { kFp32, kBf16 };
+inline const char* to_string(Backend b) { return b == Backend::kCuda ? "cuda" : "host"; }
+inline const char* to_string(Dtype d) { return d == Dtype::kBf16 ? "bf16" : "fp32"; }
+
+// The inputs of one run, already checked against the config (shapes, names).
+struct LayerInputs {
+  std::int64_t tokens = 0;
+  std::vector<float> x, dy;                           // [T, D]
+  std::vector<float> prev_logits;                     // [T, N_E] with the gating residual, else empty
+  std::map<std::string, std::vector<float>> weights;  // every parameter, by its name (parameter_shapes())
+};
+
+// The results of one forward + backward; the harness names and writes them (docs/harness.md).
+struct LayerOutputs {
+  std::vector<float> y, dx;                         // [T, D]
+  std::vector<float> logits;                        // [T, N_E]
+  std::vector<std::int32_t> topk_indices;           // [T, k]
+  std::vector<float> topk_gates;                    // [T, k]
+  std::vector<std::int32_t> expert_counts;          // [N_E], after capacity drops
+  double lbl = 0.0, zloss = 0.0;                    // unscaled aux losses
+  std::vector<float> grad_prev_logits;              // [T, N_E] with the gating residual, else empty
+  std::map<std::string, std::vector<float>> grads;  // fp32 gradient of every parameter, by its name
+};
+
+// The CUDA runs: MoeLayer<backend::Cuda<float>> and MoeLayer<backend::Cuda<bf16>>. Defined in
+// cuda_layer_fp32.cu and cuda_layer_bf16.cu, which are compiled (and MOEKIT_LAYER_WITH_CUDA defined)
+// only when moekit is configured with CUDA; harness.hpp calls them only then. A std::runtime_error
+// when no CUDA device can be used.
+LayerOutputs run_cuda_layer_fp32(const moekit::MoeConfig& cfg, const LayerInputs& in);
+LayerOutputs run_cuda_layer_bf16(const moekit::MoeConfig& cfg, const LayerInputs& in);
+
+}  // namespace moekit_layer
