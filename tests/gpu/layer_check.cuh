@@ -41,6 +41,7 @@ struct Case {
   bool skew_to_expert0 = false;  // every token's top choice is expert 0
   mc::GemmStrategy gemm = mc::GemmStrategy::kAuto;
   double aux_scale = 1.0;
+  bool dlogits_next = false;  // also pass a next layer's dlogits (always with the gating residual)
 };
 
 template <class S>
@@ -50,14 +51,25 @@ std::vector<float> rounded(std::vector<float> v) {
 }
 
 template <class S>
-std::vector<float> download(const DeviceBuffer<S>& b) {
+std::vector<float> download(const DeviceBuffer<S>& b, cudaStream_t stream) {
+  MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
   const auto h = b.download();
   std::vector<float> f(h.size());
   for (std::size_t i = 0; i < h.size(); ++i) f[i] = mc::storage_to_float(h[i]);
   return f;
 }
 
+// A user stream that does not synchronise with the legacy default stream: the layer must order all
+// its work (side streams included) on it.
+struct Stream {
+  cudaStream_t s = nullptr;
+  Stream() { MOEKIT_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  ~Stream() { cudaStreamDestroy(s); }
+};
+
 // HostLayer: MoeLayer<Host<float>, R, E, B>; CudaLayer: MoeLayer<Cuda<T>, R, E, B>.
+// Two micro-batches (the second smaller than the reserved tokens), gradients accumulating over both,
+// compared after each: forward outputs and routing per step, gradients after step 2.
 template <class HostLayer, class CudaLayer>
 void check(const Case& c) {
   using S = typename CudaLayer::storage_type;
@@ -66,77 +78,93 @@ void check(const Case& c) {
   CAPTURE(c.name);
   CAPTURE(mc::to_string(c.gemm));
   const auto& cfg = c.cfg;
-  const std::int64_t T = c.tokens, D = cfg.d_model, N = cfg.num_experts(), K = cfg.top_k;
-  const bool residual = cfg.gating_residual;
+  const std::int64_t D = cfg.d_model, N = cfg.num_experts(), K = cfg.top_k;
+  const bool residual = cfg.gating_residual, with_dnext = residual || c.dlogits_next;
 
   // Weights: the shared initialisation, rounded to the storage type (gate_residual stays fp32).
   moekit::MoeWeights<float> w;
   w.resize(cfg, cfg.activation == moekit::Activation::kSwiGLU, residual);
   moekit::init_moe_weights(w, cfg, c.seed);
-  std::mt19937 g(c.seed * 7919u + 1);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  std::vector<float> x(T * D), dy(T * D), prev(residual ? T * N : 0), dnext(residual ? T * N : 0);
-  for (auto& v : x) v = nd(g);
-  for (auto& v : dy) v = nd(g);
-  for (auto& v : prev) v = nd(g);
-  for (auto& v : dnext) v = 0.1f * nd(g);
-  if (c.skew_to_expert0) {
-    for (std::int64_t t = 0; t < T; ++t) x[t * D] = 4.f;
-    w.router[0] = 8.f;
-  }
+  if (c.skew_to_expert0) w.router[0] = 8.f;
   for (auto* v : {&w.router, &w.w1, &w.w2, &w.w3, &w.const_wc, &w.const_v}) *v = rounded<S>(*v);
-  x = rounded<S>(x);
-  dy = rounded<S>(dy);
 
-  // Host oracle.
   HostLayer host(cfg);
   host.params() = w;
   host.zero_grad();
-  std::vector<float> y_ref(T * D), dx_ref(T * D), dprev_ref(prev.size());
-  const MatrixView<const float> prev_view{prev.empty() ? nullptr : prev.data(), {T, N}};
-  const auto aux_ref = host.forward(MatrixView<const float>(x.data(), {T, D}), MatrixView<float>(y_ref.data(), {T, D}), prev_view);
-  host.backward(MatrixView<const float>(dy.data(), {T, D}), MatrixView<float>(dx_ref.data(), {T, D}), c.aux_scale,
-                MatrixView<const float>(dnext.empty() ? nullptr : dnext.data(), {T, N}),
-                MatrixView<float>(dprev_ref.empty() ? nullptr : dprev_ref.data(), {T, N}));
-
-  // CUDA layer.
+  Stream stream;
   CudaLayer dev(cfg, c.gemm);
   dev.upload_params(w);
-  dev.reserve(T);
-  DeviceBuffer<S> dx_in(T * D), ddy(T * D), dy_out(T * D), ddx(T * D);
-  DeviceBuffer<float> dprev_in(prev.size()), ddnext(dnext.size()), ddprev(prev.size());
-  std::vector<S> xs(T * D), dys(T * D);
-  for (std::size_t i = 0; i < xs.size(); ++i) xs[i] = mc::storage_from_float<S>(x[i]), dys[i] = mc::storage_from_float<S>(dy[i]);
-  dx_in.upload(xs);
-  ddy.upload(dys);
-  if (residual) dprev_in.upload(prev), ddnext.upload(dnext);
-  dy_out.poison(), ddx.poison(), ddprev.poison();
-  const auto aux = dev.forward(MatrixView<const S>(dx_in.p, {T, D}), MatrixView<S>(dy_out.p, {T, D}),
-                               MatrixView<const float>(residual ? dprev_in.p : nullptr, {T, N}));
-  // Routing first: the same experts, the same kept slots.
-  std::vector<int> idx_dev(T * K);
-  if (T > 0)
-    MOEKIT_CUDA_CHECK(cudaMemcpy(idx_dev.data(), dev.topk_indices_device(), sizeof(int) * idx_dev.size(), cudaMemcpyDeviceToHost));
-  const auto idx_ref = host.topk_indices();
-  int idx_mismatch = 0;
-  for (std::int64_t s = 0; s < T * K; ++s) idx_mismatch += idx_dev[s] != idx_ref.data[s];
-  CHECK(idx_mismatch == 0);
-  CHECK(dev.routed_counts() == host.routed_counts());
-  const auto kept_ref = host.expert_counts();
-  CHECK(dev.expert_counts() == std::vector<std::int32_t>(kept_ref.data, kept_ref.data + N));
-  CHECK(dev.ffn_rows() == host.ffn_rows());
-  CHECK(dev.expert_gemm_flops() == host.expert_gemm_flops());
+  dev.reserve(c.tokens);
+  std::mt19937 g(c.seed * 7919u + 1);
+  std::normal_distribution<float> nd(0.f, 1.f);
 
-  dev.backward(MatrixView<const S>(ddy.p, {T, D}), MatrixView<S>(ddx.p, {T, D}), c.aux_scale,
-               MatrixView<const float>(residual ? ddnext.p : nullptr, {T, N}),
-               MatrixView<float>(residual ? ddprev.p : nullptr, {T, N}));
-  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+  for (int step = 0; step < 2; ++step) {
+    CAPTURE(step);
+    const std::int64_t T = step == 0 ? c.tokens : c.tokens / 2;
+    std::vector<float> x(T * D), dy(T * D), prev(residual ? T * N : 0), dnext(with_dnext ? T * N : 0);
+    for (auto& v : x) v = nd(g);
+    for (auto& v : dy) v = nd(g);
+    for (auto& v : prev) v = nd(g);
+    for (auto& v : dnext) v = 0.1f * nd(g);
+    if (c.skew_to_expert0)
+      for (std::int64_t t = 0; t < T; ++t) x[t * D] = 4.f;
+    x = rounded<S>(x);
+    dy = rounded<S>(dy);
 
-  CHECK(rel_err(download(dy_out), y_ref) <= tol);
-  CHECK(rel_err(download(ddx), dx_ref) <= tol);
-  if (residual) CHECK(rel_err(ddprev.download(), dprev_ref) <= tol);
-  CHECK(std::abs(aux.lbl - aux_ref.lbl) <= tol * std::max(1.0, std::abs(aux_ref.lbl)));
-  CHECK(std::abs(aux.zloss - aux_ref.zloss) <= tol * std::max(1.0, std::abs(aux_ref.zloss)));
+    // Host oracle.
+    std::vector<float> y_ref(T * D), dx_ref(T * D), dprev_ref(prev.size());
+    const MatrixView<const float> prev_view{prev.empty() ? nullptr : prev.data(), {T, N}};
+    const auto aux_ref = host.forward(MatrixView<const float>(x.data(), {T, D}), MatrixView<float>(y_ref.data(), {T, D}), prev_view);
+    host.backward(MatrixView<const float>(dy.data(), {T, D}), MatrixView<float>(dx_ref.data(), {T, D}), c.aux_scale,
+                  MatrixView<const float>(dnext.empty() ? nullptr : dnext.data(), {T, N}),
+                  MatrixView<float>(dprev_ref.empty() ? nullptr : dprev_ref.data(), {T, N}));
+
+    // CUDA layer on the user stream.
+    DeviceBuffer<S> dx_in(T * D), ddy(T * D), dy_out(T * D), ddx(T * D);
+    DeviceBuffer<float> dprev_in(prev.size()), ddnext(dnext.size()), ddprev(prev.size());
+    std::vector<S> xs(T * D), dys(T * D);
+    for (std::size_t i = 0; i < xs.size(); ++i) xs[i] = mc::storage_from_float<S>(x[i]), dys[i] = mc::storage_from_float<S>(dy[i]);
+    dx_in.upload(xs);
+    ddy.upload(dys);
+    if (residual) dprev_in.upload(prev);
+    if (with_dnext) ddnext.upload(dnext);
+    dy_out.poison(), ddx.poison(), ddprev.poison();
+    const auto aux = dev.forward(MatrixView<const S>(dx_in.p, {T, D}), MatrixView<S>(dy_out.p, {T, D}),
+                                 MatrixView<const float>(residual ? dprev_in.p : nullptr, {T, N}), stream.s);
+    // Routing first: the same experts, the same kept slots.
+    std::vector<int> idx_dev(T * K), rows_dev(T * K);
+    if (T > 0) {
+      MOEKIT_CUDA_CHECK(cudaMemcpyAsync(idx_dev.data(), dev.topk_indices_device(), sizeof(int) * idx_dev.size(),
+                                        cudaMemcpyDeviceToHost, stream.s));
+      MOEKIT_CUDA_CHECK(cudaMemcpyAsync(rows_dev.data(), dev.slot_rows_device(), sizeof(int) * rows_dev.size(),
+                                        cudaMemcpyDeviceToHost, stream.s));
+      MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream.s));
+    }
+    const auto idx_ref = host.topk_indices();
+    int idx_mismatch = 0, kept_mismatch = 0;
+    for (std::int64_t s = 0; s < T * K; ++s) {
+      idx_mismatch += idx_dev[s] != idx_ref.data[s];
+      kept_mismatch += (rows_dev[s] != mc::kDroppedSlot) != host.slot_kept(s / K, s % K);
+    }
+    CHECK(idx_mismatch == 0);
+    CHECK(kept_mismatch == 0);
+    CHECK(dev.routed_counts() == host.routed_counts());
+    const auto kept_ref = host.expert_counts();
+    CHECK(dev.expert_counts() == std::vector<std::int32_t>(kept_ref.data, kept_ref.data + N));
+    CHECK(dev.ffn_rows() == host.ffn_rows());
+    CHECK(dev.expert_gemm_flops() == host.expert_gemm_flops());
+
+    dev.backward(MatrixView<const S>(ddy.p, {T, D}), MatrixView<S>(ddx.p, {T, D}), c.aux_scale,
+                 MatrixView<const float>(with_dnext ? ddnext.p : nullptr, {T, N}),
+                 MatrixView<float>(residual ? ddprev.p : nullptr, {T, N}), stream.s);
+
+    CHECK(rel_err(download(dy_out, stream.s), y_ref) <= tol);
+    CHECK(rel_err(download(ddx, stream.s), dx_ref) <= tol);
+    if (residual) CHECK(rel_err(ddprev.download(), dprev_ref) <= tol);
+    CHECK(std::abs(aux.lbl - aux_ref.lbl) <= tol * std::max(1.0, std::abs(aux_ref.lbl)));
+    CHECK(std::abs(aux.zloss - aux_ref.zloss) <= tol * std::max(1.0, std::abs(aux_ref.zloss)));
+  }
+  // Gradients accumulated over both micro-batches.
   moekit::MoeWeights<float> grads;
   dev.download_grads(grads);
   const auto& gr = host.grads();
@@ -181,9 +209,19 @@ void run_all() {
         Case c{"softmax-swiglu", small_config(8, 2, RouterKind::kSoftmax, Activation::kSwiGLU), T, 3};
         c.cfg.renormalize = true;
         c.gemm = gemm;
+        c.dlogits_next = T == 37;
         check<MoeLayer<backend::Host<float>, Soft, experts::Ffn<act::SwiGLU>>,
               MoeLayer<backend::Cuda<V>, Soft, experts::Ffn<act::SwiGLU>>>(c);
       }
+  }
+  SUBCASE("odd sizes: expert rows start at addresses that are not 16-byte aligned") {
+    for (auto gemm : {mc::GemmStrategy::kGrouped, mc::GemmStrategy::kStreams, mc::GemmStrategy::kLt}) {
+      Case c{"softmax-swiglu-odd", small_config(5, 2, RouterKind::kSoftmax, Activation::kSwiGLU), 61, 17};
+      c.cfg.d_model = 41, c.cfg.d_expert = 13;
+      c.gemm = gemm;
+      check<MoeLayer<backend::Host<float>, Soft, experts::Ffn<act::SwiGLU>>,
+            MoeLayer<backend::Cuda<V>, Soft, experts::Ffn<act::SwiGLU>>>(c);
+    }
   }
   SUBCASE("sigmoid + GeLU with capacity drops") {
     for (double gamma : {0.5, 1.0, 1.25}) {
@@ -208,11 +246,13 @@ void run_all() {
   }
   SUBCASE("MoE++: zero/copy/constant experts, gating residual, tau, capacities, aux_scale") {
     using GR = router::GatingResidual<Soft>;
-    for (double gamma : {0.0, 1.1}) {
+    for (double gamma : {0.0, 1.1, 0.6})
+      for (auto gemm : {mc::GemmStrategy::kGrouped, mc::GemmStrategy::kStreams}) {
       Case c{"moepp-residual", small_config(8, 3, RouterKind::kSoftmax, Activation::kSwiGLU), 97, 11};
       c.cfg.num_zero_experts = 1, c.cfg.num_copy_experts = 1, c.cfg.num_constant_experts = 2;
       c.cfg.gating_residual = true, c.cfg.tau = 0.75, c.cfg.capacity_factor = gamma;
       c.aux_scale = 0.5;
+      c.gemm = gemm;
       check<MoeLayer<backend::Host<float>, GR, Mixed>, MoeLayer<backend::Cuda<V>, GR, Mixed>>(c);
     }
   }

@@ -34,3 +34,30 @@ TEST_CASE("cuda layer: bad input gives a clear error") {
   CHECK_THROWS_AS(Layer{wrong}, ConfigError);
   CHECK_THROWS_AS(backend::cuda::parse_gemm_strategy("fastest"), ConfigError);
 }
+
+TEST_CASE("cuda layer: caller-owned workspace gives the same bits as the layer's own") {
+  using namespace moekit;
+  using Layer = MoeLayer<backend::Cuda<float>, router::TopK<router::Softmax>, experts::Ffn<act::GeLU>>;
+  MoeConfig cfg = layer_check::small_config(8, 2, RouterKind::kSoftmax, Activation::kGeLU);
+  const std::int64_t T = 50, D = cfg.d_model;
+  Layer own(cfg), ext(cfg);
+  own.init_params(4), ext.init_params(4);
+  own.reserve(T);
+  const std::size_t bytes = ext.workspace_bytes(T);
+  DeviceBuffer<char> ws(bytes + 256);
+  CHECK_THROWS_AS(ext.attach_workspace(ws.p + 8, bytes, T), ShapeError);   // not 256-byte aligned
+  CHECK_THROWS_AS(ext.attach_workspace(ws.p, bytes - 1, T), ShapeError);   // too small
+  ext.attach_workspace(ws.p, bytes, T);
+  std::mt19937 g(3);
+  std::normal_distribution<float> nd;
+  std::vector<float> hx(T * D);
+  for (auto& v : hx) v = nd(g);
+  DeviceBuffer<float> x(T * D), y1(T * D), y2(T * D);
+  x.upload(hx);
+  y1.poison(), y2.poison();
+  own.forward(MatrixView<const float>(x.p, {T, D}), MatrixView<float>(y1.p, {T, D}));
+  ext.forward(MatrixView<const float>(x.p, {T, D}), MatrixView<float>(y2.p, {T, D}));
+  const auto a = y1.download(), b = y2.download();
+  CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+  CHECK(std::isfinite(a[0]));
+}

@@ -153,8 +153,8 @@ class ExpertGemm {
     MOEKIT_CUBLAS_CHECK(cublasSetStream(main_, stream));
     return main_;
   }
-  // Grouped phases that cuBLAS refused (CUBLAS_STATUS_NOT_SUPPORTED for the type combination) and ran
-  // as kStreams instead; the benchmark reports it.
+  // Grouped phases that cuBLAS refused (a type combination it lacks) and ran as kStreams instead, or
+  // Lt problems with no Lt algorithm that ran through cublasGemmEx; the benchmark reports it.
   int grouped_fallbacks() const { return fallbacks_; }
 
   // Runs one phase on `stream`. Problems with m == 0 or n == 0 must already be left out; k == 0
@@ -232,12 +232,22 @@ class ExpertGemm {
     if (p.c) cublasLtMatrixLayoutDestroy(p.c);
     if (p.desc) cublasLtMatmulDescDestroy(p.desc);
   }
-  using LtKey = std::tuple<int, int, int, int, int, int, bool, bool, int, int, bool>;
+  // (m, n, k, lda, ldb, ldc, ta, tb, types, beta != 0, alignment of A, B, C in bytes)
+  using LtKey = std::tuple<int, int, int, int, int, int, bool, bool, int, int, bool, int, int, int>;
+  static int alignment(const void* p) {  // largest power of two dividing the address, up to 256
+    const auto a = reinterpret_cast<std::uintptr_t>(p);
+    int al = 1;
+    while (al < 256 && a % std::uintptr_t(2 * al) == 0) al *= 2;
+    return al;
+  }
 
-  // Column-major form as in gemm_row_major: A' = B (op tb), B' = A (op ta), C' [n, m].
-  const LtPlan& lt_plan(const GemmSpec& s, const GemmProblem& p) {
-    const LtKey key{p.m, p.n, p.k, p.lda, p.ldb, p.ldc, s.ta, s.tb, int(s.ab), int(s.c), s.beta != 0.f};
-    if (auto it = lt_plans_.find(key); it != lt_plans_.end()) return it->second;
+  // Column-major form as in gemm_row_major: A' = B (op tb), B' = A (op ta), C' [n, m]. Expert
+  // sub-matrices start at row offsets, so their pointers are often less than 256-byte aligned (Lt's
+  // default assumption): the plan states the real alignments. Returns null when Lt has no algorithm.
+  const LtPlan* lt_plan(const GemmSpec& s, const GemmProblem& p) {
+    const int al_a = alignment(p.b), al_b = alignment(p.a), al_c = alignment(p.c);
+    const LtKey key{p.m, p.n, p.k, p.lda, p.ldb, p.ldc, s.ta, s.tb, int(s.ab), int(s.c), s.beta != 0.f, al_a, al_b, al_c};
+    if (auto it = lt_plans_.find(key); it != lt_plans_.end()) return it->second.desc ? &it->second : nullptr;
     if (lt_plans_.size() >= 4096) {  // routing changes m every step: bound the cache
       for (auto& [k, plan] : lt_plans_) destroy(plan);
       lt_plans_.clear();
@@ -255,24 +265,43 @@ class ExpertGemm {
     const std::size_t ws = kLtWorkspace;
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
+    const std::uint32_t ua = std::uint32_t(al_a), ub = std::uint32_t(al_b), uc = std::uint32_t(al_c);
     cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    if (st == CUBLAS_STATUS_SUCCESS)
+      st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &ua, sizeof ua);
+    if (st == CUBLAS_STATUS_SUCCESS)
+      st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ub, sizeof ub);
+    if (st == CUBLAS_STATUS_SUCCESS)
+      st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &uc, sizeof uc);
+    if (st == CUBLAS_STATUS_SUCCESS)
+      st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &uc, sizeof uc);
     if (st == CUBLAS_STATUS_SUCCESS)
       st = cublasLtMatmulAlgoGetHeuristic(lt_, plan.desc, plan.a, plan.b, plan.c, plan.c, pref, 1, &result, &found);
     cublasLtMatmulPreferenceDestroy(pref);
     if (st == CUBLAS_STATUS_SUCCESS && found == 0) st = CUBLAS_STATUS_NOT_SUPPORTED;
+    if (st == CUBLAS_STATUS_NOT_SUPPORTED) {  // remembered: this shape runs through cublasGemmEx
+      destroy(plan);
+      lt_plans_.emplace(key, LtPlan{});
+      return nullptr;
+    }
     if (st != CUBLAS_STATUS_SUCCESS) {
       destroy(plan);
       throw_on_cublas(st, "cublasLtMatmulAlgoGetHeuristic", __FILE__, __LINE__);
     }
     plan.algo = result.algo;
-    return lt_plans_.emplace(key, plan).first->second;
+    return &lt_plans_.emplace(key, plan).first->second;
   }
 
   void run_lt(const GemmSpec& s, const GemmProblem& p, int sidx) {
     if (p.m == 0 || p.n == 0) return;
-    const LtPlan& plan = lt_plan(s, p);
-    MOEKIT_CUBLAS_CHECK(cublasLtMatmul(lt_, plan.desc, &s.alpha, p.b, plan.a, p.a, plan.b, &s.beta, p.c, plan.c, p.c, plan.c,
-                                       &plan.algo, lt_workspace_[sidx], kLtWorkspace, side_[sidx]));
+    const LtPlan* plan = lt_plan(s, p);
+    if (!plan) {  // no Lt algorithm for this shape and alignment
+      ++fallbacks_;
+      MOEKIT_CUBLAS_CHECK(gemm_row_major(side_handle_[sidx], s, p));
+      return;
+    }
+    MOEKIT_CUBLAS_CHECK(cublasLtMatmul(lt_, plan->desc, &s.alpha, p.b, plan->a, p.a, plan->b, &s.beta, p.c, plan->c, p.c,
+                                       plan->c, &plan->algo, lt_workspace_[sidx], kLtWorkspace, side_[sidx]));
   }
 
   GemmStrategy strategy_;

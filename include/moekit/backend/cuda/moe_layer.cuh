@@ -175,12 +175,13 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   // ---- workspace --------------------------------------------------------------------------------
   // Bytes of device workspace a forward/backward of up to `tokens` tokens needs.
   std::size_t workspace_bytes(std::int64_t tokens) const {
+    check_token_limits(tokens);
     Buffers b;
     return carve(b, nullptr, tokens);
   }
   // Allocates (or grows) the layer's own workspace for up to `tokens` tokens.
   void reserve(std::int64_t tokens) {
-    if (tokens <= reserved_ && !external_) return;
+    if (reserved_ >= 0 && tokens <= reserved_ && !external_) return;
     owned_.resize(0);
     owned_.resize(workspace_bytes(tokens));
     bind(owned_.data(), tokens);
@@ -189,6 +190,8 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   // Uses caller-owned device memory (at least workspace_bytes(tokens)) instead.
   void attach_workspace(void* p, std::size_t bytes, std::int64_t tokens) {
     const std::size_t need = workspace_bytes(tokens);
+    if (reinterpret_cast<std::uintptr_t>(p) % 256 != 0)
+      throw ShapeError("attach_workspace: the pointer must be 256-byte aligned (as cudaMalloc's are)");
     if (!p || bytes < need)
       throw ShapeError("attach_workspace: " + std::to_string(bytes) + " bytes given, " + std::to_string(need) +
                        " needed for " + std::to_string(tokens) + " tokens");
@@ -196,7 +199,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     bind(static_cast<char*>(p), tokens);
     external_ = true;
   }
-  std::int64_t reserved_tokens() const { return reserved_; }
+  std::int64_t reserved_tokens() const { return reserved_ < 0 ? 0 : reserved_; }
 
   // ---- forward / backward -----------------------------------------------------------------------
   // y = MoE(x). x, y: device [T, D] in the storage type; prev_logits: device [T, N_E] fp32 (gating
@@ -209,7 +212,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     check_shape(x, "x", {tokens, d});
     check_shape(y, "y", {tokens, d});
     if (tokens > reserved_)
-      throw ShapeError("x has " + std::to_string(tokens) + " tokens but the workspace holds " + std::to_string(reserved_) +
+      throw ShapeError("x has " + std::to_string(tokens) + " tokens but the workspace holds " + std::to_string(reserved_tokens()) +
                        " (call reserve(" + std::to_string(tokens) + ") first: forward never allocates)");
     const bool has_prev = prev_logits.data != nullptr;
     if (has_prev) {
@@ -429,9 +432,18 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     MOEKIT_CUDA_CHECK(backend::cuda::permute_slots(nullptr, bytes, pp, nullptr));
     return bytes;
   }
-  void bind(char* base, std::int64_t tokens) {
+  // int kernels and cuBLAS int sizes: T·k and T·N_E (and T·2·N_const) must fit.
+  void check_token_limits(std::int64_t tokens) const {
+    if (tokens < 0) throw ShapeError("tokens = " + std::to_string(tokens) + " must be >= 0");
     if (tokens * cfg_.top_k > (std::int64_t(1) << 30))
       throw ShapeError("tokens * top_k = " + std::to_string(tokens * cfg_.top_k) + " exceeds 2^30 on the CUDA backend");
+    const std::int64_t wide = std::max(cfg_.num_experts(), 2 * cfg_.num_constant_experts);
+    if (tokens * wide > std::int64_t(INT32_MAX))
+      throw ShapeError("tokens * num_experts = " + std::to_string(tokens * wide) +
+                       " exceeds 2^31 - 1 on the CUDA backend");
+  }
+  void bind(char* base, std::int64_t tokens) {
+    check_token_limits(tokens);
     carve(b_, base, tokens);
     perm_bytes_ = permute_temp_bytes(tokens);
     if (tokens > 0) {
@@ -570,7 +582,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   backend::cuda::PinnedArray<float> host_dprob_;
   Buffers b_;
   std::size_t perm_bytes_ = 0;
-  std::int64_t reserved_ = 0, tokens_ = 0, f_tokens_ = 0, gemm_flops_ = 0;
+  std::int64_t reserved_ = -1, tokens_ = 0, f_tokens_ = 0, gemm_flops_ = 0;  // -1: no workspace yet
   bool external_ = false, has_forward_ = false, has_prev_ = false, training_ = true;
   int bad_token_ = 0;
   float zsum_ = 0.f;
