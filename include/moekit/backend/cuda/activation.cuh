@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 
 #include "moekit/backend/cuda/status.cuh"
@@ -31,6 +32,41 @@ template <class T>
 __device__ __forceinline__ void store_f32(T* p, std::size_t i, float v) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) p[i] = __float2bfloat16_rn(v);
   else p[i] = v;
+}
+
+// V consecutive elements at p + i (16-byte loads and stores when V = 16 / sizeof(T); the caller checks
+// alignment: see vec_width()).
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+template <int V, class T>
+__device__ __forceinline__ void load_vec(const T* p, std::size_t i, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = load_f32(p, i);
+  } else {
+    const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p + i);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = load_f32(pk.v, std::size_t(j));
+  }
+}
+template <int V, class T>
+__device__ __forceinline__ void store_vec(T* p, std::size_t i, const float (&in)[V]) {
+  if constexpr (V == 1) {
+    store_f32(p, i, in[0]);
+  } else {
+    Pack<T, V> pk;
+#pragma unroll
+    for (int j = 0; j < V; ++j) store_f32(pk.v, std::size_t(j), in[j]);
+    *reinterpret_cast<Pack<T, V>*>(p + i) = pk;
+  }
+}
+// 16 / sizeof(T) when every row of width d starts 16-byte aligned from these base pointers, else 1.
+template <class T, class... P>
+inline int vec_width(int d, const P*... ptrs) {
+  constexpr int v = int(16 / sizeof(T));
+  const bool aligned = ((reinterpret_cast<std::uintptr_t>(ptrs) % 16 == 0) && ...);
+  return (d % v == 0 && aligned) ? v : 1;
 }
 
 // dst[i] = src[i] converted (float <-> __nv_bfloat16, RNE), for i < n.

@@ -49,32 +49,44 @@ __device__ __forceinline__ ZcKind zc_kind(const CombineParams<T>& p, int e, int&
   return q < 0 ? ZcKind::kCopy : ZcKind::kConstant;
 }
 
-template <class T>
+// V columns per thread (16-byte accesses when rows are aligned, see vec_width).
+template <int V, class T>
 MOEKIT_KERNEL void combine_kernel(CombineParams<T> p, T* out) {
-  const std::size_t d = std::size_t(p.d), n = std::size_t(p.tokens) * d;
+  const std::size_t d = std::size_t(p.d), n = std::size_t(p.tokens) * d / V;
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const std::size_t t = i / d, c = i % d, s0 = t * std::size_t(p.top_k);
-    float acc = 0.f;
+    const std::size_t e0 = i * V, t = e0 / d, c = e0 % d, s0 = t * std::size_t(p.top_k);
+    float acc[V] = {}, v[V];
     bool any_zc = false;
     for (int j = 0; j < p.top_k; ++j) {
       const int row = p.row_of_slot[s0 + j];
-      if (row >= 0) acc += p.gate[s0 + j] * load_f32(p.y, std::size_t(row) * d + c);
       any_zc = any_zc || row == kZeroComputationSlot;
+      if (row < 0) continue;
+      const float g = p.gate[s0 + j];
+      load_vec<V>(p.y, std::size_t(row) * d + c, v);
+#pragma unroll
+      for (int u = 0; u < V; ++u) acc[u] += g * v[u];
     }
     if (any_zc) {  // after the FFN terms, as the host backend adds them
-      const float xc = load_f32(p.x, i);
+      float xv[V];
+      load_vec<V>(p.x, e0, xv);
       for (int j = 0; j < p.top_k; ++j) {
         if (p.row_of_slot[s0 + j] != kZeroComputationSlot) continue;
         int q;
         const ZcKind kind = zc_kind(p, p.idx[s0 + j], q);
         const float g = p.gate[s0 + j];
-        if (kind == ZcKind::kCopy) acc += g * xc;
-        else if (kind == ZcKind::kConstant)
-          acc += g * (p.mix[2 * (s0 + j)] * xc + p.mix[2 * (s0 + j) + 1] * load_f32(p.const_v, std::size_t(q) * d + c));
+        if (kind == ZcKind::kCopy) {
+#pragma unroll
+          for (int u = 0; u < V; ++u) acc[u] += g * xv[u];
+        } else if (kind == ZcKind::kConstant) {
+          const float a1 = p.mix[2 * (s0 + j)], a2 = p.mix[2 * (s0 + j) + 1];
+          load_vec<V>(p.const_v, std::size_t(q) * d + c, v);
+#pragma unroll
+          for (int u = 0; u < V; ++u) acc[u] += g * (a1 * xv[u] + a2 * v[u]);
+        }
       }
     }
-    store_f32(out, i, acc);
+    store_vec<V>(out, e0, acc);
   }
 }
 
@@ -96,15 +108,21 @@ MOEKIT_KERNEL void zc_mix_kernel(CombineParams<T> p, const float* zc_logits, flo
   mix[2 * s + 1] = a2;
 }
 
-template <class T>
+template <int V, class T>
 MOEKIT_KERNEL void combine_dy_kernel(CombineParams<T> p, const T* dout, T* dy) {
   int rows = p.tokens * p.top_k;
   if (p.num_rows && *p.num_rows < rows) rows = *p.num_rows;
-  const std::size_t d = std::size_t(p.d), n = std::size_t(rows) * d;
+  const std::size_t d = std::size_t(p.d), n = std::size_t(rows) * d / V;
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const int s = p.slot_of_row[i / d];
-    store_f32(dy, i, p.gate[s] * load_f32(dout, std::size_t(s / p.top_k) * d + i % d));
+    const std::size_t e0 = i * V;
+    const int s = p.slot_of_row[e0 / d];
+    const float g = p.gate[s];
+    float v[V];
+    load_vec<V>(dout, std::size_t(s / p.top_k) * d + e0 % d, v);
+#pragma unroll
+    for (int u = 0; u < V; ++u) v[u] *= g;
+    store_vec<V>(dy, e0, v);
   }
 }
 
@@ -117,16 +135,21 @@ struct SlotGrads {
   T* coef_v = nullptr;     // [T, N_const]:   gate·a2 at (t, q); caller zeroes it
 };
 
-template <class T>
+template <int V, class T>
 __device__ __forceinline__ float warp_dot(const T* a, const T* b, int d, int lane) {
-  float acc = 0.f;
-  for (int c = lane; c < d; c += 32) acc += load_f32(a, std::size_t(c)) * load_f32(b, std::size_t(c));
+  float acc = 0.f, va[V], vb[V];
+  for (int c = lane * V; c < d; c += 32 * V) {
+    load_vec<V>(a, std::size_t(c), va);
+    load_vec<V>(b, std::size_t(c), vb);
+#pragma unroll
+    for (int u = 0; u < V; ++u) acc += va[u] * vb[u];
+  }
   for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);  // fixed butterfly
   return acc;
 }
 
 // One warp per slot; every lane ends with the same sums.
-template <class T>
+template <int V, class T>
 MOEKIT_KERNEL void combine_dgate_kernel(CombineParams<T> p, const T* dout, SlotGrads<T> g) {
   const int s = int((std::size_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32), lane = int(threadIdx.x % 32);
   if (s >= p.tokens * p.top_k) return;
@@ -135,16 +158,16 @@ MOEKIT_KERNEL void combine_dgate_kernel(CombineParams<T> p, const T* dout, SlotG
   const int row = p.row_of_slot[s];
   float dg = 0.f, dz1 = 0.f, dz2 = 0.f;
   if (row >= 0) {
-    dg = warp_dot(dot, p.y + std::size_t(row) * d, p.d, lane);
+    dg = warp_dot<V>(dot, p.y + std::size_t(row) * d, p.d, lane);
   } else if (row == kZeroComputationSlot) {
     int q;
     const ZcKind kind = zc_kind(p, p.idx[s], q);
     if (kind == ZcKind::kCopy) {
-      dg = warp_dot(dot, p.x + t * d, p.d, lane);
+      dg = warp_dot<V>(dot, p.x + t * d, p.d, lane);
     } else if (kind == ZcKind::kConstant) {
       const float a1 = p.mix[2 * s], a2 = p.mix[2 * s + 1], gate = p.gate[s];
-      const float dx_dot = warp_dot(dot, p.x + t * d, p.d, lane);
-      const float dv_dot = warp_dot(dot, p.const_v + std::size_t(q) * d, p.d, lane);
+      const float dx_dot = warp_dot<V>(dot, p.x + t * d, p.d, lane);
+      const float dv_dot = warp_dot<V>(dot, p.const_v + std::size_t(q) * d, p.d, lane);
       dg = a1 * dx_dot + a2 * dv_dot;
       // E = a1 x + a2 v, dE = gate·dout: d a1 = gate·dout·x, d a2 = gate·dout·v, softmax backward.
       const float da1 = gate * dx_dot, da2 = gate * dv_dot, sm = a1 * da1 + a2 * da2;
@@ -170,35 +193,45 @@ MOEKIT_KERNEL void combine_dgate_kernel(CombineParams<T> p, const T* dout, SlotG
 // dx[t, c] = Σ_j dxp[row of slot j, c] (FFN rows, slot order) + copy: gate·dout[t, c]
 //          + constant: a1·gate·dout[t, c] + dz1·Wc[q, 0, c] + dz2·Wc[q, 1, c]   (then ZC slots in slot order)
 // O is the output type: float for the layer (the router's GEMM adds into it next), or T.
-template <class T, class O>
+template <int V, class T, class O>
 MOEKIT_KERNEL void token_backward_kernel(CombineParams<T> p, const T* dxp, const T* dout, const float* dz, O* dx) {
-  const std::size_t d = std::size_t(p.d), n = std::size_t(p.tokens) * d;
+  const std::size_t d = std::size_t(p.d), n = std::size_t(p.tokens) * d / V;
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const std::size_t t = i / d, c = i % d, s0 = t * std::size_t(p.top_k);
-    float acc = 0.f;
+    const std::size_t e0 = i * V, t = e0 / d, c = e0 % d, s0 = t * std::size_t(p.top_k);
+    float acc[V] = {}, v[V];
     bool any_zc = false;
     for (int j = 0; j < p.top_k; ++j) {
       const int row = p.row_of_slot[s0 + j];
-      if (row >= 0) acc += load_f32(dxp, std::size_t(row) * d + c);
       any_zc = any_zc || row == kZeroComputationSlot;
+      if (row < 0) continue;
+      load_vec<V>(dxp, std::size_t(row) * d + c, v);
+#pragma unroll
+      for (int u = 0; u < V; ++u) acc[u] += v[u];
     }
     if (any_zc) {
-      const float dc = load_f32(dout, i);
+      float dc[V], w0[V], w1[V];
+      load_vec<V>(dout, e0, dc);
       for (int j = 0; j < p.top_k; ++j) {
         const std::size_t s = s0 + j;
         if (p.row_of_slot[s] != kZeroComputationSlot) continue;
         int q;
         const ZcKind kind = zc_kind(p, p.idx[s], q);
+        const float g = p.gate[s];
         if (kind == ZcKind::kCopy) {
-          acc += p.gate[s] * dc;
+#pragma unroll
+          for (int u = 0; u < V; ++u) acc[u] += g * dc[u];
         } else if (kind == ZcKind::kConstant) {
           const T* wc = p.const_wc + std::size_t(q) * 2 * d;
-          acc += p.mix[2 * s] * p.gate[s] * dc + dz[2 * s] * load_f32(wc, c) + dz[2 * s + 1] * load_f32(wc, d + c);
+          load_vec<V>(wc, c, w0);
+          load_vec<V>(wc, d + c, w1);
+          const float a1g = p.mix[2 * s] * g, dz1 = dz[2 * s], dz2 = dz[2 * s + 1];
+#pragma unroll
+          for (int u = 0; u < V; ++u) acc[u] += a1g * dc[u] + dz1 * w0[u] + dz2 * w1[u];
         }
       }
     }
-    store_f32(dx, i, acc);
+    store_vec<V>(dx, e0, acc);
   }
 }
 
@@ -222,7 +255,11 @@ cudaError_t combine(const CombineParams<T>& p, T* out, cudaStream_t stream) {
   if (!detail::combine_params_ok(p) || (p.tokens && p.d && (!out || !p.y || !p.gate))) return cudaErrorInvalidValue;
   const std::size_t n = std::size_t(p.tokens) * std::size_t(p.d);
   if (n == 0) return cudaSuccess;
-  combine_kernel<<<detail::grid_for(n, 256), 256, 0, stream>>>(p, out);
+  constexpr int kV = int(16 / sizeof(T));
+  if (vec_width<T>(p.d, p.y, p.x, p.const_v, out) == kV)
+    combine_kernel<kV><<<detail::grid_for(n / kV, 256), 256, 0, stream>>>(p, out);
+  else
+    combine_kernel<1><<<detail::grid_for(n, 256), 256, 0, stream>>>(p, out);
   return cudaGetLastError();
 }
 
@@ -254,11 +291,16 @@ cudaError_t combine_backward(const CombineParams<T>& p, const T* dout, T* dy, co
   const int slots = p.tokens * p.top_k;
   if (slots == 0) return cudaSuccess;
   const std::size_t n = std::size_t(slots) * std::size_t(p.d);
+  constexpr int kV = int(16 / sizeof(T));
+  const bool vec = vec_width<T>(p.d, dout, dy, p.y, p.x, p.const_v) == kV;
   if (n) {
-    combine_dy_kernel<<<detail::grid_for(n, 256), 256, 0, stream>>>(p, dout, dy);
+    if (vec) combine_dy_kernel<kV><<<detail::grid_for(n / kV, 256), 256, 0, stream>>>(p, dout, dy);
+    else combine_dy_kernel<1><<<detail::grid_for(n, 256), 256, 0, stream>>>(p, dout, dy);
     MOEKIT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
-  combine_dgate_kernel<<<unsigned((std::size_t(slots) * 32 + 255) / 256), 256, 0, stream>>>(p, dout, g);
+  const unsigned warps_grid = unsigned((std::size_t(slots) * 32 + 255) / 256);
+  if (vec) combine_dgate_kernel<kV><<<warps_grid, 256, 0, stream>>>(p, dout, g);
+  else combine_dgate_kernel<1><<<warps_grid, 256, 0, stream>>>(p, dout, g);
   return cudaGetLastError();
 }
 
@@ -285,7 +327,11 @@ cudaError_t token_backward(const CombineParams<T>& p, const T* dxp, const T* dou
     return cudaErrorInvalidValue;
   const std::size_t n = std::size_t(p.tokens) * std::size_t(p.d);
   if (n == 0) return cudaSuccess;
-  token_backward_kernel<<<detail::grid_for(n, 256), 256, 0, stream>>>(p, dxp, dout, dz, dx);
+  constexpr int kV = int(16 / sizeof(T));  // O (float) rows of a multiple of kV stay 16-byte aligned too
+  if (vec_width<T>(p.d, dxp, dout, p.const_wc, dx) == kV)
+    token_backward_kernel<kV><<<detail::grid_for(n / kV, 256), 256, 0, stream>>>(p, dxp, dout, dz, dx);
+  else
+    token_backward_kernel<1><<<detail::grid_for(n, 256), 256, 0, stream>>>(p, dxp, dout, dz, dx);
   return cudaGetLastError();
 }
 

@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 
 #include "moekit/backend/cuda/status.cuh"
@@ -192,15 +193,18 @@ inline cudaError_t permute_slots(void* temp, std::size_t& temp_bytes, const Perm
 // xp[r, :] = x[slot_of_row[r] / k, :] for r < rows. T is float or __nv_bfloat16 (copied as is).
 // num_rows (device, optional) bounds the rows further: the layer passes offsets[N_FFN], which only the
 // device knows before the forward's one synchronisation.
-template <class T>
+template <class T, int V>
 MOEKIT_KERNEL void gather_rows_kernel(const T* x, const int* slot_of_row, T* xp, int rows, int top_k, int d,
                                       const int* num_rows) {
   if (num_rows && *num_rows < rows) rows = *num_rows;
-  const std::size_t n = std::size_t(rows) * std::size_t(d);
+  using P = std::conditional_t<V == 1, T, uint4>;  // 16-byte copies when rows are aligned
+  const std::size_t w = std::size_t(d) * sizeof(T) / sizeof(P), n = std::size_t(rows) * w;
+  const P* src = reinterpret_cast<const P*>(x);
+  P* dst = reinterpret_cast<P*>(xp);
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const std::size_t r = i / std::size_t(d), c = i % std::size_t(d);
-    xp[i] = x[std::size_t(slot_of_row[r] / top_k) * std::size_t(d) + c];
+    const std::size_t r = i / w, c = i % w;
+    dst[i] = src[std::size_t(slot_of_row[r] / top_k) * w + c];
   }
 }
 
@@ -208,12 +212,15 @@ template <class T>
 cudaError_t gather_rows(const T* x, const int* slot_of_row, T* xp, int rows, int top_k, int d, cudaStream_t stream,
                         const int* num_rows = nullptr) {
   if (rows < 0 || d < 0 || top_k < 1 || (rows && d && (!x || !slot_of_row || !xp))) return cudaErrorInvalidValue;
-  const std::size_t n = std::size_t(rows) * std::size_t(d);
-  if (n == 0) return cudaSuccess;
+  const std::size_t bytes = std::size_t(rows) * std::size_t(d) * sizeof(T);
+  if (bytes == 0) return cudaSuccess;
+  const bool vec = (std::size_t(d) * sizeof(T)) % 16 == 0 && reinterpret_cast<std::uintptr_t>(x) % 16 == 0 &&
+                   reinterpret_cast<std::uintptr_t>(xp) % 16 == 0;
   constexpr int kBlock = 256;
-  const std::size_t want = (n + kBlock - 1) / kBlock;
-  gather_rows_kernel<<<unsigned(want < 65535 * 8 ? want : 65535 * 8), kBlock, 0, stream>>>(x, slot_of_row, xp, rows,
-                                                                                          top_k, d, num_rows);
+  const std::size_t want = (vec ? bytes / 16 : bytes / sizeof(T)) / kBlock + 1;
+  const unsigned grid = unsigned(want < 65535 * 8 ? want : 65535 * 8);
+  if (vec) gather_rows_kernel<T, 16><<<grid, kBlock, 0, stream>>>(x, slot_of_row, xp, rows, top_k, d, num_rows);
+  else gather_rows_kernel<T, 1><<<grid, kBlock, 0, stream>>>(x, slot_of_row, xp, rows, top_k, d, num_rows);
   return cudaGetLastError();
 }
 
