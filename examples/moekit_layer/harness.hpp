@@ -4,6 +4,9 @@
 // (docs/harness.md). run_harness() is the whole program; main.cpp only calls it, and the unit tests
 // call it in-process. The layer is any MoeConfig the host backend runs: FFN experts plus MoE++'s zero,
 // copy and constant experts, softmax or sigmoid routing, with or without the gating residual.
+// "backend": "host" (fp32) runs here; "backend": "cuda" (fp32 or bf16) runs in cuda_layer_*.cu, which
+// the build compiles with nvcc and announces with MOEKIT_LAYER_WITH_CUDA=1 (without it, as in the unit
+// tests, a CUDA config is a ConfigError). Both runs hand back the same LayerOutputs (layer_io.hpp).
 #include <algorithm>
 #include <cstdint>
 #include <fstream>
@@ -20,18 +23,24 @@
 
 #include <nlohmann/json.hpp>
 
+#include "layer_io.hpp"
 #include "moekit/io/safetensors.hpp"
 #include "moekit/moe_layer.hpp"
 
 namespace moekit_layer {
 
 inline constexpr int kExitOk = 0;
-inline constexpr int kExitError = 2;  // every failure: arguments, config, input file, layer
+inline constexpr int kExitError = 2;  // every failure: arguments, config, input file, layer, device
+#if defined(MOEKIT_LAYER_WITH_CUDA) && MOEKIT_LAYER_WITH_CUDA
+inline constexpr bool kWithCuda = true;  // cuda_layer_fp32.cu and cuda_layer_bf16.cu are linked in
+#else
+inline constexpr bool kWithCuda = false;
+#endif
 inline constexpr const char* kUsage =
     "usage: moekit-layer --config cfg.json --input in.safetensors --output out.safetensors\n"
-    "Runs one moekit MoE layer (host backend, fp32) forward and backward and writes y, dx, the\n"
-    "parameter gradients (and grad.prev_logits with the gating residual), the router results and the\n"
-    "aux losses. Exit code 0 on success, 2 on error.\n";
+    "Runs one moekit MoE layer (the config's backend and dtype: host fp32, or cuda fp32/bf16) forward\n"
+    "and backward and writes y, dx, the parameter gradients (and grad.prev_logits with the gating\n"
+    "residual), the router results and the aux losses. Exit code 0 on success, 2 on error.\n";
 
 // Bad command-line arguments: reported with the usage text.
 class UsageError : public std::runtime_error {
@@ -76,9 +85,17 @@ inline Options parse_args(int argc, const char* const* argv) {
   return o;
 }
 
-// cfg.json -> MoeConfig. Shapes are required; the rest default as in MoeConfig. Any unknown key, wrong
-// JSON type or unsupported backend/dtype is a ConfigError naming the key.
-inline moekit::MoeConfig parse_config(const nlohmann::json& j) {
+// What cfg.json asks for: the layer, and where and in which dtype it runs.
+struct HarnessConfig {
+  moekit::MoeConfig layer;
+  Backend backend = Backend::kHost;
+  Dtype dtype = Dtype::kFp32;
+};
+
+// cfg.json -> HarnessConfig. Shapes are required; the rest default as in MoeConfig ("backend": "host",
+// "dtype": "fp32"). Any unknown key, wrong JSON type, unknown or unavailable backend/dtype is a
+// ConfigError naming the key.
+inline HarnessConfig parse_config(const nlohmann::json& j) {
   using moekit::ConfigError;
   static const std::vector<std::string> known{
       "d_model",         "d_expert",    "num_ffn_experts", "num_zero_experts", "num_copy_experts", "num_constant_experts",
@@ -133,16 +150,26 @@ inline moekit::MoeConfig parse_config(const nlohmann::json& j) {
   c.lbl_coef = number("lbl_coef", 0.0);
   c.zloss_coef = number("zloss_coef", 0.0);
   c.tau = number("tau", 1.0);
-  if (const auto b = string("backend", "host"); b != "host")
-    throw ConfigError("backend", "\"" + b + "\"", "moekit-layer supports only \"host\"");
-  if (const auto d = string("dtype", "fp32"); d != "fp32")
-    throw ConfigError("dtype", "\"" + d + "\"", "moekit-layer supports only \"fp32\"");
+  HarnessConfig h;
+  const auto backend = string("backend", "host"), dtype = string("dtype", "fp32");
+  if (backend == "cuda") h.backend = Backend::kCuda;
+  else if (backend != "host") throw ConfigError("backend", "\"" + backend + "\"", "must be one of \"host\", \"cuda\"");
+  if (dtype == "bf16") h.dtype = Dtype::kBf16;
+  else if (dtype != "fp32") throw ConfigError("dtype", "\"" + dtype + "\"", "must be one of \"fp32\", \"bf16\"");
+  if (h.backend == Backend::kCuda && !kWithCuda)
+    throw ConfigError("backend", "\"cuda\"",
+                      "this moekit-layer was built without CUDA (configure with -DMOEKIT_ENABLE_CUDA=ON, e.g. "
+                      "cmake --preset cuda, for a CUDA build; or use \"host\")");
+  if (h.dtype == Dtype::kBf16 && h.backend != Backend::kCuda)
+    throw ConfigError("dtype", "\"bf16\"", "needs \"backend\": \"cuda\" (the host backend computes in fp32)");
   c.validate();
-  return c;
+  h.layer = c;
+  return h;
 }
 
 // The effective configuration, every key spelled out (stored in the output's metadata).
-inline nlohmann::json config_json(const moekit::MoeConfig& c) {
+inline nlohmann::json config_json(const HarnessConfig& h) {
+  const moekit::MoeConfig& c = h.layer;
   return {{"d_model", c.d_model},
           {"d_expert", c.d_expert},
           {"num_ffn_experts", c.num_ffn_experts},
@@ -158,11 +185,11 @@ inline nlohmann::json config_json(const moekit::MoeConfig& c) {
           {"lbl_coef", c.lbl_coef},
           {"zloss_coef", c.zloss_coef},
           {"tau", c.tau},
-          {"backend", "host"},
-          {"dtype", "fp32"}};
+          {"backend", to_string(h.backend)},
+          {"dtype", to_string(h.dtype)}};
 }
 
-inline moekit::MoeConfig read_config(const std::string& path) {
+inline HarnessConfig read_config(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw std::runtime_error(path + ": cannot open the config file");
   nlohmann::json j;
@@ -219,68 +246,117 @@ std::span<const T> flat(const moekit::TensorView<const T, 2>& v) {
   return {v.data, std::size_t(v.numel())};
 }
 
-// Reads and checks every input, runs forward + backward, returns the outputs (not yet written).
-// Every tensor is checked against the config before the layer allocates anything.
-inline moekit::io::SafetensorsWriter run_layer(const moekit::MoeConfig& cfg, const moekit::io::SafetensorsFile& in,
-                                               moekit::AuxLosses* aux_out = nullptr) {
+// Reads every input and checks it against the config (dtype, shape, nothing missing or extra).
+inline LayerInputs read_inputs(const moekit::MoeConfig& cfg, const moekit::io::SafetensorsFile& in) {
   const std::int64_t d = cfg.d_model;
   const auto& xi = in.info("x");
   if (xi.shape.size() != 2 || xi.shape[1] != d)
     throw moekit::FormatError(in.source() + ": tensor 'x': wrong shape: expected [T, d_model = " + std::to_string(d) +
                               "], found " + moekit::io::detail::shape_str(xi.shape));
-  const std::int64_t tokens = xi.shape[0];
+  LayerInputs r;
+  const std::int64_t tokens = r.tokens = xi.shape[0];
   if (tokens == 0) throw moekit::FormatError(in.source() + ": tensor 'x' has no tokens (shape [0, " + std::to_string(d) + "])");
-  const std::vector<float> x = in.get_f32("x", {tokens, d});
-  const std::vector<float> dy = in.get_f32("dy", {tokens, d});
-  const std::int64_t n = cfg.num_experts(), k = cfg.top_k;
+  r.x = in.get_f32("x", {tokens, d});
+  r.dy = in.get_f32("dy", {tokens, d});
   // The previous MoE layer's router logits, which the gating residual adds W_g times to this layer's.
-  std::vector<float> prev_logits;
-  if (cfg.gating_residual) prev_logits = in.get_f32("prev_logits", {tokens, n});
-  std::map<std::string, std::vector<float>> weights;
-  for (const auto& [name, shape] : parameter_shapes(cfg)) weights[name] = in.get_f32(name, shape);
+  if (cfg.gating_residual) r.prev_logits = in.get_f32("prev_logits", {tokens, cfg.num_experts()});
+  for (const auto& [name, shape] : parameter_shapes(cfg)) r.weights[name] = in.get_f32(name, shape);
   for (const auto& name : in.names())
-    if (name != "x" && name != "dy" && !(cfg.gating_residual && name == "prev_logits") && !weights.count(name))
+    if (name != "x" && name != "dy" && !(cfg.gating_residual && name == "prev_logits") && !r.weights.count(name))
       throw moekit::FormatError(in.source() + ": tensor '" + name + "' is not an input of this layer (inputs: " +
                                 describe_inputs(cfg) + ")");
+  return r;
+}
 
-  moekit::io::SafetensorsWriter out;
+// MoeLayer<backend::Host<float>> forward + backward.
+inline LayerOutputs run_host_layer(const moekit::MoeConfig& cfg, const LayerInputs& in) {
+  const std::int64_t tokens = in.tokens, d = cfg.d_model, n = cfg.num_experts();
+  LayerOutputs out;
   moekit::with_layer_type<moekit::backend::Host<float>>(cfg, [&]<class Layer>(std::type_identity<Layer>) {
     Layer layer(cfg);
     auto params = layer.parameters();
     for (auto& p : params) {
-      const auto it = weights.find(p.name);
-      if (it == weights.end() || std::int64_t(it->second.size()) != p.numel())
+      const auto it = in.weights.find(p.name);
+      if (it == in.weights.end() || std::int64_t(it->second.size()) != p.numel())
         throw std::logic_error("moekit-layer: the layer's parameter '" + p.name + "' does not match parameter_shapes()");
       std::copy(it->second.begin(), it->second.end(), p.value);
     }
     layer.zero_grad();
-    std::vector<float> y(x.size()), dx(x.size()), dprev(prev_logits.size());
+    out.y.resize(in.x.size()), out.dx.resize(in.x.size()), out.grad_prev_logits.resize(in.prev_logits.size());
     // Views of nothing (data == nullptr) without the gating residual.
-    const moekit::MatrixView<const float> prev{prev_logits.empty() ? nullptr : prev_logits.data(), {tokens, n}};
-    const moekit::MatrixView<float> dprev_view{dprev.empty() ? nullptr : dprev.data(), {tokens, n}};
-    const moekit::AuxLosses aux = layer.forward(moekit::MatrixView<const float>(x.data(), {tokens, d}),
-                                                moekit::MatrixView<float>(y.data(), {tokens, d}), prev);
+    const moekit::MatrixView<const float> prev{in.prev_logits.empty() ? nullptr : in.prev_logits.data(), {tokens, n}};
+    const moekit::MatrixView<float> dprev{out.grad_prev_logits.empty() ? nullptr : out.grad_prev_logits.data(), {tokens, n}};
+    const moekit::AuxLosses aux = layer.forward(moekit::MatrixView<const float>(in.x.data(), {tokens, d}),
+                                                moekit::MatrixView<float>(out.y.data(), {tokens, d}), prev);
     // Router results are views into the layer: copy them before backward reuses any buffer.
-    out.add_f32("logits", {tokens, n}, flat(layer.logits()));
-    out.add_i32("topk.indices", {tokens, k}, flat(layer.topk_indices()));
-    out.add_f32("topk.gates", {tokens, k}, flat(layer.topk_gates()));
+    const auto logits = flat(layer.logits()), gates = flat(layer.topk_gates());
+    const auto idx = flat(layer.topk_indices());
+    out.logits.assign(logits.begin(), logits.end());
+    out.topk_indices.assign(idx.begin(), idx.end());
+    out.topk_gates.assign(gates.begin(), gates.end());
     const auto counts = layer.expert_counts();
-    out.add_i32("expert.counts", {n}, std::span<const std::int32_t>(counts.data, std::size_t(n)));
-    out.add_f32("aux.lbl", {1}, std::vector<float>{float(aux.lbl)});
-    out.add_f32("aux.zloss", {1}, std::vector<float>{float(aux.zloss)});
+    out.expert_counts.assign(counts.data, counts.data + n);
+    out.lbl = aux.lbl, out.zloss = aux.zloss;
     // L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss.
     // This is the last MoE layer (no next layer's residual sends gradient back to its logits).
-    layer.backward(moekit::MatrixView<const float>(dy.data(), {tokens, d}), moekit::MatrixView<float>(dx.data(), {tokens, d}),
-                   1.0, {}, dprev_view);
-    out.add_f32("y", {tokens, d}, y);
-    out.add_f32("dx", {tokens, d}, dx);
-    if (cfg.gating_residual) out.add_f32("grad.prev_logits", {tokens, n}, dprev);
-    for (const auto& p : params) out.add_f32("grad." + p.name, p.shape, std::span<const float>(p.grad, std::size_t(p.numel())));
-    if (aux_out) *aux_out = aux;
+    layer.backward(moekit::MatrixView<const float>(in.dy.data(), {tokens, d}),
+                   moekit::MatrixView<float>(out.dx.data(), {tokens, d}), 1.0, {}, dprev);
+    for (const auto& p : params) out.grads[p.name].assign(p.grad, p.grad + p.numel());
   });
-  out.set_metadata("format", "moekit-layer");
-  out.set_metadata("config", config_json(cfg).dump());
   return out;
+}
+
+// The outputs under their names (docs/harness.md), the same for every backend and dtype.
+inline moekit::io::SafetensorsWriter write_outputs(const HarnessConfig& h, std::int64_t tokens, const LayerOutputs& o) {
+  const moekit::MoeConfig& cfg = h.layer;
+  const std::int64_t d = cfg.d_model, n = cfg.num_experts(), k = cfg.top_k;
+  auto sized = [](const auto& v, std::int64_t numel, const std::string& name) -> const auto& {
+    if (std::int64_t(v.size()) != numel)
+      throw std::logic_error("moekit-layer: the layer returned " + std::to_string(v.size()) + " values for '" + name +
+                             "', expected " + std::to_string(numel));
+    return v;
+  };
+  moekit::io::SafetensorsWriter out;
+  out.add_f32("y", {tokens, d}, sized(o.y, tokens * d, "y"));
+  out.add_f32("dx", {tokens, d}, sized(o.dx, tokens * d, "dx"));
+  out.add_f32("logits", {tokens, n}, sized(o.logits, tokens * n, "logits"));
+  out.add_i32("topk.indices", {tokens, k}, sized(o.topk_indices, tokens * k, "topk.indices"));
+  out.add_f32("topk.gates", {tokens, k}, sized(o.topk_gates, tokens * k, "topk.gates"));
+  out.add_i32("expert.counts", {n}, sized(o.expert_counts, n, "expert.counts"));
+  out.add_f32("aux.lbl", {1}, std::vector<float>{float(o.lbl)});
+  out.add_f32("aux.zloss", {1}, std::vector<float>{float(o.zloss)});
+  if (cfg.gating_residual)
+    out.add_f32("grad.prev_logits", {tokens, n}, sized(o.grad_prev_logits, tokens * n, "grad.prev_logits"));
+  for (const auto& [name, shape] : parameter_shapes(cfg)) {
+    const auto it = o.grads.find(name);
+    if (it == o.grads.end()) throw std::logic_error("moekit-layer: the layer returned no gradient for '" + name + "'");
+    std::int64_t numel = 1;
+    for (auto s : shape) numel *= s;
+    out.add_f32("grad." + name, shape, sized(it->second, numel, "grad." + name));
+  }
+  out.set_metadata("format", "moekit-layer");
+  out.set_metadata("config", config_json(h).dump());
+  return out;
+}
+
+// Reads and checks every input, runs forward + backward on the config's backend and dtype, returns the
+// outputs (not yet written). Every tensor is checked against the config before the layer allocates anything.
+inline moekit::io::SafetensorsWriter run_layer(const HarnessConfig& h, const moekit::io::SafetensorsFile& in,
+                                               LayerOutputs* outputs = nullptr) {
+  const LayerInputs inputs = read_inputs(h.layer, in);
+  LayerOutputs o;
+  if (h.backend == Backend::kHost) {
+    o = run_host_layer(h.layer, inputs);
+  } else {
+#if defined(MOEKIT_LAYER_WITH_CUDA) && MOEKIT_LAYER_WITH_CUDA
+    o = h.dtype == Dtype::kBf16 ? run_cuda_layer_bf16(h.layer, inputs) : run_cuda_layer_fp32(h.layer, inputs);
+#else
+    throw std::logic_error("moekit-layer: backend \"cuda\" in a build without CUDA (parse_config lets it through)");
+#endif
+  }
+  moekit::io::SafetensorsWriter w = write_outputs(h, inputs.tokens, o);
+  if (outputs) *outputs = std::move(o);
+  return w;
 }
 
 // The program: 0 on success (output written atomically), 2 with a message on `err` on any error.
@@ -291,14 +367,15 @@ inline int run_harness(int argc, const char* const* argv, std::ostream& out = st
       out << kUsage;
       return kExitOk;
     }
-    const moekit::MoeConfig cfg = read_config(opt.config);
+    const HarnessConfig h = read_config(opt.config);
+    const moekit::MoeConfig& cfg = h.layer;
     const moekit::io::SafetensorsFile in = moekit::io::read_safetensors(opt.input);
-    moekit::AuxLosses aux;
-    const moekit::io::SafetensorsWriter result = run_layer(cfg, in, &aux);
+    LayerOutputs o;
+    const moekit::io::SafetensorsWriter result = run_layer(h, in, &o);
     result.write(opt.output);
-    out << "moekit-layer: " << in.info("x").shape[0] << " tokens, " << cfg.num_experts() << " experts ("
-        << cfg.num_zc_experts() << " zero-computation), top-" << cfg.top_k << "; lbl " << aux.lbl << ", zloss "
-        << aux.zloss << "; wrote " << opt.output << "\n";
+    out << "moekit-layer: " << to_string(h.backend) << " " << to_string(h.dtype) << ", " << in.info("x").shape[0]
+        << " tokens, " << cfg.num_experts() << " experts (" << cfg.num_zc_experts() << " zero-computation), top-"
+        << cfg.top_k << "; lbl " << o.lbl << ", zloss " << o.zloss << "; wrote " << opt.output << "\n";
     return kExitOk;
   } catch (const UsageError& e) {
     err << "moekit-layer: error: " << e.what() << "\n" << kUsage;

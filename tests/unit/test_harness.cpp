@@ -438,8 +438,19 @@ TEST_CASE("moekit-layer: every error exits 2 with a message and writes nothing")
       {"float for integer", with_config([](nlohmann::json& j) { j["top_k"] = 2.5; }), {"top_k", "must be a JSON integer"}},
       {"number for bool", with_config([](nlohmann::json& j) { j["renormalize"] = 1; }), {"renormalize", "true or false"}},
       {"negative coefficient", with_config([](nlohmann::json& j) { j["lbl_coef"] = -1; }), {"lbl_coef"}},
-      {"cuda backend", with_config([](nlohmann::json& j) { j["backend"] = "cuda"; }), {"backend", "supports only \"host\""}},
-      {"bf16 dtype", with_config([](nlohmann::json& j) { j["dtype"] = "bf16"; }), {"dtype", "supports only \"fp32\""}},
+      {"unknown backend", with_config([](nlohmann::json& j) { j["backend"] = "rocm"; }),
+       {"cfg.json", "backend = \"rocm\"", "must be one of \"host\", \"cuda\""}},
+      {"backend not a string", with_config([](nlohmann::json& j) { j["backend"] = 1; }), {"backend", "must be a JSON string"}},
+      {"unknown dtype", with_config([](nlohmann::json& j) { j["dtype"] = "fp16"; }),
+       {"cfg.json", "dtype = \"fp16\"", "must be one of \"fp32\", \"bf16\""}},
+      {"dtype names are lower case", with_config([](nlohmann::json& j) { j["dtype"] = "BF16"; }), {"dtype = \"BF16\""}},
+      {"bf16 on the host backend", with_config([](nlohmann::json& j) { j["dtype"] = "bf16"; }),
+       {"cfg.json", "dtype = \"bf16\"", "needs \"backend\": \"cuda\"", "host backend computes in fp32"}},
+      {"bf16 with the default backend", with_config([](nlohmann::json& j) {
+         j.erase("backend");
+         j["dtype"] = "bf16";
+       }),
+       {"dtype = \"bf16\"", "needs \"backend\": \"cuda\""}},
       {"config not an object", [](Harness& h) { std::ofstream(h.cfg) << "[1, 2]"; }, {"must be a JSON object"}},
       {"config not JSON", [](Harness& h) { std::ofstream(h.cfg) << "{\"d_model\": "; }, {"cfg.json", "not valid JSON"}},
       {"config missing", [](Harness& h) { fs::remove(h.cfg); }, {"cfg.json", "cannot open"}},
@@ -457,6 +468,45 @@ TEST_CASE("moekit-layer: every error exits 2 with a message and writes nothing")
        }),
        {"'prev_logits' is not an input", "gating_residual false"}},
   });
+}
+
+TEST_CASE("moekit-layer: backend and dtype") {
+  const Case c;
+  {  // without the keys: host fp32, recorded in the output's metadata and the summary line
+    Harness h(c);
+    nlohmann::json j = c.config();
+    j.erase("backend");
+    j.erase("dtype");
+    h.write_config(j);
+    const Run r = h.run();
+    REQUIRE_MESSAGE(r.rc == 0, r.err);
+    CHECK(r.out.find("moekit-layer: host fp32, 6 tokens") == 0);
+    const auto meta = nlohmann::json::parse(moekit::io::read_safetensors(h.out).metadata().at("config"));
+    CHECK(meta.at("backend") == "host");
+    CHECK(meta.at("dtype") == "fp32");
+    CHECK(meta == c.config());
+  }
+  // The unit tests are built without MOEKIT_LAYER_WITH_CUDA (g++, no cuda_layer_*.cu): a CUDA config is
+  // a config error naming the backend, whatever the dtype, before any input is read.
+  if constexpr (!moekit_layer::kWithCuda) {
+    auto cuda = [&](const char* dtype) {
+      return ::with_config(c, [dtype](nlohmann::json& j) {
+        j["backend"] = "cuda";
+        j["dtype"] = dtype;
+      });
+    };
+    auto no_input = [](std::function<void(Harness&)> setup) {
+      return [setup](Harness& h) {
+        setup(h);
+        fs::remove(h.in);
+      };
+    };
+    const std::vector<std::string> message{"cfg.json", "moekit::ConfigError: backend = \"cuda\"",
+                                           "this moekit-layer was built without CUDA"};
+    check_errors(c, {{"cuda fp32 without CUDA", cuda("fp32"), message},
+                     {"cuda bf16 without CUDA", cuda("bf16"), message},
+                     {"cuda without CUDA, no input file", no_input(cuda("bf16")), message}});
+  }
 }
 
 TEST_CASE("moekit-layer: MoE++ config and input errors exit 2 with a message") {
