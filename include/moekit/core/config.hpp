@@ -50,6 +50,9 @@ struct MoeConfig {
   double lbl_coef = 0.0;
   double zloss_coef = 0.0;
   double tau = 1.0;                  // MoE++: eta_i of ZC experts in the LBL and the capacities
+  // Parallel degrees (DESIGN §5): world = tp * ep * dp ranks, tp varying fastest. Checked against the
+  // communicator and the parallel policy when a distributed layer is built.
+  std::int64_t tp = 1, ep = 1, dp = 1;
 
   // N_E: all experts, in the order FFN, zero, copy, constant (logits, indices, counts).
   std::int64_t num_experts() const {
@@ -81,6 +84,9 @@ struct MoeConfig {
     finite_nonneg("lbl_coef", lbl_coef);
     finite_nonneg("zloss_coef", zloss_coef);
     if (!std::isfinite(tau) || tau <= 0.0) throw ConfigError("tau", detail::str(tau), "must be finite and > 0");
+    positive("tp", tp);
+    positive("ep", ep);
+    positive("dp", dp);
     // The sigmoid router always normalises its picked gates (DeepSeek-V3); `renormalize` is for softmax.
   }
 };

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "moekit/backend/host/blas.hpp"
+#include "moekit/backend/host/ffn.hpp"
 #include "moekit/backend/host/moe_weights.hpp"
 #include "moekit/backend/host/policy.hpp"
 #include "moekit/balance/loss.hpp"
@@ -77,7 +78,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
     const std::int64_t rows = tokens * k;
     const std::int64_t vals = tokens * d + tokens * n * (kResidual ? 4 : 3) + tokens * k * 4 + tokens +
-                              rows * d * 3 + rows * f * (kGated ? 4 : 2);
+                              rows * d * 3 + rows * f * (kGated ? 3 : 2);
     return vals * std::int64_t(sizeof(T)) + (tokens * k * 2 + rows) * std::int64_t(sizeof(std::int32_t));
   }
   // Sizes the saved activations for up to `tokens` tokens; forward() calls it, so buffers only grow.
@@ -95,39 +96,18 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     x_.resize(tokens * d);
     for (auto* v : {&xp_, &yp_, &dyp_}) v->resize(rows * d);
     for (auto* v : {&h1_, &a_}) v->resize(rows * f);
-    if constexpr (kGated) {
-      h3_.resize(rows * f);
-      dh3_.resize(rows * f);
-    }
+    if constexpr (kGated) h3_.resize(rows * f);
     reserved_ = tokens;
   }
 
   // y = MoE(x). x, y: [T, D] contiguous. prev_logits [T, N_E]: the previous MoE layer's logits, for
   // router::GatingResidual (leave empty in the first layer). Saves what backward needs.
   AuxLosses forward(MatrixView<const T> x, MatrixView<T> y, MatrixView<const T> prev_logits = {}) {
-    const std::int64_t tokens = x.shape[0], d = cfg_.d_model;
-    check_shape(x, "x", {tokens, d});
-    check_shape(y, "y", {tokens, d});
-    if (tokens * cfg_.top_k > std::int64_t(INT32_MAX))
-      throw ShapeError("x has " + std::to_string(tokens) + " tokens; tokens * top_k must fit in int32");
-    has_prev_ = prev_logits.data != nullptr;
-    if (has_prev_) {
-      if (!kResidual) throw ShapeError("prev_logits given, but the router has no gating residual (router::GatingResidual)");
-      check_shape(prev_logits, "prev_logits", {tokens, cfg_.num_experts()});
-    }
-    reserve(tokens);
-    tokens_ = tokens;
-    std::copy_n(x.data, tokens * d, x_.data());
-    if constexpr (kResidual)
-      if (has_prev_) std::copy_n(prev_logits.data, prev_logits.numel(), prev_.data());
+    begin_forward(x, y, prev_logits);
     route();
     assign_slots();
     expert_forward();
-    gather_slots(yp_.data(), y.data, /*gate_weighted=*/true);
-    if constexpr (kAnyZc) zero_computation_forward(y.data);
-    aux_ = compute_aux();
-    has_forward_ = true;
-    return aux_;
+    return finish_forward(y.data);
   }
 
   // Backward of L = sum(y * dy) + aux_scale * (lbl_coef * LBL + zloss_coef * zloss) + sum(logits * dlogits_next).
@@ -136,19 +116,10 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   // dlogits_next: the gradient the next layer's gating residual sends back to these logits.
   void backward(MatrixView<const T> dy, MatrixView<T> dx, double aux_scale = 1.0, MatrixView<const T> dlogits_next = {},
                 MatrixView<T> dprev_logits = {}) {
-    if (!has_forward_) throw std::logic_error("moekit::MoeLayer::backward called before forward");
-    const auto n = cfg_.num_experts();
-    check_shape(dy, "dy", {tokens_, cfg_.d_model});
-    check_shape(dx, "dx", {tokens_, cfg_.d_model});
-    if (dlogits_next.data) check_shape(dlogits_next, "dlogits_next", {tokens_, n});
-    if (dprev_logits.data) {
-      if (!has_prev_) throw ShapeError("dprev_logits asked for, but forward was given no prev_logits");
-      check_shape(dprev_logits, "dprev_logits", {tokens_, n});
-    }
+    begin_backward(dy, dx, dlogits_next, dprev_logits);
     combine_backward(dy.data);
     expert_backward(dx.data);
-    if constexpr (kAnyZc) zero_computation_backward(dy.data, dx.data);
-    router_backward(dx.data, T(aux_scale), dlogits_next.data, dprev_logits.data);
+    finish_backward(dy.data, dx.data, aux_scale, dlogits_next.data, dprev_logits.data);
   }
 
   // Results of the last forward.
@@ -168,8 +139,52 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   std::int64_t expert_gemm_flops() const { return gemm_flops_; }
   std::int64_t ffn_rows() const { return offset_.empty() ? 0 : offset_.back(); }
 
- private:
+ protected:  // the distributed host layer (parallel/host_moe_layer.hpp) reuses the stages below
   using I32 = std::int32_t;
+
+  // Checks the arguments, sizes the buffers and saves x (and prev_logits).
+  void begin_forward(MatrixView<const T> x, MatrixView<T> y, MatrixView<const T> prev_logits) {
+    const std::int64_t tokens = x.shape[0], d = cfg_.d_model;
+    check_shape(x, "x", {tokens, d});
+    check_shape(y, "y", {tokens, d});
+    if (tokens * cfg_.top_k > std::int64_t(INT32_MAX))
+      throw ShapeError("x has " + std::to_string(tokens) + " tokens; tokens * top_k must fit in int32");
+    has_forward_ = false;
+    has_prev_ = prev_logits.data != nullptr;
+    if (has_prev_) {
+      if (!kResidual) throw ShapeError("prev_logits given, but the router has no gating residual (router::GatingResidual)");
+      check_shape(prev_logits, "prev_logits", {tokens, cfg_.num_experts()});
+    }
+    reserve(tokens);
+    tokens_ = tokens;
+    std::copy_n(x.data, tokens * d, x_.data());
+    if constexpr (kResidual)
+      if (has_prev_) std::copy_n(prev_logits.data, prev_logits.numel(), prev_.data());
+  }
+  // Combine of the expert rows in yp_, the zero-computation experts, the aux losses.
+  AuxLosses finish_forward(T* y) {
+    gather_slots(yp_.data(), y, /*gate_weighted=*/true);
+    if constexpr (kAnyZc) zero_computation_forward(y);
+    aux_ = compute_aux();
+    has_forward_ = true;
+    return aux_;
+  }
+  void begin_backward(MatrixView<const T> dy, MatrixView<T> dx, MatrixView<const T> dlogits_next, MatrixView<T> dprev_logits) {
+    if (!has_forward_) throw std::logic_error("moekit::MoeLayer::backward called before forward");
+    const auto n = cfg_.num_experts();
+    check_shape(dy, "dy", {tokens_, cfg_.d_model});
+    check_shape(dx, "dx", {tokens_, cfg_.d_model});
+    if (dlogits_next.data) check_shape(dlogits_next, "dlogits_next", {tokens_, n});
+    if (dprev_logits.data) {
+      if (!has_prev_) throw ShapeError("dprev_logits asked for, but forward was given no prev_logits");
+      check_shape(dprev_logits, "dprev_logits", {tokens_, n});
+    }
+  }
+  // After dx holds the expert rows' gradient: the zero-computation experts and the router.
+  void finish_backward(const T* dy, T* dx, double aux_scale, const T* dlogits_next, T* dprev) {
+    if constexpr (kAnyZc) zero_computation_backward(dy, dx);
+    router_backward(dx, T(aux_scale), dlogits_next, dprev);
+  }
   static constexpr I32 kDropped = -1, kZeroComputation = -2;  // slot_row_ values besides FFN rows
 
   bool is_ffn(std::int64_t e) const { return e < cfg_.num_ffn_experts; }
@@ -244,34 +259,17 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     else return prob_[at];
   }
 
-  template <class F>
-  void for_each_expert(F&& fn) const {
-    for (std::int64_t e = 0; e < cfg_.num_ffn_experts; ++e)
-      if (offset_[e + 1] > offset_[e]) fn(e, offset_[e], offset_[e + 1] - offset_[e]);
+  backend::host::FfnShapes<T> ffn_shapes() const {
+    return {cfg_.d_model, cfg_.d_expert, offset_.data(), cfg_.num_ffn_experts};
   }
 
-  // Phases, not a loop of per-expert phases: OpenMP loops and (separately threaded) BLAS calls
-  // alternate only a few times per call, since each switch makes the two thread pools contend.
   void expert_forward() {
-    const auto k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
+    const auto k = cfg_.top_k, d = cfg_.d_model;
     const std::int64_t rows = ffn_rows();
-    gemm_flops_ = 0;
-    auto gemm = [&](bool ta, bool tb, std::int64_t m, std::int64_t nn, std::int64_t kk, const T* a, const T* b, T* c) {
-      backend::host::gemm<T>(ta, tb, m, nn, kk, T(1), a, b, T(0), c);
-      gemm_flops_ += 2 * m * nn * kk;
-    };
 #pragma omp parallel for schedule(static) if (rows * d >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t r = 0; r < rows; ++r) std::copy_n(&x_[(row_slot_[r] / k) * d], d, &xp_[r * d]);
-    for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
-      gemm(false, true, m, f, d, &xp_[r0 * d], &params_.w1[e * f * d], &h1_[r0 * f]);
-      if constexpr (kGated) gemm(false, true, m, f, d, &xp_[r0 * d], &params_.w3[e * f * d], &h3_[r0 * f]);
-    });
-    const T* h3 = kGated ? h3_.data() : h1_.data();
-#pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
-    for (std::int64_t i = 0; i < rows * f; ++i) a_[i] = act::apply(Act{}, h1_[i], h3[i]);
-    for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
-      gemm(false, true, m, d, f, &a_[r0 * f], &params_.w2[e * d * f], &yp_[r0 * d]);
-    });
+    gemm_flops_ = backend::host::ffn_forward<Act>(ffn_shapes(), params_.w1.data(), params_.w3.data(), params_.w2.data(),
+                                                  xp_.data(), h1_.data(), h3_.data(), a_.data(), yp_.data());
   }
 
   // out_t = sum over t's kept FFN slots of (gate or 1) * rows[slot's row]: a gather, not a scatter
@@ -389,32 +387,9 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   }
 
   void expert_backward(T* dx) {
-    const auto d = cfg_.d_model, f = cfg_.d_expert;
-    const std::int64_t rows = ffn_rows();
-    // a_ is overwritten with dA once dW2 has used it; h1_ with dH1; dyp_ with d(expert rows).
-    for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
-      backend::host::gemm<T>(true, false, d, f, m, T(1), &dyp_[r0 * d], &a_[r0 * f], T(1), &grads_.w2[e * d * f]);
-      backend::host::gemm<T>(false, false, m, f, d, T(1), &dyp_[r0 * d], &params_.w2[e * d * f], T(0), &a_[r0 * f]);
-    });
-    T* h3 = kGated ? h3_.data() : h1_.data();
-    T* dh3 = kGated ? dh3_.data() : h1_.data();
-#pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
-    for (std::int64_t i = 0; i < rows * f; ++i) {
-      T g1, g3 = 0;
-      act::backward(Act{}, h1_[i], h3[i], a_[i], g1, g3);
-      h1_[i] = g1;
-      if constexpr (kGated) dh3[i] = g3;
-    }
-    for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
-      const T* xe = &xp_[r0 * d];
-      T* dxe = &dyp_[r0 * d];
-      backend::host::gemm<T>(true, false, f, d, m, T(1), &h1_[r0 * f], xe, T(1), &grads_.w1[e * f * d]);
-      backend::host::gemm<T>(false, false, m, d, f, T(1), &h1_[r0 * f], &params_.w1[e * f * d], T(0), dxe);
-      if constexpr (kGated) {
-        backend::host::gemm<T>(true, false, f, d, m, T(1), &dh3[r0 * f], xe, T(1), &grads_.w3[e * f * d]);
-        backend::host::gemm<T>(false, false, m, d, f, T(1), &dh3[r0 * f], &params_.w3[e * f * d], T(1), dxe);
-      }
-    });
+    backend::host::ffn_backward<Act>(ffn_shapes(), params_.w1.data(), params_.w3.data(), params_.w2.data(), xp_.data(),
+                                     h1_.data(), h3_.data(), a_.data(), dyp_.data(), grads_.w1.data(), grads_.w3.data(),
+                                     grads_.w2.data());
     gather_slots(dyp_.data(), dx, /*gate_weighted=*/false);
   }
 
@@ -481,7 +456,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   std::vector<T> x_, prev_, logits_, prob_, dlogits_, gate_, dgate_, mix_, lse_, prob_sum_;
   std::vector<I32> idx_, slot_row_, row_slot_, kept_;
   std::vector<std::int64_t> routed_, offset_, f_counts_;
-  std::vector<T> xp_, yp_, dyp_, h1_, h3_, dh3_, a_;
+  std::vector<T> xp_, yp_, dyp_, h1_, h3_, a_;
 };
 
 }  // namespace moekit

@@ -1,0 +1,84 @@
+#pragma once
+// The FFN experts of the host backend over expert-contiguous rows: expert e's rows are
+// [offsets[e], offsets[e+1]) of xp. Weights per expert: w1/w3 [f, d], w2 [d, f] (f may be a tensor-
+// parallel slice of d_expert). Shared by the single-rank layer and the distributed one (whose experts
+// are the local shard and whose rows arrive by all-to-all).
+// Phases, not a loop of per-expert phases: OpenMP loops and (separately threaded) BLAS calls
+// alternate only a few times per call, since each switch makes the two thread pools contend.
+#include <cstdint>
+#include <vector>
+
+#include "moekit/backend/host/blas.hpp"
+#include "moekit/experts/activation.hpp"
+
+#ifndef MOEKIT_OMP_MIN_WORK
+#define MOEKIT_OMP_MIN_WORK 32768
+#endif
+
+namespace moekit::backend::host {
+
+template <class T>
+struct FfnShapes {
+  std::int64_t d = 0, f = 0;
+  const std::int64_t* offsets = nullptr;  // [experts + 1]
+  std::int64_t experts = 0;
+  std::int64_t rows() const { return offsets[experts]; }
+  template <class F>
+  void for_each_expert(F&& fn) const {
+    for (std::int64_t e = 0; e < experts; ++e)
+      if (offsets[e + 1] > offsets[e]) fn(e, offsets[e], offsets[e + 1] - offsets[e]);
+  }
+};
+
+// h1 = xp W1^T, h3 = xp W3^T (gated), a = act(h1, h3), yp = a W2^T. Returns the GEMM FLOPs issued.
+template <class Act, class T>
+std::int64_t ffn_forward(const FfnShapes<T>& s, const T* w1, const T* w3, const T* w2, const T* xp, T* h1, T* h3, T* a,
+                         T* yp) {
+  const std::int64_t d = s.d, f = s.f, rows = s.rows();
+  std::int64_t flops = 0;
+  auto xwt = [&](std::int64_t m, std::int64_t nn, std::int64_t kk, const T* x, const T* w, T* c) {  // c = x w^T
+    gemm<T>(false, true, m, nn, kk, T(1), x, w, T(0), c);
+    flops += 2 * m * nn * kk;
+  };
+  s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+    xwt(m, f, d, &xp[r0 * d], &w1[e * f * d], &h1[r0 * f]);
+    if constexpr (Act::gated) xwt(m, f, d, &xp[r0 * d], &w3[e * f * d], &h3[r0 * f]);
+  });
+  const T* h3v = Act::gated ? h3 : h1;
+#pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
+  for (std::int64_t i = 0; i < rows * f; ++i) a[i] = act::apply(Act{}, h1[i], h3v[i]);
+  s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) { xwt(m, d, f, &a[r0 * f], &w2[e * d * f], &yp[r0 * d]); });
+  return flops;
+}
+
+// Given dyp (d rows), adds the weight gradients and overwrites dyp with d(xp). a is overwritten with
+// dA, h1 with dH1 (and h3 with dH3): the forward's buffers are consumed.
+template <class Act, class T>
+void ffn_backward(const FfnShapes<T>& s, const T* w1, const T* w3, const T* w2, const T* xp, T* h1, T* h3, T* a, T* dyp,
+                  T* gw1, T* gw3, T* gw2) {
+  const std::int64_t d = s.d, f = s.f, rows = s.rows();
+  s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+    gemm<T>(true, false, d, f, m, T(1), &dyp[r0 * d], &a[r0 * f], T(1), &gw2[e * d * f]);
+    gemm<T>(false, false, m, f, d, T(1), &dyp[r0 * d], &w2[e * d * f], T(0), &a[r0 * f]);
+  });
+  T* h3v = Act::gated ? h3 : h1;
+#pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
+  for (std::int64_t i = 0; i < rows * f; ++i) {
+    T g1, g3 = 0;
+    act::backward(Act{}, h1[i], h3v[i], a[i], g1, g3);
+    h1[i] = g1;
+    if constexpr (Act::gated) h3[i] = g3;
+  }
+  s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+    const T* xe = &xp[r0 * d];
+    T* dxe = &dyp[r0 * d];
+    gemm<T>(true, false, f, d, m, T(1), &h1[r0 * f], xe, T(1), &gw1[e * f * d]);
+    gemm<T>(false, false, m, d, f, T(1), &h1[r0 * f], &w1[e * f * d], T(0), dxe);
+    if constexpr (Act::gated) {
+      gemm<T>(true, false, f, d, m, T(1), &h3[r0 * f], xe, T(1), &gw3[e * f * d]);
+      gemm<T>(false, false, m, d, f, T(1), &h3[r0 * f], &w3[e * f * d], T(1), dxe);
+    }
+  });
+}
+
+}  // namespace moekit::backend::host
