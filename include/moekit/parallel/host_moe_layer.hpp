@@ -1,0 +1,405 @@
+#pragma once
+// MoeLayer<backend::Host<T>, ..., P> for P = parallel::Data, Expert, Tensor or Hybrid (DESIGN §5): the
+// host layer over a communicator (comm::Mpi between processes, comm::Single for one). The world is
+// tp x ep x dp ranks, tp fastest: rank = t + tp·(e + ep·d). Ranks of one tp group hold the same tokens;
+// the ep·dp groups of a tp index hold different tokens ("shards", concatenated in shard order e + ep·d).
+//
+// Forward on each rank (local tokens x [T, D]):
+//   router, top-k, capacity (per shard, as DeepSpeed), the zero-computation experts: all local (their
+//   weights are replicated), so ZC tokens never travel;
+//   Duplicate Token Dropping (DTD, DeepSpeed-TED): the tp ranks of a group hold the same tokens, so tp
+//   rank t dispatches only the FFN rows of its 1/tp chunk of tokens;
+//   counts: one all-gather of the per-expert row counts over the ranks of this dp index (tp x ep);
+//   all-to-all-v over ep to the expert's owner; all-gather over tp (every tp rank computes its slice of
+//   d_expert for all rows); local experts' FFN (W1/W3 rows t·f/tp.., W2 columns t·f/tp..); reduce-scatter
+//   over tp (sums the slices, each rank keeps its chunk's rows); the reverse all-to-all-v; all-gather over
+//   tp of the returned rows; combine by gather. Without DTD every tp rank dispatches all rows and the
+//   slices are summed by an all-reduce over tp (tp times the all-to-all volume).
+// Backward mirrors it (dgate needs no communication: every rank has all its tokens' expert rows).
+// Communication-aware activation checkpointing: with set_activation_checkpointing(true) the forward
+// keeps only the dispatched rows (the all-to-all outputs), and backward recomputes the expert
+// activations from them without communicating again.
+// Gradients accumulate locally over micro-batches; sync_gradients() (once per optimizer step, before
+// it) sums expert gradients over dp and dense ones (router, gating residual, constant experts) over
+// ep·dp, and divides both by ep·dp (the shards): the gradient of the mean of the shards' losses.
+// balance::GlobalBatch all-reduces the routed counts over the ep·dp ranks of this tp index (tp
+// replicas counted once).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moekit/backend/host/moe_layer.hpp"
+#include "moekit/parallel/comm/communicator.hpp"
+#include "moekit/parallel/policy.hpp"
+
+namespace moekit {
+
+// This rank's place in the tp x ep x dp grid.
+struct ParallelGrid {
+  int tp = 1, ep = 1, dp = 1, t = 0, e = 0, d = 0;
+  int shards() const { return ep * dp; }
+  int shard() const { return e + ep * d; }
+};
+
+namespace detail {
+// Local checks, then one fixed-size all-gather that every rank makes whatever its config, so that a
+// config that is invalid or differs on some rank fails on every rank with a message, never a hang.
+template <class Router, class Experts, class P>
+MoeConfig agreed_config(const MoeConfig& cfg, comm::HostCommunicator& world) {
+  std::exception_ptr local;
+  try {
+    validate_layer_config<Router, Experts>(cfg);
+    auto allowed = [](const char* field, std::int64_t v, bool ok) {
+      if (v > 1 && !ok) throw ConfigError(field, std::to_string(v), std::string("must be 1 with ") + P::name);
+    };
+    allowed("tp", cfg.tp, P::allows_tp);
+    allowed("ep", cfg.ep, P::allows_ep);
+    allowed("dp", cfg.dp, P::allows_dp);
+    if (cfg.tp * cfg.ep * cfg.dp != world.size())
+      throw ConfigError("tp * ep * dp", std::to_string(cfg.tp * cfg.ep * cfg.dp), "must equal the world size " + std::to_string(world.size()));
+    if (cfg.num_ffn_experts % cfg.ep != 0)
+      throw ConfigError("num_ffn_experts", std::to_string(cfg.num_ffn_experts), "must be divisible by ep = " + std::to_string(cfg.ep));
+    if (cfg.d_expert % cfg.tp != 0)
+      throw ConfigError("d_expert", std::to_string(cfg.d_expert), "must be divisible by tp = " + std::to_string(cfg.tp));
+  } catch (const ConfigError&) {
+    local = std::current_exception();
+  }
+  auto bits = [](double v) {
+    std::int64_t b;
+    std::memcpy(&b, &v, sizeof b);
+    return b;
+  };
+  static const char* names[] = {"d_model", "d_expert", "num_ffn_experts", "num_zero_experts", "num_copy_experts",
+                                "num_constant_experts", "top_k", "router", "gating_residual", "renormalize", "activation",
+                                "capacity_factor", "lbl_coef", "zloss_coef", "tau", "tp", "ep", "dp", "(valid)"};
+  const std::int64_t mine[] = {cfg.d_model, cfg.d_expert, cfg.num_ffn_experts, cfg.num_zero_experts, cfg.num_copy_experts,
+                               cfg.num_constant_experts, cfg.top_k, std::int64_t(cfg.router), cfg.gating_residual,
+                               cfg.renormalize, std::int64_t(cfg.activation), bits(cfg.capacity_factor), bits(cfg.lbl_coef),
+                               bits(cfg.zloss_coef), bits(cfg.tau), cfg.tp, cfg.ep, cfg.dp, local ? 0 : 1};
+  constexpr std::size_t kFields = sizeof(mine) / sizeof(mine[0]);
+  std::vector<std::int64_t> all(kFields * std::size_t(world.size()));
+  world.all_gather(mine, kFields, all.data());
+  if (local) std::rethrow_exception(local);
+  for (int r = 0; r < world.size(); ++r)
+    if (all[std::size_t(r) * kFields + kFields - 1] == 0)
+      throw ConfigError("rank " + std::to_string(r), "invalid configuration", "every rank must pass validation (see rank " +
+                                                                                  std::to_string(r) + "'s error)");
+  for (std::size_t f = 0; f + 1 < kFields; ++f)
+    for (int r = 0; r < world.size(); ++r)
+      if (all[std::size_t(r) * kFields + f] != mine[f])
+        throw ConfigError(names[f], "rank " + std::to_string(r) + " has " + std::to_string(all[std::size_t(r) * kFields + f]) +
+                                        ", rank " + std::to_string(world.rank()) + " has " + std::to_string(mine[f]),
+                          "must be the same on every rank");
+  return cfg;
+}
+}  // namespace detail
+
+template <class T, class Router, class Experts, class Balance, parallel::DistributedPolicy P>
+class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
+    : public MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
+  using Base = MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None>;
+  using Act = typename Experts::activation;
+  static constexpr bool kGated = Act::gated;
+  using I64 = std::int64_t;
+
+ public:
+  MoeLayer(const MoeConfig& cfg, comm::HostCommunicator& world)
+      : Base(detail::agreed_config<Router, Experts, P>(cfg, world)) {
+    const int r = world.rank();
+    g_.tp = int(cfg.tp), g_.ep = int(cfg.ep), g_.dp = int(cfg.dp);
+    g_.t = r % g_.tp, g_.e = (r / g_.tp) % g_.ep, g_.d = r / (g_.tp * g_.ep);
+    // Every rank splits in the same order (splits are collective over the world).
+    tp_ = world.split(g_.e + g_.ep * g_.d, g_.t);
+    ep_ = world.split(g_.t + g_.tp * g_.d, g_.e);
+    dp_ = world.split(g_.t + g_.tp * g_.e, g_.d);
+    dense_ = world.split(g_.t, g_.shard());
+    tpep_ = world.split(g_.d, g_.t + g_.tp * g_.e);
+    el_ = this->cfg_.num_ffn_experts / g_.ep;
+    fl_ = this->cfg_.d_expert / g_.tp;
+    const I64 d = this->cfg_.d_model;
+    for (auto* w : {&this->params_, &this->grads_}) {  // the local shard only
+      w->w1.assign(el_ * fl_ * d, T(0));
+      w->w2.assign(el_ * d * fl_, T(0));
+      w->w3.assign(kGated ? el_ * fl_ * d : 0, T(0));
+      w->w1.shrink_to_fit(), w->w2.shrink_to_fit(), w->w3.shrink_to_fit();
+    }
+    if constexpr (Balance::global) {
+      comm::HostCommunicator* dense = dense_.get();
+      this->balance_.set_all_reduce([dense](std::int64_t* data, std::size_t n) { dense->all_reduce_sum(data, n); });
+    }
+  }
+
+  const ParallelGrid& grid() const { return g_; }
+  // Local experts [first_expert(), first_expert() + local_experts()), each a d_expert/tp slice.
+  I64 first_expert() const { return I64(g_.e) * el_; }
+  I64 local_experts() const { return el_; }
+  // Duplicate token dropping over tp (default on; off dispatches every row from every tp rank).
+  void set_duplicate_token_dropping(bool on) { dtd_ = on; }
+  // Communication-aware activation checkpointing: recompute expert activations in backward from the
+  // saved all-to-all outputs.
+  void set_activation_checkpointing(bool on) { recompute_ = on; }
+  I64 recomputations() const { return recomputations_; }
+
+  // The full model's weights (as a parallel::None layer holds them) -> this rank's shard.
+  void load_full_params(const MoeWeights<T>& full) { slice(full, this->params_); }
+  void init_params(std::uint64_t seed) {
+    MoeWeights<T> full;
+    full.resize(this->cfg_, kGated, Router::residual);
+    init_moe_weights(full, this->cfg_, seed);
+    load_full_params(full);
+  }
+  // This rank's shard of full-size weights or gradients (same layout as params()).
+  void slice(const MoeWeights<T>& full, MoeWeights<T>& local) const {
+    const I64 d = this->cfg_.d_model, f = this->cfg_.d_expert, off = I64(g_.t) * fl_;
+    local.router = full.router, local.const_wc = full.const_wc, local.const_v = full.const_v;
+    local.gate_residual = full.gate_residual;
+    local.w1.assign(el_ * fl_ * d, T(0)), local.w2.assign(el_ * d * fl_, T(0)), local.w3.assign(kGated ? el_ * fl_ * d : 0, T(0));
+    for (I64 le = 0; le < el_; ++le) {
+      const I64 ge = first_expert() + le;
+      std::copy_n(&full.w1[(ge * f + off) * d], fl_ * d, &local.w1[le * fl_ * d]);
+      if constexpr (kGated) std::copy_n(&full.w3[(ge * f + off) * d], fl_ * d, &local.w3[le * fl_ * d]);
+      for (I64 c = 0; c < d; ++c) std::copy_n(&full.w2[(ge * d + c) * f + off], fl_, &local.w2[(le * d + c) * fl_]);
+    }
+  }
+  // Parameters of this rank (expert names are global; their shapes are the tp slices).
+  std::vector<Parameter<T>> parameters(const std::string& prefix = "") {
+    auto& v = this->params_;
+    auto& g = this->grads_;
+    const I64 d = this->cfg_.d_model, n = this->cfg_.num_experts();
+    std::vector<Parameter<T>> ps;
+    auto add = [&](std::string name, std::vector<T>& a, std::vector<T>& b, I64 o, std::vector<I64> shape) {
+      ps.push_back({prefix + std::move(name), a.data() + o, b.data() + o, std::move(shape)});
+    };
+    add("gate.weight", v.router, g.router, 0, {n, d});
+    for (I64 le = 0; le < el_; ++le) {
+      const std::string p = "experts." + std::to_string(first_expert() + le) + ".";
+      add(p + "w1.weight", v.w1, g.w1, le * fl_ * d, {fl_, d});
+      add(p + "w2.weight", v.w2, g.w2, le * d * fl_, {d, fl_});
+      if constexpr (kGated) add(p + "w3.weight", v.w3, g.w3, le * fl_ * d, {fl_, d});
+    }
+    for (I64 j = 0; j < this->cfg_.num_constant_experts; ++j) {
+      const std::string p = "constant." + std::to_string(j) + ".";
+      add(p + "wc.weight", v.const_wc, g.const_wc, j * 2 * d, {2, d});
+      add(p + "v", v.const_v, g.const_v, j * d, {d});
+    }
+    if constexpr (Router::residual) add("gate_residual.weight", v.gate_residual, g.gate_residual, 0, {n, n});
+    return ps;
+  }
+
+  AuxLosses forward(MatrixView<const T> x, MatrixView<T> y, MatrixView<const T> prev_logits = {}) {
+    this->begin_forward(x, y, prev_logits);
+    this->route();
+    this->assign_slots();
+    relayout();
+    exchange_counts();
+    dispatch_forward();
+    return this->finish_forward(y.data);
+  }
+
+  void backward(MatrixView<const T> dy, MatrixView<T> dx, double aux_scale = 1.0, MatrixView<const T> dlogits_next = {},
+                MatrixView<T> dprev_logits = {}) {
+    this->begin_backward(dy, dx, dlogits_next, dprev_logits);
+    this->combine_backward(dy.data);
+    dispatch_backward();
+    this->gather_slots(this->dyp_.data(), dx.data, /*gate_weighted=*/false);
+    this->finish_backward(dy.data, dx.data, aux_scale, dlogits_next.data, dprev_logits.data);
+  }
+
+  // Once per optimizer step: the data-parallel reduction of the accumulated gradients.
+  void sync_gradients() {
+    auto& g = this->grads_;
+    const T scale = T(1) / T(g_.shards());
+    auto reduce = [&](comm::HostCommunicator& c, std::vector<T>& v) {
+      if (v.empty()) return;
+      c.all_reduce_sum(v.data(), v.size());
+      for (auto& x : v) x *= scale;
+    };
+    reduce(*dp_, g.w1), reduce(*dp_, g.w2), reduce(*dp_, g.w3);
+    reduce(*dense_, g.router), reduce(*dense_, g.const_wc), reduce(*dense_, g.const_v), reduce(*dense_, g.gate_residual);
+  }
+
+  // Bytes and calls of every collective this layer made, summed over its groups.
+  comm::ByteCounters comm_counters() const {
+    comm::ByteCounters s;
+    for (const auto* c : {tp_.get(), ep_.get(), dp_.get(), dense_.get(), tpep_.get()})
+      for (std::size_t i = 0; i < s.bytes.size(); ++i) s.bytes[i] += c->counters().bytes[i], s.calls[i] += c->counters().calls[i];
+    return s;
+  }
+  // The all-to-all traffic alone (the volume DTD divides by tp).
+  const comm::ByteCounters& ep_counters() const { return ep_->counters(); }
+
+ private:
+  int chunks() const { return dtd_ ? g_.tp : 1; }
+  int my_chunk() const { return dtd_ ? g_.t : 0; }
+
+  // Rows in chunk-major order: chunk c (tokens [T·c/chunks, T·(c+1)/chunks)), then expert, then token.
+  void relayout() {
+    const I64 k = this->cfg_.top_k, nf = this->cfg_.num_ffn_experts, tokens = this->tokens_, nc = chunks();
+    cnt_.assign(std::size_t(nc * nf), 0);
+    chunk_tok_.assign(std::size_t(tokens), 0);  // chunk of each token
+    for (I64 c = 0; c < nc; ++c)
+      for (I64 t = tokens * c / nc; t < tokens * (c + 1) / nc; ++t) chunk_tok_[t] = c;
+    for (I64 s = 0; s < tokens * k; ++s)
+      if (this->slot_row_[s] >= 0) ++cnt_[chunk_tok_[s / k] * nf + this->idx_[s]];
+    std::vector<I64> fill(std::size_t(nc * nf));
+    chunk_row_.assign(std::size_t(nc + 1), 0);
+    for (I64 c = 0, at = 0; c < nc; ++c) {
+      chunk_row_[c] = at;
+      for (I64 e = 0; e < nf; ++e) fill[c * nf + e] = at, at += cnt_[c * nf + e];
+      chunk_row_[c + 1] = at;
+    }
+    for (I64 s = 0; s < tokens * k; ++s) {
+      if (this->slot_row_[s] < 0) continue;
+      const I64 row = fill[chunk_tok_[s / k] * nf + this->idx_[s]]++;
+      this->slot_row_[s] = std::int32_t(row);
+      this->row_slot_[row] = std::int32_t(s);
+    }
+  }
+
+  // C[g][e] for the ranks g = t + tp·s of this dp index: rows each dispatches to each expert.
+  void exchange_counts() {
+    const I64 nf = this->cfg_.num_ffn_experts;
+    counts_.resize(std::size_t(g_.tp * g_.ep * nf));
+    tpep_->all_gather(&cnt_[my_chunk() * nf], std::size_t(nf), counts_.data());
+    // The expert side's blocks: (b, s, le) for chunk sources b (all tp ranks with DTD, else this one).
+    const int nb = dtd_ ? g_.tp : 1;
+    blk_.assign(std::size_t(nb * g_.ep * el_), 0);
+    for (int b = 0; b < nb; ++b)
+      for (int s = 0; s < g_.ep; ++s)
+        for (I64 le = 0; le < el_; ++le) {
+          const int src_t = dtd_ ? b : g_.t;
+          blk_[(std::size_t(b) * g_.ep + s) * el_ + le] = counts_[std::size_t(src_t + g_.tp * s) * nf + first_expert() + le];
+        }
+    // Expert-major offsets (le, s, b) and the permutation from the gathered order (b, s, le).
+    exp_off_.assign(std::size_t(el_ + 1), 0);
+    gath_pos_.assign(blk_.size(), 0);
+    exp_pos_.assign(blk_.size(), 0);
+    I64 at = 0;
+    for (std::size_t i = 0; i < blk_.size(); ++i) gath_pos_[i] = at, at += blk_[i];
+    at = 0;
+    for (I64 le = 0; le < el_; ++le) {
+      exp_off_[le] = at;
+      for (int s = 0; s < g_.ep; ++s)
+        for (int b = 0; b < nb; ++b) {
+          const std::size_t i = (std::size_t(b) * g_.ep + s) * el_ + le;
+          exp_pos_[i] = at, at += blk_[i];
+        }
+    }
+    exp_off_[el_] = at;
+    exp_rows_ = at;
+    // all-to-all counts (elements): what this rank sends to each ep rank, and receives from each.
+    const I64 d = this->cfg_.d_model;
+    send_.assign(std::size_t(g_.ep), 0), recv_.assign(std::size_t(g_.ep), 0), gather_.assign(std::size_t(nb), 0);
+    for (I64 e = 0; e < nf; ++e) send_[std::size_t(e / el_)] += cnt_[my_chunk() * nf + e] * d;
+    const int me = dtd_ ? g_.t : 0;
+    for (int s = 0; s < g_.ep; ++s)
+      for (I64 le = 0; le < el_; ++le) recv_[s] += blk_[(std::size_t(me) * g_.ep + s) * el_ + le] * d;
+    for (int b = 0; b < nb; ++b)
+      for (int s = 0; s < g_.ep; ++s)
+        for (I64 le = 0; le < el_; ++le) gather_[b] += blk_[(std::size_t(b) * g_.ep + s) * el_ + le] * d;
+  }
+
+  // Between the gathered order (b, s, le) and the expert-major order (le, s, b).
+  void permute_blocks(const T* src, T* dst, bool to_expert_major) const {
+    const I64 d = this->cfg_.d_model;
+    for (std::size_t i = 0; i < blk_.size(); ++i) {
+      const I64 from = to_expert_major ? gath_pos_[i] : exp_pos_[i], to = to_expert_major ? exp_pos_[i] : gath_pos_[i];
+      std::copy_n(src + from * d, blk_[i] * d, dst + to * d);
+    }
+  }
+
+  // My chunk's rows [chunk_row_[c], chunk_row_[c+1]) of `rows` -> expert-major rows at the expert side.
+  void to_experts(const T* rows, std::vector<T>& out) {
+    const I64 d = this->cfg_.d_model;
+    recv_buf_.resize(std::size_t(sum(recv_)));
+    ep_->all_to_all_v(rows + chunk_row_[my_chunk()] * d, send_.data(), recv_buf_.data(), recv_.data());
+    gathered_.resize(std::size_t(exp_rows_ * d));
+    if (dtd_ && g_.tp > 1) tp_->all_gather_v(recv_buf_.data(), gather_.data(), gathered_.data());
+    else std::copy(recv_buf_.begin(), recv_buf_.end(), gathered_.begin());
+    out.resize(std::size_t(exp_rows_ * d));
+    permute_blocks(gathered_.data(), out.data(), true);
+  }
+
+  // Expert-major rows (partial sums over the tp slices) -> my chunk's rows of `rows`, summed; then, with
+  // DTD, every chunk's rows (all-gather over tp).
+  void from_experts(const std::vector<T>& in, T* rows) {
+    const I64 d = this->cfg_.d_model;
+    gathered_.resize(std::size_t(exp_rows_ * d));
+    permute_blocks(in.data(), gathered_.data(), false);
+    recv_buf_.resize(std::size_t(sum(recv_)));
+    if (g_.tp > 1 && dtd_) tp_->reduce_scatter_v(gathered_.data(), gather_.data(), recv_buf_.data());
+    else {
+      if (g_.tp > 1) tp_->all_reduce_sum(gathered_.data(), gathered_.size());
+      std::copy(gathered_.begin(), gathered_.end(), recv_buf_.begin());
+    }
+    ep_->all_to_all_v(recv_buf_.data(), recv_.data(), rows + chunk_row_[my_chunk()] * d, send_.data());
+    if (dtd_ && g_.tp > 1) {
+      std::vector<I64> counts(std::size_t(g_.tp));
+      for (int c = 0; c < g_.tp; ++c) counts[c] = (chunk_row_[c + 1] - chunk_row_[c]) * d;
+      mine_.assign(rows + chunk_row_[my_chunk()] * d, rows + chunk_row_[my_chunk() + 1] * d);
+      tp_->all_gather_v(mine_.data(), counts.data(), rows);
+    }
+  }
+
+  backend::host::FfnShapes<T> shapes() const { return {this->cfg_.d_model, fl_, exp_off_.data(), el_}; }
+  void resize_expert_buffers() {
+    const auto rows = std::size_t(exp_rows_);
+    h1_.resize(rows * fl_), a_.resize(rows * fl_), ye_.resize(rows * this->cfg_.d_model);
+    if constexpr (kGated) h3_.resize(rows * fl_);
+  }
+  void expert_forward_local() {
+    resize_expert_buffers();
+    const auto& w = this->params_;
+    this->gemm_flops_ = backend::host::ffn_forward<Act>(shapes(), w.w1.data(), w.w3.data(), w.w2.data(), xe_.data(), h1_.data(),
+                                                        h3_.data(), a_.data(), ye_.data());
+  }
+
+  void dispatch_forward() {
+    const I64 k = this->cfg_.top_k, d = this->cfg_.d_model;
+    // x rows of my chunk, in layout order.
+    for (I64 r = chunk_row_[my_chunk()]; r < chunk_row_[my_chunk() + 1]; ++r)
+      std::copy_n(&this->x_[(this->row_slot_[r] / k) * d], d, &this->xp_[r * d]);
+    to_experts(this->xp_.data(), xe_);  // xe_ is kept for backward: the all-to-all outputs
+    expert_forward_local();
+    from_experts(ye_, this->yp_.data());
+    if (recompute_) {  // keep only the dispatched rows
+      h1_.clear(), h3_.clear(), a_.clear();
+      has_activations_ = false;
+    } else {
+      has_activations_ = true;
+    }
+  }
+
+  void dispatch_backward() {
+    to_experts(this->dyp_.data(), dye_);
+    if (!has_activations_) {  // recompute from the saved all-to-all outputs: no communication
+      expert_forward_local();
+      ++recomputations_;
+    }
+    auto& w = this->params_;
+    auto& g = this->grads_;
+    backend::host::ffn_backward<Act>(shapes(), w.w1.data(), w.w3.data(), w.w2.data(), xe_.data(), h1_.data(), h3_.data(),
+                                     a_.data(), dye_.data(), g.w1.data(), g.w3.data(), g.w2.data());
+    has_activations_ = false;  // consumed
+    from_experts(dye_, this->dyp_.data());
+  }
+
+  static I64 sum(const std::vector<I64>& v) {
+    I64 s = 0;
+    for (auto x : v) s += x;
+    return s;
+  }
+
+  ParallelGrid g_;
+  std::unique_ptr<comm::HostCommunicator> tp_, ep_, dp_, dense_, tpep_;
+  I64 el_ = 0, fl_ = 0, exp_rows_ = 0, recomputations_ = 0;
+  bool dtd_ = true, recompute_ = false, has_activations_ = false;
+  std::vector<I64> cnt_, chunk_tok_, chunk_row_, counts_, blk_, exp_off_, gath_pos_, exp_pos_, send_, recv_, gather_;
+  std::vector<T> recv_buf_, gathered_, mine_, xe_, dye_, h1_, h3_, a_, ye_;
+};
+
+}  // namespace moekit
