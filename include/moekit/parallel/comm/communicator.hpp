@@ -9,6 +9,7 @@
 // Counts and displacements are in elements; "-v" collectives take one count per rank of the group and
 // pack the blocks contiguously in rank order.
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <concepts>
 #include <cstddef>
@@ -44,6 +45,12 @@ struct ByteCounters {
   }
   void reset() { *this = ByteCounters{}; }
 };
+
+// Seconds a collective may wait before the communicator gives up (MOEKIT_COMM_TIMEOUT_S; 0 = no limit).
+inline double default_comm_timeout_s() {
+  const char* e = std::getenv("MOEKIT_COMM_TIMEOUT_S");
+  return e ? std::atof(e) : 300.0;
+}
 
 // A collective failed, timed out, or the ranks disagree: every rank of the group gets one.
 class CommError : public std::runtime_error {

@@ -69,11 +69,6 @@ class Watchdog {
 };
 }  // namespace detail
 
-inline double default_comm_timeout_s() {
-  const char* e = std::getenv("MOEKIT_COMM_TIMEOUT_S");
-  return e ? std::atof(e) : 300.0;
-}
-
 // MPI_Init / MPI_Finalize for a program's main (examples and tests); the library never calls them itself.
 class MpiSession {
  public:

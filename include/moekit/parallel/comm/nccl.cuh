@@ -14,7 +14,8 @@
 // <mpi.h> was included before this header; Nccl::single() for one rank. The CUDA device current at
 // construction is the communicator's (set it first, e.g. local rank % device count). Construction and
 // split block on the host until every rank joins (NCCL's blocking mode); they have no timeout.
-// Not thread-safe: one host thread drives one communicator, as with MPI.
+// Not thread-safe: one host thread drives one communicator. wait and barrier query the stream, so they are
+// not for use while it is being captured into a CUDA graph (the collectives themselves may be captured).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <nccl.h>
@@ -63,17 +64,13 @@ constexpr NcclType nccl_type_of() {
 }
 
 // Same variable and default as comm::Mpi (mpi.hpp), read here so that this header does not need MPI.
-inline double nccl_default_timeout_s() {
-  const char* e = std::getenv("MOEKIT_COMM_TIMEOUT_S");
-  return e ? std::atof(e) : 300.0;
-}
 }  // namespace detail
 
 class Nccl {
  public:
   // Joins the communicator `id` (made by one rank with ncclGetUniqueId and sent to all) as `rank` of
   // `nranks`. Every rank must call it; it returns when all have.
-  Nccl(ncclUniqueId id, int nranks, int rank, double timeout_s = detail::nccl_default_timeout_s())
+  Nccl(ncclUniqueId id, int nranks, int rank, double timeout_s = default_comm_timeout_s())
       : rank_(rank), size_(nranks), timeout_s_(timeout_s) {
     if (nranks < 1 || rank < 0 || rank >= nranks)
       throw CommError("moekit::comm::Nccl: rank " + std::to_string(rank) + " of " + std::to_string(nranks) +
@@ -84,7 +81,7 @@ class Nccl {
   }
 
   // One rank on the current device: every collective is a copy (or nothing), nothing is counted.
-  static Nccl single(double timeout_s = detail::nccl_default_timeout_s()) {
+  static Nccl single(double timeout_s = default_comm_timeout_s()) {
     ncclUniqueId id{};
     const ncclResult_t r = ncclGetUniqueId(&id);
     if (r != ncclSuccess)
@@ -96,7 +93,7 @@ class Nccl {
 #if defined(MPI_VERSION)
   // Collective over `comm`: rank 0 makes the id and MPI_Bcast sends it (with rank 0's status, so a failure
   // there throws on every rank instead of leaving the others waiting). Group rank r becomes NCCL rank r.
-  static Nccl from_mpi(MPI_Comm comm, double timeout_s = detail::nccl_default_timeout_s()) {
+  static Nccl from_mpi(MPI_Comm comm, double timeout_s = default_comm_timeout_s()) {
     int rank = 0, size = 0;
     mpi_check(MPI_Comm_rank(comm, &rank), "MPI_Comm_rank");
     mpi_check(MPI_Comm_size(comm, &size), "MPI_Comm_size");
@@ -120,7 +117,7 @@ class Nccl {
     requires requires(const M& m) {
       { m.native() } -> std::convertible_to<MPI_Comm>;
     }
-  static Nccl from_mpi(const M& mpi, double timeout_s = detail::nccl_default_timeout_s()) {
+  static Nccl from_mpi(const M& mpi, double timeout_s = default_comm_timeout_s()) {
     return from_mpi(MPI_Comm(mpi.native()), timeout_s);
   }
 #endif
@@ -176,8 +173,8 @@ class Nccl {
     ensure_live("barrier");
     enqueued("ncclAllReduce (barrier)", stream);
     check(ncclAllReduce(scratch_, scratch_, 1, ncclInt32, ncclSum, comm_, stream), "ncclAllReduce (barrier)");
-    counters_.add(Collective::kBarrier, 0);
     wait(stream, timeout_s_);
+    counters_.add(Collective::kBarrier, 0);
   }
 
   // Blocks until `stream` is idle. Polls NCCL's asynchronous error meanwhile; on an error, a failed stream or
