@@ -34,16 +34,10 @@
 
 #include "moekit/backend/host/moe_layer.hpp"
 #include "moekit/parallel/comm/communicator.hpp"
+#include "moekit/parallel/dispatch_plan.hpp"
 #include "moekit/parallel/policy.hpp"
 
 namespace moekit {
-
-// This rank's place in the tp x ep x dp grid.
-struct ParallelGrid {
-  int tp = 1, ep = 1, dp = 1, t = 0, e = 0, d = 0;
-  int shards() const { return ep * dp; }
-  int shard() const { return e + ep * d; }
-};
 
 namespace detail {
 // Local checks, then one fixed-size all-gather that every rank makes whatever its config, so that a
@@ -233,94 +227,47 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
   const comm::ByteCounters& ep_counters() const { return ep_->counters(); }
 
  private:
-  int chunks() const { return dtd_ ? g_.tp : 1; }
-  int my_chunk() const { return dtd_ ? g_.t : 0; }
-
-  // Rows in chunk-major order: chunk c (tokens [T·c/chunks, T·(c+1)/chunks)), then expert, then token.
+  // Rows in the plan's chunk-major order (chunk, expert, token); the token-side counts.
   void relayout() {
-    const I64 k = this->cfg_.top_k, nf = this->cfg_.num_ffn_experts, tokens = this->tokens_, nc = chunks();
-    cnt_.assign(std::size_t(nc * nf), 0);
-    chunk_tok_.assign(std::size_t(tokens), 0);  // chunk of each token
-    for (I64 c = 0; c < nc; ++c)
-      for (I64 t = tokens * c / nc; t < tokens * (c + 1) / nc; ++t) chunk_tok_[t] = c;
+    const I64 k = this->cfg_.top_k, nf = this->cfg_.num_ffn_experts, tokens = this->tokens_;
+    plan_.reset(g_, dtd_, nf, this->cfg_.d_model);
+    const I64 nc = plan_.chunks();
+    std::vector<I64> cnt(std::size_t(nc * nf), 0), fill(std::size_t(nc * nf), 0);
     for (I64 s = 0; s < tokens * k; ++s)
-      if (this->slot_row_[s] >= 0) ++cnt_[chunk_tok_[s / k] * nf + this->idx_[s]];
-    std::vector<I64> fill(std::size_t(nc * nf));
-    chunk_row_.assign(std::size_t(nc + 1), 0);
-    for (I64 c = 0, at = 0; c < nc; ++c) {
-      chunk_row_[c] = at;
-      for (I64 e = 0; e < nf; ++e) fill[c * nf + e] = at, at += cnt_[c * nf + e];
-      chunk_row_[c + 1] = at;
-    }
+      if (this->slot_row_[s] >= 0) ++cnt[DispatchPlan::chunk_of(s / k, tokens, nc) * nf + this->idx_[s]];
+    plan_.set_token_counts(cnt);
+    for (I64 c = 0, at = 0; c < nc; ++c)
+      for (I64 e = 0; e < nf; ++e) fill[c * nf + e] = at, at += cnt[c * nf + e];
     for (I64 s = 0; s < tokens * k; ++s) {
       if (this->slot_row_[s] < 0) continue;
-      const I64 row = fill[chunk_tok_[s / k] * nf + this->idx_[s]]++;
+      const I64 row = fill[DispatchPlan::chunk_of(s / k, tokens, nc) * nf + this->idx_[s]]++;
       this->slot_row_[s] = std::int32_t(row);
       this->row_slot_[row] = std::int32_t(s);
     }
   }
 
-  // C[g][e] for the ranks g = t + tp·s of this dp index: rows each dispatches to each expert.
+  // The per-expert counts of every rank of this dp index (tp x ep): the expert side's layout.
   void exchange_counts() {
     const I64 nf = this->cfg_.num_ffn_experts;
-    counts_.resize(std::size_t(g_.tp * g_.ep * nf));
-    tpep_->all_gather(&cnt_[my_chunk() * nf], std::size_t(nf), counts_.data());
-    // The expert side's blocks: (b, s, le) for chunk sources b (all tp ranks with DTD, else this one).
-    const int nb = dtd_ ? g_.tp : 1;
-    blk_.assign(std::size_t(nb * g_.ep * el_), 0);
-    for (int b = 0; b < nb; ++b)
-      for (int s = 0; s < g_.ep; ++s)
-        for (I64 le = 0; le < el_; ++le) {
-          const int src_t = dtd_ ? b : g_.t;
-          blk_[(std::size_t(b) * g_.ep + s) * el_ + le] = counts_[std::size_t(src_t + g_.tp * s) * nf + first_expert() + le];
-        }
-    // Expert-major offsets (le, s, b) and the permutation from the gathered order (b, s, le).
-    exp_off_.assign(std::size_t(el_ + 1), 0);
-    gath_pos_.assign(blk_.size(), 0);
-    exp_pos_.assign(blk_.size(), 0);
-    I64 at = 0;
-    for (std::size_t i = 0; i < blk_.size(); ++i) gath_pos_[i] = at, at += blk_[i];
-    at = 0;
-    for (I64 le = 0; le < el_; ++le) {
-      exp_off_[le] = at;
-      for (int s = 0; s < g_.ep; ++s)
-        for (int b = 0; b < nb; ++b) {
-          const std::size_t i = (std::size_t(b) * g_.ep + s) * el_ + le;
-          exp_pos_[i] = at, at += blk_[i];
-        }
-    }
-    exp_off_[el_] = at;
-    exp_rows_ = at;
-    // all-to-all counts (elements): what this rank sends to each ep rank, and receives from each.
-    const I64 d = this->cfg_.d_model;
-    send_.assign(std::size_t(g_.ep), 0), recv_.assign(std::size_t(g_.ep), 0), gather_.assign(std::size_t(nb), 0);
-    for (I64 e = 0; e < nf; ++e) send_[std::size_t(e / el_)] += cnt_[my_chunk() * nf + e] * d;
-    const int me = dtd_ ? g_.t : 0;
-    for (int s = 0; s < g_.ep; ++s)
-      for (I64 le = 0; le < el_; ++le) recv_[s] += blk_[(std::size_t(me) * g_.ep + s) * el_ + le] * d;
-    for (int b = 0; b < nb; ++b)
-      for (int s = 0; s < g_.ep; ++s)
-        for (I64 le = 0; le < el_; ++le) gather_[b] += blk_[(std::size_t(b) * g_.ep + s) * el_ + le] * d;
+    std::vector<I64> all(std::size_t(g_.tp * g_.ep * nf));
+    tpep_->all_gather(plan_.my_counts(), std::size_t(nf), all.data());
+    plan_.set_all_counts(all);
   }
 
-  // Between the gathered order (b, s, le) and the expert-major order (le, s, b).
   void permute_blocks(const T* src, T* dst, bool to_expert_major) const {
     const I64 d = this->cfg_.d_model;
-    for (std::size_t i = 0; i < blk_.size(); ++i) {
-      const I64 from = to_expert_major ? gath_pos_[i] : exp_pos_[i], to = to_expert_major ? exp_pos_[i] : gath_pos_[i];
-      std::copy_n(src + from * d, blk_[i] * d, dst + to * d);
-    }
+    plan_.for_each_block(to_expert_major, [&](I64 from, I64 to, I64 rows) { std::copy_n(src + from * d, rows * d, dst + to * d); });
   }
 
-  // My chunk's rows [chunk_row_[c], chunk_row_[c+1]) of `rows` -> expert-major rows at the expert side.
+  // My chunk's rows of `rows` -> expert-major rows at the expert side.
   void to_experts(const T* rows, std::vector<T>& out) {
     const I64 d = this->cfg_.d_model;
-    recv_buf_.resize(std::size_t(sum(recv_)));
-    ep_->all_to_all_v(rows + chunk_row_[my_chunk()] * d, send_.data(), recv_buf_.data(), recv_.data());
-    gathered_.resize(std::size_t(exp_rows_ * d));
-    if (dtd_ && g_.tp > 1) tp_->all_gather_v(recv_buf_.data(), gather_.data(), gathered_.data());
+    recv_buf_.resize(std::size_t(plan_.recv_elements()));
+    ep_->all_to_all_v(rows + plan_.chunk_row(plan_.my_chunk()) * d, plan_.send().data(), recv_buf_.data(), plan_.recv().data());
+    gathered_.resize(std::size_t(plan_.expert_rows() * d));
+    if (dtd_ && g_.tp > 1) tp_->all_gather_v(recv_buf_.data(), plan_.gather().data(), gathered_.data());
     else std::copy(recv_buf_.begin(), recv_buf_.end(), gathered_.begin());
-    out.resize(std::size_t(exp_rows_ * d));
+    out.resize(std::size_t(plan_.expert_rows() * d));
     permute_blocks(gathered_.data(), out.data(), true);
   }
 
@@ -328,31 +275,28 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
   // DTD, every chunk's rows (all-gather over tp).
   void from_experts(const std::vector<T>& in, T* rows) {
     const I64 d = this->cfg_.d_model;
-    gathered_.resize(std::size_t(exp_rows_ * d));
+    gathered_.resize(std::size_t(plan_.expert_rows() * d));
     permute_blocks(in.data(), gathered_.data(), false);
-    recv_buf_.resize(std::size_t(sum(recv_)));
-    if (g_.tp > 1 && dtd_) tp_->reduce_scatter_v(gathered_.data(), gather_.data(), recv_buf_.data());
-    else {
+    recv_buf_.resize(std::size_t(plan_.recv_elements()));
+    if (g_.tp > 1 && dtd_) {
+      tp_->reduce_scatter_v(gathered_.data(), plan_.gather().data(), recv_buf_.data());
+    } else {
       if (g_.tp > 1) tp_->all_reduce_sum(gathered_.data(), gathered_.size());
       std::copy(gathered_.begin(), gathered_.end(), recv_buf_.begin());
     }
-    ep_->all_to_all_v(recv_buf_.data(), recv_.data(), rows + chunk_row_[my_chunk()] * d, send_.data());
+    T* mine = rows + plan_.chunk_row(plan_.my_chunk()) * d;
+    ep_->all_to_all_v(recv_buf_.data(), plan_.recv().data(), mine, plan_.send().data());
     if (dtd_ && g_.tp > 1) {
-      std::vector<I64> counts(std::size_t(g_.tp));
-      for (int c = 0; c < g_.tp; ++c) counts[c] = (chunk_row_[c + 1] - chunk_row_[c]) * d;
-      mine_.assign(rows + chunk_row_[my_chunk()] * d, rows + chunk_row_[my_chunk() + 1] * d);
-      tp_->all_gather_v(mine_.data(), counts.data(), rows);
+      mine_.assign(mine, mine + plan_.my_rows() * d);  // all-gather's send may not alias its receive buffer
+      tp_->all_gather_v(mine_.data(), plan_.chunk_elements().data(), rows);
     }
   }
 
-  backend::host::FfnShapes<T> shapes() const { return {this->cfg_.d_model, fl_, exp_off_.data(), el_}; }
-  void resize_expert_buffers() {
-    const auto rows = std::size_t(exp_rows_);
+  backend::host::FfnShapes<T> shapes() const { return {this->cfg_.d_model, fl_, plan_.expert_offsets().data(), el_}; }
+  void expert_forward_local() {
+    const auto rows = std::size_t(plan_.expert_rows());
     h1_.resize(rows * fl_), a_.resize(rows * fl_), ye_.resize(rows * this->cfg_.d_model);
     if constexpr (kGated) h3_.resize(rows * fl_);
-  }
-  void expert_forward_local() {
-    resize_expert_buffers();
     const auto& w = this->params_;
     this->gemm_flops_ = backend::host::ffn_forward<Act>(shapes(), w.w1.data(), w.w3.data(), w.w2.data(), xe_.data(), h1_.data(),
                                                         h3_.data(), a_.data(), ye_.data());
@@ -360,18 +304,13 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
 
   void dispatch_forward() {
     const I64 k = this->cfg_.top_k, d = this->cfg_.d_model;
-    // x rows of my chunk, in layout order.
-    for (I64 r = chunk_row_[my_chunk()]; r < chunk_row_[my_chunk() + 1]; ++r)
+    for (I64 r = plan_.chunk_row(plan_.my_chunk()); r < plan_.chunk_row(plan_.my_chunk() + 1); ++r)  // x rows of my chunk
       std::copy_n(&this->x_[(this->row_slot_[r] / k) * d], d, &this->xp_[r * d]);
     to_experts(this->xp_.data(), xe_);  // xe_ is kept for backward: the all-to-all outputs
     expert_forward_local();
     from_experts(ye_, this->yp_.data());
-    if (recompute_) {  // keep only the dispatched rows
-      h1_.clear(), h3_.clear(), a_.clear();
-      has_activations_ = false;
-    } else {
-      has_activations_ = true;
-    }
+    has_activations_ = !recompute_;
+    if (recompute_) h1_.clear(), h3_.clear(), a_.clear();  // keep only the dispatched rows
   }
 
   void dispatch_backward() {
@@ -388,17 +327,11 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
     from_experts(dye_, this->dyp_.data());
   }
 
-  static I64 sum(const std::vector<I64>& v) {
-    I64 s = 0;
-    for (auto x : v) s += x;
-    return s;
-  }
-
   ParallelGrid g_;
+  DispatchPlan plan_;
   std::unique_ptr<comm::HostCommunicator> tp_, ep_, dp_, dense_, tpep_;
-  I64 el_ = 0, fl_ = 0, exp_rows_ = 0, recomputations_ = 0;
+  I64 el_ = 0, fl_ = 0, recomputations_ = 0;
   bool dtd_ = true, recompute_ = false, has_activations_ = false;
-  std::vector<I64> cnt_, chunk_tok_, chunk_row_, counts_, blk_, exp_off_, gath_pos_, exp_pos_, send_, recv_, gather_;
   std::vector<T> recv_buf_, gathered_, mine_, xe_, dye_, h1_, h3_, a_, ye_;
 };
 
