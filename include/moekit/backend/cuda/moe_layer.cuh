@@ -206,9 +206,44 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   // residual only). T must be <= reserved_tokens(). Returns the aux losses (unscaled).
   AuxLosses forward(MatrixView<const S> x, MatrixView<S> y, MatrixView<const float> prev_logits = {},
                     cudaStream_t stream = nullptr) {
+    route_and_permute(x, y, prev_logits, stream);
+    sync_stats(stream);
+    const ExpertView v = local_experts();
+    gemm_flops_ = experts_forward(v, b_.xp, b_.h13, b_.a, b_.yp, offsets_, stream);
+    return combine_and_aux(y.data, stream);
+  }
+
+  // Backward of L = sum(y * dy) + aux_scale * (lbl_coef * LBL + zloss_coef * zloss) + sum(logits * dlogits_next),
+  // as the host backend: writes dx (and dprev_logits when given), adds into the fp32 gradients.
+  void backward(MatrixView<const S> dy, MatrixView<S> dx, double aux_scale = 1.0, MatrixView<const float> dlogits_next = {},
+                MatrixView<float> dprev_logits = {}, cudaStream_t stream = nullptr) {
+    combine_backward_rows(dy, dx, dlogits_next, dprev_logits, stream);
+    experts_backward(local_experts(), b_.xp, b_.h13, b_.a, b_.dyp, offsets_, stream);
+    finish_backward(dy.data, dx.data, aux_scale, dlogits_next.data, dprev_logits.data, stream);
+  }
+
+  // ---- results of the last forward ----------------------------------------------------------------
+  std::int64_t num_tokens() const { return tokens_; }
+  AuxLosses aux() const { return aux_; }
+  // Routed (pre-capacity) slots per expert, and slots each expert kept (host copies from the forward).
+  const std::vector<std::int64_t>& routed_counts() const { return routed_; }
+  const std::vector<std::int32_t>& expert_counts() const { return kept_; }
+  std::int64_t expert_gemm_flops() const { return gemm_flops_; }
+  std::int64_t ffn_rows() const { return offsets_.empty() ? 0 : offsets_.back(); }
+  // Device views (valid until the next forward).
+  const float* logits_device() const { return b_.logits; }
+  const float* probs_device() const { return b_.prob; }
+  const int* topk_indices_device() const { return b_.idx; }
+  const float* topk_gates_device() const { return b_.gate; }
+  const int* slot_rows_device() const { return b_.row_of_slot; }  // row, or kDroppedSlot / kZeroComputationSlot
+
+ protected:  // stages, reused by the distributed CUDA layer (parallel/cuda_moe_layer.cuh)
+  // Checks; router; capacity; permutation (chunk-major when chunks_ > 1); gather of every FFN row; aux
+  // sums; constant experts' mix. Everything before the forward's host synchronisation.
+  void route_and_permute(MatrixView<const S> x, MatrixView<S> y, MatrixView<const float> prev_logits, cudaStream_t stream) {
     using namespace backend::cuda;
     const std::int64_t tokens = x.shape[0], d = cfg_.d_model, n = cfg_.num_experts(), k = cfg_.top_k,
-                       nf = cfg_.num_ffn_experts, nc = cfg_.num_constant_experts, f = cfg_.d_expert;
+                       nf = cfg_.num_ffn_experts, nc = cfg_.num_constant_experts;
     check_shape(x, "x", {tokens, d});
     check_shape(y, "y", {tokens, d});
     if (tokens > reserved_)
@@ -243,7 +278,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     // Capacity, permutation and the gather into expert-contiguous rows.
     const auto caps = balance::expert_capacities(cfg_.capacity_factor, cfg_.tau, k, tokens, nf, cfg_.num_zc_experts());
     PermuteParams pp;
-    pp.idx = b_.idx, pp.tokens = T, pp.top_k = K, pp.experts = N, pp.ffn_experts = NF;
+    pp.idx = b_.idx, pp.tokens = T, pp.top_k = K, pp.experts = N, pp.ffn_experts = NF, pp.chunks = int(chunks_);
     pp.cap_ffn = int(std::min<std::int64_t>(caps.ffn, INT32_MAX)), pp.cap_zc = int(std::min<std::int64_t>(caps.zc, INT32_MAX));
     if (caps.ffn >= 0) {
       MOEKIT_CUDA_CHECK(slot_scores<Score>(b_.logits, b_.prob, b_.idx, T, N, K, b_.score, stream));
@@ -252,7 +287,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     pp.slot_of_row = b_.slot_of_row, pp.row_of_slot = b_.row_of_slot, pp.offsets = offsets_dev(), pp.kept_counts = kept_dev();
     std::size_t perm_bytes = perm_bytes_;
     MOEKIT_CUDA_CHECK(permute_slots(b_.perm, perm_bytes, pp, stream));
-    MOEKIT_CUDA_CHECK(gather_rows(b_.x, b_.slot_of_row, b_.xp, T * K, K, D, stream, offsets_dev() + NF));
+    MOEKIT_CUDA_CHECK(gather_rows(b_.x, b_.slot_of_row, b_.xp, T * K, K, D, stream, rows_dev()));
     // Sums of the aux losses: P_i = Σ_t prob[t, i] (prob^T · 1) and Σ_t lse_t².
     if (T > 0) {
       const float one = 1.f, zero = 0.f;
@@ -261,46 +296,90 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
       MOEKIT_CUDA_CHECK(cudaMemsetAsync(prob_sum_dev(), 0, sizeof(float) * std::size_t(N), stream));
     }
     MOEKIT_CUDA_CHECK(sum_squares(b_.lse, T, zsum_dev(), stream));
-    CombineParams<S> cp = combine_params();
     if (NC > 0) {  // [a1, a2] of constant experts from one GEMM over all of them
       MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, true, st, CUDA_R_32F, 1.f, 0.f},
                                          {T, 2 * NC, D, b_.x, D, wc_.data(), D, b_.zc_logits, 2 * NC}));
-      MOEKIT_CUDA_CHECK(zc_mix(cp, b_.zc_logits, b_.mix, stream));
+      MOEKIT_CUDA_CHECK(zc_mix(combine_params(), b_.zc_logits, b_.mix, stream));
     }
-    // The one host synchronisation of the forward.
+  }
+
+  // The one host synchronisation of the forward: counts, aux sums, the non-finite flag (and whatever
+  // the distributed layer put in the stats block's extra ints).
+  void sync_stats(cudaStream_t stream) {
     MOEKIT_CUDA_CHECK(cudaMemcpyAsync(host_stats_.data(), b_.stats, stats_bytes(), cudaMemcpyDeviceToHost, stream));
     MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
     read_stats();
-    if (bad_token_ != kNoBadToken)
+    if (bad_token_ != backend::cuda::kNoBadToken)
       throw NumericError("router logits of token " + std::to_string(bad_token_) +
                          " are not finite (check x, gate.weight and prev_logits)");
-    // Experts: [W1|W3] x, activation, W2 a.
-    const int rows = offsets_.back();
-    gemm_flops_ = 0;
-    const GemmSpec fwd{false, true, st, st, 1.f, 0.f};
-    gemm_->run(0, fwd, expert_problems([&](int e, int off, int m) {
-                 return GemmProblem{m, int(wf_), D, b_.xp + std::size_t(off) * D, D, w13_.data() + std::size_t(e) * wf_ * d, D,
-                                    b_.h13 + std::size_t(off) * wf_, int(wf_)};
+  }
+
+  // Experts' weights and gradients (all of them here; a shard in the distributed layer).
+  struct ExpertView {
+    const S *w13, *w2;
+    float *g13, *g2;
+    std::int64_t f, wf;  // hidden units (per tp rank) and rows of a [W1|W3] block
+  };
+  ExpertView local_experts() { return {w13_.data(), w2_.data(), g_w13_.data(), g_w2_.data(), cfg_.d_expert, wf_}; }
+
+  // [W1|W3] x, activation, W2 a over expert-contiguous rows (offsets per expert, host). Returns FLOPs.
+  std::int64_t experts_forward(const ExpertView& v, const S* xp, S* h13, S* a, S* yp, const std::vector<std::int32_t>& offsets,
+                               cudaStream_t stream) {
+    using namespace backend::cuda;
+    const int D = int(cfg_.d_model), F = int(v.f), WF = int(v.wf);
+    const std::int64_t d = cfg_.d_model, rows = offsets.empty() ? 0 : offsets.back();
+    const GemmSpec fwd{false, true, data_type<S>(), data_type<S>(), 1.f, 0.f};
+    gemm_->run(0, fwd, expert_problems(offsets, [&](int e, int off, int m) {
+                 return GemmProblem{m, WF, D, xp + std::size_t(off) * D, D, v.w13 + std::size_t(e) * v.wf * d, D,
+                                    h13 + std::size_t(off) * WF, WF};
                }), stream);
-    MOEKIT_CUDA_CHECK(activation_forward<Act>(b_.h13, kGated ? b_.h13 + f : nullptr, b_.a, rows, int(f), stream, int(wf_)));
-    gemm_->run(1, fwd, expert_problems([&](int e, int off, int m) {
-                 return GemmProblem{m, D, int(f), b_.a + std::size_t(off) * f, int(f), w2_.data() + std::size_t(e) * d * f, int(f),
-                                    b_.yp + std::size_t(off) * D, D};
+    MOEKIT_CUDA_CHECK(activation_forward<Act>(h13, kGated ? h13 + F : nullptr, a, int(rows), F, stream, WF));
+    gemm_->run(1, fwd, expert_problems(offsets, [&](int e, int off, int m) {
+                 return GemmProblem{m, D, F, a + std::size_t(off) * F, F, v.w2 + std::size_t(e) * d * v.f, F,
+                                    yp + std::size_t(off) * D, D};
                }), stream);
-    gemm_flops_ = std::int64_t(rows) * 2 * (wf_ * d + d * f);
-    MOEKIT_CUDA_CHECK(combine(cp, y.data, stream));
+    return rows * 2 * (v.wf * d + d * v.f);
+  }
+
+  // dW2 += dY^T A; dA = dY W2 (into a); activation backward in place (h13); dW13 += dH^T X; dX = dH W13 (into dyp).
+  void experts_backward(const ExpertView& v, const S* xp, S* h13, S* a, S* dyp, const std::vector<std::int32_t>& offsets,
+                        cudaStream_t stream) {
+    using namespace backend::cuda;
+    const cudaDataType_t st = data_type<S>();
+    const int D = int(cfg_.d_model), F = int(v.f), WF = int(v.wf);
+    const std::int64_t d = cfg_.d_model, rows = offsets.empty() ? 0 : offsets.back();
+    const GemmSpec wgrad{true, false, st, CUDA_R_32F, 1.f, 1.f}, dgrad{false, false, st, st, 1.f, 0.f};
+    gemm_->run(2, wgrad, expert_problems(offsets, [&](int e, int off, int m) {
+                 return GemmProblem{D, F, m, dyp + std::size_t(off) * D, D, a + std::size_t(off) * F, F, v.g2 + std::size_t(e) * d * v.f, F};
+               }), stream);
+    gemm_->run(3, dgrad, expert_problems(offsets, [&](int e, int off, int m) {
+                 return GemmProblem{m, F, D, dyp + std::size_t(off) * D, D, v.w2 + std::size_t(e) * d * v.f, F, a + std::size_t(off) * F, F};
+               }), stream);
+    MOEKIT_CUDA_CHECK(activation_backward<Act>(h13, kGated ? h13 + F : nullptr, a, h13, kGated ? h13 + F : nullptr, int(rows), F,
+                                               stream, WF));
+    gemm_->run(4, wgrad, expert_problems(offsets, [&](int e, int off, int m) {
+                 return GemmProblem{WF, D, m, h13 + std::size_t(off) * WF, WF, xp + std::size_t(off) * D, D,
+                                    v.g13 + std::size_t(e) * v.wf * d, D};
+               }), stream);
+    gemm_->run(5, dgrad, expert_problems(offsets, [&](int e, int off, int m) {
+                 return GemmProblem{m, D, WF, h13 + std::size_t(off) * WF, WF, v.w13 + std::size_t(e) * v.wf * d, D,
+                                    dyp + std::size_t(off) * D, D};
+               }), stream);
+  }
+
+  AuxLosses combine_and_aux(S* y, cudaStream_t stream) {
+    MOEKIT_CUDA_CHECK(backend::cuda::combine(combine_params(), y, stream));
     aux_ = compute_aux();
     has_forward_ = true;
     return aux_;
   }
 
-  // Backward of L = sum(y * dy) + aux_scale * (lbl_coef * LBL + zloss_coef * zloss) + sum(logits * dlogits_next),
-  // as the host backend: writes dx (and dprev_logits when given), adds into the fp32 gradients.
-  void backward(MatrixView<const S> dy, MatrixView<S> dx, double aux_scale = 1.0, MatrixView<const float> dlogits_next = {},
-                MatrixView<float> dprev_logits = {}, cudaStream_t stream = nullptr) {
+  // Checks; dgate of every slot; d rows = gate·dy of every FFN row (into dyp).
+  void combine_backward_rows(MatrixView<const S> dy, MatrixView<S> dx, MatrixView<const float> dlogits_next,
+                             MatrixView<float> dprev_logits, cudaStream_t stream) {
     using namespace backend::cuda;
     if (!has_forward_) throw std::logic_error("moekit::MoeLayer::backward called before forward");
-    const std::int64_t n = cfg_.num_experts(), d = cfg_.d_model, f = cfg_.d_expert;
+    const std::int64_t n = cfg_.num_experts(), d = cfg_.d_model;
     check_shape(dy, "dy", {tokens_, d});
     check_shape(dx, "dx", {tokens_, d});
     if (dlogits_next.data) check_shape(dlogits_next, "dlogits_next", {tokens_, n});
@@ -308,10 +387,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
       if (!has_prev_) throw ShapeError("dprev_logits asked for, but forward was given no prev_logits");
       check_shape(dprev_logits, "dprev_logits", {tokens_, n});
     }
-    const int T = int(tokens_), D = int(d), F = int(f), WF = int(wf_), NC = int(cfg_.num_constant_experts);
-    const cudaDataType_t st = data_type<S>();
-    cublasHandle_t h = gemm_->handle(stream);
-    CombineParams<S> cp = combine_params();
+    const int T = int(tokens_), NC = int(cfg_.num_constant_experts);
     SlotGrads<S> sg;
     sg.dgate = b_.dgate;
     if (NC > 0) {
@@ -319,57 +395,27 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
       MOEKIT_CUDA_CHECK(cudaMemsetAsync(b_.coef_z, 0, sizeof(S) * std::size_t(T) * 2 * NC, stream));
       MOEKIT_CUDA_CHECK(cudaMemsetAsync(b_.coef_v, 0, sizeof(S) * std::size_t(T) * NC, stream));
     }
-    MOEKIT_CUDA_CHECK(combine_backward(cp, dy.data, b_.dyp, sg, stream));
-    // Experts in reverse: dW2 += dY^T A; dA = dY W2; activation backward in place; dW13 += dH^T X; dX = dH W13.
-    const GemmSpec wgrad{true, false, st, CUDA_R_32F, 1.f, 1.f}, dgrad{false, false, st, st, 1.f, 0.f};
-    gemm_->run(2, wgrad, expert_problems([&](int e, int off, int m) {
-                 return GemmProblem{D, F, m, b_.dyp + std::size_t(off) * D, D, b_.a + std::size_t(off) * F, F,
-                                    g_w2_.data() + std::size_t(e) * d * f, F};
-               }), stream);
-    gemm_->run(3, dgrad, expert_problems([&](int e, int off, int m) {
-                 return GemmProblem{m, F, D, b_.dyp + std::size_t(off) * D, D, w2_.data() + std::size_t(e) * d * f, F,
-                                    b_.a + std::size_t(off) * F, F};
-               }), stream);
-    const int rows = offsets_.back();
-    MOEKIT_CUDA_CHECK(activation_backward<Act>(b_.h13, kGated ? b_.h13 + f : nullptr, b_.a, b_.h13,
-                                               kGated ? b_.h13 + f : nullptr, rows, F, stream, WF));
-    gemm_->run(4, wgrad, expert_problems([&](int e, int off, int m) {
-                 return GemmProblem{WF, D, m, b_.h13 + std::size_t(off) * WF, WF, b_.xp + std::size_t(off) * D, D,
-                                    g_w13_.data() + std::size_t(e) * wf_ * d, D};
-               }), stream);
-    gemm_->run(5, dgrad, expert_problems([&](int e, int off, int m) {
-                 return GemmProblem{m, D, WF, b_.h13 + std::size_t(off) * WF, WF, w13_.data() + std::size_t(e) * wf_ * d, D,
-                                    b_.dyp + std::size_t(off) * D, D};
-               }), stream);
-    // dx in fp32: the gather of the expert rows + copy/constant experts, then the router's term.
-    float* dx32 = b_.dx32 ? b_.dx32 : reinterpret_cast<float*>(dx.data);
-    MOEKIT_CUDA_CHECK(token_backward(cp, b_.dyp, dy.data, b_.dz, dx32, stream));
+    MOEKIT_CUDA_CHECK(combine_backward(combine_params(), dy.data, b_.dyp, sg, stream));
+  }
+
+  // After dyp holds d(x rows): dx by gather + copy/constant experts (fp32), their weight gradients, the
+  // router backward, the conversion to the storage type.
+  void finish_backward(const S* dy, S* dx, double aux_scale, const float* dlogits_next, float* dprev, cudaStream_t stream) {
+    using namespace backend::cuda;
+    const int T = int(tokens_), D = int(cfg_.d_model), NC = int(cfg_.num_constant_experts);
+    const cudaDataType_t st = data_type<S>();
+    cublasHandle_t h = gemm_->handle(stream);
+    float* dx32 = b_.dx32 ? b_.dx32 : reinterpret_cast<float*>(dx);
+    MOEKIT_CUDA_CHECK(token_backward(combine_params(), b_.dyp, dy, b_.dz, dx32, stream));
     if (NC > 0) {
-      MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f},
-                                         {NC, D, T, b_.coef_v, NC, dy.data, D, g_v_.data(), D}));
+      MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f}, {NC, D, T, b_.coef_v, NC, dy, D, g_v_.data(), D}));
       MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f},
                                          {2 * NC, D, T, b_.coef_z, 2 * NC, b_.x, D, g_wc_.data(), D}));
     }
-    router_backward(h, float(aux_scale), dlogits_next.data, dprev_logits.data, dx32, stream);
-    if (b_.dx32) MOEKIT_CUDA_CHECK(convert(b_.dx32, dx.data, std::size_t(tokens_ * d), stream));
+    router_backward(h, float(aux_scale), dlogits_next, dprev, dx32, stream);
+    if (b_.dx32) MOEKIT_CUDA_CHECK(convert(b_.dx32, dx, std::size_t(tokens_ * cfg_.d_model), stream));
   }
 
-  // ---- results of the last forward ----------------------------------------------------------------
-  std::int64_t num_tokens() const { return tokens_; }
-  AuxLosses aux() const { return aux_; }
-  // Routed (pre-capacity) slots per expert, and slots each expert kept (host copies from the forward).
-  const std::vector<std::int64_t>& routed_counts() const { return routed_; }
-  const std::vector<std::int32_t>& expert_counts() const { return kept_; }
-  std::int64_t expert_gemm_flops() const { return gemm_flops_; }
-  std::int64_t ffn_rows() const { return offsets_.empty() ? 0 : offsets_.back(); }
-  // Device views (valid until the next forward).
-  const float* logits_device() const { return b_.logits; }
-  const float* probs_device() const { return b_.prob; }
-  const int* topk_indices_device() const { return b_.idx; }
-  const float* topk_gates_device() const { return b_.gate; }
-  const int* slot_rows_device() const { return b_.row_of_slot; }  // row, or kDroppedSlot / kZeroComputationSlot
-
- private:
   struct Buffers {
     S *x = nullptr, *xp = nullptr, *h13 = nullptr, *a = nullptr, *yp = nullptr, *dyp = nullptr, *dlogits_s = nullptr,
       *coef_z = nullptr, *coef_v = nullptr;
@@ -383,13 +429,19 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
 
   // Stats block (device, copied to pinned host memory once per forward):
   // ints offsets [N_FFN + 1] | kept [N_E] | routed [N_E] | bad token [1], then floats prob_sum [N_E] | Σ lse² [1].
-  std::size_t stats_ints() const { return std::size_t(cfg_.num_ffn_experts + 1 + 2 * cfg_.num_experts() + 1); }
+  // offsets [chunks·N_FFN + 1] | kept [N_E] | routed [N_E] | bad token [1] | extra [extra_ints_] (distributed layer)
+  std::size_t stats_ints() const {
+    return std::size_t(chunks_ * cfg_.num_ffn_experts + 1 + 2 * cfg_.num_experts() + 1) + extra_ints_;
+  }
   std::size_t stats_floats() const { return std::size_t(cfg_.num_experts() + 1); }
   std::size_t stats_bytes() const { return 4 * (stats_ints() + stats_floats()); }
   int* offsets_dev() const { return reinterpret_cast<int*>(b_.stats); }
-  int* kept_dev() const { return offsets_dev() + cfg_.num_ffn_experts + 1; }
+  int* kept_dev() const { return offsets_dev() + chunks_ * cfg_.num_ffn_experts + 1; }
+  int* rows_dev() const { return offsets_dev() + chunks_ * cfg_.num_ffn_experts; }  // FFN rows in all
   int* routed_dev() const { return kept_dev() + cfg_.num_experts(); }
   int* bad_dev() const { return routed_dev() + cfg_.num_experts(); }
+  int* extra_dev() const { return bad_dev() + 1; }
+  const std::int32_t* extra_host() const { return host_stats_.data() + (stats_ints() - extra_ints_); }
   float* prob_sum_dev() const { return reinterpret_cast<float*>(b_.stats + 4 * stats_ints()); }
   float* zsum_dev() const { return prob_sum_dev() + cfg_.num_experts(); }
 
@@ -427,7 +479,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   std::size_t permute_temp_bytes(std::int64_t tokens) const {
     backend::cuda::PermuteParams pp;
     pp.tokens = int(tokens), pp.top_k = int(cfg_.top_k), pp.experts = int(cfg_.num_experts());
-    pp.ffn_experts = int(cfg_.num_ffn_experts);
+    pp.ffn_experts = int(cfg_.num_ffn_experts), pp.chunks = int(chunks_);
     std::size_t bytes = 0;
     MOEKIT_CUDA_CHECK(backend::cuda::permute_slots(nullptr, bytes, pp, nullptr));
     return bytes;
@@ -458,7 +510,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     backend::cuda::CombineParams<S> p;
     p.tokens = int(tokens_), p.top_k = int(cfg_.top_k), p.d = int(cfg_.d_model);
     p.gate = b_.gate, p.row_of_slot = b_.row_of_slot, p.slot_of_row = b_.slot_of_row;
-    p.num_rows = offsets_dev() + cfg_.num_ffn_experts;
+    p.num_rows = rows_dev();
     p.y = b_.yp, p.x = b_.x, p.idx = b_.idx;
     p.ffn_experts = int(cfg_.num_ffn_experts), p.zero_experts = int(cfg_.num_zero_experts);
     p.copy_experts = int(cfg_.num_copy_experts), p.constant_experts = int(cfg_.num_constant_experts);
@@ -466,22 +518,22 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     return p;
   }
 
-  // One problem per FFN expert with rows, from the host offsets of the last forward.
+  // One problem per expert with rows (host offsets per expert).
   template <class F>
-  std::vector<backend::cuda::GemmProblem> expert_problems(F&& make) const {
+  static std::vector<backend::cuda::GemmProblem> expert_problems(const std::vector<std::int32_t>& offsets, F&& make) {
     std::vector<backend::cuda::GemmProblem> ps;
-    for (int e = 0; e + 1 < int(offsets_.size()); ++e)
-      if (offsets_[e + 1] > offsets_[e]) ps.push_back(make(e, offsets_[e], offsets_[e + 1] - offsets_[e]));
+    for (int e = 0; e + 1 < int(offsets.size()); ++e)
+      if (offsets[e + 1] > offsets[e]) ps.push_back(make(e, offsets[e], offsets[e + 1] - offsets[e]));
     return ps;
   }
 
   void read_stats() {
-    const auto nf = cfg_.num_ffn_experts, n = cfg_.num_experts();
+    const auto no = chunks_ * cfg_.num_ffn_experts + 1, n = cfg_.num_experts();
     const std::int32_t* ints = host_stats_.data();
-    offsets_.assign(ints, ints + nf + 1);
-    kept_.assign(ints + nf + 1, ints + nf + 1 + n);
-    routed_.assign(ints + nf + 1 + n, ints + nf + 1 + 2 * n);
-    bad_token_ = ints[nf + 1 + 2 * n];
+    offsets_.assign(ints, ints + no);
+    kept_.assign(ints + no, ints + no + n);
+    routed_.assign(ints + no + n, ints + no + 2 * n);
+    bad_token_ = ints[no + 2 * n];
     const float* floats = reinterpret_cast<const float*>(ints + stats_ints());
     prob_sum_.assign(floats, floats + n);
     zsum_ = floats[n];
@@ -583,6 +635,8 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   Buffers b_;
   std::size_t perm_bytes_ = 0;
   std::int64_t reserved_ = -1, tokens_ = 0, f_tokens_ = 0, gemm_flops_ = 0;  // -1: no workspace yet
+  std::int64_t chunks_ = 1;         // token chunks of the permutation (tp with duplicate token dropping)
+  std::size_t extra_ints_ = 0;      // ints the distributed layer adds to the stats block
   bool external_ = false, has_forward_ = false, has_prev_ = false, training_ = true;
   int bad_token_ = 0;
   float zsum_ = 0.f;

@@ -34,9 +34,11 @@ struct PermuteParams {
   int ffn_experts = 0;            // experts below this id get rows; 0 means all `experts`
   const float* score = nullptr;   // [T*k] router score of each slot (needed when a capacity is set)
   int cap_ffn = -1, cap_zc = -1;  // slots each FFN / zero-computation expert keeps; -1 = no limit
+  int chunks = 1;                 // rows chunk-major: token chunk c = [T·c/C, T·(c+1)/C), then expert
   int* slot_of_row = nullptr;  // [T*k] out: row r of the permuted layout holds slot slot_of_row[r]
   int* row_of_slot = nullptr;  // [T*k] out: inverse (or kDroppedSlot / kZeroComputationSlot)
-  int* offsets = nullptr;      // [ffn_experts + 1] out: expert e's rows are [offsets[e], offsets[e+1])
+  int* offsets = nullptr;      // [chunks·ffn_experts + 1] out: (chunk c, expert e)'s rows are
+                               // [offsets[c·F + e], offsets[c·F + e + 1])
   int* kept_counts = nullptr;  // [experts] out, optional: slots each expert kept after capacity
 };
 
@@ -91,15 +93,18 @@ MOEKIT_KERNEL void capacity_keep_kernel(const I* sorted_experts, const int* sort
   keep[sorted_slots[r]] = (cap < 0 || r - segment[e] < cap) ? 1 : 0;
 }
 
-// Sort key of each slot: its FFN expert, or the sentinel ffn_experts (no row); counts kept slots.
+// Sort key of each slot: chunk·F + its FFN expert, or the sentinel chunks·F (no row); counts kept slots.
+// Token t is in chunk c = ceil((t+1)·C/T) - 1, i.e. T·c/C <= t < T·(c+1)/C (parallel/dispatch_plan.hpp).
 template <class I>
-MOEKIT_KERNEL void row_key_kernel(const I* idx, const unsigned char* keep, int n, int ffn_experts, I* key,
-                                  int* kept_counts) {
+MOEKIT_KERNEL void row_key_kernel(const I* idx, const unsigned char* keep, int n, int ffn_experts, int tokens, int top_k,
+                                  int chunks, I* key, int* kept_counts) {
   const int s = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
   if (s >= n) return;
   const int e = idx[s];
   const bool kept = keep == nullptr || keep[s];
-  key[s] = (kept && e < ffn_experts) ? e : ffn_experts;
+  const long long t = s / top_k;
+  const int c = chunks == 1 ? 0 : int(((t + 1) * chunks + tokens - 1) / tokens - 1);
+  key[s] = (kept && e < ffn_experts) ? c * ffn_experts + e : chunks * ffn_experts;
   if (kept && kept_counts) atomicAdd(&kept_counts[e], 1);  // integer atomics: exact, order-free
 }
 
@@ -118,7 +123,8 @@ inline cudaError_t permute_layout(const PermuteParams& p, int n, PermuteLayout& 
       static_cast<int*>(nullptr), n, 0, int(8 * sizeof(float)), stream));
   MOEKIT_CUDA_RETURN_IF_ERROR(cub::DeviceRadixSort::SortPairs(nullptr, by_row, static_cast<const int*>(nullptr),
                                                               static_cast<int*>(nullptr), static_cast<const int*>(nullptr),
-                                                              static_cast<int*>(nullptr), n, 0, key_bits(ffn + 1), stream));
+                                                              static_cast<int*>(nullptr), n, 0,
+                                                              key_bits(p.chunks * ffn + 1), stream));
   std::size_t sort = by_row > by_expert ? by_row : by_expert;
   sort = sort > by_score ? sort : by_score;
   l.ints = align256(sizeof(int) * std::size_t(n > 0 ? n : 1));
@@ -132,7 +138,10 @@ inline cudaError_t permute_layout(const PermuteParams& p, int n, PermuteLayout& 
 
 inline cudaError_t permute_slots(void* temp, std::size_t& temp_bytes, const PermuteParams& p, cudaStream_t stream) {
   const int ffn = p.ffn_experts > 0 ? p.ffn_experts : p.experts;
-  if (p.tokens < 0 || p.top_k < 1 || p.experts < 1 || p.top_k > p.experts || ffn > p.experts) return cudaErrorInvalidValue;
+  if (p.tokens < 0 || p.top_k < 1 || p.experts < 1 || p.top_k > p.experts || ffn > p.experts || p.chunks < 1 ||
+      std::int64_t(p.chunks) * ffn >= (std::int64_t(1) << 30))
+    return cudaErrorInvalidValue;
+  const int rows_keys = p.chunks * ffn;  // sort keys below this have a row
   const std::size_t n64 = std::size_t(p.tokens) * std::size_t(p.top_k);
   if (n64 > std::size_t(1) << 30) return cudaErrorInvalidValue;
   const int n = int(n64);
@@ -178,15 +187,16 @@ inline cudaError_t permute_slots(void* temp, std::size_t& temp_bytes, const Perm
   int *key = ints[0], *sorted_keys = ints[1], *slots_in = ints[2];
   const unsigned char* keep_or_all = capacity ? keep : nullptr;
   if (n > 0) {
-    row_key_kernel<int><<<grid, kBlock, 0, stream>>>(p.idx, keep_or_all, n, ffn, key, p.kept_counts);
+    row_key_kernel<int><<<grid, kBlock, 0, stream>>>(p.idx, keep_or_all, n, ffn, p.tokens, p.top_k, p.chunks, key,
+                                                     p.kept_counts);
     MOEKIT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     iota_kernel<int><<<grid, kBlock, 0, stream>>>(slots_in, n);
     MOEKIT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     MOEKIT_CUDA_RETURN_IF_ERROR(cub::DeviceRadixSort::SortPairs(sort_temp, sort_bytes, key, sorted_keys, slots_in,
-                                                                p.slot_of_row, n, 0, detail::key_bits(ffn + 1), stream));
+                                                                p.slot_of_row, n, 0, detail::key_bits(rows_keys + 1), stream));
   }
   boundaries_kernel<int><<<unsigned((n + 1 + kBlock - 1) / kBlock), kBlock, 0, stream>>>(
-      sorted_keys, p.slot_of_row, keep_or_all, p.row_of_slot, p.offsets, n, ffn);
+      sorted_keys, p.slot_of_row, keep_or_all, p.row_of_slot, p.offsets, n, rows_keys);
   return cudaGetLastError();
 }
 
