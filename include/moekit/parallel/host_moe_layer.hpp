@@ -35,62 +35,10 @@
 #include "moekit/backend/host/moe_layer.hpp"
 #include "moekit/parallel/comm/communicator.hpp"
 #include "moekit/parallel/dispatch_plan.hpp"
+#include "moekit/parallel/sharding.hpp"
 #include "moekit/parallel/policy.hpp"
 
 namespace moekit {
-
-namespace detail {
-// Local checks, then one fixed-size all-gather that every rank makes whatever its config, so that a
-// config that is invalid or differs on some rank fails on every rank with a message, never a hang.
-template <class Router, class Experts, class P>
-MoeConfig agreed_config(const MoeConfig& cfg, comm::HostCommunicator& world) {
-  std::exception_ptr local;
-  try {
-    validate_layer_config<Router, Experts>(cfg);
-    auto allowed = [](const char* field, std::int64_t v, bool ok) {
-      if (v > 1 && !ok) throw ConfigError(field, std::to_string(v), std::string("must be 1 with ") + P::name);
-    };
-    allowed("tp", cfg.tp, P::allows_tp);
-    allowed("ep", cfg.ep, P::allows_ep);
-    allowed("dp", cfg.dp, P::allows_dp);
-    if (cfg.tp * cfg.ep * cfg.dp != world.size())
-      throw ConfigError("tp * ep * dp", std::to_string(cfg.tp * cfg.ep * cfg.dp), "must equal the world size " + std::to_string(world.size()));
-    if (cfg.num_ffn_experts % cfg.ep != 0)
-      throw ConfigError("num_ffn_experts", std::to_string(cfg.num_ffn_experts), "must be divisible by ep = " + std::to_string(cfg.ep));
-    if (cfg.d_expert % cfg.tp != 0)
-      throw ConfigError("d_expert", std::to_string(cfg.d_expert), "must be divisible by tp = " + std::to_string(cfg.tp));
-  } catch (const ConfigError&) {
-    local = std::current_exception();
-  }
-  auto bits = [](double v) {
-    std::int64_t b;
-    std::memcpy(&b, &v, sizeof b);
-    return b;
-  };
-  static const char* names[] = {"d_model", "d_expert", "num_ffn_experts", "num_zero_experts", "num_copy_experts",
-                                "num_constant_experts", "top_k", "router", "gating_residual", "renormalize", "activation",
-                                "capacity_factor", "lbl_coef", "zloss_coef", "tau", "tp", "ep", "dp", "(valid)"};
-  const std::int64_t mine[] = {cfg.d_model, cfg.d_expert, cfg.num_ffn_experts, cfg.num_zero_experts, cfg.num_copy_experts,
-                               cfg.num_constant_experts, cfg.top_k, std::int64_t(cfg.router), cfg.gating_residual,
-                               cfg.renormalize, std::int64_t(cfg.activation), bits(cfg.capacity_factor), bits(cfg.lbl_coef),
-                               bits(cfg.zloss_coef), bits(cfg.tau), cfg.tp, cfg.ep, cfg.dp, local ? 0 : 1};
-  constexpr std::size_t kFields = sizeof(mine) / sizeof(mine[0]);
-  std::vector<std::int64_t> all(kFields * std::size_t(world.size()));
-  world.all_gather(mine, kFields, all.data());
-  if (local) std::rethrow_exception(local);
-  for (int r = 0; r < world.size(); ++r)
-    if (all[std::size_t(r) * kFields + kFields - 1] == 0)
-      throw ConfigError("rank " + std::to_string(r), "invalid configuration", "every rank must pass validation (see rank " +
-                                                                                  std::to_string(r) + "'s error)");
-  for (std::size_t f = 0; f + 1 < kFields; ++f)
-    for (int r = 0; r < world.size(); ++r)
-      if (all[std::size_t(r) * kFields + f] != mine[f])
-        throw ConfigError(names[f], "rank " + std::to_string(r) + " has " + std::to_string(all[std::size_t(r) * kFields + f]) +
-                                        ", rank " + std::to_string(world.rank()) + " has " + std::to_string(mine[f]),
-                          "must be the same on every rank");
-  return cfg;
-}
-}  // namespace detail
 
 template <class T, class Router, class Experts, class Balance, parallel::DistributedPolicy P>
 class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
@@ -102,7 +50,9 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
 
  public:
   MoeLayer(const MoeConfig& cfg, comm::HostCommunicator& world)
-      : Base(detail::agreed_config<Router, Experts, P>(cfg, world)) {
+      : Base(detail::agreed_config<Router, Experts, P>(
+            cfg, world.size(), world.rank(),
+            [&](const std::int64_t* mine, std::size_t n, std::int64_t* all) { world.all_gather(mine, n, all); })) {
     const int r = world.rank();
     g_.tp = int(cfg.tp), g_.ep = int(cfg.ep), g_.dp = int(cfg.dp);
     g_.t = r % g_.tp, g_.e = (r / g_.tp) % g_.ep, g_.d = r / (g_.tp * g_.ep);
@@ -147,18 +97,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
     load_full_params(full);
   }
   // This rank's shard of full-size weights or gradients (same layout as params()).
-  void slice(const MoeWeights<T>& full, MoeWeights<T>& local) const {
-    const I64 d = this->cfg_.d_model, f = this->cfg_.d_expert, off = I64(g_.t) * fl_;
-    local.router = full.router, local.const_wc = full.const_wc, local.const_v = full.const_v;
-    local.gate_residual = full.gate_residual;
-    local.w1.assign(el_ * fl_ * d, T(0)), local.w2.assign(el_ * d * fl_, T(0)), local.w3.assign(kGated ? el_ * fl_ * d : 0, T(0));
-    for (I64 le = 0; le < el_; ++le) {
-      const I64 ge = first_expert() + le;
-      std::copy_n(&full.w1[(ge * f + off) * d], fl_ * d, &local.w1[le * fl_ * d]);
-      if constexpr (kGated) std::copy_n(&full.w3[(ge * f + off) * d], fl_ * d, &local.w3[le * fl_ * d]);
-      for (I64 c = 0; c < d; ++c) std::copy_n(&full.w2[(ge * d + c) * f + off], fl_, &local.w2[(le * d + c) * fl_]);
-    }
-  }
+  void slice(const MoeWeights<T>& full, MoeWeights<T>& local) const { slice_moe_weights(full, local, this->cfg_, g_); }
   // Parameters of this rank (expert names are global; their shapes are the tp slices).
   std::vector<Parameter<T>> parameters(const std::string& prefix = "") {
     auto& v = this->params_;

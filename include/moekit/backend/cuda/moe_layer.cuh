@@ -150,25 +150,30 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   // Device parameters named as the host layer's (w1 and w3 of an expert are the two halves of its
   // [2·d_expert, D] block): for an optimizer or a checkpoint.
   std::vector<DeviceParameter> parameters(const std::string& prefix = "") {
-    const auto d = cfg_.d_model, f = cfg_.d_expert, n = cfg_.num_experts();
+    const auto d = cfg_.d_model, f = cfg_.d_expert;
+    const cudaDataType_t st = backend::cuda::data_type<S>();
+    std::vector<DeviceParameter> ps = dense_parameters(prefix);
+    for (std::int64_t e = 0; e < cfg_.num_ffn_experts; ++e) {
+      const std::string p = prefix + "experts." + std::to_string(e) + ".";
+      ps.push_back({p + "w1.weight", w13_.data() + e * wf_ * d, g_w13_.data() + e * wf_ * d, {f, d}, st});
+      ps.push_back({p + "w2.weight", w2_.data() + e * d * f, g_w2_.data() + e * d * f, {d, f}, st});
+      if constexpr (kGated) ps.push_back({p + "w3.weight", w13_.data() + (e * wf_ + f) * d, g_w13_.data() + (e * wf_ + f) * d, {f, d}, st});
+    }
+    return ps;
+  }
+  // The parameters that are not FFN experts (replicated on every rank of a distributed layer).
+  std::vector<DeviceParameter> dense_parameters(const std::string& prefix = "") {
+    const auto d = cfg_.d_model, n = cfg_.num_experts();
     const cudaDataType_t st = backend::cuda::data_type<S>();
     std::vector<DeviceParameter> ps;
-    auto add = [&](std::string name, void* v, float* g, std::vector<std::int64_t> shape, cudaDataType_t t) {
-      ps.push_back({prefix + std::move(name), v, g, std::move(shape), t});
-    };
-    add("gate.weight", router_.data(), g_router_.data(), {n, d}, st);
-    for (std::int64_t e = 0; e < cfg_.num_ffn_experts; ++e) {
-      const std::string p = "experts." + std::to_string(e) + ".";
-      add(p + "w1.weight", w13_.data() + e * wf_ * d, g_w13_.data() + e * wf_ * d, {f, d}, st);
-      add(p + "w2.weight", w2_.data() + e * d * f, g_w2_.data() + e * d * f, {d, f}, st);
-      if constexpr (kGated) add(p + "w3.weight", w13_.data() + (e * wf_ + f) * d, g_w13_.data() + (e * wf_ + f) * d, {f, d}, st);
-    }
+    ps.push_back({prefix + "gate.weight", router_.data(), g_router_.data(), {n, d}, st});
     for (std::int64_t j = 0; j < cfg_.num_constant_experts; ++j) {
-      const std::string p = "constant." + std::to_string(j) + ".";
-      add(p + "wc.weight", wc_.data() + j * 2 * d, g_wc_.data() + j * 2 * d, {2, d}, st);
-      add(p + "v", v_.data() + j * d, g_v_.data() + j * d, {d}, st);
+      const std::string p = prefix + "constant." + std::to_string(j) + ".";
+      ps.push_back({p + "wc.weight", wc_.data() + j * 2 * d, g_wc_.data() + j * 2 * d, {2, d}, st});
+      ps.push_back({p + "v", v_.data() + j * d, g_v_.data() + j * d, {d}, st});
     }
-    if constexpr (kResidual) add("gate_residual.weight", gate_res_.data(), g_gate_res_.data(), {n, n}, CUDA_R_32F);
+    if constexpr (kResidual)
+      ps.push_back({prefix + "gate_residual.weight", gate_res_.data(), g_gate_res_.data(), {n, n}, CUDA_R_32F});
     return ps;
   }
 

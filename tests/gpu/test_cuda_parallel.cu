@@ -1,0 +1,85 @@
+// The distributed CUDA layer (parallel/cuda_moe_layer.cuh) on one GPU over a single-rank comm::Nccl:
+// parallel::Hybrid with tp = ep = dp = 1 must compute what MoeLayer<backend::Cuda<float>> computes
+// (fp32, 1e-5 relative), through its whole dispatch path (counts all-gather, all-to-all, block
+// permutation, expert GEMMs on its shard, sync_gradients), with and without activation checkpointing.
+// Several ranks need several GPUs: tests/mpi covers the multi-rank algorithm on the host backend.
+#if defined(MOEKIT_HAS_NCCL)
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <moekit/parallel/cuda_moe_layer.cuh>
+#include <random>
+#include <vector>
+
+#include "device_buffer.cuh"
+
+namespace {
+
+double rel(const std::vector<float>& got, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    const double d = double(got[i]) - double(ref[i]);
+    num += std::isfinite(got[i]) ? d * d : 1e30;
+    den += double(ref[i]) * double(ref[i]);
+  }
+  return got.size() == ref.size() ? std::sqrt(num) / std::max(std::sqrt(den), 1e-30) : 1e30;
+}
+
+template <class Experts, class Balance>
+void check_single_rank(moekit::MoeConfig cfg, bool recompute) {
+  using namespace moekit;
+  using Router = router::TopK<router::Softmax>;
+  using One = MoeLayer<backend::Cuda<float>, Router, Experts, Balance>;
+  using Dist = MoeLayer<backend::Cuda<float>, Router, Experts, Balance, parallel::Hybrid>;
+  comm::Nccl world = comm::Nccl::single();
+  const std::int64_t T = 45, D = cfg.d_model;
+  One one(cfg);
+  Dist dist(cfg, world);
+  one.init_params(7), dist.init_params(7);
+  dist.set_activation_checkpointing(recompute);
+  one.reserve(T), dist.reserve(T);
+  std::mt19937 g(11);
+  std::normal_distribution<float> nd;
+  std::vector<float> hx(T * D), hdy(T * D);
+  for (auto& v : hx) v = nd(g);
+  for (auto& v : hdy) v = nd(g);
+  DeviceBuffer<float> x(T * D), dy(T * D), y1(T * D), y2(T * D), dx1(T * D), dx2(T * D);
+  x.upload(hx), dy.upload(hdy);
+  y1.poison(), y2.poison(), dx1.poison(), dx2.poison();
+  const auto a1 = one.forward(MatrixView<const float>(x.p, {T, D}), MatrixView<float>(y1.p, {T, D}));
+  const auto a2 = dist.forward(MatrixView<const float>(x.p, {T, D}), MatrixView<float>(y2.p, {T, D}));
+  one.backward(MatrixView<const float>(dy.p, {T, D}), MatrixView<float>(dx1.p, {T, D}));
+  dist.backward(MatrixView<const float>(dy.p, {T, D}), MatrixView<float>(dx2.p, {T, D}));
+  dist.sync_gradients();
+  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+  CHECK(rel(y2.download(), y1.download()) <= 1e-5);
+  CHECK(rel(dx2.download(), dx1.download()) <= 1e-5);
+  CHECK(std::abs(a2.lbl - a1.lbl) <= 1e-5);
+  CHECK(std::abs(a2.zloss - a1.zloss) <= 1e-5);
+  CHECK(dist.recomputations() == (recompute ? 1 : 0));
+  MoeWeights<float> g1, g2, g1_shard;
+  one.download_grads(g1);
+  dist.download_grads(g2);
+  slice_moe_weights(g1, g1_shard, cfg, dist.grid());
+  CHECK(rel(g2.router, g1_shard.router) <= 1e-5);
+  CHECK(rel(g2.w1, g1_shard.w1) <= 1e-5);
+  CHECK(rel(g2.w2, g1_shard.w2) <= 1e-5);
+  CHECK(rel(g2.w3, g1_shard.w3) <= 1e-5);
+  CHECK(rel(g2.const_wc, g1_shard.const_wc) <= 1e-5);
+  CHECK(rel(g2.const_v, g1_shard.const_v) <= 1e-5);
+}
+
+}  // namespace
+
+TEST_CASE("cuda parallel::Hybrid on one rank equals the single-GPU layer") {
+  using namespace moekit;
+  MoeConfig c;
+  c.d_model = 48, c.d_expert = 32, c.num_ffn_experts = 8, c.top_k = 2, c.lbl_coef = 0.01, c.zloss_coef = 1e-3;
+  for (bool recompute : {false, true}) check_single_rank<experts::Ffn<act::SwiGLU>, balance::GlobalBatch>(c, recompute);
+  MoeConfig m = c;
+  m.activation = Activation::kGeLU;
+  m.num_zero_experts = 1, m.num_copy_experts = 1, m.num_constant_experts = 2, m.capacity_factor = 1.0;
+  check_single_rank<experts::Set<experts::Ffn<act::GeLU>, experts::Zero, experts::Copy, experts::Constant>, balance::MicroBatch>(
+      m, false);
+}
+#endif
