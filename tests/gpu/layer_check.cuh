@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/compare.hpp"
 #include "device_buffer.cuh"
 
 namespace layer_check {
@@ -22,16 +23,6 @@ namespace layer_check {
 namespace mc = moekit::backend::cuda;
 using moekit::MatrixView;
 
-inline double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
-  REQUIRE(got.size() == ref.size());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < ref.size(); ++i) {
-    const double d = double(got[i]) - double(ref[i]);
-    num += std::isfinite(got[i]) ? d * d : 1e30;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
-}
 
 struct Case {
   std::string name;
@@ -158,9 +149,9 @@ void check(const Case& c) {
                  MatrixView<const float>(with_dnext ? ddnext.p : nullptr, {T, N}),
                  MatrixView<float>(residual ? ddprev.p : nullptr, {T, N}), stream.s);
 
-    CHECK(rel_err(download(dy_out, stream.s), y_ref) <= tol);
-    CHECK(rel_err(download(ddx, stream.s), dx_ref) <= tol);
-    if (residual) CHECK(rel_err(ddprev.download(), dprev_ref) <= tol);
+    CHECK(moekit_test::rel_err(download(dy_out, stream.s), y_ref) <= tol);
+    CHECK(moekit_test::rel_err(download(ddx, stream.s), dx_ref) <= tol);
+    if (residual) CHECK(moekit_test::rel_err(ddprev.download(), dprev_ref) <= tol);
     CHECK(std::abs(aux.lbl - aux_ref.lbl) <= tol * std::max(1.0, std::abs(aux_ref.lbl)));
     CHECK(std::abs(aux.zloss - aux_ref.zloss) <= tol * std::max(1.0, std::abs(aux_ref.zloss)));
   }
@@ -170,7 +161,7 @@ void check(const Case& c) {
   const auto& gr = host.grads();
   auto grad_ok = [&](const char* name, const std::vector<float>& got, const std::vector<float>& ref) {
     CAPTURE(name);
-    CHECK(rel_err(got, ref) <= tol);
+    CHECK(moekit_test::rel_err(got, ref) <= tol);
   };
   grad_ok("router", grads.router, gr.router);
   grad_ok("w1", grads.w1, gr.w1);

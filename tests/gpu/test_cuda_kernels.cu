@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/compare.hpp"
 #include "device_buffer.cuh"
 
 namespace mc = moekit::backend::cuda;
@@ -29,15 +30,6 @@ T from_f(float v) {
   else return v;
 }
 
-double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < ref.size(); ++i) {
-    const double d = double(got[i]) - double(ref[i]);
-    num += std::isfinite(got[i]) ? d * d : 1e30;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
-}
 
 template <class Act, class T>
 void check_activation(int rows, int d, unsigned seed) {
@@ -75,9 +67,9 @@ void check_activation(int rows, int d, unsigned seed) {
     return f;
   };
   if (n == 0) return;
-  CHECK(rel_err(as_f(da_out.download()), a_ref) <= tol);
-  CHECK(rel_err(as_f(ddh1.download()), dh1_ref) <= tol);
-  if (gated) CHECK(rel_err(as_f(ddh3.download()), dh3_ref) <= tol);
+  CHECK(moekit_test::rel_err(as_f(da_out.download()), a_ref) <= tol);
+  CHECK(moekit_test::rel_err(as_f(ddh1.download()), dh1_ref) <= tol);
+  if (gated) CHECK(moekit_test::rel_err(as_f(ddh3.download()), dh3_ref) <= tol);
 }
 
 template <class T>
@@ -173,7 +165,7 @@ void check_permute(int T, int K, int E, int used_experts, unsigned seed) {
   ddx.poison();
   REQUIRE(mc::gather_rows_backward(dxp.p, drow.p, ddx.p, T, K, d, nullptr) == cudaSuccess);
   MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
-  CHECK(rel_err(ddx.download(), dx_ref) <= 1e-6);
+  CHECK(moekit_test::rel_err(ddx.download(), dx_ref) <= 1e-6);
 }
 
 }  // namespace
@@ -246,9 +238,9 @@ void check_combine(int T_, int K, int E, int d, unsigned seed) {
     for (std::size_t i = 0; i < v.size(); ++i) f[i] = to_f(v[i]);
     return f;
   };
-  CHECK(rel_err(as_f(dout_out.download()), out_ref) <= tol);
-  CHECK(rel_err(as_f(ddy.download()), dy_ref) <= tol);
-  CHECK(rel_err(ddgate.download(), dgate_ref) <= (std::is_same_v<T, float> ? 1e-5 : 1e-2));
+  CHECK(moekit_test::rel_err(as_f(dout_out.download()), out_ref) <= tol);
+  CHECK(moekit_test::rel_err(as_f(ddy.download()), dy_ref) <= tol);
+  CHECK(moekit_test::rel_err(ddgate.download(), dgate_ref) <= (std::is_same_v<T, float> ? 1e-5 : 1e-2));
 }
 
 }  // namespace

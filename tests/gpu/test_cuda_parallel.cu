@@ -11,19 +11,11 @@
 #include <random>
 #include <vector>
 
+#include "../common/compare.hpp"
 #include "device_buffer.cuh"
 
 namespace {
 
-double rel(const std::vector<float>& got, const std::vector<float>& ref) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < ref.size(); ++i) {
-    const double d = double(got[i]) - double(ref[i]);
-    num += std::isfinite(got[i]) ? d * d : 1e30;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return got.size() == ref.size() ? std::sqrt(num) / std::max(std::sqrt(den), 1e-30) : 1e30;
-}
 
 template <class Experts, class Balance>
 void check_single_rank(moekit::MoeConfig cfg, bool recompute) {
@@ -52,8 +44,8 @@ void check_single_rank(moekit::MoeConfig cfg, bool recompute) {
   dist.backward(MatrixView<const float>(dy.p, {T, D}), MatrixView<float>(dx2.p, {T, D}));
   dist.sync_gradients();
   MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
-  CHECK(rel(y2.download(), y1.download()) <= 1e-5);
-  CHECK(rel(dx2.download(), dx1.download()) <= 1e-5);
+  CHECK(moekit_test::rel_err(y2.download(), y1.download()) <= 1e-5);
+  CHECK(moekit_test::rel_err(dx2.download(), dx1.download()) <= 1e-5);
   CHECK(std::abs(a2.lbl - a1.lbl) <= 1e-5);
   CHECK(std::abs(a2.zloss - a1.zloss) <= 1e-5);
   CHECK(dist.recomputations() == (recompute ? 1 : 0));
@@ -61,12 +53,12 @@ void check_single_rank(moekit::MoeConfig cfg, bool recompute) {
   one.download_grads(g1);
   dist.download_grads(g2);
   slice_moe_weights(g1, g1_shard, cfg, dist.grid());
-  CHECK(rel(g2.router, g1_shard.router) <= 1e-5);
-  CHECK(rel(g2.w1, g1_shard.w1) <= 1e-5);
-  CHECK(rel(g2.w2, g1_shard.w2) <= 1e-5);
-  CHECK(rel(g2.w3, g1_shard.w3) <= 1e-5);
-  CHECK(rel(g2.const_wc, g1_shard.const_wc) <= 1e-5);
-  CHECK(rel(g2.const_v, g1_shard.const_v) <= 1e-5);
+  CHECK(moekit_test::rel_err(g2.router, g1_shard.router) <= 1e-5);
+  CHECK(moekit_test::rel_err(g2.w1, g1_shard.w1) <= 1e-5);
+  CHECK(moekit_test::rel_err(g2.w2, g1_shard.w2) <= 1e-5);
+  CHECK(moekit_test::rel_err(g2.w3, g1_shard.w3) <= 1e-5);
+  CHECK(moekit_test::rel_err(g2.const_wc, g1_shard.const_wc) <= 1e-5);
+  CHECK(moekit_test::rel_err(g2.const_v, g1_shard.const_v) <= 1e-5);
 }
 
 }  // namespace

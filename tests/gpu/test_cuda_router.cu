@@ -9,6 +9,7 @@
 #include <random>
 #include <vector>
 
+#include "../common/compare.hpp"
 #include "device_buffer.cuh"
 
 namespace mc = moekit::backend::cuda;
@@ -16,15 +17,6 @@ namespace mc = moekit::backend::cuda;
 namespace {
 
 
-double rel(const std::vector<float>& got, const std::vector<float>& ref) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < ref.size(); ++i) {
-    const double d = double(got[i]) - double(ref[i]);
-    num += std::isfinite(got[i]) ? d * d : 1e30;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
-}
 
 template <class Score>
 void check_router(int T, int E, int K, bool renorm, unsigned seed) {
@@ -94,10 +86,10 @@ void check_router(int T, int E, int K, bool renorm, unsigned seed) {
 
   CHECK(d_idx.download() == idx);
   CHECK(d_counts.download() == counts);
-  CHECK(rel(d_prob.download(), prob) < 1e-5);
-  CHECK(rel(d_gate.download(), gate) < 1e-5);
-  CHECK(rel(d_lse.download(), lse) < 1e-5);
-  CHECK(rel(d_dlogits.download(), dlog) < 1e-5);
+  CHECK(moekit_test::rel_err(d_prob.download(), prob) < 1e-5);
+  CHECK(moekit_test::rel_err(d_gate.download(), gate) < 1e-5);
+  CHECK(moekit_test::rel_err(d_lse.download(), lse) < 1e-5);
+  CHECK(moekit_test::rel_err(d_dlogits.download(), dlog) < 1e-5);
 }
 
 }  // namespace

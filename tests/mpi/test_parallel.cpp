@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <moekit/moe_layer.hpp>
+#include "../common/compare.hpp"
 #include <moekit/parallel/comm/mpi.hpp>
 #include <moekit/parallel/host_moe_layer.hpp>
 #include <random>
@@ -25,16 +26,6 @@ comm::Mpi& world() {
   return w;
 }
 
-double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
-  if (got.size() != ref.size()) return 1e30;
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < ref.size(); ++i) {
-    const double d = double(got[i]) - double(ref[i]);
-    num += std::isfinite(got[i]) ? d * d : 1e30;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
-}
 
 std::vector<float> random_vec(std::size_t n, unsigned seed) {
   std::mt19937 g(seed);
@@ -136,9 +127,9 @@ void check_equivalence(MoeConfig cfg, std::int64_t T = 13, bool dtd = true, bool
   for (auto& v : dx_ref) v *= float(S);  // the reference saw dy / S
   for (auto& v : dprev_ref) v *= float(S);
 
-  CHECK(rel_err(y, y_ref) <= 1e-5);
-  CHECK(rel_err(dx, dx_ref) <= 1e-5);
-  if (kResidual) CHECK(rel_err(dprev, dprev_ref) <= 1e-5);
+  CHECK(moekit_test::rel_err(y, y_ref) <= 1e-5);
+  CHECK(moekit_test::rel_err(dx, dx_ref) <= 1e-5);
+  if (kResidual) CHECK(moekit_test::rel_err(dprev, dprev_ref) <= 1e-5);
   // Aux losses: per shard (MicroBatch), or their mean over the shards (GlobalBatch: f global, P local).
   double mine[2] = {aux.lbl, aux.zloss};
   if constexpr (Balance::global) {
@@ -150,13 +141,13 @@ void check_equivalence(MoeConfig cfg, std::int64_t T = 13, bool dtd = true, bool
   MoeWeights<float> ref_local;
   layer.slice(ref.grads(), ref_local);
   const auto& gd = layer.grads();
-  CHECK(rel_err(gd.router, ref_local.router) <= 1e-5);
-  CHECK(rel_err(gd.w1, ref_local.w1) <= 1e-5);
-  CHECK(rel_err(gd.w2, ref_local.w2) <= 1e-5);
-  CHECK(rel_err(gd.w3, ref_local.w3) <= 1e-5);
-  CHECK(rel_err(gd.const_wc, ref_local.const_wc) <= 1e-5);
-  CHECK(rel_err(gd.const_v, ref_local.const_v) <= 1e-5);
-  CHECK(rel_err(gd.gate_residual, ref_local.gate_residual) <= 1e-5);
+  CHECK(moekit_test::rel_err(gd.router, ref_local.router) <= 1e-5);
+  CHECK(moekit_test::rel_err(gd.w1, ref_local.w1) <= 1e-5);
+  CHECK(moekit_test::rel_err(gd.w2, ref_local.w2) <= 1e-5);
+  CHECK(moekit_test::rel_err(gd.w3, ref_local.w3) <= 1e-5);
+  CHECK(moekit_test::rel_err(gd.const_wc, ref_local.const_wc) <= 1e-5);
+  CHECK(moekit_test::rel_err(gd.const_v, ref_local.const_v) <= 1e-5);
+  CHECK(moekit_test::rel_err(gd.gate_residual, ref_local.gate_residual) <= 1e-5);
 }
 
 struct Split {

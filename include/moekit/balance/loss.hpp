@@ -28,6 +28,13 @@ MOEKIT_HD S load_balancing_dprob(std::int64_t count_i, int n, int k, std::int64_
   return S(n) * eta_i * (S(count_i) / (S(k) * S(tokens_f))) / S(tokens_p);
 }
 
+// coef · d LBL / d prob_ti for every expert i (the same for every token t): dprob[n].
+template <class S>
+void load_balancing_dprob_all(const std::int64_t* counts, int n, int k, std::int64_t tokens_f, std::int64_t tokens_p,
+                              const S* eta, S coef, S* dprob) {
+  for (int i = 0; i < n; ++i) dprob[i] = coef * load_balancing_dprob<S>(counts[i], n, k, tokens_f, tokens_p, eta[i]);
+}
+
 // Slots one expert may take: C = ceil(gamma * k * T / N_E); 0 means dropless (no limit, returns -1).
 inline std::int64_t expert_capacity(double gamma, std::int64_t k, std::int64_t tokens, std::int64_t n_experts) {
   if (gamma <= 0.0) return -1;

@@ -45,6 +45,22 @@ class GlobalBatch {
   std::int64_t tokens_ = 0;
 };
 
+// The f_i counts (and their token count) of a balance scope after one micro-batch with `routed` counts:
+// the micro-batch's own, or for GlobalBatch in training mode the buffer after adding them (all-reduced
+// through its hook). Evaluation forwards leave a GlobalBatch buffer alone.
+template <class Balance>
+void scope_counts(Balance& balance, bool training, const std::vector<std::int64_t>& routed, std::int64_t tokens,
+                  std::vector<std::int64_t>& f_counts, std::int64_t& f_tokens) {
+  f_counts = routed;
+  f_tokens = tokens;
+  if constexpr (Balance::global)
+    if (training) {
+      balance.accumulate(routed, tokens);
+      f_counts = balance.counts();
+      f_tokens = balance.tokens();
+    }
+}
+
 template <class B>
 concept BalancePolicy = requires { { B::global } -> std::convertible_to<bool>; };
 

@@ -20,51 +20,41 @@ namespace moekit::backend::cuda {
 template <class T>
 using storage_t = std::conditional_t<std::is_same_v<T, float>, float, __nv_bfloat16>;
 
-template <class T>
-class DeviceArray {
+// Owns n elements of device memory (Pinned = false) or page-locked host memory (Pinned = true).
+template <class T, bool Pinned = false>
+class CudaArray {
  public:
-  DeviceArray() = default;
-  explicit DeviceArray(std::size_t n) { resize(n); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  DeviceArray(DeviceArray&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
-  ~DeviceArray() { cudaFree(p_); }
+  CudaArray() = default;
+  explicit CudaArray(std::size_t n) { resize(n); }
+  CudaArray(const CudaArray&) = delete;
+  CudaArray& operator=(const CudaArray&) = delete;
+  CudaArray(CudaArray&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  ~CudaArray() { release(std::exchange(p_, nullptr)); }
   void resize(std::size_t n) {  // discards the contents
     if (n == n_) return;
-    cudaFree(std::exchange(p_, nullptr));
+    release(std::exchange(p_, nullptr));
     n_ = 0;
-    if (n) MOEKIT_CUDA_CHECK(cudaMalloc(&p_, n * sizeof(T)));
+    if (n) {
+      if constexpr (Pinned) MOEKIT_CUDA_CHECK(cudaMallocHost(&p_, n * sizeof(T)));
+      else MOEKIT_CUDA_CHECK(cudaMalloc(&p_, n * sizeof(T)));
+    }
     n_ = n;
   }
   T* data() const { return p_; }
   std::size_t size() const { return n_; }
 
  private:
+  static void release(T* p) {
+    if constexpr (Pinned) cudaFreeHost(p);
+    else cudaFree(p);
+  }
   T* p_ = nullptr;
   std::size_t n_ = 0;
 };
-
 template <class T>
-class PinnedArray {
- public:
-  PinnedArray() = default;
-  PinnedArray(const PinnedArray&) = delete;
-  PinnedArray& operator=(const PinnedArray&) = delete;
-  ~PinnedArray() { cudaFreeHost(p_); }
-  void resize(std::size_t n) {
-    if (n == n_) return;
-    cudaFreeHost(std::exchange(p_, nullptr));
-    n_ = 0;
-    if (n) MOEKIT_CUDA_CHECK(cudaMallocHost(&p_, n * sizeof(T)));
-    n_ = n;
-  }
-  T* data() const { return p_; }
-  std::size_t size() const { return n_; }
-
- private:
-  T* p_ = nullptr;
-  std::size_t n_ = 0;
-};
+using DeviceArray = CudaArray<T, false>;
+template <class T>
+using PinnedArray = CudaArray<T, true>;
 
 // Host conversions (round to nearest even for bf16, as __float2bfloat16_rn).
 template <class S>

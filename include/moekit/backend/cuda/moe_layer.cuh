@@ -546,14 +546,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
 
   AuxLosses compute_aux() {
     const auto n = cfg_.num_experts(), k = cfg_.top_k;
-    f_counts_ = routed_;
-    f_tokens_ = tokens_;
-    if constexpr (Balance::global)
-      if (training_) {
-        balance_.accumulate(routed_, tokens_);
-        f_counts_ = balance_.counts();
-        f_tokens_ = balance_.tokens();
-      }
+    balance::scope_counts(balance_, training_, routed_, tokens_, f_counts_, f_tokens_);
     AuxLosses a;
     a.lbl = double(balance::load_balancing_loss<float>(f_counts_.data(), prob_sum_.data(), int(n), int(k), f_tokens_, tokens_,
                                                        eta_.data()));
@@ -566,9 +559,8 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     using namespace backend::cuda;
     const auto n = cfg_.num_experts(), k = cfg_.top_k;
     const int T = int(tokens_), N = int(n), D = int(cfg_.d_model);
-    for (std::int64_t i = 0; i < n; ++i)
-      host_dprob_.data()[i] = aux_scale * float(cfg_.lbl_coef) *
-                              balance::load_balancing_dprob<float>(f_counts_[i], int(n), int(k), f_tokens_, tokens_, eta_[i]);
+    balance::load_balancing_dprob_all<float>(f_counts_.data(), int(n), int(k), f_tokens_, tokens_, eta_.data(),
+                                             aux_scale * float(cfg_.lbl_coef), host_dprob_.data());
     MOEKIT_CUDA_CHECK(cudaMemcpyAsync(b_.dprob, host_dprob_.data(), sizeof(float) * std::size_t(n), cudaMemcpyHostToDevice, stream));
     if (T == 0) return;
     RouteBackwardParams rb;

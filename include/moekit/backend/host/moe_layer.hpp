@@ -339,14 +339,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
       z += lse_[t] * lse_[t];
     }
     // f_i from the scope's routed (pre-capacity) counts; P_i from this micro-batch.
-    f_counts_ = routed_;
-    f_tokens_ = tokens_;
-    if constexpr (Balance::global)
-      if (training_) {
-        balance_.accumulate(routed_, tokens_);
-        f_counts_ = balance_.counts();
-        f_tokens_ = balance_.tokens();
-      }
+    balance::scope_counts(balance_, training_, routed_, tokens_, f_counts_, f_tokens_);
     AuxLosses a;
     a.lbl = double(balance::load_balancing_loss<T>(f_counts_.data(), prob_sum_.data(), int(n), int(k), f_tokens_,
                                                    tokens_, eta_.data()));
@@ -418,9 +411,8 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   void router_backward(T* dx, T aux_scale, const T* dlogits_next, T* dprev) {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model;
     std::vector<T> dprob(n);
-    for (std::int64_t i = 0; i < n; ++i)
-      dprob[i] = aux_scale * T(cfg_.lbl_coef) *
-                 balance::load_balancing_dprob<T>(f_counts_[i], int(n), int(k), f_tokens_, tokens_, eta_[i]);
+    balance::load_balancing_dprob_all<T>(f_counts_.data(), int(n), int(k), f_tokens_, tokens_, eta_.data(),
+                                         aux_scale * T(cfg_.lbl_coef), dprob.data());
     const T zscale = tokens_ > 0 ? aux_scale * T(cfg_.zloss_coef) * T(2) / T(tokens_) : T(0);
 #pragma omp parallel if (tokens_ * n >= MOEKIT_OMP_MIN_WORK)
     {
