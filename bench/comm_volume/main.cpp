@@ -12,8 +12,8 @@
 //   all_gather      DTD: 4 (rows in and rows back, fwd and bwd) · R/tp · d · 4 · (tp-1), plus the
 //                   per-expert counts N_FFN · 8 · (tp·ep - 1)
 //   reduce_scatter  DTD: 2 (fwd, bwd) · R · d · 4 · (tp-1)/tp
-//   all_reduce      gradients: 2(p-1)/p of the bytes over the group (expert shards over dp, dense over
-//                   ep·dp); without DTD also the tp sums of the rows, 2 · 2(tp-1)/tp · R · d · 4
+//   all_reduce      gradients: 2(p-1)/p of the bytes over the group (expert shards over dp, dense weights
+//                   over the world); without DTD also the tp sums of the rows, 2 · 2(tp-1)/tp · R · d · 4
 // Routing is random, so measured all-to-all and tp volumes scatter around the formula by a few percent.
 #include <cstdio>
 #include <cstdlib>
@@ -108,7 +108,8 @@ int main(int argc, char** argv) {
     // tp all-gathers (rows in, rows back; forward and backward) and the count all-gather.
     const double gather = (s.dtd && tp > 1 ? 4.0 * (R / tp) * d * 4.0 * (tp - 1.0) : 0.0) + nf * 8.0 * (tp * ep - 1.0);
     const double rscatter = s.dtd && tp > 1 ? 2.0 * R * d * 4.0 * (tp - 1.0) / tp : 0.0;
-    const double grads = 2.0 * (dp - 1.0) / dp * expert_params / (ep * tp) * 4.0 + 2.0 * (S - 1.0) / S * dense_params * 4.0 +
+    const double W = tp * S;
+    const double grads = 2.0 * (dp - 1.0) / dp * expert_params / (ep * tp) * 4.0 + 2.0 * (W - 1.0) / W * dense_params * 4.0 +
                          (!s.dtd && tp > 1 ? 2.0 * 2.0 * (tp - 1.0) / tp * R * d * 4.0 : 0.0);
     const double f[] = {a2a, gather, rscatter, grads};
     const double m[] = {mean[std::size_t(comm::Collective::kAllToAll)], mean[std::size_t(comm::Collective::kAllGather)],

@@ -6,8 +6,10 @@
 // DispatchPlan; the permutation sorts rows chunk-major on the device (permute.cuh, chunks = tp).
 //
 // Host synchronisations: still one per forward. Before it, on the stream: the per-expert counts of this
-// rank's chunk are all-gathered over the tp x ep ranks of its dp index, and (GlobalBatch) the routed
-// counts all-reduced over the shards, into the stats block that the forward copies to the host anyway.
+// rank's chunk (and its expert-side capacity) are all-gathered over the tp x ep ranks of its dp index,
+// (GlobalBatch) the routed counts all-reduced over the shards, and a non-finite-logits flag summed over
+// the world, into the stats block that the forward copies to the host anyway; so a rank with bad input
+// or too small a workspace makes all the ranks it talks to throw together.
 // Duplicate token dropping is fixed at construction (it decides the permutation's chunks).
 // Workspace: the layer's own plus the expert side's, sized for ep·T·k rows (every row of every source
 // could come to this rank's experts).
@@ -36,10 +38,15 @@ MOEKIT_KERNEL void chunk_counts_kernel(const int* offsets, int chunk, int ffn, I
   const int e = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
   if (e < ffn) counts[e] = I(offsets[chunk * ffn + e + 1] - offsets[chunk * ffn + e]);
 }
-// v[n] = value (the token count next to the routed counts).
+// *v = value (the token count next to the routed counts, the capacity next to the counts).
 template <class I>
 MOEKIT_KERNEL void set_value_kernel(I* v, I value) {
   *v = value;
+}
+// *flag = 1 when this rank saw a non-finite logit (route_tokens' bad token), else 0.
+template <class I>
+MOEKIT_KERNEL void bad_flag_kernel(const int* bad_token, I* flag) {
+  *flag = *bad_token != kNoBadToken ? 1 : 0;
 }
 }  // namespace backend::cuda
 
@@ -55,11 +62,11 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
  public:
   MoeLayer(const MoeConfig& cfg, comm::Nccl& world, bool duplicate_token_dropping = true,
            backend::cuda::GemmStrategy gemm = backend::cuda::GemmStrategy::kAuto)
-      : Base(detail::agreed_config<Router, Experts, P>(cfg, world.size(), world.rank(),
-                                                       [&](const std::int64_t* mine, std::size_t n, std::int64_t* all) {
-                                                         gather_on_device(world, mine, n, all);
-                                                       }),
-             gemm),
+      : Base(detail::agreed_config<Router, Experts, P>(
+                 cfg, world.size(), world.rank(),
+                 [&](const std::int64_t* mine, std::size_t n, std::int64_t* all) { gather_on_device(world, mine, n, all); },
+                 {{"duplicate_token_dropping", duplicate_token_dropping}, {"balance (GlobalBatch)", Balance::global}}),
+             gemm, shard_of(cfg)),
         dtd_(duplicate_token_dropping) {
     const int r = world.rank();
     g_.tp = int(cfg.tp), g_.ep = int(cfg.ep), g_.dp = int(cfg.dp);
@@ -70,26 +77,30 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
     dp_ = split(g_.t + g_.tp * g_.e, g_.d);
     dense_ = split(g_.t, g_.shard());
     tpep_ = split(g_.d, g_.t + g_.tp * g_.e);
-    const I64 d = this->cfg_.d_model, nf = this->cfg_.num_ffn_experts, n = this->cfg_.num_experts();
-    el_ = nf / g_.ep, fl_ = this->cfg_.d_expert / g_.tp, wfl_ = kGated ? 2 * fl_ : fl_;
-    this->w13_.resize(std::size_t(el_ * wfl_ * d)), this->g_w13_.resize(std::size_t(el_ * wfl_ * d));
-    this->w2_.resize(std::size_t(el_ * d * fl_)), this->g_w2_.resize(std::size_t(el_ * d * fl_));
+    world_ = split(0, r);
+    const I64 nf = this->cfg_.num_ffn_experts, n = this->cfg_.num_experts();
+    el_ = this->held_, fl_ = this->f_, wfl_ = this->wf_;
     this->chunks_ = dtd_ ? g_.tp : 1;
-    // Stats extras: all-gathered counts [tp·ep·N_FFN], then global routed counts and tokens [N_E + 1].
-    this->extra_ints_ = std::size_t(g_.tp * g_.ep * nf + n + 1);
+    // Stats extras: per rank of the tp x ep group its chunk's counts [N_FFN] and its expert-side capacity
+    // [1]; the routed counts and tokens [N_E + 1] (summed over the shards for GlobalBatch); the number of
+    // ranks whose logits were not finite [1].
+    this->extra_ints_ = std::size_t(g_.tp * g_.ep * (nf + 1) + n + 1 + 1);
     this->host_stats_.resize(this->stats_ints() + this->stats_floats());
-    if constexpr (Balance::global)  // the counts were all-reduced on the device before the sync
-      this->balance_.set_all_reduce([this](std::int64_t* data, std::size_t k) {
-        const std::int32_t* global = this->extra_host() + g_.tp * g_.ep * this->cfg_.num_ffn_experts;
-        for (std::size_t i = 0; i < k; ++i) data[i] = global[i];
-      });
-    this->zero_grad();
+    if constexpr (Balance::global) {  // the counts were all-reduced on the device before the sync
+      const std::int32_t* global = this->extra_host() + g_.tp * g_.ep * (nf + 1);  // pinned: never moves
+      this->balance_.set_all_reduce([global](std::int64_t* data, std::size_t k) { std::copy_n(global, k, data); });
+    }
   }
+  MoeLayer(const MoeLayer&) = delete;
+  MoeLayer& operator=(const MoeLayer&) = delete;
+  MoeLayer(MoeLayer&&) = delete;  // the GlobalBatch hook and the communicators point into this object
 
   const ParallelGrid& grid() const { return g_; }
-  // Full-size weights do not fit a shard: load_full_params / init_params / download_grads instead.
+  // Full-size weights do not fit a shard: load_full_params / init_params / download_grads instead; the
+  // expert side's buffers come with reserve() only.
   void upload_params(const MoeWeights<float>&) = delete;
   void download_params(MoeWeights<float>&) const = delete;
+  void attach_workspace(void*, std::size_t, I64) = delete;
   // This rank's parameters (expert names are global; their shapes are the tp slices).
   std::vector<DeviceParameter> parameters(const std::string& prefix = "") {
     std::vector<DeviceParameter> out = this->dense_parameters(prefix);
@@ -111,6 +122,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
 
   // The full model's fp32 weights (as a single-rank layer holds them) -> this rank's shard on the device.
   void load_full_params(const MoeWeights<float>& full) {
+    this->check_sizes(full, "load_full_params");
     MoeWeights<float> local;
     slice_moe_weights(full, local, this->cfg_, g_);
     namespace mc = backend::cuda;
@@ -151,14 +163,18 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
     mc::download_as(this->g_w2_.data(), g.w2.size(), g.w2.data());
   }
 
-  // The base workspace and the expert side's (ep·T·k rows).
+  // The base workspace and the expert side's (ep·T·k rows: every row of every source could come here).
+  // Every rank must reserve the same number of tokens.
   void reserve(I64 tokens) {
     Base::reserve(tokens);
+    tokens = this->reserved_tokens();
     const std::size_t rows = std::size_t(g_.ep * tokens * this->cfg_.top_k), d = std::size_t(this->cfg_.d_model);
+    if (rows > std::size_t(INT32_MAX)) throw ShapeError("ep * tokens * top_k = " + std::to_string(rows) + " exceeds 2^31 - 1");
     for (auto* a : {&xe_, &ye_, &dye_, &gathered_, &recv_}) a->resize(rows * d);
     h13e_.resize(rows * std::size_t(wfl_)), ae_.resize(rows * std::size_t(fl_));
     mine_.resize(std::size_t(tokens * this->cfg_.top_k) * d);
-    counts_dev_.resize(std::size_t(this->cfg_.num_ffn_experts));
+    counts_dev_.resize(std::size_t(this->cfg_.num_ffn_experts + 1));
+    capacity_rows_ = I64(rows);
   }
 
   AuxLosses forward(MatrixView<const S> x, MatrixView<S> y, MatrixView<const float> prev_logits = {}, cudaStream_t stream = nullptr) {
@@ -168,13 +184,25 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
     const int chunk = dtd_ ? g_.t : 0;
     mc::chunk_counts_kernel<int><<<unsigned((nf + 127) / 128), 128, 0, stream>>>(this->offsets_dev(), chunk, nf, counts_dev_.data());
     MOEKIT_CUDA_CHECK(cudaGetLastError());
-    tpep_->all_gather(counts_dev_.data(), std::size_t(nf), this->extra_dev(), stream);
-    int* global = this->extra_dev() + g_.tp * g_.ep * nf;
+    mc::set_value_kernel<int><<<1, 1, 0, stream>>>(counts_dev_.data() + nf, int(capacity_rows_));
+    MOEKIT_CUDA_CHECK(cudaGetLastError());
+    tpep_->all_gather(counts_dev_.data(), std::size_t(nf + 1), this->extra_dev(), stream);
+    int* global = this->extra_dev() + g_.tp * g_.ep * (nf + 1);
     MOEKIT_CUDA_CHECK(cudaMemcpyAsync(global, this->routed_dev(), sizeof(int) * std::size_t(n), cudaMemcpyDeviceToDevice, stream));
     mc::set_value_kernel<int><<<1, 1, 0, stream>>>(global + n, int(this->tokens_));
     MOEKIT_CUDA_CHECK(cudaGetLastError());
     if constexpr (Balance::global) dense_->all_reduce_sum(global, std::size_t(n + 1), stream);
-    this->sync_stats(stream);
+    // Ranks with non-finite logits, over the world: every rank then throws together instead of some
+    // leaving the others in a collective.
+    mc::bad_flag_kernel<int><<<1, 1, 0, stream>>>(this->bad_dev(), global + n + 1);
+    MOEKIT_CUDA_CHECK(cudaGetLastError());
+    world_->all_reduce_sum(global + n + 1, 1, stream);
+    world_->wait(stream);  // NCCL errors and timeouts surface here, not as a hang in the sync
+    this->sync_stats(stream, /*check_finite=*/false);
+    if (this->extra_host()[g_.tp * g_.ep * (nf + 1) + n + 1] > 0) {
+      this->throw_if_not_finite();
+      throw NumericError("router logits are not finite on another rank (see its error); every rank stops");
+    }
     make_plan();
     to_experts(this->b_.xp, xe_.data(), stream);
     this->gemm_flops_ = this->experts_forward(view(), xe_.data(), h13e_.data(), ae_.data(), ye_.data(), exp_off_, stream);
@@ -197,28 +225,34 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
     this->finish_backward(dy.data, dx.data, aux_scale, dlogits_next.data, dprev_logits.data, stream);
   }
 
-  // Once per optimizer step: sum expert gradients over dp, dense ones over ep·dp; divide by ep·dp.
+  // Once per optimizer step: expert shards summed over dp; dense weights summed over the whole world
+  // (tp replicas hold equal gradients; one communicator gives every replica the same bits); both divided
+  // to the mean over the ep·dp shards (as the host layer).
   void sync_gradients(cudaStream_t stream = nullptr) {
     cublasHandle_t h = this->gemm_->handle(stream);
-    const float scale = 1.f / float(g_.shards());
-    auto reduce = [&](comm::Nccl& c, backend::cuda::DeviceArray<float>& v) {
+    auto reduce = [&](comm::Nccl& c, backend::cuda::DeviceArray<float>& v, float scale) {
       if (v.size() == 0) return;
       c.all_reduce_sum(v.data(), v.size(), stream);
       MOEKIT_CUBLAS_CHECK(cublasSscal(h, int(v.size()), &scale, v.data(), 1));
     };
-    reduce(*dp_, this->g_w13_), reduce(*dp_, this->g_w2_);
-    reduce(*dense_, this->g_router_), reduce(*dense_, this->g_wc_), reduce(*dense_, this->g_v_), reduce(*dense_, this->g_gate_res_);
+    const float expert = 1.f / float(g_.shards()), dense = 1.f / float(g_.shards() * g_.tp);
+    reduce(*dp_, this->g_w13_, expert), reduce(*dp_, this->g_w2_, expert);
+    reduce(*world_, this->g_router_, dense), reduce(*world_, this->g_wc_, dense), reduce(*world_, this->g_v_, dense);
+    reduce(*world_, this->g_gate_res_, dense);
   }
 
   comm::ByteCounters comm_counters() const {
     comm::ByteCounters s;
-    for (const comm::Nccl* c : {tp_.get(), ep_.get(), dp_.get(), dense_.get(), tpep_.get()})
+    for (const comm::Nccl* c : {tp_.get(), ep_.get(), dp_.get(), dense_.get(), tpep_.get(), world_.get()})
       for (std::size_t i = 0; i < s.bytes.size(); ++i) s.bytes[i] += c->counters().bytes[i], s.calls[i] += c->counters().calls[i];
     return s;
   }
   const comm::ByteCounters& ep_counters() const { return ep_->counters(); }
 
  private:
+  static typename Base::ExpertShard shard_of(const MoeConfig& c) {  // before validation: no division by 0
+    return {c.ep > 0 ? c.num_ffn_experts / c.ep : c.num_ffn_experts, c.tp > 0 ? c.d_expert / c.tp : c.d_expert};
+  }
   static void gather_on_device(comm::Nccl& world, const std::int64_t* mine, std::size_t n, std::int64_t* all) {
     backend::cuda::DeviceArray<std::int64_t> a(n), b(n * std::size_t(world.size()));
     MOEKIT_CUDA_CHECK(cudaMemcpy(a.data(), mine, n * sizeof(std::int64_t), cudaMemcpyHostToDevice));
@@ -233,13 +267,28 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
 
   // The plan from the synchronised stats: offsets (chunk-major) and the all-gathered counts.
   void make_plan() {
-    const I64 nf = this->cfg_.num_ffn_experts, nc = this->chunks_;
+    const I64 nf = this->cfg_.num_ffn_experts, nc = this->chunks_, group = g_.tp * g_.ep;
     plan_.reset(g_, dtd_, nf, this->cfg_.d_model);
     std::vector<I64> cnt(std::size_t(nc * nf));
     for (I64 i = 0; i < nc * nf; ++i) cnt[i] = this->offsets_[i + 1] - this->offsets_[i];
     plan_.set_token_counts(cnt);
-    const std::int32_t* all = this->extra_host();
-    plan_.set_all_counts(std::vector<I64>(all, all + g_.tp * g_.ep * nf));
+    const std::int32_t* gathered = this->extra_host();  // per rank g: counts [N_FFN], capacity [1]
+    std::vector<I64> all(std::size_t(group * nf));
+    for (I64 g = 0; g < group; ++g) std::copy_n(gathered + g * (nf + 1), nf, all.begin() + g * nf);
+    // Every rank of the tp x ep group checks every rank's expert-side rows against its capacity, so they
+    // all throw together (never one rank alone, which would leave the others in a collective).
+    for (I64 g = 0; g < group; ++g) {
+      const I64 t = g % g_.tp, e = g / g_.tp;
+      I64 rows = 0;
+      for (I64 src = 0; src < group; ++src)
+        if (dtd_ || src % g_.tp == t)
+          for (I64 le = 0; le < el_; ++le) rows += all[std::size_t(src * nf + e * el_ + le)];
+      if (rows > gathered[g * (nf + 1) + nf])
+        throw ShapeError("rank " + std::to_string(g) + " of the tp x ep group would receive " + std::to_string(rows) +
+                         " expert rows but reserved " + std::to_string(gathered[g * (nf + 1) + nf]) +
+                         " (every rank must reserve() the largest token count any rank uses)");
+    }
+    plan_.set_all_counts(all);
     exp_off_.assign(plan_.expert_offsets().begin(), plan_.expert_offsets().end());
   }
 
@@ -292,9 +341,9 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
 
   ParallelGrid g_;
   DispatchPlan plan_;
-  std::unique_ptr<comm::Nccl> tp_, ep_, dp_, dense_, tpep_;
+  std::unique_ptr<comm::Nccl> tp_, ep_, dp_, dense_, tpep_, world_;
   bool dtd_ = true, recompute_ = false, has_activations_ = false;
-  I64 el_ = 0, fl_ = 0, wfl_ = 0, recomputations_ = 0;
+  I64 el_ = 0, fl_ = 0, wfl_ = 0, recomputations_ = 0, capacity_rows_ = 0;
   std::vector<std::int32_t> exp_off_;
   backend::cuda::DeviceArray<S> xe_, ye_, dye_, gathered_, recv_, h13e_, ae_, mine_;
   backend::cuda::DeviceArray<int> counts_dev_;

@@ -20,8 +20,9 @@
 // keeps only the dispatched rows (the all-to-all outputs), and backward recomputes the expert
 // activations from them without communicating again.
 // Gradients accumulate locally over micro-batches; sync_gradients() (once per optimizer step, before
-// it) sums expert gradients over dp and dense ones (router, gating residual, constant experts) over
-// ep·dp, and divides both by ep·dp (the shards): the gradient of the mean of the shards' losses.
+// it) sums expert gradients over dp and dense ones (router, gating residual, constant experts) over the
+// world (tp replicas hold equal ones), and divides both to the mean over the ep·dp shards: the gradient
+// of the mean of the shards' losses. Every rank must set the same duplicate token dropping.
 // balance::GlobalBatch all-reduces the routed counts over the ep·dp ranks of this tp index (tp
 // replicas counted once).
 #include <algorithm>
@@ -52,7 +53,8 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
   MoeLayer(const MoeConfig& cfg, comm::HostCommunicator& world)
       : Base(detail::agreed_config<Router, Experts, P>(
             cfg, world.size(), world.rank(),
-            [&](const std::int64_t* mine, std::size_t n, std::int64_t* all) { world.all_gather(mine, n, all); })) {
+            [&](const std::int64_t* mine, std::size_t n, std::int64_t* all) { world.all_gather(mine, n, all); },
+            {{"balance (GlobalBatch)", Balance::global}})) {
     const int r = world.rank();
     g_.tp = int(cfg.tp), g_.ep = int(cfg.ep), g_.dp = int(cfg.dp);
     g_.t = r % g_.tp, g_.e = (r / g_.tp) % g_.ep, g_.d = r / (g_.tp * g_.ep);
@@ -61,6 +63,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
     ep_ = world.split(g_.t + g_.tp * g_.d, g_.e);
     dp_ = world.split(g_.t + g_.tp * g_.e, g_.d);
     dense_ = world.split(g_.t, g_.shard());
+    world_ = world.split(0, r);  // dense gradients: summed over every rank, so tp replicas stay bit-identical
     tpep_ = world.split(g_.d, g_.t + g_.tp * g_.e);
     el_ = this->cfg_.num_ffn_experts / g_.ep;
     fl_ = this->cfg_.d_expert / g_.tp;
@@ -142,23 +145,27 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
     this->finish_backward(dy.data, dx.data, aux_scale, dlogits_next.data, dprev_logits.data);
   }
 
-  // Once per optimizer step: the data-parallel reduction of the accumulated gradients.
+  // Once per optimizer step: the data-parallel reduction of the accumulated gradients. Expert shards:
+  // summed over dp. Dense weights: summed over the whole world (the tp replicas hold equal gradients, so
+  // that is tp times the sum over shards) rather than over each tp index's shards, so every replica gets
+  // the very same bits and the replicas never drift apart. Both divided to the mean over the shards.
   void sync_gradients() {
     auto& g = this->grads_;
-    const T scale = T(1) / T(g_.shards());
-    auto reduce = [&](comm::HostCommunicator& c, std::vector<T>& v) {
+    auto reduce = [&](comm::HostCommunicator& c, std::vector<T>& v, T scale) {
       if (v.empty()) return;
       c.all_reduce_sum(v.data(), v.size());
       for (auto& x : v) x *= scale;
     };
-    reduce(*dp_, g.w1), reduce(*dp_, g.w2), reduce(*dp_, g.w3);
-    reduce(*dense_, g.router), reduce(*dense_, g.const_wc), reduce(*dense_, g.const_v), reduce(*dense_, g.gate_residual);
+    const T expert = T(1) / T(g_.shards()), dense = T(1) / T(g_.shards() * g_.tp);
+    reduce(*dp_, g.w1, expert), reduce(*dp_, g.w2, expert), reduce(*dp_, g.w3, expert);
+    reduce(*world_, g.router, dense), reduce(*world_, g.const_wc, dense), reduce(*world_, g.const_v, dense);
+    reduce(*world_, g.gate_residual, dense);
   }
 
   // Bytes and calls of every collective this layer made, summed over its groups.
   comm::ByteCounters comm_counters() const {
     comm::ByteCounters s;
-    for (const auto* c : {tp_.get(), ep_.get(), dp_.get(), dense_.get(), tpep_.get()})
+    for (const auto* c : {tp_.get(), ep_.get(), dp_.get(), dense_.get(), tpep_.get(), world_.get()})
       for (std::size_t i = 0; i < s.bytes.size(); ++i) s.bytes[i] += c->counters().bytes[i], s.calls[i] += c->counters().calls[i];
     return s;
   }
@@ -268,7 +275,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
 
   ParallelGrid g_;
   DispatchPlan plan_;
-  std::unique_ptr<comm::HostCommunicator> tp_, ep_, dp_, dense_, tpep_;
+  std::unique_ptr<comm::HostCommunicator> tp_, ep_, dp_, dense_, tpep_, world_;
   I64 el_ = 0, fl_ = 0, recomputations_ = 0;
   bool dtd_ = true, recompute_ = false, has_activations_ = false;
   std::vector<T> recv_buf_, gathered_, mine_, xe_, dye_, h1_, h3_, a_, ye_;

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <exception>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moekit/backend/host/moe_weights.hpp"
@@ -21,8 +22,10 @@ namespace detail {
 // Local checks, then one fixed-size all-gather that every rank makes whatever its config, so that a
 // config that is invalid or differs on some rank fails on every rank with a message, never a hang.
 // all_gather(const int64* mine, size_t n, int64* all): the communicator's all-gather of n values.
+// extra: more (name, value) pairs that must agree across ranks (e.g. the balance scope).
 template <class Router, class Experts, class P, class AllGather>
-MoeConfig agreed_config(const MoeConfig& cfg, int world_size, int world_rank, AllGather&& all_gather) {
+MoeConfig agreed_config(const MoeConfig& cfg, int world_size, int world_rank, AllGather&& all_gather,
+                        const std::vector<std::pair<std::string, std::int64_t>>& extra = {}) {
   std::exception_ptr local;
   try {
     validate_layer_config<Router, Experts>(cfg);
@@ -46,16 +49,18 @@ MoeConfig agreed_config(const MoeConfig& cfg, int world_size, int world_rank, Al
     std::memcpy(&b, &v, sizeof b);
     return b;
   };
-  static const char* names[] = {"d_model", "d_expert", "num_ffn_experts", "num_zero_experts", "num_copy_experts",
-                                "num_constant_experts", "top_k", "router", "gating_residual", "renormalize", "activation",
-                                "capacity_factor", "lbl_coef", "zloss_coef", "tau", "tp", "ep", "dp", "(valid)"};
-  const std::int64_t mine[] = {cfg.d_model, cfg.d_expert, cfg.num_ffn_experts, cfg.num_zero_experts, cfg.num_copy_experts,
-                               cfg.num_constant_experts, cfg.top_k, std::int64_t(cfg.router), cfg.gating_residual,
-                               cfg.renormalize, std::int64_t(cfg.activation), bits(cfg.capacity_factor), bits(cfg.lbl_coef),
-                               bits(cfg.zloss_coef), bits(cfg.tau), cfg.tp, cfg.ep, cfg.dp, local ? 0 : 1};
-  constexpr std::size_t kFields = sizeof(mine) / sizeof(mine[0]);
+  std::vector<std::string> names = {"d_model", "d_expert", "num_ffn_experts", "num_zero_experts", "num_copy_experts",
+                                    "num_constant_experts", "top_k", "router", "gating_residual", "renormalize", "activation",
+                                    "capacity_factor", "lbl_coef", "zloss_coef", "tau", "tp", "ep", "dp"};
+  std::vector<std::int64_t> mine = {cfg.d_model, cfg.d_expert, cfg.num_ffn_experts, cfg.num_zero_experts, cfg.num_copy_experts,
+                                    cfg.num_constant_experts, cfg.top_k, std::int64_t(cfg.router), cfg.gating_residual,
+                                    cfg.renormalize, std::int64_t(cfg.activation), bits(cfg.capacity_factor), bits(cfg.lbl_coef),
+                                    bits(cfg.zloss_coef), bits(cfg.tau), cfg.tp, cfg.ep, cfg.dp};
+  for (const auto& [name, value] : extra) names.push_back(name), mine.push_back(value);
+  names.push_back("(valid)"), mine.push_back(local ? 0 : 1);
+  const std::size_t kFields = mine.size();
   std::vector<std::int64_t> all(kFields * std::size_t(world_size));
-  all_gather(mine, kFields, all.data());
+  all_gather(mine.data(), kFields, all.data());
   if (local) std::rethrow_exception(local);
   for (int r = 0; r < world_size; ++r)
     if (all[std::size_t(r) * kFields + kFields - 1] == 0)

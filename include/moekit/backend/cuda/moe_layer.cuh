@@ -72,25 +72,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   using S = storage_type;
 
   explicit MoeLayer(const MoeConfig& cfg, backend::cuda::GemmStrategy gemm = backend::cuda::GemmStrategy::kAuto)
-      : cfg_(cfg) {
-    detail::validate_layer_config<Router, Experts>(cfg_);
-    const auto d = cfg_.d_model, f = cfg_.d_expert, nf = cfg_.num_ffn_experts, n = cfg_.num_experts(),
-               nc = cfg_.num_constant_experts;
-    const std::pair<const char*, std::int64_t> dims[] = {{"d_model", d}, {"d_expert", f}, {"num_experts()", n}};
-    for (const auto& [field, v] : dims)
-      if (v > (std::int64_t(1) << 30)) throw ConfigError(field, std::to_string(v), "must be <= 2^30 on the CUDA backend");
-    wf_ = kGated ? 2 * f : f;
-    router_.resize(n * d), w13_.resize(nf * wf_ * d), w2_.resize(nf * d * f), wc_.resize(nc * 2 * d), v_.resize(nc * d);
-    g_router_.resize(n * d), g_w13_.resize(nf * wf_ * d), g_w2_.resize(nf * d * f), g_wc_.resize(nc * 2 * d), g_v_.resize(nc * d);
-    if constexpr (kResidual) gate_res_.resize(n * n), g_gate_res_.resize(n * n);
-    eta_.assign(n, float(cfg_.tau));
-    std::fill_n(eta_.begin(), nf, 1.f);
-    gemm_ = std::make_unique<backend::cuda::ExpertGemm>(gemm, int(nf));
-    host_stats_.resize(stats_ints() + stats_floats());
-    host_dprob_.resize(n);
-    zero_grad();
-    MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
-  }
+      : MoeLayer(cfg, gemm, ExpertShard{cfg.num_ffn_experts, cfg.d_expert}) {}
 
   const MoeConfig& config() const { return cfg_; }
   Balance& balance() { return balance_; }
@@ -152,16 +134,18 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   std::vector<DeviceParameter> parameters(const std::string& prefix = "") {
     const auto d = cfg_.d_model, f = cfg_.d_expert;
     const cudaDataType_t st = backend::cuda::data_type<S>();
-    std::vector<DeviceParameter> ps = dense_parameters(prefix);
+    std::vector<DeviceParameter> dense = dense_parameters(prefix), ps{dense.front()};  // gate first, as on the host
     for (std::int64_t e = 0; e < cfg_.num_ffn_experts; ++e) {
       const std::string p = prefix + "experts." + std::to_string(e) + ".";
       ps.push_back({p + "w1.weight", w13_.data() + e * wf_ * d, g_w13_.data() + e * wf_ * d, {f, d}, st});
       ps.push_back({p + "w2.weight", w2_.data() + e * d * f, g_w2_.data() + e * d * f, {d, f}, st});
       if constexpr (kGated) ps.push_back({p + "w3.weight", w13_.data() + (e * wf_ + f) * d, g_w13_.data() + (e * wf_ + f) * d, {f, d}, st});
     }
+    ps.insert(ps.end(), dense.begin() + 1, dense.end());
     return ps;
   }
-  // The parameters that are not FFN experts (replicated on every rank of a distributed layer).
+  // The parameters that are not FFN experts (replicated on every rank of a distributed layer): the router
+  // first, then the constant experts and the gating residual.
   std::vector<DeviceParameter> dense_parameters(const std::string& prefix = "") {
     const auto d = cfg_.d_model, n = cfg_.num_experts();
     const cudaDataType_t st = backend::cuda::data_type<S>();
@@ -243,6 +227,30 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   const int* slot_rows_device() const { return b_.row_of_slot; }  // row, or kDroppedSlot / kZeroComputationSlot
 
  protected:  // stages, reused by the distributed CUDA layer (parallel/cuda_moe_layer.cuh)
+  // The FFN experts this layer holds: all of them, or a distributed layer's shard (experts x d_expert/tp).
+  struct ExpertShard {
+    std::int64_t experts, f;
+  };
+  MoeLayer(const MoeConfig& cfg, backend::cuda::GemmStrategy gemm, ExpertShard shard) : cfg_(cfg) {
+    detail::validate_layer_config<Router, Experts>(cfg_);
+    const auto d = cfg_.d_model, n = cfg_.num_experts(), nc = cfg_.num_constant_experts;
+    const std::pair<const char*, std::int64_t> dims[] = {{"d_model", d}, {"d_expert", cfg_.d_expert}, {"num_experts()", n}};
+    for (const auto& [field, v] : dims)
+      if (v > (std::int64_t(1) << 30)) throw ConfigError(field, std::to_string(v), "must be <= 2^30 on the CUDA backend");
+    held_ = shard.experts, f_ = shard.f, wf_ = kGated ? 2 * f_ : f_;
+    router_.resize(n * d), w13_.resize(held_ * wf_ * d), w2_.resize(held_ * d * f_), wc_.resize(nc * 2 * d), v_.resize(nc * d);
+    g_router_.resize(n * d), g_w13_.resize(held_ * wf_ * d), g_w2_.resize(held_ * d * f_), g_wc_.resize(nc * 2 * d);
+    g_v_.resize(nc * d);
+    if constexpr (kResidual) gate_res_.resize(n * n), g_gate_res_.resize(n * n);
+    eta_.assign(n, float(cfg_.tau));
+    std::fill_n(eta_.begin(), cfg_.num_ffn_experts, 1.f);
+    gemm_ = std::make_unique<backend::cuda::ExpertGemm>(gemm, int(held_));
+    host_stats_.resize(stats_ints() + stats_floats());
+    host_dprob_.resize(n);
+    zero_grad();
+    MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+
   // Checks; router; capacity; permutation (chunk-major when chunks_ > 1); gather of every FFN row; aux
   // sums; constant experts' mix. Everything before the forward's host synchronisation.
   void route_and_permute(MatrixView<const S> x, MatrixView<S> y, MatrixView<const float> prev_logits, cudaStream_t stream) {
@@ -310,10 +318,14 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
 
   // The one host synchronisation of the forward: counts, aux sums, the non-finite flag (and whatever
   // the distributed layer put in the stats block's extra ints).
-  void sync_stats(cudaStream_t stream) {
+  // check_finite = false: the caller decides (a distributed layer makes every rank throw together).
+  void sync_stats(cudaStream_t stream, bool check_finite = true) {
     MOEKIT_CUDA_CHECK(cudaMemcpyAsync(host_stats_.data(), b_.stats, stats_bytes(), cudaMemcpyDeviceToHost, stream));
     MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
     read_stats();
+    if (check_finite) throw_if_not_finite();
+  }
+  void throw_if_not_finite() const {
     if (bad_token_ != backend::cuda::kNoBadToken)
       throw NumericError("router logits of token " + std::to_string(bad_token_) +
                          " are not finite (check x, gate.weight and prev_logits)");
@@ -325,7 +337,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     float *g13, *g2;
     std::int64_t f, wf;  // hidden units (per tp rank) and rows of a [W1|W3] block
   };
-  ExpertView local_experts() { return {w13_.data(), w2_.data(), g_w13_.data(), g_w2_.data(), cfg_.d_expert, wf_}; }
+  ExpertView local_experts() { return {w13_.data(), w2_.data(), g_w13_.data(), g_w2_.data(), f_, wf_}; }
 
   // [W1|W3] x, activation, W2 a over expert-contiguous rows (offsets per expert, host). Returns FLOPs.
   std::int64_t experts_forward(const ExpertView& v, const S* xp, S* h13, S* a, S* yp, const std::vector<std::int32_t>& offsets,
@@ -432,8 +444,8 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     char* stats = nullptr;
   };
 
-  // Stats block (device, copied to pinned host memory once per forward):
-  // ints offsets [N_FFN + 1] | kept [N_E] | routed [N_E] | bad token [1], then floats prob_sum [N_E] | Σ lse² [1].
+  // Stats block (device, copied to pinned host memory once per forward): the ints below, then floats
+  // prob_sum [N_E] | Σ lse² [1].
   // offsets [chunks·N_FFN + 1] | kept [N_E] | routed [N_E] | bad token [1] | extra [extra_ints_] (distributed layer)
   std::size_t stats_ints() const {
     return std::size_t(chunks_ * cfg_.num_ffn_experts + 1 + 2 * cfg_.num_experts() + 1) + extra_ints_;
@@ -453,7 +465,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   // Lays the buffers for `tokens` tokens out from `base` (or only counts with base == nullptr).
   std::size_t carve(Buffers& b, char* base, std::int64_t tokens) const {
     const std::size_t t = std::size_t(tokens), n = std::size_t(cfg_.num_experts()), k = std::size_t(cfg_.top_k),
-                      d = std::size_t(cfg_.d_model), f = std::size_t(cfg_.d_expert), nc = std::size_t(cfg_.num_constant_experts),
+                      d = std::size_t(cfg_.d_model), f = std::size_t(f_), nc = std::size_t(cfg_.num_constant_experts),
                       rows = t * k, wf = std::size_t(wf_);
     constexpr bool kBf16 = !std::is_same_v<S, float>;
     std::size_t at = 0;
@@ -620,7 +632,8 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   }
 
   MoeConfig cfg_;
-  std::int64_t wf_ = 0;  // rows of an expert's [W1|W3] block: 2·d_expert (gated) or d_expert
+  std::int64_t held_ = 0, f_ = 0;  // experts held here and their hidden units (a shard in a distributed layer)
+  std::int64_t wf_ = 0;            // rows of an expert's [W1|W3] block: 2·f_ (gated) or f_
   Balance balance_;
   std::vector<float> eta_;
   std::unique_ptr<backend::cuda::ExpertGemm> gemm_;

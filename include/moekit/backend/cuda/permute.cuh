@@ -8,7 +8,8 @@
 // earlier slot, as the host backend. Two more stable sorts give that order: by score descending, then
 // by expert; a slot's rank inside its expert's segment decides. Zero-computation experts (ids >=
 // ffn_experts) and dropped slots get no row: their key is the sentinel ffn_experts, so they sort
-// after every FFN row, and row_of_slot says why (kDroppedSlot, kZeroComputationSlot).
+// after every FFN row, and row_of_slot says why (kDroppedSlot, kZeroComputationSlot). With chunks > 1
+// the rows are chunk-major (token chunk, then expert) and the sentinel is chunks·ffn_experts.
 // gather_rows() copies x rows into expert-contiguous rows.
 //
 // Two-phase like CUB: call permute_slots with temp == nullptr to get temp_bytes, then again.
@@ -201,7 +202,7 @@ inline cudaError_t permute_slots(void* temp, std::size_t& temp_bytes, const Perm
 }
 
 // xp[r, :] = x[slot_of_row[r] / k, :] for r < rows. T is float or __nv_bfloat16 (copied as is).
-// num_rows (device, optional) bounds the rows further: the layer passes offsets[N_FFN], which only the
+// num_rows (device, optional) bounds the rows further: the layer passes the total FFN rows (the last offset), which only the
 // device knows before the forward's one synchronisation.
 template <class T, int V>
 MOEKIT_KERNEL void gather_rows_kernel(const T* x, const int* slot_of_row, T* xp, int rows, int top_k, int d,
