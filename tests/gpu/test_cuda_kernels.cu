@@ -103,8 +103,10 @@ TEST_CASE("cuda activation rejects a gated call without h3") {
 
 namespace {
 
-// Host reference: slots stably ordered by expert (token-major within an expert).
-void check_permute(int T, int K, int E, int used_experts, unsigned seed) {
+// Host reference: slots stably ordered by (token chunk, expert), token-major within; chunk c holds the
+// tokens [T·c/C, T·(c+1)/C) (C = 1: plain expert order).
+void check_permute(int T, int K, int E, int used_experts, unsigned seed, int C = 1) {
+  CAPTURE(C);
   CAPTURE(T);
   CAPTURE(K);
   CAPTURE(E);
@@ -118,13 +120,16 @@ void check_permute(int T, int K, int E, int used_experts, unsigned seed) {
     for (int j = 0; j < K; ++j) idx[std::size_t(t) * K + j] = pool[std::size_t(j)];
   }
   const int S = T * K;
-  std::vector<int> slot_ref, off_ref(std::size_t(E) + 1, 0), row_ref(static_cast<std::size_t>(S));
-  for (int e = 0; e < E; ++e) {
-    off_ref[std::size_t(e)] = int(slot_ref.size());
-    for (int s = 0; s < S; ++s)
-      if (idx[std::size_t(s)] == e) slot_ref.push_back(s);
-  }
-  off_ref[std::size_t(E)] = S;
+  std::vector<int> slot_ref, off_ref(std::size_t(C) * E + 1, 0), row_ref(static_cast<std::size_t>(S));
+  for (int c = 0; c < C; ++c)
+    for (int e = 0; e < E; ++e) {
+      off_ref[std::size_t(c) * E + e] = int(slot_ref.size());
+      for (int s = 0; s < S; ++s) {
+        const int t = s / K;
+        if (idx[std::size_t(s)] == e && T * c / C <= t && t < T * (c + 1) / C) slot_ref.push_back(s);
+      }
+    }
+  off_ref[std::size_t(C) * E] = S;
   for (int r = 0; r < S; ++r) row_ref[std::size_t(slot_ref[std::size_t(r)])] = r;
 
   const int d = 5;
@@ -132,12 +137,12 @@ void check_permute(int T, int K, int E, int used_experts, unsigned seed) {
   for (auto& v : x) v = float(g() % 1000) * 0.5f;
 
   const std::size_t Sz = static_cast<std::size_t>(S);
-  DeviceBuffer<int> didx(Sz), dslot(Sz), drow(Sz), doff(static_cast<std::size_t>(E) + 1);
+  DeviceBuffer<int> didx(Sz), dslot(Sz), drow(Sz), doff(static_cast<std::size_t>(C) * E + 1);
   DeviceBuffer<float> dx(x.size()), dxp(Sz * d);
   didx.upload(idx), dx.upload(x);
   dslot.poison(), drow.poison(), doff.poison(), dxp.poison();
   mc::PermuteParams p;
-  p.idx = didx.p, p.tokens = T, p.top_k = K, p.experts = E;
+  p.idx = didx.p, p.tokens = T, p.top_k = K, p.experts = E, p.chunks = C;
   p.slot_of_row = dslot.p, p.row_of_slot = drow.p, p.offsets = doff.p;
   std::size_t bytes = 0;
   REQUIRE(mc::permute_slots(nullptr, bytes, p, nullptr) == cudaSuccess);
@@ -176,6 +181,8 @@ TEST_CASE("cuda permute (dropless): stable expert order, maps, offsets and gathe
     check_permute(T, 2, 8, 3, 200u + unsigned(T));   // experts 3..7 empty
     check_permute(T, 1, 8, 1, 300u + unsigned(T));   // every token to expert 0
     check_permute(T, 6, 64, 64, 400u + unsigned(T));
+    for (int C : {2, 3, 4})  // the distributed layer's token chunks (tp ranks with duplicate token dropping)
+      check_permute(T, 2, 8, 5, 500u + unsigned(T), C);
   }
 }
 
