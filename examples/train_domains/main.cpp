@@ -12,6 +12,11 @@
 // experts), --gating-residual (router::GatingResidual), and --pack-by-domain draws every micro-batch
 // from one domain, as when training sequences are packed by source.
 //
+// Under mpirun, --parallel data|expert|tensor|hybrid with --tp/--ep trains the same model with the
+// library's distributed host layers (parallel.hpp): --batch stays the global micro-batch, split over the
+// ep·dp shards; dense gradients are averaged over the shards, the MoE layers sync theirs, and the
+// global gradient norm counts each parameter of the full model once. Rank 0 prints and writes the JSON.
+//
 // Read top to bottom: options, data, model and optimizer, the training loop, the final evaluation.
 #include <omp.h>
 #include <unistd.h>
@@ -20,18 +25,25 @@
 #include <array>
 #include <chrono>
 #include <cmath>
+#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include <moekit/train/adamw.hpp>
 
+#ifdef TRAIN_DOMAINS_HAS_MPI
+#include <moekit/parallel/comm/mpi.hpp>
+#endif
+
 #include "domains.hpp"
 #include "model.hpp"
+#include "parallel.hpp"
 
 // ---------------------------------------------------------------------------------------------------
 // Options
@@ -62,6 +74,8 @@ struct Options {
   double tau = 1.0;
   bool gating_residual = false;
   bool pack_by_domain = false;
+  Parallel parallel = Parallel::kNone;  // --parallel (needs mpirun for more than one rank)
+  std::int64_t tp = 1, ep = 1;          // dp = ranks / (tp * ep)
 };
 
 static void usage(const char* prog) {
@@ -94,7 +108,12 @@ static void usage(const char* prog) {
       "  --constant N       MoE++ constant experts, E(x) = a1 x + a2 v (0)\n"
       "  --tau X            MoE++ tau: weight of zero-computation experts in the balance loss (1.0)\n"
       "  --gating-residual  each MoE router adds W_g * (previous MoE layer's logits)\n"
-      "  --pack-by-domain   every micro-batch from one domain (drawn at random); default: mixed\n",
+      "  --pack-by-domain   every micro-batch from one domain (drawn at random); default: mixed\n"
+      "  --parallel S       none, or under mpirun: data, expert, tensor or hybrid; --batch stays the global\n"
+      "                     micro-batch, split over the ep*dp shards (none)\n"
+      "  --tp N             tensor-parallel degree: each expert's d_expert split over N ranks (tensor, hybrid) (1)\n"
+      "  --ep N             expert-parallel degree: the experts split over N ranks (expert, hybrid) (1);\n"
+      "                     dp = ranks / (tp * ep)\n",
       prog);
 }
 
@@ -168,11 +187,27 @@ static Options parse_args(int argc, char** argv) {
     else if (flag == "--copy") o.copy_experts = integer(0);
     else if (flag == "--constant") o.constant_experts = integer(0);
     else if (flag == "--tau") o.tau = real();
+    else if (flag == "--parallel") {
+      if (!parse_parallel(value, o.parallel)) {
+        std::fprintf(stderr, "error: --parallel = \"%s\" must be none, data, expert, tensor or hybrid\n", value.c_str());
+        std::exit(2);
+      }
+    }
+    else if (flag == "--tp") o.tp = integer(1);
+    else if (flag == "--ep") o.ep = integer(1);
     else {
       std::fprintf(stderr, "error: unknown flag %s\n", flag.c_str());
       usage(argv[0]);
       std::exit(2);
     }
+  }
+  // The degrees each strategy may raise above 1 (as the library's policies allow them).
+  const auto [tp_ok, ep_ok] = allowed_degrees(o.parallel);
+  if ((o.tp > 1 && !tp_ok) || (o.ep > 1 && !ep_ok)) {
+    std::fprintf(stderr, "error: --%s %lld needs --parallel %s (got --parallel %s)\n", o.tp > 1 && !tp_ok ? "tp" : "ep",
+                 (long long)(o.tp > 1 && !tp_ok ? o.tp : o.ep), o.tp > 1 && !tp_ok ? "tensor or hybrid" : "expert or hybrid",
+                 parallel_name(o.parallel));
+    std::exit(2);
   }
   return o;
 }
@@ -205,7 +240,9 @@ struct Evaluation {
   double expert_gemm_flops = 0;  // forward expert GEMM FLOPs, summed over layers and tokens
 };
 
-static Evaluation evaluate(Model<float>& model, const domains::Stream& s, std::int64_t limit) {
+// Distributed runs: every rank evaluates the same tokens (the layers' forwards are collectives, so all
+// ranks make them in the same order); only the expert GEMM FLOPs, spread over the ranks, are summed.
+static Evaluation evaluate(Model<float>& model, const domains::Stream& s, std::int64_t limit, Ranks* ranks = nullptr) {
   const ModelConfig& c = model.config();
   const std::int64_t n = std::min<std::int64_t>(limit, std::int64_t(s.tokens.size())), chunk = 2048;
   Evaluation ev;
@@ -235,6 +272,10 @@ static Evaluation evaluate(Model<float>& model, const domains::Stream& s, std::i
         for (std::int64_t j = 0; j < c.top_k; ++j) ev.routed[l][context_domain][idx(r, j)] += 1;
       }
     }
+  }
+  if (ranks) {  // each of the S shards sent the same tokens to the experts
+    ranks->world().all_reduce_sum(&ev.expert_gemm_flops, 1);
+    ev.expert_gemm_flops /= double(ranks->grid().shards());
   }
   ev.loss /= double(n);
   ev.oracle /= double(n);
@@ -307,21 +348,44 @@ static void prefer_passive_openmp(char** argv) {
 #endif
 }
 
+// Progress and report go to stdout on rank 0 only.
+static bool g_print = true;
+static void out(const char* fmt, ...) {
+  if (!g_print) return;
+  va_list args;
+  va_start(args, fmt);
+  std::vprintf(fmt, args);
+  va_end(args);
+}
+
 static double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-int main(int argc, char** argv) try {
-  const Options opt = parse_args(argc, argv);
-  prefer_passive_openmp(argv);
-  if (opt.threads > 0) {
-    omp_set_num_threads(opt.threads);
+static void set_threads(int n) {
+  omp_set_num_threads(n);
 #ifdef OPENBLAS_VERSION
-    openblas_set_num_threads(opt.threads);  // BLAS and the OpenMP loops take turns on the same cores
+  openblas_set_num_threads(n);  // BLAS and the OpenMP loops take turns on the same cores
 #endif
+}
+
+// world: the communicator of a --parallel run (nullptr: one process, the single-rank layers).
+static int run(const Options& opt, moekit::comm::HostCommunicator* world) {
+  // 0. Ranks: this rank's place in the tp x ep x dp grid, its shard of the data and the trainer's groups.
+  std::unique_ptr<Ranks> ranks;
+  if (world) ranks = std::make_unique<Ranks>(*world, int(opt.tp), int(opt.ep));
+  const int shards = ranks ? ranks->grid().shards() : 1, shard = ranks ? ranks->grid().shard() : 0;
+  const bool root = !ranks || ranks->rank() == 0;
+  g_print = root;
+  if (opt.batch % shards != 0) {
+    if (root)
+      std::fprintf(stderr, "error: --batch %lld must be divisible by the %d shards (ep * dp), each of which takes an equal part\n",
+                   (long long)opt.batch, shards);
+    return 2;
   }
+  const std::int64_t local_batch = opt.batch / shards;  // this shard's rows of each micro-batch
   std::ofstream json_out;
-  if (!opt.json.empty()) {
+  if (!opt.json.empty() && root) {
     json_out.open(opt.json);
     if (!json_out) {
       std::fprintf(stderr, "error: cannot write %s\n", opt.json.c_str());
@@ -363,10 +427,12 @@ int main(int argc, char** argv) try {
     mc.top_k = fine.top_k;
   }
   const std::int64_t n_experts = mc.total_experts();
-  Model<float> model(mc, opt.seed);
-  std::vector<moekit::Parameter<float>> params = model.parameters();
-  std::int64_t n_params = 0;
-  for (const auto& p : params) n_params += p.numel();
+  Model<float> model(mc, opt.seed, ranks ? ranks->moe_blocks<float>() : MoeBlockFactory<float>{});
+  std::vector<moekit::Parameter<float>> params = model.parameters();  // this rank's (its expert shard)
+  const std::vector<moekit::Parameter<float>> dense_params = model.dense_parameters();
+  std::int64_t n_params = 0, n_local_params = 0;
+  for (const auto& p : params) n_local_params += p.numel();
+  n_params = ranks ? ranks->full_parameter_count(params) : n_local_params;
   moekit::train::AdamWConfig ac;
   ac.lr = opt.lr;
   ac.beta2 = 0.95;
@@ -375,30 +441,40 @@ int main(int argc, char** argv) try {
   moekit::train::CosineSchedule schedule{opt.lr, opt.lr / 10, std::max<std::int64_t>(1, opt.steps / 20), opt.steps};
   schedule.validate();
 
-  std::printf("train_domains: threads %d (OMP_WAIT_POLICY=%s) | vocab %d, context %lld | %lld blocks of MoE(%lld experts, top-%lld, d_model %lld, d_expert %lld) | %lld parameters\n",
-              omp_get_max_threads(), std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "default", domains::kVocab, (long long)opt.context, (long long)mc.blocks, (long long)mc.experts,
-              (long long)mc.top_k, (long long)opt.d_model, (long long)mc.d_expert, (long long)n_params);
+  out("train_domains: threads %d (OMP_WAIT_POLICY=%s) | vocab %d, context %lld | %lld blocks of MoE(%lld experts, top-%lld, d_model %lld, d_expert %lld) | %lld parameters\n",
+      omp_get_max_threads(), std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "default", domains::kVocab, (long long)opt.context, (long long)mc.blocks, (long long)mc.experts,
+      (long long)mc.top_k, (long long)opt.d_model, (long long)mc.d_expert, (long long)n_params);
   const bool variant = opt.global_balance || opt.granularity > 1 || opt.gating_residual || opt.pack_by_domain ||
                        mc.zero_experts + mc.copy_experts + mc.constant_experts > 0;
   if (variant)  // the default run's output stays as it was
-    std::printf("variant: balance %s | granularity %lld | zero %lld, copy %lld, constant %lld, tau %g | gating residual %s | micro-batches %s\n",
-                opt.global_balance ? "global" : "micro", (long long)opt.granularity, (long long)mc.zero_experts,
-                (long long)mc.copy_experts, (long long)mc.constant_experts, mc.tau, mc.gating_residual ? "on" : "off",
-                opt.pack_by_domain ? "packed by domain" : "mixed");
-  std::printf("data: %zu train tokens, %zu held-out tokens (different seed); held-out unigram entropy %.4f nats\n",
-              train.tokens.size(), heldout.tokens.size(), baseline);
-  std::printf("steps %lld x %lld tokens x %lld micro-batches | AdamW lr %.2e (warmup %lld, cosine to %.2e) | clip 1.0 | lbl %.3g, z %.3g\n\n",
-              (long long)opt.steps, (long long)opt.batch, (long long)opt.accum, opt.lr, (long long)schedule.warmup_steps,
-              schedule.min_lr, opt.lbl_coef, opt.zloss_coef);
+    out("variant: balance %s | granularity %lld | zero %lld, copy %lld, constant %lld, tau %g | gating residual %s | micro-batches %s\n",
+        opt.global_balance ? "global" : "micro", (long long)opt.granularity, (long long)mc.zero_experts,
+        (long long)mc.copy_experts, (long long)mc.constant_experts, mc.tau, mc.gating_residual ? "on" : "off",
+        opt.pack_by_domain ? "packed by domain" : "mixed");
+  if (ranks) {
+    const auto& g = ranks->grid();
+    out("parallel: %s over %d ranks = tp %d x ep %d x dp %d | %d shards x %lld tokens per micro-batch | %lld FFN experts per rank, "
+        "d_expert/tp %lld | %lld parameters on rank 0\n",
+        parallel_name(opt.parallel), ranks->size(), g.tp, g.ep, g.dp, shards, (long long)local_batch,
+        (long long)(mc.experts / g.ep), (long long)(mc.d_expert / g.tp), (long long)n_local_params);
+  }
+  out("data: %zu train tokens, %zu held-out tokens (different seed); held-out unigram entropy %.4f nats\n",
+      train.tokens.size(), heldout.tokens.size(), baseline);
+  out("steps %lld x %lld tokens x %lld micro-batches | AdamW lr %.2e (warmup %lld, cosine to %.2e) | clip 1.0 | lbl %.3g, z %.3g\n\n",
+      (long long)opt.steps, (long long)opt.batch, (long long)opt.accum, opt.lr, (long long)schedule.warmup_steps,
+      schedule.min_lr, opt.lbl_coef, opt.zloss_coef);
 
-  // 3. Training.
+  // 3. Training. Every rank draws the whole micro-batch from the same sampler and keeps its shard's
+  // part (tp ranks of a group the same part): the shards see different tokens, and together the
+  // micro-batch the single-process run draws.
   moekit::SplitMix64 sampler(opt.seed ^ 0x53414d504c45ull);  // "SAMPLE"
   std::vector<std::int64_t> pos(opt.batch);
+  const std::int64_t* my_pos = pos.data() + shard * local_batch;
   // --pack-by-domain: the training positions of each domain (the domain of the predicted token).
   std::array<std::vector<std::int64_t>, domains::kNumDomains> by_domain;
   if (opt.pack_by_domain)
     for (std::int64_t i = 0; i < std::int64_t(train.tokens.size()); ++i) by_domain[train.domain[i]].push_back(i);
-  std::vector<std::int32_t> ids(opt.batch * opt.context), targets(opt.batch);
+  std::vector<std::int32_t> ids(local_batch * opt.context), targets(local_batch);
   // Interval statistics.
   double sum_loss = 0, sum_norm = 0;
   std::vector<double> sum_lbl(mc.blocks, 0), sum_z(mc.blocks, 0);
@@ -418,8 +494,8 @@ int main(int argc, char** argv) try {
       } else {
         for (auto& p : pos) p = std::int64_t(sampler.next() % train.tokens.size());
       }
-      make_windows(train, pos.data(), opt.batch, opt.context, ids.data(), targets.data());
-      sum_loss += model.forward(ids.data(), targets.data(), opt.batch, 1.0 / double(opt.accum));
+      make_windows(train, my_pos, local_batch, opt.context, ids.data(), targets.data());
+      sum_loss += model.forward(ids.data(), targets.data(), local_batch, 1.0 / double(opt.accum));
       model.backward(1.0 / double(opt.accum));
       for (std::int64_t l = 0; l < mc.blocks; ++l) {
         sum_lbl[l] += model.aux(l).lbl;
@@ -429,7 +505,13 @@ int main(int argc, char** argv) try {
       }
       ++interval_micro;
     }
-    sum_norm += moekit::train::clip_grad_norm(params, 1.0);
+    if (ranks) {  // gradients of the mean of the shards' losses, then the full model's norm
+      ranks->average_over_shards(dense_params);
+      model.sync_moe_gradients();
+      sum_norm += ranks->clip_grad_norm(params, 1.0);
+    } else {
+      sum_norm += moekit::train::clip_grad_norm(params, 1.0);
+    }
     optimizer.step(lr);
     model.reset_balance();  // GlobalBatch: the buffer spans one optimizer step's micro-batches
     const double dt = seconds_since(t0);
@@ -439,26 +521,40 @@ int main(int argc, char** argv) try {
 
     const bool last = step + 1 == opt.steps;
     if ((step + 1) % opt.log_interval == 0 || last) {
+      if (ranks) {  // losses: the mean over the shards; expert load: the sum (tp replicas counted once)
+        std::vector<double> v;
+        v.push_back(sum_loss);
+        v.insert(v.end(), sum_lbl.begin(), sum_lbl.end());
+        v.insert(v.end(), sum_z.begin(), sum_z.end());
+        for (const auto& row : load) v.insert(v.end(), row.begin(), row.end());
+        ranks->sum_over_shards(v.data(), v.size());
+        std::size_t at = 0;
+        sum_loss = v[at++] / shards;
+        for (auto& x : sum_lbl) x = v[at++] / shards;
+        for (auto& x : sum_z) x = v[at++] / shards;
+        for (auto& row : load)
+          for (auto& c : row) c = std::int64_t(v[at++]);
+      }
       const double m = double(interval_micro);
       const double tok_s = double(interval_micro * opt.batch) / interval_train_s;
-      std::printf("step %5lld/%lld | loss %.4f | lbl", (long long)(step + 1), (long long)opt.steps, sum_loss / m);
-      for (auto v : sum_lbl) std::printf(" %.3f", v / m);
-      std::printf(" | z");
-      for (auto v : sum_z) std::printf(" %.3f", v / m);
-      std::printf(" | lr %.2e | |g| %.2f | %5.0f tok/s | load %%", lr, sum_norm / double(interval_steps), tok_s);
+      out("step %5lld/%lld | loss %.4f | lbl", (long long)(step + 1), (long long)opt.steps, sum_loss / m);
+      for (auto v : sum_lbl) out(" %.3f", v / m);
+      out(" | z");
+      for (auto v : sum_z) out(" %.3f", v / m);
+      out(" | lr %.2e | |g| %.2f | %5.0f tok/s | load %%", lr, sum_norm / double(interval_steps), tok_s);
       nlohmann::ordered_json load_json = nlohmann::ordered_json::array();
       for (std::int64_t l = 0; l < mc.blocks; ++l) {
         std::int64_t total = 0;
         for (auto c : load[l]) total += c;
-        std::printf(" L%lld", (long long)l);
+        out(" L%lld", (long long)l);
         std::vector<double> frac;
         for (auto c : load[l]) {
           frac.push_back(double(c) / double(std::max<std::int64_t>(total, 1)));
-          std::printf(" %2.0f", 100.0 * frac.back());
+          out(" %2.0f", 100.0 * frac.back());
         }
         load_json.push_back(frac);
       }
-      std::printf("\n");
+      out("\n");
       std::vector<double> lbl, z;
       for (std::int64_t l = 0; l < mc.blocks; ++l) lbl.push_back(sum_lbl[l] / m), z.push_back(sum_z[l] / m);
       emit({{"type", "train"}, {"step", step + 1}, {"loss", sum_loss / m}, {"lbl", lbl}, {"zloss", z}, {"lr", lr},
@@ -472,49 +568,49 @@ int main(int argc, char** argv) try {
       interval_train_s = 0;
     }
     if (opt.eval_interval > 0 && (step + 1) % opt.eval_interval == 0 && !last) {
-      const Evaluation ev = evaluate(model, heldout, interval_eval_tokens);
-      std::printf("  eval @ %lld: held-out loss %.4f (first %lld tokens; unigram baseline %.4f)\n", (long long)(step + 1), ev.loss,
-                  (long long)interval_eval_tokens, baseline);
+      const Evaluation ev = evaluate(model, heldout, interval_eval_tokens, ranks.get());
+      out("  eval @ %lld: held-out loss %.4f (first %lld tokens; unigram baseline %.4f)\n", (long long)(step + 1), ev.loss,
+          (long long)interval_eval_tokens, baseline);
       emit({{"type", "eval"}, {"step", step + 1}, {"heldout_loss", ev.loss}, {"tokens", interval_eval_tokens}});
     }
   }
 
   // 4. Final evaluation on the whole held-out stream.
-  const Evaluation ev = evaluate(model, heldout, std::int64_t(heldout.tokens.size()));
+  const Evaluation ev = evaluate(model, heldout, std::int64_t(heldout.tokens.size()), ranks.get());
   const double wall = seconds_since(run_start);
-  std::printf("\nheld-out loss %.4f nats  vs  unigram baseline %.4f nats  (generator's own NLL %.4f)\n", ev.loss, baseline, ev.oracle);
-  std::printf("%-8s %10s %10s %8s\n", "domain", "loss", "generator", "tokens");
+  out("\nheld-out loss %.4f nats  vs  unigram baseline %.4f nats  (generator's own NLL %.4f)\n", ev.loss, baseline, ev.oracle);
+  out("%-8s %10s %10s %8s\n", "domain", "loss", "generator", "tokens");
   nlohmann::ordered_json per_domain;
   for (int d = 0; d < domains::kNumDomains; ++d) {
-    std::printf("%-8s %10.4f %10.4f %8lld\n", domains::domain_name(d), ev.domain_loss[d], ev.domain_oracle[d],
-                (long long)ev.domain_tokens[d]);
+    out("%-8s %10.4f %10.4f %8lld\n", domains::domain_name(d), ev.domain_loss[d], ev.domain_oracle[d],
+        (long long)ev.domain_tokens[d]);
     per_domain[domains::domain_name(d)] = {{"loss", ev.domain_loss[d]}, {"generator_nll", ev.domain_oracle[d]}, {"tokens", ev.domain_tokens[d]}};
   }
-  std::printf("\nexpert routing by domain (%% of the domain's slots per expert; domain of the window's latest token)\n");
+  out("\nexpert routing by domain (%% of the domain's slots per expert; domain of the window's latest token)\n");
   for (std::int64_t l = 0; l < mc.blocks; ++l) {
-    std::printf("layer %lld  ", (long long)l);
-    for (std::int64_t e = 0; e < n_experts; ++e) std::printf(" %-4s", expert_label(mc, e).c_str());
-    std::printf("\n");
+    out("layer %lld  ", (long long)l);
+    for (std::int64_t e = 0; e < n_experts; ++e) out(" %-4s", expert_label(mc, e).c_str());
+    out("\n");
     for (int d = 0; d < domains::kNumDomains; ++d) {
       std::int64_t total = 0;
       for (auto c : ev.routed[l][d]) total += c;
-      std::printf("  %-8s", domains::domain_name(d));
-      for (auto c : ev.routed[l][d]) std::printf(" %4.0f", 100.0 * double(c) / double(std::max<std::int64_t>(total, 1)));
-      std::printf("\n");
+      out("  %-8s", domains::domain_name(d));
+      for (auto c : ev.routed[l][d]) out(" %4.0f", 100.0 * double(c) / double(std::max<std::int64_t>(total, 1)));
+      out("\n");
     }
   }
 
   // Specialisation per layer, the share of slots that zero-computation experts took (they do no GEMM),
   // and the expert GEMM FLOPs per held-out token against the same top-k with FFN experts only.
-  std::printf("\nspecialisation (top-expert share of each domain's slots; I(domain; expert) in bits, / H(domain))\n");
+  out("\nspecialisation (top-expert share of each domain's slots; I(domain; expert) in bits, / H(domain))\n");
   nlohmann::ordered_json spec_json = nlohmann::ordered_json::array();
   double mean_top = 0, mean_mi = 0, mean_nmi = 0, zc_slots = 0, all_slots = 0;
   std::array<double, domains::kNumDomains> zc_by_domain{}, slots_by_domain{};
   for (std::int64_t l = 0; l < mc.blocks; ++l) {
     const Specialisation sp = specialisation(ev.routed[l]);
-    std::printf("  layer %lld:", (long long)l);
-    for (int d = 0; d < domains::kNumDomains; ++d) std::printf(" %s %.2f", domains::domain_name(d), sp.top_share[d]);
-    std::printf(" | mean %.3f | MI %.3f bits (%.3f)\n", sp.mean_top_share, sp.mutual_information_bits, sp.normalised_mi);
+    out("  layer %lld:", (long long)l);
+    for (int d = 0; d < domains::kNumDomains; ++d) out(" %s %.2f", domains::domain_name(d), sp.top_share[d]);
+    out(" | mean %.3f | MI %.3f bits (%.3f)\n", sp.mean_top_share, sp.mutual_information_bits, sp.normalised_mi);
     spec_json.push_back({{"top_share", sp.top_share}, {"mean_top_share", sp.mean_top_share},
                          {"mutual_information_bits", sp.mutual_information_bits}, {"normalised_mi", sp.normalised_mi}});
     mean_top += sp.mean_top_share / double(mc.blocks);
@@ -532,38 +628,106 @@ int main(int argc, char** argv) try {
   const double eval_tokens = double(heldout.tokens.size());
   const double flops_per_token = ev.expert_gemm_flops / eval_tokens;
   const double flops_ffn_only = double(mc.blocks * mc.top_k * 6 * mc.d_model * mc.d_expert);  // SwiGLU: 3 GEMMs of 2*d*f
-  std::printf("  mean over layers: top-expert share %.3f | MI %.3f bits (%.3f)\n", mean_top, mean_mi, mean_nmi);
-  std::printf("zero-computation experts: %.1f %% of slots", 100.0 * zc_share);
+  out("  mean over layers: top-expert share %.3f | MI %.3f bits (%.3f)\n", mean_top, mean_mi, mean_nmi);
+  out("zero-computation experts: %.1f %% of slots", 100.0 * zc_share);
   nlohmann::ordered_json zc_domain_json;
   for (int d = 0; d < domains::kNumDomains; ++d) {
     const double share = slots_by_domain[d] > 0 ? zc_by_domain[d] / slots_by_domain[d] : 0.0;
-    std::printf(" | %s %.1f %%", domains::domain_name(d), 100.0 * share);
+    out(" | %s %.1f %%", domains::domain_name(d), 100.0 * share);
     zc_domain_json[domains::domain_name(d)] = share;
   }
-  std::printf("\nexpert GEMM FLOPs per token (forward, all layers): %.0f = %.3f x the %.0f of top-%lld over FFN experts only\n",
-              flops_per_token, flops_per_token / flops_ffn_only, flops_ffn_only, (long long)mc.top_k);
+  out("\nexpert GEMM FLOPs per token (forward, all layers): %.0f = %.3f x the %.0f of top-%lld over FFN experts only\n",
+      flops_per_token, flops_per_token / flops_ffn_only, flops_ffn_only, (long long)mc.top_k);
   const double tokens_per_s = double(opt.steps * opt.accum * opt.batch) / total_train_s;
-  std::printf("\ntraining %.1f s (%.0f tokens/s), total %.1f s\n", total_train_s, tokens_per_s, wall);
-  const bool beat = ev.loss < baseline;
+  out("\ntraining %.1f s (%.0f tokens/s), total %.1f s\n", total_train_s, tokens_per_s, wall);
+  std::int32_t beat = ev.loss < baseline;
+  if (ranks) ranks->world().broadcast(&beat, 1, 0);  // every rank exits as rank 0 does
+  nlohmann::ordered_json config = {{"balance", opt.global_balance ? "global" : "micro"}, {"granularity", opt.granularity},
+                                   {"ffn_experts", mc.experts}, {"zero_experts", mc.zero_experts}, {"copy_experts", mc.copy_experts},
+                                   {"constant_experts", mc.constant_experts}, {"top_k", mc.top_k}, {"d_expert", mc.d_expert},
+                                   {"tau", mc.tau}, {"gating_residual", mc.gating_residual}, {"pack_by_domain", opt.pack_by_domain},
+                                   {"steps", opt.steps}, {"batch", opt.batch}, {"accum", opt.accum}, {"seed", opt.seed},
+                                   {"parameters", n_params}};
+  if (ranks) {
+    const auto& g = ranks->grid();
+    config["parallel"] = {{"strategy", parallel_name(opt.parallel)}, {"ranks", ranks->size()}, {"tp", g.tp}, {"ep", g.ep}, {"dp", g.dp},
+                          {"rank0_parameters", n_local_params}};
+  }
   emit({{"type", "final"}, {"heldout_loss", ev.loss}, {"unigram_baseline", baseline}, {"generator_nll", ev.oracle},
-        {"domains", per_domain}, {"routing", ev.routed},
-        {"config", {{"balance", opt.global_balance ? "global" : "micro"}, {"granularity", opt.granularity},
-                    {"ffn_experts", mc.experts}, {"zero_experts", mc.zero_experts}, {"copy_experts", mc.copy_experts},
-                    {"constant_experts", mc.constant_experts}, {"top_k", mc.top_k}, {"d_expert", mc.d_expert},
-                    {"tau", mc.tau}, {"gating_residual", mc.gating_residual}, {"pack_by_domain", opt.pack_by_domain},
-                    {"steps", opt.steps}, {"batch", opt.batch}, {"accum", opt.accum}, {"seed", opt.seed},
-                    {"parameters", n_params}}},
+        {"domains", per_domain}, {"routing", ev.routed}, {"config", config},
         {"specialisation", spec_json}, {"mean_top_share", mean_top}, {"mean_mutual_information_bits", mean_mi},
         {"mean_normalised_mi", mean_nmi}, {"zc_slot_share", zc_share}, {"zc_slot_share_by_domain", zc_domain_json},
         {"expert_gemm_flops_per_token", flops_per_token}, {"expert_gemm_flops_per_token_ffn_only", flops_ffn_only},
         {"tokens_per_s", tokens_per_s}, {"train_seconds", total_train_s}, {"wall_seconds", wall},
-        {"beats_baseline", beat}});
+        {"beats_baseline", bool(beat)}});
   if (!beat) {
-    std::printf("FAIL: held-out loss is not below the unigram baseline\n");
+    out("FAIL: held-out loss is not below the unigram baseline\n");
     return 1;
   }
   return 0;
-} catch (const std::exception& e) {
-  std::fprintf(stderr, "error: %s\n", e.what());
+}
+
+// Threads per rank when the user chose none: the cores this rank may use, shared with the other ranks
+// on its node (mpirun may bind each rank to its own cores already).
+#ifdef TRAIN_DOMAINS_HAS_MPI
+static int threads_per_rank() {
+  MPI_Comm node = MPI_COMM_NULL;
+  int local = 1;
+  if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
+    MPI_Comm_size(node, &local);
+    MPI_Comm_free(&node);
+  }
+  return std::max(1, omp_get_num_procs() / std::max(1, local));
+}
+#endif
+
+// Ranks that mpirun (OpenMPI, MPICH, Slurm) started, from the environment: 1 when run directly.
+static int launcher_ranks() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"})
+    if (const char* e = std::getenv(v)) return std::max(1, std::atoi(e));
+  return 1;
+}
+
+int main(int argc, char** argv) {
+  const Options opt = parse_args(argc, argv);
+  if (opt.parallel == Parallel::kNone && launcher_ranks() > 1) {
+    std::fprintf(stderr, "error: started as one of %d ranks but --parallel is none (every rank would train its own copy): "
+                         "add --parallel data, expert, tensor or hybrid\n", launcher_ranks());
+    return 2;
+  }
+  prefer_passive_openmp(argv);
+  if (opt.threads > 0) set_threads(opt.threads);
+  if (opt.parallel == Parallel::kNone) {
+    try {
+      return run(opt, nullptr);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "error: %s\n", e.what());
+      return 2;
+    }
+  }
+#ifdef TRAIN_DOMAINS_HAS_MPI
+  moekit::comm::MpiSession session(&argc, &argv);
+  int status = 2;
+  {
+    moekit::comm::Mpi world;  // freed (with everything split from it) before MPI_Finalize
+    if (opt.threads == 0 && std::getenv("OMP_NUM_THREADS") == nullptr) set_threads(threads_per_rank());
+    try {
+      status = run(opt, &world);
+    } catch (const moekit::ConfigError& e) {  // the same on every rank (the layers agree on their config)
+      if (world.rank() == 0) std::fprintf(stderr, "error: %s\n", e.what());
+      status = 2;
+    } catch (const std::exception& e) {  // possibly one rank only: the others may wait in a collective
+      std::fprintf(stderr, "error (rank %d of %d): %s\n", world.rank(), world.size(), e.what());
+      std::fflush(stderr);
+      if (world.size() > 1) MPI_Abort(MPI_COMM_WORLD, 2);
+      status = 2;
+    }
+  }
+  return status;
+#else
+  std::fprintf(stderr, "error: --parallel %s needs MPI, and this train_domains was built without it (CMake found no MPI, so "
+                       "there was no moekit::mpi target); rebuild with MPI installed, or use --parallel none\n",
+               parallel_name(opt.parallel));
   return 2;
+#endif
 }

@@ -9,10 +9,16 @@
 //
 // The W position tables are stored as one [W * vocab, d_model] table and looked up as a bag:
 // window slot j of token id v reads row j * vocab + v.
+//
+// The MoE layers sit behind a virtual interface (MoeBlock) and come from a factory: by default
+// make_moe_block (single-rank layers); parallel.hpp's factory gives the distributed host layers
+// (--parallel), whose forward/backward communicate and whose parameters() list this rank's shard.
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <moekit/experts/granularity.hpp>
@@ -80,6 +86,9 @@ class MoeBlock {
   virtual void init_params(std::uint64_t seed) = 0;
   virtual std::vector<moekit::Parameter<T>> parameters(const std::string& prefix) = 0;
   virtual void zero_grad() = 0;
+  // Distributed layers: average the step's accumulated MoE gradients over the shards (a collective:
+  // every rank calls it once per optimizer step, after the last backward). Single-rank: nothing.
+  virtual void sync_gradients() = 0;
   // GlobalBatch: empty the count buffer after each optimizer step. MicroBatch: nothing to do.
   virtual void reset_balance() = 0;
   // Evaluation forwards (false) do not add their counts to a GlobalBatch buffer.
@@ -93,7 +102,9 @@ class MoeBlockOf final : public MoeBlock<typename Layer::value_type> {
   using Matrix = moekit::MatrixView<U>;
 
  public:
-  explicit MoeBlockOf(const moekit::MoeConfig& c) : layer_(c) {}
+  // Extra arguments go to the layer's constructor (the communicator of a distributed layer).
+  template <class... Args>
+  explicit MoeBlockOf(const moekit::MoeConfig& c, Args&&... args) : layer_(c, std::forward<Args>(args)...) {}
   const moekit::MoeConfig& config() const override { return layer_.config(); }
   moekit::AuxLosses forward(Matrix<const T> x, Matrix<T> y, Matrix<const T> prev) override { return layer_.forward(x, y, prev); }
   void backward(Matrix<const T> dy, Matrix<T> dx, double aux_scale, Matrix<const T> dnext, Matrix<T> dprev) override {
@@ -109,6 +120,9 @@ class MoeBlockOf final : public MoeBlock<typename Layer::value_type> {
   void init_params(std::uint64_t seed) override { layer_.init_params(seed); }
   std::vector<moekit::Parameter<T>> parameters(const std::string& prefix) override { return layer_.parameters(prefix); }
   void zero_grad() override { layer_.zero_grad(); }
+  void sync_gradients() override {
+    if constexpr (requires { layer_.sync_gradients(); }) layer_.sync_gradients();
+  }
   void reset_balance() override {
     if constexpr (requires { layer_.balance().reset(); }) layer_.balance().reset();
   }
@@ -139,6 +153,10 @@ std::unique_ptr<MoeBlock<T>> make_moe_block(const moekit::MoeConfig& mc, bool gl
   return by_experts(std::type_identity<Plain>{});
 }
 
+// Makes one MoE layer from its config and the balance scope. Called once per block, in block order.
+template <class T>
+using MoeBlockFactory = std::function<std::unique_ptr<MoeBlock<T>>(const moekit::MoeConfig&, bool global_balance)>;
+
 // T = float for training; the unit tests instantiate it in double for finite differences.
 template <class T = float>
 class Model {
@@ -146,12 +164,14 @@ class Model {
   template <class U>
   using Matrix = moekit::MatrixView<U>;
 
-  Model(const ModelConfig& c, std::uint64_t seed)
+  // factory: how the MoE layers are made (empty: make_moe_block, single-rank layers). Every rank of a
+  // distributed run initialises the same full model from `seed` and keeps its shard of the experts.
+  Model(const ModelConfig& c, std::uint64_t seed, const MoeBlockFactory<T>& factory = {})
       : cfg_(c), embed_(c.context * c.vocab, c.d_model), final_norm_(c.d_model), head_(c.d_model, c.vocab) {
     const moekit::MoeConfig mc = c.moe_config();
     for (std::int64_t l = 0; l < c.blocks; ++l) {
       norms_.emplace_back(c.d_model);
-      moes_.push_back(make_moe_block<T>(mc, c.global_balance));
+      moes_.push_back(factory ? factory(mc, c.global_balance) : make_moe_block<T>(mc, c.global_balance));
       moes_.back()->init_params(seed + 100 + std::uint64_t(l));
     }
     // Each position's rows have variance 1/W, so h_0 (a sum of W of them) starts with unit RMS.
@@ -181,6 +201,21 @@ class Model {
     add(final_norm_.parameters("norm."));
     add(head_.parameters("lm_head."));
     return ps;
+  }
+  // The dense parameters (embedding, norms, head): replicated on every rank of a distributed run, so the
+  // trainer averages their gradients over the shards itself; the MoE layers do theirs (sync_gradients).
+  std::vector<moekit::Parameter<T>> dense_parameters() {
+    std::vector<moekit::Parameter<T>> ps;
+    auto add = [&](std::vector<moekit::Parameter<T>> more) { ps.insert(ps.end(), more.begin(), more.end()); };
+    add(embed_.parameters("embed."));
+    for (std::int64_t l = 0; l < cfg_.blocks; ++l) add(norms_[l].parameters("blocks." + std::to_string(l) + ".norm."));
+    add(final_norm_.parameters("norm."));
+    add(head_.parameters("lm_head."));
+    return ps;
+  }
+  // Distributed layers: average the MoE gradients over the shards (collective; once per optimizer step).
+  void sync_moe_gradients() {
+    for (auto& m : moes_) m->sync_gradients();
   }
   void zero_grad() {
     embed_.zero_grad();

@@ -1,0 +1,188 @@
+#pragma once
+// train_domains under mpirun (--parallel data|expert|tensor|hybrid, --tp, --ep): the distributed MoE
+// layers behind model.hpp's MoeBlock, and the trainer's side of the data parallelism. Nothing here
+// needs MPI: it works on any comm::HostCommunicator (main.cpp passes comm::Mpi's world).
+//
+// The world is tp x ep x dp ranks, tp fastest: rank = t + tp·(e + ep·d), as in the library's layers.
+// Ranks of one tp group (same e, d) hold the same tokens; the S = ep·dp "shards" (index e + ep·d) hold
+// different tokens. Parameters:
+//   dense (embedding, norms, head): replicated on every rank. Their gradients are all-reduced over the S
+//     ranks with this rank's tp index (split by color t) and divided by S, here.
+//   MoE router, gating residual, constant experts: replicated; FFN experts: rank (t, e, d) holds experts
+//     [e·E/ep, (e+1)·E/ep), each the t-th 1/tp slice of d_expert, the same slice on every d. The layer's
+//     sync_gradients() averages them over the shards.
+// After both, every gradient is the gradient of the mean of the shards' losses, the same on every rank
+// that holds the parameter, and the global gradient norm counts every parameter of the full model once:
+//   |g|^2 = sum over replicated parameters (this rank's copy) + sum over the tp x ep ranks of this rank's
+//           dp index of their expert slices (one all-reduce),
+// which every rank computes alike, so all clip by the same factor.
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <moekit/parallel/comm/communicator.hpp>
+#include <moekit/parallel/host_moe_layer.hpp>
+#include <moekit/parallel/policy.hpp>
+
+#include "model.hpp"
+
+enum class Parallel { kNone, kData, kExpert, kTensor, kHybrid };
+
+inline const char* parallel_name(Parallel p) {
+  switch (p) {
+    case Parallel::kNone: return "none";
+    case Parallel::kData: return "data";
+    case Parallel::kExpert: return "expert";
+    case Parallel::kTensor: return "tensor";
+    case Parallel::kHybrid: return "hybrid";
+  }
+  return "?";
+}
+
+// Which degrees the strategy may raise above 1: the library's policy tags say (parallel/policy.hpp).
+template <class P>
+constexpr std::array<bool, 2> tp_ep_allowed() {
+  return {P::allows_tp, P::allows_ep};
+}
+inline std::array<bool, 2> allowed_degrees(Parallel p) {
+  namespace par = moekit::parallel;
+  switch (p) {
+    case Parallel::kNone: return tp_ep_allowed<par::None>();
+    case Parallel::kData: return tp_ep_allowed<par::Data>();
+    case Parallel::kExpert: return tp_ep_allowed<par::Expert>();
+    case Parallel::kTensor: return tp_ep_allowed<par::Tensor>();
+    case Parallel::kHybrid: return tp_ep_allowed<par::Hybrid>();
+  }
+  return {false, false};
+}
+
+inline bool parse_parallel(const std::string& s, Parallel& p) {
+  for (Parallel q : {Parallel::kNone, Parallel::kData, Parallel::kExpert, Parallel::kTensor, Parallel::kHybrid})
+    if (s == parallel_name(q)) {
+      p = q;
+      return true;
+    }
+  return false;
+}
+
+// A distributed layer for the config's degrees (mc.tp, mc.ep, mc.dp): the same 8 router x experts x
+// balance types as make_moe_block, as MoeLayer<..., parallel::Hybrid>. The policy tag of a distributed
+// host layer only limits which degrees may exceed 1 (its code is the same for Data, Expert, Tensor and
+// Hybrid), and main.cpp enforces --parallel's limits with the tags' own allows_tp/allows_ep before any
+// layer is built; instantiating all four tags would compile 32 distributed types instead of 8 (measured:
+// 40 s instead of 24 s for main.cpp on 2 cores).
+template <class T>
+std::unique_ptr<MoeBlock<T>> make_parallel_moe_block(const moekit::MoeConfig& mc, bool global_balance,
+                                                     moekit::comm::HostCommunicator& world) {
+  namespace mk = moekit;
+  using Plain = mk::router::TopK<mk::router::Softmax>;
+  using Ffn = mk::experts::Ffn<mk::act::SwiGLU>;
+  using Mixed = mk::experts::Set<Ffn, mk::experts::Zero, mk::experts::Copy, mk::experts::Constant>;
+  auto by_balance = [&]<class R, class E>(std::type_identity<R>, std::type_identity<E>) -> std::unique_ptr<MoeBlock<T>> {
+    if (global_balance)
+      return std::make_unique<MoeBlockOf<mk::MoeLayer<mk::backend::Host<T>, R, E, mk::balance::GlobalBatch, mk::parallel::Hybrid>>>(mc, world);
+    return std::make_unique<MoeBlockOf<mk::MoeLayer<mk::backend::Host<T>, R, E, mk::balance::MicroBatch, mk::parallel::Hybrid>>>(mc, world);
+  };
+  auto by_experts = [&]<class R>(std::type_identity<R> r) {
+    if (mc.num_zc_experts() > 0) return by_balance(r, std::type_identity<Mixed>{});
+    return by_balance(r, std::type_identity<Ffn>{});
+  };
+  if (mc.gating_residual) return by_experts(std::type_identity<mk::router::GatingResidual<Plain>>{});
+  return by_experts(std::type_identity<Plain>{});
+}
+
+// Expert slices (sharded over tp x ep); every other parameter of the model is replicated.
+template <class T>
+bool is_expert_slice(const moekit::Parameter<T>& p) {
+  return p.name.find(".moe.experts.") != std::string::npos;
+}
+
+// This rank's place in the grid and the trainer's collectives. Construct on every rank, in the same
+// order relative to the model (communicator splits are collective).
+class Ranks {
+ public:
+  Ranks(moekit::comm::HostCommunicator& world, int tp, int ep) : world_(world) {
+    const int n = world.size(), r = world.rank();
+    if (tp < 1 || ep < 1 || n % (tp * ep) != 0)
+      throw moekit::ConfigError("tp * ep", std::to_string(tp) + " * " + std::to_string(ep),
+                                "must divide the number of ranks " + std::to_string(n) + " (dp = ranks / (tp * ep))");
+    g_.tp = tp, g_.ep = ep, g_.dp = n / (tp * ep);
+    g_.t = r % tp, g_.e = (r / tp) % ep, g_.d = r / (tp * ep);
+    shards_ = world.split(g_.t, g_.shard());           // same tp index: the S ranks with different tokens
+    slices_ = world.split(g_.d, g_.t + tp * g_.e);      // same dp index: the tp x ep distinct expert slices
+  }
+
+  const moekit::ParallelGrid& grid() const { return g_; }
+  int rank() const { return world_.rank(); }
+  int size() const { return world_.size(); }
+  moekit::comm::HostCommunicator& world() { return world_; }
+
+  // The model's MoE layers: distributed, with this run's degrees, over the world.
+  template <class T>
+  MoeBlockFactory<T> moe_blocks() {
+    return [this](const moekit::MoeConfig& base, bool global_balance) {
+      moekit::MoeConfig mc = base;
+      mc.tp = g_.tp, mc.ep = g_.ep, mc.dp = g_.dp;
+      return make_parallel_moe_block<T>(mc, global_balance, world_);
+    };
+  }
+
+  // Sums v over the shards (the ranks holding different tokens; tp replicas are not counted twice).
+  void sum_over_shards(double* v, std::size_t n) { shards_->all_reduce_sum(v, n); }
+
+  // Dense gradients: the mean over the shards, in one all-reduce.
+  template <class T>
+  void average_over_shards(const std::vector<moekit::Parameter<T>>& dense) {
+    std::size_t n = 0;
+    for (const auto& p : dense) n += std::size_t(p.numel());
+    buf_.resize(n);
+    std::size_t at = 0;
+    for (const auto& p : dense)
+      for (std::int64_t i = 0; i < p.numel(); ++i) buf_[at++] = double(p.grad[i]);
+    shards_->all_reduce_sum(buf_.data(), n);
+    const double inv = 1.0 / double(g_.shards());
+    at = 0;
+    for (const auto& p : dense)
+      for (std::int64_t i = 0; i < p.numel(); ++i) p.grad[i] = T(buf_[at++] * inv);
+  }
+
+  // The global gradient norm of the full model (see the top of this file); when it exceeds max_norm,
+  // every local gradient is scaled by max_norm / (norm + 1e-6), as train::clip_grad_norm. Returns the
+  // norm before clipping. A non-finite norm throws on every rank alike.
+  template <class T>
+  double clip_grad_norm(const std::vector<moekit::Parameter<T>>& params, double max_norm) {
+    double sq[2] = {0, 0};  // replicated (this rank's copy), expert slices
+    for (const auto& p : params) {
+      double s = 0;
+      for (std::int64_t i = 0; i < p.numel(); ++i) s += double(p.grad[i]) * double(p.grad[i]);
+      sq[is_expert_slice(p) ? 1 : 0] += s;
+    }
+    slices_->all_reduce_sum(&sq[1], 1);
+    const double norm = std::sqrt(sq[0] + sq[1]);
+    if (!std::isfinite(norm)) throw moekit::NumericError("the global gradient norm is not finite");
+    const double coef = max_norm / (norm + 1e-6);
+    if (coef < 1.0)
+      for (const auto& p : params)
+        for (std::int64_t i = 0; i < p.numel(); ++i) p.grad[i] = T(double(p.grad[i]) * coef);
+    return norm;
+  }
+
+  // Parameters of the full model: replicated ones once, expert slices summed over a dp index.
+  template <class T>
+  std::int64_t full_parameter_count(const std::vector<moekit::Parameter<T>>& params) {
+    double n[2] = {0, 0};
+    for (const auto& p : params) n[is_expert_slice(p) ? 1 : 0] += double(p.numel());
+    slices_->all_reduce_sum(&n[1], 1);
+    return std::int64_t(n[0] + n[1]);
+  }
+
+ private:
+  moekit::comm::HostCommunicator& world_;
+  moekit::ParallelGrid g_;
+  std::unique_ptr<moekit::comm::HostCommunicator> shards_, slices_;
+  std::vector<double> buf_;
+};
