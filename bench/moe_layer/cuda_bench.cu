@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cuda_bench.hpp"
+#include "routing_shares.hpp"
 
 namespace {
 
@@ -230,15 +231,8 @@ Row run_layer(const Shape& s, const MoeConfig& cfg, bool skewed, mc::GemmStrateg
     r.expert_flops = layer.expert_gemm_flops();
     r.ffn_rows = layer.ffn_rows();
     r.fallbacks = layer.gemm_fallbacks();
-    const auto& routed = layer.routed_counts();
-    std::int64_t hot = 0, zc = 0, all = 0;
-    for (std::int64_t e = 0; e < std::int64_t(routed.size()); ++e) {
-      all += routed[e];
-      if (e < std::max<std::int64_t>(1, s.experts / 8)) hot += routed[e];
-      if (e >= cfg.num_ffn_experts) zc += routed[e];
-    }
-    r.hot = double(hot) / double(std::max<std::int64_t>(all, 1));
-    r.zc = double(zc) / double(std::max<std::int64_t>(all, 1));
+    const RoutingShares shares = routing_shares(layer.routed_counts(), cfg.num_ffn_experts);
+    r.hot = shares.hot, r.zc = shares.zc;
   } catch (const std::exception& e) {  // e.g. out of memory on the largest shapes: say so in the row
     r.error = e.what();
     cudaGetLastError();

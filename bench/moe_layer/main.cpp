@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "routing_shares.hpp"
+
 #ifdef MOEKIT_BENCH_WITH_CUDA
 #include "cuda_bench.hpp"
 #endif
@@ -111,15 +113,8 @@ Row run(const Shape& s, const MoeConfig& cfg, bool skewed, int reps, const char*
   // Router logits GEMM, 2·T·d·N over all N experts (FFN and zero-computation); not in the GFLOP/s.
   r.router_flops_fwd = 2 * s.tokens * s.d * (cfg.num_ffn_experts + cfg.num_zero_experts + cfg.num_copy_experts +
                                              cfg.num_constant_experts);
-  const auto& routed = layer.routed_counts();
-  std::int64_t hot = 0, zc = 0, all = 0;
-  for (std::int64_t e = 0; e < std::int64_t(routed.size()); ++e) {
-    all += routed[e];
-    if (e < std::max<std::int64_t>(1, s.experts / 8)) hot += routed[e];
-    if (e >= cfg.num_ffn_experts) zc += routed[e];
-  }
-  r.hot_share = double(hot) / double(std::max<std::int64_t>(all, 1));
-  r.zc_share = double(zc) / double(std::max<std::int64_t>(all, 1));
+  const RoutingShares shares = routing_shares(layer.routed_counts(), cfg.num_ffn_experts);
+  r.hot_share = shares.hot, r.zc_share = shares.zc;
   r.flops_fwd = 6.0 * double(s.tokens) * double(s.k) * double(s.d) * double(s.f);
   return r;
 }

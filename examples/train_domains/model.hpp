@@ -135,15 +135,17 @@ class MoeBlockOf final : public MoeBlock<typename Layer::value_type> {
 // The trainer's model is always softmax top-k + SwiGLU, so it instantiates only the 8 layer types the
 // flags can reach (gating residual x zero-computation experts x balance scope) rather than
 // moekit::with_layer_type's full router x activation grid, which would compile 6x as many.
-template <class T>
-std::unique_ptr<MoeBlock<T>> make_moe_block(const moekit::MoeConfig& mc, bool global_balance) {
+// Parallel = parallel::None (args: none) or a distributed policy (args: the communicator).
+template <class T, class Parallel = moekit::parallel::None, class... Args>
+std::unique_ptr<MoeBlock<T>> make_moe_block(const moekit::MoeConfig& mc, bool global_balance, Args&... args) {
   namespace mk = moekit;
   using Plain = mk::router::TopK<mk::router::Softmax>;
   using Ffn = mk::experts::Ffn<mk::act::SwiGLU>;
   using Mixed = mk::experts::Set<Ffn, mk::experts::Zero, mk::experts::Copy, mk::experts::Constant>;
   auto by_balance = [&]<class R, class E>(std::type_identity<R>, std::type_identity<E>) -> std::unique_ptr<MoeBlock<T>> {
-    if (global_balance) return std::make_unique<MoeBlockOf<mk::MoeLayer<mk::backend::Host<T>, R, E, mk::balance::GlobalBatch>>>(mc);
-    return std::make_unique<MoeBlockOf<mk::MoeLayer<mk::backend::Host<T>, R, E, mk::balance::MicroBatch>>>(mc);
+    using Host = mk::backend::Host<T>;
+    if (global_balance) return std::make_unique<MoeBlockOf<mk::MoeLayer<Host, R, E, mk::balance::GlobalBatch, Parallel>>>(mc, args...);
+    return std::make_unique<MoeBlockOf<mk::MoeLayer<Host, R, E, mk::balance::MicroBatch, Parallel>>>(mc, args...);
   };
   auto by_experts = [&]<class R>(std::type_identity<R> r) {
     if (mc.num_zc_experts() > 0) return by_balance(r, std::type_identity<Mixed>{});

@@ -78,21 +78,7 @@ inline bool parse_parallel(const std::string& s, Parallel& p) {
 template <class T>
 std::unique_ptr<MoeBlock<T>> make_parallel_moe_block(const moekit::MoeConfig& mc, bool global_balance,
                                                      moekit::comm::HostCommunicator& world) {
-  namespace mk = moekit;
-  using Plain = mk::router::TopK<mk::router::Softmax>;
-  using Ffn = mk::experts::Ffn<mk::act::SwiGLU>;
-  using Mixed = mk::experts::Set<Ffn, mk::experts::Zero, mk::experts::Copy, mk::experts::Constant>;
-  auto by_balance = [&]<class R, class E>(std::type_identity<R>, std::type_identity<E>) -> std::unique_ptr<MoeBlock<T>> {
-    if (global_balance)
-      return std::make_unique<MoeBlockOf<mk::MoeLayer<mk::backend::Host<T>, R, E, mk::balance::GlobalBatch, mk::parallel::Hybrid>>>(mc, world);
-    return std::make_unique<MoeBlockOf<mk::MoeLayer<mk::backend::Host<T>, R, E, mk::balance::MicroBatch, mk::parallel::Hybrid>>>(mc, world);
-  };
-  auto by_experts = [&]<class R>(std::type_identity<R> r) {
-    if (mc.num_zc_experts() > 0) return by_balance(r, std::type_identity<Mixed>{});
-    return by_balance(r, std::type_identity<Ffn>{});
-  };
-  if (mc.gating_residual) return by_experts(std::type_identity<mk::router::GatingResidual<Plain>>{});
-  return by_experts(std::type_identity<Plain>{});
+  return make_moe_block<T, moekit::parallel::Hybrid>(mc, global_balance, world);
 }
 
 // Expert slices (sharded over tp x ep); every other parameter of the model is replicated.
