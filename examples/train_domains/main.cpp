@@ -17,6 +17,9 @@
 // ep·dp shards; dense gradients are averaged over the shards, the MoE layers sync theirs, and the
 // global gradient norm counts each parameter of the full model once. Rank 0 prints and writes the JSON.
 //
+// --backend cuda puts the MoE layers on the GPU (cuda_blocks.hpp; one GPU per rank under mpirun, NCCL
+// inside the layers) and keeps the embedding, norms, head and AdamW here on the host.
+//
 // Read top to bottom: options, data, model and optimizer, the training loop, the final evaluation.
 #include <omp.h>
 #include <unistd.h>
@@ -41,6 +44,7 @@
 #include <moekit/parallel/comm/mpi.hpp>
 #endif
 
+#include "cuda_blocks.hpp"
 #include "domains.hpp"
 #include "model.hpp"
 #include "parallel.hpp"
@@ -76,6 +80,7 @@ struct Options {
   bool pack_by_domain = false;
   Parallel parallel = Parallel::kNone;  // --parallel (needs mpirun for more than one rank)
   std::int64_t tp = 1, ep = 1;          // dp = ranks / (tp * ep)
+  bool cuda = false;                    // --backend cuda: the MoE layers on the GPU
 };
 
 static void usage(const char* prog) {
@@ -113,7 +118,9 @@ static void usage(const char* prog) {
       "                     micro-batch, split over the ep*dp shards (none)\n"
       "  --tp N             tensor-parallel degree: each expert's d_expert split over N ranks (tensor, hybrid) (1)\n"
       "  --ep N             expert-parallel degree: the experts split over N ranks (expert, hybrid) (1);\n"
-      "                     dp = ranks / (tp * ep)\n",
+      "                     dp = ranks / (tp * ep)\n"
+      "  --backend B        host, or cuda: the MoE layers on the GPU (one per rank under mpirun), the rest\n"
+      "                     on the host; needs a build with CUDA (host)\n",
       prog);
 }
 
@@ -195,6 +202,13 @@ static Options parse_args(int argc, char** argv) {
     }
     else if (flag == "--tp") o.tp = integer(1);
     else if (flag == "--ep") o.ep = integer(1);
+    else if (flag == "--backend") {
+      if (value != "host" && value != "cuda") {
+        std::fprintf(stderr, "error: --backend = \"%s\" must be \"host\" or \"cuda\"\n", value.c_str());
+        std::exit(2);
+      }
+      o.cuda = value == "cuda";
+    }
     else {
       std::fprintf(stderr, "error: unknown flag %s\n", flag.c_str());
       usage(argv[0]);
@@ -370,7 +384,8 @@ static void set_threads(int n) {
 }
 
 // world: the communicator of a --parallel run (nullptr: one process, the single-rank layers).
-static int run(const Options& opt, moekit::comm::HostCommunicator* world) {
+// cuda: --backend cuda's device side (nullptr: the host layers).
+static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMoeBackend* cuda = nullptr) {
   // 0. Ranks: this rank's place in the tp x ep x dp grid, its shard of the data and the trainer's groups.
   std::unique_ptr<Ranks> ranks;
   if (world) ranks = std::make_unique<Ranks>(*world, int(opt.tp), int(opt.ep));
@@ -427,7 +442,14 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world) {
     mc.top_k = fine.top_k;
   }
   const std::int64_t n_experts = mc.total_experts();
-  Model<float> model(mc, opt.seed, ranks ? ranks->moe_blocks<float>() : MoeBlockFactory<float>{});
+  MoeBlockFactory<float> moe_blocks;  // empty: make_moe_block's single-rank host layers
+  if (cuda)
+    moe_blocks = [&](const moekit::MoeConfig& base, bool global_balance) {
+      return cuda->make_block(ranks ? ranks->with_degrees(base) : base, global_balance);
+    };
+  else if (ranks)
+    moe_blocks = ranks->moe_blocks<float>();
+  Model<float> model(mc, opt.seed, moe_blocks);
   std::vector<moekit::Parameter<float>> params = model.parameters();  // this rank's (its expert shard)
   const std::vector<moekit::Parameter<float>> dense_params = model.dense_parameters();
   std::int64_t n_params = 0, n_local_params = 0;
@@ -451,6 +473,9 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world) {
         opt.global_balance ? "global" : "micro", (long long)opt.granularity, (long long)mc.zero_experts,
         (long long)mc.copy_experts, (long long)mc.constant_experts, mc.tau, mc.gating_residual ? "on" : "off",
         opt.pack_by_domain ? "packed by domain" : "mixed");
+  if (cuda)  // --backend cuda only: host runs print what they always did
+    out("backend: cuda | MoE layers on %s%s; embedding, norms, head and AdamW on the host\n", cuda->describe().c_str(),
+        ranks ? " (rank 0; one GPU per rank, NCCL inside the layers)" : "");
   if (ranks) {
     const auto& g = ranks->grid();
     out("parallel: %s over %d ranks = tp %d x ep %d x dp %d | %d shards x %lld tokens per micro-batch | %lld FFN experts per rank, "
@@ -486,7 +511,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world) {
   for (std::int64_t step = 0; step < opt.steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
     const double lr = schedule(step);
-    optimizer.zero_grad();
+    model.zero_grad();  // optimizer.zero_grad() would miss the CUDA layers' device gradients
     for (std::int64_t micro = 0; micro < opt.accum; ++micro) {
       if (opt.pack_by_domain) {
         const auto& from = by_domain[sampler.next() % domains::kNumDomains];
@@ -505,14 +530,15 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world) {
       }
       ++interval_micro;
     }
-    if (ranks) {  // gradients of the mean of the shards' losses, then the full model's norm
+    if (ranks) {  // gradients of the mean of the shards' losses
       ranks->average_over_shards(dense_params);
       model.sync_moe_gradients();
-      sum_norm += ranks->clip_grad_norm(params, 1.0);
-    } else {
-      sum_norm += moekit::train::clip_grad_norm(params, 1.0);
     }
+    model.moe_gradients_to_host();  // --backend cuda: into the host mirrors that params lists
+    // The full model's norm (distributed: every parameter counted once).
+    sum_norm += ranks ? ranks->clip_grad_norm(params, 1.0) : moekit::train::clip_grad_norm(params, 1.0);
     optimizer.step(lr);
+    model.moe_parameters_to_device();  // --backend cuda: the updated mirrors back to the GPU
     model.reset_balance();  // GlobalBatch: the buffer spans one optimizer step's micro-batches
     const double dt = seconds_since(t0);
     interval_train_s += dt;
@@ -648,6 +674,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world) {
                                    {"tau", mc.tau}, {"gating_residual", mc.gating_residual}, {"pack_by_domain", opt.pack_by_domain},
                                    {"steps", opt.steps}, {"batch", opt.batch}, {"accum", opt.accum}, {"seed", opt.seed},
                                    {"parameters", n_params}};
+  if (cuda) config["backend"] = "cuda";  // absent: host
   if (ranks) {
     const auto& g = ranks->grid();
     config["parallel"] = {{"strategy", parallel_name(opt.parallel)}, {"ranks", ranks->size()}, {"tp", g.tp}, {"ep", g.ep}, {"dp", g.dp},
@@ -667,18 +694,25 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world) {
   return 0;
 }
 
-// Threads per rank when the user chose none: the cores this rank may use, shared with the other ranks
-// on its node (mpirun may bind each rank to its own cores already).
+// This rank's place among the ranks on its node (MPI_COMM_TYPE_SHARED): {rank, size}. Collective.
 #ifdef TRAIN_DOMAINS_HAS_MPI
-static int threads_per_rank() {
+struct NodeRanks {
+  int rank = 0, size = 1;
+};
+static NodeRanks node_ranks() {
   MPI_Comm node = MPI_COMM_NULL;
-  int local = 1;
+  NodeRanks n;
   if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
-    MPI_Comm_size(node, &local);
+    MPI_Comm_rank(node, &n.rank);
+    MPI_Comm_size(node, &n.size);
     MPI_Comm_free(&node);
   }
-  return std::max(1, omp_get_num_procs() / std::max(1, local));
+  return n;
 }
+
+// Threads per rank when the user chose none: the cores this rank may use, shared with the other ranks
+// on its node (mpirun may bind each rank to its own cores already).
+static int threads_per_rank() { return std::max(1, omp_get_num_procs() / std::max(1, node_ranks().size)); }
 #endif
 
 // Ranks that mpirun (OpenMPI, MPICH, Slurm) started, from the environment: 1 when run directly.
@@ -688,6 +722,44 @@ static int launcher_ranks() {
   return 1;
 }
 
+// --backend cuda, one process: the current GPU, or nullptr after saying why there is none (exit 2).
+// main() refuses --backend cuda in a build without CUDA before it gets here.
+static std::unique_ptr<CudaMoeBackend> open_cuda() {
+#if defined(MOEKIT_TRAIN_WITH_CUDA) && MOEKIT_TRAIN_WITH_CUDA
+  if (const std::string why = cuda_device_problem(); !why.empty()) {
+    std::fprintf(stderr, "error: --backend cuda: %s; run where an NVIDIA GPU is visible, or use --backend host\n", why.c_str());
+    return nullptr;
+  }
+  return make_cuda_backend();
+#else
+  return nullptr;
+#endif
+}
+
+// --backend cuda under mpirun: GPU (rank on node) % (devices) for each rank and the NCCL world, or
+// nullptr on every rank when any rank has no GPU to use (they decide together, so none is left waiting
+// in the NCCL setup). Collective.
+#ifdef TRAIN_DOMAINS_HAS_MPI
+static std::unique_ptr<CudaMoeBackend> open_cuda(moekit::comm::Mpi& world) {
+#if defined(MOEKIT_TRAIN_WITH_CUDA) && MOEKIT_TRAIN_WITH_CUDA
+  const NodeRanks node = node_ranks();
+  const std::string why = cuda_device_problem(node.size);
+  std::int32_t without[2] = {why.empty() ? 0 : 1, world.rank() == 0 && !why.empty() ? 1 : 0};  // ranks, rank 0
+  world.all_reduce_sum(without, 2);
+  if (without[0] == 0) return make_cuda_backend(world, node.rank);
+  if (world.rank() == 0)
+    std::fprintf(stderr, "error: --backend cuda: %d of %d ranks have no CUDA device to use%s%s\n", without[0], world.size(),
+                 why.empty() ? "" : "; rank 0: ", why.c_str());
+  else if (!why.empty() && without[1] == 0)  // rank 0 had a device: say why this rank has none
+    std::fprintf(stderr, "error (rank %d of %d): --backend cuda: %s\n", world.rank(), world.size(), why.c_str());
+  return nullptr;
+#else
+  (void)world;
+  return nullptr;
+#endif
+}
+#endif
+
 int main(int argc, char** argv) {
   const Options opt = parse_args(argc, argv);
   if (opt.parallel == Parallel::kNone && launcher_ranks() > 1) {
@@ -695,11 +767,19 @@ int main(int argc, char** argv) {
                          "add --parallel data, expert, tensor or hybrid\n", launcher_ranks());
     return 2;
   }
+  if (opt.cuda && !kCudaCompiledIn) {
+    std::fprintf(stderr, "error: --backend cuda needs the CUDA MoE layers, and this train_domains was built without CUDA "
+                         "(examples/train_domains/cuda_blocks.cu is compiled only when the build has CUDA, e.g. "
+                         "cmake --preset cuda with nvcc installed); rebuild with CUDA, or use --backend host\n");
+    return 2;
+  }
   prefer_passive_openmp(argv);
   if (opt.threads > 0) set_threads(opt.threads);
   if (opt.parallel == Parallel::kNone) {
     try {
-      return run(opt, nullptr);
+      std::unique_ptr<CudaMoeBackend> cuda;  // outlives run()'s model
+      if (opt.cuda && !(cuda = open_cuda())) return 2;
+      return run(opt, nullptr, cuda.get());
     } catch (const std::exception& e) {
       std::fprintf(stderr, "error: %s\n", e.what());
       return 2;
@@ -712,7 +792,8 @@ int main(int argc, char** argv) {
     moekit::comm::Mpi world;  // freed (with everything split from it) before MPI_Finalize
     if (opt.threads == 0 && std::getenv("OMP_NUM_THREADS") == nullptr) set_threads(threads_per_rank());
     try {
-      status = run(opt, &world);
+      std::unique_ptr<CudaMoeBackend> cuda;  // outlives run()'s model, freed before world
+      if (!opt.cuda || (cuda = open_cuda(world))) status = run(opt, &world, cuda.get());
     } catch (const moekit::ConfigError& e) {  // the same on every rank (the layers agree on their config)
       if (world.rank() == 0) std::fprintf(stderr, "error: %s\n", e.what());
       status = 2;

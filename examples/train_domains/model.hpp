@@ -12,12 +12,15 @@
 //
 // The MoE layers sit behind a virtual interface (MoeBlock) and come from a factory: by default
 // make_moe_block (single-rank layers); parallel.hpp's factory gives the distributed host layers
-// (--parallel), whose forward/backward communicate and whose parameters() list this rank's shard.
+// (--parallel), whose forward/backward communicate and whose parameters() list this rank's shard;
+// cuda_blocks.hpp's gives CUDA layers (--backend cuda), whose parameters() are host mirrors of the
+// device weights (moe_gradients_to_host / moe_parameters_to_device move them around the optimizer).
 #include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -93,6 +96,11 @@ class MoeBlock {
   virtual void reset_balance() = 0;
   // Evaluation forwards (false) do not add their counts to a GlobalBatch buffer.
   virtual void set_training(bool on) = 0;
+  // Layers whose weights live elsewhere (the CUDA layers: on the device) and whose parameters() are host
+  // mirrors: copy the accumulated gradients into the mirrors (after sync_gradients, before clipping and
+  // the optimizer), and the mirrors' values back after the optimizer step. Host layers: nothing to do.
+  virtual void gradients_to_host() {}
+  virtual void parameters_to_device() {}
 };
 
 template <class Layer>
@@ -135,17 +143,18 @@ class MoeBlockOf final : public MoeBlock<typename Layer::value_type> {
 // The trainer's model is always softmax top-k + SwiGLU, so it instantiates only the 8 layer types the
 // flags can reach (gating residual x zero-computation experts x balance scope) rather than
 // moekit::with_layer_type's full router x activation grid, which would compile 6x as many.
-// Parallel = parallel::None (args: none) or a distributed policy (args: the communicator).
-template <class T, class Parallel = moekit::parallel::None, class... Args>
-std::unique_ptr<MoeBlock<T>> make_moe_block(const moekit::MoeConfig& mc, bool global_balance, Args&... args) {
+// with_moe_layer_type calls make(std::type_identity<MoeLayer<Backend, R, E, B, Parallel>>{}) for the
+// flags' type and returns what it returns (the same type for all 8): make_moe_block below for the host
+// layers, cuda_blocks.cu for the CUDA ones.
+template <class Backend, class Parallel, class Make>
+auto with_moe_layer_type(const moekit::MoeConfig& mc, bool global_balance, Make&& make) {
   namespace mk = moekit;
   using Plain = mk::router::TopK<mk::router::Softmax>;
   using Ffn = mk::experts::Ffn<mk::act::SwiGLU>;
   using Mixed = mk::experts::Set<Ffn, mk::experts::Zero, mk::experts::Copy, mk::experts::Constant>;
-  auto by_balance = [&]<class R, class E>(std::type_identity<R>, std::type_identity<E>) -> std::unique_ptr<MoeBlock<T>> {
-    using Host = mk::backend::Host<T>;
-    if (global_balance) return std::make_unique<MoeBlockOf<mk::MoeLayer<Host, R, E, mk::balance::GlobalBatch, Parallel>>>(mc, args...);
-    return std::make_unique<MoeBlockOf<mk::MoeLayer<Host, R, E, mk::balance::MicroBatch, Parallel>>>(mc, args...);
+  auto by_balance = [&]<class R, class E>(std::type_identity<R>, std::type_identity<E>) {
+    if (global_balance) return make(std::type_identity<mk::MoeLayer<Backend, R, E, mk::balance::GlobalBatch, Parallel>>{});
+    return make(std::type_identity<mk::MoeLayer<Backend, R, E, mk::balance::MicroBatch, Parallel>>{});
   };
   auto by_experts = [&]<class R>(std::type_identity<R> r) {
     if (mc.num_zc_experts() > 0) return by_balance(r, std::type_identity<Mixed>{});
@@ -153,6 +162,15 @@ std::unique_ptr<MoeBlock<T>> make_moe_block(const moekit::MoeConfig& mc, bool gl
   };
   if (mc.gating_residual) return by_experts(std::type_identity<mk::router::GatingResidual<Plain>>{});
   return by_experts(std::type_identity<Plain>{});
+}
+
+// The host layers. Parallel = parallel::None (args: none) or a distributed policy (args: the communicator).
+template <class T, class Parallel = moekit::parallel::None, class... Args>
+std::unique_ptr<MoeBlock<T>> make_moe_block(const moekit::MoeConfig& mc, bool global_balance, Args&... args) {
+  return with_moe_layer_type<moekit::backend::Host<T>, Parallel>(
+      mc, global_balance, [&]<class Layer>(std::type_identity<Layer>) -> std::unique_ptr<MoeBlock<T>> {
+        return std::make_unique<MoeBlockOf<Layer>>(mc, args...);
+      });
 }
 
 // Makes one MoE layer from its config and the balance scope. Called once per block, in block order.
@@ -218,6 +236,14 @@ class Model {
   // Distributed layers: average the MoE gradients over the shards (collective; once per optimizer step).
   void sync_moe_gradients() {
     for (auto& m : moes_) m->sync_gradients();
+  }
+  // CUDA layers: their gradients into the host mirrors that parameters() lists (before clipping and the
+  // optimizer), and the updated mirrors back to the device (after the optimizer step). Host: nothing.
+  void moe_gradients_to_host() {
+    for (auto& m : moes_) m->gradients_to_host();
+  }
+  void moe_parameters_to_device() {
+    for (auto& m : moes_) m->parameters_to_device();
   }
   void zero_grad() {
     embed_.zero_grad();

@@ -107,13 +107,19 @@ class Ranks {
   int size() const { return world_.size(); }
   moekit::comm::HostCommunicator& world() { return world_; }
 
-  // The model's MoE layers: distributed, with this run's degrees, over the world.
+  // A layer config with this run's degrees (tp, ep, dp).
+  moekit::MoeConfig with_degrees(const moekit::MoeConfig& base) const {
+    moekit::MoeConfig mc = base;
+    mc.tp = g_.tp, mc.ep = g_.ep, mc.dp = g_.dp;
+    return mc;
+  }
+
+  // The model's MoE layers: distributed host layers, with this run's degrees, over the world. (With
+  // --backend cuda, main.cpp builds the distributed CUDA layers from with_degrees() instead.)
   template <class T>
   MoeBlockFactory<T> moe_blocks() {
     return [this](const moekit::MoeConfig& base, bool global_balance) {
-      moekit::MoeConfig mc = base;
-      mc.tp = g_.tp, mc.ep = g_.ep, mc.dp = g_.dp;
-      return make_parallel_moe_block<T>(mc, global_balance, world_);
+      return make_parallel_moe_block<T>(with_degrees(base), global_balance, world_);
     };
   }
 
