@@ -17,6 +17,15 @@ namespace detail {
 template <class...>
 inline constexpr bool dependent_false = false;
 
+// The policy checks every backend's layer makes; the messages read like documentation.
+template <class Router, class Experts, class Balance>
+struct PolicyChecks {
+  static_assert(router::RouterPolicy<Router>, "MoeLayer: Router must be a router policy such as router::TopK<router::Softmax>");
+  static_assert(experts::ExpertPolicy<Experts>, "MoeLayer: Experts must be experts::Ffn<Act> or experts::Set<Ffn<Act>, ...>");
+  static_assert(balance::BalancePolicy<Balance>, "MoeLayer: Balance must be balance::MicroBatch or balance::GlobalBatch");
+  static constexpr bool ok = true;
+};
+
 // cfg.validate(), then the runtime fields that must agree with the compile-time policies of a layer.
 template <class Router, class Experts>
 void validate_layer_config(const MoeConfig& cfg) {

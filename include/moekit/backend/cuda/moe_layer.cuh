@@ -57,9 +57,7 @@ struct DeviceParameter {
 
 template <class V, class Router, class Experts, class Balance>
 class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
-  static_assert(router::RouterPolicy<Router>, "MoeLayer: Router must be a router policy such as router::TopK<router::Softmax>");
-  static_assert(experts::ExpertPolicy<Experts>, "MoeLayer: Experts must be experts::Ffn<Act> or experts::Set<Ffn<Act>, ...>");
-  static_assert(balance::BalancePolicy<Balance>, "MoeLayer: Balance must be balance::MicroBatch or balance::GlobalBatch");
+  static_assert(detail::PolicyChecks<Router, Experts, Balance>::ok);
 
   using Act = typename Experts::activation;
   using Score = typename Router::score;
