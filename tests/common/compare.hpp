@@ -5,6 +5,8 @@
 #include <cmath>
 #include <vector>
 
+#include <moekit/backend/host/moe_weights.hpp>
+
 namespace moekit_test {
 
 inline double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
@@ -16,6 +18,18 @@ inline double rel_err(const std::vector<float>& got, const std::vector<float>& r
     den += double(ref[i]) * double(ref[i]);
   }
   return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
+}
+
+// Calls check(name, got, ref) for each tensor of two MoeWeights (every parameter's gradient, say).
+template <class F>
+void for_each_weight(const moekit::MoeWeights<float>& got, const moekit::MoeWeights<float>& ref, F&& check) {
+  check("router", got.router, ref.router);
+  check("w1", got.w1, ref.w1);
+  check("w2", got.w2, ref.w2);
+  check("w3", got.w3, ref.w3);
+  check("const_wc", got.const_wc, ref.const_wc);
+  check("const_v", got.const_v, ref.const_v);
+  check("gate_residual", got.gate_residual, ref.gate_residual);
 }
 
 }  // namespace moekit_test

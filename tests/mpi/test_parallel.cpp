@@ -140,14 +140,11 @@ void check_equivalence(MoeConfig cfg, std::int64_t T = 13, bool dtd = true, bool
   CHECK(std::abs(mine[1] - z_ref) <= 1e-5 * std::max(1.0, std::abs(z_ref)));
   MoeWeights<float> ref_local;
   layer.slice(ref.grads(), ref_local);
-  const auto& gd = layer.grads();
-  CHECK(moekit_test::rel_err(gd.router, ref_local.router) <= 1e-5);
-  CHECK(moekit_test::rel_err(gd.w1, ref_local.w1) <= 1e-5);
-  CHECK(moekit_test::rel_err(gd.w2, ref_local.w2) <= 1e-5);
-  CHECK(moekit_test::rel_err(gd.w3, ref_local.w3) <= 1e-5);
-  CHECK(moekit_test::rel_err(gd.const_wc, ref_local.const_wc) <= 1e-5);
-  CHECK(moekit_test::rel_err(gd.const_v, ref_local.const_v) <= 1e-5);
-  CHECK(moekit_test::rel_err(gd.gate_residual, ref_local.gate_residual) <= 1e-5);
+  moekit_test::for_each_weight(layer.grads(), ref_local,
+                               [&](const char* name, const std::vector<float>& got, const std::vector<float>& ref) {
+                                 CAPTURE(name);
+                                 CHECK(moekit_test::rel_err(got, ref) <= 1e-5);
+                               });
 }
 
 struct Split {

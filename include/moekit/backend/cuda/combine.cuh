@@ -49,6 +49,25 @@ __device__ __forceinline__ ZcKind zc_kind(const CombineParams<T>& p, int e, int&
   return q < 0 ? ZcKind::kCopy : ZcKind::kConstant;
 }
 
+// acc[u] += (gate or 1) · rows[row of slot j, c + u] over token t's FFN slots s0.. in slot order; returns
+// whether any of its slots is a kept zero-computation slot. Shared by the combine and the dx gather.
+template <int V, class T>
+__device__ __forceinline__ bool accumulate_rows(const CombineParams<T>& p, const T* rows, std::size_t s0, std::size_t c,
+                                                bool gate_weighted, float (&acc)[V]) {
+  float v[V];
+  bool any_zc = false;
+  for (int j = 0; j < p.top_k; ++j) {
+    const int row = p.row_of_slot[s0 + j];
+    any_zc = any_zc || row == kZeroComputationSlot;
+    if (row < 0) continue;
+    const float g = gate_weighted ? p.gate[s0 + j] : 1.f;
+    load_vec<V>(rows, std::size_t(row) * std::size_t(p.d) + c, v);
+#pragma unroll
+    for (int u = 0; u < V; ++u) acc[u] += g * v[u];
+  }
+  return any_zc;
+}
+
 // V columns per thread (16-byte accesses when rows are aligned, see vec_width).
 template <int V, class T>
 MOEKIT_KERNEL void combine_kernel(CombineParams<T> p, T* out) {
@@ -57,17 +76,7 @@ MOEKIT_KERNEL void combine_kernel(CombineParams<T> p, T* out) {
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const std::size_t e0 = i * V, t = e0 / d, c = e0 % d, s0 = t * std::size_t(p.top_k);
     float acc[V] = {}, v[V];
-    bool any_zc = false;
-    for (int j = 0; j < p.top_k; ++j) {
-      const int row = p.row_of_slot[s0 + j];
-      any_zc = any_zc || row == kZeroComputationSlot;
-      if (row < 0) continue;
-      const float g = p.gate[s0 + j];
-      load_vec<V>(p.y, std::size_t(row) * d + c, v);
-#pragma unroll
-      for (int u = 0; u < V; ++u) acc[u] += g * v[u];
-    }
-    if (any_zc) {  // after the FFN terms, as the host backend adds them
+    if (accumulate_rows<V>(p, p.y, s0, c, /*gate_weighted=*/true, acc)) {  // ZC after the FFN terms, as the host
       float xv[V];
       load_vec<V>(p.x, e0, xv);
       for (int j = 0; j < p.top_k; ++j) {
@@ -199,17 +208,8 @@ MOEKIT_KERNEL void token_backward_kernel(CombineParams<T> p, const T* dxp, const
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const std::size_t e0 = i * V, t = e0 / d, c = e0 % d, s0 = t * std::size_t(p.top_k);
-    float acc[V] = {}, v[V];
-    bool any_zc = false;
-    for (int j = 0; j < p.top_k; ++j) {
-      const int row = p.row_of_slot[s0 + j];
-      any_zc = any_zc || row == kZeroComputationSlot;
-      if (row < 0) continue;
-      load_vec<V>(dxp, std::size_t(row) * d + c, v);
-#pragma unroll
-      for (int u = 0; u < V; ++u) acc[u] += v[u];
-    }
-    if (any_zc) {
+    float acc[V] = {};
+    if (accumulate_rows<V>(p, dxp, s0, c, /*gate_weighted=*/false, acc)) {
       float dc[V], w0[V], w1[V];
       load_vec<V>(dout, e0, dc);
       for (int j = 0; j < p.top_k; ++j) {
