@@ -86,11 +86,13 @@ Row run(const Shape& s, const MoeConfig& cfg, bool skewed, int reps, const char*
   // Two input sets, alternated, so a rep does not find the previous rep's x in cache.
   std::vector<float> x[2], y(s.tokens * s.d), dx(s.tokens * s.d), dy(s.tokens * s.d);
   SplitMix64 rng(7);
+  auto w = layer.weights();
   for (auto& v : x) {
     v.resize(s.tokens * s.d);
     for (auto& e : v) e = float(rng.uniform(-1, 1));
-    set_routing(layer.params().router, v, s, skewed);
+    set_routing(w.router, v, s, skewed);
   }
+  layer.load_weights(w);
   for (auto& e : dy) e = float(rng.uniform(-1, 1));
   int which = 0;
   auto fwd = [&] {

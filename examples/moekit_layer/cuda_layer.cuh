@@ -17,7 +17,7 @@
 #include "layer_io.hpp"
 #include "moekit/backend/cuda/memory.cuh"
 #include "moekit/backend/cuda/moe_layer.cuh"
-#include "moekit/backend/host/moe_weights.hpp"
+#include "moekit/layer/parameter_table.hpp"
 #include "moekit/moe_layer.hpp"
 
 namespace moekit_layer::cuda_detail {
@@ -49,22 +49,23 @@ LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
   const std::int64_t T = in.tokens, d = cfg.d_model, n = cfg.num_experts(), k = cfg.top_k;
   const bool gated = cfg.activation == moekit::Activation::kSwiGLU, residual = cfg.gating_residual;
 
-  // The weights in MoeWeights' layout, through the named views every backend shares.
-  moekit::MoeWeights<float> w, g;
-  w.resize(cfg, gated, residual);
-  g.resize(cfg, gated, residual);
-  for (const auto& p : moekit::moe_parameters(cfg, w, g)) {
+  // The weights by name into the flat layout of the parameter table every backend shares.
+  const moekit::ParameterTable table(cfg, gated, residual);
+  std::vector<float> flat(std::size_t(table.size()));
+  for (const auto& p : table.specs()) {
     const auto it = in.weights.find(p.name);
     if (it == in.weights.end() || std::int64_t(it->second.size()) != p.numel())
       throw std::logic_error("moekit-layer: the layer's parameter '" + p.name + "' does not match parameter_shapes()");
-    std::copy(it->second.begin(), it->second.end(), p.value);
+    std::copy(it->second.begin(), it->second.end(), flat.begin() + p.offset);
   }
+  moekit::MoeWeights<float> w;
+  table.unpack(flat.data(), w);
 
   LayerOutputs out;
   moekit::with_layer_type<moekit::backend::Cuda<V>>(cfg, [&]<class Layer>(std::type_identity<Layer>) {
     using S = typename Layer::storage_type;
     Layer layer(cfg);
-    layer.upload_params(w);
+    layer.load_weights(w);
     layer.reserve(T);
     const std::size_t td = std::size_t(T * d), tn = std::size_t(T * n), tk = std::size_t(T * k);
     mc::DeviceArray<S> x(td), y(td), dy(td), dx(td);
@@ -93,10 +94,9 @@ LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
     mc::download_as(y.data(), td, out.y.data());
     mc::download_as(dx.data(), td, out.dx.data());
     if (residual) download_raw(dprev.data(), tn, out.grad_prev_logits);
-    layer.download_grads(g);
+    table.pack(layer.gradients(), flat.data());
   });
-  // download_grads may have reallocated g's vectors: take the views anew.
-  for (const auto& p : moekit::moe_parameters(cfg, w, g)) out.grads[p.name].assign(p.grad, p.grad + p.numel());
+  for (const auto& p : table.specs()) out.grads[p.name].assign(flat.begin() + p.offset, flat.begin() + p.offset + p.numel());
   return out;
 }
 

@@ -24,6 +24,7 @@
 #include <nlohmann/json.hpp>
 
 #include "layer_io.hpp"
+#include "moekit/io/config_json.hpp"
 #include "moekit/io/safetensors.hpp"
 #include "moekit/moe_layer.hpp"
 
@@ -97,10 +98,9 @@ struct HarnessConfig {
 // ConfigError naming the key.
 inline HarnessConfig parse_config(const nlohmann::json& j) {
   using moekit::ConfigError;
-  static const std::vector<std::string> known{
-      "d_model",         "d_expert",    "num_ffn_experts", "num_zero_experts", "num_copy_experts", "num_constant_experts",
-      "top_k",           "router",      "gating_residual", "renormalize",      "activation",       "capacity_factor",
-      "lbl_coef",        "zloss_coef",  "tau",             "backend",          "dtype"};
+  // The layer's keys come from MoeConfig's field table (io/config_json.hpp); the harness adds two.
+  std::vector<std::string> known = moekit::config_keys(moekit::FieldScope::kLayer);
+  known.insert(known.end(), {"backend", "dtype"});
   if (!j.is_object()) throw ConfigError("config", j.dump(), "must be a JSON object");
   for (const auto& [key, value] : j.items()) {
     if (std::find(known.begin(), known.end(), key) != known.end()) continue;
@@ -108,48 +108,13 @@ inline HarnessConfig parse_config(const nlohmann::json& j) {
     for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
     throw ConfigError(key, value.dump(), "is not a moekit-layer config key (known keys: " + list + ")");
   }
-  auto integer = [&](const char* key) -> std::int64_t {
-    if (!j.contains(key)) throw ConfigError(key, "(missing)", "is required");
-    const auto& v = j[key];
-    if (!v.is_number_integer()) throw ConfigError(key, v.dump(), "must be a JSON integer");
-    if (v.is_number_unsigned() && v.get<std::uint64_t>() > std::uint64_t(std::numeric_limits<std::int64_t>::max()))
-      throw ConfigError(key, v.dump(), "must fit in a signed 64-bit integer");
-    return v.get<std::int64_t>();
-  };
-  auto optional_integer = [&](const char* key, std::int64_t fallback) {
-    return j.contains(key) ? integer(key) : fallback;
-  };
-  auto number = [&](const char* key, double fallback) {
-    if (!j.contains(key)) return fallback;
-    if (!j[key].is_number()) throw ConfigError(key, j[key].dump(), "must be a JSON number");
-    return j[key].get<double>();
-  };
-  auto boolean = [&](const char* key, bool fallback) {
-    if (!j.contains(key)) return fallback;
-    if (!j[key].is_boolean()) throw ConfigError(key, j[key].dump(), "must be true or false");
-    return j[key].get<bool>();
-  };
   auto string = [&](const char* key, const char* fallback) {
     if (!j.contains(key)) return std::string(fallback);
     if (!j[key].is_string()) throw ConfigError(key, j[key].dump(), "must be a JSON string");
     return j[key].get<std::string>();
   };
   moekit::MoeConfig c;
-  c.d_model = integer("d_model");
-  c.d_expert = integer("d_expert");
-  c.num_ffn_experts = integer("num_ffn_experts");
-  c.num_zero_experts = optional_integer("num_zero_experts", 0);
-  c.num_copy_experts = optional_integer("num_copy_experts", 0);
-  c.num_constant_experts = optional_integer("num_constant_experts", 0);
-  c.top_k = integer("top_k");
-  c.router = moekit::parse_router(string("router", "softmax"));
-  c.gating_residual = boolean("gating_residual", false);
-  c.renormalize = boolean("renormalize", false);
-  c.activation = moekit::parse_activation(string("activation", "swiglu"));
-  c.capacity_factor = number("capacity_factor", 0.0);
-  c.lbl_coef = number("lbl_coef", 0.0);
-  c.zloss_coef = number("zloss_coef", 0.0);
-  c.tau = number("tau", 1.0);
+  moekit::read_config_fields(j, c, moekit::FieldScope::kLayer);
   HarnessConfig h;
   const auto backend = string("backend", "host"), dtype = string("dtype", "fp32");
   if (backend == "cuda") h.backend = Backend::kCuda;
@@ -169,24 +134,11 @@ inline HarnessConfig parse_config(const nlohmann::json& j) {
 
 // The effective configuration, every key spelled out (stored in the output's metadata).
 inline nlohmann::json config_json(const HarnessConfig& h) {
-  const moekit::MoeConfig& c = h.layer;
-  return {{"d_model", c.d_model},
-          {"d_expert", c.d_expert},
-          {"num_ffn_experts", c.num_ffn_experts},
-          {"num_zero_experts", c.num_zero_experts},
-          {"num_copy_experts", c.num_copy_experts},
-          {"num_constant_experts", c.num_constant_experts},
-          {"top_k", c.top_k},
-          {"router", moekit::to_string(c.router)},
-          {"gating_residual", c.gating_residual},
-          {"renormalize", c.renormalize},
-          {"activation", moekit::to_string(c.activation)},
-          {"capacity_factor", c.capacity_factor},
-          {"lbl_coef", c.lbl_coef},
-          {"zloss_coef", c.zloss_coef},
-          {"tau", c.tau},
-          {"backend", to_string(h.backend)},
-          {"dtype", to_string(h.dtype)}};
+  nlohmann::json j = nlohmann::json::object();
+  moekit::write_config_fields(h.layer, j, moekit::FieldScope::kLayer);
+  j["backend"] = to_string(h.backend);
+  j["dtype"] = to_string(h.dtype);
+  return j;
 }
 
 inline HarnessConfig read_config(const std::string& path) {

@@ -7,7 +7,8 @@
 // STATUS: compiled, never run: no GPU was available where this was written.
 #if defined(TRAIN_DOMAINS_HAS_MPI) && defined(MOEKIT_HAS_NCCL)
 #define TRAIN_DOMAINS_CUDA_DISTRIBUTED 1
-#include <moekit/parallel/comm/mpi.hpp>  // <mpi.h> before nccl.cuh: comm::Nccl::from_mpi
+#include <moekit/parallel/comm/mpi.hpp>
+#include <moekit/parallel/comm/nccl_mpi.hpp>  // comm::Nccl::from_mpi
 #include <moekit/parallel/cuda_moe_layer.cuh>
 #endif
 
@@ -54,14 +55,6 @@ void to_host(T* dst, const T* src, std::int64_t n, cudaStream_t s) {
   if (n > 0) MOEKIT_CUDA_CHECK(cudaMemcpyAsync(dst, src, std::size_t(n) * sizeof(T), cudaMemcpyDeviceToHost, s));
 }
 
-// The host layers' parameter order (gate, experts, then constant experts and the gating residual): the
-// distributed CUDA layer lists its replicated parameters first.
-std::vector<mk::DeviceParameter> in_host_order(std::vector<mk::DeviceParameter> ps) {
-  auto rank = [](const mk::DeviceParameter& p) { return p.name == "gate.weight" ? 0 : p.name.rfind("experts.", 0) == 0 ? 1 : 2; };
-  std::stable_sort(ps.begin(), ps.end(), [&](const auto& a, const auto& b) { return rank(a) < rank(b); });
-  return ps;
-}
-
 // One CUDA layer (Layer = MoeLayer<backend::Cuda<float>, R, E, B, P>) behind the host interface.
 //
 // forward/backward take the model's host views: the input (x, or dy and the next block's dlogits) is
@@ -83,10 +76,10 @@ class CudaMoeBlock final : public MoeBlock<float> {
   // Extra arguments go to the layer's constructor (the NCCL world of a distributed layer).
   template <class... Args>
   explicit CudaMoeBlock(const mk::MoeConfig& c, Args&... args) : layer_(c, args...) {
-    for (const mk::DeviceParameter& p : in_host_order(layer_.parameters())) {
+    for (const mk::DeviceParameter& p : layer_.parameters()) {  // the host layers' names and order (one table)
       if (p.dtype != CUDA_R_32F) throw std::logic_error("train_domains: CUDA parameter " + p.name + " is not fp32");
       Mirror m;
-      m.name = p.name, m.shape = p.shape;
+      m.name = p.name, m.shape = p.shape, m.shard = p.shard;
       m.device_value = static_cast<float*>(p.value), m.device_grad = p.grad;
       m.value.assign(std::size_t(p.numel()), 0.f), m.grad.assign(std::size_t(p.numel()), 0.f);
       mirrors_.push_back(std::move(m));
@@ -167,7 +160,7 @@ class CudaMoeBlock final : public MoeBlock<float> {
   }
   std::vector<mk::Parameter<float>> parameters(const std::string& prefix) override {
     std::vector<mk::Parameter<float>> ps;
-    for (Mirror& m : mirrors_) ps.push_back({prefix + m.name, m.value.data(), m.grad.data(), m.shape});
+    for (Mirror& m : mirrors_) ps.push_back({prefix + m.name, m.value.data(), m.grad.data(), m.shape, m.shard});
     return ps;
   }
   void zero_grad() override {
@@ -196,6 +189,7 @@ class CudaMoeBlock final : public MoeBlock<float> {
   struct Mirror {
     std::string name;
     std::vector<std::int64_t> shape;
+    mk::ParamShard shard = mk::ParamShard::kReplicated;
     float* device_value = nullptr;
     float* device_grad = nullptr;
     std::vector<float> value, grad;

@@ -81,12 +81,6 @@ std::unique_ptr<MoeBlock<T>> make_parallel_moe_block(const moekit::MoeConfig& mc
   return make_moe_block<T, moekit::parallel::Hybrid>(mc, global_balance, world);
 }
 
-// Expert slices (sharded over tp x ep); every other parameter of the model is replicated.
-template <class T>
-bool is_expert_slice(const moekit::Parameter<T>& p) {
-  return p.name.find(".moe.experts.") != std::string::npos;
-}
-
 // This rank's place in the grid and the trainer's collectives. Construct on every rank, in the same
 // order relative to the model (communicator splits are collective).
 class Ranks {
@@ -96,10 +90,13 @@ class Ranks {
     if (tp < 1 || ep < 1 || n % (tp * ep) != 0)
       throw moekit::ConfigError("tp * ep", std::to_string(tp) + " * " + std::to_string(ep),
                                 "must divide the number of ranks " + std::to_string(n) + " (dp = ranks / (tp * ep))");
-    g_.tp = tp, g_.ep = ep, g_.dp = n / (tp * ep);
-    g_.t = r % tp, g_.e = (r / tp) % ep, g_.d = r / (tp * ep);
-    shards_ = world.split(g_.t, g_.shard());           // same tp index: the S ranks with different tokens
-    slices_ = world.split(g_.d, g_.t + tp * g_.e);      // same dp index: the tp x ep distinct expert slices
+    g_ = moekit::ParallelGrid::of(tp, ep, n / (tp * ep), r);
+    auto split = [&](moekit::RankGroup group) {
+      const auto s = g_.split_of(group);
+      return world.split(s.color, s.key);
+    };
+    shards_ = split(moekit::RankGroup::kShards);  // the S ranks with different tokens
+    slices_ = split(moekit::RankGroup::kTpEp);    // the tp x ep distinct expert slices
   }
 
   const moekit::ParallelGrid& grid() const { return g_; }
@@ -151,7 +148,7 @@ class Ranks {
     for (const auto& p : params) {
       double s = 0;
       for (std::int64_t i = 0; i < p.numel(); ++i) s += double(p.grad[i]) * double(p.grad[i]);
-      sq[is_expert_slice(p) ? 1 : 0] += s;
+      sq[p.expert_slice() ? 1 : 0] += s;
     }
     slices_->all_reduce_sum(&sq[1], 1);
     const double norm = std::sqrt(sq[0] + sq[1]);
@@ -167,7 +164,7 @@ class Ranks {
   template <class T>
   std::int64_t full_parameter_count(const std::vector<moekit::Parameter<T>>& params) {
     double n[2] = {0, 0};
-    for (const auto& p : params) n[is_expert_slice(p) ? 1 : 0] += double(p.numel());
+    for (const auto& p : params) n[p.expert_slice() ? 1 : 0] += double(p.numel());
     slices_->all_reduce_sum(&n[1], 1);
     return std::int64_t(n[0] + n[1]);
   }

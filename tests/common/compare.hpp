@@ -5,7 +5,7 @@
 #include <cmath>
 #include <vector>
 
-#include <moekit/backend/host/moe_weights.hpp>
+#include <moekit/layer/parameter_table.hpp>
 
 namespace moekit_test {
 
@@ -30,6 +30,16 @@ void for_each_weight(const moekit::MoeWeights<float>& got, const moekit::MoeWeig
   check("const_wc", got.const_wc, ref.const_wc);
   check("const_v", got.const_v, ref.const_v);
   check("gate_residual", got.gate_residual, ref.gate_residual);
+}
+
+// The part of full-size weights that a layer with table t holds (the rest 0), in the same full-size form
+// as that layer's weights() / gradients().
+inline moekit::MoeWeights<float> restrict_to(const moekit::ParameterTable& t, const moekit::MoeWeights<float>& full) {
+  std::vector<float> flat(std::size_t(t.size()));
+  t.pack(full, flat.data());
+  moekit::MoeWeights<float> out;
+  t.unpack(flat.data(), out);
+  return out;
 }
 
 }  // namespace moekit_test

@@ -80,11 +80,11 @@ void check(const Case& c) {
   for (auto* v : {&w.router, &w.w1, &w.w2, &w.w3, &w.const_wc, &w.const_v}) *v = rounded<S>(*v);
 
   HostLayer host(cfg);
-  host.params() = w;
+  host.load_weights(w);
   host.zero_grad();
   Stream stream;
   CudaLayer dev(cfg, c.gemm);
-  dev.upload_params(w);
+  dev.load_weights(w);
   dev.reserve(c.tokens);
   std::mt19937 g(c.seed * 7919u + 1);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -156,9 +156,8 @@ void check(const Case& c) {
     CHECK(std::abs(aux.zloss - aux_ref.zloss) <= tol * std::max(1.0, std::abs(aux_ref.zloss)));
   }
   // Gradients accumulated over both micro-batches.
-  moekit::MoeWeights<float> grads;
-  dev.download_grads(grads);
-  const auto& gr = host.grads();
+  const moekit::MoeWeights<float> grads = dev.gradients();
+  const moekit::MoeWeights<float> gr = host.gradients();
   moekit_test::for_each_weight(grads, gr, [&](const char* name, const std::vector<float>& got, const std::vector<float>& ref) {
     CAPTURE(name);
     CHECK(moekit_test::rel_err(got, ref) <= tol);

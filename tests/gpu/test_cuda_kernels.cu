@@ -259,3 +259,20 @@ TEST_CASE("cuda combine and its backward (dropless, FFN experts) match a host lo
     check_combine<__nv_bfloat16>(T, 6, 64, 64, 700u + unsigned(T));
   }
 }
+
+#include <moekit/backend/cuda/grouped_gemm.cuh>
+
+// A construction that fails part-way (pinned pointer arrays far beyond any host's memory) throws and
+// leaves no stream, event or handle behind.
+TEST_CASE("cuda ExpertGemm: a failed construction releases what it made") {
+  const int before = mc::ExpertGemm::live_objects();
+  for (auto s : {mc::GemmStrategy::kGrouped, mc::GemmStrategy::kLt}) {
+    CHECK_THROWS(mc::ExpertGemm(s, 1 << 30));
+    CHECK(mc::ExpertGemm::live_objects() == before);
+  }
+  {
+    mc::ExpertGemm ok(mc::GemmStrategy::kGrouped, 4);
+    CHECK(mc::ExpertGemm::live_objects() > before);
+  }
+  CHECK(mc::ExpertGemm::live_objects() == before);
+}

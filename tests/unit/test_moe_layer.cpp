@@ -53,10 +53,12 @@ void load_weights(Layer& layer, const ref::Weights& w) {
     REQUIRE(dst.size() == src.size());
     for (size_t i = 0; i < src.size(); ++i) dst[i] = T(src[i]);
   };
-  cp(layer.params().router, w.router);
-  cp(layer.params().w1, w.w1);
-  cp(layer.params().w2, w.w2);
-  cp(layer.params().w3, w.w3);
+  auto lw = layer.weights();
+  cp(lw.router, w.router);
+  cp(lw.w1, w.w1);
+  cp(lw.w2, w.w2);
+  cp(lw.w3, w.w3);
+  layer.load_weights(lw);
 }
 
 ref::Weights random_weights(const MoeConfig& c, std::mt19937_64& g) {

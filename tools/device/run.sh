@@ -1,29 +1,77 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine, from the repository root, with .carry/ from tools/device/build.sh:
-# the gpu tests, compute-sanitizer (memcheck, racecheck) over them, and the benchmark. Logs and JSON go
-# to $OUT (the device tool brings them back). Stages: tests | sanitize | bench | all (default).
-#   run(command="bash tools/device/run.sh all", carry=[".carry"])
+# Runs on the lent GPU machine, from the repository root, with .carry/ from tools/device/build.sh.
+# Every stage is bounded by time, so that one call of the device tool (10 minutes at most) always
+# brings back the gpu test results and a quick benchmark, whatever hangs or runs long later:
+#   1 tests      the gpu tests (doctest, --duration)                      cap 240 s
+#   2 quick      bench: one coarse and one fine-grained shape, the three GEMM strategies   cap 150 s
+#   3 full       bench: every shape, every strategy                       cap 240 s
+#   4 sanitize   compute-sanitizer memcheck, then racecheck, on a subset of the gpu tests   cap 150 s each
+# A stage starts only when the time left (of BUDGET_S, default 540) covers its minimum; it is killed
+# at min(cap, time left − 15 s). A table of what ran, passed, failed, timed out or was skipped comes
+# last. Files under $OUT (at most 8 come back): summary.txt, gpu_tests.log, bench_quick.{log,json},
+# bench_full.{log,json}, sanitize.log.
+#   run(command="bash tools/device/run.sh", carry=[".carry"], timeout_s=600)
+#   run(command="BUDGET_S=300 bash tools/device/run.sh tests quick", ...)   # only some stages
 set -uo pipefail
-stage="${1:-all}"
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
+budget="${BUDGET_S:-540}"
+stages=("$@")
+((${#stages[@]})) || stages=(tests quick full sanitize)
 export LD_LIBRARY_PATH="$PWD/.carry/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export OMP_NUM_THREADS=8 OPENBLAS_NUM_THREADS=1 OMP_WAIT_POLICY=passive
 bin=.carry/bin
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
-status=0
-if [[ "$stage" == tests || "$stage" == all ]]; then
-  "$bin/moekit_gpu_tests" --duration=true 2>&1 | tee "$OUT/gpu_tests.log"; status=$((status | PIPESTATUS[0]))
-fi
-if [[ "$stage" == sanitize || "$stage" == all ]]; then
-  for tool in memcheck racecheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 1 "$bin/moekit_gpu_tests" 2>&1 | tail -n 40 | tee "$OUT/sanitize_$tool.log"
-    status=$((status | PIPESTATUS[0]))
-  done
-fi
-if [[ "$stage" == bench || "$stage" == all ]]; then
-  "$bin/bench_moe_layer" --backend cuda --gemm all --reps 10 --json "$OUT/bench_cuda_bf16.json" 2>&1 | tee "$OUT/bench.log"
-  status=$((status | PIPESTATUS[0]))
-fi
-echo "run.sh: stage $stage exit status $status"
-exit "$status"
+start=$(date +%s)
+rows=()
+overall=0
+
+left() { echo $((budget - ($(date +%s) - start))); }
+wanted() { local s; for s in "${stages[@]}"; do [[ "$s" == "$1" || "$s" == all ]] && return 0; done; return 1; }
+
+# stage NAME CAP MIN LOG COMMAND...: runs COMMAND under timeout, appending to LOG; records a row.
+stage() {
+  local name=$1 cap=$2 min=$3 log=$4
+  shift 4
+  if ! wanted "$name"; then rows+=("$name|not asked|0|-"); return; fi
+  local l; l=$(left)
+  if ((l < min)); then rows+=("$name|skipped: ${l} s left, needs ${min}|0|-"); return; fi
+  local limit=$((cap < l - 15 ? cap : l - 15))
+  local t0; t0=$(date +%s)
+  echo "== $name (limit ${limit} s): $*" | tee -a "$OUT/$log"
+  timeout --kill-after=10 "$limit" "$@" >>"$OUT/$log" 2>&1
+  local rc=$?
+  local dt=$(($(date +%s) - t0)) what
+  case $rc in
+    0) what=passed ;;
+    124 | 137) what="timed out after ${limit} s" ;;
+    *) what="failed (exit $rc)" ;;
+  esac
+  ((rc == 0)) || overall=1
+  rows+=("$name|$what|$dt|$log")
+  tail -n 25 "$OUT/$log"
+}
+
+{
+  echo "run.sh $(date -u +%FT%TZ), budget ${budget} s, stages: ${stages[*]}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+} | tee "$OUT/summary.txt"
+[[ -x "$bin/moekit_gpu_tests" ]] || { echo "run.sh: $bin/moekit_gpu_tests missing (run tools/device/build.sh here first)" | tee -a "$OUT/summary.txt"; exit 2; }
+
+stage tests 240 60 gpu_tests.log "$bin/moekit_gpu_tests" --duration=true
+stage quick 150 45 bench_quick.log "$bin/bench_moe_layer" --backend cuda --gemm all --reps 3 --shape mixtral --shape olmoe \
+  --json "$OUT/bench_quick.json"
+stage full 240 120 bench_full.log "$bin/bench_moe_layer" --backend cuda --gemm all --reps 10 --json "$OUT/bench_full.json"
+# The subset: the kernels, the router, the permutation in chunks and one layer battery (fp32); the
+# bf16 and distributed batteries repeat the same kernels.
+subset='--test-case=cuda activation*,cuda permute*,cuda combine*,cuda router*,*device matches host,cuda layer fp32*'
+stage sanitize 150 60 sanitize.log compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/moekit_gpu_tests" "$subset"
+stage sanitize 150 60 sanitize.log compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/moekit_gpu_tests" "$subset"
+
+{
+  echo
+  printf '%-10s | %-40s | %6s | %s\n' stage result seconds log
+  printf '%s\n' "-----------+------------------------------------------+--------+------------------"
+  for r in "${rows[@]}"; do IFS='|' read -r a b c d <<<"$r"; printf '%-10s | %-40s | %6s | %s\n' "$a" "$b" "$c" "$d"; done
+  echo "run.sh: $(( $(date +%s) - start )) s of ${budget}; overall exit status $overall"
+} | tee -a "$OUT/summary.txt"
+exit "$overall"

@@ -1,7 +1,14 @@
 #pragma once
+// MoeConfig: the runtime shapes and coefficients of one MoE layer, and the one table that describes its
+// fields. Validation (ConfigError messages), the JSON readers and writers (io/config_json.hpp) and the
+// cross-rank agreement check (parallel/sharding.hpp) all walk that table, so a new field cannot be
+// forgotten by one of them: a static_assert below counts MoeConfig's members against the table.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "moekit/core/error.hpp"
 
@@ -20,20 +27,34 @@ inline const char* to_string(Activation a) {
 }
 inline const char* to_string(RouterKind r) { return r == RouterKind::kSoftmax ? "softmax" : "sigmoid"; }
 
-inline Activation parse_activation(const std::string& s) {
-  if (s == "swiglu") return Activation::kSwiGLU;
-  if (s == "gelu") return Activation::kGeLU;
-  if (s == "relu") return Activation::kReLU;
-  throw ConfigError("activation", "\"" + s + "\"", "must be one of \"swiglu\", \"gelu\", \"relu\"");
+// Every value of an enum field, in order (for parsing and for the messages that list the options).
+template <class E>
+struct EnumValues;
+template <>
+struct EnumValues<Activation> {
+  static constexpr Activation all[] = {Activation::kSwiGLU, Activation::kGeLU, Activation::kReLU};
+};
+template <>
+struct EnumValues<RouterKind> {
+  static constexpr RouterKind all[] = {RouterKind::kSoftmax, RouterKind::kSigmoid};
+};
+
+// "name" -> enum value, or a ConfigError naming the field and listing the options.
+template <class E>
+E parse_enum(const char* field, const std::string& s) {
+  std::string options;
+  for (E e : EnumValues<E>::all) {
+    if (s == to_string(e)) return e;
+    options += std::string(options.empty() ? "" : ", ") + "\"" + to_string(e) + "\"";
+  }
+  throw ConfigError(field, "\"" + s + "\"", "must be one of " + options);
 }
-inline RouterKind parse_router(const std::string& s) {
-  if (s == "softmax") return RouterKind::kSoftmax;
-  if (s == "sigmoid") return RouterKind::kSigmoid;
-  throw ConfigError("router", "\"" + s + "\"", "must be one of \"softmax\", \"sigmoid\"");
-}
+inline Activation parse_activation(const std::string& s) { return parse_enum<Activation>("activation", s); }
+inline RouterKind parse_router(const std::string& s) { return parse_enum<RouterKind>("router", s); }
 
 // Runtime shapes and coefficients of one MoE layer. The compile-time policies of MoeLayer must agree
-// with `router` and `activation` (checked when a layer is built).
+// with `router`, `activation` and `gating_residual` (checked when a layer is built). Add a field here
+// and a row to config_fields() below; the static_assert after the table fails until both agree.
 struct MoeConfig {
   std::int64_t d_model = 0;
   std::int64_t d_expert = 0;         // hidden size of each FFN expert
@@ -60,35 +81,130 @@ struct MoeConfig {
   }
   std::int64_t num_zc_experts() const { return num_zero_experts + num_copy_experts + num_constant_experts; }
 
-  // Throws ConfigError naming the first field that breaks a rule.
-  void validate() const {
-    auto positive = [](const char* f, std::int64_t v) {
-      if (v <= 0) throw ConfigError(f, std::to_string(v), "must be > 0");
-    };
-    positive("d_model", d_model);
-    positive("d_expert", d_expert);
-    positive("num_ffn_experts", num_ffn_experts);
-    auto nonneg = [](const char* f, std::int64_t v) {
-      if (v < 0) throw ConfigError(f, std::to_string(v), "must be >= 0");
-    };
-    nonneg("num_zero_experts", num_zero_experts);
-    nonneg("num_copy_experts", num_copy_experts);
-    nonneg("num_constant_experts", num_constant_experts);
-    if (top_k < 1 || top_k > num_experts())
-      throw ConfigError("top_k", std::to_string(top_k),
-                        "must be in [1, number of experts = " + std::to_string(num_experts()) + "]");
-    auto finite_nonneg = [](const char* f, double v) {
-      if (!std::isfinite(v) || v < 0.0) throw ConfigError(f, detail::str(v), "must be finite and >= 0");
-    };
-    finite_nonneg("capacity_factor", capacity_factor);
-    finite_nonneg("lbl_coef", lbl_coef);
-    finite_nonneg("zloss_coef", zloss_coef);
-    if (!std::isfinite(tau) || tau <= 0.0) throw ConfigError("tau", detail::str(tau), "must be finite and > 0");
-    positive("tp", tp);
-    positive("ep", ep);
-    positive("dp", dp);
-    // The sigmoid router always normalises its picked gates (DeepSeek-V3); `renormalize` is for softmax.
-  }
+  // Throws ConfigError naming the first field that breaks a rule (fields in table order).
+  void validate() const;
 };
+
+// The rule a field's value must satisfy (checked by validate(), in table order).
+enum class FieldRule {
+  kNone,            // any value of the type (bools, enums: parsing already restricts them)
+  kPositive,        // integer > 0
+  kNonNegative,     // integer >= 0
+  kTopK,            // integer in [1, num_experts()]
+  kFiniteNonNeg,    // finite and >= 0
+  kFinitePositive,  // finite and > 0
+};
+// Where a field is set: the layer itself, or the parallel layout (not a key of moekit-layer's JSON,
+// which runs one process).
+enum class FieldScope { kLayer, kParallel };
+
+// One row of the table: the JSON key (also the name in every message), the member, its rule, whether a
+// JSON config must give it, and its scope.
+template <class M>
+struct ConfigField {
+  using type = M;
+  using Member = M MoeConfig::*;  // (an alias: nvcc's host output of the plain declarator trips -Wparentheses)
+  const char* name;
+  Member member;
+  FieldRule rule = FieldRule::kNone;
+  bool required = false;
+  FieldScope scope = FieldScope::kLayer;
+};
+
+// THE table of MoeConfig's fields, in declaration order.
+inline constexpr auto config_fields() {
+  using I = std::int64_t;
+  using R = FieldRule;
+  return std::make_tuple(
+      ConfigField<I>{"d_model", &MoeConfig::d_model, R::kPositive, true},
+      ConfigField<I>{"d_expert", &MoeConfig::d_expert, R::kPositive, true},
+      ConfigField<I>{"num_ffn_experts", &MoeConfig::num_ffn_experts, R::kPositive, true},
+      ConfigField<I>{"num_zero_experts", &MoeConfig::num_zero_experts, R::kNonNegative},
+      ConfigField<I>{"num_copy_experts", &MoeConfig::num_copy_experts, R::kNonNegative},
+      ConfigField<I>{"num_constant_experts", &MoeConfig::num_constant_experts, R::kNonNegative},
+      ConfigField<I>{"top_k", &MoeConfig::top_k, R::kTopK, true},
+      ConfigField<RouterKind>{"router", &MoeConfig::router},
+      ConfigField<bool>{"gating_residual", &MoeConfig::gating_residual},
+      ConfigField<bool>{"renormalize", &MoeConfig::renormalize},
+      ConfigField<Activation>{"activation", &MoeConfig::activation},
+      ConfigField<double>{"capacity_factor", &MoeConfig::capacity_factor, R::kFiniteNonNeg},
+      ConfigField<double>{"lbl_coef", &MoeConfig::lbl_coef, R::kFiniteNonNeg},
+      ConfigField<double>{"zloss_coef", &MoeConfig::zloss_coef, R::kFiniteNonNeg},
+      ConfigField<double>{"tau", &MoeConfig::tau, R::kFinitePositive},
+      ConfigField<I>{"tp", &MoeConfig::tp, R::kPositive, false, FieldScope::kParallel},
+      ConfigField<I>{"ep", &MoeConfig::ep, R::kPositive, false, FieldScope::kParallel},
+      ConfigField<I>{"dp", &MoeConfig::dp, R::kPositive, false, FieldScope::kParallel});
+}
+
+// Calls f(field) for every row of the table, in order.
+template <class F>
+constexpr void for_each_config_field(F&& f) {
+  std::apply([&](const auto&... field) { (f(field), ...); }, config_fields());
+}
+
+namespace detail {
+// Whether an aggregate can be brace-initialised from N convertible placeholders: true up to its number
+// of members, false above it.
+struct AnyField {
+  template <class T>
+  constexpr operator T() const noexcept;
+};
+template <class A, std::size_t... I>
+constexpr bool brace_initialisable(std::index_sequence<I...>) {
+  return requires { A{(void(I), AnyField{})...}; };
+}
+}  // namespace detail
+
+// nvcc's front end accepts too many initialisers in a requires-expression, so the count is checked by
+// the host compiler only (every build compiles host translation units with these headers).
+#if !defined(__CUDACC__)
+static_assert(detail::brace_initialisable<MoeConfig>(std::make_index_sequence<std::tuple_size_v<decltype(config_fields())>>{}) &&
+                  !detail::brace_initialisable<MoeConfig>(std::make_index_sequence<std::tuple_size_v<decltype(config_fields())> + 1>{}),
+              "MoeConfig: every member needs a row in config_fields() (validation, JSON and the cross-rank "
+              "agreement all come from that table)");
+#endif
+
+// The value of a field as text, for messages ("swiglu", "true", "0.5", "8").
+template <class M>
+std::string field_text(const M& v) {
+  if constexpr (std::is_same_v<M, bool>) return v ? "true" : "false";
+  else if constexpr (std::is_enum_v<M>) return std::string("\"") + to_string(v) + "\"";
+  else if constexpr (std::is_floating_point_v<M>) return detail::str(v);
+  else return std::to_string(v);
+}
+
+// A field's value as 64 bits (doubles bit for bit), for the cross-rank agreement check.
+template <class M>
+std::int64_t field_bits(const M& v) {
+  if constexpr (std::is_floating_point_v<M>) {
+    const double d = double(v);
+    std::int64_t b;
+    std::memcpy(&b, &d, sizeof b);
+    return b;
+  } else {
+    return std::int64_t(v);
+  }
+}
+
+// Checks one field's rule; throws ConfigError(name, value, rule).
+template <class M>
+void check_field(const ConfigField<M>& f, const MoeConfig& c) {
+  const M& v = c.*f.member;
+  auto fail = [&](const std::string& rule) { throw ConfigError(f.name, field_text(v), rule); };
+  if constexpr (std::is_same_v<M, std::int64_t>) {
+    if (f.rule == FieldRule::kPositive && v <= 0) fail("must be > 0");
+    if (f.rule == FieldRule::kNonNegative && v < 0) fail("must be >= 0");
+    if (f.rule == FieldRule::kTopK && (v < 1 || v > c.num_experts()))
+      fail("must be in [1, number of experts = " + std::to_string(c.num_experts()) + "]");
+  } else if constexpr (std::is_same_v<M, double>) {
+    if (f.rule == FieldRule::kFiniteNonNeg && (!std::isfinite(v) || v < 0.0)) fail("must be finite and >= 0");
+    if (f.rule == FieldRule::kFinitePositive && (!std::isfinite(v) || v <= 0.0)) fail("must be finite and > 0");
+  }
+}
+
+// The sigmoid router always normalises its picked gates (DeepSeek-V3); `renormalize` is for softmax.
+inline void MoeConfig::validate() const {
+  for_each_config_field([&](const auto& f) { check_field(f, *this); });
+}
 
 }  // namespace moekit

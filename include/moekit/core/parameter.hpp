@@ -5,6 +5,13 @@
 
 namespace moekit {
 
+// How a parameter is split over the parallel grid (layer/parameter_table.hpp):
+//   kReplicated  whole on every rank (router, gating residual, constant experts, every dense layer);
+//   kExpertRows  an FFN expert held by one ep rank, its rows split over tp (w1, w3);
+//   kExpertCols  the same, its columns split over tp (w2).
+// Distributed clipping and gradient reduction go by this, never by names.
+enum class ParamShard { kReplicated, kExpertRows, kExpertCols };
+
 // A named trainable tensor and its gradient (both contiguous, same shape). Layers list theirs with
 // `parameters()`; the optimizer, checkpoints and the reference harness all use these names.
 template <class T>
@@ -12,7 +19,9 @@ struct Parameter {
   std::string name;
   T* value = nullptr;
   T* grad = nullptr;
-  std::vector<std::int64_t> shape;
+  std::vector<std::int64_t> shape;  // of this rank's slice
+  ParamShard shard = ParamShard::kReplicated;
+  bool expert_slice() const { return shard != ParamShard::kReplicated; }
   std::int64_t numel() const {
     std::int64_t n = 1;
     for (auto s : shape) n *= s;

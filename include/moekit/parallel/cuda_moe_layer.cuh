@@ -26,12 +26,14 @@
 #include "moekit/backend/cuda/moe_layer.cuh"
 #include "moekit/parallel/comm/nccl.cuh"
 #include "moekit/parallel/dispatch_plan.hpp"
+#include "moekit/parallel/grid.hpp"
 #include "moekit/parallel/policy.hpp"
 #include "moekit/parallel/sharding.hpp"
 
 namespace moekit {
 
 namespace backend::cuda {
+inline namespace MOEKIT_CUDA_ABI {
 // counts[e] = offsets[c·F + e + 1] - offsets[c·F + e]: the rows chunk c sends to each FFN expert.
 template <class I>
 MOEKIT_KERNEL void chunk_counts_kernel(const int* offsets, int chunk, int ffn, I* counts) {
@@ -48,12 +50,13 @@ template <class I>
 MOEKIT_KERNEL void bad_flag_kernel(const int* bad_token, I* flag) {
   *flag = *bad_token != kNoBadToken ? 1 : 0;
 }
+}  // inline namespace MOEKIT_CUDA_ABI
 }  // namespace backend::cuda
 
 template <class V, class Router, class Experts, class Balance, parallel::DistributedPolicy P>
-class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
-    : public MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
-  using Base = MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None>;
+class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P>
+    : public MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, parallel::None> {
+  using Base = MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, parallel::None>;
   using S = typename Base::storage_type;
   using Act = typename Experts::activation;
   static constexpr bool kGated = Act::gated;
@@ -66,18 +69,10 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
                  cfg, world.size(), world.rank(),
                  [&](const std::int64_t* mine, std::size_t n, std::int64_t* all) { gather_on_device(world, mine, n, all); },
                  {{"duplicate_token_dropping", duplicate_token_dropping}, {"balance (GlobalBatch)", Balance::global}}),
-             gemm, shard_of(cfg)),
+             gemm, grid_of(cfg, world.rank())),
         dtd_(duplicate_token_dropping) {
-    const int r = world.rank();
-    g_.tp = int(cfg.tp), g_.ep = int(cfg.ep), g_.dp = int(cfg.dp);
-    g_.t = r % g_.tp, g_.e = (r / g_.tp) % g_.ep, g_.d = r / (g_.tp * g_.ep);
-    auto split = [&](int color, int key) { return std::make_unique<comm::Nccl>(world.split(color, key)); };
-    tp_ = split(g_.e + g_.ep * g_.d, g_.t);  // every rank splits in the same order
-    ep_ = split(g_.t + g_.tp * g_.d, g_.e);
-    dp_ = split(g_.t + g_.tp * g_.e, g_.d);
-    dense_ = split(g_.t, g_.shard());
-    tpep_ = split(g_.d, g_.t + g_.tp * g_.e);
-    world_ = split(0, r);
+    g_ = ParallelGrid::of(cfg.tp, cfg.ep, cfg.dp, world.rank());
+    groups_ = RankGroups<comm::Nccl>(world, g_, [](comm::Nccl& w, int color, int key) { return std::make_unique<comm::Nccl>(w.split(color, key)); });
     const I64 nf = this->cfg_.num_ffn_experts, n = this->cfg_.num_experts();
     el_ = this->held_, fl_ = this->f_, wfl_ = this->wf_;
     this->chunks_ = dtd_ ? g_.tp : 1;
@@ -96,72 +91,12 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
   MoeLayer(MoeLayer&&) = delete;  // the GlobalBatch hook and the communicators point into this object
 
   const ParallelGrid& grid() const { return g_; }
-  // Full-size weights do not fit a shard: load_full_params / init_params / download_grads instead; the
-  // expert side's buffers come with reserve() only.
-  void upload_params(const MoeWeights<float>&) = delete;
-  void download_params(MoeWeights<float>&) const = delete;
+  // The expert side's buffers come with reserve() only (no caller-owned workspace here).
   void attach_workspace(void*, std::size_t, I64) = delete;
-  // This rank's parameters (expert names are global; their shapes are the tp slices).
-  std::vector<DeviceParameter> parameters(const std::string& prefix = "") {
-    std::vector<DeviceParameter> out = this->dense_parameters(prefix);
-    const I64 d = this->cfg_.d_model;
-    const cudaDataType_t st = backend::cuda::data_type<S>();
-    for (I64 le = 0; le < el_; ++le) {
-      const std::string p = prefix + "experts." + std::to_string(first_expert() + le) + ".";
-      out.push_back({p + "w1.weight", this->w13_.data() + le * wfl_ * d, this->g_w13_.data() + le * wfl_ * d, {fl_, d}, st});
-      out.push_back({p + "w2.weight", this->w2_.data() + le * d * fl_, this->g_w2_.data() + le * d * fl_, {d, fl_}, st});
-      if constexpr (kGated)
-        out.push_back({p + "w3.weight", this->w13_.data() + (le * wfl_ + fl_) * d, this->g_w13_.data() + (le * wfl_ + fl_) * d, {fl_, d}, st});
-    }
-    return out;
-  }
-  I64 first_expert() const { return I64(g_.e) * el_; }
+  I64 first_expert() const { return this->table_.first_expert(); }
   I64 local_experts() const { return el_; }
   void set_activation_checkpointing(bool on) { recompute_ = on; }
   I64 recomputations() const { return recomputations_; }
-
-  // The full model's fp32 weights (as a single-rank layer holds them) -> this rank's shard on the device.
-  void load_full_params(const MoeWeights<float>& full) {
-    this->check_sizes(full, "load_full_params");
-    MoeWeights<float> local;
-    slice_moe_weights(full, local, this->cfg_, g_);
-    namespace mc = backend::cuda;
-    mc::upload_as(local.router.data(), local.router.size(), this->router_.data());
-    std::vector<float> w13(std::size_t(el_ * wfl_ * this->cfg_.d_model));
-    interleave(local.w1, local.w3, w13);
-    mc::upload_as(w13.data(), w13.size(), this->w13_.data());
-    mc::upload_as(local.w2.data(), local.w2.size(), this->w2_.data());
-    mc::upload_as(local.const_wc.data(), local.const_wc.size(), this->wc_.data());
-    mc::upload_as(local.const_v.data(), local.const_v.size(), this->v_.data());
-    if constexpr (Router::residual) mc::upload_as(local.gate_residual.data(), local.gate_residual.size(), this->gate_res_.data());
-  }
-  void init_params(std::uint64_t seed) {
-    MoeWeights<float> full;
-    full.resize(this->cfg_, kGated, Router::residual);
-    init_moe_weights(full, this->cfg_, seed);
-    load_full_params(full);
-  }
-  // This rank's fp32 gradients in the shard layout of slice_moe_weights (synchronises the device).
-  void download_grads(MoeWeights<float>& g) const {
-    namespace mc = backend::cuda;
-    MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
-    const I64 d = this->cfg_.d_model;
-    g.router.resize(this->g_router_.size()), g.const_wc.resize(this->g_wc_.size()), g.const_v.resize(this->g_v_.size());
-    g.gate_residual.resize(this->g_gate_res_.size());
-    mc::download_as(this->g_router_.data(), g.router.size(), g.router.data());
-    mc::download_as(this->g_wc_.data(), g.const_wc.size(), g.const_wc.data());
-    mc::download_as(this->g_v_.data(), g.const_v.size(), g.const_v.data());
-    mc::download_as(this->g_gate_res_.data(), g.gate_residual.size(), g.gate_residual.data());
-    std::vector<float> w13(std::size_t(el_ * wfl_ * d));
-    mc::download_as(this->g_w13_.data(), w13.size(), w13.data());
-    g.w1.assign(std::size_t(el_ * fl_ * d), 0.f), g.w3.assign(kGated ? std::size_t(el_ * fl_ * d) : 0, 0.f);
-    for (I64 le = 0; le < el_; ++le) {
-      std::copy_n(w13.begin() + le * wfl_ * d, fl_ * d, g.w1.begin() + le * fl_ * d);
-      if constexpr (kGated) std::copy_n(w13.begin() + (le * wfl_ + fl_) * d, fl_ * d, g.w3.begin() + le * fl_ * d);
-    }
-    g.w2.resize(this->g_w2_.size());
-    mc::download_as(this->g_w2_.data(), g.w2.size(), g.w2.data());
-  }
 
   // The base workspace and the expert side's (ep·T·k rows: every row of every source could come here).
   // Every rank must reserve the same number of tokens.
@@ -186,18 +121,18 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
     MOEKIT_CUDA_CHECK(cudaGetLastError());
     mc::set_value_kernel<int><<<1, 1, 0, stream>>>(counts_dev_.data() + nf, int(capacity_rows_));
     MOEKIT_CUDA_CHECK(cudaGetLastError());
-    tpep_->all_gather(counts_dev_.data(), std::size_t(nf + 1), this->extra_dev(), stream);
+    groups_[RankGroup::kTpEp].all_gather(counts_dev_.data(), std::size_t(nf + 1), this->extra_dev(), stream);
     int* global = this->extra_dev() + g_.tp * g_.ep * (nf + 1);
     MOEKIT_CUDA_CHECK(cudaMemcpyAsync(global, this->routed_dev(), sizeof(int) * std::size_t(n), cudaMemcpyDeviceToDevice, stream));
     mc::set_value_kernel<int><<<1, 1, 0, stream>>>(global + n, int(this->tokens_));
     MOEKIT_CUDA_CHECK(cudaGetLastError());
-    if constexpr (Balance::global) dense_->all_reduce_sum(global, std::size_t(n + 1), stream);
+    if constexpr (Balance::global) groups_[RankGroup::kShards].all_reduce_sum(global, std::size_t(n + 1), stream);
     // Ranks with non-finite logits, over the world: every rank then throws together instead of some
     // leaving the others in a collective.
     mc::bad_flag_kernel<int><<<1, 1, 0, stream>>>(this->bad_dev(), global + n + 1);
     MOEKIT_CUDA_CHECK(cudaGetLastError());
-    world_->all_reduce_sum(global + n + 1, 1, stream);
-    world_->wait(stream);  // NCCL errors and timeouts surface here, not as a hang in the sync
+    groups_[RankGroup::kWorld].all_reduce_sum(global + n + 1, 1, stream);
+    groups_[RankGroup::kWorld].wait(stream);  // NCCL errors and timeouts surface here, not as a hang in the sync
     this->sync_stats(stream, /*check_finite=*/false);
     if (this->extra_host()[g_.tp * g_.ep * (nf + 1) + n + 1] > 0) {
       this->throw_if_not_finite();
@@ -230,28 +165,32 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
   // to the mean over the ep·dp shards (as the host layer).
   void sync_gradients(cudaStream_t stream = nullptr) {
     cublasHandle_t h = this->gemm_->handle(stream);
-    auto reduce = [&](comm::Nccl& c, backend::cuda::DeviceArray<float>& v, float scale) {
-      if (v.size() == 0) return;
-      c.all_reduce_sum(v.data(), v.size(), stream);
-      MOEKIT_CUBLAS_CHECK(cublasSscal(h, int(v.size()), &scale, v.data(), 1));
+    auto reduce = [&](comm::Nccl& c, float* v, I64 n, float scale) {
+      if (n == 0) return;
+      c.all_reduce_sum(v, std::size_t(n), stream);
+      MOEKIT_CUBLAS_CHECK(cublasSscal(h, int(n), &scale, v, 1));
     };
+    // The flat layout keeps the expert slices in [w13, const_wc) and the replicated tensors around it.
+    const auto& o = this->table_.offsets();
+    float* g = this->grads_.data();
     const float expert = 1.f / float(g_.shards()), dense = 1.f / float(g_.shards() * g_.tp);
-    reduce(*dp_, this->g_w13_, expert), reduce(*dp_, this->g_w2_, expert);
-    reduce(*world_, this->g_router_, dense), reduce(*world_, this->g_wc_, dense), reduce(*world_, this->g_v_, dense);
-    reduce(*world_, this->g_gate_res_, dense);
+    reduce(groups_[RankGroup::kDp], g + o.w13, o.const_wc - o.w13, expert);
+    reduce(groups_[RankGroup::kWorld], g + o.router, o.w13 - o.router, dense);
+    reduce(groups_[RankGroup::kWorld], g + o.const_wc, o.end - o.const_wc, dense);
   }
 
   comm::ByteCounters comm_counters() const {
     comm::ByteCounters s;
-    for (const comm::Nccl* c : {tp_.get(), ep_.get(), dp_.get(), dense_.get(), tpep_.get(), world_.get()})
-      for (std::size_t i = 0; i < s.bytes.size(); ++i) s.bytes[i] += c->counters().bytes[i], s.calls[i] += c->counters().calls[i];
+    groups_.for_each([&](const comm::Nccl& c) {
+      for (std::size_t i = 0; i < s.bytes.size(); ++i) s.bytes[i] += c.counters().bytes[i], s.calls[i] += c.counters().calls[i];
+    });
     return s;
   }
-  const comm::ByteCounters& ep_counters() const { return ep_->counters(); }
+  const comm::ByteCounters& ep_counters() const { return groups_[RankGroup::kEp].counters(); }
 
  private:
-  static typename Base::ExpertShard shard_of(const MoeConfig& c) {  // before validation: no division by 0
-    return {c.ep > 0 ? c.num_ffn_experts / c.ep : c.num_ffn_experts, c.tp > 0 ? c.d_expert / c.tp : c.d_expert};
+  static ParallelGrid grid_of(const MoeConfig& c, int rank) {  // before validation: no division by 0
+    return ParallelGrid::of(std::max<I64>(c.tp, 1), std::max<I64>(c.ep, 1), std::max<I64>(c.dp, 1), rank);
   }
   static void gather_on_device(comm::Nccl& world, const std::int64_t* mine, std::size_t n, std::int64_t* all) {
     backend::cuda::DeviceArray<std::int64_t> a(n), b(n * std::size_t(world.size()));
@@ -262,7 +201,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
   }
 
   typename Base::ExpertView view() {
-    return {this->w13_.data(), this->w2_.data(), this->g_w13_.data(), this->g_w2_.data(), fl_, wfl_};
+    return this->expert_view();
   }
 
   // The plan from the synchronised stats: offsets (chunk-major) and the all-gathered counts.
@@ -302,10 +241,10 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
   // My chunk's rows of `rows` -> expert-major rows `out` at the expert side.
   void to_experts(const S* rows, S* out, cudaStream_t stream) {
     const I64 d = this->cfg_.d_model;
-    ep_->all_to_all_v(rows + plan_.chunk_row(plan_.my_chunk()) * d, plan_.send().data(), recv_.data(), plan_.recv().data(), stream);
+    groups_[RankGroup::kEp].all_to_all_v(rows + plan_.chunk_row(plan_.my_chunk()) * d, plan_.send().data(), recv_.data(), plan_.recv().data(), stream);
     const S* gathered = recv_.data();
     if (dtd_ && g_.tp > 1) {
-      tp_->all_gather_v(recv_.data(), plan_.gather().data(), gathered_.data(), stream);
+      groups_[RankGroup::kTp].all_gather_v(recv_.data(), plan_.gather().data(), gathered_.data(), stream);
       gathered = gathered_.data();
     }
     permute_blocks(gathered, out, true, stream);
@@ -317,31 +256,22 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, P>
     permute_blocks(in, gathered_.data(), false, stream);
     const S* back = gathered_.data();
     if (g_.tp > 1 && dtd_) {
-      tp_->reduce_scatter_v(gathered_.data(), plan_.gather().data(), recv_.data(), stream);
+      groups_[RankGroup::kTp].reduce_scatter_v(gathered_.data(), plan_.gather().data(), recv_.data(), stream);
       back = recv_.data();
     } else if (g_.tp > 1) {
-      tp_->all_reduce_sum(gathered_.data(), std::size_t(plan_.expert_rows() * d), stream);
+      groups_[RankGroup::kTp].all_reduce_sum(gathered_.data(), std::size_t(plan_.expert_rows() * d), stream);
     }
     S* mine = rows + plan_.chunk_row(plan_.my_chunk()) * d;
-    ep_->all_to_all_v(back, plan_.recv().data(), mine, plan_.send().data(), stream);
+    groups_[RankGroup::kEp].all_to_all_v(back, plan_.recv().data(), mine, plan_.send().data(), stream);
     if (dtd_ && g_.tp > 1) {  // all-gather's send may not alias its receive buffer
       MOEKIT_CUDA_CHECK(cudaMemcpyAsync(mine_.data(), mine, std::size_t(plan_.my_rows() * d) * sizeof(S), cudaMemcpyDeviceToDevice, stream));
-      tp_->all_gather_v(mine_.data(), plan_.chunk_elements().data(), rows, stream);
-    }
-  }
-
-  // [el, fl, d] w1 and w3 -> [el, wfl, d] with each expert's w1 slice then w3 slice.
-  void interleave(const std::vector<float>& w1, const std::vector<float>& w3, std::vector<float>& w13) const {
-    const std::size_t blk = std::size_t(fl_ * this->cfg_.d_model);
-    for (std::size_t le = 0; le < std::size_t(el_); ++le) {
-      std::copy_n(w1.begin() + le * blk, blk, w13.begin() + le * std::size_t(wfl_ / fl_) * blk);
-      if constexpr (kGated) std::copy_n(w3.begin() + le * blk, blk, w13.begin() + (2 * le + 1) * blk);
+      groups_[RankGroup::kTp].all_gather_v(mine_.data(), plan_.chunk_elements().data(), rows, stream);
     }
   }
 
   ParallelGrid g_;
   DispatchPlan plan_;
-  std::unique_ptr<comm::Nccl> tp_, ep_, dp_, dense_, tpep_, world_;
+  RankGroups<comm::Nccl> groups_;
   bool dtd_ = true, recompute_ = false, has_activations_ = false;
   I64 el_ = 0, fl_ = 0, wfl_ = 0, recomputations_ = 0, capacity_rows_ = 0;
   std::vector<std::int32_t> exp_off_;

@@ -11,14 +11,9 @@
 #include <cstdint>
 #include <vector>
 
-namespace moekit {
+#include "moekit/parallel/grid.hpp"
 
-// This rank's place in the tp x ep x dp grid (rank = t + tp·(e + ep·d)).
-struct ParallelGrid {
-  int tp = 1, ep = 1, dp = 1, t = 0, e = 0, d = 0;
-  int shards() const { return ep * dp; }
-  int shard() const { return e + ep * d; }
-};
+namespace moekit {
 
 class DispatchPlan {
  public:
@@ -28,6 +23,7 @@ class DispatchPlan {
     g_ = g, dtd_ = dtd, nf_ = ffn_experts, el_ = ffn_experts / g.ep, d_ = d_model;
   }
   int chunks() const { return dtd_ ? g_.tp : 1; }
+  I64 d_model() const { return d_; }
   int my_chunk() const { return dtd_ ? g_.t : 0; }
   // Chunk of token t of `tokens` (the inverse of the ranges above).
   static I64 chunk_of(I64 t, I64 tokens, I64 chunks) { return ((t + 1) * chunks + tokens - 1) / tokens - 1; }

@@ -36,6 +36,7 @@
 #include "moekit/backend/host/moe_layer.hpp"
 #include "moekit/parallel/comm/communicator.hpp"
 #include "moekit/parallel/dispatch_plan.hpp"
+#include "moekit/parallel/grid.hpp"
 #include "moekit/parallel/sharding.hpp"
 #include "moekit/parallel/policy.hpp"
 
@@ -55,34 +56,20 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
             cfg, world.size(), world.rank(),
             [&](const std::int64_t* mine, std::size_t n, std::int64_t* all) { world.all_gather(mine, n, all); },
             {{"balance (GlobalBatch)", Balance::global}})) {
-    const int r = world.rank();
-    g_.tp = int(cfg.tp), g_.ep = int(cfg.ep), g_.dp = int(cfg.dp);
-    g_.t = r % g_.tp, g_.e = (r / g_.tp) % g_.ep, g_.d = r / (g_.tp * g_.ep);
-    // Every rank splits in the same order (splits are collective over the world).
-    tp_ = world.split(g_.e + g_.ep * g_.d, g_.t);
-    ep_ = world.split(g_.t + g_.tp * g_.d, g_.e);
-    dp_ = world.split(g_.t + g_.tp * g_.e, g_.d);
-    dense_ = world.split(g_.t, g_.shard());
-    world_ = world.split(0, r);  // dense gradients: summed over every rank, so tp replicas stay bit-identical
-    tpep_ = world.split(g_.d, g_.t + g_.tp * g_.e);
-    el_ = this->cfg_.num_ffn_experts / g_.ep;
-    fl_ = this->cfg_.d_expert / g_.tp;
-    const I64 d = this->cfg_.d_model;
-    for (auto* w : {&this->params_, &this->grads_}) {  // the local shard only
-      w->w1.assign(el_ * fl_ * d, T(0));
-      w->w2.assign(el_ * d * fl_, T(0));
-      w->w3.assign(kGated ? el_ * fl_ * d : 0, T(0));
-      w->w1.shrink_to_fit(), w->w2.shrink_to_fit(), w->w3.shrink_to_fit();
-    }
+    g_ = ParallelGrid::of(cfg.tp, cfg.ep, cfg.dp, world.rank());
+    groups_ = RankGroups<comm::HostCommunicator>(world, g_, [](comm::HostCommunicator& w, int color, int key) { return w.split(color, key); });
+    this->set_parameter_table(ParameterTable(this->cfg_, kGated, Router::residual, g_));  // the local shard only
+    el_ = this->table_.local_experts();
+    fl_ = this->table_.local_d_expert();
     if constexpr (Balance::global) {
-      comm::HostCommunicator* dense = dense_.get();
-      this->balance_.set_all_reduce([dense](std::int64_t* data, std::size_t n) { dense->all_reduce_sum(data, n); });
+      comm::HostCommunicator* shards = &groups_[RankGroup::kShards];
+      this->balance_.set_all_reduce([shards](std::int64_t* data, std::size_t n) { shards->all_reduce_sum(data, n); });
     }
   }
 
   const ParallelGrid& grid() const { return g_; }
   // Local experts [first_expert(), first_expert() + local_experts()), each a d_expert/tp slice.
-  I64 first_expert() const { return I64(g_.e) * el_; }
+  I64 first_expert() const { return this->table_.first_expert(); }
   I64 local_experts() const { return el_; }
   // Duplicate token dropping over tp (default on; off dispatches every row from every tp rank).
   void set_duplicate_token_dropping(bool on) { dtd_ = on; }
@@ -90,41 +77,6 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
   // saved all-to-all outputs.
   void set_activation_checkpointing(bool on) { recompute_ = on; }
   I64 recomputations() const { return recomputations_; }
-
-  // The full model's weights (as a parallel::None layer holds them) -> this rank's shard.
-  void load_full_params(const MoeWeights<T>& full) { slice(full, this->params_); }
-  void init_params(std::uint64_t seed) {
-    MoeWeights<T> full;
-    full.resize(this->cfg_, kGated, Router::residual);
-    init_moe_weights(full, this->cfg_, seed);
-    load_full_params(full);
-  }
-  // This rank's shard of full-size weights or gradients (same layout as params()).
-  void slice(const MoeWeights<T>& full, MoeWeights<T>& local) const { slice_moe_weights(full, local, this->cfg_, g_); }
-  // Parameters of this rank (expert names are global; their shapes are the tp slices).
-  std::vector<Parameter<T>> parameters(const std::string& prefix = "") {
-    auto& v = this->params_;
-    auto& g = this->grads_;
-    const I64 d = this->cfg_.d_model, n = this->cfg_.num_experts();
-    std::vector<Parameter<T>> ps;
-    auto add = [&](std::string name, std::vector<T>& a, std::vector<T>& b, I64 o, std::vector<I64> shape) {
-      ps.push_back({prefix + std::move(name), a.data() + o, b.data() + o, std::move(shape)});
-    };
-    add("gate.weight", v.router, g.router, 0, {n, d});
-    for (I64 le = 0; le < el_; ++le) {
-      const std::string p = "experts." + std::to_string(first_expert() + le) + ".";
-      add(p + "w1.weight", v.w1, g.w1, le * fl_ * d, {fl_, d});
-      add(p + "w2.weight", v.w2, g.w2, le * d * fl_, {d, fl_});
-      if constexpr (kGated) add(p + "w3.weight", v.w3, g.w3, le * fl_ * d, {fl_, d});
-    }
-    for (I64 j = 0; j < this->cfg_.num_constant_experts; ++j) {
-      const std::string p = "constant." + std::to_string(j) + ".";
-      add(p + "wc.weight", v.const_wc, g.const_wc, j * 2 * d, {2, d});
-      add(p + "v", v.const_v, g.const_v, j * d, {d});
-    }
-    if constexpr (Router::residual) add("gate_residual.weight", v.gate_residual, g.gate_residual, 0, {n, n});
-    return ps;
-  }
 
   AuxLosses forward(MatrixView<const T> x, MatrixView<T> y, MatrixView<const T> prev_logits = {}) {
     this->begin_forward(x, y, prev_logits);
@@ -150,27 +102,31 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
   // that is tp times the sum over shards) rather than over each tp index's shards, so every replica gets
   // the very same bits and the replicas never drift apart. Both divided to the mean over the shards.
   void sync_gradients() {
-    auto& g = this->grads_;
-    auto reduce = [&](comm::HostCommunicator& c, std::vector<T>& v, T scale) {
-      if (v.empty()) return;
-      c.all_reduce_sum(v.data(), v.size());
-      for (auto& x : v) x *= scale;
-    };
     const T expert = T(1) / T(g_.shards()), dense = T(1) / T(g_.shards() * g_.tp);
-    reduce(*dp_, g.w1, expert), reduce(*dp_, g.w2, expert), reduce(*dp_, g.w3, expert);
-    reduce(*world_, g.router, dense), reduce(*world_, g.const_wc, dense), reduce(*world_, g.const_v, dense);
-    reduce(*world_, g.gate_residual, dense);
+    auto reduce = [&](comm::HostCommunicator& c, T* v, I64 n, T scale) {
+      if (n == 0) return;
+      c.all_reduce_sum(v, std::size_t(n));
+      for (I64 i = 0; i < n; ++i) v[i] *= scale;
+    };
+    // The flat layout keeps the expert slices in one range [w13, const_wc) and the replicated tensors
+    // around it: two all-reduces per group, chosen by the table's offsets.
+    const auto& o = this->table_.offsets();
+    T* g = this->grad_.data();
+    reduce(groups_[RankGroup::kDp], g + o.w13, o.const_wc - o.w13, expert);
+    reduce(groups_[RankGroup::kWorld], g + o.router, o.w13 - o.router, dense);
+    reduce(groups_[RankGroup::kWorld], g + o.const_wc, o.end - o.const_wc, dense);
   }
 
   // Bytes and calls of every collective this layer made, summed over its groups.
   comm::ByteCounters comm_counters() const {
     comm::ByteCounters s;
-    for (const auto* c : {tp_.get(), ep_.get(), dp_.get(), dense_.get(), tpep_.get(), world_.get()})
-      for (std::size_t i = 0; i < s.bytes.size(); ++i) s.bytes[i] += c->counters().bytes[i], s.calls[i] += c->counters().calls[i];
+    groups_.for_each([&](const comm::HostCommunicator& c) {
+      for (std::size_t i = 0; i < s.bytes.size(); ++i) s.bytes[i] += c.counters().bytes[i], s.calls[i] += c.counters().calls[i];
+    });
     return s;
   }
   // The all-to-all traffic alone (the volume DTD divides by tp).
-  const comm::ByteCounters& ep_counters() const { return ep_->counters(); }
+  const comm::ByteCounters& ep_counters() const { return groups_[RankGroup::kEp].counters(); }
 
  private:
   // Rows in the plan's chunk-major order (chunk, expert, token); the token-side counts.
@@ -196,7 +152,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
   void exchange_counts() {
     const I64 nf = this->cfg_.num_ffn_experts;
     std::vector<I64> all(std::size_t(g_.tp * g_.ep * nf));
-    tpep_->all_gather(plan_.my_counts(), std::size_t(nf), all.data());
+    groups_[RankGroup::kTpEp].all_gather(plan_.my_counts(), std::size_t(nf), all.data());
     plan_.set_all_counts(all);
   }
 
@@ -209,9 +165,9 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
   void to_experts(const T* rows, std::vector<T>& out) {
     const I64 d = this->cfg_.d_model;
     recv_buf_.resize(std::size_t(plan_.recv_elements()));
-    ep_->all_to_all_v(rows + plan_.chunk_row(plan_.my_chunk()) * d, plan_.send().data(), recv_buf_.data(), plan_.recv().data());
+    groups_[RankGroup::kEp].all_to_all_v(rows + plan_.chunk_row(plan_.my_chunk()) * d, plan_.send().data(), recv_buf_.data(), plan_.recv().data());
     gathered_.resize(std::size_t(plan_.expert_rows() * d));
-    if (dtd_ && g_.tp > 1) tp_->all_gather_v(recv_buf_.data(), plan_.gather().data(), gathered_.data());
+    if (dtd_ && g_.tp > 1) groups_[RankGroup::kTp].all_gather_v(recv_buf_.data(), plan_.gather().data(), gathered_.data());
     else std::copy(recv_buf_.begin(), recv_buf_.end(), gathered_.begin());
     out.resize(std::size_t(plan_.expert_rows() * d));
     permute_blocks(gathered_.data(), out.data(), true);
@@ -225,27 +181,29 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
     permute_blocks(in.data(), gathered_.data(), false);
     recv_buf_.resize(std::size_t(plan_.recv_elements()));
     if (g_.tp > 1 && dtd_) {
-      tp_->reduce_scatter_v(gathered_.data(), plan_.gather().data(), recv_buf_.data());
+      groups_[RankGroup::kTp].reduce_scatter_v(gathered_.data(), plan_.gather().data(), recv_buf_.data());
     } else {
-      if (g_.tp > 1) tp_->all_reduce_sum(gathered_.data(), gathered_.size());
+      if (g_.tp > 1) groups_[RankGroup::kTp].all_reduce_sum(gathered_.data(), gathered_.size());
       std::copy(gathered_.begin(), gathered_.end(), recv_buf_.begin());
     }
     T* mine = rows + plan_.chunk_row(plan_.my_chunk()) * d;
-    ep_->all_to_all_v(recv_buf_.data(), plan_.recv().data(), mine, plan_.send().data());
+    groups_[RankGroup::kEp].all_to_all_v(recv_buf_.data(), plan_.recv().data(), mine, plan_.send().data());
     if (dtd_ && g_.tp > 1) {
       mine_.assign(mine, mine + plan_.my_rows() * d);  // all-gather's send may not alias its receive buffer
-      tp_->all_gather_v(mine_.data(), plan_.chunk_elements().data(), rows);
+      groups_[RankGroup::kTp].all_gather_v(mine_.data(), plan_.chunk_elements().data(), rows);
     }
   }
 
-  backend::host::FfnShapes<T> shapes() const { return {this->cfg_.d_model, fl_, plan_.expert_offsets().data(), el_}; }
+  backend::host::FfnShapes<T> shapes() const {
+    return {this->cfg_.d_model, fl_, plan_.expert_offsets().data(), el_, this->table_.w13_rows()};
+  }
   void expert_forward_local() {
     const auto rows = std::size_t(plan_.expert_rows());
     h1_.resize(rows * fl_), a_.resize(rows * fl_), ye_.resize(rows * this->cfg_.d_model);
     if constexpr (kGated) h3_.resize(rows * fl_);
-    const auto& w = this->params_;
-    this->gemm_flops_ = backend::host::ffn_forward<Act>(shapes(), w.w1.data(), w.w3.data(), w.w2.data(), xe_.data(), h1_.data(),
-                                                        h3_.data(), a_.data(), ye_.data());
+    const auto w = this->W();
+    this->gemm_flops_ = backend::host::ffn_forward<Act>(shapes(), w.w13, w.w2, xe_.data(), h1_.data(), h3_.data(), a_.data(),
+                                                        ye_.data());
   }
 
   void dispatch_forward() {
@@ -265,17 +223,16 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P>
       expert_forward_local();
       ++recomputations_;
     }
-    auto& w = this->params_;
-    auto& g = this->grads_;
-    backend::host::ffn_backward<Act>(shapes(), w.w1.data(), w.w3.data(), w.w2.data(), xe_.data(), h1_.data(), h3_.data(),
-                                     a_.data(), dye_.data(), g.w1.data(), g.w3.data(), g.w2.data());
+    const auto w = this->W(), g = this->G();
+    backend::host::ffn_backward<Act>(shapes(), w.w13, w.w2, xe_.data(), h1_.data(), h3_.data(), a_.data(), dye_.data(), g.w13,
+                                     g.w2);
     has_activations_ = false;  // consumed
     from_experts(dye_, this->dyp_.data());
   }
 
   ParallelGrid g_;
   DispatchPlan plan_;
-  std::unique_ptr<comm::HostCommunicator> tp_, ep_, dp_, dense_, tpep_, world_;
+  RankGroups<comm::HostCommunicator> groups_;
   I64 el_ = 0, fl_ = 0, recomputations_ = 0;
   bool dtd_ = true, recompute_ = false, has_activations_ = false;
   std::vector<T> recv_buf_, gathered_, mine_, xe_, dye_, h1_, h3_, a_, ye_;

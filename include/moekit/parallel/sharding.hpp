@@ -2,8 +2,8 @@
 // Before a distributed layer moves any data: local validation of the config against the policy and the
 // world, then one fixed-size all-gather that every rank makes whatever its config, so that a config that
 // is invalid or differs on some rank fails on every rank (ConfigError naming the field and both values)
-// instead of leaving the others waiting in a collective. Also the slicing of full-size weights into a
-// rank's shard, shared by the host and CUDA layers.
+// instead of leaving the others waiting in a collective. (A rank's shard of the weights comes from the
+// parameter table: layer/parameter_table.hpp.)
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -12,8 +12,7 @@
 #include <utility>
 #include <vector>
 
-#include "moekit/backend/host/moe_weights.hpp"
-#include "moekit/moe_layer.hpp"
+#include "moekit/layer/moe_layer_decl.hpp"
 #include "moekit/parallel/dispatch_plan.hpp"
 
 namespace moekit {
@@ -44,18 +43,13 @@ MoeConfig agreed_config(const MoeConfig& cfg, int world_size, int world_rank, Al
   } catch (const ConfigError&) {
     local = std::current_exception();
   }
-  auto bits = [](double v) {
-    std::int64_t b;
-    std::memcpy(&b, &v, sizeof b);
-    return b;
-  };
-  std::vector<std::string> names = {"d_model", "d_expert", "num_ffn_experts", "num_zero_experts", "num_copy_experts",
-                                    "num_constant_experts", "top_k", "router", "gating_residual", "renormalize", "activation",
-                                    "capacity_factor", "lbl_coef", "zloss_coef", "tau", "tp", "ep", "dp"};
-  std::vector<std::int64_t> mine = {cfg.d_model, cfg.d_expert, cfg.num_ffn_experts, cfg.num_zero_experts, cfg.num_copy_experts,
-                                    cfg.num_constant_experts, cfg.top_k, std::int64_t(cfg.router), cfg.gating_residual,
-                                    cfg.renormalize, std::int64_t(cfg.activation), bits(cfg.capacity_factor), bits(cfg.lbl_coef),
-                                    bits(cfg.zloss_coef), bits(cfg.tau), cfg.tp, cfg.ep, cfg.dp};
+  // Every field of MoeConfig, from its one table (core/config.hpp): a new field is checked too.
+  std::vector<std::string> names;
+  std::vector<std::int64_t> mine;
+  for_each_config_field([&](const auto& f) {
+    names.push_back(f.name);
+    mine.push_back(field_bits(cfg.*f.member));
+  });
   for (const auto& [name, value] : extra) names.push_back(name), mine.push_back(value);
   names.push_back("(valid)"), mine.push_back(local ? 0 : 1);
   const std::size_t kFields = mine.size();
@@ -76,23 +70,5 @@ MoeConfig agreed_config(const MoeConfig& cfg, int world_size, int world_rank, Al
 }
 }  // namespace detail
 
-
-// This rank's shard of full-size weights (or gradients): router, gating residual and constant experts
-// whole; FFN experts [e·N/ep, (e+1)·N/ep), each W1/W3 rows and W2 columns [t·f/tp, (t+1)·f/tp).
-template <class T>
-void slice_moe_weights(const MoeWeights<T>& full, MoeWeights<T>& local, const MoeConfig& cfg, const ParallelGrid& g) {
-  using I64 = std::int64_t;
-  const bool gated = !full.w3.empty();
-  const I64 d = cfg.d_model, f = cfg.d_expert, el = cfg.num_ffn_experts / g.ep, fl = f / g.tp, off = I64(g.t) * fl;
-  local.router = full.router, local.const_wc = full.const_wc, local.const_v = full.const_v;
-  local.gate_residual = full.gate_residual;
-  local.w1.assign(el * fl * d, T(0)), local.w2.assign(el * d * fl, T(0)), local.w3.assign(gated ? el * fl * d : 0, T(0));
-  for (I64 le = 0; le < el; ++le) {
-    const I64 ge = I64(g.e) * el + le;
-    std::copy_n(&full.w1[(ge * f + off) * d], fl * d, &local.w1[le * fl * d]);
-    if (gated) std::copy_n(&full.w3[(ge * f + off) * d], fl * d, &local.w3[le * fl * d]);
-    for (I64 c = 0; c < d; ++c) std::copy_n(&full.w2[(ge * d + c) * f + off], fl, &local.w2[(le * d + c) * fl]);
-  }
-}
 
 }  // namespace moekit

@@ -23,6 +23,7 @@
 #include <map>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -54,6 +55,7 @@ inline void throw_on_cublas(cublasStatus_t s, const char* call, const char* file
 #endif
 
 namespace moekit::backend::cuda {
+inline namespace MOEKIT_CUDA_ABI {
 
 enum class GemmStrategy { kAuto, kGrouped, kStreams, kLt };
 inline const char* to_string(GemmStrategy s) {
@@ -104,7 +106,11 @@ inline cublasStatus_t gemm_row_major(cublasHandle_t h, const GemmSpec& s, const 
 
 class ExpertGemm {
  public:
-  static constexpr int kPhases = 8;         // distinct pointer-array slots (phases in flight per step)
+  // Pointer-array slots of the grouped call, used round-robin. A slot is rewritten only once the
+  // grouped GEMM that last read it has run (an event per slot; the host waits on it only if not), so
+  // any number of phases may be enqueued without a host synchronisation (the distributed backward's
+  // recomputation reuses the forward's phases); 16 covers two whole steps in flight.
+  static constexpr int kSlots = 16;
   static constexpr int kSideStreams = 4;
   static constexpr std::size_t kLtWorkspace = std::size_t(32) << 20;
 
@@ -113,41 +119,73 @@ class ExpertGemm {
   ExpertGemm(GemmStrategy strategy, int num_experts) : max_problems_(num_experts > 0 ? num_experts : 1) {
     strategy_ = strategy == GemmStrategy::kAuto ? (num_experts >= 16 ? GemmStrategy::kGrouped : GemmStrategy::kStreams)
                                                 : strategy;
-    MOEKIT_CUBLAS_CHECK(cublasCreate(&main_));
-    // Streams are also the fallback of a grouped phase that cuBLAS does not support (see run()).
-    for (int i = 0; i < kSideStreams; ++i) {
-      MOEKIT_CUDA_CHECK(cudaStreamCreateWithFlags(&side_[i], cudaStreamNonBlocking));
-      MOEKIT_CUDA_CHECK(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming));
-      MOEKIT_CUBLAS_CHECK(cublasCreate(&side_handle_[i]));
-      MOEKIT_CUBLAS_CHECK(cublasSetStream(side_handle_[i], side_[i]));
-    }
-    MOEKIT_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
-    const std::size_t ptrs = std::size_t(kPhases) * 3 * std::size_t(max_problems_);
-    MOEKIT_CUDA_CHECK(cudaMallocHost(&host_ptrs_, ptrs * sizeof(void*)));
-    MOEKIT_CUDA_CHECK(cudaMalloc(&dev_ptrs_, ptrs * sizeof(void*)));
-    if (strategy_ == GemmStrategy::kLt) {
-      MOEKIT_CUBLAS_CHECK(cublasLtCreate(&lt_));
-      for (auto& w : lt_workspace_) MOEKIT_CUDA_CHECK(cudaMalloc(&w, kLtWorkspace));
+    try {
+      create();
+    } catch (...) {  // a failure part-way (no memory, no device): release what was made, then rethrow
+      release();
+      throw;
     }
   }
   ExpertGemm(const ExpertGemm&) = delete;
   ExpertGemm& operator=(const ExpertGemm&) = delete;
-  ~ExpertGemm() {  // never throws: statuses are ignored here
-    for (auto& [key, plan] : lt_plans_) destroy(plan);
-    if (lt_) cublasLtDestroy(lt_);
-    for (auto* w : lt_workspace_) cudaFree(w);
-    cudaFree(dev_ptrs_);
-    cudaFreeHost(host_ptrs_);
-    cudaEventDestroy(fork_);
-    for (int i = 0; i < kSideStreams; ++i) {
-      if (side_handle_[i]) cublasDestroy(side_handle_[i]);
-      if (done_[i]) cudaEventDestroy(done_[i]);
-      if (side_[i]) cudaStreamDestroy(side_[i]);
-    }
-    if (main_) cublasDestroy(main_);
-  }
+  ~ExpertGemm() { release(); }
 
   GemmStrategy strategy() const { return strategy_; }
+  // Handles, streams and events made so far (the tests check a failed construction leaves none).
+  static int live_objects() { return live_; }
+
+ private:
+  void create() {
+    MOEKIT_CUBLAS_CHECK(cublasCreate(&main_));
+    ++live_;
+    // Streams are also the fallback of a grouped phase that cuBLAS does not support (see run()).
+    for (int i = 0; i < kSideStreams; ++i) {
+      MOEKIT_CUDA_CHECK(cudaStreamCreateWithFlags(&side_[i], cudaStreamNonBlocking));
+      ++live_;
+      MOEKIT_CUDA_CHECK(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming));
+      ++live_;
+      MOEKIT_CUBLAS_CHECK(cublasCreate(&side_handle_[i]));
+      ++live_;
+      MOEKIT_CUBLAS_CHECK(cublasSetStream(side_handle_[i], side_[i]));
+    }
+    MOEKIT_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    ++live_;
+    for (auto& e : slot_done_) {
+      MOEKIT_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      ++live_;
+    }
+    const std::size_t ptrs = std::size_t(kSlots) * 3 * std::size_t(max_problems_);
+    MOEKIT_CUDA_CHECK(cudaMallocHost(&host_ptrs_, ptrs * sizeof(void*)));
+    MOEKIT_CUDA_CHECK(cudaMalloc(&dev_ptrs_, ptrs * sizeof(void*)));
+    if (strategy_ == GemmStrategy::kLt) {
+      MOEKIT_CUBLAS_CHECK(cublasLtCreate(&lt_));
+      ++live_;
+      for (auto& w : lt_workspace_) MOEKIT_CUDA_CHECK(cudaMalloc(&w, kLtWorkspace));
+    }
+  }
+  // Never throws (statuses are ignored); safe on a partly made object: every member starts null.
+  void release() noexcept {
+    for (auto& [key, plan] : lt_plans_) destroy(plan);
+    lt_plans_.clear();
+    auto gone = [](auto& h, auto destroy_fn) {
+      if (h) destroy_fn(h), --live_;
+      h = nullptr;
+    };
+    gone(lt_, cublasLtDestroy);
+    for (auto*& w : lt_workspace_) cudaFree(std::exchange(w, nullptr));
+    cudaFree(std::exchange(dev_ptrs_, nullptr));
+    cudaFreeHost(std::exchange(host_ptrs_, nullptr));
+    gone(fork_, cudaEventDestroy);
+    for (auto& e : slot_done_) gone(e, cudaEventDestroy);
+    for (int i = 0; i < kSideStreams; ++i) {
+      gone(side_handle_[i], cublasDestroy);
+      gone(done_[i], cudaEventDestroy);
+      gone(side_[i], cudaStreamDestroy);
+    }
+    gone(main_, cublasDestroy);
+  }
+
+ public:
   // The handle for single GEMMs on the caller's stream (router, constant experts).
   cublasHandle_t handle(cudaStream_t stream) {
     MOEKIT_CUBLAS_CHECK(cublasSetStream(main_, stream));
@@ -158,15 +196,14 @@ class ExpertGemm {
   int grouped_fallbacks() const { return fallbacks_; }
 
   // Runs one phase on `stream`. Problems with m == 0 or n == 0 must already be left out; k == 0
-  // problems are valid (C = beta C). `phase` < kPhases picks the pointer-array slot: phases enqueued
-  // between two host synchronisations of the stream must use distinct slots.
-  void run(int phase, const GemmSpec& spec, const std::vector<GemmProblem>& problems, cudaStream_t stream) {
+  // problems are valid (C = beta C). Needs no host synchronisation between phases (see kSlots).
+  void run(const GemmSpec& spec, const std::vector<GemmProblem>& problems, cudaStream_t stream) {
     if (problems.empty()) return;
-    if (phase < 0 || phase >= kPhases || int(problems.size()) > max_problems_)
-      throw std::logic_error("ExpertGemm::run: phase " + std::to_string(phase) + " or " + std::to_string(problems.size()) +
-                             " problems out of range");
+    if (int(problems.size()) > max_problems_)
+      throw std::logic_error("ExpertGemm::run: " + std::to_string(problems.size()) + " problems, more than the " +
+                             std::to_string(max_problems_) + " experts it was made for");
     if (strategy_ == GemmStrategy::kGrouped) {
-      const cublasStatus_t s = run_grouped(phase, spec, problems, stream);
+      const cublasStatus_t s = run_grouped(spec, problems, stream);
       if (s == CUBLAS_STATUS_SUCCESS) return;
       // A type combination the grouped call lacks (e.g. bf16 inputs with an fp32 C) is refused with
       // NOT_SUPPORTED or INVALID_VALUE; the per-expert path below then runs it, or reports a real error.
@@ -178,9 +215,14 @@ class ExpertGemm {
   }
 
  private:
-  cublasStatus_t run_grouped(int phase, const GemmSpec& spec, const std::vector<GemmProblem>& ps, cudaStream_t stream) {
+  cublasStatus_t run_grouped(const GemmSpec& spec, const std::vector<GemmProblem>& ps, cudaStream_t stream) {
     const int g = int(ps.size());
-    const std::size_t base = std::size_t(phase) * 3 * std::size_t(max_problems_);
+    const int slot = next_slot_;
+    next_slot_ = (next_slot_ + 1) % kSlots;
+    // The slot's last grouped GEMM (and the copy before it) must have run before its pinned and device
+    // arrays are rewritten: usually long done, so this rarely blocks.
+    if (slot_used_[slot]) MOEKIT_CUDA_CHECK(cudaEventSynchronize(slot_done_[slot]));
+    const std::size_t base = std::size_t(slot) * 3 * std::size_t(max_problems_);
     const void** a = const_cast<const void**>(host_ptrs_ + base);
     const void** b = a + max_problems_;
     void** c = host_ptrs_ + base + 2 * std::size_t(max_problems_);
@@ -194,16 +236,17 @@ class ExpertGemm {
       a[i] = p.b, b[i] = p.a, c[i] = p.c;
     }
     void** dev = dev_ptrs_ + base;
-    // The pinned slot is rewritten only after the stream's next host synchronisation (the forward's),
-    // by which time this copy has run.
     MOEKIT_CUDA_CHECK(cudaMemcpyAsync(dev, host_ptrs_ + base, 3 * std::size_t(max_problems_) * sizeof(void*),
                                       cudaMemcpyHostToDevice, stream));
     MOEKIT_CUBLAS_CHECK(cublasSetStream(main_, stream));
-    return cublasGemmGroupedBatchedEx(main_, ta_.data(), tb_.data(), m_.data(), n_.data(), k_.data(), alpha_.data(),
-                                      const_cast<const void* const*>(dev), spec.ab, lda_.data(),
-                                      const_cast<const void* const*>(dev + max_problems_), spec.ab, ldb_.data(),
-                                      beta_.data(), dev + 2 * max_problems_, spec.c, ldc_.data(), g, size_.data(),
-                                      CUBLAS_COMPUTE_32F);
+    const cublasStatus_t st =
+        cublasGemmGroupedBatchedEx(main_, ta_.data(), tb_.data(), m_.data(), n_.data(), k_.data(), alpha_.data(),
+                                   const_cast<const void* const*>(dev), spec.ab, lda_.data(),
+                                   const_cast<const void* const*>(dev + max_problems_), spec.ab, ldb_.data(), beta_.data(),
+                                   dev + 2 * max_problems_, spec.c, ldc_.data(), g, size_.data(), CUBLAS_COMPUTE_32F);
+    MOEKIT_CUDA_CHECK(cudaEventRecord(slot_done_[slot], stream));  // also after a refused call: the copy ran
+    slot_used_[slot] = true;
+    return st;
   }
 
   void run_on_streams(const GemmSpec& spec, const std::vector<GemmProblem>& ps, cudaStream_t stream, bool lt) {
@@ -311,6 +354,10 @@ class ExpertGemm {
   cudaStream_t side_[kSideStreams] = {};
   cublasHandle_t side_handle_[kSideStreams] = {};
   cudaEvent_t done_[kSideStreams] = {}, fork_ = nullptr;
+  cudaEvent_t slot_done_[kSlots] = {};
+  bool slot_used_[kSlots] = {};
+  int next_slot_ = 0;
+  static inline int live_ = 0;  // handles, streams and events alive in all ExpertGemms of this TU
   void** host_ptrs_ = nullptr;  // pinned
   void** dev_ptrs_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
@@ -322,4 +369,5 @@ class ExpertGemm {
   std::vector<float> alpha_, beta_;
 };
 
+}  // inline namespace MOEKIT_CUDA_ABI
 }  // namespace moekit::backend::cuda

@@ -15,6 +15,7 @@
 #include "moekit/core/bf16.hpp"
 
 namespace moekit::backend::cuda {
+inline namespace MOEKIT_CUDA_ABI {
 
 // The device storage type of a backend::Cuda<T> value type: float, or __nv_bfloat16 for moekit::bf16.
 template <class T>
@@ -93,4 +94,5 @@ void download_as(const S* src, std::size_t n, float* dst) {
   for (std::size_t i = 0; i < n; ++i) dst[i] = storage_to_float(h[i]);
 }
 
+}  // inline namespace MOEKIT_CUDA_ABI
 }  // namespace moekit::backend::cuda

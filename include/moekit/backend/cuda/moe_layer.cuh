@@ -34,10 +34,11 @@
 #include "moekit/backend/cuda/permute.cuh"
 #include "moekit/backend/cuda/policy.hpp"
 #include "moekit/backend/cuda/router.cuh"
-#include "moekit/backend/host/moe_weights.hpp"
+#include "moekit/layer/parameter_table.hpp"
+#include "moekit/parallel/grid.hpp"
 #include "moekit/balance/loss.hpp"
 #include "moekit/core/tensor.hpp"
-#include "moekit/moe_layer.hpp"
+#include "moekit/layer/moe_layer_decl.hpp"
 
 namespace moekit {
 
@@ -48,6 +49,8 @@ struct DeviceParameter {
   float* grad = nullptr;
   std::vector<std::int64_t> shape;
   cudaDataType_t dtype = CUDA_R_32F;
+  ParamShard shard = ParamShard::kReplicated;
+  bool expert_slice() const { return shard != ParamShard::kReplicated; }
   std::int64_t numel() const {
     std::int64_t n = 1;
     for (auto s : shape) n *= s;
@@ -55,8 +58,10 @@ struct DeviceParameter {
   }
 };
 
+// Specialised for this TU's architecture tag only (backend/cuda/abi.hpp): the type, and every symbol of
+// its members, then differ between TUs built for different architectures.
 template <class V, class Router, class Experts, class Balance>
-class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
+class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, parallel::None> {
   static_assert(detail::PolicyChecks<Router, Experts, Balance>::ok);
 
   using Act = typename Experts::activation;
@@ -70,7 +75,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   using S = storage_type;
 
   explicit MoeLayer(const MoeConfig& cfg, backend::cuda::GemmStrategy gemm = backend::cuda::GemmStrategy::kAuto)
-      : MoeLayer(cfg, gemm, ExpertShard{cfg.num_ffn_experts, cfg.d_expert}) {}
+      : MoeLayer(cfg, gemm, ParallelGrid{}) {}
 
   const MoeConfig& config() const { return cfg_; }
   Balance& balance() { return balance_; }
@@ -80,82 +85,69 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   int gemm_fallbacks() const { return gemm_->grouped_fallbacks(); }
 
   // ---- parameters -------------------------------------------------------------------------------
-  // The values a host layer holds for the same seed (generated on the host, then converted).
+  // One flat values buffer (storage type; the gating residual fp32) and one flat fp32 gradient buffer,
+  // both laid out and named by the parameter table (layer/parameter_table.hpp), as the host layer's.
+  const ParameterTable& parameter_table() const { return table_; }
+  void* flat_values() const { return values_.data(); }
+  std::size_t flat_value_bytes() const { return values_.size(); }
+  float* flat_grads() const { return grads_.data(); }
+  std::size_t flat_grad_count() const { return grads_.size(); }
+
+  // The values a host layer holds for the same seed (generated on the host, then converted; a
+  // distributed layer: its shard of them).
   void init_params(std::uint64_t seed) {
     MoeWeights<float> w;
     w.resize(cfg_, kGated, kResidual);
     init_moe_weights(w, cfg_, seed);
-    upload_params(w);
+    load_weights(w);
   }
-  // Host fp32 weights (MoeWeights layout) to the device (rounded to T).
-  void upload_params(const MoeWeights<float>& w) {
-    check_sizes(w, "upload_params");
-    backend::cuda::upload_as(w.router.data(), w.router.size(), router_.data());
-    std::vector<float> w13(w13_.size());
-    interleave(w.w1, w.w3, w13);
-    backend::cuda::upload_as(w13.data(), w13.size(), w13_.data());
-    backend::cuda::upload_as(w.w2.data(), w.w2.size(), w2_.data());
-    backend::cuda::upload_as(w.const_wc.data(), w.const_wc.size(), wc_.data());
-    backend::cuda::upload_as(w.const_v.data(), w.const_v.size(), v_.data());
-    if constexpr (kResidual) backend::cuda::upload_as(w.gate_residual.data(), w.gate_residual.size(), gate_res_.data());
+  // Full-size host fp32 weights to the device (this layer's part, rounded to T).
+  void load_weights(const MoeWeights<float>& full) {
+    std::vector<float> flat(std::size_t(table_.size()));
+    table_.pack(full, flat.data());
+    std::vector<char> bytes(values_.size());
+    for (std::int64_t i = 0; i < table_.size(); ++i) {
+      char* at = bytes.data() + table_.value_byte_offset(i, sizeof(S));
+      if (i < table_.offsets().gate_residual) *reinterpret_cast<S*>(at) = backend::cuda::storage_from_float<S>(flat[std::size_t(i)]);
+      else *reinterpret_cast<float*>(at) = flat[std::size_t(i)];
+    }
+    if (!bytes.empty()) MOEKIT_CUDA_CHECK(cudaMemcpy(values_.data(), bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
   }
-  void download_params(MoeWeights<float>& w) const {
-    w.resize(cfg_, kGated, kResidual);
-    backend::cuda::download_as(router_.data(), router_.size(), w.router.data());
-    std::vector<float> w13(w13_.size());
-    backend::cuda::download_as(w13_.data(), w13_.size(), w13.data());
-    deinterleave(w13, w.w1, w.w3);
-    backend::cuda::download_as(w2_.data(), w2_.size(), w.w2.data());
-    backend::cuda::download_as(wc_.data(), wc_.size(), w.const_wc.data());
-    backend::cuda::download_as(v_.data(), v_.size(), w.const_v.data());
-    if constexpr (kResidual) backend::cuda::download_as(gate_res_.data(), gate_res_.size(), w.gate_residual.data());
-  }
-  // The fp32 gradients accumulated so far (synchronises the device).
-  void download_grads(MoeWeights<float>& g) const {
+  // This layer's weights (full-size; what other ranks hold reads 0) and fp32 gradients; both synchronise.
+  MoeWeights<float> weights() const {
     MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
-    g.resize(cfg_, kGated, kResidual);
-    backend::cuda::download_as(g_router_.data(), g_router_.size(), g.router.data());
-    std::vector<float> w13(g_w13_.size());
-    backend::cuda::download_as(g_w13_.data(), g_w13_.size(), w13.data());
-    deinterleave(w13, g.w1, g.w3);
-    backend::cuda::download_as(g_w2_.data(), g_w2_.size(), g.w2.data());
-    backend::cuda::download_as(g_wc_.data(), g_wc_.size(), g.const_wc.data());
-    backend::cuda::download_as(g_v_.data(), g_v_.size(), g.const_v.data());
-    if constexpr (kResidual) backend::cuda::download_as(g_gate_res_.data(), g_gate_res_.size(), g.gate_residual.data());
+    std::vector<char> bytes(values_.size());
+    if (!bytes.empty()) MOEKIT_CUDA_CHECK(cudaMemcpy(bytes.data(), values_.data(), bytes.size(), cudaMemcpyDeviceToHost));
+    std::vector<float> flat(std::size_t(table_.size()));
+    for (std::int64_t i = 0; i < table_.size(); ++i) {
+      const char* at = bytes.data() + table_.value_byte_offset(i, sizeof(S));
+      flat[std::size_t(i)] = i < table_.offsets().gate_residual ? backend::cuda::storage_to_float(*reinterpret_cast<const S*>(at))
+                                                                : *reinterpret_cast<const float*>(at);
+    }
+    MoeWeights<float> w;
+    table_.unpack(flat.data(), w);
+    return w;
+  }
+  MoeWeights<float> gradients() const {
+    MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<float> flat(grads_.size());
+    if (!flat.empty()) MOEKIT_CUDA_CHECK(cudaMemcpy(flat.data(), grads_.data(), flat.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    MoeWeights<float> g;
+    table_.unpack(flat.data(), g);
+    return g;
   }
   void zero_grad(cudaStream_t stream = nullptr) {
-    for (auto* a : {&g_router_, &g_w13_, &g_w2_, &g_wc_, &g_v_, &g_gate_res_})
-      if (a->size()) MOEKIT_CUDA_CHECK(cudaMemsetAsync(a->data(), 0, a->size() * sizeof(float), stream));
+    if (grads_.size()) MOEKIT_CUDA_CHECK(cudaMemsetAsync(grads_.data(), 0, grads_.size() * sizeof(float), stream));
   }
-  // Device parameters named as the host layer's (w1 and w3 of an expert are the two halves of its
-  // [2·d_expert, D] block): for an optimizer or a checkpoint.
-  std::vector<DeviceParameter> parameters(const std::string& prefix = "") {
-    const auto d = cfg_.d_model, f = cfg_.d_expert;
-    const cudaDataType_t st = backend::cuda::data_type<S>();
-    std::vector<DeviceParameter> dense = dense_parameters(prefix), ps{dense.front()};  // gate first, as on the host
-    for (std::int64_t e = 0; e < cfg_.num_ffn_experts; ++e) {
-      const std::string p = prefix + "experts." + std::to_string(e) + ".";
-      ps.push_back({p + "w1.weight", w13_.data() + e * wf_ * d, g_w13_.data() + e * wf_ * d, {f, d}, st});
-      ps.push_back({p + "w2.weight", w2_.data() + e * d * f, g_w2_.data() + e * d * f, {d, f}, st});
-      if constexpr (kGated) ps.push_back({p + "w3.weight", w13_.data() + (e * wf_ + f) * d, g_w13_.data() + (e * wf_ + f) * d, {f, d}, st});
-    }
-    ps.insert(ps.end(), dense.begin() + 1, dense.end());
-    return ps;
-  }
-  // The parameters that are not FFN experts (replicated on every rank of a distributed layer): the router
-  // first, then the constant experts and the gating residual.
-  std::vector<DeviceParameter> dense_parameters(const std::string& prefix = "") {
-    const auto d = cfg_.d_model, n = cfg_.num_experts();
-    const cudaDataType_t st = backend::cuda::data_type<S>();
+  // Device parameters named and ordered as the host layer's, from the table: for an optimizer or a
+  // checkpoint.
+  std::vector<DeviceParameter> parameters(const std::string& prefix = "") const {
     std::vector<DeviceParameter> ps;
-    ps.push_back({prefix + "gate.weight", router_.data(), g_router_.data(), {n, d}, st});
-    for (std::int64_t j = 0; j < cfg_.num_constant_experts; ++j) {
-      const std::string p = prefix + "constant." + std::to_string(j) + ".";
-      ps.push_back({p + "wc.weight", wc_.data() + j * 2 * d, g_wc_.data() + j * 2 * d, {2, d}, st});
-      ps.push_back({p + "v", v_.data() + j * d, g_v_.data() + j * d, {d}, st});
+    for (const ParamSpec& s : table_.specs()) {
+      const bool f32 = s.family == ParamSpec::Family::kGateResidual;
+      ps.push_back({prefix + s.name, values_.data() + table_.value_byte_offset(s.offset, sizeof(S)), grads_.data() + s.offset,
+                    s.local_shape, f32 ? CUDA_R_32F : backend::cuda::data_type<S>(), s.shard});
     }
-    if constexpr (kResidual)
-      ps.push_back({prefix + "gate_residual.weight", gate_res_.data(), g_gate_res_.data(), {n, n}, CUDA_R_32F});
     return ps;
   }
 
@@ -195,7 +187,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
                     cudaStream_t stream = nullptr) {
     route_and_permute(x, y, prev_logits, stream);
     sync_stats(stream);
-    const ExpertView v = local_experts();
+    const ExpertView v = expert_view();
     gemm_flops_ = experts_forward(v, b_.xp, b_.h13, b_.a, b_.yp, offsets_, stream);
     return combine_and_aux(y.data, stream);
   }
@@ -205,7 +197,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   void backward(MatrixView<const S> dy, MatrixView<S> dx, double aux_scale = 1.0, MatrixView<const float> dlogits_next = {},
                 MatrixView<float> dprev_logits = {}, cudaStream_t stream = nullptr) {
     combine_backward_rows(dy, dx, dlogits_next, dprev_logits, stream);
-    experts_backward(local_experts(), b_.xp, b_.h13, b_.a, b_.dyp, offsets_, stream);
+    experts_backward(expert_view(), b_.xp, b_.h13, b_.a, b_.dyp, offsets_, stream);
     finish_backward(dy.data, dx.data, aux_scale, dlogits_next.data, dprev_logits.data, stream);
   }
 
@@ -225,21 +217,17 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
   const int* slot_rows_device() const { return b_.row_of_slot; }  // row, or kDroppedSlot / kZeroComputationSlot
 
  protected:  // stages, reused by the distributed CUDA layer (parallel/cuda_moe_layer.cuh)
-  // The FFN experts this layer holds: all of them, or a distributed layer's shard (experts x d_expert/tp).
-  struct ExpertShard {
-    std::int64_t experts, f;
-  };
-  MoeLayer(const MoeConfig& cfg, backend::cuda::GemmStrategy gemm, ExpertShard shard) : cfg_(cfg) {
+  MoeLayer(const MoeConfig& cfg, backend::cuda::GemmStrategy gemm, const ParallelGrid& grid) : cfg_(cfg) {
     detail::validate_layer_config<Router, Experts>(cfg_);
-    const auto d = cfg_.d_model, n = cfg_.num_experts(), nc = cfg_.num_constant_experts;
-    const std::pair<const char*, std::int64_t> dims[] = {{"d_model", d}, {"d_expert", cfg_.d_expert}, {"num_experts()", n}};
+    const auto n = cfg_.num_experts();
+    const std::pair<const char*, std::int64_t> dims[] = {{"d_model", cfg_.d_model}, {"d_expert", cfg_.d_expert}, {"num_experts()", n}};
     for (const auto& [field, v] : dims)
       if (v > (std::int64_t(1) << 30)) throw ConfigError(field, std::to_string(v), "must be <= 2^30 on the CUDA backend");
-    held_ = shard.experts, f_ = shard.f, wf_ = kGated ? 2 * f_ : f_;
-    router_.resize(n * d), w13_.resize(held_ * wf_ * d), w2_.resize(held_ * d * f_), wc_.resize(nc * 2 * d), v_.resize(nc * d);
-    g_router_.resize(n * d), g_w13_.resize(held_ * wf_ * d), g_w2_.resize(held_ * d * f_), g_wc_.resize(nc * 2 * d);
-    g_v_.resize(nc * d);
-    if constexpr (kResidual) gate_res_.resize(n * n), g_gate_res_.resize(n * n);
+    table_ = ParameterTable(cfg_, kGated, kResidual, grid);
+    held_ = table_.local_experts(), f_ = table_.local_d_expert(), wf_ = table_.w13_rows();
+    values_.resize(table_.value_bytes(sizeof(S)));
+    grads_.resize(std::size_t(table_.size()));
+    if (values_.size()) MOEKIT_CUDA_CHECK(cudaMemset(values_.data(), 0, values_.size()));
     eta_.assign(n, float(cfg_.tau));
     std::fill_n(eta_.begin(), cfg_.num_ffn_experts, 1.f);
     gemm_ = std::make_unique<backend::cuda::ExpertGemm>(gemm, int(held_));
@@ -274,13 +262,13 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     MOEKIT_CUDA_CHECK(cudaMemcpyAsync(b_.x, x.data, std::size_t(tokens * d) * sizeof(S), cudaMemcpyDeviceToDevice, stream));
     // Router logits in fp32: x W_r^T (+ prev W_g^T).
     MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, true, st, CUDA_R_32F, 1.f, 0.f},
-                                       {T, N, D, b_.x, D, router_.data(), D, b_.logits, N}));
+                                       {T, N, D, b_.x, D, router_w(), D, b_.logits, N}));
     if constexpr (kResidual)
       if (has_prev) {
         MOEKIT_CUDA_CHECK(cudaMemcpyAsync(b_.prev, prev_logits.data, std::size_t(tokens * n) * sizeof(float),
                                           cudaMemcpyDeviceToDevice, stream));
         MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, true, CUDA_R_32F, CUDA_R_32F, 1.f, 1.f},
-                                           {T, N, N, b_.prev, N, gate_res_.data(), N, b_.logits, N}));
+                                           {T, N, N, b_.prev, N, gate_res_w(), N, b_.logits, N}));
       }
     RouteParams rp;
     rp.logits = b_.logits, rp.tokens = T, rp.experts = N, rp.top_k = K, rp.renormalize = cfg_.renormalize;
@@ -309,7 +297,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     MOEKIT_CUDA_CHECK(sum_squares(b_.lse, T, zsum_dev(), stream));
     if (NC > 0) {  // [a1, a2] of constant experts from one GEMM over all of them
       MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, true, st, CUDA_R_32F, 1.f, 0.f},
-                                         {T, 2 * NC, D, b_.x, D, wc_.data(), D, b_.zc_logits, 2 * NC}));
+                                         {T, 2 * NC, D, b_.x, D, wc_w(), D, b_.zc_logits, 2 * NC}));
       MOEKIT_CUDA_CHECK(zc_mix(combine_params(), b_.zc_logits, b_.mix, stream));
     }
   }
@@ -335,7 +323,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     float *g13, *g2;
     std::int64_t f, wf;  // hidden units (per tp rank) and rows of a [W1|W3] block
   };
-  ExpertView local_experts() { return {w13_.data(), w2_.data(), g_w13_.data(), g_w2_.data(), f_, wf_}; }
+  ExpertView expert_view() { return {w13_w(), w2_w(), grad_at(table_.offsets().w13), grad_at(table_.offsets().w2), f_, wf_}; }
 
   // [W1|W3] x, activation, W2 a over expert-contiguous rows (offsets per expert, host). Returns FLOPs.
   std::int64_t experts_forward(const ExpertView& v, const S* xp, S* h13, S* a, S* yp, const std::vector<std::int32_t>& offsets,
@@ -344,12 +332,12 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     const int D = int(cfg_.d_model), F = int(v.f), WF = int(v.wf);
     const std::int64_t d = cfg_.d_model, rows = offsets.empty() ? 0 : offsets.back();
     const GemmSpec fwd{false, true, data_type<S>(), data_type<S>(), 1.f, 0.f};
-    gemm_->run(0, fwd, expert_problems(offsets, [&](int e, int off, int m) {
+    gemm_->run(fwd, expert_problems(offsets, [&](int e, int off, int m) {
                  return GemmProblem{m, WF, D, xp + std::size_t(off) * D, D, v.w13 + std::size_t(e) * v.wf * d, D,
                                     h13 + std::size_t(off) * WF, WF};
                }), stream);
     MOEKIT_CUDA_CHECK(activation_forward<Act>(h13, kGated ? h13 + F : nullptr, a, int(rows), F, stream, WF));
-    gemm_->run(1, fwd, expert_problems(offsets, [&](int e, int off, int m) {
+    gemm_->run(fwd, expert_problems(offsets, [&](int e, int off, int m) {
                  return GemmProblem{m, D, F, a + std::size_t(off) * F, F, v.w2 + std::size_t(e) * d * v.f, F,
                                     yp + std::size_t(off) * D, D};
                }), stream);
@@ -364,19 +352,19 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     const int D = int(cfg_.d_model), F = int(v.f), WF = int(v.wf);
     const std::int64_t d = cfg_.d_model, rows = offsets.empty() ? 0 : offsets.back();
     const GemmSpec wgrad{true, false, st, CUDA_R_32F, 1.f, 1.f}, dgrad{false, false, st, st, 1.f, 0.f};
-    gemm_->run(2, wgrad, expert_problems(offsets, [&](int e, int off, int m) {
+    gemm_->run(wgrad, expert_problems(offsets, [&](int e, int off, int m) {
                  return GemmProblem{D, F, m, dyp + std::size_t(off) * D, D, a + std::size_t(off) * F, F, v.g2 + std::size_t(e) * d * v.f, F};
                }), stream);
-    gemm_->run(3, dgrad, expert_problems(offsets, [&](int e, int off, int m) {
+    gemm_->run(dgrad, expert_problems(offsets, [&](int e, int off, int m) {
                  return GemmProblem{m, F, D, dyp + std::size_t(off) * D, D, v.w2 + std::size_t(e) * d * v.f, F, a + std::size_t(off) * F, F};
                }), stream);
     MOEKIT_CUDA_CHECK(activation_backward<Act>(h13, kGated ? h13 + F : nullptr, a, h13, kGated ? h13 + F : nullptr, int(rows), F,
                                                stream, WF));
-    gemm_->run(4, wgrad, expert_problems(offsets, [&](int e, int off, int m) {
+    gemm_->run(wgrad, expert_problems(offsets, [&](int e, int off, int m) {
                  return GemmProblem{WF, D, m, h13 + std::size_t(off) * WF, WF, xp + std::size_t(off) * D, D,
                                     v.g13 + std::size_t(e) * v.wf * d, D};
                }), stream);
-    gemm_->run(5, dgrad, expert_problems(offsets, [&](int e, int off, int m) {
+    gemm_->run(dgrad, expert_problems(offsets, [&](int e, int off, int m) {
                  return GemmProblem{m, D, WF, h13 + std::size_t(off) * WF, WF, v.w13 + std::size_t(e) * v.wf * d, D,
                                     dyp + std::size_t(off) * D, D};
                }), stream);
@@ -423,9 +411,9 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     float* dx32 = b_.dx32 ? b_.dx32 : reinterpret_cast<float*>(dx);
     MOEKIT_CUDA_CHECK(token_backward(combine_params(), b_.dyp, dy, b_.dz, dx32, stream));
     if (NC > 0) {
-      MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f}, {NC, D, T, b_.coef_v, NC, dy, D, g_v_.data(), D}));
+      MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f}, {NC, D, T, b_.coef_v, NC, dy, D, grad_at(table_.offsets().const_v), D}));
       MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f},
-                                         {2 * NC, D, T, b_.coef_z, 2 * NC, b_.x, D, g_wc_.data(), D}));
+                                         {2 * NC, D, T, b_.coef_z, 2 * NC, b_.x, D, grad_at(table_.offsets().const_wc), D}));
     }
     router_backward(h, float(aux_scale), dlogits_next, dprev, dx32, stream);
     if (b_.dx32) MOEKIT_CUDA_CHECK(convert(b_.dx32, dx, std::size_t(tokens_ * cfg_.d_model), stream));
@@ -529,7 +517,7 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
     p.y = b_.yp, p.x = b_.x, p.idx = b_.idx;
     p.ffn_experts = int(cfg_.num_ffn_experts), p.zero_experts = int(cfg_.num_zero_experts);
     p.copy_experts = int(cfg_.num_copy_experts), p.constant_experts = int(cfg_.num_constant_experts);
-    p.const_v = v_.data(), p.const_wc = wc_.data(), p.mix = b_.mix;
+    p.const_v = v_w(), p.const_wc = wc_w(), p.mix = b_.mix;
     return p;
   }
 
@@ -589,54 +577,41 @@ class MoeLayer<backend::Cuda<V>, Router, Experts, Balance, parallel::None> {
       MOEKIT_CUDA_CHECK(convert(b_.dlogits, b_.dlogits_s, std::size_t(T) * N, stream));
       dl = b_.dlogits_s;
     }
-    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f}, {N, D, T, dl, N, b_.x, D, g_router_.data(), D}));
-    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, false, st, CUDA_R_32F, 1.f, 1.f}, {T, D, N, dl, N, router_.data(), D, dx32, D}));
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f}, {N, D, T, dl, N, b_.x, D, grad_at(table_.offsets().router), D}));
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, false, st, CUDA_R_32F, 1.f, 1.f}, {T, D, N, dl, N, router_w(), D, dx32, D}));
     if constexpr (kResidual)
       if (has_prev_) {
         MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, CUDA_R_32F, CUDA_R_32F, 1.f, 1.f},
-                                           {N, N, T, b_.dlogits, N, b_.prev, N, g_gate_res_.data(), N}));
+                                           {N, N, T, b_.dlogits, N, b_.prev, N, grad_at(table_.offsets().gate_residual), N}));
         if (dprev)
           MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, false, CUDA_R_32F, CUDA_R_32F, 1.f, 0.f},
-                                             {T, N, N, b_.dlogits, N, gate_res_.data(), N, dprev, N}));
+                                             {T, N, N, b_.dlogits, N, gate_res_w(), N, dprev, N}));
       }
   }
 
-  void check_sizes(const MoeWeights<float>& w, const char* what) const {
-    MoeWeights<float> want;
-    want.resize(cfg_, kGated, kResidual);
-    auto same = [&](const std::vector<float>& a, const std::vector<float>& b, const char* name) {
-      if (a.size() != b.size())
-        throw ShapeError(std::string(what) + ": " + name + " has " + std::to_string(a.size()) + " values, expected " +
-                         std::to_string(b.size()));
-    };
-    same(w.router, want.router, "router"), same(w.w1, want.w1, "w1"), same(w.w2, want.w2, "w2"), same(w.w3, want.w3, "w3");
-    same(w.const_wc, want.const_wc, "const_wc"), same(w.const_v, want.const_v, "const_v");
-    same(w.gate_residual, want.gate_residual, "gate_residual");
+  // The families of the flat buffers (parameter table offsets).
+  S* value_at(std::int64_t element) const {
+    return reinterpret_cast<S*>(values_.data() + table_.value_byte_offset(element, sizeof(S)));
   }
-  // [N_FFN, d_expert, D] w1 and w3 -> [N_FFN, wf, D] with expert e's w1 then w3 (w1 alone when not gated).
-  void interleave(const std::vector<float>& w1, const std::vector<float>& w3, std::vector<float>& w13) const {
-    const std::size_t blk = std::size_t(cfg_.d_expert * cfg_.d_model);
-    for (std::size_t e = 0; e < std::size_t(cfg_.num_ffn_experts); ++e) {
-      std::copy_n(w1.begin() + e * blk, blk, w13.begin() + e * std::size_t(wf_ / cfg_.d_expert) * blk);
-      if constexpr (kGated) std::copy_n(w3.begin() + e * blk, blk, w13.begin() + (2 * e + 1) * blk);
-    }
+  S* router_w() const { return value_at(table_.offsets().router); }
+  S* w13_w() const { return value_at(table_.offsets().w13); }
+  S* w2_w() const { return value_at(table_.offsets().w2); }
+  S* wc_w() const { return value_at(table_.offsets().const_wc); }
+  S* v_w() const { return value_at(table_.offsets().const_v); }
+  float* gate_res_w() const {
+    return reinterpret_cast<float*>(values_.data() + table_.value_byte_offset(table_.offsets().gate_residual, sizeof(S)));
   }
-  void deinterleave(const std::vector<float>& w13, std::vector<float>& w1, std::vector<float>& w3) const {
-    const std::size_t blk = std::size_t(cfg_.d_expert * cfg_.d_model);
-    for (std::size_t e = 0; e < std::size_t(cfg_.num_ffn_experts); ++e) {
-      std::copy_n(w13.begin() + e * std::size_t(wf_ / cfg_.d_expert) * blk, blk, w1.begin() + e * blk);
-      if constexpr (kGated) std::copy_n(w13.begin() + (2 * e + 1) * blk, blk, w3.begin() + e * blk);
-    }
-  }
+  float* grad_at(std::int64_t element) const { return grads_.data() + element; }
 
   MoeConfig cfg_;
+  ParameterTable table_;
+  backend::cuda::DeviceArray<char> values_;  // flat, laid out by table_ (storage type; gating residual fp32)
+  backend::cuda::DeviceArray<float> grads_;  // flat fp32, laid out by table_
   std::int64_t held_ = 0, f_ = 0;  // experts held here and their hidden units (a shard in a distributed layer)
   std::int64_t wf_ = 0;            // rows of an expert's [W1|W3] block: 2·f_ (gated) or f_
   Balance balance_;
   std::vector<float> eta_;
   std::unique_ptr<backend::cuda::ExpertGemm> gemm_;
-  backend::cuda::DeviceArray<S> router_, w13_, w2_, wc_, v_;
-  backend::cuda::DeviceArray<float> gate_res_, g_router_, g_w13_, g_w2_, g_wc_, g_v_, g_gate_res_;
   backend::cuda::DeviceArray<char> owned_;
   backend::cuda::PinnedArray<std::int32_t> host_stats_;  // ints then floats (same 4-byte size)
   backend::cuda::PinnedArray<float> host_dprob_;

@@ -5,14 +5,17 @@
 // Plain C++ (no CUDA headers): code that only names the policy does not need nvcc.
 #include <type_traits>
 
+#include "moekit/backend/cuda/abi.hpp"
 #include "moekit/core/bf16.hpp"
 
 namespace moekit::backend {
-template <class T>
+// Abi: the architecture tag of the naming TU (backend/cuda/abi.hpp); leave it defaulted.
+template <class T, class Abi = cuda::Abi>
 struct Cuda {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, moekit::bf16>,
                 "backend::Cuda<T>: T must be float or moekit::bf16");
   using value_type = T;
+  using abi = Abi;
   static constexpr bool is_host = false;
 };
 }  // namespace moekit::backend

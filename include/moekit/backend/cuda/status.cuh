@@ -3,6 +3,8 @@
 // layer turns a failure into moekit::CudaError naming the call, the place and cudaGetErrorString.
 #include <cuda_runtime.h>
 
+#include "moekit/backend/cuda/abi.hpp"
+
 #include <stdexcept>
 #include <string>
 
@@ -46,27 +48,3 @@ inline void throw_on_error(cudaError_t e, const char* call, const char* file, in
 #define MOEKIT_KERNEL __global__ __attribute__((visibility("hidden")))
 #endif
 
-// Kernels and their launchers live in an inline namespace named after the architectures this TU is
-// built for (nvcc's __CUDA_ARCH_LIST__, e.g. 800,900 -> sm_800_900), as CUB does: TUs built for
-// different architectures never share a kernel symbol by accident. Callers name
-// moekit::backend::cuda::f as usual.
-#define MOEKIT_CAT2_(a, b) a##b
-#define MOEKIT_CAT_(a, b) MOEKIT_CAT2_(a, b)
-#define MOEKIT_NARGS_I_(a1, a2, a3, a4, a5, a6, a7, a8, N, ...) N
-#define MOEKIT_NARGS_(...) MOEKIT_NARGS_I_(__VA_ARGS__, 8, 7, 6, 5, 4, 3, 2, 1, 0)
-#define MOEKIT_ARCH_1(a) MOEKIT_CAT_(_, a)
-#define MOEKIT_ARCH_2(a, b) MOEKIT_CAT_(MOEKIT_ARCH_1(a), MOEKIT_ARCH_1(b))
-#define MOEKIT_ARCH_3(a, ...) MOEKIT_CAT_(MOEKIT_ARCH_1(a), MOEKIT_ARCH_2(__VA_ARGS__))
-#define MOEKIT_ARCH_4(a, ...) MOEKIT_CAT_(MOEKIT_ARCH_1(a), MOEKIT_ARCH_3(__VA_ARGS__))
-#define MOEKIT_ARCH_5(a, ...) MOEKIT_CAT_(MOEKIT_ARCH_1(a), MOEKIT_ARCH_4(__VA_ARGS__))
-#define MOEKIT_ARCH_6(a, ...) MOEKIT_CAT_(MOEKIT_ARCH_1(a), MOEKIT_ARCH_5(__VA_ARGS__))
-#define MOEKIT_ARCH_7(a, ...) MOEKIT_CAT_(MOEKIT_ARCH_1(a), MOEKIT_ARCH_6(__VA_ARGS__))
-#define MOEKIT_ARCH_8(a, ...) MOEKIT_CAT_(MOEKIT_ARCH_1(a), MOEKIT_ARCH_7(__VA_ARGS__))
-#define MOEKIT_ARCHS_(...) MOEKIT_CAT_(MOEKIT_ARCH_, MOEKIT_NARGS_(__VA_ARGS__))(__VA_ARGS__)
-#ifndef MOEKIT_CUDA_ABI
-#ifdef __CUDA_ARCH_LIST__
-#define MOEKIT_CUDA_ABI MOEKIT_CAT_(sm, MOEKIT_ARCHS_(__CUDA_ARCH_LIST__))
-#else
-#define MOEKIT_CUDA_ABI sm_unknown
-#endif
-#endif

@@ -1,7 +1,8 @@
 #pragma once
 // The FFN experts of the host backend over expert-contiguous rows: expert e's rows are
-// [offsets[e], offsets[e+1]) of xp. Weights per expert: w1/w3 [f, d], w2 [d, f] (f may be a tensor-
-// parallel slice of d_expert). Shared by the single-rank layer and the distributed one (whose experts
+// [offsets[e], offsets[e+1]) of xp. Weights in the parameter table's layout (layer/parameter_table.hpp):
+// w13 holds each expert's [w1; w3] block ([wf, d], w1 rows first), w2 each expert's [d, f] (f may be a
+// tensor-parallel slice of d_expert, wf = f or 2f). Shared by the single-rank layer and the distributed one (whose experts
 // are the local shard and whose rows arrive by all-to-all).
 // Phases, not a loop of per-expert phases: OpenMP loops and (separately threaded) BLAS calls
 // alternate only a few times per call, since each switch makes the two thread pools contend.
@@ -22,7 +23,11 @@ struct FfnShapes {
   std::int64_t d = 0, f = 0;
   const std::int64_t* offsets = nullptr;  // [experts + 1]
   std::int64_t experts = 0;
+  std::int64_t wf = 0;  // rows of an expert's w13 block: f, or 2f when gated
   std::int64_t rows() const { return offsets[experts]; }
+  std::int64_t w1(std::int64_t e) const { return e * wf * d; }  // element offsets into w13 / w2
+  std::int64_t w3(std::int64_t e) const { return e * wf * d + f * d; }
+  std::int64_t w2(std::int64_t e) const { return e * d * f; }
   template <class F>
   void for_each_expert(F&& fn) const {
     for (std::int64_t e = 0; e < experts; ++e)
@@ -32,8 +37,7 @@ struct FfnShapes {
 
 // h1 = xp W1^T, h3 = xp W3^T (gated), a = act(h1, h3), yp = a W2^T. Returns the GEMM FLOPs issued.
 template <class Act, class T>
-std::int64_t ffn_forward(const FfnShapes<T>& s, const T* w1, const T* w3, const T* w2, const T* xp, T* h1, T* h3, T* a,
-                         T* yp) {
+std::int64_t ffn_forward(const FfnShapes<T>& s, const T* w13, const T* w2, const T* xp, T* h1, T* h3, T* a, T* yp) {
   const std::int64_t d = s.d, f = s.f, rows = s.rows();
   std::int64_t flops = 0;
   auto xwt = [&](std::int64_t m, std::int64_t nn, std::int64_t kk, const T* x, const T* w, T* c) {  // c = x w^T
@@ -41,25 +45,25 @@ std::int64_t ffn_forward(const FfnShapes<T>& s, const T* w1, const T* w3, const 
     flops += 2 * m * nn * kk;
   };
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
-    xwt(m, f, d, &xp[r0 * d], &w1[e * f * d], &h1[r0 * f]);
-    if constexpr (Act::gated) xwt(m, f, d, &xp[r0 * d], &w3[e * f * d], &h3[r0 * f]);
+    xwt(m, f, d, &xp[r0 * d], &w13[s.w1(e)], &h1[r0 * f]);
+    if constexpr (Act::gated) xwt(m, f, d, &xp[r0 * d], &w13[s.w3(e)], &h3[r0 * f]);
   });
   const T* h3v = Act::gated ? h3 : h1;
 #pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
   for (std::int64_t i = 0; i < rows * f; ++i) a[i] = act::apply(Act{}, h1[i], h3v[i]);
-  s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) { xwt(m, d, f, &a[r0 * f], &w2[e * d * f], &yp[r0 * d]); });
+  s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) { xwt(m, d, f, &a[r0 * f], &w2[s.w2(e)], &yp[r0 * d]); });
   return flops;
 }
 
 // Given dyp (d rows), adds the weight gradients and overwrites dyp with d(xp). a is overwritten with
 // dA, h1 with dH1 (and h3 with dH3): the forward's buffers are consumed.
 template <class Act, class T>
-void ffn_backward(const FfnShapes<T>& s, const T* w1, const T* w3, const T* w2, const T* xp, T* h1, T* h3, T* a, T* dyp,
-                  T* gw1, T* gw3, T* gw2) {
+void ffn_backward(const FfnShapes<T>& s, const T* w13, const T* w2, const T* xp, T* h1, T* h3, T* a, T* dyp, T* gw13,
+                  T* gw2) {
   const std::int64_t d = s.d, f = s.f, rows = s.rows();
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
-    gemm<T>(true, false, d, f, m, T(1), &dyp[r0 * d], &a[r0 * f], T(1), &gw2[e * d * f]);
-    gemm<T>(false, false, m, f, d, T(1), &dyp[r0 * d], &w2[e * d * f], T(0), &a[r0 * f]);
+    gemm<T>(true, false, d, f, m, T(1), &dyp[r0 * d], &a[r0 * f], T(1), &gw2[s.w2(e)]);
+    gemm<T>(false, false, m, f, d, T(1), &dyp[r0 * d], &w2[s.w2(e)], T(0), &a[r0 * f]);
   });
   T* h3v = Act::gated ? h3 : h1;
 #pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
@@ -72,11 +76,11 @@ void ffn_backward(const FfnShapes<T>& s, const T* w1, const T* w3, const T* w2, 
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
     const T* xe = &xp[r0 * d];
     T* dxe = &dyp[r0 * d];
-    gemm<T>(true, false, f, d, m, T(1), &h1[r0 * f], xe, T(1), &gw1[e * f * d]);
-    gemm<T>(false, false, m, d, f, T(1), &h1[r0 * f], &w1[e * f * d], T(0), dxe);
+    gemm<T>(true, false, f, d, m, T(1), &h1[r0 * f], xe, T(1), &gw13[s.w1(e)]);
+    gemm<T>(false, false, m, d, f, T(1), &h1[r0 * f], &w13[s.w1(e)], T(0), dxe);
     if constexpr (Act::gated) {
-      gemm<T>(true, false, f, d, m, T(1), &h3[r0 * f], xe, T(1), &gw3[e * f * d]);
-      gemm<T>(false, false, m, d, f, T(1), &h3[r0 * f], &w3[e * f * d], T(1), dxe);
+      gemm<T>(true, false, f, d, m, T(1), &h3[r0 * f], xe, T(1), &gw13[s.w3(e)]);
+      gemm<T>(false, false, m, d, f, T(1), &h3[r0 * f], &w13[s.w3(e)], T(1), dxe);
     }
   });
 }

@@ -4,20 +4,21 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "moekit/backend/host/blas.hpp"
 #include "moekit/backend/host/ffn.hpp"
-#include "moekit/backend/host/moe_weights.hpp"
+#include "moekit/layer/parameter_table.hpp"
 #include "moekit/backend/host/policy.hpp"
 #include "moekit/balance/loss.hpp"
 #include "moekit/core/parameter.hpp"
 #include "moekit/core/tensor.hpp"
 #include "moekit/experts/activation.hpp"
 #include "moekit/experts/zero_computation.hpp"
-#include "moekit/moe_layer.hpp"
+#include "moekit/layer/moe_layer_decl.hpp"
 #include "moekit/router/topk.hpp"
 
 // Loops with less work than this many elements run on one thread: waking an OpenMP team costs more,
@@ -44,19 +45,25 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
 
   explicit MoeLayer(const MoeConfig& cfg) : cfg_(cfg) {
     detail::validate_layer_config<Router, Experts>(cfg_);
-    params_.resize(cfg_, kGated, kResidual);
-    grads_.resize(cfg_, kGated, kResidual);
+    set_parameter_table(ParameterTable(cfg_, kGated, kResidual));
     const auto n = cfg_.num_experts();
     eta_.assign(n, T(cfg_.tau));
     std::fill_n(eta_.begin(), cfg_.num_ffn_experts, T(1));
   }
 
   const MoeConfig& config() const { return cfg_; }
-  MoeWeights<T>& params() { return params_; }
-  const MoeWeights<T>& params() const { return params_; }
-  MoeWeights<T>& grads() { return grads_; }
-  const MoeWeights<T>& grads() const { return grads_; }
-  void zero_grad() { grads_.zero(); }
+  // The parameters in one flat buffer (and the gradients in another), laid out and named by the
+  // table (layer/parameter_table.hpp).
+  const ParameterTable& parameter_table() const { return table_; }
+  std::span<T> flat_values() { return value_; }
+  std::span<const T> flat_values() const { return value_; }
+  std::span<T> flat_grads() { return grad_; }
+  std::span<const T> flat_grads() const { return grad_; }
+  // Full-size weights in and out (a distributed layer: its shard of them; the rest reads 0).
+  void load_weights(const MoeWeights<T>& full) { table_.pack(full, value_.data()); }
+  MoeWeights<T> weights() const { return unpacked(value_); }
+  MoeWeights<T> gradients() const { return unpacked(grad_); }
+  void zero_grad() { std::fill(grad_.begin(), grad_.end(), T(0)); }
   // The balance-scope policy object (GlobalBatch keeps its count buffer here: reset() after each step).
   Balance& balance() { return balance_; }
   // Training mode (the default) adds each forward's counts to a GlobalBatch buffer; evaluation mode
@@ -65,11 +72,17 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   void set_training(bool on) { training_ = on; }
   bool training() const { return training_; }
 
-  // torch.nn.Linear's default initialisation, deterministic for a seed.
-  void init_params(std::uint64_t seed) { init_moe_weights(params_, cfg_, seed); }
+  // torch.nn.Linear's default initialisation, deterministic for a seed (a distributed layer: its shard).
+  void init_params(std::uint64_t seed) {
+    MoeWeights<T> full;
+    full.resize(cfg_, kGated, kResidual);
+    init_moe_weights(full, cfg_, seed);
+    load_weights(full);
+  }
 
-  // Every parameter with its gradient, named as Mixtral (and MoE++) checkpoints name them.
-  std::vector<Parameter<T>> parameters(const std::string& prefix = "") { return moe_parameters(cfg_, params_, grads_, prefix); }
+  // Every parameter with its gradient, named as Mixtral (and MoE++) checkpoints name them, from the
+  // table: views into the flat buffers.
+  std::vector<Parameter<T>> parameters(const std::string& prefix = "") { return table_.parameters(value_.data(), grad_.data(), prefix); }
 
   // Bytes this layer keeps for a forward/backward of `tokens` tokens (allocated by reserve()).
   std::int64_t workspace_bytes(std::int64_t tokens) const {
@@ -109,7 +122,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   }
 
   // Backward of L = sum(y * dy) + aux_scale * (lbl_coef * LBL + zloss_coef * zloss) + sum(logits * dlogits_next).
-  // Writes dx [T, D] and, when given, dprev_logits [T, N_E]; adds into grads() (so micro-batches
+  // Writes dx [T, D] and, when given, dprev_logits [T, N_E]; adds into the gradients (so micro-batches
   // accumulate). With gradient accumulation over m micro-batches pass aux_scale = 1/m.
   // dlogits_next: the gradient the next layer's gating residual sends back to these logits.
   void backward(MatrixView<const T> dy, MatrixView<T> dx, double aux_scale = 1.0, MatrixView<const T> dlogits_next = {},
@@ -185,14 +198,38 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   }
   static constexpr I32 kDropped = -1, kZeroComputation = -2;  // slot_row_ values besides FFN rows
 
+  // The families of a flat buffer (values or gradients).
+  struct Weights {
+    T *router, *w13, *w2, *const_wc, *const_v, *gate_residual;
+  };
+  Weights weights_in(std::vector<T>& flat) const {
+    const auto& o = table_.offsets();
+    T* b = flat.data();
+    return {b + o.router, b + o.w13, b + o.w2, b + o.const_wc, b + o.const_v, b + o.gate_residual};
+  }
+  Weights W() { return weights_in(value_); }
+  Weights G() { return weights_in(grad_); }
+  const T* value_at(std::int64_t offset) const { return value_.data() + offset; }
+  void set_parameter_table(ParameterTable t) {
+    table_ = std::move(t);
+    value_.assign(std::size_t(table_.size()), T(0));
+    grad_.assign(std::size_t(table_.size()), T(0));
+  }
+  MoeWeights<T> unpacked(const std::vector<T>& flat) const {
+    MoeWeights<T> w;
+    table_.unpack(flat.data(), w);
+    return w;
+  }
+
   bool is_ffn(std::int64_t e) const { return e < cfg_.num_ffn_experts; }
 
   void route() {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model;
-    backend::host::gemm<T>(false, true, tokens_, n, d, T(1), x_.data(), params_.router.data(), T(0), logits_.data());
+    const Weights w = W();
+    backend::host::gemm<T>(false, true, tokens_, n, d, T(1), x_.data(), w.router, T(0), logits_.data());
     if constexpr (kResidual)
       if (has_prev_)
-        backend::host::gemm<T>(false, true, tokens_, n, n, T(1), prev_.data(), params_.gate_residual.data(), T(1), logits_.data());
+        backend::host::gemm<T>(false, true, tokens_, n, n, T(1), prev_.data(), w.gate_residual, T(1), logits_.data());
     std::int64_t bad = -1;
 #pragma omp parallel for schedule(static) if (tokens_ * n >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t t = 0; t < tokens_; ++t) {
@@ -258,7 +295,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   }
 
   backend::host::FfnShapes<T> ffn_shapes() const {
-    return {cfg_.d_model, cfg_.d_expert, offset_.data(), cfg_.num_ffn_experts};
+    return {cfg_.d_model, cfg_.d_expert, offset_.data(), cfg_.num_ffn_experts, table_.w13_rows()};
   }
 
   void expert_forward() {
@@ -266,8 +303,9 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     const std::int64_t rows = ffn_rows();
 #pragma omp parallel for schedule(static) if (rows * d >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t r = 0; r < rows; ++r) std::copy_n(&x_[(row_slot_[r] / k) * d], d, &xp_[r * d]);
-    gemm_flops_ = backend::host::ffn_forward<Act>(ffn_shapes(), params_.w1.data(), params_.w3.data(), params_.w2.data(),
-                                                  xp_.data(), h1_.data(), h3_.data(), a_.data(), yp_.data());
+    const Weights w = W();
+    gemm_flops_ = backend::host::ffn_forward<Act>(ffn_shapes(), w.w13, w.w2, xp_.data(), h1_.data(), h3_.data(), a_.data(),
+                                                  yp_.data());
   }
 
   // out_t = sum over t's kept FFN slots of (gate or 1) * rows[slot's row]: a gather, not a scatter
@@ -308,6 +346,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   void zero_computation_forward(T* y) {
     [[maybe_unused]] const auto k = cfg_.top_k;  // read by the OpenMP clause only
     const auto d = cfg_.d_model;
+    const Weights w = W();
 #pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t t = 0; t < tokens_; ++t) {
       const T* xt = &x_[t * d];
@@ -318,10 +357,10 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
           for (std::int64_t c = 0; c < d; ++c) yt[c] += g * xt[c];
         } else if (kind == Zc::kConstant) {
           T a1, a2;
-          experts::constant_mix(&params_.const_wc[q * 2 * d], xt, int(d), a1, a2);
+          experts::constant_mix(&w.const_wc[q * 2 * d], xt, int(d), a1, a2);
           mix_[2 * s] = a1;
           mix_[2 * s + 1] = a2;
-          const T* v = &params_.const_v[q * d];
+          const T* v = &w.const_v[q * d];
           for (std::int64_t c = 0; c < d; ++c) yt[c] += g * (a1 * xt[c] + a2 * v[c]);
         }
       });
@@ -348,6 +387,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   // dgate for every slot, and d(expert rows) = gate * dy for FFN slots.
   void combine_backward(const T* dy) {
     const auto k = cfg_.top_k, d = cfg_.d_model;
+    const T* const_v = W().const_v;
 #pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t t = 0; t < tokens_; ++t) {
       const T* dyt = dy + t * d;
@@ -368,7 +408,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
           if (kind == Zc::kCopy) {
             for (std::int64_t c = 0; c < d; ++c) dg += dyt[c] * xt[c];
           } else if (kind == Zc::kConstant) {
-            const T* v = &params_.const_v[constant_index(idx_[s]) * d];
+            const T* v = &const_v[constant_index(idx_[s]) * d];
             for (std::int64_t c = 0; c < d; ++c) dg += dyt[c] * (mix_[2 * s] * xt[c] + mix_[2 * s + 1] * v[c]);
           }
         }
@@ -378,9 +418,9 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   }
 
   void expert_backward(T* dx) {
-    backend::host::ffn_backward<Act>(ffn_shapes(), params_.w1.data(), params_.w3.data(), params_.w2.data(), xp_.data(),
-                                     h1_.data(), h3_.data(), a_.data(), dyp_.data(), grads_.w1.data(), grads_.w3.data(),
-                                     grads_.w2.data());
+    const Weights w = W(), g = G();
+    backend::host::ffn_backward<Act>(ffn_shapes(), w.w13, w.w2, xp_.data(), h1_.data(), h3_.data(), a_.data(), dyp_.data(),
+                                     g.w13, g.w2);
     gather_slots(dyp_.data(), dx, /*gate_weighted=*/false);
   }
 
@@ -388,6 +428,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   // order: the work is small, and one fixed order keeps the weight gradients deterministic.
   void zero_computation_backward(const T* dy, T* dx) {
     const auto d = cfg_.d_model;
+    const Weights w = W(), gw = G();
     std::vector<T> de(d);
     for (std::int64_t t = 0; t < tokens_; ++t) {
       const T* dyt = dy + t * d;
@@ -398,9 +439,8 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
           for (std::int64_t c = 0; c < d; ++c) dxt[c] += g * dyt[c];
         } else if (kind == Zc::kConstant) {
           for (std::int64_t c = 0; c < d; ++c) de[c] = g * dyt[c];
-          experts::constant_backward(&params_.const_wc[q * 2 * d], &x_[t * d], &params_.const_v[q * d], mix_[2 * s],
-                                     mix_[2 * s + 1], de.data(), int(d), dxt, &grads_.const_v[q * d],
-                                     &grads_.const_wc[q * 2 * d]);
+          experts::constant_backward(&w.const_wc[q * 2 * d], &x_[t * d], &w.const_v[q * d], mix_[2 * s], mix_[2 * s + 1],
+                                     de.data(), int(d), dxt, &gw.const_v[q * d], &gw.const_wc[q * 2 * d]);
         }
       });
     }
@@ -425,19 +465,19 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
           for (std::int64_t i = 0; i < n; ++i) dl[i] += dlogits_next[t * n + i];
       }
     }
-    backend::host::gemm<T>(true, false, n, d, tokens_, T(1), dlogits_.data(), x_.data(), T(1), grads_.router.data());
-    backend::host::gemm<T>(false, false, tokens_, d, n, T(1), dlogits_.data(), params_.router.data(), T(1), dx);
+    const Weights w = W(), g = G();
+    backend::host::gemm<T>(true, false, n, d, tokens_, T(1), dlogits_.data(), x_.data(), T(1), g.router);
+    backend::host::gemm<T>(false, false, tokens_, d, n, T(1), dlogits_.data(), w.router, T(1), dx);
     if constexpr (kResidual)
       if (has_prev_) {
-        backend::host::gemm<T>(true, false, n, n, tokens_, T(1), dlogits_.data(), prev_.data(), T(1),
-                               grads_.gate_residual.data());
-        if (dprev)
-          backend::host::gemm<T>(false, false, tokens_, n, n, T(1), dlogits_.data(), params_.gate_residual.data(), T(0), dprev);
+        backend::host::gemm<T>(true, false, n, n, tokens_, T(1), dlogits_.data(), prev_.data(), T(1), g.gate_residual);
+        if (dprev) backend::host::gemm<T>(false, false, tokens_, n, n, T(1), dlogits_.data(), w.gate_residual, T(0), dprev);
       }
   }
 
   MoeConfig cfg_;
-  MoeWeights<T> params_, grads_;
+  ParameterTable table_;
+  std::vector<T> value_, grad_;  // flat, laid out by table_
   Balance balance_;
   std::vector<T> eta_;
   std::int64_t reserved_ = 0, tokens_ = 0, f_tokens_ = 0, gemm_flops_ = 0;

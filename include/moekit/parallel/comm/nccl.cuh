@@ -10,8 +10,8 @@
 // collective enqueued: a rank that never joins costs a timeout, not a hang. Arguments are checked on the
 // host before anything is enqueued, so a bad argument throws CommError and leaves the communicator usable.
 //
-// Bootstrap: Nccl(id, nranks, rank) with an ncclUniqueId the caller distributed; Nccl::from_mpi(comm) when
-// <mpi.h> was included before this header; Nccl::single() for one rank. The CUDA device current at
+// Bootstrap: Nccl(id, nranks, rank) with an ncclUniqueId the caller distributed; Nccl::from_mpi(comm)
+// with parallel/comm/nccl_mpi.hpp included; Nccl::single() for one rank. The CUDA device current at
 // construction is the communicator's (set it first, e.g. local rank % device count). Construction and
 // split block on the host until every rank joins (NCCL's blocking mode); they have no timeout.
 // Not thread-safe: one host thread drives one communicator. wait and barrier query the stream, so they are
@@ -90,37 +90,13 @@ class Nccl {
     return Nccl(id, 1, 0, timeout_s);
   }
 
-#if defined(MPI_VERSION)
-  // Collective over `comm`: rank 0 makes the id and MPI_Bcast sends it (with rank 0's status, so a failure
-  // there throws on every rank instead of leaving the others waiting). Group rank r becomes NCCL rank r.
-  static Nccl from_mpi(MPI_Comm comm, double timeout_s = default_comm_timeout_s()) {
-    int rank = 0, size = 0;
-    mpi_check(MPI_Comm_rank(comm, &rank), "MPI_Comm_rank");
-    mpi_check(MPI_Comm_size(comm, &size), "MPI_Comm_size");
-    struct IdMessage {
-      ncclUniqueId id;
-      int status;  // rank 0's ncclResult_t from ncclGetUniqueId
-    } msg{};
-    std::string detail;
-    if (rank == 0) {
-      msg.status = int(ncclGetUniqueId(&msg.id));
-      detail = last_error(nullptr);
-    }
-    mpi_check(MPI_Bcast(&msg, int(sizeof msg), MPI_BYTE, 0, comm), "MPI_Bcast of the ncclUniqueId");
-    if (msg.status != int(ncclSuccess))
-      throw CommError("moekit::comm::Nccl::from_mpi: ncclGetUniqueId failed on rank 0: " +
-                      std::string(ncclGetErrorString(ncclResult_t(msg.status))) + detail);
-    return Nccl(msg.id, size, rank, timeout_s);
-  }
-  // Any wrapper with native() -> MPI_Comm, e.g. comm::Mpi (mpi.hpp).
-  template <class M>
-    requires requires(const M& m) {
-      { m.native() } -> std::convertible_to<MPI_Comm>;
-    }
-  static Nccl from_mpi(const M& mpi, double timeout_s = default_comm_timeout_s()) {
-    return from_mpi(MPI_Comm(mpi.native()), timeout_s);
-  }
-#endif
+  // Collective over an MPI communicator (an MPI_Comm, or a wrapper with native() -> MPI_Comm such as
+  // comm::Mpi): rank 0 makes the id and MPI_Bcast sends it (with rank 0's status, so a failure there
+  // throws on every rank instead of leaving the others waiting). Group rank r becomes NCCL rank r.
+  // Declared here for every translation unit alike; defined in parallel/comm/nccl_mpi.hpp, which
+  // includes <mpi.h> (so this class has the same members whether or not MPI was included first).
+  template <class MpiComm>
+  static Nccl from_mpi(const MpiComm& comm, double timeout_s = default_comm_timeout_s());
 
   ~Nccl() { release(); }
   Nccl(const Nccl&) = delete;
@@ -468,15 +444,6 @@ class Nccl {
     if (e == cudaSuccess) return;
     throw CommError(where() + call + " failed: " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
   }
-#if defined(MPI_VERSION)
-  static void mpi_check(int err, const char* call) {
-    if (err == MPI_SUCCESS) return;
-    char msg[MPI_MAX_ERROR_STRING];
-    int len = 0;
-    MPI_Error_string(err, msg, &len);
-    throw CommError(std::string("moekit::comm::Nccl::from_mpi: ") + call + " failed: " + std::string(msg, std::size_t(len)));
-  }
-#endif
   // Aborts the communicator (so that nothing waits on it) and throws `why`.
   [[noreturn]] void fail(const std::string& why) {
     const std::string msg = where() + why;

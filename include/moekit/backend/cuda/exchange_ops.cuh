@@ -1,0 +1,67 @@
+#pragma once
+// The CUDA row operations for parallel::ExpertExchange (parallel/exchange.hpp): device buffers sized by
+// reserve() (ensure() only checks: nothing is allocated in forward or backward), stream-ordered copies,
+// and comm::Nccl's collectives on the caller's stream.
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "moekit/backend/cuda/memory.cuh"
+#include "moekit/backend/cuda/status.cuh"
+#include "moekit/core/error.hpp"
+#include "moekit/parallel/comm/nccl.cuh"
+
+namespace moekit::backend::cuda {
+inline namespace MOEKIT_CUDA_ABI {
+
+template <class G>
+MOEKIT_KERNEL void scale_kernel(G* v, std::int64_t n, float factor) {
+  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += std::int64_t(gridDim.x) * blockDim.x)
+    v[i] = G(float(v[i]) * factor);
+}
+
+template <class S>
+struct ExchangeOps {
+  using value_type = S;
+  using Comm = comm::Nccl;
+  using Context = cudaStream_t;
+  using Buffer = DeviceArray<S>;
+
+  static void reserve(Buffer& b, std::size_t n) {
+    if (b.size() < n) b.resize(n);
+  }
+  static S* ensure(Buffer& b, std::size_t n) {
+    if (b.size() < n)
+      throw ShapeError("expert exchange: " + std::to_string(n) + " elements needed, " + std::to_string(b.size()) +
+                       " reserved (every rank must reserve() the largest token count any rank uses)");
+    return b.data();
+  }
+  static void copy(S* dst, const S* src, std::size_t n, Context s) {
+    if (n) MOEKIT_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(S), cudaMemcpyDeviceToDevice, s));
+  }
+  static void a2a(Comm& c, const S* send, const std::int64_t* sc, S* recv, const std::int64_t* rc, Context s) {
+    c.all_to_all_v(send, sc, recv, rc, s);
+  }
+  static void all_gather_v(Comm& c, const S* send, const std::int64_t* counts, S* recv, Context s) {
+    c.all_gather_v(send, counts, recv, s);
+  }
+  static void reduce_scatter_v(Comm& c, const S* send, const std::int64_t* counts, S* recv, Context s) {
+    c.reduce_scatter_v(send, counts, recv, s);
+  }
+  template <class G>
+  static void all_reduce(Comm& c, G* v, std::size_t n, Context s) {
+    c.all_reduce_sum(v, n, s);
+  }
+  template <class G>
+  static void scale(G* v, std::int64_t n, double factor, Context s) {
+    if (n == 0) return;
+    const std::int64_t blocks = (n + 255) / 256;
+    scale_kernel<G><<<unsigned(blocks < 4096 ? blocks : 4096), 256, 0, s>>>(v, n, float(factor));
+    MOEKIT_CUDA_CHECK(cudaGetLastError());
+  }
+};
+
+}  // namespace MOEKIT_CUDA_ABI
+}  // namespace moekit::backend::cuda
