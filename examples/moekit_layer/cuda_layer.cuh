@@ -18,7 +18,7 @@
 #include "moekit/backend/cuda/memory.cuh"
 #include "moekit/backend/cuda/moe_layer.cuh"
 #include "moekit/layer/parameter_table.hpp"
-#include "moekit/moe_layer.hpp"
+#include "moekit/layer/moe_layer_decl.hpp"
 
 namespace moekit_layer::cuda_detail {
 

@@ -14,6 +14,11 @@
 #include "../common/compare.hpp"
 #include "device_buffer.cuh"
 
+// The CUDA layer headers bring no CBLAS (the host layer's) into a CUDA translation unit.
+#if defined(CBLAS_H)
+#error "moekit's CUDA layer headers included cblas.h"
+#endif
+
 namespace {
 
 

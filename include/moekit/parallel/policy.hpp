@@ -43,4 +43,7 @@ concept DistributedPolicy = ParallelPolicy<P> && P::distributed && requires {
   { P::allows_ep } -> std::convertible_to<bool>;
   { P::allows_dp } -> std::convertible_to<bool>;
 };
+// The strategies a backend's layer implements: None, or a distributed one that says which degrees it allows.
+template <class P>
+concept StrategyPolicy = std::same_as<P, None> || DistributedPolicy<P>;
 }  // namespace moekit::parallel

@@ -9,12 +9,33 @@
 #include <string>
 
 #include "moekit/backend/cuda/memory.cuh"
+#include "moekit/backend/cuda/router.cuh"  // kNoBadToken
 #include "moekit/backend/cuda/status.cuh"
 #include "moekit/core/error.hpp"
-#include "moekit/parallel/comm/nccl.cuh"
+
+namespace moekit::comm {
+class Nccl;  // parallel/comm/nccl.cuh: needed only where a distributed layer is made
+}
 
 namespace moekit::backend::cuda {
 inline namespace MOEKIT_CUDA_ABI {
+
+// counts[e] = offsets[c·F + e + 1] - offsets[c·F + e]: the rows chunk c sends to each FFN expert.
+template <class I>
+MOEKIT_KERNEL void chunk_counts_kernel(const int* offsets, int chunk, int ffn, I* counts) {
+  const int e = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
+  if (e < ffn) counts[e] = I(offsets[chunk * ffn + e + 1] - offsets[chunk * ffn + e]);
+}
+// *v = value (the token count next to the routed counts, the capacity next to the counts).
+template <class I>
+MOEKIT_KERNEL void set_value_kernel(I* v, I value) {
+  *v = value;
+}
+// *flag = 1 when this rank saw a non-finite logit (route_tokens' bad token), else 0.
+template <class I>
+MOEKIT_KERNEL void bad_flag_kernel(const int* bad_token, I* flag) {
+  *flag = *bad_token != kNoBadToken ? 1 : 0;
+}
 
 template <class G>
 MOEKIT_KERNEL void scale_kernel(G* v, std::int64_t n, float factor) {
@@ -22,10 +43,10 @@ MOEKIT_KERNEL void scale_kernel(G* v, std::int64_t n, float factor) {
     v[i] = G(float(v[i]) * factor);
 }
 
-template <class S>
+template <class S, class C = comm::Nccl>
 struct ExchangeOps {
   using value_type = S;
-  using Comm = comm::Nccl;
+  using Comm = C;
   using Context = cudaStream_t;
   using Buffer = DeviceArray<S>;
 

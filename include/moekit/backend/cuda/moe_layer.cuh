@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <concepts>
 #include <cmath>
 #include <cstdint>
 #include <memory>
@@ -29,6 +30,7 @@
 
 #include "moekit/backend/cuda/activation.cuh"
 #include "moekit/backend/cuda/combine.cuh"
+#include "moekit/backend/cuda/exchange_ops.cuh"
 #include "moekit/backend/cuda/grouped_gemm.cuh"
 #include "moekit/backend/cuda/memory.cuh"
 #include "moekit/backend/cuda/permute.cuh"
@@ -39,6 +41,9 @@
 #include "moekit/balance/loss.hpp"
 #include "moekit/core/tensor.hpp"
 #include "moekit/layer/moe_layer_decl.hpp"
+#include "moekit/parallel/exchange.hpp"
+#include "moekit/parallel/policy.hpp"
+#include "moekit/parallel/sharding.hpp"
 
 namespace moekit {
 
@@ -60,9 +65,15 @@ struct DeviceParameter {
 
 // Specialised for this TU's architecture tag only (backend/cuda/abi.hpp): the type, and every symbol of
 // its members, then differ between TUs built for different architectures.
-template <class V, class Router, class Experts, class Balance>
-class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, parallel::None> {
+//
+// One class for every parallel strategy P: parallel::None, or Data / Expert / Tensor / Hybrid over
+// comm::Nccl (one GPU per rank; include parallel/cuda_moe_layer.cuh, which describes the algorithm). The
+// strategy is composed, not inherited: a distributed layer holds a parallel::ExpertExchange
+// (parallel/exchange.hpp, written once for both backends) between the token side and the expert side.
+template <class V, class Router, class Experts, class Balance, parallel::StrategyPolicy P>
+class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P> {
   static_assert(detail::PolicyChecks<Router, Experts, Balance>::ok);
+  static constexpr bool kDistributed = P::distributed;
 
   using Act = typename Experts::activation;
   using Score = typename Router::score;
@@ -74,8 +85,47 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, p
   using storage_type = backend::cuda::storage_t<V>;
   using S = storage_type;
 
+  using Exchange = parallel::ExpertExchange<backend::cuda::ExchangeOps<S>>;
+  struct NoExchange {};
+
+  // One GPU (parallel::None).
   explicit MoeLayer(const MoeConfig& cfg, backend::cuda::GemmStrategy gemm = backend::cuda::GemmStrategy::kAuto)
-      : MoeLayer(cfg, gemm, ParallelGrid{}) {}
+    requires(!kDistributed)
+      : cfg_(cfg) {
+    detail::validate_layer_config<Router, Experts>(cfg_);
+    init(ParallelGrid{}, gemm);
+  }
+  // One GPU per rank of `world`. The config is checked on every rank before anything else moves (a bad
+  // or disagreeing config throws ConfigError on every rank), then the sub-communicators are split.
+  // Duplicate token dropping is fixed here (it decides the permutation's chunks).
+  // (World is comm::Nccl: a template only so that this header needs NCCL's only when a distributed
+  // layer is made; parallel/cuda_moe_layer.cuh includes it.)
+  template <class World>
+    requires(kDistributed && std::same_as<World, comm::Nccl>)
+  MoeLayer(const MoeConfig& cfg, World& world, bool duplicate_token_dropping = true,
+           backend::cuda::GemmStrategy gemm = backend::cuda::GemmStrategy::kAuto)
+      : cfg_(detail::agreed_config<Router, Experts, P>(
+            cfg, world.size(), world.rank(),
+            [&](const std::int64_t* mine, std::size_t n, std::int64_t* all) { gather_on_device(world, mine, n, all); },
+            {{"duplicate_token_dropping", duplicate_token_dropping}, {"balance (GlobalBatch)", Balance::global}})),
+        ex_(world, ParallelGrid::of(cfg.tp, cfg.ep, cfg.dp, world.rank()),
+            [](World& w, int color, int key) { return std::make_unique<World>(w.split(color, key)); }) {
+    const ParallelGrid& g = ex_.grid();
+    ex_.set_duplicate_token_dropping(duplicate_token_dropping);
+    chunks_ = ex_.chunks();
+    // Stats extras: per rank of the tp x ep group its chunk's counts [N_FFN] and its expert-side capacity
+    // [1]; the routed counts and tokens [N_E + 1] (summed over the shards for GlobalBatch); the number of
+    // ranks whose logits were not finite [1].
+    extra_ints_ = std::size_t(g.tp * g.ep * (cfg_.num_ffn_experts + 1) + cfg_.num_experts() + 1 + 1);
+    init(g, gemm);
+    if constexpr (Balance::global) {  // the counts were all-reduced on the device before the sync
+      const std::int32_t* global = extra_host() + g.tp * g.ep * (cfg_.num_ffn_experts + 1);  // pinned: never moves
+      balance_.set_all_reduce([global](std::int64_t* data, std::size_t k) { std::copy_n(global, k, data); });
+    }
+  }
+  MoeLayer(const MoeLayer&) = delete;
+  MoeLayer& operator=(const MoeLayer&) = delete;
+  MoeLayer(MoeLayer&&) = delete;  // the GlobalBatch hook and the workspace views point into this object
 
   const MoeConfig& config() const { return cfg_; }
   Balance& balance() { return balance_; }
@@ -158,16 +208,23 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, p
     Buffers b;
     return carve(b, nullptr, tokens);
   }
-  // Allocates (or grows) the layer's own workspace for up to `tokens` tokens.
+  // Allocates (or grows) the layer's own workspace for up to `tokens` tokens. A distributed layer also
+  // sizes the expert side for ep·T·k rows (every row of every source could come to this rank's experts);
+  // every rank must reserve the same number of tokens.
   void reserve(std::int64_t tokens) {
-    if (reserved_ >= 0 && tokens <= reserved_ && !external_) return;
-    owned_.resize(0);
-    owned_.resize(workspace_bytes(tokens));
-    bind(owned_.data(), tokens);
-    external_ = false;
+    if (!(reserved_ >= 0 && tokens <= reserved_ && !external_)) {
+      owned_.resize(0);
+      owned_.resize(workspace_bytes(tokens));
+      bind(owned_.data(), tokens);
+      external_ = false;
+    }
+    if constexpr (kDistributed) reserve_expert_side(reserved_tokens());
   }
-  // Uses caller-owned device memory (at least workspace_bytes(tokens)) instead.
-  void attach_workspace(void* p, std::size_t bytes, std::int64_t tokens) {
+  // Uses caller-owned device memory (at least workspace_bytes(tokens)) instead (one GPU only: the
+  // expert side of a distributed layer comes with reserve()).
+  void attach_workspace(void* p, std::size_t bytes, std::int64_t tokens)
+    requires(!kDistributed)
+  {
     const std::size_t need = workspace_bytes(tokens);
     if (reinterpret_cast<std::uintptr_t>(p) % 256 != 0)
       throw ShapeError("attach_workspace: the pointer must be 256-byte aligned (as cudaMalloc's are)");
@@ -186,9 +243,17 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, p
   AuxLosses forward(MatrixView<const S> x, MatrixView<S> y, MatrixView<const float> prev_logits = {},
                     cudaStream_t stream = nullptr) {
     route_and_permute(x, y, prev_logits, stream);
-    sync_stats(stream);
-    const ExpertView v = expert_view();
-    gemm_flops_ = experts_forward(v, b_.xp, b_.h13, b_.a, b_.yp, offsets_, stream);
+    if constexpr (kDistributed) {
+      exchange_stats(stream);  // the counts every rank needs, gathered before the one synchronisation
+      make_plan();
+      ex_.to_experts(b_.xp, xe_.data(), stream);  // xe_ is kept for backward: the all-to-all outputs
+      gemm_flops_ = experts_forward(expert_view(), xe_.data(), h13e_.data(), ae_.data(), ye_.data(), exp_off_, stream);
+      ex_.from_experts(ye_.data(), b_.yp, stream);
+      has_activations_ = !recompute_;
+    } else {
+      sync_stats(stream);
+      gemm_flops_ = experts_forward(expert_view(), b_.xp, b_.h13, b_.a, b_.yp, offsets_, stream);
+    }
     return combine_and_aux(y.data, stream);
   }
 
@@ -197,8 +262,51 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, p
   void backward(MatrixView<const S> dy, MatrixView<S> dx, double aux_scale = 1.0, MatrixView<const float> dlogits_next = {},
                 MatrixView<float> dprev_logits = {}, cudaStream_t stream = nullptr) {
     combine_backward_rows(dy, dx, dlogits_next, dprev_logits, stream);
-    experts_backward(expert_view(), b_.xp, b_.h13, b_.a, b_.dyp, offsets_, stream);
+    if constexpr (kDistributed) {
+      ex_.to_experts(b_.dyp, dye_.data(), stream);
+      if (!has_activations_) {  // recompute from the saved all-to-all outputs (xe_): no communication
+        experts_forward(expert_view(), xe_.data(), h13e_.data(), ae_.data(), ye_.data(), exp_off_, stream);
+        ++recomputations_;
+      }
+      experts_backward(expert_view(), xe_.data(), h13e_.data(), ae_.data(), dye_.data(), exp_off_, stream);
+      has_activations_ = false;
+      ex_.from_experts(dye_.data(), b_.dyp, stream);
+    } else {
+      experts_backward(expert_view(), b_.xp, b_.h13, b_.a, b_.dyp, offsets_, stream);
+    }
     finish_backward(dy.data, dx.data, aux_scale, dlogits_next.data, dprev_logits.data, stream);
+  }
+
+  // ---- distributed strategies only ----------------------------------------------------------------
+  const ParallelGrid& grid() const
+    requires(kDistributed)
+  {
+    return ex_.grid();
+  }
+  std::int64_t first_expert() const { return table_.first_expert(); }
+  std::int64_t local_experts() const { return table_.local_experts(); }
+  void set_activation_checkpointing(bool on)
+    requires(kDistributed)
+  {
+    recompute_ = on;
+  }
+  std::int64_t recomputations() const { return recomputations_; }
+  // Once per optimizer step: expert gradients summed over dp, dense ones over the world, both divided to
+  // the mean over the ep·dp shards (parallel/exchange.hpp), on the stream.
+  void sync_gradients(cudaStream_t stream = nullptr)
+    requires(kDistributed)
+  {
+    ex_.sync_gradients(table_, grads_.data(), stream);
+  }
+  comm::ByteCounters comm_counters() const
+    requires(kDistributed)
+  {
+    return ex_.counters();
+  }
+  const comm::ByteCounters& ep_counters() const
+    requires(kDistributed)
+  {
+    return ex_.ep_counters();
   }
 
   // ---- results of the last forward ----------------------------------------------------------------
@@ -216,9 +324,94 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, p
   const float* topk_gates_device() const { return b_.gate; }
   const int* slot_rows_device() const { return b_.row_of_slot; }  // row, or kDroppedSlot / kZeroComputationSlot
 
- protected:  // stages, reused by the distributed CUDA layer (parallel/cuda_moe_layer.cuh)
-  MoeLayer(const MoeConfig& cfg, backend::cuda::GemmStrategy gemm, const ParallelGrid& grid) : cfg_(cfg) {
-    detail::validate_layer_config<Router, Experts>(cfg_);
+ private:
+  using I64 = std::int64_t;
+
+  // ---- the distributed stages ---------------------------------------------------------------------
+  template <class World>
+  static void gather_on_device(World& world, const std::int64_t* mine, std::size_t n, std::int64_t* all) {
+    backend::cuda::DeviceArray<std::int64_t> a(n), b(n * std::size_t(world.size()));
+    MOEKIT_CUDA_CHECK(cudaMemcpy(a.data(), mine, n * sizeof(std::int64_t), cudaMemcpyHostToDevice));
+    world.all_gather(a.data(), n, b.data());
+    world.wait();
+    MOEKIT_CUDA_CHECK(cudaMemcpy(all, b.data(), b.size() * sizeof(std::int64_t), cudaMemcpyDeviceToHost));
+  }
+
+  // The expert side for up to ep·T·k rows, and the exchange's buffers.
+  void reserve_expert_side(I64 tokens) {
+    const ParallelGrid& g = ex_.grid();
+    const I64 rows = I64(g.ep) * tokens * cfg_.top_k, d = cfg_.d_model;
+    if (rows > I64(INT32_MAX)) throw ShapeError("ep * tokens * top_k = " + std::to_string(rows) + " exceeds 2^31 - 1");
+    if (rows <= capacity_rows_ && xe_.size()) return;
+    for (auto* a : {&xe_, &ye_, &dye_}) a->resize(std::size_t(rows * d));
+    h13e_.resize(std::size_t(rows * wf_)), ae_.resize(std::size_t(rows * f_));
+    ex_.reserve(rows, tokens * cfg_.top_k, d);
+    counts_dev_.resize(std::size_t(cfg_.num_ffn_experts + 1));
+    capacity_rows_ = rows;
+  }
+
+  // Before the forward's one host synchronisation, on the stream: this rank's chunk counts and its
+  // expert-side capacity all-gathered over the tp x ep ranks of its dp index, (GlobalBatch) the routed
+  // counts summed over the shards, and a non-finite-logits flag summed over the world, all into the
+  // stats block the forward copies to the host anyway. So a rank with bad input or too small a
+  // workspace makes every rank it talks to throw together.
+  void exchange_stats(cudaStream_t stream) {
+    namespace mc = backend::cuda;
+    const ParallelGrid& g = ex_.grid();
+    const int nf = int(cfg_.num_ffn_experts), n = int(cfg_.num_experts());
+    if (counts_dev_.size() == 0) throw ShapeError("a distributed layer needs reserve() before forward");
+    mc::chunk_counts_kernel<int><<<unsigned((nf + 127) / 128), 128, 0, stream>>>(offsets_dev(), ex_.my_chunk(), nf, counts_dev_.data());
+    MOEKIT_CUDA_CHECK(cudaGetLastError());
+    mc::set_value_kernel<int><<<1, 1, 0, stream>>>(counts_dev_.data() + nf, int(capacity_rows_));
+    MOEKIT_CUDA_CHECK(cudaGetLastError());
+    ex_.group(RankGroup::kTpEp).all_gather(counts_dev_.data(), std::size_t(nf + 1), extra_dev(), stream);
+    int* global = extra_dev() + g.tp * g.ep * (nf + 1);
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(global, routed_dev(), sizeof(int) * std::size_t(n), cudaMemcpyDeviceToDevice, stream));
+    mc::set_value_kernel<int><<<1, 1, 0, stream>>>(global + n, int(tokens_));
+    MOEKIT_CUDA_CHECK(cudaGetLastError());
+    if constexpr (Balance::global) ex_.group(RankGroup::kShards).all_reduce_sum(global, std::size_t(n + 1), stream);
+    mc::bad_flag_kernel<int><<<1, 1, 0, stream>>>(bad_dev(), global + n + 1);
+    MOEKIT_CUDA_CHECK(cudaGetLastError());
+    ex_.group(RankGroup::kWorld).all_reduce_sum(global + n + 1, 1, stream);
+    ex_.group(RankGroup::kWorld).wait(stream);  // NCCL errors and timeouts surface here, not as a hang in the sync
+    sync_stats(stream, /*check_finite=*/false);
+    if (extra_host()[g.tp * g.ep * (nf + 1) + n + 1] > 0) {
+      throw_if_not_finite();
+      throw NumericError("router logits are not finite on another rank (see its error); every rank stops");
+    }
+  }
+
+  // The dispatch plan from the synchronised stats: offsets (chunk-major) and the all-gathered counts.
+  void make_plan() {
+    const ParallelGrid& g = ex_.grid();
+    const bool dtd = ex_.duplicate_token_dropping();
+    const I64 nf = cfg_.num_ffn_experts, nc = chunks_, group = g.tp * g.ep, el = table_.local_experts();
+    DispatchPlan& plan = ex_.plan();
+    plan.reset(g, dtd, nf, cfg_.d_model);
+    std::vector<I64> cnt(std::size_t(nc * nf));
+    for (I64 i = 0; i < nc * nf; ++i) cnt[i] = offsets_[i + 1] - offsets_[i];
+    plan.set_token_counts(cnt);
+    const std::int32_t* gathered = extra_host();  // per rank: counts [N_FFN], capacity [1]
+    std::vector<I64> all(std::size_t(group * nf));
+    for (I64 r = 0; r < group; ++r) std::copy_n(gathered + r * (nf + 1), nf, all.begin() + r * nf);
+    // Every rank of the tp x ep group checks every rank's expert-side rows against its capacity, so they
+    // all throw together (never one rank alone, which would leave the others in a collective).
+    for (I64 r = 0; r < group; ++r) {
+      const I64 t = r % g.tp, e = r / g.tp;
+      I64 rows = 0;
+      for (I64 src = 0; src < group; ++src)
+        if (dtd || src % g.tp == t)
+          for (I64 le = 0; le < el; ++le) rows += all[std::size_t(src * nf + e * el + le)];
+      if (rows > gathered[r * (nf + 1) + nf])
+        throw ShapeError("rank " + std::to_string(r) + " of the tp x ep group would receive " + std::to_string(rows) +
+                         " expert rows but reserved " + std::to_string(gathered[r * (nf + 1) + nf]) +
+                         " (every rank must reserve() the largest token count any rank uses)");
+    }
+    plan.set_all_counts(all);
+    exp_off_.assign(plan.expert_offsets().begin(), plan.expert_offsets().end());
+  }
+
+  void init(const ParallelGrid& grid, backend::cuda::GemmStrategy gemm) {
     const auto n = cfg_.num_experts();
     const std::pair<const char*, std::int64_t> dims[] = {{"d_model", cfg_.d_model}, {"d_expert", cfg_.d_expert}, {"num_experts()", n}};
     for (const auto& [field, v] : dims)
@@ -456,9 +649,9 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, p
     constexpr bool kBf16 = !std::is_same_v<S, float>;
     std::size_t at = 0;
     auto take = [&](auto*& p, std::size_t count) {
-      using P = std::remove_reference_t<decltype(*p)>;
-      p = base ? reinterpret_cast<P*>(base + at) : nullptr;  // valid (unread) even when count is 0
-      at += (count * sizeof(P) + 255) / 256 * 256;
+      using E = std::remove_reference_t<decltype(*p)>;
+      p = base ? reinterpret_cast<E*>(base + at) : nullptr;  // valid (unread) even when count is 0
+      at += (count * sizeof(E) + 255) / 256 * 256;
     };
     take(b.x, t * d);
     if constexpr (kResidual) take(b.prev, t * n);
@@ -604,6 +797,13 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, p
   float* grad_at(std::int64_t element) const { return grads_.data() + element; }
 
   MoeConfig cfg_;
+  [[no_unique_address]] std::conditional_t<kDistributed, Exchange, NoExchange> ex_;
+  // The expert side of a distributed layer (sized by reserve()) and its bookkeeping.
+  backend::cuda::DeviceArray<S> xe_, ye_, dye_, h13e_, ae_;
+  backend::cuda::DeviceArray<int> counts_dev_;
+  std::vector<std::int32_t> exp_off_;
+  bool recompute_ = false, has_activations_ = false;
+  std::int64_t recomputations_ = 0, capacity_rows_ = 0;
   ParameterTable table_;
   backend::cuda::DeviceArray<char> values_;  // flat, laid out by table_ (storage type; gating residual fp32)
   backend::cuda::DeviceArray<float> grads_;  // flat fp32, laid out by table_

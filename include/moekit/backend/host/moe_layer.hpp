@@ -1,6 +1,14 @@
 #pragma once
-// Host (CPU) backend of MoeLayer: CBLAS GEMMs per expert, OpenMP loops over tokens (DESIGN §1-§4).
+// Host (CPU) backend of MoeLayer: CBLAS GEMMs per expert, OpenMP loops over tokens (DESIGN §1-§5).
 // This is the oracle of the CUDA backend and the way everything runs without a GPU.
+//
+// One class for every parallel strategy P: parallel::None, or Data / Expert / Tensor / Hybrid over a
+// comm::HostCommunicator (comm::Mpi between processes, comm::Single for one). The strategy is composed,
+// not inherited: a distributed layer holds a parallel::ExpertExchange (parallel/exchange.hpp) that
+// moves the FFN rows between the token side (the rows this rank routed) and the expert side (the rows of
+// the experts it holds); for parallel::None the two sides are the same buffers. The algorithm of the
+// distributed strategies (rank grid, duplicate token dropping, the collectives, the gradient averaging,
+// communication-aware checkpointing) is described in parallel/host_moe_layer.hpp.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -10,8 +18,8 @@
 #include <vector>
 
 #include "moekit/backend/host/blas.hpp"
+#include "moekit/backend/host/exchange_ops.hpp"
 #include "moekit/backend/host/ffn.hpp"
-#include "moekit/layer/parameter_table.hpp"
 #include "moekit/backend/host/policy.hpp"
 #include "moekit/balance/loss.hpp"
 #include "moekit/core/parameter.hpp"
@@ -19,6 +27,11 @@
 #include "moekit/experts/activation.hpp"
 #include "moekit/experts/zero_computation.hpp"
 #include "moekit/layer/moe_layer_decl.hpp"
+#include "moekit/layer/parameter_table.hpp"
+#include "moekit/parallel/comm/communicator.hpp"
+#include "moekit/parallel/exchange.hpp"
+#include "moekit/parallel/policy.hpp"
+#include "moekit/parallel/sharding.hpp"
 #include "moekit/router/topk.hpp"
 
 // Loops with less work than this many elements run on one thread: waking an OpenMP team costs more,
@@ -29,9 +42,12 @@
 
 namespace moekit {
 
-template <class T, class Router, class Experts, class Balance>
-class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
+template <class T, class Router, class Experts, class Balance, parallel::StrategyPolicy P>
+class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
   static_assert(detail::PolicyChecks<Router, Experts, Balance>::ok);
+  static constexpr bool kDistributed = P::distributed;
+  using Exchange = parallel::ExpertExchange<backend::host::ExchangeOps<T>>;
+  struct NoExchange {};
 
   using Act = typename Experts::activation;
   using Score = typename Router::score;
@@ -43,12 +59,28 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
  public:
   using value_type = T;
 
-  explicit MoeLayer(const MoeConfig& cfg) : cfg_(cfg) {
+  // One rank (parallel::None).
+  explicit MoeLayer(const MoeConfig& cfg)
+    requires(!kDistributed)
+      : cfg_(cfg) {
     detail::validate_layer_config<Router, Experts>(cfg_);
-    set_parameter_table(ParameterTable(cfg_, kGated, kResidual));
-    const auto n = cfg_.num_experts();
-    eta_.assign(n, T(cfg_.tau));
-    std::fill_n(eta_.begin(), cfg_.num_ffn_experts, T(1));
+    init(ParallelGrid{});
+  }
+  // A distributed layer: the config is checked on every rank of `world` before anything else moves (a
+  // bad or disagreeing config throws ConfigError on every rank), then the sub-communicators are split.
+  MoeLayer(const MoeConfig& cfg, comm::HostCommunicator& world)
+    requires(kDistributed)
+      : cfg_(detail::agreed_config<Router, Experts, P>(
+            cfg, world.size(), world.rank(),
+            [&](const std::int64_t* mine, std::size_t n, std::int64_t* all) { world.all_gather(mine, n, all); },
+            {{"balance (GlobalBatch)", Balance::global}})),
+        ex_(world, ParallelGrid::of(cfg.tp, cfg.ep, cfg.dp, world.rank()),
+            [](comm::HostCommunicator& w, int color, int key) { return w.split(color, key); }) {
+    init(ex_.grid());
+    if constexpr (Balance::global) {  // counts summed over the ranks holding different tokens
+      comm::HostCommunicator* shards = &ex_.group(RankGroup::kShards);
+      balance_.set_all_reduce([shards](std::int64_t* data, std::size_t n) { shards->all_reduce_sum(data, n); });
+    }
   }
 
   const MoeConfig& config() const { return cfg_; }
@@ -117,7 +149,11 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     begin_forward(x, y, prev_logits);
     route();
     assign_slots();
-    expert_forward();
+    if constexpr (kDistributed) {
+      relayout();
+      exchange_counts();
+    }
+    experts_forward();
     return finish_forward(y.data);
   }
 
@@ -129,8 +165,53 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
                 MatrixView<T> dprev_logits = {}) {
     begin_backward(dy, dx, dlogits_next, dprev_logits);
     combine_backward(dy.data);
-    expert_backward(dx.data);
+    experts_backward();
+    gather_slots(dyp_.data(), dx.data, /*gate_weighted=*/false);
     finish_backward(dy.data, dx.data, aux_scale, dlogits_next.data, dprev_logits.data);
+  }
+
+  // ---- distributed strategies only ----------------------------------------------------------------
+  const ParallelGrid& grid() const
+    requires(kDistributed)
+  {
+    return ex_.grid();
+  }
+  // Local experts [first_expert(), first_expert() + local_experts()), each a d_expert/tp slice.
+  std::int64_t first_expert() const { return table_.first_expert(); }
+  std::int64_t local_experts() const { return table_.local_experts(); }
+  // Duplicate token dropping over tp (default on; off dispatches every row from every tp rank).
+  void set_duplicate_token_dropping(bool on)
+    requires(kDistributed)
+  {
+    ex_.set_duplicate_token_dropping(on);
+  }
+  // Communication-aware activation checkpointing: the forward keeps only the dispatched rows (the
+  // all-to-all outputs), and backward recomputes the expert activations from them without
+  // communicating again.
+  void set_activation_checkpointing(bool on)
+    requires(kDistributed)
+  {
+    recompute_ = on;
+  }
+  std::int64_t recomputations() const { return recomputations_; }
+  // Once per optimizer step, before it: expert gradients summed over dp, dense ones over the world,
+  // both divided to the mean over the ep·dp shards (parallel/exchange.hpp).
+  void sync_gradients()
+    requires(kDistributed)
+  {
+    ex_.sync_gradients(table_, grad_.data(), {});
+  }
+  // Bytes and calls of every collective this layer made, summed over its groups; the all-to-all alone
+  // (the volume duplicate token dropping divides by tp).
+  comm::ByteCounters comm_counters() const
+    requires(kDistributed)
+  {
+    return ex_.counters();
+  }
+  const comm::ByteCounters& ep_counters() const
+    requires(kDistributed)
+  {
+    return ex_.ep_counters();
   }
 
   // Results of the last forward.
@@ -150,8 +231,16 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   std::int64_t expert_gemm_flops() const { return gemm_flops_; }
   std::int64_t ffn_rows() const { return offset_.empty() ? 0 : offset_.back(); }
 
- protected:  // the distributed host layer (parallel/host_moe_layer.hpp) reuses the stages below
+ private:
   using I32 = std::int32_t;
+  using I64 = std::int64_t;
+
+  void init(const ParallelGrid& grid) {
+    set_parameter_table(ParameterTable(cfg_, kGated, kResidual, grid));
+    const auto n = cfg_.num_experts();
+    eta_.assign(n, T(cfg_.tau));
+    std::fill_n(eta_.begin(), cfg_.num_ffn_experts, T(1));
+  }
 
   // Checks the arguments, sizes the buffers and saves x (and prev_logits).
   void begin_forward(MatrixView<const T> x, MatrixView<T> y, MatrixView<const T> prev_logits) {
@@ -294,18 +383,94 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     else return prob_[at];
   }
 
+  // ---- the experts: token side -> (exchange) -> expert side -> FFN -> (exchange) -> token side ---------
+  // The local experts over the expert side's rows: each expert's range of them (the token side's
+  // offsets for parallel::None, the dispatch plan's expert-major ones otherwise).
   backend::host::FfnShapes<T> ffn_shapes() const {
-    return {cfg_.d_model, cfg_.d_expert, offset_.data(), cfg_.num_ffn_experts, table_.w13_rows()};
+    const I64* offsets = offset_.data();
+    if constexpr (kDistributed) offsets = ex_.plan().expert_offsets().data();
+    return {cfg_.d_model, table_.local_d_expert(), offsets, table_.local_experts(), table_.w13_rows()};
+  }
+  // The expert side's rows: xp/yp/dyp themselves for parallel::None, the exchange's buffers otherwise.
+  T* expert_x() { return kDistributed ? xe_.data() : xp_.data(); }
+  T* expert_y() { return kDistributed ? ye_.data() : yp_.data(); }
+  T* expert_dy() { return kDistributed ? dye_.data() : dyp_.data(); }
+
+  // The FFN over the expert side's rows (activations kept for backward).
+  void ffn_forward() {
+    const auto s = ffn_shapes();
+    const std::size_t rows = std::size_t(s.rows()), f = std::size_t(s.f);
+    for (auto* v : {&h1_, &a_}) v->resize(std::max(v->size(), rows * f));
+    if constexpr (kGated) h3_.resize(std::max(h3_.size(), rows * f));
+    const Weights w = W();
+    gemm_flops_ = backend::host::ffn_forward<Act>(s, w.w13, w.w2, expert_x(), h1_.data(), h3_.data(), a_.data(), expert_y());
   }
 
-  void expert_forward() {
+  void experts_forward() {
     const auto k = cfg_.top_k, d = cfg_.d_model;
-    const std::int64_t rows = ffn_rows();
-#pragma omp parallel for schedule(static) if (rows * d >= MOEKIT_OMP_MIN_WORK)
-    for (std::int64_t r = 0; r < rows; ++r) std::copy_n(&x_[(row_slot_[r] / k) * d], d, &xp_[r * d]);
-    const Weights w = W();
-    gemm_flops_ = backend::host::ffn_forward<Act>(ffn_shapes(), w.w13, w.w2, xp_.data(), h1_.data(), h3_.data(), a_.data(),
-                                                  yp_.data());
+    // The token side's rows this rank sends: all of them, or with duplicate token dropping its chunk.
+    I64 r0 = 0, r1 = ffn_rows();
+    if constexpr (kDistributed) r0 = ex_.plan().chunk_row(ex_.plan().my_chunk()), r1 = ex_.plan().chunk_row(ex_.plan().my_chunk() + 1);
+#pragma omp parallel for schedule(static) if ((r1 - r0) * d >= MOEKIT_OMP_MIN_WORK)
+    for (I64 r = r0; r < r1; ++r) std::copy_n(&x_[(row_slot_[r] / k) * d], d, &xp_[r * d]);
+    if constexpr (kDistributed) {
+      const std::size_t rows = std::size_t(ex_.plan().expert_rows() * d);
+      xe_.resize(std::max(xe_.size(), rows)), ye_.resize(std::max(ye_.size(), rows));
+      ex_.to_experts(xp_.data(), xe_.data(), {});  // xe_ is kept for backward: the all-to-all outputs
+      ffn_forward();
+      ex_.from_experts(ye_.data(), yp_.data(), {});
+      has_activations_ = !recompute_;
+      if (recompute_) h1_.clear(), h3_.clear(), a_.clear();  // keep only the dispatched rows
+    } else {
+      ffn_forward();
+    }
+  }
+
+  // d(expert rows) from dyp (gate·dy) into dyp (d of the gathered x rows), the weight gradients added.
+  void experts_backward() {
+    if constexpr (kDistributed) {
+      dye_.resize(std::max(dye_.size(), std::size_t(ex_.plan().expert_rows() * cfg_.d_model)));
+      ex_.to_experts(dyp_.data(), dye_.data(), {});
+      if (!has_activations_) {  // recompute from the saved all-to-all outputs: no communication
+        ffn_forward();
+        ++recomputations_;
+      }
+    }
+    const Weights w = W(), g = G();
+    backend::host::ffn_backward<Act>(ffn_shapes(), w.w13, w.w2, expert_x(), h1_.data(), h3_.data(), a_.data(), expert_dy(),
+                                     g.w13, g.w2);
+    if constexpr (kDistributed) {
+      has_activations_ = false;  // consumed
+      ex_.from_experts(dye_.data(), dyp_.data(), {});
+    }
+  }
+
+  // Distributed: rows in the plan's chunk-major order (chunk, expert, token); the token-side counts.
+  void relayout() {
+    const I64 k = cfg_.top_k, nf = cfg_.num_ffn_experts, tokens = tokens_;
+    DispatchPlan& plan = ex_.plan();
+    plan.reset(ex_.grid(), ex_.duplicate_token_dropping(), nf, cfg_.d_model);
+    const I64 nc = plan.chunks();
+    std::vector<I64> cnt(std::size_t(nc * nf), 0), fill(std::size_t(nc * nf), 0);
+    for (I64 s = 0; s < tokens * k; ++s)
+      if (slot_row_[s] >= 0) ++cnt[DispatchPlan::chunk_of(s / k, tokens, nc) * nf + idx_[s]];
+    plan.set_token_counts(cnt);
+    for (I64 c = 0, at = 0; c < nc; ++c)
+      for (I64 e = 0; e < nf; ++e) fill[c * nf + e] = at, at += cnt[c * nf + e];
+    for (I64 s = 0; s < tokens * k; ++s) {
+      if (slot_row_[s] < 0) continue;
+      const I64 row = fill[DispatchPlan::chunk_of(s / k, tokens, nc) * nf + idx_[s]]++;
+      slot_row_[s] = I32(row);
+      row_slot_[row] = I32(s);
+    }
+  }
+  // Distributed: the per-expert counts of every rank of this dp index (tp x ep): the expert side's layout.
+  void exchange_counts() {
+    const I64 nf = cfg_.num_ffn_experts;
+    const ParallelGrid& g = ex_.grid();
+    std::vector<I64> all(std::size_t(g.tp * g.ep * nf));
+    ex_.group(RankGroup::kTpEp).all_gather(ex_.plan().my_counts(), std::size_t(nf), all.data());
+    ex_.plan().set_all_counts(all);
   }
 
   // out_t = sum over t's kept FFN slots of (gate or 1) * rows[slot's row]: a gather, not a scatter
@@ -417,12 +582,6 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
     }
   }
 
-  void expert_backward(T* dx) {
-    const Weights w = W(), g = G();
-    backend::host::ffn_backward<Act>(ffn_shapes(), w.w13, w.w2, xp_.data(), h1_.data(), h3_.data(), a_.data(), dyp_.data(),
-                                     g.w13, g.w2);
-    gather_slots(dyp_.data(), dx, /*gate_weighted=*/false);
-  }
 
   // Copy and constant experts' input gradients and the constant experts' weight gradients, in token
   // order: the work is small, and one fixed order keeps the weight gradients deterministic.
@@ -476,6 +635,10 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, parallel::None> {
   }
 
   MoeConfig cfg_;
+  [[no_unique_address]] std::conditional_t<kDistributed, Exchange, NoExchange> ex_;
+  bool recompute_ = false, has_activations_ = false;
+  std::int64_t recomputations_ = 0;
+  std::vector<T> xe_, ye_, dye_;  // the expert side's rows (distributed only)
   ParameterTable table_;
   std::vector<T> value_, grad_;  // flat, laid out by table_
   Balance balance_;
