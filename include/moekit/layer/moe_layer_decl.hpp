@@ -11,6 +11,7 @@
 #include "moekit/balance/policy.hpp"
 #include "moekit/core/config.hpp"
 #include "moekit/experts/policy.hpp"
+#include "moekit/layer/routing_plan.hpp"
 #include "moekit/parallel/policy.hpp"
 #include "moekit/router/policy.hpp"
 
@@ -52,11 +53,6 @@ void validate_layer_config(const MoeConfig& cfg) {
 }
 }
 
-// Results of the aux losses of the last forward (unscaled by their coefficients).
-struct AuxLosses {
-  double lbl = 0.0;
-  double zloss = 0.0;
-};
 
 // Primary template: only the specialisations for a backend exist.
 template <class Backend, class Router, class Experts, class Balance = balance::MicroBatch,

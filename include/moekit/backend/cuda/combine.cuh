@@ -35,18 +35,15 @@ struct CombineParams {
   const T* x = nullptr;              // [T, d] layer input (copy / constant experts)
   // Zero-computation experts: ids [ffn, ffn+zero) zero, [.., +copy) copy, [.., +constant) constant.
   const int* idx = nullptr;  // [T·k] expert of each slot
-  int ffn_experts = 0, zero_experts = 0, copy_experts = 0, constant_experts = 0;
+  ExpertKinds kinds;  // layer/routing_plan.hpp
   const T* const_v = nullptr;   // [N_const, d]
   const T* const_wc = nullptr;  // [N_const, 2, d] (token_backward)
   const float* mix = nullptr;   // [T·k, 2]: a1, a2 of constant slots (from zc_mix)
 };
 
-enum class ZcKind { kZero, kCopy, kConstant };
 template <class T>
 __device__ __forceinline__ ZcKind zc_kind(const CombineParams<T>& p, int e, int& q) {
-  q = e - p.ffn_experts - p.zero_experts - p.copy_experts;
-  if (e < p.ffn_experts + p.zero_experts) return ZcKind::kZero;
-  return q < 0 ? ZcKind::kCopy : ZcKind::kConstant;
+  return p.kinds.zc_kind(e, q);
 }
 
 // acc[u] += (gate or 1) · rows[row of slot j, c + u] over token t's FFN slots s0.. in slot order; returns
@@ -108,7 +105,7 @@ MOEKIT_KERNEL void zc_mix_kernel(CombineParams<T> p, const float* zc_logits, flo
   float a1 = 0.f, a2 = 0.f;
   int q;
   if (p.row_of_slot[s] == kZeroComputationSlot && zc_kind(p, p.idx[s], q) == ZcKind::kConstant) {
-    const float* z = zc_logits + std::size_t(s / p.top_k) * std::size_t(2 * p.constant_experts) + 2 * q;
+    const float* z = zc_logits + std::size_t(s / p.top_k) * std::size_t(2 * p.kinds.constant) + 2 * q;
     const float m = fmaxf(z[0], z[1]), e1 = expf(z[0] - m), e2 = expf(z[1] - m);
     a1 = e1 / (e1 + e2);
     a2 = e2 / (e1 + e2);
@@ -183,7 +180,7 @@ MOEKIT_KERNEL void combine_dgate_kernel(CombineParams<T> p, const T* dout, SlotG
       dz1 = a1 * (da1 - sm);
       dz2 = a2 * (da2 - sm);
       if (lane == 0) {
-        const std::size_t nc = std::size_t(p.constant_experts);
+        const std::size_t nc = std::size_t(p.kinds.constant);
         store_f32(g.coef_z, t * 2 * nc + 2 * std::size_t(q), dz1);
         store_f32(g.coef_z, t * 2 * nc + 2 * std::size_t(q) + 1, dz2);
         store_f32(g.coef_v, t * nc + std::size_t(q), gate * a2);
@@ -244,8 +241,8 @@ template <class T>
 bool combine_params_ok(const CombineParams<T>& p) {
   if (p.tokens < 0 || p.top_k < 1 || p.d < 0) return false;
   if (p.tokens == 0 || p.d == 0) return true;
-  const bool zc = p.zero_experts + p.copy_experts + p.constant_experts > 0;
-  return p.row_of_slot && (!zc || (p.idx && p.x && p.gate)) && (p.constant_experts == 0 || (p.const_v && p.mix));
+  const bool zc = p.kinds.any_zc();
+  return p.row_of_slot && (!zc || (p.idx && p.x && p.gate)) && (p.kinds.constant == 0 || (p.const_v && p.mix));
 }
 }  // namespace detail
 
@@ -275,7 +272,7 @@ cudaError_t combine(const T* y, const float* gate, const int* row_of_slot, T* ou
 // mix [T·k, 2] of the constant experts from zc_logits [T, 2·N_const].
 template <class T>
 cudaError_t zc_mix(const CombineParams<T>& p, const float* zc_logits, float* mix, cudaStream_t stream) {
-  if (!detail::combine_params_ok(p) || (p.tokens && (!mix || (p.constant_experts && !zc_logits)))) return cudaErrorInvalidValue;
+  if (!detail::combine_params_ok(p) || (p.tokens && (!mix || (p.kinds.constant && !zc_logits)))) return cudaErrorInvalidValue;
   const int slots = p.tokens * p.top_k;
   if (slots == 0) return cudaSuccess;
   zc_mix_kernel<<<unsigned((slots + 255) / 256), 256, 0, stream>>>(p, zc_logits, mix);
@@ -286,7 +283,7 @@ cudaError_t zc_mix(const CombineParams<T>& p, const float* zc_logits, float* mix
 template <class T>
 cudaError_t combine_backward(const CombineParams<T>& p, const T* dout, T* dy, const SlotGrads<T>& g, cudaStream_t stream) {
   if (!detail::combine_params_ok(p) || (p.tokens && (!dout || !dy || !p.y || !p.gate || !p.slot_of_row || !g.dgate)) ||
-      (p.constant_experts && p.tokens && (!g.coef_z || !g.coef_v)))
+      (p.kinds.constant && p.tokens && (!g.coef_z || !g.coef_v)))
     return cudaErrorInvalidValue;
   const int slots = p.tokens * p.top_k;
   if (slots == 0) return cudaSuccess;
@@ -322,8 +319,8 @@ template <class T, class O>
 cudaError_t token_backward(const CombineParams<T>& p, const T* dxp, const T* dout, const float* dz, O* dx,
                            cudaStream_t stream) {
   if (!detail::combine_params_ok(p) || (p.tokens && p.d && (!dxp || !dx)) ||
-      (p.tokens && p.d && p.copy_experts + p.constant_experts > 0 && !dout) ||
-      (p.tokens && p.d && p.constant_experts > 0 && (!dz || !p.const_wc)))
+      (p.tokens && p.d && p.kinds.copy + p.kinds.constant > 0 && !dout) ||
+      (p.tokens && p.d && p.kinds.constant > 0 && (!dz || !p.const_wc)))
     return cudaErrorInvalidValue;
   const std::size_t n = std::size_t(p.tokens) * std::size_t(p.d);
   if (n == 0) return cudaSuccess;

@@ -261,7 +261,7 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
   // as the host backend: writes dx (and dprev_logits when given), adds into the fp32 gradients.
   void backward(MatrixView<const S> dy, MatrixView<S> dx, double aux_scale = 1.0, MatrixView<const float> dlogits_next = {},
                 MatrixView<float> dprev_logits = {}, cudaStream_t stream = nullptr) {
-    combine_backward_rows(dy, dx, dlogits_next, dprev_logits, stream);
+    combine_backward(dy, dx, dlogits_next, dprev_logits, stream);
     if constexpr (kDistributed) {
       ex_.to_experts(b_.dyp, dye_.data(), stream);
       if (!has_activations_) {  // recompute from the saved all-to-all outputs (xe_): no communication
@@ -421,8 +421,7 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
     values_.resize(table_.value_bytes(sizeof(S)));
     grads_.resize(std::size_t(table_.size()));
     if (values_.size()) MOEKIT_CUDA_CHECK(cudaMemset(values_.data(), 0, values_.size()));
-    eta_.assign(n, float(cfg_.tau));
-    std::fill_n(eta_.begin(), cfg_.num_ffn_experts, 1.f);
+    eta_ = balance_eta<float>(cfg_);
     gemm_ = std::make_unique<backend::cuda::ExpertGemm>(gemm, int(held_));
     host_stats_.resize(stats_ints() + stats_floats());
     host_dprob_.resize(n);
@@ -436,16 +435,11 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
     using namespace backend::cuda;
     const std::int64_t tokens = x.shape[0], d = cfg_.d_model, n = cfg_.num_experts(), k = cfg_.top_k,
                        nf = cfg_.num_ffn_experts, nc = cfg_.num_constant_experts;
-    check_shape(x, "x", {tokens, d});
-    check_shape(y, "y", {tokens, d});
+    check_forward_args(cfg_, kResidual, x, y, prev_logits, std::int64_t(1) << 30);  // layer/routing_plan.hpp
     if (tokens > reserved_)
       throw ShapeError("x has " + std::to_string(tokens) + " tokens but the workspace holds " + std::to_string(reserved_tokens()) +
                        " (call reserve(" + std::to_string(tokens) + ") first: forward never allocates)");
     const bool has_prev = prev_logits.data != nullptr;
-    if (has_prev) {
-      if (!kResidual) throw ShapeError("prev_logits given, but the router has no gating residual (router::GatingResidual)");
-      check_shape(prev_logits, "prev_logits", {tokens, n});
-    }
     has_forward_ = false;
     has_prev_ = has_prev;
     tokens_ = tokens;
@@ -571,18 +565,10 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
   }
 
   // Checks; dgate of every slot; d rows = gate·dy of every FFN row (into dyp).
-  void combine_backward_rows(MatrixView<const S> dy, MatrixView<S> dx, MatrixView<const float> dlogits_next,
+  void combine_backward(MatrixView<const S> dy, MatrixView<S> dx, MatrixView<const float> dlogits_next,
                              MatrixView<float> dprev_logits, cudaStream_t stream) {
     using namespace backend::cuda;
-    if (!has_forward_) throw std::logic_error("moekit::MoeLayer::backward called before forward");
-    const std::int64_t n = cfg_.num_experts(), d = cfg_.d_model;
-    check_shape(dy, "dy", {tokens_, d});
-    check_shape(dx, "dx", {tokens_, d});
-    if (dlogits_next.data) check_shape(dlogits_next, "dlogits_next", {tokens_, n});
-    if (dprev_logits.data) {
-      if (!has_prev_) throw ShapeError("dprev_logits asked for, but forward was given no prev_logits");
-      check_shape(dprev_logits, "dprev_logits", {tokens_, n});
-    }
+    check_backward_args(cfg_, has_forward_, has_prev_, tokens_, dy, dx, dlogits_next, dprev_logits);
     const int T = int(tokens_), NC = int(cfg_.num_constant_experts);
     SlotGrads<S> sg;
     sg.dgate = b_.dgate;
@@ -591,7 +577,7 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
       MOEKIT_CUDA_CHECK(cudaMemsetAsync(b_.coef_z, 0, sizeof(S) * std::size_t(T) * 2 * NC, stream));
       MOEKIT_CUDA_CHECK(cudaMemsetAsync(b_.coef_v, 0, sizeof(S) * std::size_t(T) * NC, stream));
     }
-    MOEKIT_CUDA_CHECK(combine_backward(combine_params(), dy.data, b_.dyp, sg, stream));
+    MOEKIT_CUDA_CHECK(backend::cuda::combine_backward(combine_params(), dy.data, b_.dyp, sg, stream));
   }
 
   // After dyp holds d(x rows): dx by gather + copy/constant experts (fp32), their weight gradients, the
@@ -708,8 +694,7 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
     p.gate = b_.gate, p.row_of_slot = b_.row_of_slot, p.slot_of_row = b_.slot_of_row;
     p.num_rows = rows_dev();
     p.y = b_.yp, p.x = b_.x, p.idx = b_.idx;
-    p.ffn_experts = int(cfg_.num_ffn_experts), p.zero_experts = int(cfg_.num_zero_experts);
-    p.copy_experts = int(cfg_.num_copy_experts), p.constant_experts = int(cfg_.num_constant_experts);
+    p.kinds = ExpertKinds::of(cfg_);
     p.const_v = v_w(), p.const_wc = wc_w(), p.mix = b_.mix;
     return p;
   }
@@ -735,14 +720,8 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
     zsum_ = floats[n];
   }
 
-  AuxLosses compute_aux() {
-    const auto n = cfg_.num_experts(), k = cfg_.top_k;
-    balance::scope_counts(balance_, training_, routed_, tokens_, f_counts_, f_tokens_);
-    AuxLosses a;
-    a.lbl = double(balance::load_balancing_loss<float>(f_counts_.data(), prob_sum_.data(), int(n), int(k), f_tokens_, tokens_,
-                                                       eta_.data()));
-    a.zloss = tokens_ > 0 ? double(zsum_ / float(tokens_)) : 0.0;
-    return a;
+  AuxLosses compute_aux() {  // on the host, from the synchronised sums (layer/routing_plan.hpp)
+    return aux_losses<float>(cfg_, balance_, training_, routed_, tokens_, prob_sum_.data(), zsum_, eta_.data(), f_counts_, f_tokens_);
   }
 
   void router_backward(cublasHandle_t h, float aux_scale, const float* dlogits_next, float* dprev, float* dx32,

@@ -22,12 +22,13 @@
 #include <type_traits>
 
 #include "moekit/backend/cuda/status.cuh"
+#include "moekit/layer/routing_plan.hpp"
 
 namespace moekit::backend::cuda {
 inline namespace MOEKIT_CUDA_ABI {
 
-inline constexpr int kDroppedSlot = -1;          // row_of_slot of a slot dropped by capacity
-inline constexpr int kZeroComputationSlot = -2;  // row_of_slot of a kept zero/copy/constant slot
+inline constexpr int kDroppedSlot = kSlotDropped;                  // layer/routing_plan.hpp's sentinels
+inline constexpr int kZeroComputationSlot = kSlotZeroComputation;
 
 struct PermuteParams {
   const int* idx = nullptr;  // [T, k]: expert of each slot (from route_tokens)

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include "moekit/backend/cuda/status.cuh"
+#include "moekit/layer/routing_plan.hpp"
 #include "moekit/router/topk.hpp"
 
 namespace moekit::backend::cuda {
@@ -123,8 +124,7 @@ MOEKIT_KERNEL void slot_scores_kernel(const float* logits, const float* prob, co
   const int s = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
   if (s >= tokens * top_k) return;
   const std::size_t at = std::size_t(s / top_k) * std::size_t(experts) + std::size_t(idx[s]);
-  if constexpr (Score::kind == RouterKind::kSigmoid) score[s] = router::sigmoid(logits[at]);
-  else score[s] = prob[at];
+  score[s] = capacity_score<Score>(logits[at], prob[at]);  // layer/routing_plan.hpp
 }
 
 template <class Score>

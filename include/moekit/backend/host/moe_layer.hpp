@@ -28,6 +28,7 @@
 #include "moekit/experts/zero_computation.hpp"
 #include "moekit/layer/moe_layer_decl.hpp"
 #include "moekit/layer/parameter_table.hpp"
+#include "moekit/layer/routing_plan.hpp"
 #include "moekit/parallel/comm/communicator.hpp"
 #include "moekit/parallel/exchange.hpp"
 #include "moekit/parallel/policy.hpp"
@@ -154,7 +155,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
       exchange_counts();
     }
     experts_forward();
-    return finish_forward(y.data);
+    return combine_and_aux(y.data);
   }
 
   // Backward of L = sum(y * dy) + aux_scale * (lbl_coef * LBL + zloss_coef * zloss) + sum(logits * dlogits_next).
@@ -237,24 +238,15 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
 
   void init(const ParallelGrid& grid) {
     set_parameter_table(ParameterTable(cfg_, kGated, kResidual, grid));
-    const auto n = cfg_.num_experts();
-    eta_.assign(n, T(cfg_.tau));
-    std::fill_n(eta_.begin(), cfg_.num_ffn_experts, T(1));
+    eta_ = balance_eta<T>(cfg_);
   }
 
   // Checks the arguments, sizes the buffers and saves x (and prev_logits).
   void begin_forward(MatrixView<const T> x, MatrixView<T> y, MatrixView<const T> prev_logits) {
     const std::int64_t tokens = x.shape[0], d = cfg_.d_model;
-    check_shape(x, "x", {tokens, d});
-    check_shape(y, "y", {tokens, d});
-    if (tokens * cfg_.top_k > std::int64_t(INT32_MAX))
-      throw ShapeError("x has " + std::to_string(tokens) + " tokens; tokens * top_k must fit in int32");
+    check_forward_args(cfg_, kResidual, x, y, prev_logits, std::int64_t(INT32_MAX));  // layer/routing_plan.hpp
     has_forward_ = false;
     has_prev_ = prev_logits.data != nullptr;
-    if (has_prev_) {
-      if (!kResidual) throw ShapeError("prev_logits given, but the router has no gating residual (router::GatingResidual)");
-      check_shape(prev_logits, "prev_logits", {tokens, cfg_.num_experts()});
-    }
     reserve(tokens);
     tokens_ = tokens;
     std::copy_n(x.data, tokens * d, x_.data());
@@ -262,7 +254,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
       if (has_prev_) std::copy_n(prev_logits.data, prev_logits.numel(), prev_.data());
   }
   // Combine of the expert rows in yp_, the zero-computation experts, the aux losses.
-  AuxLosses finish_forward(T* y) {
+  AuxLosses combine_and_aux(T* y) {
     gather_slots(yp_.data(), y, /*gate_weighted=*/true);
     if constexpr (kAnyZc) zero_computation_forward(y);
     aux_ = compute_aux();
@@ -270,22 +262,14 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
     return aux_;
   }
   void begin_backward(MatrixView<const T> dy, MatrixView<T> dx, MatrixView<const T> dlogits_next, MatrixView<T> dprev_logits) {
-    if (!has_forward_) throw std::logic_error("moekit::MoeLayer::backward called before forward");
-    const auto n = cfg_.num_experts();
-    check_shape(dy, "dy", {tokens_, cfg_.d_model});
-    check_shape(dx, "dx", {tokens_, cfg_.d_model});
-    if (dlogits_next.data) check_shape(dlogits_next, "dlogits_next", {tokens_, n});
-    if (dprev_logits.data) {
-      if (!has_prev_) throw ShapeError("dprev_logits asked for, but forward was given no prev_logits");
-      check_shape(dprev_logits, "dprev_logits", {tokens_, n});
-    }
+    check_backward_args(cfg_, has_forward_, has_prev_, tokens_, dy, dx, dlogits_next, dprev_logits);
   }
   // After dx holds the expert rows' gradient: the zero-computation experts and the router.
   void finish_backward(const T* dy, T* dx, double aux_scale, const T* dlogits_next, T* dprev) {
     if constexpr (kAnyZc) zero_computation_backward(dy, dx);
     router_backward(dx, T(aux_scale), dlogits_next, dprev);
   }
-  static constexpr I32 kDropped = -1, kZeroComputation = -2;  // slot_row_ values besides FFN rows
+  static constexpr I32 kDropped = kSlotDropped, kZeroComputation = kSlotZeroComputation;  // layer/routing_plan.hpp
 
   // The families of a flat buffer (values or gradients).
   struct Weights {
@@ -376,11 +360,10 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
       row_slot_[row] = I32(s);
     }
   }
-  // The router score a slot was picked by: p for softmax, s = sigmoid(logit) for sigmoid.
+  // The router score a slot was picked by (layer/routing_plan.hpp).
   T score_of(I32 s) const {
     const std::int64_t at = (s / cfg_.top_k) * cfg_.num_experts() + idx_[s];
-    if constexpr (Router::kind == RouterKind::kSigmoid) return router::sigmoid(logits_[at]);
-    else return prob_[at];
+    return capacity_score<Score>(logits_[at], prob_[at]);
   }
 
   // ---- the experts: token side -> (exchange) -> expert side -> FFN -> (exchange) -> token side ---------
@@ -491,20 +474,16 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
     }
   }
 
-  enum class Zc { kZero, kCopy, kConstant };
-  Zc zc_kind(std::int64_t e) const {
-    const std::int64_t z = cfg_.num_ffn_experts + cfg_.num_zero_experts;
-    return e < z ? Zc::kZero : e < z + cfg_.num_copy_experts ? Zc::kCopy : Zc::kConstant;
-  }
-  std::int64_t constant_index(std::int64_t e) const {
-    return e - cfg_.num_ffn_experts - cfg_.num_zero_experts - cfg_.num_copy_experts;
-  }
-
   // Calls fn(slot, kind, constant index) for each kept zero-computation slot of token t.
   template <class F>
   void for_each_zc_slot(std::int64_t t, F&& fn) const {
+    const ExpertKinds kinds = ExpertKinds::of(cfg_);
     for (std::int64_t s = t * cfg_.top_k; s < (t + 1) * cfg_.top_k; ++s)
-      if (slot_row_[s] == kZeroComputation) fn(s, zc_kind(idx_[s]), constant_index(idx_[s]));
+      if (slot_row_[s] == kZeroComputation) {
+        int q = 0;
+        const ZcKind kind = kinds.zc_kind(idx_[s], q);
+        fn(s, kind, std::int64_t(q));
+      }
   }
 
   // Zero/copy/constant experts are finished here, on the token's own row: no GEMM, no travel.
@@ -516,11 +495,11 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
     for (std::int64_t t = 0; t < tokens_; ++t) {
       const T* xt = &x_[t * d];
       T* yt = y + t * d;
-      for_each_zc_slot(t, [&](std::int64_t s, Zc kind, std::int64_t q) {
+      for_each_zc_slot(t, [&](std::int64_t s, ZcKind kind, std::int64_t q) {
         const T g = gate_[s];
-        if (kind == Zc::kCopy) {
+        if (kind == ZcKind::kCopy) {
           for (std::int64_t c = 0; c < d; ++c) yt[c] += g * xt[c];
-        } else if (kind == Zc::kConstant) {
+        } else if (kind == ZcKind::kConstant) {
           T a1, a2;
           experts::constant_mix(&w.const_wc[q * 2 * d], xt, int(d), a1, a2);
           mix_[2 * s] = a1;
@@ -533,26 +512,22 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
   }
 
   AuxLosses compute_aux() {
-    const auto n = cfg_.num_experts(), k = cfg_.top_k;
+    const auto n = cfg_.num_experts();
     prob_sum_.assign(n, T(0));
     T z = 0;
     for (std::int64_t t = 0; t < tokens_; ++t) {
       for (std::int64_t i = 0; i < n; ++i) prob_sum_[i] += prob_[t * n + i];
       z += lse_[t] * lse_[t];
     }
-    // f_i from the scope's routed (pre-capacity) counts; P_i from this micro-batch.
-    balance::scope_counts(balance_, training_, routed_, tokens_, f_counts_, f_tokens_);
-    AuxLosses a;
-    a.lbl = double(balance::load_balancing_loss<T>(f_counts_.data(), prob_sum_.data(), int(n), int(k), f_tokens_,
-                                                   tokens_, eta_.data()));
-    a.zloss = tokens_ > 0 ? double(z / T(tokens_)) : 0.0;
-    return a;
+    // f_i from the scope's routed (pre-capacity) counts; P_i from this micro-batch (layer/routing_plan.hpp).
+    return aux_losses<T>(cfg_, balance_, training_, routed_, tokens_, prob_sum_.data(), z, eta_.data(), f_counts_, f_tokens_);
   }
 
   // dgate for every slot, and d(expert rows) = gate * dy for FFN slots.
   void combine_backward(const T* dy) {
     const auto k = cfg_.top_k, d = cfg_.d_model;
     const T* const_v = W().const_v;
+    const ExpertKinds kinds = ExpertKinds::of(cfg_);
 #pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
     for (std::int64_t t = 0; t < tokens_; ++t) {
       const T* dyt = dy + t * d;
@@ -569,11 +544,12 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
             dst[c] = gate_[s] * dyt[c];
           }
         } else if (row == kZeroComputation) {
-          const Zc kind = zc_kind(idx_[s]);
-          if (kind == Zc::kCopy) {
+          int q = 0;
+          const ZcKind kind = kinds.zc_kind(idx_[s], q);
+          if (kind == ZcKind::kCopy) {
             for (std::int64_t c = 0; c < d; ++c) dg += dyt[c] * xt[c];
-          } else if (kind == Zc::kConstant) {
-            const T* v = &const_v[constant_index(idx_[s]) * d];
+          } else if (kind == ZcKind::kConstant) {
+            const T* v = &const_v[std::int64_t(q) * d];
             for (std::int64_t c = 0; c < d; ++c) dg += dyt[c] * (mix_[2 * s] * xt[c] + mix_[2 * s + 1] * v[c]);
           }
         }
@@ -592,11 +568,11 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
     for (std::int64_t t = 0; t < tokens_; ++t) {
       const T* dyt = dy + t * d;
       T* dxt = dx + t * d;
-      for_each_zc_slot(t, [&](std::int64_t s, Zc kind, std::int64_t q) {
+      for_each_zc_slot(t, [&](std::int64_t s, ZcKind kind, std::int64_t q) {
         const T g = gate_[s];
-        if (kind == Zc::kCopy) {
+        if (kind == ZcKind::kCopy) {
           for (std::int64_t c = 0; c < d; ++c) dxt[c] += g * dyt[c];
-        } else if (kind == Zc::kConstant) {
+        } else if (kind == ZcKind::kConstant) {
           for (std::int64_t c = 0; c < d; ++c) de[c] = g * dyt[c];
           experts::constant_backward(&w.const_wc[q * 2 * d], &x_[t * d], &w.const_v[q * d], mix_[2 * s], mix_[2 * s + 1],
                                      de.data(), int(d), dxt, &gw.const_v[q * d], &gw.const_wc[q * 2 * d]);
