@@ -25,7 +25,9 @@ from safetensors.torch import load_file, save_file
 REQUIRED = ("d_model", "d_expert", "num_ffn_experts", "top_k")
 DEFAULTS = {"num_zero_experts": 0, "num_copy_experts": 0, "num_constant_experts": 0, "router": "softmax",
             "gating_residual": False, "renormalize": False, "activation": "swiglu", "capacity_factor": 0.0,
-            "lbl_coef": 0.0, "zloss_coef": 0.0, "tau": 1.0, "backend": "host", "dtype": "fp32"}
+            "lbl_coef": 0.0, "zloss_coef": 0.0, "tau": 1.0, "backend": "host", "dtype": "fp32",
+            "expert_bias": False, "bias_update_rate": 1e-3}
+BIAS = "gate.e_score_correction_bias"  # router::BiasBalanced's selection biases (an input, not a parameter)
 ZC_KINDS = ("num_zero_experts", "num_copy_experts", "num_constant_experts")  # after the FFN experts, in order
 BACKENDS, DTYPES = ("host", "cuda"), ("fp32", "bf16")
 # Default --rtol by the config's dtype: fp32 moekit agrees with float64 to a few 1e-7; bf16 keeps its
@@ -58,8 +60,12 @@ def load_config(path):
     for key in ZC_KINDS:
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
             raise InputError(f"{path}: {key} must be an integer >= 0")
-    if not isinstance(cfg["gating_residual"], bool):
-        raise InputError(f"{path}: gating_residual must be true or false")
+    for key in ("gating_residual", "expert_bias"):
+        if not isinstance(cfg[key], bool):
+            raise InputError(f"{path}: {key} must be true or false")
+    rate = cfg["bias_update_rate"]
+    if not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+        raise InputError(f"{path}: bias_update_rate must be a finite number >= 0")
     if not isinstance(cfg["tau"], (int, float)) or not math.isfinite(cfg["tau"]) or cfg["tau"] <= 0:
         raise InputError(f"{path}: tau must be a finite number > 0")
     if cfg["backend"] not in BACKENDS:
@@ -137,7 +143,7 @@ class MoeLayer(torch.nn.Module):
             + ["copy"] * cfg["num_copy_experts"] + ["constant"] * cfg["num_constant_experts"]
         return list(enumerate(kinds))
 
-    def forward(self, x, prev_logits=None):
+    def forward(self, x, prev_logits=None, bias=None):
         cfg, tokens = self.cfg, x.shape[0]
         n, k, n_ffn = num_experts(cfg), cfg["top_k"], cfg["num_ffn_experts"]
         logits = self.gate(x)  # [T, N_E]
@@ -150,7 +156,9 @@ class MoeLayer(torch.nn.Module):
             score = torch.sigmoid(logits)
             prob = score / score.sum(dim=-1, keepdim=True)
         # Ties go to the lower expert index: a stable descending sort (torch.topk does not promise it).
-        idx = torch.sort(score.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+        # With expert_bias (DeepSeek-V3) the selection ranks score + bias; the gates use the score alone.
+        chosen = score.detach() if bias is None else score.detach() + bias
+        idx = torch.sort(chosen, dim=-1, descending=True, stable=True).indices[:, :k]
         gates = score.gather(1, idx)
         if cfg["router"] == "sigmoid" or cfg["renormalize"]:
             gates = gates / gates.sum(dim=-1, keepdim=True)
@@ -191,9 +199,13 @@ class MoeLayer(torch.nn.Module):
         eta = torch.tensor([1.0] * n_ffn + [tau] * n_zc, dtype=x.dtype)
         lbl = n * (eta * f * prob.mean(dim=0)).sum()
         zloss = (torch.logsumexp(logits, dim=-1) ** 2).mean()
-        return {"y": y, "logits": logits, "topk.indices": idx.to(torch.int32), "topk.gates": gates,
-                "expert.counts": torch.bincount(idx[keep], minlength=n).to(torch.int32),
-                "aux.lbl": lbl.reshape(1), "aux.zloss": zloss.reshape(1)}
+        out = {"y": y, "logits": logits, "topk.indices": idx.to(torch.int32), "topk.gates": gates,
+               "expert.counts": torch.bincount(idx[keep], minlength=n).to(torch.int32),
+               "aux.lbl": lbl.reshape(1), "aux.zloss": zloss.reshape(1)}
+        if bias is not None:  # u * sign(mean - c_i) of this forward's routed counts
+            mean = routed.sum().to(torch.float64) / n
+            out["expert_bias.update"] = (torch.sign(mean - routed.to(torch.float64)) * cfg["bias_update_rate"]).to(x.dtype)
+        return out
 
 
 def mixtral_tensors(block):
@@ -226,6 +238,8 @@ def make_input(args):
     tensors["dy"] = torch.randn(args.tokens, cfg["d_model"], generator=g)
     if cfg["gating_residual"]:  # stands in for the previous MoE layer's logits
         tensors["prev_logits"] = torch.randn(args.tokens, num_experts(cfg), generator=g)
+    if cfg["expert_bias"]:  # biases at the scale of the scores, so that they change some selections
+        tensors[BIAS] = 0.3 * torch.randn(num_experts(cfg), generator=g)
     save_file(tensors, args.input)
     print(f"wrote {args.input}: {len(tensors)} tensors, {args.tokens} tokens")
     return 0
@@ -237,14 +251,15 @@ def compare(args):
     inp, out = load_file(args.input), load_file(args.output)
     rtol = args.rtol if args.rtol is not None else DEFAULT_RTOL[cfg["dtype"]]
     if cfg["dtype"] == "bf16":  # what the bf16 layer computed on: round to nearest even, as moekit-layer does
-        inp = {k: v if k in FP32_IN_BF16_LAYER else v.to(torch.bfloat16).to(v.dtype) for k, v in inp.items()}
+        inp = {k: v if k in FP32_IN_BF16_LAYER + (BIAS,) else v.to(torch.bfloat16).to(v.dtype) for k, v in inp.items()}
     layer = MoeLayer(cfg).to(dtype)
-    data = ("x", "dy", "prev_logits") if cfg["gating_residual"] else ("x", "dy")
+    data = ("x", "dy", "prev_logits", BIAS)
     params = {k: v.to(dtype) for k, v in inp.items() if k not in data}
     layer.load_state_dict(params, strict=True)  # names and shapes must match exactly
     x = inp["x"].to(dtype).requires_grad_(True)
     prev = inp["prev_logits"].to(dtype).requires_grad_(True) if cfg["gating_residual"] else None
-    r = layer(x, prev)
+    bias = inp[BIAS].to(dtype) if cfg["expert_bias"] else None
+    r = layer(x, prev, bias)
     loss = (r["y"] * inp["dy"].to(dtype)).sum() + cfg["lbl_coef"] * r["aux.lbl"].sum() \
         + cfg["zloss_coef"] * r["aux.zloss"].sum()
     loss.backward()

@@ -41,7 +41,7 @@ void download_raw(const S* src, std::size_t n, std::vector<S>& dst) {
   if (n) MOEKIT_CUDA_CHECK(cudaMemcpy(dst.data(), src, n * sizeof(S), cudaMemcpyDeviceToHost));
 }
 
-template <class V>
+template <class V, moekit::BiasVariants kBias>
 LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
   namespace mc = moekit::backend::cuda;
   using moekit::MatrixView;
@@ -62,10 +62,11 @@ LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
   table.unpack(flat.data(), w);
 
   LayerOutputs out;
-  moekit::with_layer_type<moekit::backend::Cuda<V>>(cfg, [&]<class Layer>(std::type_identity<Layer>) {
+  moekit::with_layer_type<moekit::backend::Cuda<V>, moekit::balance::MicroBatch, kBias>(cfg, [&]<class Layer>(std::type_identity<Layer>) {
     using S = typename Layer::storage_type;
     Layer layer(cfg);
     layer.load_weights(w);
+    if constexpr (Layer::router_type::biased) layer.set_expert_bias(in.expert_bias);
     layer.reserve(T);
     const std::size_t td = std::size_t(T * d), tn = std::size_t(T * n), tk = std::size_t(T * k);
     mc::DeviceArray<S> x(td), y(td), dy(td), dx(td);
@@ -87,6 +88,7 @@ LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
     download_raw(layer.topk_gates_device(), tk, out.topk_gates);
     out.expert_counts = layer.expert_counts();
     out.lbl = aux.lbl, out.zloss = aux.zloss;
+    if constexpr (Layer::router_type::biased) out.expert_bias_update = layer.expert_bias_update();
     // L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss; the last MoE layer (no dlogits_next).
     layer.backward(MatrixView<const S>(dy.data(), {T, d}), MatrixView<S>(dx.data(), {T, d}), 1.0, {}, dprev_view);
     MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());

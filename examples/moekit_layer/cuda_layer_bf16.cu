@@ -3,7 +3,10 @@
 #include "cuda_layer.cuh"
 
 namespace moekit_layer {
+LayerOutputs run_cuda_layer_bf16_biased(const moekit::MoeConfig& cfg, const LayerInputs& in);  // cuda_layer_bf16_bias.cu
+
 LayerOutputs run_cuda_layer_bf16(const moekit::MoeConfig& cfg, const LayerInputs& in) {
-  return cuda_detail::run<moekit::bf16>(cfg, in);
+  if (cfg.expert_bias) return run_cuda_layer_bf16_biased(cfg, in);
+  return cuda_detail::run<moekit::bf16, moekit::BiasVariants::kUnbiased>(cfg, in);
 }
 }  // namespace moekit_layer

@@ -86,6 +86,9 @@ inline Options parse_args(int argc, const char* const* argv) {
   return o;
 }
 
+// The input tensor of router::BiasBalanced's biases (HF DeepSeek-V3's name).
+inline constexpr const char* kExpertBiasInput = "gate.e_score_correction_bias";
+
 // What cfg.json asks for: the layer, and where and in which dtype it runs.
 struct HarnessConfig {
   moekit::MoeConfig layer;
@@ -189,6 +192,7 @@ inline std::string describe_inputs(const moekit::MoeConfig& c) {
                   (c.activation == moekit::Activation::kSwiGLU ? "/w3" : "") + ".weight";
   if (c.num_constant_experts > 0) s += ", " + range("constant.", c.num_constant_experts) + ".wc.weight/v";
   if (c.gating_residual) s += ", gate_residual.weight";
+  if (c.expert_bias) s += std::string(", ") + kExpertBiasInput;
   return s + " for activation \"" + moekit::to_string(c.activation) + "\", " + std::to_string(c.num_constant_experts) +
          " constant experts, gating_residual " + (c.gating_residual ? "true" : "false");
 }
@@ -212,9 +216,12 @@ inline LayerInputs read_inputs(const moekit::MoeConfig& cfg, const moekit::io::S
   r.dy = in.get_f32("dy", {tokens, d});
   // The previous MoE layer's router logits, which the gating residual adds W_g times to this layer's.
   if (cfg.gating_residual) r.prev_logits = in.get_f32("prev_logits", {tokens, cfg.num_experts()});
+  // router::BiasBalanced's selection biases, under HF DeepSeek-V3's name (state, not a parameter).
+  if (cfg.expert_bias) r.expert_bias = in.get_f32(kExpertBiasInput, {cfg.num_experts()});
   for (const auto& [name, shape] : parameter_shapes(cfg)) r.weights[name] = in.get_f32(name, shape);
   for (const auto& name : in.names())
-    if (name != "x" && name != "dy" && !(cfg.gating_residual && name == "prev_logits") && !r.weights.count(name))
+    if (name != "x" && name != "dy" && !(cfg.gating_residual && name == "prev_logits") &&
+        !(cfg.expert_bias && name == kExpertBiasInput) && !r.weights.count(name))
       throw moekit::FormatError(in.source() + ": tensor '" + name + "' is not an input of this layer (inputs: " +
                                 describe_inputs(cfg) + ")");
   return r;
@@ -234,6 +241,7 @@ inline LayerOutputs run_host_layer(const moekit::MoeConfig& cfg, const LayerInpu
       std::copy(it->second.begin(), it->second.end(), p.value);
     }
     layer.zero_grad();
+    if constexpr (Layer::router_type::biased) layer.set_expert_bias(in.expert_bias);
     out.y.resize(in.x.size()), out.dx.resize(in.x.size()), out.grad_prev_logits.resize(in.prev_logits.size());
     // Views of nothing (data == nullptr) without the gating residual.
     const moekit::MatrixView<const float> prev{in.prev_logits.empty() ? nullptr : in.prev_logits.data(), {tokens, n}};
@@ -249,6 +257,7 @@ inline LayerOutputs run_host_layer(const moekit::MoeConfig& cfg, const LayerInpu
     const auto counts = layer.expert_counts();
     out.expert_counts.assign(counts.data, counts.data + n);
     out.lbl = aux.lbl, out.zloss = aux.zloss;
+    if constexpr (Layer::router_type::biased) out.expert_bias_update = layer.expert_bias_update();
     // L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss.
     // This is the last MoE layer (no next layer's residual sends gradient back to its logits).
     layer.backward(moekit::MatrixView<const float>(in.dy.data(), {tokens, d}),
@@ -279,6 +288,7 @@ inline moekit::io::SafetensorsWriter write_outputs(const HarnessConfig& h, std::
   out.add_f32("aux.zloss", {1}, std::vector<float>{float(o.zloss)});
   if (cfg.gating_residual)
     out.add_f32("grad.prev_logits", {tokens, n}, sized(o.grad_prev_logits, tokens * n, "grad.prev_logits"));
+  if (cfg.expert_bias) out.add_f32("expert_bias.update", {n}, sized(o.expert_bias_update, n, "expert_bias.update"));
   for (const auto& [name, shape] : parameter_shapes(cfg)) {
     const auto it = o.grads.find(name);
     if (it == o.grads.end()) throw std::logic_error("moekit-layer: the layer returned no gradient for '" + name + "'");

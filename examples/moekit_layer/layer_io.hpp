@@ -23,6 +23,7 @@ struct LayerInputs {
   std::int64_t tokens = 0;
   std::vector<float> x, dy;                           // [T, D]
   std::vector<float> prev_logits;                     // [T, N_E] with the gating residual, else empty
+  std::vector<float> expert_bias;                     // [N_E] with "expert_bias": gate.e_score_correction_bias
   std::map<std::string, std::vector<float>> weights;  // every parameter, by its name (parameter_shapes())
 };
 
@@ -35,6 +36,7 @@ struct LayerOutputs {
   std::vector<std::int32_t> expert_counts;          // [N_E], after capacity drops
   double lbl = 0.0, zloss = 0.0;                    // unscaled aux losses
   std::vector<float> grad_prev_logits;              // [T, N_E] with the gating residual, else empty
+  std::vector<float> expert_bias_update;            // [N_E] with "expert_bias": the update this forward's counts apply
   std::map<std::string, std::vector<float>> grads;  // fp32 gradient of every parameter, by its name
 };
 

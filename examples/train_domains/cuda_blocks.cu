@@ -180,8 +180,8 @@ class CudaMoeBlock final : public MoeBlock<float> {
     for (Mirror& m : mirrors_) to_device(m.device_value, m.value.data(), std::int64_t(m.value.size()), s);
     stream_.sync();
   }
-  void reset_balance() override {
-    if constexpr (requires { layer_.balance().reset(); }) layer_.balance().reset();
+  void end_step() override {
+    layer_.end_step(stream_.get());
   }
   void set_training(bool on) override { layer_.set_training(on); }
 

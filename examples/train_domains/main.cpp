@@ -77,6 +77,8 @@ struct Options {
   std::int64_t zero_experts = 0, copy_experts = 0, constant_experts = 0;
   double tau = 1.0;
   bool gating_residual = false;
+  bool expert_bias = false;      // --expert-bias (router::BiasBalanced)
+  double bias_rate = 1e-3;       // --bias-rate
   bool pack_by_domain = false;
   Parallel parallel = Parallel::kNone;  // --parallel (needs mpirun for more than one rank)
   std::int64_t tp = 1, ep = 1;          // dp = ranks / (tp * ep)
@@ -113,6 +115,8 @@ static void usage(const char* prog) {
       "  --constant N       MoE++ constant experts, E(x) = a1 x + a2 v (0)\n"
       "  --tau X            MoE++ tau: weight of zero-computation experts in the balance loss (1.0)\n"
       "  --gating-residual  each MoE router adds W_g * (previous MoE layer's logits)\n"
+      "  --expert-bias      aux-loss-free balancing (DeepSeek-V3): per-expert selection biases, updated\n"
+      "                     after each step by --bias-rate X (1e-3) * sign(mean load - load); try --lbl-coef 0\n"
       "  --pack-by-domain   every micro-batch from one domain (drawn at random); default: mixed\n"
       "  --parallel S       none, or under mpirun: data, expert, tensor or hybrid; --batch stays the global\n"
       "                     micro-batch, split over the ep*dp shards (none)\n"
@@ -132,8 +136,8 @@ static Options parse_args(int argc, char** argv) {
       usage(argv[0]);
       std::exit(0);
     }
-    if (flag == "--gating-residual" || flag == "--pack-by-domain") {  // switches: no value
-      (flag == "--gating-residual" ? o.gating_residual : o.pack_by_domain) = true;
+    if (flag == "--gating-residual" || flag == "--pack-by-domain" || flag == "--expert-bias") {  // switches: no value
+      (flag == "--gating-residual" ? o.gating_residual : flag == "--expert-bias" ? o.expert_bias : o.pack_by_domain) = true;
       continue;
     }
     if (const auto eq = flag.find('='); eq != std::string::npos) {
@@ -194,6 +198,7 @@ static Options parse_args(int argc, char** argv) {
     else if (flag == "--copy") o.copy_experts = integer(0);
     else if (flag == "--constant") o.constant_experts = integer(0);
     else if (flag == "--tau") o.tau = real();
+    else if (flag == "--bias-rate") o.bias_rate = real();
     else if (flag == "--parallel") {
       if (!parse_parallel(value, o.parallel)) {
         std::fprintf(stderr, "error: --parallel = \"%s\" must be none, data, expert, tensor or hybrid\n", value.c_str());
@@ -433,6 +438,8 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   mc.constant_experts = opt.constant_experts;
   mc.tau = opt.tau;
   mc.gating_residual = opt.gating_residual;
+  mc.expert_bias = opt.expert_bias;
+  mc.bias_update_rate = opt.bias_rate;
   mc.global_balance = opt.global_balance;
   if (opt.granularity > 1) {  // --d-expert is the d_ff being split, --experts E, --top-k k_base
     const moekit::MoeConfig fine =
@@ -466,6 +473,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   out("train_domains: threads %d (OMP_WAIT_POLICY=%s) | vocab %d, context %lld | %lld blocks of MoE(%lld experts, top-%lld, d_model %lld, d_expert %lld) | %lld parameters\n",
       omp_get_max_threads(), std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "default", domains::kVocab, (long long)opt.context, (long long)mc.blocks, (long long)mc.experts,
       (long long)mc.top_k, (long long)opt.d_model, (long long)mc.d_expert, (long long)n_params);
+  if (opt.expert_bias) out("expert bias: on (router::BiasBalanced, u = %g after each step)\n", opt.bias_rate);
   const bool variant = opt.global_balance || opt.granularity > 1 || opt.gating_residual || opt.pack_by_domain ||
                        mc.zero_experts + mc.copy_experts + mc.constant_experts > 0;
   if (variant)  // the default run's output stays as it was
@@ -539,7 +547,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
     sum_norm += ranks ? ranks->clip_grad_norm(params, 1.0) : moekit::train::clip_grad_norm(params, 1.0);
     optimizer.step(lr);
     model.moe_parameters_to_device();  // --backend cuda: the updated mirrors back to the GPU
-    model.reset_balance();  // GlobalBatch: the buffer spans one optimizer step's micro-batches
+    model.end_step();  // GlobalBatch: the buffer spans one step's micro-batches; BiasBalanced: the bias update
     const double dt = seconds_since(t0);
     interval_train_s += dt;
     total_train_s += dt;
@@ -626,6 +634,23 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
     }
   }
 
+  // Load balance over the held-out slots: each expert's load against the mean (what the LBL or, with
+  // --expert-bias, the bias updates even out).
+  out("\nload balance (held-out slots per expert / mean)\n");
+  nlohmann::ordered_json balance_json = nlohmann::ordered_json::array();
+  for (std::int64_t l = 0; l < mc.blocks; ++l) {
+    std::vector<double> load(std::size_t(n_experts), 0.0);
+    for (int d = 0; d < domains::kNumDomains; ++d)
+      for (std::int64_t e = 0; e < n_experts; ++e) load[std::size_t(e)] += double(ev.routed[l][d][std::size_t(e)]);
+    double total = 0, lo = 1e300, hi = 0;
+    for (double v : load) total += v;
+    const double mean = std::max(total / double(n_experts), 1e-300);
+    for (double v : load) lo = std::min(lo, v / mean), hi = std::max(hi, v / mean);
+    out("  layer %lld: min %.2f  max %.2f  (max |load - mean| / mean %.1f %%)\n", (long long)l, lo, hi,
+        100.0 * std::max(hi - 1.0, 1.0 - lo));
+    balance_json.push_back({{"min_over_mean", lo}, {"max_over_mean", hi}});
+  }
+
   // Specialisation per layer, the share of slots that zero-computation experts took (they do no GEMM),
   // and the expert GEMM FLOPs per held-out token against the same top-k with FFN experts only.
   out("\nspecialisation (top-expert share of each domain's slots; I(domain; expert) in bits, / H(domain))\n");
@@ -672,6 +697,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
                                    {"ffn_experts", mc.experts}, {"zero_experts", mc.zero_experts}, {"copy_experts", mc.copy_experts},
                                    {"constant_experts", mc.constant_experts}, {"top_k", mc.top_k}, {"d_expert", mc.d_expert},
                                    {"tau", mc.tau}, {"gating_residual", mc.gating_residual}, {"pack_by_domain", opt.pack_by_domain},
+                                   {"expert_bias", opt.expert_bias}, {"bias_update_rate", opt.bias_rate},
                                    {"steps", opt.steps}, {"batch", opt.batch}, {"accum", opt.accum}, {"seed", opt.seed},
                                    {"parameters", n_params}};
   if (cuda) config["backend"] = "cuda";  // absent: host
@@ -682,7 +708,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   }
   emit({{"type", "final"}, {"heldout_loss", ev.loss}, {"unigram_baseline", baseline}, {"generator_nll", ev.oracle},
         {"domains", per_domain}, {"routing", ev.routed}, {"config", config},
-        {"specialisation", spec_json}, {"mean_top_share", mean_top}, {"mean_mutual_information_bits", mean_mi},
+        {"specialisation", spec_json}, {"load_balance", balance_json}, {"mean_top_share", mean_top}, {"mean_mutual_information_bits", mean_mi},
         {"mean_normalised_mi", mean_nmi}, {"zc_slot_share", zc_share}, {"zc_slot_share_by_domain", zc_domain_json},
         {"expert_gemm_flops_per_token", flops_per_token}, {"expert_gemm_flops_per_token_ffn_only", flops_ffn_only},
         {"tokens_per_s", tokens_per_s}, {"train_seconds", total_train_s}, {"wall_seconds", wall},

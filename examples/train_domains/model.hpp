@@ -47,6 +47,9 @@ struct ModelConfig {
   double tau = 1.0;
   bool gating_residual = false;
   bool global_balance = false;  // balance::GlobalBatch instead of balance::MicroBatch
+  // Aux-loss-free balancing (DeepSeek-V3): router::BiasBalanced, with u = bias_update_rate.
+  bool expert_bias = false;
+  double bias_update_rate = 1e-3;
 
   // The config of each MoE layer (softmax top-k router, SwiGLU experts, dropless).
   moekit::MoeConfig moe_config() const {
@@ -60,6 +63,8 @@ struct ModelConfig {
     mc.top_k = top_k;
     mc.tau = tau;
     mc.gating_residual = gating_residual;
+    mc.expert_bias = expert_bias;
+    mc.bias_update_rate = bias_update_rate;
     mc.lbl_coef = lbl_coef;
     mc.zloss_coef = zloss_coef;
     return mc;
@@ -93,7 +98,8 @@ class MoeBlock {
   // every rank calls it once per optimizer step, after the last backward). Single-rank: nothing.
   virtual void sync_gradients() = 0;
   // GlobalBatch: empty the count buffer after each optimizer step. MicroBatch: nothing to do.
-  virtual void reset_balance() = 0;
+  // After each optimizer step: the layer's per-step hook (GlobalBatch buffer reset, BiasBalanced update).
+  virtual void end_step() = 0;
   // Evaluation forwards (false) do not add their counts to a GlobalBatch buffer.
   virtual void set_training(bool on) = 0;
   // Layers whose weights live elsewhere (the CUDA layers: on the device) and whose parameters() are host
@@ -131,9 +137,7 @@ class MoeBlockOf final : public MoeBlock<typename Layer::value_type> {
   void sync_gradients() override {
     if constexpr (requires { layer_.sync_gradients(); }) layer_.sync_gradients();
   }
-  void reset_balance() override {
-    if constexpr (requires { layer_.balance().reset(); }) layer_.balance().reset();
-  }
+  void end_step() override { layer_.end_step(); }
   void set_training(bool on) override { layer_.set_training(on); }
 
  private:
@@ -160,7 +164,12 @@ auto with_moe_layer_type(const moekit::MoeConfig& mc, bool global_balance, Make&
     if (mc.num_zc_experts() > 0) return by_balance(r, std::type_identity<Mixed>{});
     return by_balance(r, std::type_identity<Ffn>{});
   };
-  if (mc.gating_residual) return by_experts(std::type_identity<mk::router::GatingResidual<Plain>>{});
+  using Residual = mk::router::GatingResidual<Plain>;
+  if (mc.expert_bias) {
+    if (mc.gating_residual) return by_experts(std::type_identity<mk::router::BiasBalanced<Residual>>{});
+    return by_experts(std::type_identity<mk::router::BiasBalanced<Plain>>{});
+  }
+  if (mc.gating_residual) return by_experts(std::type_identity<Residual>{});
   return by_experts(std::type_identity<Plain>{});
 }
 
@@ -201,9 +210,10 @@ class Model {
 
   const ModelConfig& config() const { return cfg_; }
   MoeBlock<T>& moe(std::int64_t l) { return *moes_[l]; }
-  // GlobalBatch: call after each optimizer step to empty the count buffers.
-  void reset_balance() {
-    for (auto& m : moes_) m->reset_balance();
+  // After each optimizer step: the MoE layers' per-step hook (GlobalBatch buffers emptied, BiasBalanced
+  // biases updated from the step's counts).
+  void end_step() {
+    for (auto& m : moes_) m->end_step();
   }
   void set_training(bool on) {
     for (auto& m : moes_) m->set_training(on);

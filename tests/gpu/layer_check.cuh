@@ -88,6 +88,11 @@ void check(const Case& c) {
   dev.reserve(c.tokens);
   std::mt19937 g(c.seed * 7919u + 1);
   std::normal_distribution<float> nd(0.f, 1.f);
+  if constexpr (HostLayer::router_type::biased) {  // router::BiasBalanced: the same biases on both
+    std::vector<float> b(static_cast<std::size_t>(N));
+    for (auto& v : b) v = 0.2f * nd(g);
+    host.set_expert_bias(b), dev.set_expert_bias(b);
+  }
 
   for (int step = 0; step < 2; ++step) {
     CAPTURE(step);
@@ -154,6 +159,12 @@ void check(const Case& c) {
     if (residual) CHECK(moekit_test::rel_err(ddprev.download(), dprev_ref) <= tol);
     CHECK(std::abs(aux.lbl - aux_ref.lbl) <= tol * std::max(1.0, std::abs(aux_ref.lbl)));
     CHECK(std::abs(aux.zloss - aux_ref.zloss) <= tol * std::max(1.0, std::abs(aux_ref.zloss)));
+  }
+  if constexpr (HostLayer::router_type::biased) {  // the step's counts and the bias update agree
+    CHECK(dev.step_counts() == host.step_counts());
+    host.end_step(), dev.end_step(stream.s);
+    const auto hb = host.expert_bias();
+    CHECK(std::vector<float>(hb.begin(), hb.end()) == dev.expert_bias());
   }
   // Gradients accumulated over both micro-batches.
   const moekit::MoeWeights<float> grads = dev.gradients();
@@ -238,6 +249,19 @@ void run_all() {
       c.gemm = gemm;
       check<MoeLayer<backend::Host<float>, GR, Mixed>, MoeLayer<backend::Cuda<V>, GR, Mixed>>(c);
     }
+  }
+  SUBCASE("router::BiasBalanced: biased selection, unbiased gates, the per-step update") {
+    using BS = router::BiasBalanced<Soft>;
+    using BG = router::BiasBalanced<Sig>;
+    for (auto gemm : {mc::GemmStrategy::kGrouped, mc::GemmStrategy::kStreams}) {
+      Case c{"bias-softmax", small_config(8, 2, RouterKind::kSoftmax, Activation::kSwiGLU), 61, 21};
+      c.cfg.expert_bias = true, c.cfg.renormalize = true, c.gemm = gemm;
+      check<MoeLayer<backend::Host<float>, BS, experts::Ffn<act::SwiGLU>>, MoeLayer<backend::Cuda<V>, BS, experts::Ffn<act::SwiGLU>>>(c);
+    }
+    Case s{"bias-sigmoid-global", small_config(16, 4, RouterKind::kSigmoid, Activation::kGeLU), 97, 23};
+    s.cfg.expert_bias = true;
+    check<MoeLayer<backend::Host<float>, BG, experts::Ffn<act::GeLU>, balance::GlobalBatch>,
+          MoeLayer<backend::Cuda<V>, BG, experts::Ffn<act::GeLU>, balance::GlobalBatch>>(s);
   }
   SUBCASE("MoE++ with sigmoid routing and GlobalBatch balance") {
     Case c{"moepp-sigmoid-global", small_config(6, 2, RouterKind::kSigmoid, Activation::kGeLU), 64, 13};

@@ -230,6 +230,67 @@ TEST_CASE("every split equals parallel::None (MoE++ experts, gating residual; Mi
   }
 }
 
+// router::BiasBalanced: each rank routes its own shard; end_step sums the step's counts over the shards,
+// so after every step the biases are the same bits on every rank and equal a single-rank layer's that saw
+// the concatenated batch (sums of ±u in the same order), and so are the next step's routing decisions.
+template <class P>
+void check_bias_balancing(const Split& s) {
+  using Router = router::BiasBalanced<Soft>;
+  using Dist = MoeLayer<backend::Host<float>, Router, Ffn, balance::GlobalBatch, P>;
+  using Ref = MoeLayer<backend::Host<float>, Router, Ffn, balance::GlobalBatch>;
+  MoeConfig cfg = base_config(s.tp, s.ep, s.dp, false);
+  cfg.expert_bias = true, cfg.bias_update_rate = 0.05, cfg.lbl_coef = 0.0;
+  const std::string policy = P::name;
+  CAPTURE(policy);
+  CAPTURE(cfg.tp);
+  CAPTURE(cfg.ep);
+  Dist layer(cfg, world());
+  MoeConfig one = cfg;
+  one.tp = one.ep = one.dp = 1;
+  Ref ref(one);
+  layer.init_params(5), ref.init_params(5);
+  const auto& g = layer.grid();
+  const int S = g.shards(), me = g.shard();
+  const std::int64_t T = 11, D = cfg.d_model, K = cfg.top_k;
+  for (int step = 0; step < 4; ++step) {
+    CAPTURE(step);
+    std::vector<float> all;
+    for (int sh = 0; sh < S; ++sh) {
+      const auto x = random_vec(std::size_t(T * D), 100u * unsigned(step) + unsigned(sh));
+      all.insert(all.end(), x.begin(), x.end());
+    }
+    std::vector<float> y(T * D), yr(all.size());
+    layer.forward(MatrixView<const float>(all.data() + me * T * D, {T, D}), MatrixView<float>(y.data(), {T, D}));
+    ref.forward(MatrixView<const float>(all.data(), {T * S, D}), MatrixView<float>(yr.data(), {T * S, D}));
+    const auto idx = layer.topk_indices(), idx_ref = ref.topk_indices();
+    int same = 0;
+    for (std::int64_t i = 0; i < T * K; ++i) same += idx.data[i] == idx_ref.data[me * T * K + i];
+    CHECK(same == T * K);  // the same experts picked with the same biases
+    layer.end_step(), ref.end_step();
+    const auto b = layer.expert_bias(), br = ref.expert_bias();
+    bool equal = b.size() == br.size();
+    for (std::size_t i = 0; equal && i < b.size(); ++i) equal = b[i] == br[i];
+    CHECK(equal);
+    // Identical on every rank: the sum over the world of (bias - rank 0's bias) is zero exactly.
+    std::vector<float> mine(b.begin(), b.end()), first(mine);
+    world().broadcast(first.data(), first.size(), 0);
+    int differs = mine != first ? 1 : 0;
+    world().all_reduce_sum(&differs, 1);
+    CHECK(differs == 0);
+  }
+  bool moved = false;
+  for (float v : ref.expert_bias()) moved = moved || v != 0.0f;
+  CHECK(moved);
+}
+
+TEST_CASE("router::BiasBalanced: biases identical on every rank after each step and equal to a single rank's") {
+  for (auto s : splits()) {
+    check_bias_balancing<parallel::Hybrid>(s);
+    if (s.tp == 1 && s.ep == 1) check_bias_balancing<parallel::Data>(s);
+    if (s.tp == 1) check_bias_balancing<parallel::Expert>(s);
+  }
+}
+
 TEST_CASE("duplicate token dropping cuts all-to-all volume by tp; checkpointing repeats no all-to-all") {
   for (auto s : splits()) {
     if (s.tp == 1 || s.ep == 1) continue;  // needs both a tp group and an all-to-all

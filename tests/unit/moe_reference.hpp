@@ -13,6 +13,7 @@ struct Cfg {
   bool sigmoid = false, renorm = false;
   int act = 0;  // 0 swiglu, 1 gelu, 2 relu
   double gamma = 0.0;
+  std::vector<double> bias;  // router::BiasBalanced: added to the scores for the selection only (empty: none)
 };
 
 struct Weights {  // torch layout: router [E][D], w1/w3 [E][F][D], w2 [E][D][F]
@@ -62,11 +63,12 @@ inline Out forward(const Cfg& c, const std::vector<double>& x, const Weights& w,
       stot += score[t * c.E + e];
     }
     for (int e = 0; e < c.E; ++e) o.probs[t * c.E + e] = c.sigmoid ? score[t * c.E + e] / stot : score[t * c.E + e];
-    // Sort all experts by (score descending, index ascending) and take the first K.
+    // Sort all experts by (score [+ bias] descending, index ascending) and take the first K.
     std::vector<int> order(c.E);
     std::iota(order.begin(), order.end(), 0);
+    auto chosen_by = [&](int e) { return score[t * c.E + e] + (c.bias.empty() ? 0.0 : c.bias[e]); };
     std::sort(order.begin(), order.end(), [&](int a, int b) {
-      const double sa = score[t * c.E + a], sb = score[t * c.E + b];
+      const double sa = chosen_by(a), sb = chosen_by(b);
       return sa != sb ? sa > sb : a < b;
     });
     double picked = 0;

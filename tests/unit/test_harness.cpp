@@ -34,8 +34,8 @@ struct Case {
   int T = 6, D = 8, F = 5, N = 4, K = 2;  // N: FFN experts
   int Z = 0, C = 0, Q = 0;                // MoE++ zero, copy and constant experts
   std::string router = "softmax", act = "swiglu";
-  bool renorm = false, residual = false;
-  double capacity = 0.0, lbl = 0.01, z = 0.001, tau = 1.0;
+  bool renorm = false, residual = false, bias = false;  // bias: router::BiasBalanced ("expert_bias")
+  double capacity = 0.0, lbl = 0.01, z = 0.001, tau = 1.0, rate = 1e-3;
   std::uint64_t seed = 7;
 
   int NE() const { return N + Z + C + Q; }  // logits, indices and counts: FFN, zero, copy, constant
@@ -44,7 +44,7 @@ struct Case {
             {"num_copy_experts", C}, {"num_constant_experts", Q}, {"top_k", K},        {"router", router},
             {"gating_residual", residual}, {"renormalize", renorm}, {"activation", act}, {"capacity_factor", capacity},
             {"lbl_coef", lbl},      {"zloss_coef", z},         {"tau", tau},            {"backend", "host"},
-            {"dtype", "fp32"}};
+            {"dtype", "fp32"},      {"expert_bias", bias},     {"bias_update_rate", rate}};
   }
   std::vector<std::string> params() const {
     std::vector<std::string> p{"gate.weight"};
@@ -59,6 +59,7 @@ struct Case {
   Shapes shapes() const {
     Shapes s{{"x", {T, D}}, {"dy", {T, D}}};
     if (residual) s["prev_logits"] = {T, NE()};
+    if (bias) s["gate.e_score_correction_bias"] = {NE()};
     for (const auto& p : params()) {
       if (p == "gate.weight") s[p] = {NE(), D};
       else if (p == "gate_residual.weight") s[p] = {NE(), NE()};
@@ -79,7 +80,8 @@ struct Case {
     Tensors t;
     for (const auto& [name, shape] : shapes()) {
       const bool data = name == "x" || name == "dy" || name == "prev_logits";
-      const double bound = data ? 1.0 : 1.0 / std::sqrt(double(shape.back()));
+      // The biases at the scores' scale (about 1 / N_E), so they change some selections.
+      const double bound = name == "gate.e_score_correction_bias" ? 0.3 : data ? 1.0 : 1.0 / std::sqrt(double(shape.back()));
       const auto numel = std::accumulate(shape.begin(), shape.end(), std::int64_t(1), std::multiplies<>());
       for (std::int64_t i = 0; i < numel; ++i) t[name].push_back(uniform(bound));
     }
@@ -121,10 +123,12 @@ Ref reference(const Case& c, const Tensors& t) {
       ssum += score[tk * NE + i];
     }
     for (int i = 0; i < NE; ++i) P[tk * NE + i] = c.router == "softmax" ? score[tk * NE + i] : score[tk * NE + i] / ssum;
+    // The selection ranks score + bias (router::BiasBalanced); the gates below use the score alone.
+    auto chosen = [&](int i) { return score[tk * NE + i] + (c.bias ? t.at("gate.e_score_correction_bias")[i] : 0.0); };
     std::vector<int> order(NE);
     std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return score[tk * NE + a] > score[tk * NE + b]; });
-    if (K < NE) r.min_gap = std::min(r.min_gap, score[tk * NE + order[K - 1]] - score[tk * NE + order[K]]);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return chosen(a) > chosen(b); });
+    if (K < NE) r.min_gap = std::min(r.min_gap, chosen(order[K - 1]) - chosen(order[K]));
     double picked = 0;
     for (int j = 0; j < K; ++j) {
       r.idx[tk * K + j] = order[j];
@@ -289,7 +293,13 @@ std::vector<Case> cases() {
   Case h;
   h.name = "sigmoid top-2 swiglu with gating residual, FFN experts only";
   h.router = "sigmoid", h.residual = true, h.z = 0.01;
-  return {a, b, c, d, e, f, g, h};
+  Case i;
+  i.name = "expert bias (aux-loss-free balancing): softmax top-2 swiglu renormalised, lbl 0";
+  i.bias = true, i.renorm = true, i.lbl = 0.0, i.rate = 0.01;
+  Case j;
+  j.name = "expert bias: sigmoid top-2 gelu with gating residual";
+  j.bias = true, j.router = "sigmoid", j.act = "gelu", j.residual = true, j.seed = 5;
+  return {a, b, c, d, e, f, g, h, i, j};
 }
 
 }  // namespace
@@ -313,6 +323,7 @@ TEST_CASE("moekit-layer: outputs match an independent double reference") {
     std::set<std::string> expected{"y", "dx", "logits", "topk.indices", "topk.gates", "expert.counts", "aux.lbl", "aux.zloss"};
     for (const auto& p : c.params()) expected.insert("grad." + p);
     if (c.residual) expected.insert("grad.prev_logits");
+    if (c.bias) expected.insert("expert_bias.update");
     const auto names = f.names();
     CHECK(std::set<std::string>(names.begin(), names.end()) == expected);
     CHECK(f.metadata().at("format") == "moekit-layer");
@@ -329,6 +340,20 @@ TEST_CASE("moekit-layer: outputs match an independent double reference") {
     CHECK(f.get_f32("aux.lbl", {1})[0] == doctest::Approx(ref.lbl).epsilon(1e-5));
     CHECK(f.get_f32("aux.zloss", {1})[0] == doctest::Approx(ref.zloss).epsilon(1e-5));
     if (c.capacity > 0) CHECK(std::accumulate(ref.counts.begin(), ref.counts.end(), 0) < c.T * c.K);  // some drops
+    if (c.bias) {
+      // The update this forward's routed counts apply: rate · sign(mean − c_i), worked out here.
+      const auto upd = f.get_f32("expert_bias.update", {N});
+      const double mean = double(c.T * c.K) / double(N);
+      for (int e = 0; e < N; ++e) {
+        const double want = ref.routed[e] < mean ? c.rate : ref.routed[e] > mean ? -c.rate : 0.0;
+        CHECK(double(upd[e]) == doctest::Approx(want));
+      }
+      Case plain = c;  // and the bias changed some selection
+      plain.bias = false;
+      Tensors no_bias = in;
+      no_bias.erase("gate.e_score_correction_bias");
+      CHECK(reference(plain, no_bias).idx != ref.idx);
+    }
 
     // Gradients of L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss by central differences of the
     // reference (f_i is piecewise constant, so this is also "f carries no gradient").

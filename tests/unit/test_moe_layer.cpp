@@ -20,12 +20,14 @@ struct Traits;
 template <class T, class R, class A>
 struct Traits<MoeLayer<backend::Host<T>, R, experts::Ffn<A>>> {
   static constexpr RouterKind router = R::kind;
+  static constexpr bool biased = R::biased;
   static constexpr Activation activation = A::kind;
   static constexpr int act_index = A::kind == Activation::kSwiGLU ? 0 : A::kind == Activation::kGeLU ? 1 : 2;
 };
 
-MoeConfig make_config(RouterKind r, Activation a, bool renorm, double gamma) {
+MoeConfig make_config(RouterKind r, Activation a, bool renorm, double gamma, bool biased = false) {
   MoeConfig c;
+  c.expert_bias = biased;
   c.d_model = 6;
   c.d_expert = 5;
   c.num_ffn_experts = 5;
@@ -80,6 +82,19 @@ double rel_err(const std::vector<double>& ref, const auto* got, size_t n) {
   return std::sqrt(num) / std::max(std::sqrt(den), 1e-300);
 }
 
+// router::BiasBalanced: a bias of the size of the scores' spread, so it changes the selection.
+template <class Layer>
+std::vector<double> maybe_set_bias(Layer& layer, std::mt19937_64& g) {
+  if constexpr (Layer::router_type::biased) {
+    const std::vector<double> b = random_vec(size_t(layer.config().num_experts()), g, 0.3);
+    std::vector<typename Layer::value_type> bt(b.begin(), b.end());
+    layer.set_expert_bias(bt);
+    return b;
+  } else {
+    return {};
+  }
+}
+
 ref::Cfg ref_cfg(const MoeConfig& c, int act_index) {
   ref::Cfg r;
   r.D = int(c.d_model);
@@ -98,15 +113,20 @@ template <class Layer>
 void check_forward(bool renorm, double gamma, double tol) {
   using T = typename Layer::value_type;
   using Tr = Traits<Layer>;
-  const MoeConfig c = make_config(Tr::router, Tr::activation, renorm, gamma);
+  const MoeConfig c = make_config(Tr::router, Tr::activation, renorm, gamma, Tr::biased);
   std::mt19937_64 g(1234 + int(renorm) * 7 + int(gamma * 10));
   const int tokens = 13;
   const ref::Weights w = random_weights(c, g);
   const std::vector<double> x = random_vec(size_t(tokens) * c.d_model, g);
-  const ref::Out expect = ref::forward(ref_cfg(c, Tr::act_index), x, w, tokens);
-
   Layer layer(c);
   load_weights(layer, w);
+  ref::Cfg rc = ref_cfg(c, Tr::act_index);
+  rc.bias = maybe_set_bias(layer, g);
+  const ref::Out expect = ref::forward(rc, x, w, tokens);
+  if (!rc.bias.empty()) {  // the bias must change some selection, or this would not test it
+    const ref::Out unbiased = ref::forward(ref_cfg(c, Tr::act_index), x, w, tokens);
+    CHECK(unbiased.idx != expect.idx);
+  }
   std::vector<T> xt(x.begin(), x.end()), y(x.size(), T(std::nan("")));
   const AuxLosses aux = layer.forward(MatrixView<const T>(xt.data(), {tokens, c.d_model}),
                                       MatrixView<T>(y.data(), {tokens, c.d_model}));
@@ -146,11 +166,12 @@ double loss_of(Layer& layer, const std::vector<double>& x, const std::vector<dou
 template <class Layer>
 void check_gradients(bool renorm, double gamma) {
   using Tr = Traits<Layer>;
-  const MoeConfig c = make_config(Tr::router, Tr::activation, renorm, gamma);
+  const MoeConfig c = make_config(Tr::router, Tr::activation, renorm, gamma, Tr::biased);
   std::mt19937_64 g(99 + int(renorm) + int(gamma * 10));
   const int tokens = 9;
   Layer layer(c);
   load_weights(layer, random_weights(c, g));
+  maybe_set_bias(layer, g);
   std::vector<double> x = random_vec(size_t(tokens) * c.d_model, g);
   const std::vector<double> dy = random_vec(x.size(), g);
 
@@ -197,7 +218,9 @@ void check_gradients(bool renorm, double gamma) {
       MoeLayer<backend::Host<T>, SoftmaxTopK, experts::Ffn<act::ReLU>>,                            \
       MoeLayer<backend::Host<T>, SigmoidTopK, experts::Ffn<act::SwiGLU>>,                          \
       MoeLayer<backend::Host<T>, SigmoidTopK, experts::Ffn<act::GeLU>>,                            \
-      MoeLayer<backend::Host<T>, SigmoidTopK, experts::Ffn<act::ReLU>>
+      MoeLayer<backend::Host<T>, SigmoidTopK, experts::Ffn<act::ReLU>>,                            \
+      MoeLayer<backend::Host<T>, router::BiasBalanced<SoftmaxTopK>, experts::Ffn<act::SwiGLU>>,    \
+      MoeLayer<backend::Host<T>, router::BiasBalanced<SigmoidTopK>, experts::Ffn<act::GeLU>>
 
 TEST_CASE_TEMPLATE("forward matches the double reference (fp32 and fp64)", Layer, MOEKIT_ALL_LAYERS(float),
                    MOEKIT_ALL_LAYERS(double)) {

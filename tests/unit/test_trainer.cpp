@@ -147,7 +147,7 @@ void random_batch(const ModelConfig& c, std::mt19937_64& g, std::int64_t rows, s
 
 TEST_CASE("train_domains model: global- and micro-batch balancing agree with one micro-batch per step") {
   // DESIGN §4: with one rank and one micro-batch both scopes compute the same f_i. Three AdamW steps
-  // with reset_balance() after each must give the same losses, gradients and weights.
+  // with end_step() after each must give the same losses, gradients and weights.
   ModelConfig c = tiny_config();
   c.zero_experts = 1;
   c.copy_experts = 1;
@@ -171,8 +171,8 @@ TEST_CASE("train_domains model: global- and micro-batch balancing agree with one
     for (std::size_t i = 0; i < gm.size(); ++i) CHECK(gm[i] == doctest::Approx(gg[i]).epsilon(1e-13).scale(1e-13));
     om.step(1e-2);
     og.step(1e-2);
-    micro.reset_balance();
-    global.reset_balance();
+    micro.end_step();
+    global.end_step();
   }
   const auto vm = all_values(micro), vg = all_values(global);
   for (std::size_t i = 0; i < vm.size(); ++i) CHECK(vm[i] == doctest::Approx(vg[i]).epsilon(1e-12).scale(1e-12));
@@ -215,7 +215,7 @@ TEST_CASE("train_domains model: global-batch LBL takes f from the step's micro-b
       }
       model.backward(0.5);
     }
-    model.reset_balance();  // next step starts from an empty buffer
+    model.end_step();  // next step starts from an empty buffer
   }
 }
 

@@ -71,6 +71,8 @@ struct MoeConfig {
   double lbl_coef = 0.0;
   double zloss_coef = 0.0;
   double tau = 1.0;                  // MoE++: eta_i of ZC experts in the LBL and the capacities
+  bool expert_bias = false;          // router::BiasBalanced: per-expert selection biases (DeepSeek-V3)
+  double bias_update_rate = 1e-3;    // u of b_i += u · sign(mean c − c_i), after each optimizer step
   // Parallel degrees (DESIGN §5): world = tp * ep * dp ranks, tp varying fastest. Checked against the
   // communicator and the parallel policy when a distributed layer is built.
   std::int64_t tp = 1, ep = 1, dp = 1;
@@ -131,6 +133,8 @@ inline constexpr auto config_fields() {
       ConfigField<double>{"lbl_coef", &MoeConfig::lbl_coef, R::kFiniteNonNeg},
       ConfigField<double>{"zloss_coef", &MoeConfig::zloss_coef, R::kFiniteNonNeg},
       ConfigField<double>{"tau", &MoeConfig::tau, R::kFinitePositive},
+      ConfigField<bool>{"expert_bias", &MoeConfig::expert_bias},
+      ConfigField<double>{"bias_update_rate", &MoeConfig::bias_update_rate, R::kFiniteNonNeg},
       ConfigField<I>{"tp", &MoeConfig::tp, R::kPositive, false, FieldScope::kParallel},
       ConfigField<I>{"ep", &MoeConfig::ep, R::kPositive, false, FieldScope::kParallel},
       ConfigField<I>{"dp", &MoeConfig::dp, R::kPositive, false, FieldScope::kParallel});

@@ -4,6 +4,7 @@
 // backend (backend/cuda/moe_layer.cuh) includes only this, so no CUDA translation unit pulls in CBLAS
 // or OpenMP through it.
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -13,6 +14,7 @@
 #include "moekit/experts/policy.hpp"
 #include "moekit/layer/routing_plan.hpp"
 #include "moekit/parallel/policy.hpp"
+#include "moekit/router/bias_balanced.hpp"
 #include "moekit/router/policy.hpp"
 
 namespace moekit {
@@ -42,6 +44,7 @@ void validate_layer_config(const MoeConfig& cfg) {
   must_match("router", to_string(cfg.router), to_string(Router::kind));
   must_match("activation", to_string(cfg.activation), to_string(Act::kind));
   must_match("gating_residual", cfg.gating_residual ? "true" : "false", Router::residual ? "true" : "false");
+  must_match("expert_bias", cfg.expert_bias ? "true" : "false", Router::biased ? "true" : "false");
   auto kind_allowed = [](const char* field, std::int64_t count, bool allowed, const char* tag) {
     if (count > 0 && !allowed)
       throw ConfigError(field, std::to_string(count),
@@ -67,9 +70,14 @@ class MoeLayer {
 };
 
 // The one runtime switch from MoeConfig to the policy types: router (softmax | sigmoid) x gating residual
-// x activation (swiglu | gelu | relu); the experts are Ffn<Act>, or Set<Ffn<Act>, Zero, Copy, Constant>
+// x expert bias (router::BiasBalanced) x activation (swiglu | gelu | relu); the experts are Ffn<Act>, or Set<Ffn<Act>, Zero, Copy, Constant>
 // when the config has zero-computation experts. Calls f(std::type_identity<MoeLayer<...>>{}).
-template <class Backend, class Balance = balance::MicroBatch, class F>
+// kBias: which of the two router families a call instantiates. kBoth (the default) follows
+// cfg.expert_bias; kUnbiased / kBiased instantiate half of the types (a program may split them over two
+// translation units, as moekit-layer's CUDA runs do, to bound nvcc's time per unit) and refuse a config
+// of the other half with std::logic_error.
+enum class BiasVariants { kBoth, kUnbiased, kBiased };
+template <class Backend, class Balance = balance::MicroBatch, BiasVariants kBias = BiasVariants::kBoth, class F>
 decltype(auto) with_layer_type(const MoeConfig& cfg, F&& f) {
   auto by_experts = [&]<class R, class A>(std::type_identity<R>, std::type_identity<A>) -> decltype(auto) {
     using Mixed = experts::Set<experts::Ffn<A>, experts::Zero, experts::Copy, experts::Constant>;
@@ -84,9 +92,23 @@ decltype(auto) with_layer_type(const MoeConfig& cfg, F&& f) {
     }
     throw ConfigError("activation", std::to_string(int(cfg.activation)), "must be swiglu, gelu or relu");
   };
+  auto by_bias = [&]<class R>(std::type_identity<R> r) -> decltype(auto) {
+    if constexpr (kBias == BiasVariants::kBoth) {
+      if (cfg.expert_bias) return by_act(std::type_identity<router::BiasBalanced<R>>{});
+      return by_act(r);
+    } else {
+      constexpr bool biased = kBias == BiasVariants::kBiased;
+      if (cfg.expert_bias != biased)
+        throw std::logic_error(std::string("with_layer_type: this call instantiates only the ") +
+                               (biased ? "biased" : "unbiased") + " routers, but the config has expert_bias " +
+                               (cfg.expert_bias ? "true" : "false"));
+      if constexpr (biased) return by_act(std::type_identity<router::BiasBalanced<R>>{});
+      else return by_act(r);
+    }
+  };
   auto by_residual = [&]<class R>(std::type_identity<R> r) -> decltype(auto) {
-    if (cfg.gating_residual) return by_act(std::type_identity<router::GatingResidual<R>>{});
-    return by_act(r);
+    if (cfg.gating_residual) return by_bias(std::type_identity<router::GatingResidual<R>>{});
+    return by_bias(r);
   };
   switch (cfg.router) {
     case RouterKind::kSoftmax: return by_residual(std::type_identity<router::TopK<router::Softmax>>{});

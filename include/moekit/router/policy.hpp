@@ -24,6 +24,7 @@ struct TopK {
   using score = Score;
   static constexpr RouterKind kind = Score::kind;
   static constexpr bool residual = false;
+  static constexpr bool biased = false;
 };
 
 template <class R>
@@ -31,18 +32,21 @@ concept RouterPolicy = requires {
   typename R::score;
   { R::kind } -> std::convertible_to<RouterKind>;
   { R::residual } -> std::convertible_to<bool>;
+  { R::biased } -> std::convertible_to<bool>;
 };
 
 // MoE++ gating residual (arXiv 2410.07348): logits^j = W^j x^j + W_g^j logits^{j-1}, W_g^j [N_E, N_E].
 // The first MoE layer of a model gets no previous logits and uses W x alone.
 template <class Inner>
 struct GatingResidual {
-  static_assert(RouterPolicy<Inner> && !Inner::residual,
-                "router::GatingResidual<Inner>: Inner must be a plain router such as router::TopK<router::Softmax>");
+  static_assert(RouterPolicy<Inner> && !Inner::residual && !Inner::biased,
+                "router::GatingResidual<Inner>: Inner must be a plain router such as router::TopK<router::Softmax> "
+                "(write router::BiasBalanced<GatingResidual<...>> for both)");
   using score = typename Inner::score;
   using inner = Inner;
   static constexpr RouterKind kind = Inner::kind;
   static constexpr bool residual = true;
+  static constexpr bool biased = false;
 };
 
 }  // namespace moekit::router

@@ -8,16 +8,18 @@
 
 namespace moekit::router {
 
-// Indices of the k largest scores in descending order; equal scores keep the lower index first.
-// NaN never beats a number. idx must hold k entries.
+// Indices of the k largest scores (score_i + bias_i when a bias is given: router::BiasBalanced) in
+// descending order; equal values keep the lower index first. NaN never beats a number. idx must hold
+// k entries.
 template <class S>
-MOEKIT_HD void topk_descending(const S* score, int n, int k, int* idx) {
+MOEKIT_HD void topk_descending(const S* score, int n, int k, int* idx, const S* bias = nullptr) {
+  auto value = [&](int i) { return bias ? score[i] + bias[i] : score[i]; };
   int count = 0;
   for (int i = 0; i < n; ++i) {
-    const S s = score[i];
+    const S s = value(i);
     int p = count;
     // Strictly greater moves ahead: ties stay behind the earlier (lower) index.
-    while (p > 0 && (s > score[idx[p - 1]] || (score[idx[p - 1]] != score[idx[p - 1]] && s == s))) --p;
+    while (p > 0 && (s > value(idx[p - 1]) || (value(idx[p - 1]) != value(idx[p - 1]) && s == s))) --p;
     if (p >= k) continue;
     const int last = count < k ? count : k - 1;
     for (int q = last; q > p; --q) idx[q] = idx[q - 1];
@@ -42,13 +44,14 @@ MOEKIT_HD S sigmoid(S x) {
 }
 
 // Forward of one token. Writes prob[n] (P of the balance loss), idx[k], gate[k]; returns the
-// logsumexp of the logits (for the z-loss).
+// logsumexp of the logits (for the z-loss). bias (router::BiasBalanced, else null) enters the top-k
+// selection only: the gates and P use the unbiased scores.
 template <class S>
 MOEKIT_HD S route_token(Softmax, const S* logit, int n, int k, bool renormalize, S* prob, int* idx,
-                        S* gate) {
+                        S* gate, const S* bias = nullptr) {
   const S lse = logsumexp(logit, n);
   for (int i = 0; i < n; ++i) prob[i] = std::exp(logit[i] - lse);
-  topk_descending(prob, n, k, idx);
+  topk_descending(prob, n, k, idx, bias);
   S sum = 0;
   for (int j = 0; j < k; ++j) sum += (gate[j] = prob[idx[j]]);
   if (renormalize)
@@ -60,10 +63,10 @@ MOEKIT_HD S route_token(Softmax, const S* logit, int n, int k, bool renormalize,
 // `score` is scratch of n entries.
 template <class S>
 MOEKIT_HD S route_token(Sigmoid, const S* logit, int n, int k, bool /*renormalize*/, S* prob, int* idx,
-                        S* gate) {
+                        S* gate, const S* bias = nullptr) {
   S total = 0;
   for (int i = 0; i < n; ++i) total += (prob[i] = sigmoid(logit[i]));
-  topk_descending(prob, n, k, idx);  // same order as s itself
+  topk_descending(prob, n, k, idx, bias);  // s itself (+ bias)
   S sum = 0;
   for (int j = 0; j < k; ++j) sum += (gate[j] = prob[idx[j]]);
   for (int j = 0; j < k; ++j) gate[j] /= sum;

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -79,9 +80,14 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
   using Score = typename Router::score;
   static constexpr bool kGated = Act::gated;
   static constexpr bool kResidual = Router::residual;
+  static constexpr bool kBiased = Router::biased;
 
  public:
   using value_type = V;  // float or moekit::bf16
+  using router_type = Router;
+  using experts_type = Experts;
+  using balance_type = Balance;
+  using parallel_type = P;
   using storage_type = backend::cuda::storage_t<V>;
   using S = storage_type;
 
@@ -277,6 +283,52 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
     finish_backward(dy.data, dx.data, aux_scale, dlogits_next.data, dprev_logits.data, stream);
   }
 
+  // ---- router state and the per-step hook (as the host layer's) -------------------------------------
+  // Once after each optimizer step: resets a GlobalBatch buffer, and (router::BiasBalanced) applies
+  // b_i += u · sign(mean c − c_i) with the step's routed counts summed over its training forwards and
+  // over the ranks that hold different tokens (collective in a distributed layer). Synchronises.
+  void end_step(cudaStream_t stream = nullptr) {
+    if constexpr (Balance::global) balance_.reset();
+    if constexpr (kBiased) {
+      std::vector<std::int64_t> c = step_counts_;
+      if constexpr (kDistributed) {
+        backend::cuda::DeviceArray<std::int64_t> d(c.size());
+        MOEKIT_CUDA_CHECK(cudaMemcpyAsync(d.data(), c.data(), c.size() * sizeof(std::int64_t), cudaMemcpyHostToDevice, stream));
+        ex_.group(RankGroup::kShards).all_reduce_sum(d.data(), c.size(), stream);
+        ex_.group(RankGroup::kShards).wait(stream);
+        MOEKIT_CUDA_CHECK(cudaMemcpyAsync(c.data(), d.data(), c.size() * sizeof(std::int64_t), cudaMemcpyDeviceToHost, stream));
+      }
+      MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
+      const std::vector<double> delta = router::bias_update(c, cfg_.bias_update_rate);
+      for (std::size_t i = 0; i < delta.size(); ++i) expert_bias_[i] += float(delta[i]);
+      upload_bias();
+      std::fill(step_counts_.begin(), step_counts_.end(), 0);
+    }
+  }
+  // router::BiasBalanced: the selection biases (a host copy of the device's), and the update this rank's
+  // counts since the last end_step() would apply (without the other ranks' counts).
+  const std::vector<float>& expert_bias() const
+    requires(kBiased)
+  {
+    return expert_bias_;
+  }
+  void set_expert_bias(std::span<const float> b)
+    requires(kBiased)
+  {
+    if (b.size() != expert_bias_.size())
+      throw ShapeError("expert bias has " + std::to_string(b.size()) + " values, expected num_experts() = " +
+                       std::to_string(expert_bias_.size()));
+    std::copy(b.begin(), b.end(), expert_bias_.begin());
+    upload_bias();
+  }
+  std::vector<float> expert_bias_update() const
+    requires(kBiased)
+  {
+    const std::vector<double> d = router::bias_update(step_counts_, cfg_.bias_update_rate);
+    return std::vector<float>(d.begin(), d.end());
+  }
+  const std::vector<std::int64_t>& step_counts() const { return step_counts_; }
+
   // ---- distributed strategies only ----------------------------------------------------------------
   const ParallelGrid& grid() const
     requires(kDistributed)
@@ -326,6 +378,10 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
 
  private:
   using I64 = std::int64_t;
+
+  void upload_bias() {
+    MOEKIT_CUDA_CHECK(cudaMemcpy(bias_dev_.data(), expert_bias_.data(), expert_bias_.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
 
   // ---- the distributed stages ---------------------------------------------------------------------
   template <class World>
@@ -422,6 +478,12 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
     grads_.resize(std::size_t(table_.size()));
     if (values_.size()) MOEKIT_CUDA_CHECK(cudaMemset(values_.data(), 0, values_.size()));
     eta_ = balance_eta<float>(cfg_);
+    step_counts_.assign(std::size_t(n), 0);
+    if constexpr (kBiased) {
+      expert_bias_.assign(std::size_t(n), 0.f);
+      bias_dev_.resize(std::size_t(n));
+      MOEKIT_CUDA_CHECK(cudaMemset(bias_dev_.data(), 0, std::size_t(n) * sizeof(float)));
+    }
     gemm_ = std::make_unique<backend::cuda::ExpertGemm>(gemm, int(held_));
     host_stats_.resize(stats_ints() + stats_floats());
     host_dprob_.resize(n);
@@ -460,6 +522,7 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
     RouteParams rp;
     rp.logits = b_.logits, rp.tokens = T, rp.experts = N, rp.top_k = K, rp.renormalize = cfg_.renormalize;
     rp.prob = b_.prob, rp.idx = b_.idx, rp.gate = b_.gate, rp.lse = b_.lse, rp.counts = routed_dev(), rp.bad_token = bad_dev();
+    if constexpr (kBiased) rp.bias = bias_dev_.data();
     MOEKIT_CUDA_CHECK(route_tokens<Score>(rp, stream));
     // Capacity, permutation and the gather into expert-contiguous rows.
     const auto caps = balance::expert_capacities(cfg_.capacity_factor, cfg_.tau, k, tokens, nf, cfg_.num_zc_experts());
@@ -714,6 +777,8 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
     offsets_.assign(ints, ints + no);
     kept_.assign(ints + no, ints + no + n);
     routed_.assign(ints + no + n, ints + no + 2 * n);
+    if (training_)
+      for (std::size_t e = 0; e < routed_.size(); ++e) step_counts_[e] += routed_[e];
     bad_token_ = ints[no + 2 * n];
     const float* floats = reinterpret_cast<const float*>(ints + stats_ints());
     prob_sum_.assign(floats, floats + n);
@@ -777,6 +842,9 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
 
   MoeConfig cfg_;
   [[no_unique_address]] std::conditional_t<kDistributed, Exchange, NoExchange> ex_;
+  std::vector<float> expert_bias_;             // router::BiasBalanced's b [N_E] (host copy)
+  backend::cuda::DeviceArray<float> bias_dev_;  // ... on the device, read by route_tokens
+  std::vector<std::int64_t> step_counts_;      // routed counts of this step's training forwards [N_E]
   // The expert side of a distributed layer (sized by reserve()) and its bookkeeping.
   backend::cuda::DeviceArray<S> xe_, ye_, dye_, h13e_, ae_;
   backend::cuda::DeviceArray<int> counts_dev_;

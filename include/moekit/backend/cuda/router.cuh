@@ -28,6 +28,7 @@ struct RouteParams {
   float* lse = nullptr;    // [T]      out
   int* counts = nullptr;   // [N_E]    out: routed (pre-capacity) slots per expert
   int* bad_token = nullptr;  // [1] optional out: lowest token with a non-finite logit (kNoBadToken if none)
+  const float* bias = nullptr;  // [N_E] optional: router::BiasBalanced's selection biases
 };
 
 inline constexpr int kNoBadToken = 0x7F7F7F7F;  // what cudaMemset(0x7F) writes
@@ -58,7 +59,7 @@ struct RouteTokenOp {
       if (!finite) atomicMin(p.bad_token, t);
     }
     p.lse[t] = router::route_token(Score{}, p.logits + t * n, p.experts, p.top_k, p.renormalize, p.prob + t * n, idx,
-                                   p.gate + t * k);
+                                   p.gate + t * k, p.bias);
     // Integer atomics: exact and order-free, so counts are deterministic.
     for (int j = 0; j < p.top_k; ++j) atomicAdd(&p.counts[idx[j]], 1);
   }
