@@ -4,7 +4,7 @@
 # compiled too. Safe to run again: apt is skipped when every package is installed.
 set -euo pipefail
 # make: the presets use CMake's default generator (Unix Makefiles), and cmake only recommends it.
-packages=(cmake make g++ doctest-dev libopenblas-dev nlohmann-json3-dev libopenmpi-dev openmpi-bin gnuplot-nox)
+packages=(cmake make g++ doctest-dev libopenblas-dev nlohmann-json3-dev libcli11-dev libopenmpi-dev openmpi-bin gnuplot-nox)
 missing=()
 for p in "${packages[@]}"; do
   # "install ok installed", not merely known to dpkg (a removed package keeps its config files).

@@ -139,26 +139,9 @@ class Ranks {
       for (std::int64_t i = 0; i < p.numel(); ++i) p.grad[i] = T(buf_[at++] * inv);
   }
 
-  // The global gradient norm of the full model (see the top of this file); when it exceeds max_norm,
-  // every local gradient is scaled by max_norm / (norm + 1e-6), as train::clip_grad_norm. Returns the
-  // norm before clipping. A non-finite norm throws on every rank alike.
-  template <class T>
-  double clip_grad_norm(const std::vector<moekit::Parameter<T>>& params, double max_norm) {
-    double sq[2] = {0, 0};  // replicated (this rank's copy), expert slices
-    for (const auto& p : params) {
-      double s = 0;
-      for (std::int64_t i = 0; i < p.numel(); ++i) s += double(p.grad[i]) * double(p.grad[i]);
-      sq[p.expert_slice() ? 1 : 0] += s;
-    }
-    slices_->all_reduce_sum(&sq[1], 1);
-    const double norm = std::sqrt(sq[0] + sq[1]);
-    if (!std::isfinite(norm)) throw moekit::NumericError("the global gradient norm is not finite");
-    const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0)
-      for (const auto& p : params)
-        for (std::int64_t i = 0; i < p.numel(); ++i) p.grad[i] = T(double(p.grad[i]) * coef);
-    return norm;
-  }
+  // Sums v over the ranks that hold different expert slices (the tp x ep group of this dp index): the
+  // expert slices' part of the global gradient norm (train::clip_grad_norm's distributed form).
+  void sum_over_expert_slices(double* v, std::size_t n) { slices_->all_reduce_sum(v, n); }
 
   // Parameters of the full model: replicated ones once, expert slices summed over a dp index.
   template <class T>

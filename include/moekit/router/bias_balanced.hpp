@@ -12,8 +12,13 @@
 // Inner: router::TopK<Softmax|Sigmoid>, or router::GatingResidual<TopK<...>>. The router's math is
 // router/topk.hpp's route_token with the bias; its backward is the inner router's (the selection is a
 // constant of the forward, and the gates depend on the unbiased scores only).
+#include <algorithm>
 #include <cstdint>
+#include <span>
+#include <string>
 #include <vector>
+
+#include "moekit/core/error.hpp"
 
 #include "moekit/router/policy.hpp"
 
@@ -43,5 +48,42 @@ inline std::vector<double> bias_update(const std::vector<std::int64_t>& counts, 
   }
   return delta;
 }
+
+// A layer's router state, the same on every backend: the biases b (host values; a CUDA layer mirrors
+// them on the device) and the routed counts of the current step's training forwards.
+template <class S>
+class BiasState {
+ public:
+  void resize(std::size_t experts, bool biased) {
+    bias_.assign(biased ? experts : 0, S(0));
+    counts_.assign(experts, 0);
+  }
+  const std::vector<S>& bias() const { return bias_; }
+  const std::vector<std::int64_t>& step_counts() const { return counts_; }
+  void count(const std::vector<std::int64_t>& routed) {
+    for (std::size_t e = 0; e < counts_.size() && e < routed.size(); ++e) counts_[e] += routed[e];
+  }
+  void set(std::span<const S> b) {
+    if (b.size() != bias_.size())
+      throw ShapeError("expert bias has " + std::to_string(b.size()) + " values, expected num_experts() = " +
+                       std::to_string(bias_.size()));
+    std::copy(b.begin(), b.end(), bias_.begin());
+  }
+  // The update this rank's counts alone would apply.
+  std::vector<S> preview(double rate) const {
+    const std::vector<double> d = bias_update(counts_, rate);
+    return std::vector<S>(d.begin(), d.end());
+  }
+  // b += u · sign(mean c − c) with c the step's counts summed over the ranks (`summed`); a new step.
+  void apply(const std::vector<std::int64_t>& summed, double rate) {
+    const std::vector<double> d = bias_update(summed, rate);
+    for (std::size_t i = 0; i < bias_.size(); ++i) bias_[i] += S(d[i]);
+    std::fill(counts_.begin(), counts_.end(), 0);
+  }
+
+ private:
+  std::vector<S> bias_;
+  std::vector<std::int64_t> counts_;
+};
 
 }  // namespace moekit::router

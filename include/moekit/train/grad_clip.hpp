@@ -32,6 +32,18 @@ double sum_squares(const T* g, std::int64_t n) {
   for (double p : part) s += p;
   return s;
 }
+// Scales every gradient by max_norm / (norm + 1e-6) when that is below 1 (torch's clip_grad_norm_).
+template <class T>
+void scale_to(std::vector<Parameter<T>>& params, double max_norm, double norm) {
+  const double coef = max_norm / (norm + 1e-6);
+  if (coef >= 1.0) return;
+  for (auto& p : params) {
+    const std::int64_t n = p.numel();
+    T* g = p.grad;
+#pragma omp parallel for schedule(static) if (n > (1 << 15))
+    for (std::int64_t i = 0; i < n; ++i) g[i] = T(double(g[i]) * coef);
+  }
+}
 }  // namespace detail
 
 // sqrt(sum over parameters and elements of grad^2). Throws NumericError naming the first parameter
@@ -53,15 +65,26 @@ double clip_grad_norm(std::vector<Parameter<T>>& params, double max_norm) {
   if (!(max_norm > 0.0) || !std::isfinite(max_norm))
     throw ConfigError("max_norm", moekit::detail::str(max_norm), "must be finite and > 0");
   const double norm = global_grad_norm(params);
-  const double coef = max_norm / (norm + 1e-6);
-  if (coef < 1.0) {
-    for (auto& p : params) {
-      const std::int64_t n = p.numel();
-      T* g = p.grad;
-#pragma omp parallel for schedule(static) if (n > (1 << 15))
-      for (std::int64_t i = 0; i < n; ++i) g[i] = T(double(g[i]) * coef);
-    }
-  }
+  detail::scale_to(params, max_norm, norm);
+  return norm;
+}
+
+// The distributed form: this rank holds the replicated parameters whole and a slice of the experts
+// (Parameter::shard). The norm of the full model counts each replicated parameter once (this rank's copy,
+// the same bits on every rank) and sums the expert slices' squares over the ranks holding different
+// slices (sum_expert_slices: an all-reduce of one double over them, e.g. the tp x ep group of a dp
+// index). Every rank gets the same norm and clips by the same factor; a non-finite norm throws on
+// every rank alike. Returns the norm before clipping.
+template <class T, class SumExpertSlices>
+double clip_grad_norm(std::vector<Parameter<T>>& params, double max_norm, SumExpertSlices&& sum_expert_slices) {
+  if (!(max_norm > 0.0) || !std::isfinite(max_norm))
+    throw ConfigError("max_norm", moekit::detail::str(max_norm), "must be finite and > 0");
+  double sq[2] = {0, 0};  // replicated, expert slices
+  for (const auto& p : params) sq[p.expert_slice() ? 1 : 0] += detail::sum_squares(p.grad, p.numel());
+  sum_expert_slices(&sq[1], std::size_t(1));
+  const double norm = std::sqrt(sq[0] + sq[1]);
+  if (!std::isfinite(norm)) throw NumericError("the global gradient norm is not finite");
+  detail::scale_to(params, max_norm, norm);
   return norm;
 }
 

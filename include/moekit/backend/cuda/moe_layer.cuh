@@ -290,7 +290,7 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
   void end_step(cudaStream_t stream = nullptr) {
     if constexpr (Balance::global) balance_.reset();
     if constexpr (kBiased) {
-      std::vector<std::int64_t> c = step_counts_;
+      std::vector<std::int64_t> c = bias_.step_counts();
       if constexpr (kDistributed) {
         backend::cuda::DeviceArray<std::int64_t> d(c.size());
         MOEKIT_CUDA_CHECK(cudaMemcpyAsync(d.data(), c.data(), c.size() * sizeof(std::int64_t), cudaMemcpyHostToDevice, stream));
@@ -299,10 +299,8 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
         MOEKIT_CUDA_CHECK(cudaMemcpyAsync(c.data(), d.data(), c.size() * sizeof(std::int64_t), cudaMemcpyDeviceToHost, stream));
       }
       MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
-      const std::vector<double> delta = router::bias_update(c, cfg_.bias_update_rate);
-      for (std::size_t i = 0; i < delta.size(); ++i) expert_bias_[i] += float(delta[i]);
+      bias_.apply(c, cfg_.bias_update_rate);
       upload_bias();
-      std::fill(step_counts_.begin(), step_counts_.end(), 0);
     }
   }
   // router::BiasBalanced: the selection biases (a host copy of the device's), and the update this rank's
@@ -310,24 +308,20 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
   const std::vector<float>& expert_bias() const
     requires(kBiased)
   {
-    return expert_bias_;
+    return bias_.bias();
   }
   void set_expert_bias(std::span<const float> b)
     requires(kBiased)
   {
-    if (b.size() != expert_bias_.size())
-      throw ShapeError("expert bias has " + std::to_string(b.size()) + " values, expected num_experts() = " +
-                       std::to_string(expert_bias_.size()));
-    std::copy(b.begin(), b.end(), expert_bias_.begin());
+    bias_.set(b);
     upload_bias();
   }
   std::vector<float> expert_bias_update() const
     requires(kBiased)
   {
-    const std::vector<double> d = router::bias_update(step_counts_, cfg_.bias_update_rate);
-    return std::vector<float>(d.begin(), d.end());
+    return bias_.preview(cfg_.bias_update_rate);
   }
-  const std::vector<std::int64_t>& step_counts() const { return step_counts_; }
+  const std::vector<std::int64_t>& step_counts() const { return bias_.step_counts(); }
 
   // ---- distributed strategies only ----------------------------------------------------------------
   const ParallelGrid& grid() const
@@ -380,7 +374,8 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
   using I64 = std::int64_t;
 
   void upload_bias() {
-    MOEKIT_CUDA_CHECK(cudaMemcpy(bias_dev_.data(), expert_bias_.data(), expert_bias_.size() * sizeof(float), cudaMemcpyHostToDevice));
+    const auto& b = bias_.bias();
+    MOEKIT_CUDA_CHECK(cudaMemcpy(bias_dev_.data(), b.data(), b.size() * sizeof(float), cudaMemcpyHostToDevice));
   }
 
   // ---- the distributed stages ---------------------------------------------------------------------
@@ -478,9 +473,8 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
     grads_.resize(std::size_t(table_.size()));
     if (values_.size()) MOEKIT_CUDA_CHECK(cudaMemset(values_.data(), 0, values_.size()));
     eta_ = balance_eta<float>(cfg_);
-    step_counts_.assign(std::size_t(n), 0);
+    bias_.resize(std::size_t(n), kBiased);
     if constexpr (kBiased) {
-      expert_bias_.assign(std::size_t(n), 0.f);
       bias_dev_.resize(std::size_t(n));
       MOEKIT_CUDA_CHECK(cudaMemset(bias_dev_.data(), 0, std::size_t(n) * sizeof(float)));
     }
@@ -777,8 +771,7 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
     offsets_.assign(ints, ints + no);
     kept_.assign(ints + no, ints + no + n);
     routed_.assign(ints + no + n, ints + no + 2 * n);
-    if (training_)
-      for (std::size_t e = 0; e < routed_.size(); ++e) step_counts_[e] += routed_[e];
+    if (training_) bias_.count(routed_);
     bad_token_ = ints[no + 2 * n];
     const float* floats = reinterpret_cast<const float*>(ints + stats_ints());
     prob_sum_.assign(floats, floats + n);
@@ -842,9 +835,8 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
 
   MoeConfig cfg_;
   [[no_unique_address]] std::conditional_t<kDistributed, Exchange, NoExchange> ex_;
-  std::vector<float> expert_bias_;             // router::BiasBalanced's b [N_E] (host copy)
-  backend::cuda::DeviceArray<float> bias_dev_;  // ... on the device, read by route_tokens
-  std::vector<std::int64_t> step_counts_;      // routed counts of this step's training forwards [N_E]
+  router::BiasState<float> bias_;               // router::BiasBalanced's b [N_E] (host copy), every router's step counts
+  backend::cuda::DeviceArray<float> bias_dev_;  // b on the device, read by route_tokens
   // The expert side of a distributed layer (sized by reserve()) and its bookkeeping.
   backend::cuda::DeviceArray<S> xe_, ye_, dye_, h13e_, ae_;
   backend::cuda::DeviceArray<int> counts_dev_;

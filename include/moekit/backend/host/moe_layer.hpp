@@ -184,11 +184,9 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
   void end_step() {
     if constexpr (Balance::global) balance_.reset();
     if constexpr (kBiased) {
-      std::vector<std::int64_t> c = step_counts_;
+      std::vector<std::int64_t> c = bias_.step_counts();
       if constexpr (kDistributed) ex_.group(RankGroup::kShards).all_reduce_sum(c.data(), c.size());
-      const std::vector<double> delta = router::bias_update(c, cfg_.bias_update_rate);
-      for (std::size_t i = 0; i < delta.size(); ++i) expert_bias_[i] += T(delta[i]);
-      std::fill(step_counts_.begin(), step_counts_.end(), 0);
+      bias_.apply(c, cfg_.bias_update_rate);
     }
   }
   // router::BiasBalanced: the per-expert selection biases (state, not a parameter; HF DeepSeek-V3's
@@ -197,24 +195,20 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
   std::span<const T> expert_bias() const
     requires(kBiased)
   {
-    return expert_bias_;
+    return bias_.bias();
   }
   void set_expert_bias(std::span<const T> b)
     requires(kBiased)
   {
-    if (b.size() != expert_bias_.size())
-      throw ShapeError("expert bias has " + std::to_string(b.size()) + " values, expected num_experts() = " +
-                       std::to_string(expert_bias_.size()));
-    std::copy(b.begin(), b.end(), expert_bias_.begin());
+    bias_.set(b);
   }
   std::vector<T> expert_bias_update() const
     requires(kBiased)
   {
-    const std::vector<double> d = router::bias_update(step_counts_, cfg_.bias_update_rate);
-    return std::vector<T>(d.begin(), d.end());
+    return bias_.preview(cfg_.bias_update_rate);
   }
   // Routed (pre-capacity) slots per expert over this step's training forwards (the bias update's c).
-  const std::vector<std::int64_t>& step_counts() const { return step_counts_; }
+  const std::vector<std::int64_t>& step_counts() const { return bias_.step_counts(); }
 
   // ---- distributed strategies only ----------------------------------------------------------------
   const ParallelGrid& grid() const
@@ -284,8 +278,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
   void init(const ParallelGrid& grid) {
     set_parameter_table(ParameterTable(cfg_, kGated, kResidual, grid));
     eta_ = balance_eta<T>(cfg_);
-    if constexpr (kBiased) expert_bias_.assign(std::size_t(cfg_.num_experts()), T(0));
-    step_counts_.assign(std::size_t(cfg_.num_experts()), 0);
+    bias_.resize(std::size_t(cfg_.num_experts()), kBiased);
   }
 
   // Checks the arguments, sizes the buffers and saves x (and prev_logits).
@@ -362,7 +355,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
         continue;
       }
       lse_[t] = router::route_token(Score{}, l, int(n), int(k), cfg_.renormalize, &prob_[t * n], &idx_[t * k], &gate_[t * k],
-                                    kBiased ? expert_bias_.data() : nullptr);
+                                    kBiased ? bias_.bias().data() : nullptr);
     }
     if (bad >= 0)
       throw NumericError("router logits of token " + std::to_string(bad) +
@@ -375,8 +368,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, nf = cfg_.num_ffn_experts;
     routed_.assign(n, 0);
     for (std::int64_t s = 0; s < tokens_ * k; ++s) ++routed_[idx_[s]];
-    if (training_)
-      for (std::int64_t e = 0; e < n; ++e) step_counts_[std::size_t(e)] += routed_[std::size_t(e)];
+    if (training_) bias_.count(routed_);
     std::fill(slot_row_.begin(), slot_row_.begin() + tokens_ * k, 0);
     const auto caps = balance::expert_capacities(cfg_.capacity_factor, cfg_.tau, k, tokens_, nf, cfg_.num_zc_experts());
     if (caps.ffn >= 0) {
@@ -662,8 +654,7 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
 
   MoeConfig cfg_;
   [[no_unique_address]] std::conditional_t<kDistributed, Exchange, NoExchange> ex_;
-  std::vector<T> expert_bias_;              // router::BiasBalanced's b [N_E]
-  std::vector<std::int64_t> step_counts_;   // routed counts of this step's training forwards [N_E]
+  router::BiasState<T> bias_;  // router::BiasBalanced's b [N_E], and every router's step counts
   bool recompute_ = false, has_activations_ = false;
   std::int64_t recomputations_ = 0;
   std::vector<T> xe_, ye_, dye_;  // the expert side's rows (distributed only)

@@ -1,0 +1,202 @@
+#pragma once
+// train::Trainer: the training loop of a MoE model as a library piece (DESIGN §7). One optimizer step:
+//
+//   lr = schedule(step); model.zero_grad()
+//   for each of `accum` micro-batches: model.train_micro_batch(step, micro, 1 / accum)   (forward + backward)
+//   model.reduce_gradients()        distributed: gradients of the mean over the shards; device mirrors
+//   clip to max_grad_norm           the global norm: replicated parameters counted once, expert slices
+//                                   summed over the ranks that hold different ones (by shard kind)
+//   AdamW step at lr
+//   model.after_optimizer_step()    parameters back to a device; every MoE layer's end_step() (the
+//                                   GlobalBatch buffer reset, the BiasBalanced update)
+//
+// Every `log_interval` steps a report (loss, aux losses, gradient norm, tokens/s, step time, per-layer
+// expert load, averaged over the interval and over the shards) goes to the log callback; every
+// `eval_interval` steps the eval callback runs. The model supplies the data and the forward/backward
+// (TrainableModel below); the trainer owns the optimizer, the schedule and the bookkeeping.
+#include <chrono>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "moekit/core/error.hpp"
+#include "moekit/core/parameter.hpp"
+#include "moekit/train/adamw.hpp"
+#include "moekit/train/grad_clip.hpp"
+#include "moekit/train/lr_schedule.hpp"
+
+namespace moekit::train {
+
+struct TrainerConfig {
+  std::int64_t steps = 1;
+  std::int64_t accum = 1;                   // micro-batches per optimizer step
+  std::int64_t tokens_per_micro_batch = 0;  // all shards together (for tokens/s)
+  std::int64_t log_interval = 50;
+  std::int64_t eval_interval = 0;           // 0: the callback never runs from the loop
+  double max_grad_norm = 1.0;
+
+  void validate() const {
+    auto at_least = [](const char* f, std::int64_t v, std::int64_t lo) {
+      if (v < lo) throw ConfigError(f, std::to_string(v), "must be >= " + std::to_string(lo));
+    };
+    at_least("steps", steps, 1);
+    at_least("accum", accum, 1);
+    at_least("tokens_per_micro_batch", tokens_per_micro_batch, 0);
+    at_least("log_interval", log_interval, 1);
+    at_least("eval_interval", eval_interval, 0);
+    if (!(max_grad_norm > 0.0) || !std::isfinite(max_grad_norm))
+      throw ConfigError("max_grad_norm", moekit::detail::str(max_grad_norm), "must be finite and > 0");
+  }
+};
+
+// What the model reports of one micro-batch.
+struct MicroBatchStats {
+  double loss = 0;
+  std::vector<double> lbl, zloss;              // per MoE layer, unscaled
+  std::vector<std::vector<std::int64_t>> load;  // [layer][expert]: slots kept
+};
+
+// One logging interval, averaged over its micro-batches (and over the shards).
+struct IntervalReport {
+  std::int64_t step = 0, steps = 0;  // the 1-based step that ends the interval, of `steps`
+  double loss = 0, lr = 0, grad_norm = 0, tokens_per_s = 0, step_time_ms = 0;
+  std::vector<double> lbl, zloss;
+  std::vector<std::vector<double>> expert_load;  // [layer][expert]: share of the interval's slots
+};
+
+// The model a Trainer drives.
+template <class M>
+concept TrainableModel = requires(M& m, std::int64_t step, std::int64_t micro, double scale) {
+  // Forward and backward of micro-batch `micro` of `step`, gradients (and aux losses) scaled by `scale`.
+  { m.train_micro_batch(step, micro, scale) } -> std::convertible_to<MicroBatchStats>;
+  m.zero_grad();
+  m.reduce_gradients();
+  m.after_optimizer_step();
+  { m.parameters() } -> std::convertible_to<std::vector<Parameter<float>>>;
+};
+
+// How a distributed run sums over ranks (all empty: one process).
+struct Reductions {
+  int shards = 1;                                                  // ranks holding different tokens
+  std::function<void(double*, std::size_t)> sum_over_shards;       // interval statistics
+  std::function<void(double*, std::size_t)> sum_over_expert_slices;  // the ranks holding different expert slices
+};
+
+template <TrainableModel Model>
+class Trainer {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  Trainer(Model& model, TrainerConfig cfg, AdamWConfig adamw, CosineSchedule schedule,
+          typename AdamW<float>::DecayRule decays = {}, Reductions red = {})
+      : model_(model), cfg_(cfg), schedule_(schedule), params_(model.parameters()),
+        optimizer_(params_, adamw, std::move(decays)), red_(std::move(red)) {
+    cfg_.validate();
+    schedule_.validate();
+  }
+
+  void on_log(std::function<void(const IntervalReport&)> f) { log_ = std::move(f); }
+  void on_eval(std::function<void(std::int64_t step)> f) { eval_ = std::move(f); }
+
+  AdamW<float>& optimizer() { return optimizer_; }
+  const CosineSchedule& schedule() const { return schedule_; }
+  std::int64_t steps_done() const { return done_; }
+  double train_seconds() const { return total_s_; }  // time in steps (not in evaluations)
+
+  // Runs the remaining steps.
+  void run() {
+    while (done_ < cfg_.steps) step();
+  }
+
+  // One optimizer step (the next one); returns the gradient norm before clipping.
+  double step() {
+    const auto t0 = Clock::now();
+    const std::int64_t s = done_;
+    const double lr = schedule_(s);
+    model_.zero_grad();
+    for (std::int64_t micro = 0; micro < cfg_.accum; ++micro) add(model_.train_micro_batch(s, micro, 1.0 / double(cfg_.accum)));
+    model_.reduce_gradients();
+    const double norm = red_.sum_over_expert_slices
+                            ? clip_grad_norm(params_, cfg_.max_grad_norm, red_.sum_over_expert_slices)
+                            : clip_grad_norm(params_, cfg_.max_grad_norm);
+    optimizer_.step(lr);
+    model_.after_optimizer_step();
+    const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    interval_s_ += dt, total_s_ += dt, sum_norm_ += norm, ++interval_steps_, ++done_;
+    const bool last = done_ == cfg_.steps;
+    if (done_ % cfg_.log_interval == 0 || last) report(lr);
+    if (cfg_.eval_interval > 0 && done_ % cfg_.eval_interval == 0 && !last && eval_) eval_(done_);
+    return norm;
+  }
+
+ private:
+  void add(const MicroBatchStats& m) {
+    if (sum_lbl_.empty()) {
+      sum_lbl_.assign(m.lbl.size(), 0.0), sum_z_.assign(m.zloss.size(), 0.0);
+      load_.assign(m.load.size(), {});
+      for (std::size_t l = 0; l < m.load.size(); ++l) load_[l].assign(m.load[l].size(), 0.0);
+    }
+    sum_loss_ += m.loss;
+    for (std::size_t l = 0; l < m.lbl.size(); ++l) sum_lbl_[l] += m.lbl[l];
+    for (std::size_t l = 0; l < m.zloss.size(); ++l) sum_z_[l] += m.zloss[l];
+    for (std::size_t l = 0; l < m.load.size(); ++l)
+      for (std::size_t e = 0; e < m.load[l].size(); ++e) load_[l][e] += double(m.load[l][e]);
+    ++interval_micro_;
+  }
+
+  void report(double lr) {
+    if (red_.sum_over_shards) {  // losses: the mean over the shards; the load: the sum
+      std::vector<double> v{sum_loss_};
+      v.insert(v.end(), sum_lbl_.begin(), sum_lbl_.end());
+      v.insert(v.end(), sum_z_.begin(), sum_z_.end());
+      for (const auto& row : load_) v.insert(v.end(), row.begin(), row.end());
+      red_.sum_over_shards(v.data(), v.size());
+      std::size_t at = 0;
+      const double inv = 1.0 / double(red_.shards);
+      sum_loss_ = v[at++] * inv;
+      for (auto& x : sum_lbl_) x = v[at++] * inv;
+      for (auto& x : sum_z_) x = v[at++] * inv;
+      for (auto& row : load_)
+        for (auto& c : row) c = v[at++];
+    }
+    IntervalReport r;
+    const double m = double(interval_micro_);
+    r.step = done_, r.steps = cfg_.steps, r.lr = lr, r.loss = sum_loss_ / m;
+    r.grad_norm = sum_norm_ / double(interval_steps_);
+    r.tokens_per_s = double(interval_micro_ * cfg_.tokens_per_micro_batch) / interval_s_;
+    r.step_time_ms = 1000.0 * interval_s_ / double(interval_steps_);
+    for (double x : sum_lbl_) r.lbl.push_back(x / m);
+    for (double x : sum_z_) r.zloss.push_back(x / m);
+    for (const auto& row : load_) {
+      double total = 0;
+      for (double c : row) total += c;
+      std::vector<double> share;
+      for (double c : row) share.push_back(c / (total > 0 ? total : 1.0));
+      r.expert_load.push_back(std::move(share));
+    }
+    if (log_) log_(r);
+    sum_loss_ = sum_norm_ = interval_s_ = 0;
+    for (auto* v : {&sum_lbl_, &sum_z_}) std::fill(v->begin(), v->end(), 0.0);
+    for (auto& row : load_) std::fill(row.begin(), row.end(), 0.0);
+    interval_steps_ = interval_micro_ = 0;
+  }
+
+  Model& model_;
+  TrainerConfig cfg_;
+  CosineSchedule schedule_;
+  std::vector<Parameter<float>> params_;
+  AdamW<float> optimizer_;
+  Reductions red_;
+  std::function<void(const IntervalReport&)> log_;
+  std::function<void(std::int64_t)> eval_;
+  std::int64_t done_ = 0, interval_steps_ = 0, interval_micro_ = 0;
+  double sum_loss_ = 0, sum_norm_ = 0, interval_s_ = 0, total_s_ = 0;
+  std::vector<double> sum_lbl_, sum_z_;
+  std::vector<std::vector<double>> load_;
+};
+
+}  // namespace moekit::train
