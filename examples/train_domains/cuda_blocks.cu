@@ -1,241 +1,20 @@
 // train_domains --backend cuda (cuda_blocks.hpp): the CUDA MoE layers behind model.hpp's MoeBlock.
 // Every line of train_domains that touches CUDA is in this translation unit, compiled by nvcc only when
-// the build has CUDA. It instantiates the 8 layer types make_moe_block can reach (with_moe_layer_type),
+// the build has CUDA. It instantiates the 8 unbiased layer types make_moe_block can reach (with_moe_layer_type;
+// the 8 with router::BiasBalanced are in cuda_blocks_bias.cu),
 // once single-process (parallel::None) and, with MPI and NCCL, once distributed (parallel::Hybrid, whose
 // code serves all four strategies as the host layer's does; main.cpp enforces --parallel's limits).
 //
 // STATUS: compiled, never run: no GPU was available where this was written.
-#if defined(TRAIN_DOMAINS_HAS_MPI) && defined(MOEKIT_HAS_NCCL)
-#define TRAIN_DOMAINS_CUDA_DISTRIBUTED 1
+#include "cuda_block.cuh"
+
+#if defined(TRAIN_DOMAINS_CUDA_DISTRIBUTED)
 #include <moekit/parallel/comm/mpi.hpp>
 #include <moekit/parallel/comm/nccl_mpi.hpp>  // comm::Nccl::from_mpi
-#include <moekit/parallel/cuda_moe_layer.cuh>
 #endif
 
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <cstdint>
-#include <memory>
-#include <moekit/backend/cuda/moe_layer.cuh>
-#include <stdexcept>
-#include <string>
-#include <type_traits>
-#include <utility>
-#include <vector>
-
-#include "cuda_blocks.hpp"
-
 namespace {
-
 namespace mk = moekit;
-template <class U>
-using Matrix = mk::MatrixView<U>;
-
-// A CUDA stream on the current device; the block's copies and layer calls are ordered on it.
-class Stream {
- public:
-  Stream() { MOEKIT_CUDA_CHECK(cudaStreamCreate(&s_)); }
-  ~Stream() { cudaStreamDestroy(s_); }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-  cudaStream_t get() const { return s_; }
-  void sync() const { MOEKIT_CUDA_CHECK(cudaStreamSynchronize(s_)); }
-
- private:
-  cudaStream_t s_ = nullptr;
-};
-
-template <class T>
-void to_device(T* dst, const T* src, std::int64_t n, cudaStream_t s) {
-  if (n > 0) MOEKIT_CUDA_CHECK(cudaMemcpyAsync(dst, src, std::size_t(n) * sizeof(T), cudaMemcpyHostToDevice, s));
-}
-template <class T>
-void to_host(T* dst, const T* src, std::int64_t n, cudaStream_t s) {
-  if (n > 0) MOEKIT_CUDA_CHECK(cudaMemcpyAsync(dst, src, std::size_t(n) * sizeof(T), cudaMemcpyDeviceToHost, s));
-}
-
-// One CUDA layer (Layer = MoeLayer<backend::Cuda<float>, R, E, B, P>) behind the host interface.
-//
-// forward/backward take the model's host views: the input (x, or dy and the next block's dlogits) is
-// copied to device buffers, the layer runs on the block's stream, the outputs (y, or dx and dprev_logits)
-// are copied back, and the call returns after a stream synchronisation. logits(), probs() and
-// topk_indices() download on first use after a forward (the gating residual and the evaluation's routing
-// table use them).
-//
-// Parameters: the optimizer works on host mirrors, one value and one gradient vector per device parameter
-// (fp32, as the device's), with the host layer's names and shapes; parameters() lists the mirrors.
-// Gradients accumulate on the device; gradients_to_host() copies them into the mirrors once per step
-// (after sync_gradients), parameters_to_device() copies the mirrors' values back after AdamW, and
-// zero_grad() zeroes both sides.
-template <class Layer>
-class CudaMoeBlock final : public MoeBlock<float> {
-  static_assert(std::is_same_v<typename Layer::storage_type, float>, "the trainer's CUDA layers are fp32");
-
- public:
-  // Extra arguments go to the layer's constructor (the NCCL world of a distributed layer).
-  template <class... Args>
-  explicit CudaMoeBlock(const mk::MoeConfig& c, Args&... args) : layer_(c, args...) {
-    for (const mk::DeviceParameter& p : layer_.parameters()) {  // the host layers' names and order (one table)
-      if (p.dtype != CUDA_R_32F) throw std::logic_error("train_domains: CUDA parameter " + p.name + " is not fp32");
-      Mirror m;
-      m.name = p.name, m.shape = p.shape, m.shard = p.shard;
-      m.device_value = static_cast<float*>(p.value), m.device_grad = p.grad;
-      m.value.assign(std::size_t(p.numel()), 0.f), m.grad.assign(std::size_t(p.numel()), 0.f);
-      mirrors_.push_back(std::move(m));
-    }
-    layer_.zero_grad(stream_.get());
-    stream_.sync();
-  }
-
-  const mk::MoeConfig& config() const override { return layer_.config(); }
-
-  mk::AuxLosses forward(Matrix<const float> x, Matrix<float> y, Matrix<const float> prev) override {
-    const std::int64_t rows = x.shape[0], d = config().d_model, n = config().num_experts();
-    mk::check_shape(x, "x", {rows, d});
-    mk::check_shape(y, "y", {rows, d});
-    if (prev.data) mk::check_shape(prev, "prev_logits", {rows, n});
-    fit(rows);
-    const cudaStream_t s = stream_.get();
-    to_device(in_.data(), x.data, rows * d, s);
-    Matrix<const float> prev_dev;
-    if (prev.data) {
-      to_device(lin_.data(), prev.data, rows * n, s);
-      prev_dev = Matrix<const float>(lin_.data(), {rows, n});
-    }
-    const mk::AuxLosses aux = layer_.forward(Matrix<const float>(in_.data(), {rows, d}), Matrix<float>(out_.data(), {rows, d}), prev_dev, s);
-    to_host(y.data, out_.data(), rows * d, s);
-    stream_.sync();
-    have_logits_ = have_probs_ = have_idx_ = false;
-    return aux;
-  }
-
-  void backward(Matrix<const float> dy, Matrix<float> dx, double aux_scale, Matrix<const float> dnext, Matrix<float> dprev) override {
-    const std::int64_t rows = layer_.num_tokens(), d = config().d_model, n = config().num_experts();
-    mk::check_shape(dy, "dy", {rows, d});
-    mk::check_shape(dx, "dx", {rows, d});
-    if (dnext.data) mk::check_shape(dnext, "dlogits_next", {rows, n});
-    if (dprev.data) mk::check_shape(dprev, "dprev_logits", {rows, n});
-    const cudaStream_t s = stream_.get();
-    // The forward's input buffers are free again: the layer keeps its own copies of x and prev_logits.
-    to_device(in_.data(), dy.data, rows * d, s);
-    Matrix<const float> dnext_dev;
-    Matrix<float> dprev_dev;
-    if (dnext.data) {
-      to_device(lin_.data(), dnext.data, rows * n, s);
-      dnext_dev = Matrix<const float>(lin_.data(), {rows, n});
-    }
-    if (dprev.data) dprev_dev = Matrix<float>(lout_.data(), {rows, n});
-    layer_.backward(Matrix<const float>(in_.data(), {rows, d}), Matrix<float>(out_.data(), {rows, d}), aux_scale, dnext_dev,
-                    dprev_dev, s);
-    to_host(dx.data, out_.data(), rows * d, s);
-    if (dprev.data) to_host(dprev.data, lout_.data(), rows * n, s);
-    stream_.sync();
-  }
-
-  Matrix<const float> logits() const override {
-    return download(layer_.logits_device(), config().num_experts(), logits_, have_logits_);
-  }
-  Matrix<const float> probs() const override { return download(layer_.probs_device(), config().num_experts(), probs_, have_probs_); }
-  Matrix<const std::int32_t> topk_indices() const override {
-    static_assert(sizeof(int) == sizeof(std::int32_t));
-    return download(reinterpret_cast<const std::int32_t*>(layer_.topk_indices_device()), config().top_k, idx_, have_idx_);
-  }
-  mk::VectorView<const std::int32_t> expert_counts() const override {
-    const auto& c = layer_.expert_counts();
-    return mk::VectorView<const std::int32_t>(c.data(), {std::int64_t(c.size())});
-  }
-  const std::vector<std::int64_t>& routed_counts() const override { return layer_.routed_counts(); }
-  std::int64_t expert_gemm_flops() const override { return layer_.expert_gemm_flops(); }
-  std::int64_t ffn_rows() const override { return layer_.ffn_rows(); }
-
-  // The host layer's values for the seed (the distributed layer: this rank's shard of them), on the
-  // device and in the mirrors.
-  void init_params(std::uint64_t seed) override {
-    layer_.init_params(seed);
-    const cudaStream_t s = stream_.get();
-    MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());  // init_params uploads with plain cudaMemcpy
-    for (Mirror& m : mirrors_) to_host(m.value.data(), m.device_value, std::int64_t(m.value.size()), s);
-    stream_.sync();
-  }
-  std::vector<mk::Parameter<float>> parameters(const std::string& prefix) override {
-    std::vector<mk::Parameter<float>> ps;
-    for (Mirror& m : mirrors_) ps.push_back({prefix + m.name, m.value.data(), m.grad.data(), m.shape, m.shard});
-    return ps;
-  }
-  void zero_grad() override {
-    layer_.zero_grad(stream_.get());
-    for (Mirror& m : mirrors_) std::fill(m.grad.begin(), m.grad.end(), 0.f);
-  }
-  void sync_gradients() override {  // distributed: NCCL all-reduces of the device gradients
-    if constexpr (requires(cudaStream_t s) { layer_.sync_gradients(s); }) layer_.sync_gradients(stream_.get());
-  }
-  void gradients_to_host() override {
-    const cudaStream_t s = stream_.get();
-    for (Mirror& m : mirrors_) to_host(m.grad.data(), m.device_grad, std::int64_t(m.grad.size()), s);
-    stream_.sync();
-  }
-  void parameters_to_device() override {
-    const cudaStream_t s = stream_.get();
-    for (Mirror& m : mirrors_) to_device(m.device_value, m.value.data(), std::int64_t(m.value.size()), s);
-    stream_.sync();
-  }
-  void end_step() override {
-    layer_.end_step(stream_.get());
-  }
-  void set_training(bool on) override { layer_.set_training(on); }
-
- private:
-  struct Mirror {
-    std::string name;
-    std::vector<std::int64_t> shape;
-    mk::ParamShard shard = mk::ParamShard::kReplicated;
-    float* device_value = nullptr;
-    float* device_grad = nullptr;
-    std::vector<float> value, grad;
-  };
-
-  // Workspace and copy buffers for `rows` tokens (they only grow; every rank of a distributed run sees
-  // the same row counts in the same order, so all reserve alike, as the layer requires).
-  void fit(std::int64_t rows) {
-    if (rows > layer_.reserved_tokens()) layer_.reserve(rows);
-    if (rows <= capacity_) return;
-    const std::size_t d = std::size_t(config().d_model), n = std::size_t(config().num_experts());
-    in_.resize(std::size_t(rows) * d), out_.resize(std::size_t(rows) * d);
-    lin_.resize(std::size_t(rows) * n), lout_.resize(std::size_t(rows) * n);
-    capacity_ = rows;
-  }
-
-  template <class U>
-  Matrix<const U> download(const U* device, std::int64_t cols, std::vector<U>& host, bool& have) const {
-    const std::int64_t rows = layer_.num_tokens();
-    if (!have) {
-      host.resize(std::size_t(rows * cols));
-      to_host(host.data(), device, rows * cols, stream_.get());
-      stream_.sync();
-      have = true;
-    }
-    return Matrix<const U>(host.data(), {rows, cols});
-  }
-
-  Stream stream_;  // first: destroyed after the layer
-  Layer layer_;
-  std::vector<Mirror> mirrors_;
-  mk::backend::cuda::DeviceArray<float> in_, out_, lin_, lout_;  // x | dy, y | dx, prev | dlogits_next, dprev
-  std::int64_t capacity_ = 0;
-  mutable std::vector<float> logits_, probs_;
-  mutable std::vector<std::int32_t> idx_;
-  mutable bool have_logits_ = false, have_probs_ = false, have_idx_ = false;
-};
-
-// The flags' layer type on the CUDA backend, behind MoeBlock<float>.
-template <class Parallel, class... Args>
-std::unique_ptr<MoeBlock<float>> make_cuda_block(const mk::MoeConfig& mc, bool global_balance, Args&... args) {
-  return with_moe_layer_type<mk::backend::Cuda<float>, Parallel>(
-      mc, global_balance, [&]<class Layer>(std::type_identity<Layer>) -> std::unique_ptr<MoeBlock<float>> {
-        return std::make_unique<CudaMoeBlock<Layer>>(mc, args...);
-      });
-}
 
 std::string device_name(int device) {
   cudaDeviceProp prop{};
@@ -247,7 +26,8 @@ class SingleGpu final : public CudaMoeBackend {
  public:
   SingleGpu() { MOEKIT_CUDA_CHECK(cudaGetDevice(&device_)); }
   std::unique_ptr<MoeBlock<float>> make_block(const mk::MoeConfig& mc, bool global_balance) override {
-    return make_cuda_block<mk::parallel::None>(mc, global_balance);
+    if (mc.expert_bias) return make_biased_cuda_block(mc, global_balance);
+    return make_cuda_block<mk::parallel::None, mk::BiasVariants::kUnbiased>(mc, global_balance);
   }
   std::string describe() const override { return device_name(device_); }
 
@@ -261,7 +41,8 @@ class GpuPerRank final : public CudaMoeBackend {
   GpuPerRank(mk::comm::Mpi& world, int local_rank)
       : device_(select_device(local_rank)), nccl_(mk::comm::Nccl::from_mpi(world)) {}
   std::unique_ptr<MoeBlock<float>> make_block(const mk::MoeConfig& mc, bool global_balance) override {
-    return make_cuda_block<mk::parallel::Hybrid>(mc, global_balance, nccl_);
+    if (mc.expert_bias) return make_biased_cuda_block(mc, global_balance, nccl_);
+    return make_cuda_block<mk::parallel::Hybrid, mk::BiasVariants::kUnbiased>(mc, global_balance, nccl_);
   }
   std::string describe() const override { return device_name(device_); }
 

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -150,7 +151,9 @@ class MoeBlockOf final : public MoeBlock<typename Layer::value_type> {
 // with_moe_layer_type calls make(std::type_identity<MoeLayer<Backend, R, E, B, Parallel>>{}) for the
 // flags' type and returns what it returns (the same type for all 8): make_moe_block below for the host
 // layers, cuda_blocks.cu for the CUDA ones.
-template <class Backend, class Parallel, class Make>
+// kBias: both router families (the default), or one half (cuda_blocks.cu and cuda_blocks_bias.cu each
+// instantiate one, to bound nvcc's time per translation unit).
+template <class Backend, class Parallel, moekit::BiasVariants kBias = moekit::BiasVariants::kBoth, class Make>
 auto with_moe_layer_type(const moekit::MoeConfig& mc, bool global_balance, Make&& make) {
   namespace mk = moekit;
   using Plain = mk::router::TopK<mk::router::Softmax>;
@@ -165,12 +168,20 @@ auto with_moe_layer_type(const moekit::MoeConfig& mc, bool global_balance, Make&
     return by_balance(r, std::type_identity<Ffn>{});
   };
   using Residual = mk::router::GatingResidual<Plain>;
-  if (mc.expert_bias) {
+  if (kBias != mk::BiasVariants::kBoth && mc.expert_bias != (kBias == mk::BiasVariants::kBiased))
+    throw std::logic_error("with_moe_layer_type: this call instantiates only the other half of the routers (expert bias)");
+  if constexpr (kBias == mk::BiasVariants::kBiased) {
     if (mc.gating_residual) return by_experts(std::type_identity<mk::router::BiasBalanced<Residual>>{});
     return by_experts(std::type_identity<mk::router::BiasBalanced<Plain>>{});
+  } else if constexpr (kBias == mk::BiasVariants::kUnbiased) {
+    if (mc.gating_residual) return by_experts(std::type_identity<Residual>{});
+    return by_experts(std::type_identity<Plain>{});
+  } else {
+    if (mc.expert_bias && mc.gating_residual) return by_experts(std::type_identity<mk::router::BiasBalanced<Residual>>{});
+    if (mc.expert_bias) return by_experts(std::type_identity<mk::router::BiasBalanced<Plain>>{});
+    if (mc.gating_residual) return by_experts(std::type_identity<Residual>{});
+    return by_experts(std::type_identity<Plain>{});
   }
-  if (mc.gating_residual) return by_experts(std::type_identity<Residual>{});
-  return by_experts(std::type_identity<Plain>{});
 }
 
 // The host layers. Parallel = parallel::None (args: none) or a distributed policy (args: the communicator).
