@@ -19,6 +19,7 @@ budget="${BUDGET_S:-540}"
 stages=("$@")
 ((${#stages[@]})) || stages=(tests quick full sanitize)
 export LD_LIBRARY_PATH="$PWD/.carry/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export PATH="/usr/local/cuda/bin:${PATH}"  # compute-sanitizer
 export OMP_NUM_THREADS=8 OPENBLAS_NUM_THREADS=1 OMP_WAIT_POLICY=passive
 bin=.carry/bin
 start=$(date +%s)
@@ -28,26 +29,27 @@ overall=0
 left() { echo $((budget - ($(date +%s) - start))); }
 wanted() { local s; for s in "${stages[@]}"; do [[ "$s" == "$1" || "$s" == all ]] && return 0; done; return 1; }
 
-# stage NAME CAP MIN LOG COMMAND...: runs COMMAND under timeout, appending to LOG; records a row.
+# stage NAME[:LABEL] CAP MIN LOG COMMAND...: runs COMMAND under timeout, appending to LOG; records a row.
 stage() {
-  local name=$1 cap=$2 min=$3 log=$4
+  local name=${1%%:*} label=$1 cap=$2 min=$3 log=$4
   shift 4
-  if ! wanted "$name"; then rows+=("$name|not asked|0|-"); return; fi
+  if ! wanted "$name"; then rows+=("$label|not asked|0|-"); return; fi
   local l; l=$(left)
-  if ((l < min)); then rows+=("$name|skipped: ${l} s left, needs ${min}|0|-"); return; fi
+  if ((l < min)); then rows+=("$label|skipped: ${l} s left, needs ${min}|0|-"); overall=1; return; fi
   local limit=$((cap < l - 15 ? cap : l - 15))
   local t0; t0=$(date +%s)
-  echo "== $name (limit ${limit} s): $*" | tee -a "$OUT/$log"
+  echo "== $label (limit ${limit} s): $*" | tee -a "$OUT/$log"
   timeout --kill-after=10 "$limit" "$@" >>"$OUT/$log" 2>&1
   local rc=$?
   local dt=$(($(date +%s) - t0)) what
   case $rc in
     0) what=passed ;;
     124 | 137) what="timed out after ${limit} s" ;;
+    77) what="skipped by the program: no CUDA device" ;;
     *) what="failed (exit $rc)" ;;
   esac
   ((rc == 0)) || overall=1
-  rows+=("$name|$what|$dt|$log")
+  rows+=("$label|$what|$dt|$log")
   tail -n 25 "$OUT/$log"
 }
 
@@ -64,14 +66,14 @@ stage full 240 120 bench_full.log "$bin/bench_moe_layer" --backend cuda --gemm a
 # The subset: the kernels, the router, the permutation in chunks and one layer battery (fp32); the
 # bf16 and distributed batteries repeat the same kernels.
 subset='--test-case=cuda activation*,cuda permute*,cuda combine*,cuda router*,*device matches host,cuda layer fp32*'
-stage sanitize 150 60 sanitize.log compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/moekit_gpu_tests" "$subset"
-stage sanitize 150 60 sanitize.log compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/moekit_gpu_tests" "$subset"
+stage sanitize:memcheck 150 60 sanitize.log compute-sanitizer --tool memcheck --error-exitcode 1 "$bin/moekit_gpu_tests" "$subset"
+stage sanitize:racecheck 150 60 sanitize.log compute-sanitizer --tool racecheck --error-exitcode 1 "$bin/moekit_gpu_tests" "$subset"
 
 {
   echo
-  printf '%-10s | %-40s | %6s | %s\n' stage result seconds log
-  printf '%s\n' "-----------+------------------------------------------+--------+------------------"
-  for r in "${rows[@]}"; do IFS='|' read -r a b c d <<<"$r"; printf '%-10s | %-40s | %6s | %s\n' "$a" "$b" "$c" "$d"; done
+  printf '%-19s | %-40s | %7s | %s\n' stage result seconds log
+  printf '%s\n' "--------------------+------------------------------------------+---------+------------------"
+  for r in "${rows[@]}"; do IFS='|' read -r a b c d <<<"$r"; printf '%-19s | %-40s | %7s | %s\n' "$a" "$b" "$c" "$d"; done
   echo "run.sh: $(( $(date +%s) - start )) s of ${budget}; overall exit status $overall"
 } | tee -a "$OUT/summary.txt"
 exit "$overall"

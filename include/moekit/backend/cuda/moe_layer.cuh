@@ -129,9 +129,6 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
       balance_.set_all_reduce([global](std::int64_t* data, std::size_t k) { std::copy_n(global, k, data); });
     }
   }
-  MoeLayer(const MoeLayer&) = delete;
-  MoeLayer& operator=(const MoeLayer&) = delete;
-  MoeLayer(MoeLayer&&) = delete;  // the GlobalBatch hook and the workspace views point into this object
 
   const MoeConfig& config() const { return cfg_; }
   Balance& balance() { return balance_; }
