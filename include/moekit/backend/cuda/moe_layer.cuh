@@ -13,6 +13,9 @@
 // Host synchronisations: exactly one per forward (cudaStreamSynchronize after copying ~(N_FFN + 4·N_E)
 // numbers to pinned memory): the grouped GEMM needs each expert's row count on the host, and the aux
 // losses (GlobalBatch's all-reduce hook runs on the host) need the counts and sums. None in backward.
+// Size: about 870 lines, over the ~600 guide, because this is one backend's whole layer with every
+// strategy composed in. The next step of the restructuring (docs/architecture.md: one pipeline over
+// per-backend operation headers) moves the stage bodies out and splits it.
 // Memory: parameters (T) and fp32 gradients are allocated at construction; the workspace at reserve()
 // (or the caller's, through attach_workspace()); forward/backward allocate nothing.
 // Calls of one layer must be ordered on one stream (or the caller synchronises between streams).
@@ -392,7 +395,7 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
     if (rows > I64(INT32_MAX)) throw ShapeError("ep * tokens * top_k = " + std::to_string(rows) + " exceeds 2^31 - 1");
     if (rows <= capacity_rows_ && xe_.size()) return;
     for (auto* a : {&xe_, &ye_, &dye_}) a->resize(std::size_t(rows * d));
-    h13e_.resize(std::size_t(rows * wf_)), ae_.resize(std::size_t(rows * f_));
+    h13e_.resize(std::size_t(rows * table_.w13_rows())), ae_.resize(std::size_t(rows * table_.local_d_expert()));
     ex_.reserve(rows, tokens * cfg_.top_k, d);
     counts_dev_.resize(std::size_t(cfg_.num_ffn_experts + 1));
     capacity_rows_ = rows;
@@ -465,7 +468,6 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
     for (const auto& [field, v] : dims)
       if (v > (std::int64_t(1) << 30)) throw ConfigError(field, std::to_string(v), "must be <= 2^30 on the CUDA backend");
     table_ = ParameterTable(cfg_, kGated, kResidual, grid);
-    held_ = table_.local_experts(), f_ = table_.local_d_expert(), wf_ = table_.w13_rows();
     values_.resize(table_.value_bytes(sizeof(S)));
     grads_.resize(std::size_t(table_.size()));
     if (values_.size()) MOEKIT_CUDA_CHECK(cudaMemset(values_.data(), 0, values_.size()));
@@ -475,7 +477,7 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
       bias_dev_.resize(std::size_t(n));
       MOEKIT_CUDA_CHECK(cudaMemset(bias_dev_.data(), 0, std::size_t(n) * sizeof(float)));
     }
-    gemm_ = std::make_unique<backend::cuda::ExpertGemm>(gemm, int(held_));
+    gemm_ = std::make_unique<backend::cuda::ExpertGemm>(gemm, int(table_.local_experts()));
     host_stats_.resize(stats_ints() + stats_floats());
     host_dprob_.resize(n);
     zero_grad();
@@ -564,7 +566,7 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
     float *g13, *g2;
     std::int64_t f, wf;  // hidden units (per tp rank) and rows of a [W1|W3] block
   };
-  ExpertView expert_view() { return {w13_w(), w2_w(), grad_at(table_.offsets().w13), grad_at(table_.offsets().w2), f_, wf_}; }
+  ExpertView expert_view() { return {w13_w(), w2_w(), grad_at(table_.offsets().w13), grad_at(table_.offsets().w2), table_.local_d_expert(), table_.w13_rows()}; }
 
   // [W1|W3] x, activation, W2 a over expert-contiguous rows (offsets per expert, host). Returns FLOPs.
   std::int64_t experts_forward(const ExpertView& v, const S* xp, S* h13, S* a, S* yp, const std::vector<std::int32_t>& offsets,
@@ -684,8 +686,8 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
   // Lays the buffers for `tokens` tokens out from `base` (or only counts with base == nullptr).
   std::size_t carve(Buffers& b, char* base, std::int64_t tokens) const {
     const std::size_t t = std::size_t(tokens), n = std::size_t(cfg_.num_experts()), k = std::size_t(cfg_.top_k),
-                      d = std::size_t(cfg_.d_model), f = std::size_t(f_), nc = std::size_t(cfg_.num_constant_experts),
-                      rows = t * k, wf = std::size_t(wf_);
+                      d = std::size_t(cfg_.d_model), f = std::size_t(table_.local_d_expert()), nc = std::size_t(cfg_.num_constant_experts),
+                      rows = t * k, wf = std::size_t(table_.w13_rows());
     constexpr bool kBf16 = !std::is_same_v<S, float>;
     std::size_t at = 0;
     auto take = [&](auto*& p, std::size_t count) {
@@ -843,8 +845,6 @@ class MoeLayer<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P
   ParameterTable table_;
   backend::cuda::DeviceArray<char> values_;  // flat, laid out by table_ (storage type; gating residual fp32)
   backend::cuda::DeviceArray<float> grads_;  // flat fp32, laid out by table_
-  std::int64_t held_ = 0, f_ = 0;  // experts held here and their hidden units (a shard in a distributed layer)
-  std::int64_t wf_ = 0;            // rows of an expert's [W1|W3] block: 2·f_ (gated) or f_
   Balance balance_;
   std::vector<float> eta_;
   std::unique_ptr<backend::cuda::ExpertGemm> gemm_;

@@ -9,6 +9,8 @@
 // the experts it holds); for parallel::None the two sides are the same buffers. The algorithm of the
 // distributed strategies (rank grid, duplicate token dropping, the collectives, the gradient averaging,
 // communication-aware checkpointing) is described in parallel/host_moe_layer.hpp.
+// Size: about 670 lines, over the ~600 guide, for the same reason as the CUDA layer's (one backend's
+// whole layer); the pipeline-over-operations step in docs/architecture.md splits it.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -322,7 +324,6 @@ class MoeLayer<backend::Host<T>, Router, Experts, Balance, P> {
   }
   Weights W() { return weights_in(value_); }
   Weights G() { return weights_in(grad_); }
-  const T* value_at(std::int64_t offset) const { return value_.data() + offset; }
   void set_parameter_table(ParameterTable t) {
     table_ = std::move(t);
     value_.assign(std::size_t(table_.size()), T(0));
