@@ -57,10 +57,17 @@ void validate_layer_config(const MoeConfig& cfg) {
 }
 
 
-// Primary template: only the specialisations for a backend exist.
+// The layer: one class template for every backend and strategy, defined in layer/pipeline.hpp (the
+// stages, written once) over the backend's operations, which layer_ops names.
 template <class Backend, class Router, class Experts, class Balance = balance::MicroBatch,
           class Parallel = parallel::None>
-class MoeLayer {
+class MoeLayer;
+
+// layer_ops<Backend, Router, Experts, Balance, Parallel>::type: the backend's stage bodies and buffers
+// (backend/host/layer_ops.hpp, backend/cuda/layer_ops.cuh specialise it). The primary template is the
+// combination no included backend implements.
+template <class Backend, class Router, class Experts, class Balance, class Parallel>
+struct layer_ops {
   static_assert(detail::dependent_false<Backend, Parallel>,
                 "moekit::MoeLayer: no implementation for this Backend/Parallel combination in this translation unit. "
                 "Available: backend::Host<float|double> (<moekit/moe_layer.hpp>) and backend::Cuda<float|bf16> "

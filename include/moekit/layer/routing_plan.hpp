@@ -32,6 +32,43 @@ struct AuxLosses {
 inline constexpr int kSlotDropped = -1;          // dropped by capacity: contributes 0
 inline constexpr int kSlotZeroComputation = -2;  // kept, finished in the combine (zero / copy / constant)
 
+// The lowest token with a non-finite router logit, or this (what cudaMemset(0x7F) writes).
+inline constexpr int kNoBadToken = 0x7F7F7F7F;
+
+// The routing statistics of one forward, in one block of int32 (and one of the logit type) that the
+// backend fills where it computes (the device, for CUDA), exchanges between ranks where the strategy
+// needs it, and brings to the host once (the CUDA forward's one host synchronisation). Offsets in ints:
+//   offsets [tp·N_FFN + 1]   rows of (chunk c, FFN expert e) start at offsets[c·N_FFN + e]; chunk-major
+//                            (chunks = tp with duplicate token dropping, else 1), the total at
+//                            offsets[chunks·N_FFN]
+//   kept [N_E], routed [N_E] slots each expert kept after capacity / was routed before it
+//   bad [1]                  kNoBadToken, or the lowest token with a non-finite logit
+//   send [N_FFN + 1]         distributed: my chunk's count per FFN expert, then my expert-side capacity
+//   gathered [tp·ep·(N_FFN + 1)]  send of every rank of my dp index (tp x ep), in group-rank order
+//   global [N_E + 1]         routed counts and tokens (summed over the shards for GlobalBatch)
+//   global_bad [1]           ranks of the world whose logits were not finite
+// and in the logit type: prob_sum [N_E] (Σ_t p[t, i]), then z_sum [1] (Σ_t lse_t²).
+struct StatsLayout {
+  std::int64_t nf = 0, n = 0, group = 1;
+  std::int64_t offsets = 0, kept = 0, routed = 0, bad = 0, send = 0, gathered = 0, global = 0, global_bad = 0, ints = 0;
+  std::int64_t prob_sum = 0, z_sum = 0, floats = 0;
+  StatsLayout() = default;
+  StatsLayout(std::int64_t ffn_experts, std::int64_t experts, std::int64_t tp, std::int64_t ep)
+      : nf(ffn_experts), n(experts), group(tp * ep) {
+    kept = offsets + tp * nf + 1;
+    routed = kept + n;
+    bad = routed + n;
+    send = bad + 1;
+    gathered = send + nf + 1;
+    global = gathered + group * (nf + 1);
+    global_bad = global + n + 1;
+    ints = global_bad + 1;
+    z_sum = prob_sum + n;
+    floats = z_sum + 1;
+  }
+  std::int64_t rows(std::int64_t chunks) const { return offsets + chunks * nf; }  // FFN rows in all
+};
+
 enum class ZcKind { kZero, kCopy, kConstant };
 
 // The experts in routing order: FFN [0, ffn), zero, copy, then constant experts.

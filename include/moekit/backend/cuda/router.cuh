@@ -31,7 +31,7 @@ struct RouteParams {
   const float* bias = nullptr;  // [N_E] optional: router::BiasBalanced's selection biases
 };
 
-inline constexpr int kNoBadToken = 0x7F7F7F7F;  // what cudaMemset(0x7F) writes
+using ::moekit::kNoBadToken;  // layer/routing_plan.hpp: what cudaMemset(0x7F) writes
 
 struct RouteBackwardParams {
   const float* logits = nullptr;  // [T, N_E]

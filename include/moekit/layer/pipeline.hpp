@@ -1,0 +1,480 @@
+#pragma once
+// MoeLayer<Backend, Router, Experts, Balance, Parallel>: the MoE layer, one class template for every
+// backend and parallel strategy. The stages are written here once; their bodies are the backend's
+// operations (Ops = layer_ops<...>::type: backend/host/layer_ops.hpp, backend/cuda/layer_ops.cuh), and
+// the strategy is composed in as a parallel::ExpertExchange (parallel/exchange.hpp) between the token
+// side (the rows this rank routed) and the expert side (the rows of the experts it holds).
+//
+// Forward:  begin (save x) -> route (router GEMM, per-token routing, routed counts, aux sums) ->
+//           plan (capacity drops, rows per (chunk, expert), gather x rows) -> statistics to the host
+//           (distributed: first exchanged between the ranks, so a bad rank stops every rank) ->
+//           [dispatch plan, to_experts] -> FFN -> [from_experts] -> combine (with the zero-computation
+//           experts) -> aux losses.
+// Backward: combine backward (dgate, gate·dy rows) -> [to_experts] -> (recompute) FFN backward ->
+//           [from_experts] -> token backward (dx of the rows and the zero-computation experts) ->
+//           router backward (LBL and z-loss through P and lse, the gating residual).
+//
+// Ops provides (CUDA: device memory and a stream; host: vectors and OpenMP loops):
+//   types value_type (activations), logit_type (router math), weight_type (MoeWeights' element),
+//   Context, Options, World (the distributed communicator), Exchange (parallel::ExpertExchange's row
+//   operations, plus a few on the statistics block); constants kMaxSlots (T·k limit), kGrows (buffers
+//   grow in forward; else reserve() first);
+//   the parameters: table(), load_weights, weights, gradients, zero_grad, parameters, flat buffers;
+//   the workspace: workspace_bytes, reserve, prepare(tokens), reserve_expert_side(rows), capacity_rows;
+//   the stages: begin, route, plan, stats_ints/stats_floats (where they are computed), sync_stats,
+//   stats_ints_host/stats_floats_host, token_rows, expert_rows, ffn_forward, drop_activations,
+//   ffn_backward, combine, combine_backward, token_backward, router_backward, set_bias.
+#include <algorithm>
+#include <concepts>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "moekit/balance/loss.hpp"
+#include "moekit/core/config.hpp"
+#include "moekit/core/error.hpp"
+#include "moekit/core/tensor.hpp"
+#include "moekit/layer/moe_layer_decl.hpp"
+#include "moekit/layer/parameter_table.hpp"
+#include "moekit/layer/routing_plan.hpp"
+#include "moekit/parallel/comm/communicator.hpp"
+#include "moekit/parallel/dispatch_plan.hpp"
+#include "moekit/parallel/exchange.hpp"
+#include "moekit/parallel/grid.hpp"
+#include "moekit/parallel/sharding.hpp"
+#include "moekit/router/bias_balanced.hpp"
+
+namespace moekit {
+
+template <class Backend, class Router, class Experts, class Balance, class P>
+class MoeLayer {
+  static_assert(detail::PolicyChecks<Router, Experts, Balance>::ok);
+  using Ops = typename layer_ops<Backend, Router, Experts, Balance, P>::type;
+  using X = typename Ops::Exchange;
+  static constexpr bool kDistributed = P::distributed;
+  static constexpr bool kResidual = Router::residual;
+  static constexpr bool kBiased = Router::biased;
+  static constexpr bool kGated = Experts::activation::gated;
+  using Exchange = parallel::ExpertExchange<X>;
+  struct NoExchange {};
+
+ public:
+  using value_type = typename Backend::value_type;
+  using storage_type = typename Ops::value_type;  // activations: T on the host, float or bf16 bits on CUDA
+  using logit_type = typename Ops::logit_type;    // logits, probabilities, gates, prev_logits
+  using weight_type = typename Ops::weight_type;  // MoeWeights<weight_type> in and out
+  using Context = typename Ops::Context;          // the stream (CUDA), or nothing
+  using Options = typename Ops::Options;          // CUDA: the GEMM strategy
+  using router_type = Router;
+  using experts_type = Experts;
+  using balance_type = Balance;
+  using parallel_type = P;
+  using ops_type = Ops;
+  using S = storage_type;
+  using L = logit_type;
+
+  // One rank (parallel::None).
+  explicit MoeLayer(const MoeConfig& cfg, Options options = {})
+    requires(!kDistributed)
+      : cfg_(validated(cfg)), layout_(cfg_.num_ffn_experts, cfg_.num_experts(), 1, 1),
+        ops_(cfg_, ParameterTable(cfg_, kGated, kResidual, ParallelGrid{}), layout_, options) {
+    init();
+  }
+  // One rank of `world` (one GPU per rank on CUDA). The config is checked on every rank before anything
+  // else moves (a bad or disagreeing config throws ConfigError on every rank), then the six
+  // sub-communicators are split. duplicate_token_dropping must agree too.
+  template <class World>
+    requires(kDistributed && std::derived_from<World, typename Ops::World>)
+  MoeLayer(const MoeConfig& cfg, World& world, bool duplicate_token_dropping = true, Options options = {})
+      : cfg_(detail::agreed_config<Router, Experts, P>(
+            cfg, world.size(), world.rank(),
+            [&](const std::int64_t* mine, std::size_t n, std::int64_t* all) { X::gather_config(world, mine, n, all); },
+            {{"duplicate_token_dropping", duplicate_token_dropping}, {"balance (GlobalBatch)", Balance::global}})),
+        ex_(static_cast<typename Ops::World&>(world), ParallelGrid::of(cfg.tp, cfg.ep, cfg.dp, world.rank()),
+            [](typename Ops::World& w, int color, int key) { return X::split(w, color, key); }),
+        layout_(cfg_.num_ffn_experts, cfg_.num_experts(), cfg_.tp, cfg_.ep),
+        ops_(cfg_, ParameterTable(cfg_, kGated, kResidual, ex_.grid()), layout_, options) {
+    ex_.set_duplicate_token_dropping(duplicate_token_dropping);
+    init();
+    if constexpr (Balance::global) {  // exchange_stats summed the counts over the shards already
+      const std::int32_t* global = ops_.stats_ints_host() + layout_.global;  // never moves
+      balance_.set_all_reduce([global](std::int64_t* data, std::size_t k) { std::copy_n(global, k, data); });
+    }
+  }
+
+  const MoeConfig& config() const { return cfg_; }
+  Ops& ops() { return ops_; }
+  const Ops& ops() const { return ops_; }
+  // The balance-scope policy object (GlobalBatch keeps its count buffer here: end_step() resets it).
+  Balance& balance() { return balance_; }
+  // Training mode (the default) adds each forward's counts to a GlobalBatch buffer and to the step's
+  // counts of a biased router; evaluation mode does not (the aux losses then use this forward's own
+  // counts). MicroBatch layers behave the same in both modes.
+  void set_training(bool on) { training_ = on; }
+  bool training() const { return training_; }
+
+  // ---- parameters: one flat value buffer and one flat gradient buffer, laid out and named by the
+  // parameter table (layer/parameter_table.hpp) ----------------------------------------------------
+  const ParameterTable& parameter_table() const { return ops_.table(); }
+  decltype(auto) flat_values() { return ops_.flat_values(); }
+  decltype(auto) flat_values() const { return ops_.flat_values(); }
+  decltype(auto) flat_grads() { return ops_.flat_grads(); }
+  decltype(auto) flat_grads() const { return ops_.flat_grads(); }
+  // Full-size weights in and out (a distributed layer: its shard of them; the rest reads 0).
+  void load_weights(const MoeWeights<weight_type>& full) { ops_.load_weights(full); }
+  MoeWeights<weight_type> weights() const { return ops_.weights(); }
+  MoeWeights<weight_type> gradients() const { return ops_.gradients(); }
+  void zero_grad(Context ctx = {}) { ops_.zero_grad(ctx); }
+  // torch.nn.Linear's default initialisation, deterministic for a seed (a distributed layer: its shard).
+  void init_params(std::uint64_t seed) {
+    MoeWeights<weight_type> full;
+    full.resize(cfg_, kGated, kResidual);
+    init_moe_weights(full, cfg_, seed);
+    load_weights(full);
+  }
+  // Every parameter with its gradient, named as Mixtral (and MoE++) checkpoints name them, in the
+  // table's order (the same on every backend and strategy): views into the flat buffers.
+  auto parameters(const std::string& prefix = "") { return ops_.parameters(prefix); }
+  auto parameters(const std::string& prefix = "") const { return ops_.parameters(prefix); }
+
+  // ---- workspace --------------------------------------------------------------------------------
+  // Bytes a forward/backward of up to `tokens` tokens needs (the layer's own buffers).
+  std::size_t workspace_bytes(std::int64_t tokens) const { return std::size_t(ops_.workspace_bytes(tokens)); }
+  // Sizes the buffers for up to `tokens` tokens. The host grows them in forward as well; CUDA never
+  // allocates in forward. A distributed CUDA layer also sizes its expert side for ep·T·k rows (every
+  // row of every source could come to its experts): every rank must reserve the same number of tokens.
+  void reserve(std::int64_t tokens) {
+    ops_.reserve(tokens);
+    if constexpr (kDistributed && !Ops::kGrows) {
+      const std::int64_t t = ops_.reserved_tokens(), rows = std::int64_t(cfg_.ep) * t * cfg_.top_k;
+      if (rows > std::int64_t(INT32_MAX)) throw ShapeError("ep * tokens * top_k = " + std::to_string(rows) + " exceeds 2^31 - 1");
+      ops_.reserve_expert_side(rows);
+      ex_.reserve(rows, t * cfg_.top_k, cfg_.d_model);
+    }
+  }
+  // CUDA, one GPU: caller-owned device memory (256-byte aligned, at least workspace_bytes(tokens)).
+  void attach_workspace(void* p, std::size_t bytes, std::int64_t tokens)
+    requires(!kDistributed && requires(Ops& o) { o.attach_workspace(p, bytes, tokens); })
+  {
+    ops_.attach_workspace(p, bytes, tokens);
+  }
+  std::int64_t reserved_tokens() const { return ops_.reserved_tokens(); }
+
+  // ---- forward / backward -----------------------------------------------------------------------
+  // y = MoE(x). x, y: [T, D] contiguous (CUDA: device memory). prev_logits [T, N_E]: the previous MoE
+  // layer's logits, for router::GatingResidual (leave empty in the first layer). Saves what backward
+  // needs. Returns the aux losses (unscaled by their coefficients).
+  AuxLosses forward(MatrixView<const S> x, MatrixView<S> y, MatrixView<const L> prev_logits = {}, Context ctx = {}) {
+    const std::int64_t tokens = x.shape[0];
+    check_forward_args(cfg_, kResidual, x, y, prev_logits, Ops::kMaxSlots);  // layer/routing_plan.hpp
+    ops_.prepare(tokens);
+    has_forward_ = false;
+    has_prev_ = prev_logits.data != nullptr;
+    tokens_ = tokens;
+    ops_.begin(x.data, prev_logits.data, tokens, ctx);
+    ops_.route(has_prev_, ctx);  // a biased router reads the biases set_bias() gave the ops
+    const auto caps = balance::expert_capacities(cfg_.capacity_factor, cfg_.tau, cfg_.top_k, tokens, cfg_.num_ffn_experts,
+                                                 cfg_.num_zc_experts());
+    ops_.plan(caps, chunks(), my_chunk(), ctx);
+    if constexpr (kDistributed) exchange_stats(ctx);  // brings the statistics to the host
+    else ops_.sync_stats(ctx);
+    read_stats();
+    if constexpr (kDistributed) make_plan();
+    else throw_if_not_finite();
+
+    const auto tok = ops_.token_rows();
+    if constexpr (kDistributed) {
+      const auto ex = ops_.expert_rows(ex_.plan().expert_rows());
+      ex_.to_experts(tok.x, ex.x, ctx);  // ex.x is kept for backward: the all-to-all outputs
+      gemm_flops_ = ops_.ffn_forward(ex, expert_offsets(), ctx);
+      ex_.from_experts(ex.y, tok.y, ctx);
+      has_activations_ = !recompute_;
+      if (recompute_) ops_.drop_activations();  // keep only the dispatched rows
+    } else {
+      gemm_flops_ = ops_.ffn_forward(tok, expert_offsets(), ctx);
+    }
+    ops_.combine(y.data, ctx);
+    // f_i from the scope's routed (pre-capacity) counts; P_i and z from this micro-batch.
+    aux_ = aux_losses<L>(cfg_, balance_, training_, routed_, tokens_, prob_sum_.data(), z_sum_, eta_.data(), f_counts_, f_tokens_);
+    has_forward_ = true;
+    return aux_;
+  }
+
+  // Backward of L = sum(y * dy) + aux_scale * (lbl_coef * LBL + zloss_coef * zloss) + sum(logits * dlogits_next).
+  // Writes dx [T, D] and, when given, dprev_logits [T, N_E]; adds into the gradients (so micro-batches
+  // accumulate). With gradient accumulation over m micro-batches pass aux_scale = 1/m.
+  // dlogits_next: the gradient the next layer's gating residual sends back to these logits.
+  void backward(MatrixView<const S> dy, MatrixView<S> dx, double aux_scale = 1.0, MatrixView<const L> dlogits_next = {},
+                MatrixView<L> dprev_logits = {}, Context ctx = {}) {
+    check_backward_args(cfg_, has_forward_, has_prev_, tokens_, dy, dx, dlogits_next, dprev_logits);
+    ops_.combine_backward(dy.data, ctx);
+    const auto tok = ops_.token_rows();
+    if constexpr (kDistributed) {
+      const auto ex = ops_.expert_rows(ex_.plan().expert_rows());
+      ex_.to_experts(tok.dy, ex.dy, ctx);
+      if (!has_activations_) {  // recompute from the saved all-to-all outputs: no communication
+        ops_.ffn_forward(ex, expert_offsets(), ctx);
+        ++recomputations_;
+      }
+      ops_.ffn_backward(ex, expert_offsets(), ctx);
+      has_activations_ = false;  // consumed
+      ex_.from_experts(ex.dy, tok.dy, ctx);
+    } else {
+      ops_.ffn_backward(tok, expert_offsets(), ctx);
+    }
+    ops_.token_backward(dy.data, dx.data, ctx);
+    // The balance loss's dL/dp (the same for every token) and the z-loss's scale, on the host.
+    const L scale = L(aux_scale);
+    dprob_.assign(std::size_t(cfg_.num_experts()), L(0));
+    balance::load_balancing_dprob_all<L>(f_counts_.data(), int(cfg_.num_experts()), int(cfg_.top_k), f_tokens_, tokens_,
+                                         eta_.data(), scale * L(cfg_.lbl_coef), dprob_.data());
+    const L zscale = tokens_ > 0 ? scale * L(cfg_.zloss_coef) * L(2) / L(tokens_) : L(0);
+    ops_.router_backward(dprob_.data(), zscale, dlogits_next.data, dprev_logits.data, dx.data, has_prev_, ctx);
+  }
+
+  // ---- router state and the per-step hook ----------------------------------------------------------
+  // Once after each optimizer step: resets a GlobalBatch buffer, and (router::BiasBalanced) applies
+  // b_i += u · sign(mean c − c_i) with the step's routed counts summed over its training forwards and
+  // over the ranks that hold different tokens (a collective of a distributed layer: every rank calls
+  // it, and every rank ends with the same biases).
+  void end_step(Context ctx = {}) {
+    if constexpr (Balance::global) balance_.reset();
+    if constexpr (kBiased) {
+      std::vector<std::int64_t> c = bias_.step_counts();
+      if constexpr (kDistributed) X::all_reduce_host(ex_.group(RankGroup::kShards), c.data(), c.size(), ctx);
+      bias_.apply(c, cfg_.bias_update_rate);
+      ops_.set_bias(bias_.bias());
+    }
+  }
+  // router::BiasBalanced: the per-expert selection biases (state, not a parameter; HF DeepSeek-V3's
+  // gate.e_score_correction_bias), and the update this rank's counts since the last end_step() would
+  // apply (without the other ranks' counts).
+  std::span<const L> expert_bias() const
+    requires(kBiased)
+  {
+    return bias_.bias();
+  }
+  void set_expert_bias(std::span<const L> b)
+    requires(kBiased)
+  {
+    bias_.set(b);
+    ops_.set_bias(bias_.bias());
+  }
+  std::vector<L> expert_bias_update() const
+    requires(kBiased)
+  {
+    return bias_.preview(cfg_.bias_update_rate);
+  }
+  // Routed (pre-capacity) slots per expert over this step's training forwards (the bias update's c).
+  const std::vector<std::int64_t>& step_counts() const { return bias_.step_counts(); }
+
+  // ---- distributed strategies -------------------------------------------------------------------
+  const ParallelGrid& grid() const
+    requires(kDistributed)
+  {
+    return ex_.grid();
+  }
+  // Local experts [first_expert(), first_expert() + local_experts()), each a d_expert/tp slice.
+  std::int64_t first_expert() const { return ops_.table().first_expert(); }
+  std::int64_t local_experts() const { return ops_.table().local_experts(); }
+  // Duplicate token dropping over tp (every rank must agree). Only where buffers grow on demand (the
+  // host): on CUDA it sizes the permutation's workspace and is fixed at construction.
+  void set_duplicate_token_dropping(bool on)
+    requires(kDistributed && Ops::kGrows)
+  {
+    ex_.set_duplicate_token_dropping(on);
+  }
+  bool duplicate_token_dropping() const
+    requires(kDistributed)
+  {
+    return ex_.duplicate_token_dropping();
+  }
+  // Communication-aware activation checkpointing: the forward keeps only the dispatched rows (the
+  // all-to-all outputs), and backward recomputes the expert activations from them without
+  // communicating again.
+  void set_activation_checkpointing(bool on)
+    requires(kDistributed)
+  {
+    recompute_ = on;
+  }
+  std::int64_t recomputations() const { return recomputations_; }
+  // Once per optimizer step, before it: expert gradients summed over dp, dense ones over the world,
+  // both divided to the mean over the ep·dp shards (parallel/exchange.hpp).
+  void sync_gradients(Context ctx = {})
+    requires(kDistributed)
+  {
+    ex_.sync_gradients(ops_.table(), ops_.grad_data(), ctx);
+  }
+  // Bytes and calls of every collective this layer made, summed over its groups; the all-to-all alone
+  // (the volume duplicate token dropping divides by tp).
+  comm::ByteCounters comm_counters() const
+    requires(kDistributed)
+  {
+    return ex_.counters();
+  }
+  const comm::ByteCounters& ep_counters() const
+    requires(kDistributed)
+  {
+    return ex_.ep_counters();
+  }
+
+  // ---- results of the last forward (host copies) -------------------------------------------------
+  std::int64_t num_tokens() const { return tokens_; }
+  AuxLosses aux() const { return aux_; }
+  // Slots each expert kept after capacity, and the slots routed to it before (the f_i of the LBL).
+  VectorView<const std::int32_t> expert_counts() const { return {kept_.data(), {cfg_.num_experts()}}; }
+  const std::vector<std::int64_t>& routed_counts() const { return routed_; }
+  // Work of the expert GEMMs in the last forward: FLOPs issued (2 m n k per GEMM) and the token side's
+  // FFN rows. Slots of zero-computation experts never enter them.
+  std::int64_t expert_gemm_flops() const { return gemm_flops_; }
+  std::int64_t ffn_rows() const { return offsets_.empty() ? 0 : offsets_.back(); }
+
+  // The backend's views of the last forward: the host's tensors, CUDA's device pointers.
+  auto logits() const
+    requires requires(const Ops& o) { o.logits(); }
+  {
+    return ops_.logits();
+  }
+  auto probs() const
+    requires requires(const Ops& o) { o.probs(); }
+  {
+    return ops_.probs();
+  }
+  auto topk_indices() const
+    requires requires(const Ops& o) { o.topk_indices(); }
+  {
+    return ops_.topk_indices();
+  }
+  auto topk_gates() const
+    requires requires(const Ops& o) { o.topk_gates(); }
+  {
+    return ops_.topk_gates();
+  }
+  // True for (token, pick) pairs that were kept (not dropped by capacity).
+  bool slot_kept(std::int64_t t, std::int64_t j) const
+    requires requires(const Ops& o) { o.slot_kept(t, j); }
+  {
+    return ops_.slot_kept(t, j);
+  }
+
+ private:
+  using I64 = std::int64_t;
+
+  static MoeConfig validated(const MoeConfig& cfg) {
+    detail::validate_layer_config<Router, Experts>(cfg);
+    return cfg;
+  }
+  void init() {
+    eta_ = balance_eta<L>(cfg_);
+    bias_.resize(std::size_t(cfg_.num_experts()), kBiased);
+    if constexpr (kBiased) ops_.set_bias(bias_.bias());
+  }
+  int chunks() const {
+    if constexpr (kDistributed) return ex_.chunks();
+    else return 1;
+  }
+  int my_chunk() const {
+    if constexpr (kDistributed) return ex_.my_chunk();
+    else return 0;
+  }
+  // The local experts' ranges of rows on the expert side: the token side's for parallel::None, the
+  // dispatch plan's expert-major ones otherwise.
+  std::span<const I64> expert_offsets() const {
+    if constexpr (kDistributed) return ex_.plan().expert_offsets();
+    else return offsets_;
+  }
+
+  // The statistics block on the host (after the synchronisation).
+  void read_stats() {
+    const std::int32_t* ints = ops_.stats_ints_host();
+    const L* floats = ops_.stats_floats_host();
+    const I64 n = cfg_.num_experts(), no = I64(chunks()) * cfg_.num_ffn_experts + 1;
+    offsets_.assign(ints + layout_.offsets, ints + layout_.offsets + no);
+    kept_.assign(ints + layout_.kept, ints + layout_.kept + n);
+    routed_.assign(ints + layout_.routed, ints + layout_.routed + n);
+    if (training_) bias_.count(routed_);
+    bad_token_ = ints[layout_.bad];
+    prob_sum_.assign(floats + layout_.prob_sum, floats + layout_.prob_sum + n);
+    z_sum_ = floats[layout_.z_sum];
+  }
+  void throw_if_not_finite() const {
+    if (bad_token_ != kNoBadToken)
+      throw NumericError("router logits of token " + std::to_string(bad_token_) +
+                         " are not finite (check x, gate.weight and prev_logits)");
+  }
+
+  // Distributed, before the statistics come to the host (on CUDA, on the stream before its one host
+  // synchronisation): this rank's chunk counts and its expert-side capacity all-gathered over the tp x
+  // ep ranks of its dp index, (GlobalBatch) the routed counts summed over the shards, and a
+  // non-finite-logits flag summed over the world. So a rank with bad input or too small a workspace
+  // makes every rank it talks to throw together, never one rank alone.
+  void exchange_stats(Context ctx) {
+    const int nf = int(cfg_.num_ffn_experts), n = int(cfg_.num_experts());
+    std::int32_t* st = ops_.stats_ints();
+    std::int32_t *send = st + layout_.send, *global = st + layout_.global;
+    X::chunk_counts(st + layout_.offsets, my_chunk(), nf, send, ctx);
+    X::set_value(send + nf, std::int32_t(std::min<I64>(ops_.capacity_rows(), INT32_MAX)), ctx);
+    X::all_gather(ex_.group(RankGroup::kTpEp), send, std::size_t(nf + 1), st + layout_.gathered, ctx);
+    X::copy(global, st + layout_.routed, std::size_t(n), ctx);
+    X::set_value(global + n, std::int32_t(tokens_), ctx);
+    if constexpr (Balance::global) X::all_reduce(ex_.group(RankGroup::kShards), global, std::size_t(n + 1), ctx);
+    X::bad_flag(st + layout_.bad, st + layout_.global_bad, ctx);
+    X::all_reduce(ex_.group(RankGroup::kWorld), st + layout_.global_bad, 1, ctx);
+    X::wait(ex_.group(RankGroup::kWorld), ctx);  // NCCL errors and timeouts surface here, not as a hang
+    ops_.sync_stats(ctx);
+    if (ops_.stats_ints_host()[layout_.global_bad] > 0) {
+      const std::int32_t bad = ops_.stats_ints_host()[layout_.bad];
+      if (bad != kNoBadToken) bad_token_ = bad, throw_if_not_finite();
+      throw NumericError("router logits are not finite on another rank (see its error); every rank stops");
+    }
+  }
+
+  // The dispatch plan from the synchronised statistics: this rank's rows per (chunk, expert) and the
+  // all-gathered counts of its tp x ep group; every rank checks every rank's expert-side rows against
+  // its capacity, so they all throw together.
+  void make_plan() {
+    const ParallelGrid& g = ex_.grid();
+    const bool dtd = ex_.duplicate_token_dropping();
+    const I64 nf = cfg_.num_ffn_experts, nc = chunks(), group = I64(g.tp) * g.ep, el = ops_.table().local_experts();
+    DispatchPlan& plan = ex_.plan();
+    plan.reset(g, dtd, nf, cfg_.d_model);
+    std::vector<I64> cnt(std::size_t(nc * nf));
+    for (I64 i = 0; i < nc * nf; ++i) cnt[std::size_t(i)] = offsets_[std::size_t(i + 1)] - offsets_[std::size_t(i)];
+    plan.set_token_counts(cnt);
+    const std::int32_t* gathered = ops_.stats_ints_host() + layout_.gathered;  // per rank: counts [N_FFN], capacity [1]
+    std::vector<I64> all(std::size_t(group * nf));
+    for (I64 r = 0; r < group; ++r) std::copy_n(gathered + r * (nf + 1), nf, all.begin() + r * nf);
+    for (I64 r = 0; r < group; ++r) {
+      const I64 t = r % g.tp, e = r / g.tp;
+      I64 rows = 0;
+      for (I64 src = 0; src < group; ++src)
+        if (dtd || src % g.tp == t)
+          for (I64 le = 0; le < el; ++le) rows += all[std::size_t(src * nf + e * el + le)];
+      if (rows > gathered[r * (nf + 1) + nf])
+        throw ShapeError("rank " + std::to_string(r) + " of the tp x ep group would receive " + std::to_string(rows) +
+                         " expert rows but reserved " + std::to_string(gathered[r * (nf + 1) + nf]) +
+                         " (every rank must reserve() the largest token count any rank uses)");
+    }
+    plan.set_all_counts(all);
+  }
+
+  MoeConfig cfg_;
+  [[no_unique_address]] std::conditional_t<kDistributed, Exchange, NoExchange> ex_;
+  StatsLayout layout_;
+  Ops ops_;
+  Balance balance_;
+  router::BiasState<L> bias_;  // router::BiasBalanced's b [N_E], and every router's step counts
+  std::vector<L> eta_, prob_sum_, dprob_;
+  L z_sum_ = L(0);
+  std::int64_t tokens_ = 0, f_tokens_ = 0, gemm_flops_ = 0, recomputations_ = 0;
+  int bad_token_ = kNoBadToken;
+  bool has_forward_ = false, has_prev_ = false, training_ = true, recompute_ = false, has_activations_ = false;
+  AuxLosses aux_;
+  std::vector<std::int32_t> kept_;
+  std::vector<std::int64_t> offsets_, routed_, f_counts_;
+};
+
+}  // namespace moekit
