@@ -86,7 +86,8 @@ LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
     download_raw(layer.topk_indices_device(), tk, idx);
     out.topk_indices.assign(idx.begin(), idx.end());
     download_raw(layer.topk_gates_device(), tk, out.topk_gates);
-    out.expert_counts = layer.expert_counts();
+    const auto counts = layer.expert_counts();
+    out.expert_counts.assign(counts.data, counts.data + counts.numel());
     out.lbl = aux.lbl, out.zloss = aux.zloss;
     if constexpr (Layer::router_type::biased) out.expert_bias_update = layer.expert_bias_update();
     // L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss; the last MoE layer (no dlogits_next).

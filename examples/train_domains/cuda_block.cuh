@@ -136,10 +136,7 @@ class CudaMoeBlock final : public MoeBlock<float> {
     static_assert(sizeof(int) == sizeof(std::int32_t));
     return download(reinterpret_cast<const std::int32_t*>(layer_.topk_indices_device()), config().top_k, idx_, have_idx_);
   }
-  mk::VectorView<const std::int32_t> expert_counts() const override {
-    const auto& c = layer_.expert_counts();
-    return mk::VectorView<const std::int32_t>(c.data(), {std::int64_t(c.size())});
-  }
+  mk::VectorView<const std::int32_t> expert_counts() const override { return layer_.expert_counts(); }
   const std::vector<std::int64_t>& routed_counts() const override { return layer_.routed_counts(); }
   std::int64_t expert_gemm_flops() const override { return layer_.expert_gemm_flops(); }
   std::int64_t ffn_rows() const override { return layer_.ffn_rows(); }

@@ -147,6 +147,8 @@ class MoeLayer {
   // allocates in forward. A distributed CUDA layer also sizes its expert side for ep·T·k rows (every
   // row of every source could come to its experts): every rank must reserve the same number of tokens.
   void reserve(std::int64_t tokens) {
+    if constexpr (!Ops::kGrows)  // new device memory: what the last forward saved is gone
+      if (tokens > ops_.reserved_tokens()) has_forward_ = false;
     ops_.reserve(tokens);
     if constexpr (kDistributed && !Ops::kGrows) {
       const std::int64_t t = ops_.reserved_tokens(), rows = std::int64_t(cfg_.ep) * t * cfg_.top_k;
@@ -157,9 +159,10 @@ class MoeLayer {
   }
   // CUDA, one GPU: caller-owned device memory (256-byte aligned, at least workspace_bytes(tokens)).
   void attach_workspace(void* p, std::size_t bytes, std::int64_t tokens)
-    requires(!kDistributed && requires(Ops& o) { o.attach_workspace(p, bytes, tokens); })
+    requires(!kDistributed && requires(Ops& o, void* q, std::size_t b, std::int64_t t) { o.attach_workspace(q, b, t); })
   {
     ops_.attach_workspace(p, bytes, tokens);
+    has_forward_ = false;
   }
   std::int64_t reserved_tokens() const { return ops_.reserved_tokens(); }
 
@@ -280,10 +283,10 @@ class MoeLayer {
   // Local experts [first_expert(), first_expert() + local_experts()), each a d_expert/tp slice.
   std::int64_t first_expert() const { return ops_.table().first_expert(); }
   std::int64_t local_experts() const { return ops_.table().local_experts(); }
-  // Duplicate token dropping over tp (every rank must agree). Only where buffers grow on demand (the
-  // host): on CUDA it sizes the permutation's workspace and is fixed at construction.
+  // Duplicate token dropping over tp (default on; off dispatches every row from every tp rank). Every
+  // rank must agree; the workspace is sized for either.
   void set_duplicate_token_dropping(bool on)
-    requires(kDistributed && Ops::kGrows)
+    requires(kDistributed)
   {
     ex_.set_duplicate_token_dropping(on);
   }
@@ -332,7 +335,55 @@ class MoeLayer {
   std::int64_t expert_gemm_flops() const { return gemm_flops_; }
   std::int64_t ffn_rows() const { return offsets_.empty() ? 0 : offsets_.back(); }
 
-  // The backend's views of the last forward: the host's tensors, CUDA's device pointers.
+  // CUDA: the grouped-GEMM strategy in use and how often it fell back; the flat buffers' sizes.
+  auto gemm_strategy() const
+    requires requires(const Ops& o) { o.gemm_strategy(); }
+  {
+    return ops_.gemm_strategy();
+  }
+  int gemm_fallbacks() const
+    requires requires(const Ops& o) { o.gemm_fallbacks(); }
+  {
+    return ops_.gemm_fallbacks();
+  }
+  std::size_t flat_value_bytes() const
+    requires requires(const Ops& o) { o.flat_value_bytes(); }
+  {
+    return ops_.flat_value_bytes();
+  }
+  std::size_t flat_grad_count() const
+    requires requires(const Ops& o) { o.flat_grad_count(); }
+  {
+    return ops_.flat_grad_count();
+  }
+  // CUDA: device views of the last forward (valid until the next forward).
+  const float* logits_device() const
+    requires requires(const Ops& o) { o.logits_device(); }
+  {
+    return ops_.logits_device();
+  }
+  const float* probs_device() const
+    requires requires(const Ops& o) { o.probs_device(); }
+  {
+    return ops_.probs_device();
+  }
+  const int* topk_indices_device() const
+    requires requires(const Ops& o) { o.topk_indices_device(); }
+  {
+    return ops_.topk_indices_device();
+  }
+  const float* topk_gates_device() const
+    requires requires(const Ops& o) { o.topk_gates_device(); }
+  {
+    return ops_.topk_gates_device();
+  }
+  const int* slot_rows_device() const  // row, or kSlotDropped / kSlotZeroComputation
+    requires requires(const Ops& o) { o.slot_rows_device(); }
+  {
+    return ops_.slot_rows_device();
+  }
+
+  // Host: views of the last forward.
   auto logits() const
     requires requires(const Ops& o) { o.logits(); }
   {

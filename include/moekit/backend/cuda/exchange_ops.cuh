@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "moekit/backend/cuda/memory.cuh"
@@ -59,8 +60,9 @@ struct ExchangeOps {
                        " reserved (every rank must reserve() the largest token count any rank uses)");
     return b.data();
   }
-  static void copy(S* dst, const S* src, std::size_t n, Context s) {
-    if (n) MOEKIT_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(S), cudaMemcpyDeviceToDevice, s));
+  template <class E>
+  static void copy(E* dst, const E* src, std::size_t n, Context s) {
+    if (n) MOEKIT_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(E), cudaMemcpyDeviceToDevice, s));
   }
   static void a2a(Comm& c, const S* send, const std::int64_t* sc, S* recv, const std::int64_t* rc, Context s) {
     c.all_to_all_v(send, sc, recv, rc, s);
@@ -75,6 +77,51 @@ struct ExchangeOps {
   static void all_reduce(Comm& c, G* v, std::size_t n, Context s) {
     c.all_reduce_sum(v, n, s);
   }
+  template <class E>
+  static void all_gather(Comm& c, const E* send, std::size_t n, E* recv, Context s) {
+    c.all_gather(send, n, recv, s);
+  }
+  // NCCL errors and timeouts surface here (comm::Nccl::wait), not as a hang in a later synchronisation.
+  static void wait(Comm& c, Context s) { c.wait(s); }
+  // A collective on host values (the bias update's step counts): staged through the device; synchronises.
+  static void all_reduce_host(Comm& c, std::int64_t* v, std::size_t n, Context s) {
+    DeviceArray<std::int64_t> d(n);
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(d.data(), v, n * sizeof(std::int64_t), cudaMemcpyHostToDevice, s));
+    c.all_reduce_sum(d.data(), n, s);
+    c.wait(s);
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(v, d.data(), n * sizeof(std::int64_t), cudaMemcpyDeviceToHost, s));
+    MOEKIT_CUDA_CHECK(cudaStreamSynchronize(s));
+  }
+  // The communicator of one rank group, and the config agreement's all-gather on the world (host values,
+  // staged through the device).
+  template <class W>
+  static std::unique_ptr<Comm> split(W& world, int color, int key) {
+    return std::make_unique<Comm>(world.split(color, key));
+  }
+  template <class W>
+  static void gather_config(W& world, const std::int64_t* mine, std::size_t n, std::int64_t* all) {
+    DeviceArray<std::int64_t> a(n), b(n * std::size_t(world.size()));
+    MOEKIT_CUDA_CHECK(cudaMemcpy(a.data(), mine, n * sizeof(std::int64_t), cudaMemcpyHostToDevice));
+    world.all_gather(a.data(), n, b.data());
+    world.wait();
+    MOEKIT_CUDA_CHECK(cudaMemcpy(all, b.data(), b.size() * sizeof(std::int64_t), cudaMemcpyDeviceToHost));
+  }
+  // The statistics block (on the device, on the stream): my chunk's counts per FFN expert, a value, the
+  // non-finite flag.
+  static void chunk_counts(const int* offsets, int chunk, int ffn, int* counts, Context s) {
+    if (ffn == 0) return;
+    chunk_counts_kernel<int><<<unsigned((ffn + 127) / 128), 128, 0, s>>>(offsets, chunk, ffn, counts);
+    MOEKIT_CUDA_CHECK(cudaGetLastError());
+  }
+  static void set_value(int* v, int value, Context s) {
+    set_value_kernel<int><<<1, 1, 0, s>>>(v, value);
+    MOEKIT_CUDA_CHECK(cudaGetLastError());
+  }
+  static void bad_flag(const int* bad_token, int* flag, Context s) {
+    bad_flag_kernel<int><<<1, 1, 0, s>>>(bad_token, flag);
+    MOEKIT_CUDA_CHECK(cudaGetLastError());
+  }
+
   template <class G>
   static void scale(G* v, std::int64_t n, double factor, Context s) {
     if (n == 0) return;

@@ -1,0 +1,475 @@
+#pragma once
+// The CUDA backend's stage bodies for MoeLayer (layer/pipeline.hpp, DESIGN §6): the same function as the
+// host backend's (backend/host/layer_ops.hpp), for every router, expert set, capacity mode and strategy,
+// forward and exact backward, on the caller's stream. Include it (through backend/cuda/moe_layer.cuh)
+// from a .cu file built by nvcc; the kernels are instantiated in the including translation unit.
+//
+// Forward: router GEMM (+ gating residual GEMM) -> fused route_tokens (softmax/sigmoid, top-k, gates,
+//   P, lse, routed counts, non-finite check) -> aux sums -> capacity + permutation (CUB radix sorts,
+//   chunk-major) -> gather x rows -> [the statistics block to pinned memory: the forward's one host
+//   synchronisation] -> expert GEMM (W1|W3 in one) -> fused activation -> expert GEMM (W2) -> combine by
+//   gather, with the zero/copy/constant experts.
+// Backward mirrors it; weight gradients are grouped GEMMs accumulating into fp32 gradients; no host
+// synchronisation.
+// Memory: parameters and gradients at construction (backend/cuda/parameter_store.cuh); the workspace
+// at reserve() (or the caller's, through attach_workspace()); the expert side of a distributed layer
+// at reserve() too. forward/backward allocate nothing. Calls of one layer must be ordered on one stream.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "moekit/backend/cuda/activation.cuh"
+#include "moekit/backend/cuda/combine.cuh"
+#include "moekit/backend/cuda/exchange_ops.cuh"
+#include "moekit/backend/cuda/grouped_gemm.cuh"
+#include "moekit/backend/cuda/memory.cuh"
+#include "moekit/backend/cuda/parameter_store.cuh"
+#include "moekit/backend/cuda/permute.cuh"
+#include "moekit/backend/cuda/policy.hpp"
+#include "moekit/backend/cuda/router.cuh"
+#include "moekit/balance/loss.hpp"
+#include "moekit/core/tensor.hpp"
+#include "moekit/layer/moe_layer_decl.hpp"
+#include "moekit/layer/parameter_table.hpp"
+#include "moekit/layer/routing_plan.hpp"
+#include "moekit/parallel/policy.hpp"
+
+namespace moekit {
+namespace backend::cuda {
+inline namespace MOEKIT_CUDA_ABI {
+
+template <class V, class Router, class Experts, bool kDistributed>
+class MoeOps {
+  using Act = typename Experts::activation;
+  using Score = typename Router::score;
+  static constexpr bool kGated = Act::gated;
+  static constexpr bool kResidual = Router::residual;
+  static constexpr bool kBiased = Router::biased;
+  using S = storage_t<V>;
+  using I64 = std::int64_t;
+
+ public:
+  using value_type = S;  // float, or __nv_bfloat16 (moekit::bf16's bits)
+  using logit_type = float;
+  using weight_type = float;
+  using Exchange = ExchangeOps<S>;
+  using Context = cudaStream_t;
+  using Options = GemmStrategy;
+  using World = comm::Nccl;
+  static constexpr I64 kMaxSlots = I64(1) << 30;
+  static constexpr bool kGrows = false;  // reserve() before forward; forward never allocates
+
+  // The rows one FFN pass reads and writes, with their activations (h13: [W1|W3] x per row, a: act).
+  struct Rows {
+    S *x, *y, *dy, *h13, *a;
+  };
+
+  MoeOps(const MoeConfig& cfg, ParameterTable table, const StatsLayout& layout, GemmStrategy gemm)
+      : cfg_(cfg), layout_(layout), params_(checked_store(cfg, std::move(table))) {
+    if constexpr (kBiased) {
+      bias_dev_.resize(std::size_t(cfg_.num_experts()));
+      MOEKIT_CUDA_CHECK(cudaMemset(bias_dev_.data(), 0, std::size_t(cfg_.num_experts()) * sizeof(float)));
+    }
+    gemm_ = std::make_unique<ExpertGemm>(gemm, int(params_.table().local_experts()));
+    host_stats_.resize(std::size_t(layout_.ints + layout_.floats));  // pinned, sized once: the GlobalBatch hook points into it
+    host_dprob_.resize(std::size_t(cfg_.num_experts()));
+    MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+
+  GemmStrategy gemm_strategy() const { return gemm_->strategy(); }
+  int gemm_fallbacks() const { return gemm_->grouped_fallbacks(); }
+
+  // ---- parameters (backend/cuda/parameter_store.cuh) ----------------------------------------------
+  const ParameterTable& table() const { return params_.table(); }
+  void* flat_values() const { return params_.flat_values(); }
+  std::size_t flat_value_bytes() const { return params_.flat_value_bytes(); }
+  float* flat_grads() const { return params_.flat_grads(); }
+  std::size_t flat_grad_count() const { return params_.flat_grad_count(); }
+  float* grad_data() const { return params_.flat_grads(); }
+  void load_weights(const MoeWeights<float>& full) { params_.load(full); }
+  MoeWeights<float> weights() const { return params_.weights(); }
+  MoeWeights<float> gradients() const { return params_.gradients(); }
+  void zero_grad(cudaStream_t stream) { params_.zero_grad(stream); }
+  std::vector<DeviceParameter> parameters(const std::string& prefix) const { return params_.parameters(prefix); }
+  void set_bias(std::span<const float> b) {
+    if (!b.empty()) MOEKIT_CUDA_CHECK(cudaMemcpy(bias_dev_.data(), b.data(), b.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
+
+  // ---- workspace --------------------------------------------------------------------------------
+  std::size_t workspace_bytes(I64 tokens) const {
+    check_token_limits(tokens);
+    Buffers b;
+    return carve(b, nullptr, tokens);
+  }
+  void reserve(I64 tokens) {
+    if (reserved_ >= 0 && tokens <= reserved_ && !external_) return;
+    owned_.resize(0);
+    owned_.resize(workspace_bytes(tokens));
+    bind(owned_.data(), tokens);
+    external_ = false;
+  }
+  void attach_workspace(void* p, std::size_t bytes, I64 tokens)
+    requires(!kDistributed)
+  {
+    const std::size_t need = workspace_bytes(tokens);
+    if (reinterpret_cast<std::uintptr_t>(p) % 256 != 0)
+      throw ShapeError("attach_workspace: the pointer must be 256-byte aligned (as cudaMalloc's are)");
+    if (!p || bytes < need)
+      throw ShapeError("attach_workspace: " + std::to_string(bytes) + " bytes given, " + std::to_string(need) +
+                       " needed for " + std::to_string(tokens) + " tokens");
+    owned_.resize(0);
+    bind(static_cast<char*>(p), tokens);
+    external_ = true;
+  }
+  I64 reserved_tokens() const { return reserved_ < 0 ? 0 : reserved_; }
+  void prepare(I64 tokens) const {
+    if (tokens > reserved_)
+      throw ShapeError("x has " + std::to_string(tokens) + " tokens but the workspace holds " + std::to_string(reserved_tokens()) +
+                       " (call reserve(" + std::to_string(tokens) + ") first: forward never allocates)");
+  }
+  // The expert side of a distributed layer: `rows` rows and their activations.
+  void reserve_expert_side(I64 rows) {
+    if (rows <= capacity_rows_ && xe_.size()) return;
+    for (auto* a : {&xe_, &ye_, &dye_}) a->resize(std::size_t(rows * cfg_.d_model));
+    h13e_.resize(std::size_t(rows * table().w13_rows())), ae_.resize(std::size_t(rows * table().local_d_expert()));
+    capacity_rows_ = rows;
+  }
+  I64 capacity_rows() const { return capacity_rows_; }
+
+  // ---- statistics: computed on the device, brought to pinned memory by sync_stats -------------------
+  std::int32_t* stats_ints() const { return reinterpret_cast<std::int32_t*>(b_.stats); }
+  const std::int32_t* stats_ints_host() const { return host_stats_.data(); }
+  const float* stats_floats_host() const { return reinterpret_cast<const float*>(host_stats_.data() + layout_.ints); }
+  // The forward's one host synchronisation.
+  void sync_stats(cudaStream_t stream) {
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(host_stats_.data(), b_.stats, stats_bytes(), cudaMemcpyDeviceToHost, stream));
+    MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+
+  // ---- forward ----------------------------------------------------------------------------------
+  void begin(const S* x, const float* prev, I64 tokens, cudaStream_t stream) {
+    tokens_ = tokens;
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(b_.x, x, std::size_t(tokens * cfg_.d_model) * sizeof(S), cudaMemcpyDeviceToDevice, stream));
+    if constexpr (kResidual)
+      if (prev)
+        MOEKIT_CUDA_CHECK(cudaMemcpyAsync(b_.prev, prev, std::size_t(tokens * cfg_.num_experts()) * sizeof(float),
+                                          cudaMemcpyDeviceToDevice, stream));
+  }
+
+  // Router logits in fp32 (x W_r^T, + prev W_g^T); route_tokens; the aux sums P_i = Σ_t prob[t, i]
+  // (prob^T · 1) and Σ_t lse_t².
+  void route(bool has_prev, cudaStream_t stream) {
+    const int T = int(tokens_), N = int(cfg_.num_experts()), D = int(cfg_.d_model);
+    const cudaDataType_t st = data_type<S>();
+    cublasHandle_t h = gemm_->handle(stream);
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, true, st, CUDA_R_32F, 1.f, 0.f}, {T, N, D, b_.x, D, params_.router(), D, b_.logits, N}));
+    if constexpr (kResidual)
+      if (has_prev)
+        MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, true, CUDA_R_32F, CUDA_R_32F, 1.f, 1.f},
+                                           {T, N, N, b_.prev, N, params_.gate_residual(), N, b_.logits, N}));
+    RouteParams rp;
+    rp.logits = b_.logits, rp.tokens = T, rp.experts = N, rp.top_k = int(cfg_.top_k), rp.renormalize = cfg_.renormalize;
+    rp.prob = b_.prob, rp.idx = b_.idx, rp.gate = b_.gate, rp.lse = b_.lse;
+    rp.counts = stats_ints() + layout_.routed, rp.bad_token = stats_ints() + layout_.bad;
+    if constexpr (kBiased) rp.bias = bias_dev_.data();
+    MOEKIT_CUDA_CHECK(route_tokens<Score>(rp, stream));
+    float* prob_sum = stats_floats() + layout_.prob_sum;
+    if (T > 0) {
+      const float one = 1.f, zero = 0.f;
+      MOEKIT_CUBLAS_CHECK(cublasSgemv(h, CUBLAS_OP_N, N, T, &one, b_.prob, N, b_.ones, 1, &zero, prob_sum, 1));
+    } else {
+      MOEKIT_CUDA_CHECK(cudaMemsetAsync(prob_sum, 0, sizeof(float) * std::size_t(N), stream));
+    }
+    MOEKIT_CUDA_CHECK(sum_squares(b_.lse, T, stats_floats() + layout_.z_sum, stream));
+  }
+
+  // Capacity, permutation (chunk-major), the gather of every FFN row, the constant experts' mix.
+  void plan(const balance::Capacities& caps, int chunks, int /*my_chunk: every row is gathered*/, cudaStream_t stream) {
+    const int T = int(tokens_), N = int(cfg_.num_experts()), K = int(cfg_.top_k), D = int(cfg_.d_model),
+              NC = int(cfg_.num_constant_experts);
+    chunks_ = chunks;
+    PermuteParams pp;
+    pp.idx = b_.idx, pp.tokens = T, pp.top_k = K, pp.experts = N, pp.ffn_experts = int(cfg_.num_ffn_experts), pp.chunks = chunks;
+    pp.cap_ffn = int(std::min<I64>(caps.ffn, INT32_MAX)), pp.cap_zc = int(std::min<I64>(caps.zc, INT32_MAX));
+    if (caps.ffn >= 0) {
+      MOEKIT_CUDA_CHECK(slot_scores<Score>(b_.logits, b_.prob, b_.idx, T, N, K, b_.score, stream));
+      pp.score = b_.score;
+    }
+    pp.slot_of_row = b_.slot_of_row, pp.row_of_slot = b_.row_of_slot;
+    pp.offsets = stats_ints() + layout_.offsets, pp.kept_counts = stats_ints() + layout_.kept;
+    std::size_t perm_bytes = perm_bytes_;
+    MOEKIT_CUDA_CHECK(permute_slots(b_.perm, perm_bytes, pp, stream));
+    MOEKIT_CUDA_CHECK(gather_rows(b_.x, b_.slot_of_row, b_.xp, T * K, K, D, stream, rows_dev()));
+    if (NC > 0) {  // [a1, a2] of constant experts from one GEMM over all of them
+      MOEKIT_CUBLAS_CHECK(gemm_row_major(gemm_->handle(stream), {false, true, data_type<S>(), CUDA_R_32F, 1.f, 0.f},
+                                         {T, 2 * NC, D, b_.x, D, params_.const_wc(), D, b_.zc_logits, 2 * NC}));
+      MOEKIT_CUDA_CHECK(zc_mix(combine_params(), b_.zc_logits, b_.mix, stream));
+    }
+  }
+
+  Rows token_rows() const { return {b_.xp, b_.yp, b_.dyp, b_.h13, b_.a}; }
+  Rows expert_rows(I64 rows) {
+    if (rows > capacity_rows_)
+      throw ShapeError("expert side: " + std::to_string(rows) + " rows, " + std::to_string(capacity_rows_) + " reserved");
+    return {xe_.data(), ye_.data(), dye_.data(), h13e_.data(), ae_.data()};
+  }
+
+  // [W1|W3] x, activation, W2 a over expert-contiguous rows. Returns the GEMM FLOPs.
+  I64 ffn_forward(const Rows& r, std::span<const I64> offsets, cudaStream_t stream) {
+    const int D = int(cfg_.d_model), F = int(f()), WF = int(wf());
+    const I64 d = cfg_.d_model, rows = offsets.empty() ? 0 : offsets.back();
+    const GemmSpec fwd{false, true, data_type<S>(), data_type<S>(), 1.f, 0.f};
+    const S *w13 = params_.w13(), *w2 = params_.w2();
+    gemm_->run(fwd, expert_problems(offsets, [&](int e, I64 off, int m) {
+                 return GemmProblem{m, WF, D, r.x + off * D, D, w13 + std::size_t(e) * wf() * d, D, r.h13 + off * WF, WF};
+               }), stream);
+    MOEKIT_CUDA_CHECK(activation_forward<Act>(r.h13, kGated ? r.h13 + F : nullptr, r.a, int(rows), F, stream, WF));
+    gemm_->run(fwd, expert_problems(offsets, [&](int e, I64 off, int m) {
+                 return GemmProblem{m, D, F, r.a + off * F, F, w2 + std::size_t(e) * d * f(), F, r.y + off * D, D};
+               }), stream);
+    return rows * 2 * (wf() * d + d * f());
+  }
+  void drop_activations() {}  // the device buffers are fixed; the recomputation overwrites them
+  // dW2 += dY^T A; dA = dY W2 (into a); activation backward in place (h13); dW13 += dH^T X; dX = dH W13 (into dy).
+  void ffn_backward(const Rows& r, std::span<const I64> offsets, cudaStream_t stream) {
+    const cudaDataType_t st = data_type<S>();
+    const int D = int(cfg_.d_model), F = int(f()), WF = int(wf());
+    const I64 d = cfg_.d_model, rows = offsets.empty() ? 0 : offsets.back();
+    const GemmSpec wgrad{true, false, st, CUDA_R_32F, 1.f, 1.f}, dgrad{false, false, st, st, 1.f, 0.f};
+    const S *w13 = params_.w13(), *w2 = params_.w2();
+    float *g13 = params_.grad_at(table().offsets().w13), *g2 = params_.grad_at(table().offsets().w2);
+    gemm_->run(wgrad, expert_problems(offsets, [&](int e, I64 off, int m) {
+                 return GemmProblem{D, F, m, r.dy + off * D, D, r.a + off * F, F, g2 + std::size_t(e) * d * f(), F};
+               }), stream);
+    gemm_->run(dgrad, expert_problems(offsets, [&](int e, I64 off, int m) {
+                 return GemmProblem{m, F, D, r.dy + off * D, D, w2 + std::size_t(e) * d * f(), F, r.a + off * F, F};
+               }), stream);
+    MOEKIT_CUDA_CHECK(activation_backward<Act>(r.h13, kGated ? r.h13 + F : nullptr, r.a, r.h13, kGated ? r.h13 + F : nullptr,
+                                               int(rows), F, stream, WF));
+    gemm_->run(wgrad, expert_problems(offsets, [&](int e, I64 off, int m) {
+                 return GemmProblem{WF, D, m, r.h13 + off * WF, WF, r.x + off * D, D, g13 + std::size_t(e) * wf() * d, D};
+               }), stream);
+    gemm_->run(dgrad, expert_problems(offsets, [&](int e, I64 off, int m) {
+                 return GemmProblem{m, D, WF, r.h13 + off * WF, WF, w13 + std::size_t(e) * wf() * d, D, r.dy + off * D, D};
+               }), stream);
+  }
+
+  void combine(S* y, cudaStream_t stream) { MOEKIT_CUDA_CHECK(backend::cuda::combine(combine_params(), y, stream)); }
+
+  // ---- backward ---------------------------------------------------------------------------------
+  // dgate of every slot; d rows = gate·dy of every FFN row (into dyp).
+  void combine_backward(const S* dy, cudaStream_t stream) {
+    const int T = int(tokens_), NC = int(cfg_.num_constant_experts);
+    SlotGrads<S> sg;
+    sg.dgate = b_.dgate;
+    if (NC > 0) {
+      sg.dz = b_.dz, sg.coef_z = b_.coef_z, sg.coef_v = b_.coef_v;
+      MOEKIT_CUDA_CHECK(cudaMemsetAsync(b_.coef_z, 0, sizeof(S) * std::size_t(T) * 2 * NC, stream));
+      MOEKIT_CUDA_CHECK(cudaMemsetAsync(b_.coef_v, 0, sizeof(S) * std::size_t(T) * NC, stream));
+    }
+    MOEKIT_CUDA_CHECK(backend::cuda::combine_backward(combine_params(), dy, b_.dyp, sg, stream));
+  }
+  // dx by gather + copy/constant experts (fp32 for bf16), the constant experts' weight gradients.
+  void token_backward(const S* dy, S* dx, cudaStream_t stream) {
+    const int T = int(tokens_), D = int(cfg_.d_model), NC = int(cfg_.num_constant_experts);
+    const cudaDataType_t st = data_type<S>();
+    cublasHandle_t h = gemm_->handle(stream);
+    float* dx32 = b_.dx32 ? b_.dx32 : reinterpret_cast<float*>(dx);
+    MOEKIT_CUDA_CHECK(backend::cuda::token_backward(combine_params(), b_.dyp, dy, b_.dz, dx32, stream));
+    if (NC > 0) {
+      const auto& o = table().offsets();
+      MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f}, {NC, D, T, b_.coef_v, NC, dy, D, params_.grad_at(o.const_v), D}));
+      MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f},
+                                         {2 * NC, D, T, b_.coef_z, 2 * NC, b_.x, D, params_.grad_at(o.const_wc), D}));
+    }
+  }
+  // dlogits (route_tokens_backward with the balance loss's dprob and the z-loss), + dlogits_next; the
+  // router's (and gating residual's) weight gradients; dx += dlogits W_r, converted to the storage type.
+  void router_backward(const float* dprob, float zscale, const float* dlogits_next, float* dprev, S* dx, bool has_prev,
+                       cudaStream_t stream) {
+    const int T = int(tokens_), N = int(cfg_.num_experts()), D = int(cfg_.d_model);
+    cublasHandle_t h = gemm_->handle(stream);
+    std::copy_n(dprob, N, host_dprob_.data());  // pinned: the copy is asynchronous
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(b_.dprob, host_dprob_.data(), sizeof(float) * std::size_t(N), cudaMemcpyHostToDevice, stream));
+    if (T == 0) return;
+    float* dx32 = b_.dx32 ? b_.dx32 : reinterpret_cast<float*>(dx);
+    RouteBackwardParams rb;
+    rb.logits = b_.logits, rb.prob = b_.prob, rb.idx = b_.idx, rb.gate = b_.gate, rb.dgate = b_.dgate, rb.dprob = b_.dprob;
+    rb.lse = b_.lse, rb.zscale = zscale;
+    rb.tokens = T, rb.experts = N, rb.top_k = int(cfg_.top_k), rb.renormalize = cfg_.renormalize;
+    rb.scratch = b_.scratch, rb.dlogits = b_.dlogits;
+    MOEKIT_CUDA_CHECK(route_tokens_backward<Score>(rb, stream));
+    if (dlogits_next) {
+      const float one = 1.f;
+      MOEKIT_CUBLAS_CHECK(cublasSaxpy(h, T * N, &one, dlogits_next, 1, b_.dlogits, 1));
+    }
+    const cudaDataType_t st = data_type<S>();
+    const void* dl = b_.dlogits;
+    if (b_.dlogits_s) {  // bf16: the GEMMs with x and W_r take one input type
+      MOEKIT_CUDA_CHECK(convert(b_.dlogits, b_.dlogits_s, std::size_t(T) * N, stream));
+      dl = b_.dlogits_s;
+    }
+    const auto& o = table().offsets();
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f}, {N, D, T, dl, N, b_.x, D, params_.grad_at(o.router), D}));
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, false, st, CUDA_R_32F, 1.f, 1.f}, {T, D, N, dl, N, params_.router(), D, dx32, D}));
+    if constexpr (kResidual)
+      if (has_prev) {
+        MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, CUDA_R_32F, CUDA_R_32F, 1.f, 1.f},
+                                           {N, N, T, b_.dlogits, N, b_.prev, N, params_.grad_at(o.gate_residual), N}));
+        if (dprev)
+          MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, false, CUDA_R_32F, CUDA_R_32F, 1.f, 0.f},
+                                             {T, N, N, b_.dlogits, N, params_.gate_residual(), N, dprev, N}));
+      }
+    if (b_.dx32) MOEKIT_CUDA_CHECK(convert(b_.dx32, dx, std::size_t(T) * std::size_t(D), stream));
+  }
+
+  // ---- device views of the last forward (valid until the next forward) -----------------------------
+  const float* logits_device() const { return b_.logits; }
+  const float* probs_device() const { return b_.prob; }
+  const int* topk_indices_device() const { return b_.idx; }
+  const float* topk_gates_device() const { return b_.gate; }
+  const int* slot_rows_device() const { return b_.row_of_slot; }  // row, or kSlotDropped / kSlotZeroComputation
+
+ private:
+  // int kernels and cuBLAS int sizes: every dimension must fit (checked before anything is allocated).
+  static ParameterStore<S> checked_store(const MoeConfig& cfg, ParameterTable table) {
+    const std::pair<const char*, I64> dims[] = {{"d_model", cfg.d_model}, {"d_expert", cfg.d_expert}, {"num_experts()", cfg.num_experts()}};
+    for (const auto& [field, v] : dims)
+      if (v > (I64(1) << 30)) throw ConfigError(field, std::to_string(v), "must be <= 2^30 on the CUDA backend");
+    return ParameterStore<S>(std::move(table));
+  }
+  I64 f() const { return table().local_d_expert(); }  // hidden units per tp rank
+  I64 wf() const { return table().w13_rows(); }       // rows of a [W1|W3] block
+  float* stats_floats() const { return reinterpret_cast<float*>(b_.stats + 4 * layout_.ints); }
+  std::size_t stats_bytes() const { return std::size_t(4 * (layout_.ints + layout_.floats)); }
+  const int* rows_dev() const { return stats_ints() + layout_.rows(chunks_); }  // FFN rows in all
+
+  struct Buffers {
+    S *x = nullptr, *xp = nullptr, *h13 = nullptr, *a = nullptr, *yp = nullptr, *dyp = nullptr, *dlogits_s = nullptr,
+      *coef_z = nullptr, *coef_v = nullptr;
+    float *prev = nullptr, *logits = nullptr, *prob = nullptr, *dlogits = nullptr, *scratch = nullptr, *gate = nullptr,
+          *dgate = nullptr, *lse = nullptr, *score = nullptr, *mix = nullptr, *dz = nullptr, *zc_logits = nullptr,
+          *dx32 = nullptr, *ones = nullptr, *dprob = nullptr;
+    int *idx = nullptr, *slot_of_row = nullptr, *row_of_slot = nullptr;
+    void* perm = nullptr;
+    char* stats = nullptr;  // the statistics block (layer/routing_plan.hpp StatsLayout): ints, then floats
+  };
+
+  // Lays the buffers for `tokens` tokens out from `base` (or only counts with base == nullptr).
+  std::size_t carve(Buffers& b, char* base, I64 tokens) const {
+    const std::size_t t = std::size_t(tokens), n = std::size_t(cfg_.num_experts()), k = std::size_t(cfg_.top_k),
+                      d = std::size_t(cfg_.d_model), fl = std::size_t(f()), nc = std::size_t(cfg_.num_constant_experts),
+                      rows = t * k, wfl = std::size_t(wf());
+    constexpr bool kBf16 = !std::is_same_v<S, float>;
+    std::size_t at = 0;
+    auto take = [&](auto*& p, std::size_t count) {
+      using E = std::remove_reference_t<decltype(*p)>;
+      p = base ? reinterpret_cast<E*>(base + at) : nullptr;  // valid (unread) even when count is 0
+      at += (count * sizeof(E) + 255) / 256 * 256;
+    };
+    take(b.x, t * d);
+    if constexpr (kResidual) take(b.prev, t * n);
+    for (float** p : {&b.logits, &b.prob, &b.dlogits, &b.scratch}) take(*p, t * n);
+    if constexpr (kBf16) take(b.dlogits_s, t * n);
+    for (float** p : {&b.gate, &b.dgate, &b.score}) take(*p, rows);
+    for (float** p : {&b.mix, &b.dz}) take(*p, 2 * rows);
+    take(b.lse, t);
+    for (int** p : {&b.idx, &b.slot_of_row, &b.row_of_slot}) take(*p, rows);
+    take(b.xp, rows * d), take(b.h13, rows * wfl), take(b.a, rows * fl), take(b.yp, rows * d), take(b.dyp, rows * d);
+    if (nc) take(b.zc_logits, t * 2 * nc), take(b.coef_z, t * 2 * nc), take(b.coef_v, t * nc);
+    if constexpr (kBf16) take(b.dx32, t * d);
+    take(b.ones, t);
+    take(b.dprob, n);
+    take(b.stats, stats_bytes());
+    char* perm = nullptr;
+    take(perm, permute_temp_bytes(tokens));
+    b.perm = perm;
+    return at;
+  }
+  // For the most chunks a strategy can use (tp, with duplicate token dropping), so the choice of
+  // dropping does not change the workspace.
+  std::size_t permute_temp_bytes(I64 tokens) const {
+    std::size_t most = 0;
+    for (int chunks : {1, int(cfg_.tp)}) {
+      PermuteParams pp;
+      pp.tokens = int(tokens), pp.top_k = int(cfg_.top_k), pp.experts = int(cfg_.num_experts());
+      pp.ffn_experts = int(cfg_.num_ffn_experts), pp.chunks = chunks;
+      std::size_t bytes = 0;
+      MOEKIT_CUDA_CHECK(permute_slots(nullptr, bytes, pp, nullptr));
+      most = std::max(most, bytes);
+    }
+    return most;
+  }
+  // int kernels and cuBLAS int sizes: T·k and T·N_E (and T·2·N_const) must fit.
+  void check_token_limits(I64 tokens) const {
+    if (tokens < 0) throw ShapeError("tokens = " + std::to_string(tokens) + " must be >= 0");
+    if (tokens * cfg_.top_k > kMaxSlots)
+      throw ShapeError("tokens * top_k = " + std::to_string(tokens * cfg_.top_k) + " exceeds 2^30 on the CUDA backend");
+    const I64 wide = std::max(cfg_.num_experts(), 2 * cfg_.num_constant_experts);
+    if (tokens * wide > I64(INT32_MAX))
+      throw ShapeError("tokens * num_experts = " + std::to_string(tokens * wide) + " exceeds 2^31 - 1 on the CUDA backend");
+  }
+  void bind(char* base, I64 tokens) {
+    check_token_limits(tokens);
+    carve(b_, base, tokens);
+    perm_bytes_ = permute_temp_bytes(tokens);
+    if (tokens > 0) {
+      const std::vector<float> ones(std::size_t(tokens), 1.f);
+      MOEKIT_CUDA_CHECK(cudaMemcpy(b_.ones, ones.data(), ones.size() * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    reserved_ = tokens;
+  }
+
+  CombineParams<S> combine_params() const {
+    CombineParams<S> p;
+    p.tokens = int(tokens_), p.top_k = int(cfg_.top_k), p.d = int(cfg_.d_model);
+    p.gate = b_.gate, p.row_of_slot = b_.row_of_slot, p.slot_of_row = b_.slot_of_row;
+    p.num_rows = rows_dev();
+    p.y = b_.yp, p.x = b_.x, p.idx = b_.idx;
+    p.kinds = ExpertKinds::of(cfg_);
+    p.const_v = params_.const_v(), p.const_wc = params_.const_wc(), p.mix = b_.mix;
+    return p;
+  }
+  // One problem per expert with rows (offsets per expert, on the host).
+  template <class F>
+  static std::vector<GemmProblem> expert_problems(std::span<const I64> offsets, F&& make) {
+    std::vector<GemmProblem> ps;
+    for (std::size_t e = 0; e + 1 < offsets.size(); ++e)
+      if (offsets[e + 1] > offsets[e]) ps.push_back(make(int(e), offsets[e], int(offsets[e + 1] - offsets[e])));
+    return ps;
+  }
+
+  MoeConfig cfg_;
+  StatsLayout layout_;
+  ParameterStore<S> params_;
+  DeviceArray<float> bias_dev_;  // router::BiasBalanced's b, read by route_tokens
+  std::unique_ptr<ExpertGemm> gemm_;
+  DeviceArray<char> owned_;
+  PinnedArray<std::int32_t> host_stats_;  // the statistics block: ints then floats (same 4-byte size)
+  PinnedArray<float> host_dprob_;
+  Buffers b_;
+  std::size_t perm_bytes_ = 0;
+  I64 reserved_ = -1, tokens_ = 0, capacity_rows_ = 0;  // reserved_ -1: no workspace yet
+  int chunks_ = 1;
+  bool external_ = false;
+  DeviceArray<S> xe_, ye_, dye_, h13e_, ae_;  // the expert side of a distributed layer
+};
+
+}  // namespace MOEKIT_CUDA_ABI
+}  // namespace backend::cuda
+
+// Only for this translation unit's architecture tag (backend/cuda/abi.hpp): the layer type, and every
+// symbol of its members, then differ between TUs built for different architectures.
+template <class V, class Router, class Experts, class Balance, parallel::StrategyPolicy P>
+struct layer_ops<backend::Cuda<V, backend::cuda::Abi>, Router, Experts, Balance, P> {
+  using type = backend::cuda::MoeOps<V, Router, Experts, P::distributed>;
+};
+
+}  // namespace moekit
