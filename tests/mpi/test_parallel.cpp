@@ -342,6 +342,30 @@ TEST_CASE("an inconsistent or invalid config fails on every rank, without a hang
   CHECK_THROWS_AS(L(local_only, world()), ConfigError);
 }
 
+TEST_CASE("non-finite router logits on one rank stop every rank, without a hang") {
+  const int w = world().size();
+  MoeConfig c = base_config(1, w, 1, false);
+  using L = MoeLayer<backend::Host<float>, Soft, Ffn, balance::MicroBatch, parallel::Expert>;
+  L layer(c, world());
+  layer.init_params(7);
+  const std::int64_t T = 6;
+  std::vector<float> x = random_vec(std::size_t(T * c.d_model), 11 + unsigned(world().rank())), y(x.size());
+  const int bad_rank = w - 1;
+  if (world().rank() == bad_rank) x[std::size_t(3 * c.d_model + 1)] = std::nanf("");  // token 3 of the last rank
+  std::string message;
+  try {
+    layer.forward(MatrixView<const float>(x.data(), {T, c.d_model}), MatrixView<float>(y.data(), {T, c.d_model}));
+  } catch (const NumericError& e) {
+    message = e.what();
+  }
+  CAPTURE(message);
+  if (world().rank() == bad_rank) CHECK(message.find("router logits of token 3 are not finite") != std::string::npos);
+  else CHECK(message.find("not finite on another rank") != std::string::npos);
+  // Every rank is still in step: a clean forward afterwards works on all of them.
+  std::vector<float> ok = random_vec(x.size(), 5);
+  CHECK_NOTHROW(layer.forward(MatrixView<const float>(ok.data(), {T, c.d_model}), MatrixView<float>(y.data(), {T, c.d_model})));
+}
+
 int main(int argc, char** argv) {
   comm::MpiSession session(&argc, &argv);
   doctest::Context ctx(argc, argv);
