@@ -65,7 +65,7 @@ void check_router(int T, int E, int K, bool renorm, unsigned seed) {
   fp.gate = d_gate.p;
   fp.lse = d_lse.p;
   fp.counts = d_counts.p;
-  MOEKIT_CUDA_CHECK(mc::route_tokens<Score>(fp, nullptr));
+  MOEKIT_CUDA_CHECK(mc::route_tokens<moekit::router::TopK<Score>>(fp, nullptr));
   mc::RouteBackwardParams bp;
   bp.logits = d_logits.p;
   bp.prob = d_prob.p;
@@ -81,7 +81,7 @@ void check_router(int T, int E, int K, bool renorm, unsigned seed) {
   bp.renormalize = renorm;
   bp.scratch = d_scratch.p;
   bp.dlogits = d_dlogits.p;
-  MOEKIT_CUDA_CHECK(mc::route_tokens_backward<Score>(bp, nullptr));
+  MOEKIT_CUDA_CHECK(mc::route_tokens_backward<moekit::router::TopK<Score>>(bp, nullptr));
   MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
 
   CHECK(d_idx.download() == idx);
@@ -108,7 +108,7 @@ TEST_CASE("cuda router: invalid shapes are rejected with cudaErrorInvalidValue, 
   p.tokens = 4;
   p.experts = 8;
   p.top_k = 9;  // > experts
-  CHECK(mc::route_tokens<moekit::router::Softmax>(p, nullptr) == cudaErrorInvalidValue);
+  CHECK(mc::route_tokens<moekit::router::TopK<moekit::router::Softmax>>(p, nullptr) == cudaErrorInvalidValue);
   p.top_k = 2;  // null buffers
-  CHECK(mc::route_tokens<moekit::router::Softmax>(p, nullptr) == cudaErrorInvalidValue);
+  CHECK(mc::route_tokens<moekit::router::TopK<moekit::router::Softmax>>(p, nullptr) == cudaErrorInvalidValue);
 }

@@ -23,7 +23,9 @@
 //   the workspace: workspace_bytes, reserve, prepare(tokens), reserve_expert_side(rows), capacity_rows;
 //   the stages: begin, route, plan, stats_ints/stats_floats (where they are computed), sync_stats,
 //   stats_ints_host/stats_floats_host, token_rows, expert_rows, ffn_forward, drop_activations,
-//   ffn_backward, combine, combine_backward, token_backward, router_backward, set_bias.
+//   ffn_backward, combine, combine_backward, token_backward, router_backward, set_router_state.
+// The router's behaviour (its per-token functors, capacity score, state hook) is the router policy's
+// (router/policy.hpp): the operations call Router::route / route_backward / capacity_score.
 #include <algorithm>
 #include <concepts>
 #include <cstdint>
@@ -46,6 +48,7 @@
 #include "moekit/parallel/grid.hpp"
 #include "moekit/parallel/sharding.hpp"
 #include "moekit/router/bias_balanced.hpp"
+#include "moekit/router/state.hpp"
 
 namespace moekit {
 
@@ -57,6 +60,7 @@ class MoeLayer {
   static constexpr bool kDistributed = P::distributed;
   static constexpr bool kResidual = Router::residual;
   static constexpr bool kBiased = Router::biased;
+  static constexpr bool kStateful = Router::stateful;
   static constexpr bool kGated = Experts::activation::gated;
   using Exchange = parallel::ExpertExchange<X>;
   struct NoExchange {};
@@ -178,7 +182,7 @@ class MoeLayer {
     has_prev_ = prev_logits.data != nullptr;
     tokens_ = tokens;
     ops_.begin(x.data, prev_logits.data, tokens, ctx);
-    ops_.route(has_prev_, ctx);  // a biased router reads the biases set_bias() gave the ops
+    ops_.route(has_prev_, ctx);  // a stateful router reads the values set_router_state() gave the ops
     const auto caps = balance::expert_capacities(cfg_.capacity_factor, cfg_.tau, cfg_.top_k, tokens, cfg_.num_ffn_experts,
                                                  cfg_.num_zc_experts());
     ops_.plan(caps, chunks(), my_chunk(), ctx);
@@ -239,18 +243,26 @@ class MoeLayer {
   }
 
   // ---- router state and the per-step hook ----------------------------------------------------------
-  // Once after each optimizer step: resets a GlobalBatch buffer, and (router::BiasBalanced) applies
-  // b_i += u · sign(mean c − c_i) with the step's routed counts summed over its training forwards and
-  // over the ranks that hold different tokens (a collective of a distributed layer: every rank calls
-  // it, and every rank ends with the same biases).
+  // Once after each optimizer step: resets a GlobalBatch buffer; a stateful router's hook
+  // (router::BiasBalanced: b_i += u · sign(mean c − c_i)) gets the step's routed counts summed over its
+  // training forwards and over the ranks that hold different tokens (a collective of a distributed
+  // layer: every rank calls it, and every rank ends with the same state); a new step's counts begin.
   void end_step(Context ctx = {}) {
     if constexpr (Balance::global) balance_.reset();
-    if constexpr (kBiased) {
-      std::vector<std::int64_t> c = bias_.step_counts();
+    if constexpr (kStateful) {
+      std::vector<std::int64_t> c = state_.step_counts();
       if constexpr (kDistributed) X::all_reduce_host(ex_.group(RankGroup::kShards), c.data(), c.size(), ctx);
-      bias_.apply(c, cfg_.bias_update_rate);
-      ops_.set_bias(bias_.bias());
+      Router::end_step(state_.values(), c, cfg_);
+      ops_.set_router_state(state_.values());
     }
+    state_.new_step();
+  }
+  // A stateful router's per-expert values (router/state.hpp; empty for a stateless router), for a
+  // checkpoint or a test. set_router_state: the same number of values.
+  std::span<const L> router_state() const { return state_.values(); }
+  void set_router_state(std::span<const L> v) {
+    state_.set(v, "router state");
+    if constexpr (kStateful) ops_.set_router_state(state_.values());
   }
   // router::BiasBalanced: the per-expert selection biases (state, not a parameter; HF DeepSeek-V3's
   // gate.e_score_correction_bias), and the update this rank's counts since the last end_step() would
@@ -258,21 +270,21 @@ class MoeLayer {
   std::span<const L> expert_bias() const
     requires(kBiased)
   {
-    return bias_.bias();
+    return state_.values();
   }
   void set_expert_bias(std::span<const L> b)
     requires(kBiased)
   {
-    bias_.set(b);
-    ops_.set_bias(bias_.bias());
+    state_.set(b, "expert bias");
+    ops_.set_router_state(state_.values());
   }
   std::vector<L> expert_bias_update() const
     requires(kBiased)
   {
-    return bias_.preview(cfg_.bias_update_rate);
+    return Router::template step_update<L>(state_.step_counts(), cfg_);
   }
-  // Routed (pre-capacity) slots per expert over this step's training forwards (the bias update's c).
-  const std::vector<std::int64_t>& step_counts() const { return bias_.step_counts(); }
+  // Routed (pre-capacity) slots per expert over this step's training forwards (a stateful router's c).
+  const std::vector<std::int64_t>& step_counts() const { return state_.step_counts(); }
 
   // ---- distributed strategies -------------------------------------------------------------------
   const ParallelGrid& grid() const
@@ -420,8 +432,8 @@ class MoeLayer {
   }
   void init() {
     eta_ = balance_eta<L>(cfg_);
-    bias_.resize(std::size_t(cfg_.num_experts()), kBiased);
-    if constexpr (kBiased) ops_.set_bias(bias_.bias());
+    state_.resize(std::size_t(cfg_.num_experts()), kStateful);
+    if constexpr (kStateful) ops_.set_router_state(state_.values());
   }
   int chunks() const {
     if constexpr (kDistributed) return ex_.chunks();
@@ -446,7 +458,7 @@ class MoeLayer {
     offsets_.assign(ints + layout_.offsets, ints + layout_.offsets + no);
     kept_.assign(ints + layout_.kept, ints + layout_.kept + n);
     routed_.assign(ints + layout_.routed, ints + layout_.routed + n);
-    if (training_) bias_.count(routed_);
+    if (training_) state_.count(routed_);
     bad_token_ = ints[layout_.bad];
     prob_sum_.assign(floats + layout_.prob_sum, floats + layout_.prob_sum + n);
     z_sum_ = floats[layout_.z_sum];
@@ -517,7 +529,7 @@ class MoeLayer {
   StatsLayout layout_;
   Ops ops_;
   Balance balance_;
-  router::BiasState<L> bias_;  // router::BiasBalanced's b [N_E], and every router's step counts
+  router::RouterState<L> state_;  // a stateful router's values (BiasBalanced: b [N_E]), every router's step counts
   std::vector<L> eta_, prob_sum_, dprob_;
   L z_sum_ = L(0);
   std::int64_t tokens_ = 0, f_tokens_ = 0, gemm_flops_ = 0, recomputations_ = 0;

@@ -4,8 +4,8 @@
 //   per slot s (a (token, pick) pair of the token-choice routers: s = t·k + j): the expert, the gate, and
 //   its row in the expert-contiguous buffers, or kSlotDropped / kSlotZeroComputation;
 //   per expert: routed (pre-capacity) and kept counts, and each FFN expert's range of rows.
-// Also the rules both backends apply to it: which kind an expert is, the score capacity drops by, the
-// eta of the balance loss, and the aux losses from the per-expert sums.
+// Also the rules both backends apply to it: which kind an expert is, the eta of the balance loss, and
+// the aux losses from the per-expert sums (the score capacity drops by is the router policy's).
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -86,14 +86,6 @@ struct ExpertKinds {
     return e < ffn + zero + copy ? ZcKind::kCopy : ZcKind::kConstant;
   }
 };
-
-// The router score a slot was picked by, which capacity drops by (lowest first): p for softmax, the
-// unnormalised s = sigmoid(logit) for sigmoid.
-template <class Score, class S>
-MOEKIT_HD S capacity_score(S logit, S prob) {
-  if constexpr (Score::kind == RouterKind::kSigmoid) return router::sigmoid(logit);
-  else return prob;
-}
 
 // eta_i of the load-balancing loss: 1 for FFN experts, tau for zero-computation experts (MoE++).
 template <class S>

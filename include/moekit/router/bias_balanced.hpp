@@ -9,9 +9,10 @@
 // every rank that holds different tokens, and u = MoeConfig::bias_update_rate. Overloaded experts lose
 // bias, idle ones gain it, so the load evens out without an auxiliary loss in the gradient.
 //
-// Inner: router::TopK<Softmax|Sigmoid>, or router::GatingResidual<TopK<...>>. The router's math is
-// router/topk.hpp's route_token with the bias; its backward is the inner router's (the selection is a
-// constant of the forward, and the gates depend on the unbiased scores only).
+// Inner: router::TopK<Softmax|Sigmoid>, or router::GatingResidual<TopK<...>>. This header is the whole
+// router: its functors (route_token with the bias, the inner router's backward and capacity score) and
+// its step hook; the backends call them through the policy (router/policy.hpp) and keep the biases in
+// the layer's router::RouterState (router/state.hpp).
 #include <algorithm>
 #include <cstdint>
 #include <span>
@@ -24,19 +25,52 @@
 
 namespace moekit::router {
 
+// The update the step's counts apply to the biases: delta_i = u · sign(mean_j c_j − c_i). The mean
+// is compared exactly (Σ c against N·c_i in integers), so ties give 0 on every platform.
+inline std::vector<double> bias_update(const std::vector<std::int64_t>& counts, double rate);
+
 template <class Inner>
 struct BiasBalanced {
-  static_assert(RouterPolicy<Inner> && !Inner::biased,
+  static_assert(RouterPolicy<Inner> && !Inner::stateful,
                 "router::BiasBalanced<Inner>: Inner must be router::TopK<...> or router::GatingResidual<TopK<...>>");
   using score = typename Inner::score;
   using inner = Inner;
   static constexpr RouterKind kind = Inner::kind;
   static constexpr bool residual = Inner::residual;
   static constexpr bool biased = true;
+  static constexpr bool stateful = true;  // the values of its RouterState are the biases b [N_E]
+
+  // Biased selection, unbiased gates and P: route_token with the biases (router/topk.hpp).
+  template <class S>
+  MOEKIT_HD static S route(const S* logit, int n, int k, bool renormalize, S* prob, int* idx, S* gate, const S* bias) {
+    return route_token(score{}, logit, n, k, renormalize, prob, idx, gate, bias);
+  }
+  // The selection is a constant of the forward and the gates depend on the unbiased scores only: the
+  // inner router's backward.
+  template <class S>
+  MOEKIT_HD static void route_backward(const S* logit, int n, int k, bool renormalize, const S* prob, const int* idx,
+                                       const S* gate, const S* dgate, const S* dprob, S zcoef, S* scratch, S* dlogit) {
+    Inner::route_backward(logit, n, k, renormalize, prob, idx, gate, dgate, dprob, zcoef, scratch, dlogit);
+  }
+  template <class S>
+  MOEKIT_HD static S capacity_score(S logit, S prob) {
+    return Inner::capacity_score(logit, prob);
+  }
+
+  // After each optimizer step: b += u · sign(mean c − c), c the step's counts summed over the ranks.
+  template <class S>
+  static void end_step(std::span<S> bias, const std::vector<std::int64_t>& step_counts, const MoeConfig& cfg) {
+    const std::vector<double> d = bias_update(step_counts, cfg.bias_update_rate);
+    for (std::size_t i = 0; i < bias.size(); ++i) bias[i] += S(d[i]);
+  }
+  // The update end_step would apply for these counts.
+  template <class S>
+  static std::vector<S> step_update(const std::vector<std::int64_t>& step_counts, const MoeConfig& cfg) {
+    const std::vector<double> d = bias_update(step_counts, cfg.bias_update_rate);
+    return std::vector<S>(d.begin(), d.end());
+  }
 };
 
-// The update the step's counts apply to the biases: delta_i = u · sign(mean_j c_j − c_i). The mean
-// is compared exactly (Σ c against N·c_i in integers), so ties give 0 on every platform.
 inline std::vector<double> bias_update(const std::vector<std::int64_t>& counts, double rate) {
   const auto n = std::int64_t(counts.size());
   std::int64_t total = 0;
@@ -48,42 +82,5 @@ inline std::vector<double> bias_update(const std::vector<std::int64_t>& counts, 
   }
   return delta;
 }
-
-// A layer's router state, the same on every backend: the biases b (host values; a CUDA layer mirrors
-// them on the device) and the routed counts of the current step's training forwards.
-template <class S>
-class BiasState {
- public:
-  void resize(std::size_t experts, bool biased) {
-    bias_.assign(biased ? experts : 0, S(0));
-    counts_.assign(experts, 0);
-  }
-  const std::vector<S>& bias() const { return bias_; }
-  const std::vector<std::int64_t>& step_counts() const { return counts_; }
-  void count(const std::vector<std::int64_t>& routed) {
-    for (std::size_t e = 0; e < counts_.size() && e < routed.size(); ++e) counts_[e] += routed[e];
-  }
-  void set(std::span<const S> b) {
-    if (b.size() != bias_.size())
-      throw ShapeError("expert bias has " + std::to_string(b.size()) + " values, expected num_experts() = " +
-                       std::to_string(bias_.size()));
-    std::copy(b.begin(), b.end(), bias_.begin());
-  }
-  // The update this rank's counts alone would apply.
-  std::vector<S> preview(double rate) const {
-    const std::vector<double> d = bias_update(counts_, rate);
-    return std::vector<S>(d.begin(), d.end());
-  }
-  // b += u · sign(mean c − c) with c the step's counts summed over the ranks (`summed`); a new step.
-  void apply(const std::vector<std::int64_t>& summed, double rate) {
-    const std::vector<double> d = bias_update(summed, rate);
-    for (std::size_t i = 0; i < bias_.size(); ++i) bias_[i] += S(d[i]);
-    std::fill(counts_.begin(), counts_.end(), 0);
-  }
-
- private:
-  std::vector<S> bias_;
-  std::vector<std::int64_t> counts_;
-};
 
 }  // namespace moekit::router

@@ -4,7 +4,7 @@
 #include <cmath>
 
 #include "moekit/core/macros.hpp"
-#include "moekit/router/policy.hpp"
+#include "moekit/router/score.hpp"
 
 namespace moekit::router {
 
@@ -41,6 +41,17 @@ MOEKIT_HD S logsumexp(const S* l, int n) {
 template <class S>
 MOEKIT_HD S sigmoid(S x) {
   return x >= 0 ? S(1) / (S(1) + std::exp(-x)) : std::exp(x) / (S(1) + std::exp(x));
+}
+
+// The router score a slot was picked by, which capacity drops by (lowest first): p for softmax, the
+// unnormalised s = sigmoid(logit) for sigmoid.
+template <class S>
+MOEKIT_HD S capacity_score(Softmax, S /*logit*/, S prob) {
+  return prob;
+}
+template <class S>
+MOEKIT_HD S capacity_score(Sigmoid, S logit, S /*prob*/) {
+  return sigmoid(logit);
 }
 
 // Forward of one token. Writes prob[n] (P of the balance loss), idx[k], gate[k]; returns the

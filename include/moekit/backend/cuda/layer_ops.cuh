@@ -48,10 +48,9 @@ inline namespace MOEKIT_CUDA_ABI {
 template <class V, class Router, class Experts, bool kDistributed>
 class MoeOps {
   using Act = typename Experts::activation;
-  using Score = typename Router::score;
   static constexpr bool kGated = Act::gated;
   static constexpr bool kResidual = Router::residual;
-  static constexpr bool kBiased = Router::biased;
+  static constexpr bool kStateful = Router::stateful;
   using S = storage_t<V>;
   using I64 = std::int64_t;
 
@@ -73,9 +72,9 @@ class MoeOps {
 
   MoeOps(const MoeConfig& cfg, ParameterTable table, const StatsLayout& layout, GemmStrategy gemm)
       : cfg_(cfg), layout_(layout), params_(checked_store(cfg, std::move(table))) {
-    if constexpr (kBiased) {
-      bias_dev_.resize(std::size_t(cfg_.num_experts()));
-      MOEKIT_CUDA_CHECK(cudaMemset(bias_dev_.data(), 0, std::size_t(cfg_.num_experts()) * sizeof(float)));
+    if constexpr (kStateful) {
+      state_dev_.resize(std::size_t(cfg_.num_experts()));
+      MOEKIT_CUDA_CHECK(cudaMemset(state_dev_.data(), 0, std::size_t(cfg_.num_experts()) * sizeof(float)));
     }
     gemm_ = std::make_unique<ExpertGemm>(gemm, int(params_.table().local_experts()));
     host_stats_.resize(std::size_t(layout_.ints + layout_.floats));  // pinned, sized once: the GlobalBatch hook points into it
@@ -98,8 +97,9 @@ class MoeOps {
   MoeWeights<float> gradients() const { return params_.gradients(); }
   void zero_grad(cudaStream_t stream) { params_.zero_grad(stream); }
   std::vector<DeviceParameter> parameters(const std::string& prefix) const { return params_.parameters(prefix); }
-  void set_bias(std::span<const float> b) {
-    if (!b.empty()) MOEKIT_CUDA_CHECK(cudaMemcpy(bias_dev_.data(), b.data(), b.size() * sizeof(float), cudaMemcpyHostToDevice));
+  // The router state's values (router/state.hpp), mirrored on the device for route_tokens.
+  void set_router_state(std::span<const float> v) {
+    if (!v.empty()) MOEKIT_CUDA_CHECK(cudaMemcpy(state_dev_.data(), v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice));
   }
 
   // ---- workspace --------------------------------------------------------------------------------
@@ -178,8 +178,8 @@ class MoeOps {
     rp.logits = b_.logits, rp.tokens = T, rp.experts = N, rp.top_k = int(cfg_.top_k), rp.renormalize = cfg_.renormalize;
     rp.prob = b_.prob, rp.idx = b_.idx, rp.gate = b_.gate, rp.lse = b_.lse;
     rp.counts = stats_ints() + layout_.routed, rp.bad_token = stats_ints() + layout_.bad;
-    if constexpr (kBiased) rp.bias = bias_dev_.data();
-    MOEKIT_CUDA_CHECK(route_tokens<Score>(rp, stream));
+    if constexpr (kStateful) rp.state = state_dev_.data();
+    MOEKIT_CUDA_CHECK(route_tokens<Router>(rp, stream));
     float* prob_sum = stats_floats() + layout_.prob_sum;
     if (T > 0) {
       const float one = 1.f, zero = 0.f;
@@ -199,7 +199,7 @@ class MoeOps {
     pp.idx = b_.idx, pp.tokens = T, pp.top_k = K, pp.experts = N, pp.ffn_experts = int(cfg_.num_ffn_experts), pp.chunks = chunks;
     pp.cap_ffn = int(std::min<I64>(caps.ffn, INT32_MAX)), pp.cap_zc = int(std::min<I64>(caps.zc, INT32_MAX));
     if (caps.ffn >= 0) {
-      MOEKIT_CUDA_CHECK(slot_scores<Score>(b_.logits, b_.prob, b_.idx, T, N, K, b_.score, stream));
+      MOEKIT_CUDA_CHECK(slot_scores<Router>(b_.logits, b_.prob, b_.idx, T, N, K, b_.score, stream));
       pp.score = b_.score;
     }
     pp.slot_of_row = b_.slot_of_row, pp.row_of_slot = b_.row_of_slot;
@@ -305,7 +305,7 @@ class MoeOps {
     rb.lse = b_.lse, rb.zscale = zscale;
     rb.tokens = T, rb.experts = N, rb.top_k = int(cfg_.top_k), rb.renormalize = cfg_.renormalize;
     rb.scratch = b_.scratch, rb.dlogits = b_.dlogits;
-    MOEKIT_CUDA_CHECK(route_tokens_backward<Score>(rb, stream));
+    MOEKIT_CUDA_CHECK(route_tokens_backward<Router>(rb, stream));
     if (dlogits_next) {
       const float one = 1.f;
       MOEKIT_CUBLAS_CHECK(cublasSaxpy(h, T * N, &one, dlogits_next, 1, b_.dlogits, 1));
@@ -449,7 +449,7 @@ class MoeOps {
   MoeConfig cfg_;
   StatsLayout layout_;
   ParameterStore<S> params_;
-  DeviceArray<float> bias_dev_;  // router::BiasBalanced's b, read by route_tokens
+  DeviceArray<float> state_dev_;  // a stateful router's values (router::BiasBalanced: b), read by route_tokens
   std::unique_ptr<ExpertGemm> gemm_;
   DeviceArray<char> owned_;
   PinnedArray<std::int32_t> host_stats_;  // the statistics block: ints then floats (same 4-byte size)

@@ -13,7 +13,7 @@
 
 #include "moekit/backend/cuda/status.cuh"
 #include "moekit/layer/routing_plan.hpp"
-#include "moekit/router/topk.hpp"
+#include "moekit/router/policy.hpp"
 
 namespace moekit::backend::cuda {
 inline namespace MOEKIT_CUDA_ABI {
@@ -28,7 +28,7 @@ struct RouteParams {
   float* lse = nullptr;    // [T]      out
   int* counts = nullptr;   // [N_E]    out: routed (pre-capacity) slots per expert
   int* bad_token = nullptr;  // [1] optional out: lowest token with a non-finite logit (kNoBadToken if none)
-  const float* bias = nullptr;  // [N_E] optional: router::BiasBalanced's selection biases
+  const float* state = nullptr;  // [N_E] a stateful router's values (router::BiasBalanced: the biases), else null
 };
 
 using ::moekit::kNoBadToken;  // layer/routing_plan.hpp: what cudaMemset(0x7F) writes
@@ -48,7 +48,7 @@ struct RouteBackwardParams {
   float* dlogits = nullptr;  // [T, N_E] out
 };
 
-template <class Score>
+template <class Router>
 struct RouteTokenOp {
   __device__ void operator()(const RouteParams& p, int t) const {
     const std::size_t n = std::size_t(p.experts), k = std::size_t(p.top_k);
@@ -58,20 +58,20 @@ struct RouteTokenOp {
       for (std::size_t i = 0; i < n; ++i) finite = finite && isfinite(p.logits[t * n + i]);
       if (!finite) atomicMin(p.bad_token, t);
     }
-    p.lse[t] = router::route_token(Score{}, p.logits + t * n, p.experts, p.top_k, p.renormalize, p.prob + t * n, idx,
-                                   p.gate + t * k, p.bias);
+    p.lse[t] = Router::route(p.logits + t * n, p.experts, p.top_k, p.renormalize, p.prob + t * n, idx, p.gate + t * k,
+                             p.state);
     // Integer atomics: exact and order-free, so counts are deterministic.
     for (int j = 0; j < p.top_k; ++j) atomicAdd(&p.counts[idx[j]], 1);
   }
 };
 
-template <class Score>
+template <class Router>
 struct RouteTokenBackwardOp {
   __device__ void operator()(const RouteBackwardParams& p, int t) const {
     const std::size_t n = std::size_t(p.experts), k = std::size_t(p.top_k);
-    router::route_token_backward(Score{}, p.logits + t * n, p.experts, p.top_k, p.renormalize, p.prob + t * n,
-                                 p.idx + t * k, p.gate + t * k, p.dgate + t * k, p.dprob, p.zscale * p.lse[t],
-                                 p.scratch + t * n, p.dlogits + t * n);
+    Router::route_backward(p.logits + t * n, p.experts, p.top_k, p.renormalize, p.prob + t * n, p.idx + t * k,
+                           p.gate + t * k, p.dgate + t * k, p.dprob, p.zscale * p.lse[t], p.scratch + t * n,
+                           p.dlogits + t * n);
   }
 };
 
@@ -93,15 +93,16 @@ cudaError_t launch_per_token(const Params& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Forward: zeroes counts (and sets bad_token to kNoBadToken), then one pass over the logits. Score is
-// router::Softmax or router::Sigmoid.
-template <class Score>
+// Forward: zeroes counts (and sets bad_token to kNoBadToken), then one pass over the logits. Router is
+// a router policy (router/policy.hpp: router::TopK<Softmax|Sigmoid>, GatingResidual<...>, BiasBalanced<...>),
+// whose route / route_backward / capacity_score functors the kernels call.
+template <class Router>
 cudaError_t route_tokens(const RouteParams& p, cudaStream_t stream) {
   if (!valid_shape(p.tokens, p.experts, p.top_k) || !p.logits || !p.prob || !p.idx || !p.gate || !p.lse || !p.counts)
     return cudaErrorInvalidValue;
   MOEKIT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p.counts, 0, sizeof(int) * std::size_t(p.experts), stream));
   if (p.bad_token) MOEKIT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p.bad_token, 0x7F, sizeof(int), stream));
-  return launch_per_token<RouteTokenOp<Score>>(p, stream);
+  return launch_per_token<RouteTokenOp<Router>>(p, stream);
 }
 
 // Workspace of the backward: scratch [T, N_E] floats.
@@ -109,32 +110,32 @@ inline std::size_t route_tokens_backward_workspace(int tokens, int experts) {
   return sizeof(float) * std::size_t(tokens) * std::size_t(experts);
 }
 
-template <class Score>
+template <class Router>
 cudaError_t route_tokens_backward(const RouteBackwardParams& p, cudaStream_t stream) {
   if (!valid_shape(p.tokens, p.experts, p.top_k) || !p.logits || !p.prob || !p.idx || !p.gate || !p.dgate ||
       !p.dprob || !p.lse || !p.scratch || !p.dlogits)
     return cudaErrorInvalidValue;
-  return launch_per_token<RouteTokenBackwardOp<Score>>(p, stream);
+  return launch_per_token<RouteTokenBackwardOp<Router>>(p, stream);
 }
 
 // The score a slot was picked by, for capacity drops: p for softmax, s = sigmoid(logit) for sigmoid
 // (as the host backend's score_of).
-template <class Score>
+template <class Router>
 MOEKIT_KERNEL void slot_scores_kernel(const float* logits, const float* prob, const int* idx, int tokens, int experts,
                                       int top_k, float* score) {
   const int s = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
   if (s >= tokens * top_k) return;
   const std::size_t at = std::size_t(s / top_k) * std::size_t(experts) + std::size_t(idx[s]);
-  score[s] = capacity_score<Score>(logits[at], prob[at]);  // layer/routing_plan.hpp
+  score[s] = Router::capacity_score(logits[at], prob[at]);
 }
 
-template <class Score>
+template <class Router>
 cudaError_t slot_scores(const float* logits, const float* prob, const int* idx, int tokens, int experts, int top_k,
                         float* score, cudaStream_t stream) {
   if (!valid_shape(tokens, experts, top_k) || (tokens && (!logits || !prob || !idx || !score))) return cudaErrorInvalidValue;
   const int n = tokens * top_k;
   if (n == 0) return cudaSuccess;
-  slot_scores_kernel<Score><<<unsigned((n + 255) / 256), 256, 0, stream>>>(logits, prob, idx, tokens, experts, top_k, score);
+  slot_scores_kernel<Router><<<unsigned((n + 255) / 256), 256, 0, stream>>>(logits, prob, idx, tokens, experts, top_k, score);
   return cudaGetLastError();
 }
 

@@ -24,7 +24,7 @@
 #include "moekit/layer/routing_plan.hpp"
 #include "moekit/parallel/dispatch_plan.hpp"
 #include "moekit/parallel/policy.hpp"
-#include "moekit/router/topk.hpp"
+#include "moekit/router/policy.hpp"
 
 // Loops with less work than this many elements run on one thread: waking an OpenMP team costs more,
 // and idle OpenMP threads spinning after a region slow the (separately threaded) BLAS calls.
@@ -38,11 +38,9 @@ namespace backend::host {
 template <class T, class Router, class Experts, bool kDistributed>
 class MoeOps {
   using Act = typename Experts::activation;
-  using Score = typename Router::score;
   using Kinds = experts::zc_kinds<Experts>;
   static constexpr bool kGated = Act::gated;
   static constexpr bool kResidual = Router::residual;
-  static constexpr bool kBiased = Router::biased;
   static constexpr bool kAnyZc = Kinds::zero || Kinds::copy || Kinds::constant;
   using I32 = std::int32_t;
   using I64 = std::int64_t;
@@ -84,7 +82,8 @@ class MoeOps {
   MoeWeights<T> gradients() const { return unpacked(grad_); }
   void zero_grad(Context) { std::fill(grad_.begin(), grad_.end(), T(0)); }
   std::vector<Parameter<T>> parameters(const std::string& prefix) { return table_.parameters(value_.data(), grad_.data(), prefix); }
-  void set_bias(std::span<const T> b) { bias_.assign(b.begin(), b.end()); }
+  // The router state's values (router/state.hpp: a stateful router's per-expert values) for route.
+  void set_router_state(std::span<const T> v) { state_.assign(v.begin(), v.end()); }
 
   // ---- workspace --------------------------------------------------------------------------------
   I64 workspace_bytes(I64 tokens) const {
@@ -131,8 +130,8 @@ class MoeOps {
       if (prev) std::copy_n(prev, tokens * cfg_.num_experts(), prev_.data());
   }
 
-  // Logits (x W_r^T, + prev W_g^T), routing per token (router/topk.hpp, with the biases of a biased
-  // router), routed counts, the lowest non-finite token, and the aux sums Σ_t p[t, :] and Σ_t lse².
+  // Logits (x W_r^T, + prev W_g^T), routing per token (the router policy's functor, with its state),
+  // routed counts, the lowest non-finite token, and the aux sums Σ_t p[t, :] and Σ_t lse².
   // A non-finite token routes to experts 0..k-1 with zero gates: the forward stops after the
   // statistics anyway, and its rows stay in range until then.
   void route(bool has_prev, Context) {
@@ -156,8 +155,8 @@ class MoeOps {
         lse_[t] = T(0);
         continue;
       }
-      lse_[t] = router::route_token(Score{}, l, int(n), int(k), cfg_.renormalize, &prob_[t * n], &idx_[t * k], &gate_[t * k],
-                                    kBiased ? bias_.data() : nullptr);
+      lse_[t] = Router::route(l, int(n), int(k), cfg_.renormalize, &prob_[t * n], &idx_[t * k], &gate_[t * k],
+                              state_.empty() ? nullptr : state_.data());
     }
     I32* routed = &ints_[layout_.routed];
     std::fill_n(routed, n, 0);
@@ -301,8 +300,8 @@ class MoeOps {
 #pragma omp for schedule(static)
       for (I64 t = 0; t < tokens_; ++t) {
         T* dl = &dlogits_[t * n];
-        router::route_token_backward(Score{}, &logits_[t * n], int(n), int(k), cfg_.renormalize, &prob_[t * n], &idx_[t * k],
-                                     &gate_[t * k], &dgate_[t * k], dprob, zscale * lse_[t], scratch.data(), dl);
+        Router::route_backward(&logits_[t * n], int(n), int(k), cfg_.renormalize, &prob_[t * n], &idx_[t * k], &gate_[t * k],
+                               &dgate_[t * k], dprob, zscale * lse_[t], scratch.data(), dl);
         if (dlogits_next)
           for (I64 i = 0; i < n; ++i) dl[i] += dlogits_next[t * n + i];
       }
@@ -349,7 +348,7 @@ class MoeOps {
   // The router score a slot was picked by (layer/routing_plan.hpp).
   T score_of(I32 s) const {
     const I64 at = (s / cfg_.top_k) * cfg_.num_experts() + idx_[s];
-    return capacity_score<Score>(logits_[at], prob_[at]);
+    return Router::capacity_score(logits_[at], prob_[at]);
   }
 
   // out_t = Σ over t's kept FFN slots of (gate or 1) · rows[slot's row]: a gather, not a scatter with
@@ -428,7 +427,7 @@ class MoeOps {
   MoeConfig cfg_;
   ParameterTable table_;
   StatsLayout layout_;
-  std::vector<T> value_, grad_, bias_;  // flat, laid out by table_; the selection biases of a biased router
+  std::vector<T> value_, grad_, state_;  // flat, laid out by table_; the router state's values
   std::vector<I32> ints_;
   std::vector<T> floats_;
   I64 reserved_ = 0, tokens_ = 0;
