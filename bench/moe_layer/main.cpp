@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
+#include <moekit/layer/any_layer.hpp>
 #include <moekit/moe_layer.hpp>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -79,9 +80,12 @@ double ceiling_gflops(const Shape& s, int reps) {
   return 2.0 * double(m) * double(n) * double(s.d) / (ms * 1e6);
 }
 
+// Through the type-erased layer (layer/any_layer.hpp), as programs that choose the layer at run time
+// use it: one virtual call per forward or backward, nothing measurable at these sizes.
 template <class Layer>
 Row run(const Shape& s, const MoeConfig& cfg, bool skewed, int reps, const char* experts_name) {
-  Layer layer(cfg);
+  const auto erased = erase<Layer>(cfg);
+  AnyMoeLayer<backend::Host<float>>& layer = *erased;
   layer.init_params(1);
   // Two input sets, alternated, so a rep does not find the previous rep's x in cache.
   std::vector<float> x[2], y(s.tokens * s.d), dx(s.tokens * s.d), dy(s.tokens * s.d);

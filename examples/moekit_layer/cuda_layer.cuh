@@ -17,6 +17,7 @@
 #include "layer_io.hpp"
 #include "moekit/backend/cuda/memory.cuh"
 #include "moekit/backend/cuda/moe_layer.cuh"
+#include "moekit/layer/any_layer.hpp"
 #include "moekit/layer/parameter_table.hpp"
 #include "moekit/layer/moe_layer_decl.hpp"
 
@@ -62,43 +63,41 @@ LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
   table.unpack(flat.data(), w);
 
   LayerOutputs out;
-  moekit::with_layer_type<moekit::backend::Cuda<V>, moekit::balance::MicroBatch, kBias>(cfg, [&]<class Layer>(std::type_identity<Layer>) {
-    using S = typename Layer::storage_type;
-    Layer layer(cfg);
-    layer.load_weights(w);
-    if constexpr (Layer::router_type::biased) layer.set_expert_bias(in.expert_bias);
-    layer.reserve(T);
-    const std::size_t td = std::size_t(T * d), tn = std::size_t(T * n), tk = std::size_t(T * k);
-    mc::DeviceArray<S> x(td), y(td), dy(td), dx(td);
-    mc::DeviceArray<float> prev(residual ? tn : 0), dprev(residual ? tn : 0);
-    mc::upload_as(in.x.data(), td, x.data());
-    mc::upload_as(in.dy.data(), td, dy.data());
-    if (residual) mc::upload_as(in.prev_logits.data(), tn, prev.data());
-    // Views of nothing (data == nullptr) without the gating residual.
-    const MatrixView<const float> prev_view{residual ? prev.data() : nullptr, {T, n}};
-    const MatrixView<float> dprev_view{residual ? dprev.data() : nullptr, {T, n}};
+  using S = mc::storage_t<V>;
+  const auto layer = moekit::make_moe_layer<moekit::backend::Cuda<V>, moekit::balance::MicroBatch, kBias>(cfg);
+  layer->load_weights(w);
+  if (layer->biased()) layer->set_expert_bias(in.expert_bias);
+  layer->reserve(T);
+  const std::size_t td = std::size_t(T * d), tn = std::size_t(T * n), tk = std::size_t(T * k);
+  mc::DeviceArray<S> x(td), y(td), dy(td), dx(td);
+  mc::DeviceArray<float> prev(residual ? tn : 0), dprev(residual ? tn : 0);
+  mc::upload_as(in.x.data(), td, x.data());
+  mc::upload_as(in.dy.data(), td, dy.data());
+  if (residual) mc::upload_as(in.prev_logits.data(), tn, prev.data());
+  // Views of nothing (data == nullptr) without the gating residual.
+  const MatrixView<const float> prev_view{residual ? prev.data() : nullptr, {T, n}};
+  const MatrixView<float> dprev_view{residual ? dprev.data() : nullptr, {T, n}};
 
-    const moekit::AuxLosses aux =
-        layer.forward(MatrixView<const S>(x.data(), {T, d}), MatrixView<S>(y.data(), {T, d}), prev_view);
-    // Router results live in the layer's workspace: copy them before backward reuses any buffer.
-    download_raw(layer.logits_device(), tn, out.logits);
-    std::vector<int> idx;
-    download_raw(layer.topk_indices_device(), tk, idx);
-    out.topk_indices.assign(idx.begin(), idx.end());
-    download_raw(layer.topk_gates_device(), tk, out.topk_gates);
-    const auto counts = layer.expert_counts();
-    out.expert_counts.assign(counts.data, counts.data + counts.numel());
-    out.lbl = aux.lbl, out.zloss = aux.zloss;
-    if constexpr (Layer::router_type::biased) out.expert_bias_update = layer.expert_bias_update();
-    // L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss; the last MoE layer (no dlogits_next).
-    layer.backward(MatrixView<const S>(dy.data(), {T, d}), MatrixView<S>(dx.data(), {T, d}), 1.0, {}, dprev_view);
-    MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
-    out.y.resize(td), out.dx.resize(td);
-    mc::download_as(y.data(), td, out.y.data());
-    mc::download_as(dx.data(), td, out.dx.data());
-    if (residual) download_raw(dprev.data(), tn, out.grad_prev_logits);
-    table.pack(layer.gradients(), flat.data());
-  });
+  const moekit::AuxLosses aux = layer->forward(MatrixView<const S>(x.data(), {T, d}), MatrixView<S>(y.data(), {T, d}), prev_view);
+  // Router results live in the layer's workspace: copy them before backward reuses any buffer.
+  const moekit::ForwardViews<float> v = layer->views();
+  download_raw(v.logits, tn, out.logits);
+  std::vector<int> idx;
+  download_raw(v.topk_indices, tk, idx);
+  out.topk_indices.assign(idx.begin(), idx.end());
+  download_raw(v.topk_gates, tk, out.topk_gates);
+  const auto counts = layer->expert_counts();
+  out.expert_counts.assign(counts.data, counts.data + counts.numel());
+  out.lbl = aux.lbl, out.zloss = aux.zloss;
+  if (layer->biased()) out.expert_bias_update = layer->expert_bias_update();
+  // L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss; the last MoE layer (no dlogits_next).
+  layer->backward(MatrixView<const S>(dy.data(), {T, d}), MatrixView<S>(dx.data(), {T, d}), 1.0, {}, dprev_view);
+  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+  out.y.resize(td), out.dx.resize(td);
+  mc::download_as(y.data(), td, out.y.data());
+  mc::download_as(dx.data(), td, out.dx.data());
+  if (residual) download_raw(dprev.data(), tn, out.grad_prev_logits);
+  table.pack(layer->gradients(), flat.data());
   for (const auto& p : table.specs()) out.grads[p.name].assign(flat.begin() + p.offset, flat.begin() + p.offset + p.numel());
   return out;
 }

@@ -26,6 +26,7 @@
 #include "layer_io.hpp"
 #include "moekit/io/config_json.hpp"
 #include "moekit/io/safetensors.hpp"
+#include "moekit/layer/any_layer.hpp"
 #include "moekit/moe_layer.hpp"
 
 namespace moekit_layer {
@@ -197,11 +198,6 @@ inline std::string describe_inputs(const moekit::MoeConfig& c) {
          " constant experts, gating_residual " + (c.gating_residual ? "true" : "false");
 }
 
-template <class T>
-std::span<const T> flat(const moekit::TensorView<const T, 2>& v) {
-  return {v.data, std::size_t(v.numel())};
-}
-
 // Reads every input and checks it against the config (dtype, shape, nothing missing or extra).
 inline LayerInputs read_inputs(const moekit::MoeConfig& cfg, const moekit::io::SafetensorsFile& in) {
   const std::int64_t d = cfg.d_model;
@@ -227,43 +223,40 @@ inline LayerInputs read_inputs(const moekit::MoeConfig& cfg, const moekit::io::S
   return r;
 }
 
-// MoeLayer<backend::Host<float>> forward + backward.
+// MoeLayer<backend::Host<float>> forward + backward, the layer chosen by the one runtime switch.
 inline LayerOutputs run_host_layer(const moekit::MoeConfig& cfg, const LayerInputs& in) {
-  const std::int64_t tokens = in.tokens, d = cfg.d_model, n = cfg.num_experts();
+  const std::int64_t tokens = in.tokens, d = cfg.d_model, n = cfg.num_experts(), k = cfg.top_k;
   LayerOutputs out;
-  moekit::with_layer_type<moekit::backend::Host<float>>(cfg, [&]<class Layer>(std::type_identity<Layer>) {
-    Layer layer(cfg);
-    auto params = layer.parameters();
-    for (auto& p : params) {
-      const auto it = in.weights.find(p.name);
-      if (it == in.weights.end() || std::int64_t(it->second.size()) != p.numel())
-        throw std::logic_error("moekit-layer: the layer's parameter '" + p.name + "' does not match parameter_shapes()");
-      std::copy(it->second.begin(), it->second.end(), p.value);
-    }
-    layer.zero_grad();
-    if constexpr (Layer::router_type::biased) layer.set_expert_bias(in.expert_bias);
-    out.y.resize(in.x.size()), out.dx.resize(in.x.size()), out.grad_prev_logits.resize(in.prev_logits.size());
-    // Views of nothing (data == nullptr) without the gating residual.
-    const moekit::MatrixView<const float> prev{in.prev_logits.empty() ? nullptr : in.prev_logits.data(), {tokens, n}};
-    const moekit::MatrixView<float> dprev{out.grad_prev_logits.empty() ? nullptr : out.grad_prev_logits.data(), {tokens, n}};
-    const moekit::AuxLosses aux = layer.forward(moekit::MatrixView<const float>(in.x.data(), {tokens, d}),
-                                                moekit::MatrixView<float>(out.y.data(), {tokens, d}), prev);
-    // Router results are views into the layer: copy them before backward reuses any buffer.
-    const auto logits = flat(layer.logits()), gates = flat(layer.topk_gates());
-    const auto idx = flat(layer.topk_indices());
-    out.logits.assign(logits.begin(), logits.end());
-    out.topk_indices.assign(idx.begin(), idx.end());
-    out.topk_gates.assign(gates.begin(), gates.end());
-    const auto counts = layer.expert_counts();
-    out.expert_counts.assign(counts.data, counts.data + n);
-    out.lbl = aux.lbl, out.zloss = aux.zloss;
-    if constexpr (Layer::router_type::biased) out.expert_bias_update = layer.expert_bias_update();
-    // L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss.
-    // This is the last MoE layer (no next layer's residual sends gradient back to its logits).
-    layer.backward(moekit::MatrixView<const float>(in.dy.data(), {tokens, d}),
-                   moekit::MatrixView<float>(out.dx.data(), {tokens, d}), 1.0, {}, dprev);
-    for (const auto& p : params) out.grads[p.name].assign(p.grad, p.grad + p.numel());
-  });
+  const auto layer = moekit::make_moe_layer<moekit::backend::Host<float>>(cfg);
+  auto params = layer->parameters();
+  for (auto& p : params) {
+    const auto it = in.weights.find(p.name);
+    if (it == in.weights.end() || std::int64_t(it->second.size()) != p.numel())
+      throw std::logic_error("moekit-layer: the layer's parameter '" + p.name + "' does not match parameter_shapes()");
+    std::copy(it->second.begin(), it->second.end(), p.value);
+  }
+  layer->zero_grad();
+  if (layer->biased()) layer->set_expert_bias(in.expert_bias);
+  out.y.resize(in.x.size()), out.dx.resize(in.x.size()), out.grad_prev_logits.resize(in.prev_logits.size());
+  // Views of nothing (data == nullptr) without the gating residual.
+  const moekit::MatrixView<const float> prev{in.prev_logits.empty() ? nullptr : in.prev_logits.data(), {tokens, n}};
+  const moekit::MatrixView<float> dprev{out.grad_prev_logits.empty() ? nullptr : out.grad_prev_logits.data(), {tokens, n}};
+  const moekit::AuxLosses aux = layer->forward(moekit::MatrixView<const float>(in.x.data(), {tokens, d}),
+                                               moekit::MatrixView<float>(out.y.data(), {tokens, d}), prev);
+  // Router results are views into the layer: copy them before backward reuses any buffer.
+  const moekit::ForwardViews<float> v = layer->views();
+  out.logits.assign(v.logits, v.logits + tokens * n);
+  out.topk_indices.assign(v.topk_indices, v.topk_indices + tokens * k);
+  out.topk_gates.assign(v.topk_gates, v.topk_gates + tokens * k);
+  const auto counts = layer->expert_counts();
+  out.expert_counts.assign(counts.data, counts.data + n);
+  out.lbl = aux.lbl, out.zloss = aux.zloss;
+  if (layer->biased()) out.expert_bias_update = layer->expert_bias_update();
+  // L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss.
+  // This is the last MoE layer (no next layer's residual sends gradient back to its logits).
+  layer->backward(moekit::MatrixView<const float>(in.dy.data(), {tokens, d}), moekit::MatrixView<float>(out.dx.data(), {tokens, d}),
+                  1.0, {}, dprev);
+  for (const auto& p : params) out.grads[p.name].assign(p.grad, p.grad + p.numel());
   return out;
 }
 

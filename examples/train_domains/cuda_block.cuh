@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <memory>
 #include <moekit/backend/cuda/moe_layer.cuh>
+#include <moekit/backend/cuda/parameter_group.cuh>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -58,11 +59,10 @@ void to_host(T* dst, const T* src, std::int64_t n, cudaStream_t s) {
 // topk_indices() download on first use after a forward (the gating residual and the evaluation's routing
 // table use them).
 //
-// Parameters: the optimizer works on host mirrors, one value and one gradient vector per device parameter
-// (fp32, as the device's), with the host layer's names and shapes; parameters() lists the mirrors.
-// Gradients accumulate on the device; gradients_to_host() copies them into the mirrors once per step
-// (after sync_gradients), parameters_to_device() copies the mirrors' values back after AdamW, and
-// zero_grad() zeroes both sides.
+// Parameters: they stay on the device. parameters() lists none (the host optimizer never sees them);
+// parameter_group() is a backend::cuda::AdamWGroup over the layer's flat buffers, which the trainer
+// clips and steps on the block's stream: per step only the sums of squares (one double per tensor)
+// come to the host. parameter_shapes() gives the names, shapes and shards (for counting).
 template <class Layer>
 class CudaMoeBlock final : public MoeBlock<float> {
   static_assert(std::is_same_v<typename Layer::storage_type, float>, "the trainer's CUDA layers are fp32");
@@ -71,14 +71,8 @@ class CudaMoeBlock final : public MoeBlock<float> {
   // Extra arguments go to the layer's constructor (the NCCL world of a distributed layer).
   template <class... Args>
   explicit CudaMoeBlock(const mk::MoeConfig& c, Args&... args) : layer_(c, args...) {
-    for (const mk::DeviceParameter& p : layer_.parameters()) {  // the host layers' names and order (one table)
+    for (const mk::DeviceParameter& p : layer_.parameters())  // the host layers' names and order (one table)
       if (p.dtype != CUDA_R_32F) throw std::logic_error("train_domains: CUDA parameter " + p.name + " is not fp32");
-      Mirror m;
-      m.name = p.name, m.shape = p.shape, m.shard = p.shard;
-      m.device_value = static_cast<float*>(p.value), m.device_grad = p.grad;
-      m.value.assign(std::size_t(p.numel()), 0.f), m.grad.assign(std::size_t(p.numel()), 0.f);
-      mirrors_.push_back(std::move(m));
-    }
     layer_.zero_grad(stream_.get());
     stream_.sync();
   }
@@ -145,32 +139,23 @@ class CudaMoeBlock final : public MoeBlock<float> {
   // device and in the mirrors.
   void init_params(std::uint64_t seed) override {
     layer_.init_params(seed);
-    const cudaStream_t s = stream_.get();
     MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());  // init_params uploads with plain cudaMemcpy
-    for (Mirror& m : mirrors_) to_host(m.value.data(), m.device_value, std::int64_t(m.value.size()), s);
-    stream_.sync();
   }
-  std::vector<mk::Parameter<float>> parameters(const std::string& prefix) override {
+  std::vector<mk::Parameter<float>> parameters(const std::string&) override { return {}; }
+  std::vector<mk::Parameter<float>> parameter_shapes(const std::string& prefix) override {
     std::vector<mk::Parameter<float>> ps;
-    for (Mirror& m : mirrors_) ps.push_back({prefix + m.name, m.value.data(), m.grad.data(), m.shape, m.shard});
+    for (const mk::DeviceParameter& p : layer_.parameters()) ps.push_back({prefix + p.name, nullptr, nullptr, p.shape, p.shard});
     return ps;
   }
-  void zero_grad() override {
-    layer_.zero_grad(stream_.get());
-    for (Mirror& m : mirrors_) std::fill(m.grad.begin(), m.grad.end(), 0.f);
+  mk::train::ParameterGroup* parameter_group(const mk::train::AdamWConfig& ac) override {
+    if (!group_)
+      group_ = std::make_unique<mk::backend::cuda::AdamWGroup>(
+          layer_.parameters(), ac, [](const mk::DeviceParameter& p) { return p.shape.size() >= 2; }, stream_.get());
+    return group_.get();
   }
+  void zero_grad() override { layer_.zero_grad(stream_.get()); }
   void sync_gradients() override {  // distributed: NCCL all-reduces of the device gradients
     if constexpr (requires(cudaStream_t s) { layer_.sync_gradients(s); }) layer_.sync_gradients(stream_.get());
-  }
-  void gradients_to_host() override {
-    const cudaStream_t s = stream_.get();
-    for (Mirror& m : mirrors_) to_host(m.grad.data(), m.device_grad, std::int64_t(m.grad.size()), s);
-    stream_.sync();
-  }
-  void parameters_to_device() override {
-    const cudaStream_t s = stream_.get();
-    for (Mirror& m : mirrors_) to_device(m.device_value, m.value.data(), std::int64_t(m.value.size()), s);
-    stream_.sync();
   }
   void end_step() override {
     layer_.end_step(stream_.get());
@@ -178,15 +163,6 @@ class CudaMoeBlock final : public MoeBlock<float> {
   void set_training(bool on) override { layer_.set_training(on); }
 
  private:
-  struct Mirror {
-    std::string name;
-    std::vector<std::int64_t> shape;
-    mk::ParamShard shard = mk::ParamShard::kReplicated;
-    float* device_value = nullptr;
-    float* device_grad = nullptr;
-    std::vector<float> value, grad;
-  };
-
   // Workspace and copy buffers for `rows` tokens (they only grow; every rank of a distributed run sees
   // the same row counts in the same order, so all reserve alike, as the layer requires).
   void fit(std::int64_t rows) {
@@ -212,7 +188,7 @@ class CudaMoeBlock final : public MoeBlock<float> {
 
   Stream stream_;  // first: destroyed after the layer
   Layer layer_;
-  std::vector<Mirror> mirrors_;
+  std::unique_ptr<mk::backend::cuda::AdamWGroup> group_;  // after the layer: destroyed before it
   mk::backend::cuda::DeviceArray<float> in_, out_, lin_, lout_;  // x | dy, y | dx, prev | dlogits_next, dprev
   std::int64_t capacity_ = 0;
   mutable std::vector<float> logits_, probs_;

@@ -85,13 +85,12 @@ class TrainedModel {
       ranks_->average_over_shards(dense_);
       model_.sync_moe_gradients();
     }
-    model_.moe_gradients_to_host();  // --backend cuda: into the host mirrors that parameters() lists
   }
-  void after_optimizer_step() {
-    model_.moe_parameters_to_device();  // --backend cuda: the updated mirrors back to the GPU
-    model_.end_step();                  // GlobalBatch buffers, BiasBalanced biases
-  }
-  std::vector<moekit::Parameter<float>> parameters() { return model_.parameters(); }  // this rank's
+  void after_optimizer_step() { model_.end_step(); }  // GlobalBatch buffers, BiasBalanced biases
+  std::vector<moekit::Parameter<float>> parameters() { return model_.parameters(); }  // this rank's, on the host
+  // --backend cuda: the MoE layers' parameters, clipped and stepped on the device by the trainer.
+  std::vector<moekit::train::ParameterGroup*> parameter_groups() { return groups_; }
+  void set_parameter_groups(std::vector<moekit::train::ParameterGroup*> g) { groups_ = std::move(g); }
 
  private:
   Model<float>& model_;
@@ -104,6 +103,7 @@ class TrainedModel {
   std::vector<std::int64_t> pos_;
   std::vector<std::int32_t> ids_, targets_;
   std::vector<moekit::Parameter<float>> dense_;
+  std::vector<moekit::train::ParameterGroup*> groups_;
   std::array<std::vector<std::int64_t>, domains::kNumDomains> by_domain_;
 };
 
@@ -163,8 +163,8 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   Model<float> model(mc, opt.seed, moe_blocks);
   TrainedModel trained(model, train, opt, ranks.get());
   std::int64_t n_local_params = 0;
-  for (const auto& p : model.parameters()) n_local_params += p.numel();
-  const std::vector<moekit::Parameter<float>> params = model.parameters();
+  const std::vector<moekit::Parameter<float>> params = model.parameter_shapes();  // wherever they live
+  for (const auto& p : params) n_local_params += p.numel();
   const std::int64_t n_params = ranks ? ranks->full_parameter_count(params) : n_local_params;
 
   // 3. The trainer: AdamW (weight decay on matrices only), warmup + cosine, clipping at 1.0 by the
@@ -181,6 +181,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
     red.sum_over_shards = [&](double* v, std::size_t n) { ranks->sum_over_shards(v, n); };
     red.sum_over_expert_slices = [&](double* v, std::size_t n) { ranks->sum_over_expert_slices(v, n); };
   }
+  trained.set_parameter_groups(model.parameter_groups(ac));  // --backend cuda: on the device
   moekit::train::Trainer<TrainedModel> trainer(
       trained, tc, ac, schedule, [](const moekit::Parameter<float>& p) { return p.shape.size() >= 2; }, red);
 
@@ -196,7 +197,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
         (long long)mc.copy_experts, (long long)mc.constant_experts, mc.tau, mc.gating_residual ? "on" : "off",
         opt.pack_by_domain ? "packed by domain" : "mixed");
   if (cuda)  // --backend cuda only: host runs print what they always did
-    out("backend: cuda | MoE layers on %s%s; embedding, norms, head and AdamW on the host\n", cuda->describe().c_str(),
+    out("backend: cuda | MoE layers and their AdamW on %s%s; embedding, norms, head and their AdamW on the host\n", cuda->describe().c_str(),
         ranks ? " (rank 0; one GPU per rank, NCCL inside the layers)" : "");
   if (ranks) {
     const auto& g = ranks->grid();

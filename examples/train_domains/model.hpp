@@ -13,8 +13,8 @@
 // The MoE layers sit behind a virtual interface (MoeBlock) and come from a factory: by default
 // make_moe_block (single-rank layers); parallel.hpp's factory gives the distributed host layers
 // (--parallel), whose forward/backward communicate and whose parameters() list this rank's shard;
-// cuda_blocks.hpp's gives CUDA layers (--backend cuda), whose parameters() are host mirrors of the
-// device weights (moe_gradients_to_host / moe_parameters_to_device move them around the optimizer).
+// cuda_blocks.hpp's gives CUDA layers (--backend cuda), whose parameters stay on the device as a
+// train::ParameterGroup (parameter_groups()) that the trainer clips and steps there.
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -26,11 +26,14 @@
 #include <vector>
 
 #include <moekit/experts/granularity.hpp>
+#include <moekit/layer/any_layer.hpp>
 #include <moekit/moe_layer.hpp>
 #include <moekit/nn/cross_entropy.hpp>
 #include <moekit/nn/embedding.hpp>
 #include <moekit/nn/linear.hpp>
 #include <moekit/nn/rms_norm.hpp>
+#include <moekit/train/adamw.hpp>
+#include <moekit/train/parameter_group.hpp>
 
 struct ModelConfig {
   std::int64_t vocab = 64;
@@ -103,46 +106,46 @@ class MoeBlock {
   virtual void end_step() = 0;
   // Evaluation forwards (false) do not add their counts to a GlobalBatch buffer.
   virtual void set_training(bool on) = 0;
-  // Layers whose weights live elsewhere (the CUDA layers: on the device) and whose parameters() are host
-  // mirrors: copy the accumulated gradients into the mirrors (after sync_gradients, before clipping and
-  // the optimizer), and the mirrors' values back after the optimizer step. Host layers: nothing to do.
-  virtual void gradients_to_host() {}
-  virtual void parameters_to_device() {}
+  // Layers whose weights live elsewhere (the CUDA layers: on the device) list no host parameters; their
+  // parameters are a train::ParameterGroup that the trainer clips and steps where they live (made on
+  // first call with the trainer's AdamW config; weight decay on matrices, as the host's). Host layers:
+  // none.
+  virtual moekit::train::ParameterGroup* parameter_group(const moekit::train::AdamWConfig&) { return nullptr; }
+  // Parameters of the layer wherever they live (for counting): shapes and shards; host layers: parameters().
+  virtual std::vector<moekit::Parameter<T>> parameter_shapes(const std::string& prefix) { return parameters(prefix); }
 };
 
-template <class Layer>
-class MoeBlockOf final : public MoeBlock<typename Layer::value_type> {
-  using T = typename Layer::value_type;
+// A host layer: the library's type-erased layer (moekit/layer/any_layer.hpp) behind the model's interface.
+template <class T>
+class HostMoeBlock final : public MoeBlock<T> {
   template <class U>
   using Matrix = moekit::MatrixView<U>;
 
  public:
-  // Extra arguments go to the layer's constructor (the communicator of a distributed layer).
-  template <class... Args>
-  explicit MoeBlockOf(const moekit::MoeConfig& c, Args&&... args) : layer_(c, std::forward<Args>(args)...) {}
-  const moekit::MoeConfig& config() const override { return layer_.config(); }
-  moekit::AuxLosses forward(Matrix<const T> x, Matrix<T> y, Matrix<const T> prev) override { return layer_.forward(x, y, prev); }
+  explicit HostMoeBlock(std::unique_ptr<moekit::AnyMoeLayer<moekit::backend::Host<T>>> layer) : layer_(std::move(layer)) {}
+  const moekit::MoeConfig& config() const override { return layer_->config(); }
+  moekit::AuxLosses forward(Matrix<const T> x, Matrix<T> y, Matrix<const T> prev) override { return layer_->forward(x, y, prev); }
   void backward(Matrix<const T> dy, Matrix<T> dx, double aux_scale, Matrix<const T> dnext, Matrix<T> dprev) override {
-    layer_.backward(dy, dx, aux_scale, dnext, dprev);
+    layer_->backward(dy, dx, aux_scale, dnext, dprev);
   }
-  Matrix<const T> logits() const override { return layer_.logits(); }
-  Matrix<const T> probs() const override { return layer_.probs(); }
-  Matrix<const std::int32_t> topk_indices() const override { return layer_.topk_indices(); }
-  moekit::VectorView<const std::int32_t> expert_counts() const override { return layer_.expert_counts(); }
-  const std::vector<std::int64_t>& routed_counts() const override { return layer_.routed_counts(); }
-  std::int64_t expert_gemm_flops() const override { return layer_.expert_gemm_flops(); }
-  std::int64_t ffn_rows() const override { return layer_.ffn_rows(); }
-  void init_params(std::uint64_t seed) override { layer_.init_params(seed); }
-  std::vector<moekit::Parameter<T>> parameters(const std::string& prefix) override { return layer_.parameters(prefix); }
-  void zero_grad() override { layer_.zero_grad(); }
-  void sync_gradients() override {
-    if constexpr (requires { layer_.sync_gradients(); }) layer_.sync_gradients();
+  Matrix<const T> logits() const override { return {layer_->views().logits, {layer_->num_tokens(), config().num_experts()}}; }
+  Matrix<const T> probs() const override { return {layer_->views().probs, {layer_->num_tokens(), config().num_experts()}}; }
+  Matrix<const std::int32_t> topk_indices() const override {
+    return {layer_->views().topk_indices, {layer_->num_tokens(), config().top_k}};
   }
-  void end_step() override { layer_.end_step(); }
-  void set_training(bool on) override { layer_.set_training(on); }
+  moekit::VectorView<const std::int32_t> expert_counts() const override { return layer_->expert_counts(); }
+  const std::vector<std::int64_t>& routed_counts() const override { return layer_->routed_counts(); }
+  std::int64_t expert_gemm_flops() const override { return layer_->expert_gemm_flops(); }
+  std::int64_t ffn_rows() const override { return layer_->ffn_rows(); }
+  void init_params(std::uint64_t seed) override { layer_->init_params(seed); }
+  std::vector<moekit::Parameter<T>> parameters(const std::string& prefix) override { return layer_->parameters(prefix); }
+  void zero_grad() override { layer_->zero_grad(); }
+  void sync_gradients() override { layer_->sync_gradients(); }
+  void end_step() override { layer_->end_step(); }
+  void set_training(bool on) override { layer_->set_training(on); }
 
  private:
-  Layer layer_;
+  std::unique_ptr<moekit::AnyMoeLayer<moekit::backend::Host<T>>> layer_;
 };
 
 // The trainer's model is always softmax top-k + SwiGLU, so it instantiates only the 8 layer types the
@@ -189,7 +192,7 @@ template <class T, class Parallel = moekit::parallel::None, class... Args>
 std::unique_ptr<MoeBlock<T>> make_moe_block(const moekit::MoeConfig& mc, bool global_balance, Args&... args) {
   return with_moe_layer_type<moekit::backend::Host<T>, Parallel>(
       mc, global_balance, [&]<class Layer>(std::type_identity<Layer>) -> std::unique_ptr<MoeBlock<T>> {
-        return std::make_unique<MoeBlockOf<Layer>>(mc, args...);
+        return std::make_unique<HostMoeBlock<T>>(moekit::erase<Layer>(mc, args...));
       });
 }
 
@@ -258,13 +261,21 @@ class Model {
   void sync_moe_gradients() {
     for (auto& m : moes_) m->sync_gradients();
   }
-  // CUDA layers: their gradients into the host mirrors that parameters() lists (before clipping and the
-  // optimizer), and the updated mirrors back to the device (after the optimizer step). Host: nothing.
-  void moe_gradients_to_host() {
-    for (auto& m : moes_) m->gradients_to_host();
+  // CUDA layers: their parameter groups (the trainer clips and steps them on the device).
+  std::vector<moekit::train::ParameterGroup*> parameter_groups(const moekit::train::AdamWConfig& ac) {
+    std::vector<moekit::train::ParameterGroup*> gs;
+    for (auto& m : moes_)
+      if (auto* g = m->parameter_group(ac)) gs.push_back(g);
+    return gs;
   }
-  void moe_parameters_to_device() {
-    for (auto& m : moes_) m->parameters_to_device();
+  // Every parameter, wherever it lives (shapes and shards: for counting).
+  std::vector<moekit::Parameter<T>> parameter_shapes() {
+    std::vector<moekit::Parameter<T>> ps = dense_parameters();
+    for (std::int64_t l = 0; l < cfg_.blocks; ++l) {
+      auto more = moes_[l]->parameter_shapes("blocks." + std::to_string(l) + ".moe.");
+      ps.insert(ps.end(), more.begin(), more.end());
+    }
+    return ps;
   }
   void zero_grad() {
     embed_.zero_grad();

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <moekit/train/trainer.hpp>
 #include <string>
 #include <vector>
@@ -105,4 +106,57 @@ TEST_CASE("train::Trainer: the distributed norm sums the expert slices over the 
   bad.max_grad_norm = 0;
   Quadratic m;
   CHECK_THROWS_WITH_AS(train::Trainer<Quadratic>(m, bad, {}, train::CosineSchedule{}), doctest::Contains("max_grad_norm"), ConfigError);
+}
+
+namespace {
+// The same quadratic with its weights split: w0 stays with the host optimizer, w1..w2 are a parameter
+// group (the trainer never sees them as parameters), the second half an expert slice.
+struct SplitQuadratic {
+  Quadratic q;
+  std::unique_ptr<train::HostParameterGroup> group;
+  int group_zeroed = 0;
+  explicit SplitQuadratic(const train::AdamWConfig& ac)
+      : group(std::make_unique<train::HostParameterGroup>(
+            std::vector<Parameter<float>>{{"w1", q.w.data() + 1, q.g.data() + 1, {1}},
+                                          {"w2", q.w.data() + 2, q.g.data() + 2, {1}, ParamShard::kExpertRows}},
+            ac)) {}
+  train::MicroBatchStats train_micro_batch(std::int64_t step, std::int64_t micro, double scale) {
+    return q.train_micro_batch(step, micro, scale);
+  }
+  void zero_grad() { q.g[0] = 0.f; }  // the group zeroes its own
+  void reduce_gradients() {}
+  void after_optimizer_step() {}
+  std::vector<Parameter<float>> parameters() { return {{"w0", q.w.data(), q.g.data(), {1}}}; }
+  std::vector<train::ParameterGroup*> parameter_groups() { return {group.get()}; }
+};
+}  // namespace
+
+TEST_CASE("train::Trainer: parameter groups are zeroed, clipped by the one global norm and stepped like host parameters") {
+  train::TrainerConfig tc;
+  tc.steps = 6, tc.accum = 2, tc.log_interval = 6, tc.max_grad_norm = 0.5;  // clipping is active
+  train::AdamWConfig ac;
+  ac.lr = 0.05, ac.weight_decay = 0.1;
+  const train::CosineSchedule sched{0.05, 0.005, 2, 6};
+  Quadratic whole;
+  train::Trainer<Quadratic> ref(whole, tc, ac, sched);
+  SplitQuadratic split(ac);
+  static_assert(train::HasParameterGroups<SplitQuadratic>);
+  train::Trainer<SplitQuadratic> trainer(split, tc, ac, sched);
+  for (int s = 0; s < tc.steps; ++s) {
+    const double n_ref = ref.step(), n = trainer.step();
+    CHECK(n == doctest::Approx(n_ref).epsilon(1e-12));  // the same squares, summed in another order
+    REQUIRE(n_ref > tc.max_grad_norm);                  // so the factor is applied every step
+    for (int i = 0; i < 3; ++i) CHECK(split.q.w[i] == doctest::Approx(whole.w[i]).epsilon(1e-6));
+  }
+  CHECK(split.group->optimizer().steps_taken() == tc.steps);
+  // A non-finite gradient inside a group is named.
+  split.q.g[2] = std::nanf("");
+  double r = 0, e = 0;
+  std::string message;
+  try {
+    split.group->grad_squares(r, e);
+  } catch (const NumericError& err) {
+    message = err.what();
+  }
+  CHECK(message.find("gradient of w2 is not finite") != std::string::npos);
 }

@@ -72,6 +72,7 @@ class MoeLayer {
   using weight_type = typename Ops::weight_type;  // MoeWeights<weight_type> in and out
   using Context = typename Ops::Context;          // the stream (CUDA), or nothing
   using Options = typename Ops::Options;          // CUDA: the GEMM strategy
+  using backend_type = Backend;
   using router_type = Router;
   using experts_type = Experts;
   using balance_type = Balance;

@@ -5,8 +5,9 @@
 //   for each of `accum` micro-batches: model.train_micro_batch(step, micro, 1 / accum)   (forward + backward)
 //   model.reduce_gradients()        distributed: gradients of the mean over the shards; device mirrors
 //   clip to max_grad_norm           the global norm: replicated parameters counted once, expert slices
-//                                   summed over the ranks that hold different ones (by shard kind)
-//   AdamW step at lr
+//                                   summed over the ranks that hold different ones (by shard kind);
+//                                   with the model's parameter groups (device buffers) folded in
+//   AdamW step at lr                the host parameters, and every parameter group where it lives
 //   model.after_optimizer_step()    parameters back to a device; every MoE layer's end_step() (the
 //                                   GlobalBatch buffer reset, the BiasBalanced update)
 //
@@ -26,6 +27,7 @@
 #include "moekit/core/error.hpp"
 #include "moekit/core/parameter.hpp"
 #include "moekit/train/adamw.hpp"
+#include "moekit/train/parameter_group.hpp"
 #include "moekit/train/grad_clip.hpp"
 #include "moekit/train/lr_schedule.hpp"
 
@@ -79,6 +81,13 @@ concept TrainableModel = requires(M& m, std::int64_t step, std::int64_t micro, d
   { m.parameters() } -> std::convertible_to<std::vector<Parameter<float>>>;
 };
 
+// A model may also keep parameters outside the host optimizer (train/parameter_group.hpp: a CUDA
+// layer's device buffers): parameter_groups() lists them, and the trainer clips and steps them too.
+template <class M>
+concept HasParameterGroups = requires(M& m) {
+  { m.parameter_groups() } -> std::convertible_to<std::vector<ParameterGroup*>>;
+};
+
 // How a distributed run sums over ranks (all empty: one process).
 struct Reductions {
   int shards = 1;                                                  // ranks holding different tokens
@@ -97,6 +106,7 @@ class Trainer {
         optimizer_(params_, adamw, std::move(decays)), red_(std::move(red)) {
     cfg_.validate();
     schedule_.validate();
+    if constexpr (HasParameterGroups<Model>) groups_ = model.parameter_groups();
   }
 
   void on_log(std::function<void(const IntervalReport&)> f) { log_ = std::move(f); }
@@ -118,12 +128,14 @@ class Trainer {
     const std::int64_t s = done_;
     const double lr = schedule_(s);
     model_.zero_grad();
+    for (ParameterGroup* g : groups_) g->zero_grad();
     for (std::int64_t micro = 0; micro < cfg_.accum; ++micro) add(model_.train_micro_batch(s, micro, 1.0 / double(cfg_.accum)));
     model_.reduce_gradients();
-    const double norm = red_.sum_over_expert_slices
-                            ? clip_grad_norm(params_, cfg_.max_grad_norm, red_.sum_over_expert_slices)
-                            : clip_grad_norm(params_, cfg_.max_grad_norm);
+    const double norm = !groups_.empty()                ? clip_with_groups()
+                        : red_.sum_over_expert_slices ? clip_grad_norm(params_, cfg_.max_grad_norm, red_.sum_over_expert_slices)
+                                                      : clip_grad_norm(params_, cfg_.max_grad_norm);
     optimizer_.step(lr);
+    for (ParameterGroup* g : groups_) g->step(lr);
     model_.after_optimizer_step();
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     interval_s_ += dt, total_s_ += dt, sum_norm_ += norm, ++interval_steps_, ++done_;
@@ -134,6 +146,31 @@ class Trainer {
   }
 
  private:
+  // The global norm over the host parameters and the groups (by shard kind, expert slices summed over
+  // the ranks that hold different ones), and every gradient scaled by the same factor.
+  double clip_with_groups() {
+    double sq[2] = {0, 0};  // replicated, expert slices
+    for (const auto& p : params_) {
+      const double s = detail::sum_squares(p.grad, p.numel());
+      if (!std::isfinite(s)) throw NumericError("gradient of " + p.name + " is not finite");
+      sq[p.expert_slice() ? 1 : 0] += s;
+    }
+    for (ParameterGroup* g : groups_) {
+      double r = 0, e = 0;
+      g->grad_squares(r, e);
+      sq[0] += r, sq[1] += e;
+    }
+    if (red_.sum_over_expert_slices) red_.sum_over_expert_slices(&sq[1], std::size_t(1));
+    const double norm = std::sqrt(sq[0] + sq[1]);
+    if (!std::isfinite(norm)) throw NumericError("the global gradient norm is not finite");
+    const double coef = cfg_.max_grad_norm / (norm + 1e-6);
+    if (coef < 1.0) {
+      detail::scale_to(params_, cfg_.max_grad_norm, norm);
+      for (ParameterGroup* g : groups_) g->scale_grads(coef);
+    }
+    return norm;
+  }
+
   void add(const MicroBatchStats& m) {
     if (sum_lbl_.empty()) {
       sum_lbl_.assign(m.lbl.size(), 0.0), sum_z_.assign(m.zloss.size(), 0.0);
@@ -185,6 +222,7 @@ class Trainer {
     interval_steps_ = interval_micro_ = 0;
   }
 
+  std::vector<ParameterGroup*> groups_;
   Model& model_;
   TrainerConfig cfg_;
   CosineSchedule schedule_;
