@@ -30,7 +30,7 @@ namespace moekit::router {
 inline std::vector<double> bias_update(const std::vector<std::int64_t>& counts, double rate);
 
 template <class Inner>
-struct BiasBalanced {
+struct BiasBalanced : InnerRouting<Inner> {
   static_assert(RouterPolicy<Inner> && !Inner::stateful,
                 "router::BiasBalanced<Inner>: Inner must be router::TopK<...> or router::GatingResidual<TopK<...>>");
   using score = typename Inner::score;
@@ -45,17 +45,8 @@ struct BiasBalanced {
   MOEKIT_HD static S route(const S* logit, int n, int k, bool renormalize, S* prob, int* idx, S* gate, const S* bias) {
     return route_token(score{}, logit, n, k, renormalize, prob, idx, gate, bias);
   }
-  // The selection is a constant of the forward and the gates depend on the unbiased scores only: the
-  // inner router's backward.
-  template <class S>
-  MOEKIT_HD static void route_backward(const S* logit, int n, int k, bool renormalize, const S* prob, const int* idx,
-                                       const S* gate, const S* dgate, const S* dprob, S zcoef, S* scratch, S* dlogit) {
-    Inner::route_backward(logit, n, k, renormalize, prob, idx, gate, dgate, dprob, zcoef, scratch, dlogit);
-  }
-  template <class S>
-  MOEKIT_HD static S capacity_score(S logit, S prob) {
-    return Inner::capacity_score(logit, prob);
-  }
+  // route_backward and capacity_score: the inner router's (InnerRouting): the selection is a constant of
+  // the forward and the gates depend on the unbiased scores only.
 
   // After each optimizer step: b += u · sign(mean c − c), c the step's counts summed over the ranks.
   template <class S>

@@ -59,11 +59,26 @@ concept RouterPolicy = requires {
   { R::template capacity_score<float>(0.f, 0.f) } -> std::convertible_to<float>;
 };
 
+// The backward and the capacity score of a router that wraps Inner and routes a token as Inner does
+// (GatingResidual, BiasBalanced): inherited, so they are written once.
+template <class Inner>
+struct InnerRouting {
+  template <class S>
+  MOEKIT_HD static void route_backward(const S* logit, int n, int k, bool renormalize, const S* prob, const int* idx,
+                                       const S* gate, const S* dgate, const S* dprob, S zcoef, S* scratch, S* dlogit) {
+    Inner::route_backward(logit, n, k, renormalize, prob, idx, gate, dgate, dprob, zcoef, scratch, dlogit);
+  }
+  template <class S>
+  MOEKIT_HD static S capacity_score(S logit, S prob) {
+    return Inner::capacity_score(logit, prob);
+  }
+};
+
 // MoE++ gating residual (arXiv 2410.07348): logits^j = W^j x^j + W_g^j logits^{j-1}, W_g^j [N_E, N_E].
 // The first MoE layer of a model gets no previous logits and uses W x alone. The residual changes the
 // logits (a parameter of the layer), not the routing of a token: the functors are the inner router's.
 template <class Inner>
-struct GatingResidual {
+struct GatingResidual : InnerRouting<Inner> {
   static_assert(RouterPolicy<Inner> && !Inner::residual && !Inner::stateful,
                 "router::GatingResidual<Inner>: Inner must be a plain router such as router::TopK<router::Softmax> "
                 "(write router::BiasBalanced<GatingResidual<...>> for both)");
@@ -77,15 +92,6 @@ struct GatingResidual {
   template <class S>
   MOEKIT_HD static S route(const S* logit, int n, int k, bool renormalize, S* prob, int* idx, S* gate, const S* state) {
     return Inner::route(logit, n, k, renormalize, prob, idx, gate, state);
-  }
-  template <class S>
-  MOEKIT_HD static void route_backward(const S* logit, int n, int k, bool renormalize, const S* prob, const int* idx,
-                                       const S* gate, const S* dgate, const S* dprob, S zcoef, S* scratch, S* dlogit) {
-    Inner::route_backward(logit, n, k, renormalize, prob, idx, gate, dgate, dprob, zcoef, scratch, dlogit);
-  }
-  template <class S>
-  MOEKIT_HD static S capacity_score(S logit, S prob) {
-    return Inner::capacity_score(logit, prob);
   }
 };
 
