@@ -158,7 +158,7 @@ KernelRates permute_combine_rates(const Shape& s, int reps) {
   MOEKIT_CUDA_CHECK(cudaMemcpy(didx.data(), idx.data(), sizeof(int) * idx.size(), cudaMemcpyHostToDevice));
   fill_uniform(x.data(), x.size(), 1.f, 3), fill_uniform(gate.data(), gate.size(), 1.f, 4);
   mc::PermuteParams p;
-  p.idx = didx.data(), p.tokens = T, p.top_k = K, p.experts = N;
+  p.idx = didx.data(), p.slots = moekit::SlotLayout::token_choice(T, K), p.experts = N;
   p.slot_of_row = slot_of_row.data(), p.row_of_slot = row_of_slot.data(), p.offsets = offsets.data();
   std::size_t bytes = 0;
   MOEKIT_CUDA_CHECK(mc::permute_slots(nullptr, bytes, p, nullptr));

@@ -153,7 +153,9 @@ class CudaMoeBlock final : public MoeBlock<float> {
           layer_.parameters(), ac, [](const mk::DeviceParameter& p) { return p.shape.size() >= 2; }, stream_.get());
     return group_.get();
   }
-  void zero_grad() override { layer_.zero_grad(stream_.get()); }
+  void zero_grad() override {  // once the trainer holds the group, it zeroes the gradients (once per step)
+    if (!group_) layer_.zero_grad(stream_.get());
+  }
   void sync_gradients() override {  // distributed: NCCL all-reduces of the device gradients
     if constexpr (requires(cudaStream_t s) { layer_.sync_gradients(s); }) layer_.sync_gradients(stream_.get());
   }

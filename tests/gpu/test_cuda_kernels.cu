@@ -144,7 +144,7 @@ void check_permute(int T, int K, int E, int used_experts, unsigned seed, int C =
   didx.upload(idx), dx.upload(x);
   dslot.poison(), drow.poison(), doff.poison(), dxp.poison();
   mc::PermuteParams p;
-  p.idx = didx.p, p.tokens = T, p.top_k = K, p.experts = E, p.chunks = C;
+  p.idx = didx.p, p.slots = moekit::SlotLayout::token_choice(T, K), p.experts = E, p.chunks = C;
   p.slot_of_row = dslot.p, p.row_of_slot = drow.p, p.offsets = doff.p;
   std::size_t bytes = 0;
   REQUIRE(mc::permute_slots(nullptr, bytes, p, nullptr) == cudaSuccess);

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <moekit/moe_layer.hpp>
 #include "../common/compare.hpp"
+#include "../common/random.hpp"
 #include <moekit/parallel/comm/mpi.hpp>
 #include <moekit/parallel/host_moe_layer.hpp>
 #include <random>
@@ -27,13 +28,7 @@ comm::Mpi& world() {
 }
 
 
-std::vector<float> random_vec(std::size_t n, unsigned seed) {
-  std::mt19937 g(seed);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = nd(g);
-  return v;
-}
+using moekit_test::random_vec;
 
 MoeConfig base_config(int tp, int ep, int dp, bool mixed) {
   MoeConfig c;

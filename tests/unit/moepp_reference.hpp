@@ -13,6 +13,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/random.hpp"
+
 namespace refpp {
 
 // Expert order everywhere: FFN [0, n_ffn), then zero, then copy, then constant.
@@ -205,12 +207,7 @@ inline Out forward(const Cfg& c, const std::vector<double>& x, const Weights& w,
 
 // ---- Test data, also library-free -------------------------------------------------------------
 
-inline std::vector<double> random_vec(size_t n, std::mt19937_64& g, double scale = 1.0) {
-  std::normal_distribution<double> nd(0.0, scale);
-  std::vector<double> v(n);
-  for (auto& x : v) x = nd(g);
-  return v;
-}
+using moekit_test::random_vec;
 
 inline Weights random_weights(const Cfg& c, std::mt19937_64& g, bool residual) {
   Weights w;

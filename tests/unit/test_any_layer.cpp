@@ -10,17 +10,13 @@
 #include <stdexcept>
 #include <vector>
 
+#include "../common/random.hpp"
+
 using namespace moekit;
 
 namespace {
 
-std::vector<float> random_vec(std::size_t n, unsigned seed) {
-  std::mt19937 g(seed);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  std::vector<float> v(n);
-  for (auto& x : v) x = nd(g);
-  return v;
-}
+using moekit_test::random_vec;
 
 // Forward and backward of `any` and of `direct` (the same type, the same seed) on the same data.
 template <class Direct>

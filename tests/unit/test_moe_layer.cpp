@@ -7,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "../common/random.hpp"
 #include "moe_reference.hpp"
 
 using namespace moekit;
@@ -41,12 +42,7 @@ MoeConfig make_config(RouterKind r, Activation a, bool renorm, double gamma, boo
   return c;
 }
 
-std::vector<double> random_vec(size_t n, std::mt19937_64& g, double scale = 1.0) {
-  std::normal_distribution<double> nd(0.0, scale);
-  std::vector<double> v(n);
-  for (auto& x : v) x = nd(g);
-  return v;
-}
+using moekit_test::random_vec;
 
 template <class Layer>
 void load_weights(Layer& layer, const ref::Weights& w) {

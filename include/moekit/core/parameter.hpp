@@ -12,6 +12,13 @@ namespace moekit {
 // Distributed clipping and gradient reduction go by this, never by names.
 enum class ParamShard { kReplicated, kExpertRows, kExpertCols };
 
+// Elements of a tensor of this shape (1 for a scalar's empty shape).
+inline std::int64_t numel_of(const std::vector<std::int64_t>& shape) {
+  std::int64_t n = 1;
+  for (auto s : shape) n *= s;
+  return n;
+}
+
 // A named trainable tensor and its gradient (both contiguous, same shape). Layers list theirs with
 // `parameters()`; the optimizer, checkpoints and the reference harness all use these names.
 template <class T>
@@ -22,11 +29,7 @@ struct Parameter {
   std::vector<std::int64_t> shape;  // of this rank's slice
   ParamShard shard = ParamShard::kReplicated;
   bool expert_slice() const { return shard != ParamShard::kReplicated; }
-  std::int64_t numel() const {
-    std::int64_t n = 1;
-    for (auto s : shape) n *= s;
-    return n;
-  }
+  std::int64_t numel() const { return numel_of(shape); }
 };
 
 // Uniform [-bound, bound) from a splitmix64 stream: identical on every platform and compiler,

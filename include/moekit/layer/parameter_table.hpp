@@ -82,11 +82,7 @@ struct ParamSpec {
   std::vector<std::int64_t> local_shape;  // this rank's slice of it
   ParamShard shard = ParamShard::kReplicated;
   std::int64_t offset = 0;                // of the local slice in the flat buffer, in elements
-  std::int64_t numel() const {
-    std::int64_t n = 1;
-    for (auto s : local_shape) n *= s;
-    return n;
-  }
+  std::int64_t numel() const { return numel_of(local_shape); }
 };
 
 class ParameterTable {

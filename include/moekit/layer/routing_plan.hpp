@@ -1,9 +1,12 @@
 #pragma once
 // What routing hands to dispatch, expert compute and combine, defined once for every backend (each holds
 // the plan in its own buffers: host vectors, device arrays):
-//   per slot s (a (token, pick) pair of the token-choice routers: s = t·k + j): the expert, the gate, and
-//   its row in the expert-contiguous buffers, or kSlotDropped / kSlotZeroComputation;
+//   per slot s: its token (SlotLayout), the expert, the gate, and its row in the expert-contiguous
+//   buffers, or kSlotDropped / kSlotZeroComputation;
 //   per expert: routed (pre-capacity) and kept counts, and each FFN expert's range of rows.
+// Dispatch, combine and their backward find a slot's token and a token's slots through SlotLayout
+// only: the token-choice [T, k] layout of today's routers is one case of it, and a router that picks
+// tokens per expert (expert choice: a token gets 0..N_E slots) lists its slots by token instead.
 // Also the rules both backends apply to it: which kind an expert is, the eta of the balance loss, and
 // the aux losses from the per-expert sums (the score capacity drops by is the router policy's).
 #include <cstdint>
@@ -67,6 +70,39 @@ struct StatsLayout {
     floats = z_sum + 1;
   }
   std::int64_t rows(std::int64_t chunks) const { return offsets + chunks * nf; }  // FFN rows in all
+};
+
+// Which token each slot belongs to and which slots each token has. Token choice (every router here):
+// token t owns slots [t·k, (t+1)·k). Otherwise (expert choice) the slots are sorted by token: token t
+// owns [first[t], first[t + 1]) and token_of[s] names the token of slot s (arrays where the plan lives:
+// host memory, or device memory for the CUDA kernels).
+struct SlotLayout {
+  int tokens = 0, slots = 0;
+  int per_token = 0;              // > 0: token choice with this k
+  const int* first = nullptr;     // [tokens + 1], when per_token == 0
+  const int* token_of = nullptr;  // [slots], when per_token == 0
+  static constexpr SlotLayout token_choice(int tokens, int k) { return {tokens, tokens * k, k, nullptr, nullptr}; }
+  static constexpr SlotLayout by_token(int tokens, int slots, const int* first, const int* token_of) {
+    return {tokens, slots, 0, first, token_of};
+  }
+  MOEKIT_HD int begin(int t) const { return per_token > 0 ? t * per_token : first[t]; }
+  MOEKIT_HD int end(int t) const { return per_token > 0 ? (t + 1) * per_token : first[t + 1]; }
+  MOEKIT_HD int token(int s) const { return per_token > 0 ? s / per_token : token_of[s]; }
+  // Token choice with k >= 1, or by token with both arrays (or no tokens at all).
+  bool valid() const {
+    if (tokens < 0 || slots < 0) return false;
+    return per_token > 0 ? slots == tokens * per_token : (first != nullptr && token_of != nullptr) || tokens == 0;
+  }
+};
+
+// One forward's routing plan as the consumers read it (views into the backend's buffers).
+template <class G>
+struct RoutingPlan {
+  SlotLayout layout;
+  const int* expert = nullptr;       // [slots]
+  const G* gate = nullptr;           // [slots]
+  const int* row = nullptr;          // [slots]: row in the expert-contiguous buffers, kSlotDropped, kSlotZeroComputation
+  const int* slot_of_row = nullptr;  // [rows]: the inverse, for the FFN rows
 };
 
 enum class ZcKind { kZero, kCopy, kConstant };

@@ -1,7 +1,7 @@
 #pragma once
 // train::Trainer: the training loop of a MoE model as a library piece (DESIGN §7). One optimizer step:
 //
-//   lr = schedule(step); model.zero_grad()
+//   lr = schedule(step); model.zero_grad(); each parameter group's zero_grad()
 //   for each of `accum` micro-batches: model.train_micro_batch(step, micro, 1 / accum)   (forward + backward)
 //   model.reduce_gradients()        distributed: gradients of the mean over the shards; device mirrors
 //   clip to max_grad_norm           the global norm: replicated parameters counted once, expert slices

@@ -196,17 +196,17 @@ class MoeOps {
               NC = int(cfg_.num_constant_experts);
     chunks_ = chunks;
     PermuteParams pp;
-    pp.idx = b_.idx, pp.tokens = T, pp.top_k = K, pp.experts = N, pp.ffn_experts = int(cfg_.num_ffn_experts), pp.chunks = chunks;
+    pp.idx = b_.idx, pp.slots = slots(), pp.experts = N, pp.ffn_experts = int(cfg_.num_ffn_experts), pp.chunks = chunks;
     pp.cap_ffn = int(std::min<I64>(caps.ffn, INT32_MAX)), pp.cap_zc = int(std::min<I64>(caps.zc, INT32_MAX));
     if (caps.ffn >= 0) {
-      MOEKIT_CUDA_CHECK(slot_scores<Router>(b_.logits, b_.prob, b_.idx, T, N, K, b_.score, stream));
+      MOEKIT_CUDA_CHECK(slot_scores<Router>(b_.logits, b_.prob, b_.idx, slots(), N, b_.score, stream));
       pp.score = b_.score;
     }
     pp.slot_of_row = b_.slot_of_row, pp.row_of_slot = b_.row_of_slot;
     pp.offsets = stats_ints() + layout_.offsets, pp.kept_counts = stats_ints() + layout_.kept;
     std::size_t perm_bytes = perm_bytes_;
     MOEKIT_CUDA_CHECK(permute_slots(b_.perm, perm_bytes, pp, stream));
-    MOEKIT_CUDA_CHECK(gather_rows(b_.x, b_.slot_of_row, b_.xp, T * K, K, D, stream, rows_dev()));
+    MOEKIT_CUDA_CHECK(gather_rows(b_.x, b_.slot_of_row, b_.xp, T * K, slots(), D, stream, rows_dev()));
     if (NC > 0) {  // [a1, a2] of constant experts from one GEMM over all of them
       MOEKIT_CUBLAS_CHECK(gemm_row_major(gemm_->handle(stream), {false, true, data_type<S>(), CUDA_R_32F, 1.f, 0.f},
                                          {T, 2 * NC, D, b_.x, D, params_.const_wc(), D, b_.zc_logits, 2 * NC}));
@@ -399,7 +399,7 @@ class MoeOps {
     std::size_t most = 0;
     for (int chunks : {1, int(cfg_.tp)}) {
       PermuteParams pp;
-      pp.tokens = int(tokens), pp.top_k = int(cfg_.top_k), pp.experts = int(cfg_.num_experts());
+      pp.slots = SlotLayout::token_choice(int(tokens), int(cfg_.top_k)), pp.experts = int(cfg_.num_experts());
       pp.ffn_experts = int(cfg_.num_ffn_experts), pp.chunks = chunks;
       std::size_t bytes = 0;
       MOEKIT_CUDA_CHECK(permute_slots(nullptr, bytes, pp, nullptr));
@@ -427,9 +427,11 @@ class MoeOps {
     reserved_ = tokens;
   }
 
+  // The plan's slots: the token-choice routers' [T, k] (route_tokens writes them so).
+  SlotLayout slots() const { return SlotLayout::token_choice(int(tokens_), int(cfg_.top_k)); }
   CombineParams<S> combine_params() const {
     CombineParams<S> p;
-    p.tokens = int(tokens_), p.top_k = int(cfg_.top_k), p.d = int(cfg_.d_model);
+    p.slots = slots(), p.d = int(cfg_.d_model);
     p.gate = b_.gate, p.row_of_slot = b_.row_of_slot, p.slot_of_row = b_.slot_of_row;
     p.num_rows = rows_dev();
     p.y = b_.yp, p.x = b_.x, p.idx = b_.idx;

@@ -26,11 +26,7 @@ struct DeviceParameter {
   cudaDataType_t dtype = CUDA_R_32F;
   ParamShard shard = ParamShard::kReplicated;
   bool expert_slice() const { return shard != ParamShard::kReplicated; }
-  std::int64_t numel() const {
-    std::int64_t n = 1;
-    for (auto s : shape) n *= s;
-    return n;
-  }
+  std::int64_t numel() const { return numel_of(shape); }
 };
 
 namespace backend::cuda {

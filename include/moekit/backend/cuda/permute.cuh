@@ -1,6 +1,7 @@
 #pragma once
-// Permutation (DESIGN §4, §6): the T*k (token, slot) pairs ordered stably by expert, so FFN expert e's
-// rows are [offsets[e], offsets[e+1]) in slot order (token-major, as the host backend). A stable LSD
+// Permutation (DESIGN §4, §6): the S slots of a routing plan (layer/routing_plan.hpp's SlotLayout: T·k
+// (token, pick) pairs for the token-choice routers) ordered stably by expert, so FFN expert e's rows
+// are [offsets[e], offsets[e+1]) in slot order (token-major, as the host backend). A stable LSD
 // radix sort (CUB DeviceRadixSort::SortPairs, keys = expert id, values = slot index) is the stable
 // counting sort; expert boundaries come from the sorted keys; row_of_slot is the inverse.
 //
@@ -31,14 +32,15 @@ inline constexpr int kDroppedSlot = kSlotDropped;                  // layer/rout
 inline constexpr int kZeroComputationSlot = kSlotZeroComputation;
 
 struct PermuteParams {
-  const int* idx = nullptr;  // [T, k]: expert of each slot (from route_tokens)
-  int tokens = 0, top_k = 0, experts = 0;
+  const int* idx = nullptr;  // [S]: expert of each slot (from route_tokens)
+  SlotLayout slots;          // tokens, S, and each slot's token (for its chunk)
+  int experts = 0;
   int ffn_experts = 0;            // experts below this id get rows; 0 means all `experts`
-  const float* score = nullptr;   // [T*k] router score of each slot (needed when a capacity is set)
+  const float* score = nullptr;   // [S] router score of each slot (needed when a capacity is set)
   int cap_ffn = -1, cap_zc = -1;  // slots each FFN / zero-computation expert keeps; -1 = no limit
   int chunks = 1;                 // rows chunk-major: token chunk c = [T·c/C, T·(c+1)/C), then expert
-  int* slot_of_row = nullptr;  // [T*k] out: row r of the permuted layout holds slot slot_of_row[r]
-  int* row_of_slot = nullptr;  // [T*k] out: inverse (or kDroppedSlot / kZeroComputationSlot)
+  int* slot_of_row = nullptr;  // [S] out: row r of the permuted layout holds slot slot_of_row[r]
+  int* row_of_slot = nullptr;  // [S] out: inverse (or kDroppedSlot / kZeroComputationSlot)
   int* offsets = nullptr;      // [chunks·ffn_experts + 1] out: (chunk c, expert e)'s rows are
                                // [offsets[c·F + e], offsets[c·F + e + 1])
   int* kept_counts = nullptr;  // [experts] out, optional: slots each expert kept after capacity
@@ -98,13 +100,13 @@ MOEKIT_KERNEL void capacity_keep_kernel(const I* sorted_experts, const int* sort
 // Sort key of each slot: chunk·F + its FFN expert, or the sentinel chunks·F (no row); counts kept slots.
 // Token t is in chunk c = ceil((t+1)·C/T) - 1, i.e. T·c/C <= t < T·(c+1)/C (parallel/dispatch_plan.hpp).
 template <class I>
-MOEKIT_KERNEL void row_key_kernel(const I* idx, const unsigned char* keep, int n, int ffn_experts, int tokens, int top_k,
-                                  int chunks, I* key, int* kept_counts) {
+MOEKIT_KERNEL void row_key_kernel(const I* idx, const unsigned char* keep, SlotLayout slots, int ffn_experts, int chunks,
+                                  I* key, int* kept_counts) {
   const int s = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
-  if (s >= n) return;
+  if (s >= slots.slots) return;
   const int e = idx[s];
   const bool kept = keep == nullptr || keep[s];
-  const long long t = s / top_k;
+  const long long t = slots.token(s), tokens = slots.tokens;
   const int c = chunks == 1 ? 0 : int(((t + 1) * chunks + tokens - 1) / tokens - 1);
   key[s] = (kept && e < ffn_experts) ? c * ffn_experts + e : chunks * ffn_experts;
   if (kept && kept_counts) atomicAdd(&kept_counts[e], 1);  // integer atomics: exact, order-free
@@ -140,13 +142,11 @@ inline cudaError_t permute_layout(const PermuteParams& p, int n, PermuteLayout& 
 
 inline cudaError_t permute_slots(void* temp, std::size_t& temp_bytes, const PermuteParams& p, cudaStream_t stream) {
   const int ffn = p.ffn_experts > 0 ? p.ffn_experts : p.experts;
-  if (p.tokens < 0 || p.top_k < 1 || p.experts < 1 || p.top_k > p.experts || ffn > p.experts || p.chunks < 1 ||
-      std::int64_t(p.chunks) * ffn >= (std::int64_t(1) << 30))
+  if (!p.slots.valid() || p.experts < 1 || p.slots.per_token > p.experts || ffn > p.experts || p.chunks < 1 ||
+      std::int64_t(p.chunks) * ffn >= (std::int64_t(1) << 30) || p.slots.slots > (1 << 30))
     return cudaErrorInvalidValue;
   const int rows_keys = p.chunks * ffn;  // sort keys below this have a row
-  const std::size_t n64 = std::size_t(p.tokens) * std::size_t(p.top_k);
-  if (n64 > std::size_t(1) << 30) return cudaErrorInvalidValue;
-  const int n = int(n64);
+  const int n = p.slots.slots;
   detail::PermuteLayout l;
   MOEKIT_CUDA_RETURN_IF_ERROR(detail::permute_layout(p, n, l, stream));
   if (temp == nullptr) {
@@ -189,8 +189,7 @@ inline cudaError_t permute_slots(void* temp, std::size_t& temp_bytes, const Perm
   int *key = ints[0], *sorted_keys = ints[1], *slots_in = ints[2];
   const unsigned char* keep_or_all = capacity ? keep : nullptr;
   if (n > 0) {
-    row_key_kernel<int><<<grid, kBlock, 0, stream>>>(p.idx, keep_or_all, n, ffn, p.tokens, p.top_k, p.chunks, key,
-                                                     p.kept_counts);
+    row_key_kernel<int><<<grid, kBlock, 0, stream>>>(p.idx, keep_or_all, p.slots, ffn, p.chunks, key, p.kept_counts);
     MOEKIT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     iota_kernel<int><<<grid, kBlock, 0, stream>>>(slots_in, n);
     MOEKIT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
@@ -202,11 +201,11 @@ inline cudaError_t permute_slots(void* temp, std::size_t& temp_bytes, const Perm
   return cudaGetLastError();
 }
 
-// xp[r, :] = x[slot_of_row[r] / k, :] for r < rows. T is float or __nv_bfloat16 (copied as is).
+// xp[r, :] = x[token of slot_of_row[r], :] for r < rows. T is float or __nv_bfloat16 (copied as is).
 // num_rows (device, optional) bounds the rows further: the layer passes the total FFN rows (the last offset), which only the
 // device knows before the forward's one synchronisation.
 template <class T, int V>
-MOEKIT_KERNEL void gather_rows_kernel(const T* x, const int* slot_of_row, T* xp, int rows, int top_k, int d,
+MOEKIT_KERNEL void gather_rows_kernel(const T* x, const int* slot_of_row, T* xp, int rows, SlotLayout slots, int d,
                                       const int* num_rows) {
   if (num_rows && *num_rows < rows) rows = *num_rows;
   using P = std::conditional_t<V == 1, T, uint4>;  // 16-byte copies when rows are aligned
@@ -216,14 +215,14 @@ MOEKIT_KERNEL void gather_rows_kernel(const T* x, const int* slot_of_row, T* xp,
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const std::size_t r = i / w, c = i % w;
-    dst[i] = src[std::size_t(slot_of_row[r] / top_k) * w + c];
+    dst[i] = src[std::size_t(slots.token(slot_of_row[r])) * w + c];
   }
 }
 
 template <class T>
-cudaError_t gather_rows(const T* x, const int* slot_of_row, T* xp, int rows, int top_k, int d, cudaStream_t stream,
-                        const int* num_rows = nullptr) {
-  if (rows < 0 || d < 0 || top_k < 1 || (rows && d && (!x || !slot_of_row || !xp))) return cudaErrorInvalidValue;
+cudaError_t gather_rows(const T* x, const int* slot_of_row, T* xp, int rows, const SlotLayout& slots, int d,
+                        cudaStream_t stream, const int* num_rows = nullptr) {
+  if (rows < 0 || d < 0 || !slots.valid() || (rows && d && (!x || !slot_of_row || !xp))) return cudaErrorInvalidValue;
   const std::size_t bytes = std::size_t(rows) * std::size_t(d) * sizeof(T);
   if (bytes == 0) return cudaSuccess;
   const bool vec = (std::size_t(d) * sizeof(T)) % 16 == 0 && reinterpret_cast<std::uintptr_t>(x) % 16 == 0 &&
@@ -231,9 +230,16 @@ cudaError_t gather_rows(const T* x, const int* slot_of_row, T* xp, int rows, int
   constexpr int kBlock = 256;
   const std::size_t want = (vec ? bytes / 16 : bytes / sizeof(T)) / kBlock + 1;
   const unsigned grid = unsigned(want < 65535 * 8 ? want : 65535 * 8);
-  if (vec) gather_rows_kernel<T, 16><<<grid, kBlock, 0, stream>>>(x, slot_of_row, xp, rows, top_k, d, num_rows);
-  else gather_rows_kernel<T, 1><<<grid, kBlock, 0, stream>>>(x, slot_of_row, xp, rows, top_k, d, num_rows);
+  if (vec) gather_rows_kernel<T, 16><<<grid, kBlock, 0, stream>>>(x, slot_of_row, xp, rows, slots, d, num_rows);
+  else gather_rows_kernel<T, 1><<<grid, kBlock, 0, stream>>>(x, slot_of_row, xp, rows, slots, d, num_rows);
   return cudaGetLastError();
+}
+// The token-choice form: slots s = t·k + j.
+template <class T>
+cudaError_t gather_rows(const T* x, const int* slot_of_row, T* xp, int rows, int top_k, int d, cudaStream_t stream,
+                        const int* num_rows = nullptr) {
+  if (top_k < 1) return cudaErrorInvalidValue;
+  return gather_rows(x, slot_of_row, xp, rows, SlotLayout::token_choice(rows / top_k, top_k), d, stream, num_rows);
 }
 
 // The backward of gather_rows (dx by gather, deterministic) is token_backward() in combine.cuh, which

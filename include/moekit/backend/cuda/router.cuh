@@ -121,21 +121,22 @@ cudaError_t route_tokens_backward(const RouteBackwardParams& p, cudaStream_t str
 // The score a slot was picked by, for capacity drops: p for softmax, s = sigmoid(logit) for sigmoid
 // (as the host backend's score_of).
 template <class Router>
-MOEKIT_KERNEL void slot_scores_kernel(const float* logits, const float* prob, const int* idx, int tokens, int experts,
-                                      int top_k, float* score) {
+MOEKIT_KERNEL void slot_scores_kernel(const float* logits, const float* prob, const int* idx, SlotLayout slots, int experts,
+                                      float* score) {
   const int s = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
-  if (s >= tokens * top_k) return;
-  const std::size_t at = std::size_t(s / top_k) * std::size_t(experts) + std::size_t(idx[s]);
+  if (s >= slots.slots) return;
+  const std::size_t at = std::size_t(slots.token(s)) * std::size_t(experts) + std::size_t(idx[s]);
   score[s] = Router::capacity_score(logits[at], prob[at]);
 }
 
 template <class Router>
-cudaError_t slot_scores(const float* logits, const float* prob, const int* idx, int tokens, int experts, int top_k,
+cudaError_t slot_scores(const float* logits, const float* prob, const int* idx, const SlotLayout& slots, int experts,
                         float* score, cudaStream_t stream) {
-  if (!valid_shape(tokens, experts, top_k) || (tokens && (!logits || !prob || !idx || !score))) return cudaErrorInvalidValue;
-  const int n = tokens * top_k;
+  if (!slots.valid() || experts < 1 || (slots.per_token > experts) || (slots.slots && (!logits || !prob || !idx || !score)))
+    return cudaErrorInvalidValue;
+  const int n = slots.slots;
   if (n == 0) return cudaSuccess;
-  slot_scores_kernel<Router><<<unsigned((n + 255) / 256), 256, 0, stream>>>(logits, prob, idx, tokens, experts, top_k, score);
+  slot_scores_kernel<Router><<<unsigned((n + 255) / 256), 256, 0, stream>>>(logits, prob, idx, slots, experts, score);
   return cudaGetLastError();
 }
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "moekit/backend/host/blas.hpp"
+#include "moekit/backend/host/dispatch.hpp"
 #include "moekit/backend/host/exchange_ops.hpp"
 #include "moekit/backend/host/ffn.hpp"
 #include "moekit/backend/host/policy.hpp"
@@ -25,12 +26,6 @@
 #include "moekit/parallel/dispatch_plan.hpp"
 #include "moekit/parallel/policy.hpp"
 #include "moekit/router/policy.hpp"
-
-// Loops with less work than this many elements run on one thread: waking an OpenMP team costs more,
-// and idle OpenMP threads spinning after a region slow the (separately threaded) BLAS calls.
-#ifndef MOEKIT_OMP_MIN_WORK
-#define MOEKIT_OMP_MIN_WORK 32768
-#endif
 
 namespace moekit {
 namespace backend::host {
@@ -125,6 +120,7 @@ class MoeOps {
   // ---- forward ----------------------------------------------------------------------------------
   void begin(const T* x, const T* prev, I64 tokens, Context) {
     tokens_ = tokens;
+    slots_ = SlotLayout::token_choice(int(tokens), int(cfg_.top_k));  // the token-choice routers' [T, k] slots
     std::copy_n(x, tokens * cfg_.d_model, x_.data());
     if constexpr (kResidual)
       if (prev) std::copy_n(prev, tokens * cfg_.num_experts(), prev_.data());
@@ -160,7 +156,7 @@ class MoeOps {
     }
     I32* routed = &ints_[layout_.routed];
     std::fill_n(routed, n, 0);
-    for (I64 s = 0; s < tokens_ * k; ++s) ++routed[idx_[s]];
+    for (I64 s = 0; s < slots_.slots; ++s) ++routed[idx_[s]];
     ints_[layout_.bad] = bad;
     T* prob_sum = &floats_[layout_.prob_sum];
     std::fill_n(prob_sum, n, T(0));
@@ -172,52 +168,15 @@ class MoeOps {
     floats_[layout_.z_sum] = z;
   }
 
-  // Capacity drops (lowest router score first, layer/routing_plan.hpp), the kept counts, and each kept
-  // FFN slot's row: chunk-major (token chunk, then expert, then token order), so results are
-  // deterministic. Then the x rows of my chunk (the only ones this rank sends).
+  // Capacity drops (lowest router score first), the kept counts, and each kept FFN slot's row:
+  // chunk-major (token chunk, then expert, then slot order), so results are deterministic
+  // (backend/host/dispatch.hpp). Then the x rows of my chunk (the only ones this rank sends).
   void plan(const balance::Capacities& caps, int chunks, int my_chunk, Context) {
-    const auto n = cfg_.num_experts(), k = cfg_.top_k, nf = cfg_.num_ffn_experts, d = cfg_.d_model;
-    const I32* routed = &ints_[layout_.routed];
-    std::fill_n(slot_row_.begin(), tokens_ * k, 0);
-    if (caps.ffn >= 0) {
-      std::vector<std::vector<I32>> by_expert{std::size_t(n)};
-      for (I64 s = 0; s < tokens_ * k; ++s) {
-        const I64 e = idx_[s];
-        if (routed[e] > (is_ffn(e) ? caps.ffn : caps.zc)) by_expert[e].push_back(I32(s));
-      }
-      for (I64 e = 0; e < n; ++e) {
-        auto& slots = by_expert[e];
-        const auto cap = std::size_t(is_ffn(e) ? caps.ffn : caps.zc);
-        // Higher router score first; equal scores keep the earlier token (slots are in token order).
-        std::stable_sort(slots.begin(), slots.end(), [&](I32 a, I32 b) { return score_of(a) > score_of(b); });
-        for (std::size_t r = cap; r < slots.size(); ++r) slot_row_[slots[r]] = kSlotDropped;
-      }
-    }
-    I32* kept = &ints_[layout_.kept];
-    std::fill_n(kept, n, 0);
-    const I64 nc = chunks;
-    std::vector<I64> fill(std::size_t(nc * nf + 1), 0);
-    for (I64 s = 0; s < tokens_ * k; ++s) {
-      if (slot_row_[s] == kSlotDropped) continue;
-      ++kept[idx_[s]];
-      if (is_ffn(idx_[s])) ++fill[std::size_t(chunk_of(s, nc) * nf + idx_[s] + 1)];
-    }
-    for (I64 i = 0; i < nc * nf; ++i) fill[i + 1] += fill[i];
+    const auto nf = cfg_.num_ffn_experts, d = cfg_.d_model;
     I32* offsets = &ints_[layout_.offsets];
-    for (I64 i = 0; i <= nc * nf; ++i) offsets[i] = I32(fill[i]);
-    for (I64 s = 0; s < tokens_ * k; ++s) {
-      if (slot_row_[s] == kSlotDropped) continue;
-      if (!is_ffn(idx_[s])) {
-        slot_row_[s] = kSlotZeroComputation;
-        continue;
-      }
-      const I64 row = fill[std::size_t(chunk_of(s, nc) * nf + idx_[s])]++;
-      slot_row_[s] = I32(row);
-      row_slot_[row] = I32(s);
-    }
-    const I64 r0 = offsets[my_chunk * nf], r1 = offsets[(my_chunk + 1) * nf];
-#pragma omp parallel for schedule(static) if ((r1 - r0) * d >= MOEKIT_OMP_MIN_WORK)
-    for (I64 r = r0; r < r1; ++r) std::copy_n(&x_[(row_slot_[r] / k) * d], d, &xp_[r * d]);
+    assign_rows(slots_, idx_.data(), &ints_[layout_.routed], caps, nf, cfg_.num_experts(), chunks,
+                [&](int s) { return score_of(s); }, slot_row_.data(), row_slot_.data(), &ints_[layout_.kept], offsets);
+    gather_token_rows(plan_view(), x_.data(), d, offsets[my_chunk * nf], offsets[(my_chunk + 1) * nf], xp_.data());
   }
 
   Rows token_rows() { return {xp_.data(), yp_.data(), dyp_.data()}; }
@@ -246,22 +205,22 @@ class MoeOps {
   // y = Σ over kept FFN slots of gate · expert row, then the zero-computation experts on the token's
   // own row (no GEMM, no travel).
   void combine(T* y, Context) {
-    gather_slots(yp_.data(), y, /*gate_weighted=*/true);
+    gather_slot_rows(plan_view(), yp_.data(), cfg_.d_model, /*gate_weighted=*/true, y);
     if constexpr (kAnyZc) zero_computation_forward(y);
   }
 
   // ---- backward ---------------------------------------------------------------------------------
   // dgate for every slot, and d(expert rows) = gate · dy for FFN slots.
   void combine_backward(const T* dy, Context) {
-    const auto k = cfg_.top_k, d = cfg_.d_model;
+    const auto d = cfg_.d_model;
     const T* const_v = W().const_v;
     const ExpertKinds kinds = ExpertKinds::of(cfg_);
-#pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
+    [[maybe_unused]] const I64 work = I64(slots_.slots) * d;  // read by the OpenMP clause only
+#pragma omp parallel for schedule(static) if (work >= MOEKIT_OMP_MIN_WORK)
     for (I64 t = 0; t < tokens_; ++t) {
       const T* dyt = dy + t * d;
       const T* xt = &x_[t * d];
-      for (I64 j = 0; j < k; ++j) {
-        const I64 s = t * k + j;
+      for (I64 s = slots_.begin(int(t)); s < slots_.end(int(t)); ++s) {
         const I32 row = slot_row_[s];
         T dg = 0;
         if (row >= 0) {
@@ -287,7 +246,7 @@ class MoeOps {
   }
   // dx = Σ over kept FFN slots of the x rows' gradient, then the copy / constant experts.
   void token_backward(const T* dy, T* dx, Context) {
-    gather_slots(dyp_.data(), dx, /*gate_weighted=*/false);
+    gather_slot_rows(plan_view(), dyp_.data(), cfg_.d_model, /*gate_weighted=*/false, dx);
     if constexpr (kAnyZc) zero_computation_backward(dy, dx);
   }
   // dlogits from dgate, the balance loss's dprob and the z-loss (router/topk.hpp), plus dlogits_next;
@@ -343,36 +302,17 @@ class MoeOps {
   FfnShapes<T> shapes(std::span<const I64> offsets) const {
     return {cfg_.d_model, table_.local_d_expert(), offsets.data(), table_.local_experts(), table_.w13_rows()};
   }
-  bool is_ffn(I64 e) const { return e < cfg_.num_ffn_experts; }
-  I64 chunk_of(I64 s, I64 chunks) const { return chunks == 1 ? 0 : DispatchPlan::chunk_of(s / cfg_.top_k, tokens_, chunks); }
-  // The router score a slot was picked by (layer/routing_plan.hpp).
-  T score_of(I32 s) const {
-    const I64 at = (s / cfg_.top_k) * cfg_.num_experts() + idx_[s];
+  // The router score a slot was picked by (capacity drops go lowest first).
+  T score_of(int s) const {
+    const I64 at = I64(slots_.token(s)) * cfg_.num_experts() + idx_[s];
     return Router::capacity_score(logits_[at], prob_[at]);
   }
-
-  // out_t = Σ over t's kept FFN slots of (gate or 1) · rows[slot's row]: a gather, not a scatter with
-  // atomics, so results are deterministic. Combine (gate-weighted) and dx (unweighted) share it.
-  void gather_slots(const T* rows, T* out, bool gate_weighted) const {
-    const auto k = cfg_.top_k, d = cfg_.d_model;
-#pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
-    for (I64 t = 0; t < tokens_; ++t) {
-      T* ot = out + t * d;
-      std::fill_n(ot, d, T(0));
-      for (I64 j = 0; j < k; ++j) {
-        const I32 row = slot_row_[t * k + j];
-        if (row < 0) continue;
-        const T g = gate_weighted ? gate_[t * k + j] : T(1);
-        const T* src = rows + I64(row) * d;
-        for (I64 c = 0; c < d; ++c) ot[c] += g * src[c];
-      }
-    }
-  }
+  RoutingPlan<T> plan_view() const { return {slots_, idx_.data(), gate_.data(), slot_row_.data(), row_slot_.data()}; }
   // Calls fn(slot, kind, constant index) for each kept zero-computation slot of token t.
   template <class F>
   void for_each_zc_slot(I64 t, F&& fn) const {
     const ExpertKinds kinds = ExpertKinds::of(cfg_);
-    for (I64 s = t * cfg_.top_k; s < (t + 1) * cfg_.top_k; ++s)
+    for (I64 s = slots_.begin(int(t)); s < slots_.end(int(t)); ++s)
       if (slot_row_[s] == kSlotZeroComputation) {
         int q = 0;
         const ZcKind kind = kinds.zc_kind(idx_[s], q);
@@ -380,10 +320,10 @@ class MoeOps {
       }
   }
   void zero_computation_forward(T* y) {
-    [[maybe_unused]] const auto k = cfg_.top_k;  // read by the OpenMP clause only
     const auto d = cfg_.d_model;
     const Weights w = W();
-#pragma omp parallel for schedule(static) if (tokens_ * d * k >= MOEKIT_OMP_MIN_WORK)
+    [[maybe_unused]] const I64 work = I64(slots_.slots) * d;  // read by the OpenMP clause only
+#pragma omp parallel for schedule(static) if (work >= MOEKIT_OMP_MIN_WORK)
     for (I64 t = 0; t < tokens_; ++t) {
       const T* xt = &x_[t * d];
       T* yt = y + t * d;
@@ -431,6 +371,7 @@ class MoeOps {
   std::vector<I32> ints_;
   std::vector<T> floats_;
   I64 reserved_ = 0, tokens_ = 0;
+  SlotLayout slots_;  // of the last forward's plan
   bool has_prev_ = false;
   std::vector<T> x_, prev_, logits_, prob_, dlogits_, gate_, dgate_, mix_, lse_;
   std::vector<I32> idx_, slot_row_, row_slot_;
