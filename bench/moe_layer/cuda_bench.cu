@@ -19,6 +19,7 @@
 #include <fstream>
 #include <functional>
 #include <moekit/backend/cuda/moe_layer.cuh>
+#include <moekit/layer/any_layer.hpp>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
@@ -183,6 +184,9 @@ struct Row {
   int fallbacks = 0;
 };
 
+// Each layer runs through the erased interface (layer/any_layer.hpp), as the harness and the examples
+// do; erase<Layer> instantiates only the two layer types measured here (make_moe_layer would compile
+// every policy combination into this translation unit).
 template <class Layer>
 Row run_layer(const Shape& s, const MoeConfig& cfg, bool skewed, mc::GemmStrategy gemm, int reps, const char* experts_name) {
   using S = typename Layer::storage_type;
@@ -191,8 +195,9 @@ Row run_layer(const Shape& s, const MoeConfig& cfg, bool skewed, mc::GemmStrateg
   r.gamma = cfg.capacity_factor;
   r.flops_fwd = 6.0 * double(s.tokens) * double(s.k) * double(s.d) * double(s.f);
   try {
-    Layer layer(cfg, gemm);
-    r.gemm = mc::to_string(layer.gemm_strategy());
+    const auto erased = erase<Layer>(cfg, gemm);
+    AnyMoeLayer<typename Layer::backend_type>& layer = *erased;
+    r.gemm = layer.gemm_stats().strategy;
     // torch.nn.Linear-like bounds, filled on the device (the host init of 10^10 values would take minutes).
     unsigned long long seed = 11;
     for (auto& p : layer.parameters()) {
@@ -230,7 +235,7 @@ Row run_layer(const Shape& s, const MoeConfig& cfg, bool skewed, mc::GemmStrateg
     }, reps);
     r.expert_flops = layer.expert_gemm_flops();
     r.ffn_rows = layer.ffn_rows();
-    r.fallbacks = layer.gemm_fallbacks();
+    r.fallbacks = layer.gemm_stats().fallbacks;
     const RoutingShares shares = routing_shares(layer.routed_counts(), cfg.num_ffn_experts);
     r.hot = shares.hot, r.zc = shares.zc;
   } catch (const std::exception& e) {  // e.g. out of memory on the largest shapes: say so in the row

@@ -48,10 +48,12 @@ LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
   using moekit::MatrixView;
   require_device();
   const std::int64_t T = in.tokens, d = cfg.d_model, n = cfg.num_experts(), k = cfg.top_k;
-  const bool gated = cfg.activation == moekit::Activation::kSwiGLU, residual = cfg.gating_residual;
+  const bool residual = cfg.gating_residual;
+  using S = mc::storage_t<V>;
+  const auto layer = moekit::make_moe_layer<moekit::backend::Cuda<V>, moekit::balance::MicroBatch, kBias>(cfg);
 
   // The weights by name into the flat layout of the parameter table every backend shares.
-  const moekit::ParameterTable table(cfg, gated, residual);
+  const moekit::ParameterTable& table = layer->parameter_table();
   std::vector<float> flat(std::size_t(table.size()));
   for (const auto& p : table.specs()) {
     const auto it = in.weights.find(p.name);
@@ -63,8 +65,6 @@ LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
   table.unpack(flat.data(), w);
 
   LayerOutputs out;
-  using S = mc::storage_t<V>;
-  const auto layer = moekit::make_moe_layer<moekit::backend::Cuda<V>, moekit::balance::MicroBatch, kBias>(cfg);
   layer->load_weights(w);
   if (layer->biased()) layer->set_expert_bias(in.expert_bias);
   layer->reserve(T);

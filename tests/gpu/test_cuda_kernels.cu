@@ -318,3 +318,41 @@ TEST_CASE("cuda AdamWGroup: norm sums, clipping factor and AdamW steps match the
   MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
   for (float v : dg1.download()) CHECK(v == 0.f);
 }
+
+TEST_CASE("cuda AdamWGroup: bf16 values step through an fp32 master copy (updates below bf16's resolution accumulate)") {
+  // Values near 1 (bf16 spacing 2^-7 there) and steps of about lr = 1e-3: rounded each step without a
+  // master, every update would vanish. With it, the bf16 values follow the fp32 host run, rounded.
+  const std::size_t n = 512;
+  std::mt19937 g(9);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> w(n), grad(n);
+  for (auto& v : w) v = to_f(from_f<__nv_bfloat16>(1.f + 0.1f * nd(g)));  // exactly representable start
+  std::vector<__nv_bfloat16> wb(n);
+  for (std::size_t i = 0; i < n; ++i) wb[i] = from_f<__nv_bfloat16>(w[i]);
+  DeviceBuffer<__nv_bfloat16> dw(n);
+  DeviceBuffer<float> dg(n);
+  dw.upload(wb);
+  moekit::train::AdamWConfig ac;
+  ac.lr = 1e-3, ac.weight_decay = 0.0;
+  mc::AdamWGroup dev({{"w", dw.p, dg.p, {std::int64_t(n)}, CUDA_R_16BF, moekit::ParamShard::kReplicated}}, ac);
+  REQUIRE(dev.master(0) != nullptr);
+  moekit::train::HostParameterGroup host({{"w", w.data(), grad.data(), {std::int64_t(n)}}}, ac);
+  const std::vector<float> start = w;
+  for (int step = 0; step < 30; ++step) {
+    for (auto& v : grad) v = 1.f + 0.1f * nd(g);  // mostly positive: the values drift down by ~lr a step
+    dg.upload(grad);
+    host.step(1e-3), dev.step(1e-3);
+  }
+  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto got = dw.download();
+  std::size_t moved = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const float ref = to_f(from_f<__nv_bfloat16>(w[i]));
+    CHECK(std::fabs(to_f(got[i]) - ref) <= 0.0079f);  // within one bf16 step at ~1 of the rounded host value
+    moved += to_f(got[i]) < start[i] ? 1 : 0;
+  }
+  CHECK(moved > n * 9 / 10);  // ~0.03 down: several bf16 steps, which per-step rounding would have lost
+  std::vector<float> master(n);
+  MOEKIT_CUDA_CHECK(cudaMemcpy(master.data(), dev.master(0), n * sizeof(float), cudaMemcpyDeviceToHost));
+  CHECK(moekit_test::rel_err(master, w) <= 1e-6);
+}

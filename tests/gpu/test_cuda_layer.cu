@@ -61,3 +61,43 @@ TEST_CASE("cuda layer: caller-owned workspace gives the same bits as the layer's
   CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
   CHECK(std::isfinite(a[0]));
 }
+
+TEST_CASE("cuda layer: the launch layer returns a Status for each failure and the convenience layer's bits") {
+  using namespace moekit;
+  using Layer = MoeLayer<backend::Cuda<float>, router::TopK<router::Softmax>, experts::Ffn<act::GeLU>>;
+  MoeConfig cfg = layer_check::small_config(8, 2, RouterKind::kSoftmax, Activation::kGeLU);
+  MoeConfig wrong = cfg;
+  wrong.activation = Activation::kSwiGLU;
+  std::string why;
+  CHECK(Layer::can_implement(cfg) == Status::kSuccess);
+  CHECK(Layer::can_implement(wrong, &why) == Status::kInvalidConfig);
+  CHECK(why.find("activation") != std::string::npos);
+  const std::int64_t T = 40, D = cfg.d_model;
+  Layer own(cfg), op(cfg);
+  own.init_params(6), op.init_params(6);
+  own.reserve(T);
+  const std::size_t bytes = op.workspace_bytes(T);
+  DeviceBuffer<char> ws(bytes + 256);
+  CHECK(op.initialize(ws.p, bytes - 1, T) == Status::kWorkspaceTooSmall);
+  CHECK(op.initialize(ws.p + 8, bytes, T) == Status::kInvalidArgument);  // not 256-byte aligned
+  std::vector<float> hx(std::size_t(T * D));
+  for (std::size_t i = 0; i < hx.size(); ++i) hx[i] = float(std::sin(0.37 * double(i)));
+  DeviceBuffer<float> x(T * D), y1(T * D), y2(T * D), dx1(T * D), dx2(T * D);
+  x.upload(hx);
+  CHECK(op.run_backward(MatrixView<const float>(x.p, {T, D}), MatrixView<float>(dx2.p, {T, D})) == Status::kInvalidState);
+  REQUIRE(op.initialize(ws.p, bytes, T) == Status::kSuccess);
+  CHECK(op.run_forward(MatrixView<const float>(x.p, {T, D - 1}), MatrixView<float>(y2.p, {T, D})) == Status::kInvalidArgument);
+  CHECK(op.last_error().find("x") != std::string::npos);
+  AuxLosses a1 = own.forward(MatrixView<const float>(x.p, {T, D}), MatrixView<float>(y1.p, {T, D})), a2;
+  REQUIRE(op.run_forward(MatrixView<const float>(x.p, {T, D}), MatrixView<float>(y2.p, {T, D}), {}, nullptr, &a2) == Status::kSuccess);
+  CHECK(op.last_error().empty());
+  CHECK(a1.lbl == a2.lbl);
+  own.backward(MatrixView<const float>(y1.p, {T, D}), MatrixView<float>(dx1.p, {T, D}));
+  REQUIRE(op.run_backward(MatrixView<const float>(y2.p, {T, D}), MatrixView<float>(dx2.p, {T, D})) == Status::kSuccess);
+  const auto ya = y1.download(), yb = y2.download(), da = dx1.download(), db = dx2.download();
+  CHECK(std::memcmp(ya.data(), yb.data(), ya.size() * sizeof(float)) == 0);
+  CHECK(std::memcmp(da.data(), db.data(), da.size() * sizeof(float)) == 0);
+  hx[5] = std::numeric_limits<float>::infinity();
+  x.upload(hx);
+  CHECK(op.run_forward(MatrixView<const float>(x.p, {T, D}), MatrixView<float>(y2.p, {T, D})) == Status::kNumericError);
+}

@@ -38,6 +38,8 @@ void check_same(AnyMoeLayer<backend::Host<float>>& any, Direct& direct) {
         std::vector<int>(direct.topk_indices().data, direct.topk_indices().data + T * c.top_k));
   CHECK(any.routed_counts() == direct.routed_counts());
   CHECK(any.ffn_rows() == direct.ffn_rows());
+  CHECK(any.gemm_stats().strategy == "cblas");
+  CHECK(any.gemm_stats().fallbacks == 0);
   any.backward(MatrixView<const float>(dy.data(), {T, d}), MatrixView<float>(dx1.data(), {T, d}));
   direct.backward(MatrixView<const float>(dy.data(), {T, d}), MatrixView<float>(dx2.data(), {T, d}));
   CHECK(dx1 == dx2);

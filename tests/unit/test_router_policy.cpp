@@ -23,6 +23,8 @@ struct SkipBusiest {
   static constexpr bool residual = false, biased = false, stateful = true;
   static inline int hook_calls = 0;
 
+  static constexpr void declare_parameters(ParameterFamilies& f) { f.router = true; }  // W_r, as TopK
+
   template <class S>
   MOEKIT_HD static S route(const S* logit, int n, int k, bool renormalize, S* prob, int* idx, S* gate, const S* state) {
     return router::route_token(score{}, logit, n, k, renormalize, prob, idx, gate, state);  // state: the selection bias

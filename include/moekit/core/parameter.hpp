@@ -12,6 +12,17 @@ namespace moekit {
 // Distributed clipping and gradient reduction go by this, never by names.
 enum class ParamShard { kReplicated, kExpertRows, kExpertCols };
 
+// The tensor families of an MoE layer. The policies declare theirs (a router policy its router
+// tensors, an expert set its experts'), and the parameter table (layer/parameter_table.hpp) names, shards
+// and lays them out, once for every backend.
+struct ParameterFamilies {
+  bool router = false;         // gate.weight [N_E, D]
+  bool ffn = false;            // experts.{e}.w1.weight [f, D], .w2.weight [D, f]
+  bool ffn_gated = false;      // experts.{e}.w3.weight [f, D] (gated activations)
+  bool constant = false;       // constant.{j}.wc.weight [2, D], .v [D] (MoE++ constant experts)
+  bool gate_residual = false;  // gate_residual.weight [N_E, N_E] (MoE++ gating residual)
+};
+
 // Elements of a tensor of this shape (1 for a scalar's empty shape).
 inline std::int64_t numel_of(const std::vector<std::int64_t>& shape) {
   std::int64_t n = 1;

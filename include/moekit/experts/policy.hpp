@@ -2,6 +2,8 @@
 #include <concepts>
 
 #include "moekit/core/config.hpp"
+#include "moekit/core/parameter.hpp"
+#include "moekit/experts/zero_computation.hpp"
 
 namespace moekit::act {
 // Activation tags. `gated` activations (SwiGLU) use a third weight W3.
@@ -27,12 +29,14 @@ template <class Act>
 struct Ffn {
   static_assert(act::ActivationPolicy<Act>, "experts::Ffn<Act>: Act must be act::SwiGLU, act::GeLU or act::ReLU");
   using activation = Act;
+  static constexpr void declare_parameters(ParameterFamilies& f) {
+    f.ffn = true;
+    f.ffn_gated = Act::gated;
+  }
 };
 
-// MoE++ zero-computation experts (arXiv 2410.07348): no GEMM; finished in the combine step.
-struct Zero {};      // E(x) = 0
-struct Copy {};      // E(x) = x
-struct Constant {};  // E(x) = a1 x + a2 v, [a1, a2] = softmax(Wc x); Wc [2, D], v [D] trainable
+// MoE++ zero-computation experts Zero, Copy, Constant (arXiv 2410.07348): experts/zero_computation.hpp,
+// with their functors.
 
 namespace detail {
 template <class T, class... Ts>
@@ -54,10 +58,18 @@ struct Set {
   static constexpr bool has_zero = detail::contains<Zero, ZeroComputation...>;
   static constexpr bool has_copy = detail::contains<Copy, ZeroComputation...>;
   static constexpr bool has_constant = detail::contains<Constant, ZeroComputation...>;
+  // The FFN experts' tensors, and the constant experts' Wc and v (zero and copy experts have none).
+  static constexpr void declare_parameters(ParameterFamilies& f) {
+    FfnExpert::declare_parameters(f);
+    f.constant = f.constant || has_constant;
+  }
 };
 
 template <class E>
-concept ExpertPolicy = requires { typename E::activation; };
+concept ExpertPolicy = requires(ParameterFamilies& f) {
+  typename E::activation;
+  E::declare_parameters(f);
+};
 
 // Which zero-computation kinds a policy admits (none for a bare Ffn<Act>).
 template <class E>

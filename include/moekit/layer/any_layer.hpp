@@ -39,6 +39,13 @@ struct layer_types {
   using parameter_type = typename decltype(std::declval<probe&>().parameters())::value_type;
 };
 
+// How the expert GEMMs ran: the strategy ("cblas" on the host; grouped / streams / lt on CUDA) and how
+// often a CUDA grouped GEMM fell back to another strategy.
+struct GemmStats {
+  std::string strategy;
+  int fallbacks = 0;
+};
+
 // Pointers to what the last forward left (valid until the next forward): host or device memory.
 template <class L>
 struct ForwardViews {
@@ -99,6 +106,7 @@ class AnyMoeLayer {
   virtual std::int64_t expert_gemm_flops() const = 0;
   virtual std::int64_t ffn_rows() const = 0;
   virtual ForwardViews<L> views() const = 0;
+  virtual GemmStats gemm_stats() const = 0;
 };
 
 // The erasure of one layer type (owns the layer; layer() reaches its full interface).
@@ -172,6 +180,10 @@ class ErasedMoeLayer final : public AnyMoeLayer<typename Layer::backend_type> {
   const std::vector<std::int64_t>& routed_counts() const override { return layer_.routed_counts(); }
   std::int64_t expert_gemm_flops() const override { return layer_.expert_gemm_flops(); }
   std::int64_t ffn_rows() const override { return layer_.ffn_rows(); }
+  GemmStats gemm_stats() const override {
+    if constexpr (requires { layer_.gemm_strategy(); }) return {std::string(to_string(layer_.gemm_strategy())), layer_.gemm_fallbacks()};
+    else return {"cblas", 0};
+  }
   ForwardViews<L> views() const override {
     if constexpr (requires { layer_.logits_device(); })
       return {layer_.logits_device(), layer_.probs_device(), layer_.topk_indices_device(), layer_.topk_gates_device(), true};

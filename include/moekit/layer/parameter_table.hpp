@@ -91,10 +91,17 @@ class ParameterTable {
   using Family = ParamSpec::Family;
 
   ParameterTable() = default;
-  // The table of a layer with this config and policy (gated activation, gating residual) on the rank
-  // of `g` (the default grid: one rank holding everything). cfg must be valid for the grid.
-  ParameterTable(const MoeConfig& cfg, bool gated, bool residual, const ParallelGrid& g = {})
-      : cfg_(cfg), grid_(g), gated_(gated), residual_(residual) {
+  // The table of a layer whose policies declare these families (core/parameter.hpp), with this config,
+  // on the rank of `g` (the default grid: one rank holding everything). cfg must be valid for the grid.
+  ParameterTable(const MoeConfig& cfg, const ParameterFamilies& fam, const ParallelGrid& g = {})
+      : cfg_(cfg), grid_(g), gated_(fam.ffn_gated), residual_(fam.gate_residual) {
+    if (!fam.router || !fam.ffn)
+      throw ConfigError("policies", "router " + std::string(fam.router ? "yes" : "no") + ", ffn " + (fam.ffn ? "yes" : "no"),
+                        "a layer's router must declare its router weight and its experts the FFN weights");
+    if (!fam.constant && cfg.num_constant_experts > 0)
+      throw ConfigError("num_constant_experts", std::to_string(cfg.num_constant_experts),
+                        "needs an expert set that declares the constant experts' tensors");
+    const bool gated = gated_, residual = residual_;
     const I64 d = cfg.d_model, n = cfg.num_experts(), f = cfg.d_expert, nc = cfg.num_constant_experts;
     el_ = cfg.num_ffn_experts / g.ep, fl_ = f / g.tp, wf_ = gated ? 2 * fl_ : fl_;
     off_.router = 0;
@@ -121,6 +128,16 @@ class ParameterTable {
     }
     if (residual)
       add("gate_residual.weight", Family::kGateResidual, 0, {n, n}, {n, n}, ParamShard::kReplicated, off_.gate_residual);
+  }
+
+  // The table of the layer MoeLayer<Backend, Router, Experts, ...> on this grid: the families its
+  // policies declare.
+  template <class Router, class Experts>
+  static ParameterTable of(const MoeConfig& cfg, const ParallelGrid& g = {}) {
+    ParameterFamilies f;
+    Router::declare_parameters(f);
+    Experts::declare_parameters(f);
+    return ParameterTable(cfg, f, g);
   }
 
   const MoeConfig& config() const { return cfg_; }

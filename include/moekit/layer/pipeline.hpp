@@ -20,7 +20,8 @@
 //   operations, plus a few on the statistics block); constants kMaxSlots (T·k limit), kGrows (buffers
 //   grow in forward; else reserve() first);
 //   the parameters: table(), load_weights, weights, gradients, zero_grad, parameters, flat buffers;
-//   the workspace: workspace_bytes, reserve, prepare(tokens), reserve_expert_side(rows), capacity_rows;
+//   the workspace: check_config (the backend's limits), workspace_bytes, reserve, prepare(tokens),
+//   reserve_expert_side(rows), capacity_rows;
 //   the stages: begin, route, plan, stats_ints/stats_floats (where they are computed), sync_stats,
 //   stats_ints_host/stats_floats_host, token_rows, expert_rows, ffn_forward, drop_activations,
 //   ffn_backward, combine, combine_backward, token_backward, router_backward, set_router_state.
@@ -85,7 +86,7 @@ class MoeLayer {
   explicit MoeLayer(const MoeConfig& cfg, Options options = {})
     requires(!kDistributed)
       : cfg_(validated(cfg)), layout_(cfg_.num_ffn_experts, cfg_.num_experts(), 1, 1),
-        ops_(cfg_, ParameterTable(cfg_, kGated, kResidual, ParallelGrid{}), layout_, options) {
+        ops_(cfg_, ParameterTable::of<Router, Experts>(cfg_), layout_, options) {
     init();
   }
   // One rank of `world` (one GPU per rank on CUDA). The config is checked on every rank before anything
@@ -101,7 +102,7 @@ class MoeLayer {
         ex_(static_cast<typename Ops::World&>(world), ParallelGrid::of(cfg.tp, cfg.ep, cfg.dp, world.rank()),
             [](typename Ops::World& w, int color, int key) { return X::split(w, color, key); }),
         layout_(cfg_.num_ffn_experts, cfg_.num_experts(), cfg_.tp, cfg_.ep),
-        ops_(cfg_, ParameterTable(cfg_, kGated, kResidual, ex_.grid()), layout_, options) {
+        ops_(cfg_, ParameterTable::of<Router, Experts>(cfg_, ex_.grid()), layout_, options) {
     ex_.set_duplicate_token_dropping(duplicate_token_dropping);
     init();
     if constexpr (Balance::global) {  // exchange_stats summed the counts over the shards already
@@ -242,6 +243,53 @@ class MoeLayer {
     const L zscale = tokens_ > 0 ? scale * L(cfg_.zloss_coef) * L(2) / L(tokens_) : L(0);
     ops_.router_backward(dprob_.data(), zscale, dlogits_next.data, dprev_logits.data, dx.data, has_prev_, ctx);
   }
+
+  // ---- launch layer (STYLE.md: CUTLASS's adapters): status codes, nothing thrown -------------------
+  // can_implement: whether a layer of this type can run cfg (its rules, its policies, the backend's
+  // limits). initialize: caller-owned workspace (CUDA, one rank: 256-byte aligned device memory of at
+  // least workspace_bytes(tokens)), or null to let the layer allocate its own; the host grows its
+  // buffers, so it takes null only. run_forward / run_backward: forward / backward on ctx (the stream).
+  // A failure returns its Status and leaves the message in last_error(). The convenience layer is the
+  // rest of this class: the constructor, reserve(), forward() and backward() allocate and throw.
+  static Status can_implement(const MoeConfig& cfg, std::string* why = nullptr) noexcept {
+    std::string msg;
+    const Status s = status_of([&] {
+      validated(cfg);
+      Ops::check_config(cfg);
+    }, msg);
+    if (why) *why = msg;
+    return s;
+  }
+  Status initialize(void* workspace, std::size_t bytes, std::int64_t tokens, Context ctx = {}) noexcept {
+    (void)ctx;  // buffers are bound, not written: nothing runs on the stream
+    if (!workspace) return status_of([&] { reserve(tokens); }, last_error_);
+    if constexpr (requires(Ops& o, void* p, std::size_t b, std::int64_t t) { o.attach_workspace(p, b, t); }) {
+      std::size_t need = 0;
+      if (const Status s = status_of([&] { need = workspace_bytes(tokens); }, last_error_); s != Status::kSuccess) return s;
+      if (bytes < need) {
+        last_error_ = "initialize: " + std::to_string(bytes) + " workspace bytes given, " + std::to_string(need) +
+                      " needed for " + std::to_string(tokens) + " tokens";
+        return Status::kWorkspaceTooSmall;
+      }
+      return status_of([&] { attach_workspace(workspace, bytes, tokens); }, last_error_);
+    } else {
+      last_error_ = "initialize: this layer allocates its own buffers; pass a null workspace";
+      return Status::kInvalidArgument;
+    }
+  }
+  Status run_forward(MatrixView<const S> x, MatrixView<S> y, MatrixView<const L> prev_logits = {}, Context ctx = {},
+                     AuxLosses* aux = nullptr) noexcept {
+    return status_of([&] {
+      const AuxLosses a = forward(x, y, prev_logits, ctx);
+      if (aux) *aux = a;
+    }, last_error_);
+  }
+  Status run_backward(MatrixView<const S> dy, MatrixView<S> dx, double aux_scale = 1.0, MatrixView<const L> dlogits_next = {},
+                      MatrixView<L> dprev_logits = {}, Context ctx = {}) noexcept {
+    return status_of([&] { backward(dy, dx, aux_scale, dlogits_next, dprev_logits, ctx); }, last_error_);
+  }
+  // The message of the last launch-layer call that failed (empty after one that succeeded).
+  const std::string& last_error() const noexcept { return last_error_; }
 
   // ---- router state and the per-step hook ----------------------------------------------------------
   // Once after each optimizer step: resets a GlobalBatch buffer; a stateful router's hook
@@ -537,6 +585,7 @@ class MoeLayer {
   int bad_token_ = kNoBadToken;
   bool has_forward_ = false, has_prev_ = false, training_ = true, recompute_ = false, has_activations_ = false;
   AuxLosses aux_;
+  std::string last_error_;  // of the launch layer
   std::vector<std::int32_t> kept_;
   std::vector<std::int64_t> offsets_, routed_, f_counts_;
 };

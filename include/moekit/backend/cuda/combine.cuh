@@ -20,6 +20,7 @@
 #include "moekit/backend/cuda/activation.cuh"  // load_f32 / store_f32
 #include "moekit/backend/cuda/permute.cuh"     // kDroppedSlot, kZeroComputationSlot
 #include "moekit/backend/cuda/status.cuh"
+#include "moekit/experts/zero_computation.hpp"
 
 namespace moekit::backend::cuda {
 inline namespace MOEKIT_CUDA_ABI {
@@ -109,9 +110,7 @@ MOEKIT_KERNEL void zc_mix_kernel(CombineParams<T> p, const float* zc_logits, flo
   int q;
   if (p.row_of_slot[s] == kZeroComputationSlot && zc_kind(p, p.idx[s], q) == ZcKind::kConstant) {
     const float* z = zc_logits + std::size_t(p.slots.token(s)) * std::size_t(2 * p.kinds.constant) + 2 * q;
-    const float m = fmaxf(z[0], z[1]), e1 = expf(z[0] - m), e2 = expf(z[1] - m);
-    a1 = e1 / (e1 + e2);
-    a2 = e2 / (e1 + e2);
+    experts::Constant::mix_from_logits(z[0], z[1], a1, a2);
   }
   mix[2 * s] = a1;
   mix[2 * s + 1] = a2;
@@ -179,9 +178,7 @@ MOEKIT_KERNEL void combine_dgate_kernel(CombineParams<T> p, const T* dout, SlotG
       const float dv_dot = warp_dot<V>(dot, p.const_v + std::size_t(q) * d, p.d, lane);
       dg = a1 * dx_dot + a2 * dv_dot;
       // E = a1 x + a2 v, dE = gate·dout: d a1 = gate·dout·x, d a2 = gate·dout·v, softmax backward.
-      const float da1 = gate * dx_dot, da2 = gate * dv_dot, sm = a1 * da1 + a2 * da2;
-      dz1 = a1 * (da1 - sm);
-      dz2 = a2 * (da2 - sm);
+      experts::Constant::mix_backward(a1, a2, gate * dx_dot, gate * dv_dot, dz1, dz2);
       if (lane == 0) {
         const std::size_t nc = std::size_t(p.kinds.constant);
         store_f32(g.coef_z, t * 2 * nc + 2 * std::size_t(q), dz1);

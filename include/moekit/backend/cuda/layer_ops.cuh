@@ -103,6 +103,12 @@ class MoeOps {
   }
 
   // ---- workspace --------------------------------------------------------------------------------
+  // int kernels and cuBLAS int sizes: every dimension must fit (checked before anything is allocated).
+  static void check_config(const MoeConfig& cfg) {
+    const std::pair<const char*, I64> dims[] = {{"d_model", cfg.d_model}, {"d_expert", cfg.d_expert}, {"num_experts()", cfg.num_experts()}};
+    for (const auto& [field, v] : dims)
+      if (v > (I64(1) << 30)) throw ConfigError(field, std::to_string(v), "must be <= 2^30 on the CUDA backend");
+  }
   std::size_t workspace_bytes(I64 tokens) const {
     check_token_limits(tokens);
     Buffers b;
@@ -338,11 +344,8 @@ class MoeOps {
   const int* slot_rows_device() const { return b_.row_of_slot; }  // row, or kSlotDropped / kSlotZeroComputation
 
  private:
-  // int kernels and cuBLAS int sizes: every dimension must fit (checked before anything is allocated).
   static ParameterStore<S> checked_store(const MoeConfig& cfg, ParameterTable table) {
-    const std::pair<const char*, I64> dims[] = {{"d_model", cfg.d_model}, {"d_expert", cfg.d_expert}, {"num_experts()", cfg.num_experts()}};
-    for (const auto& [field, v] : dims)
-      if (v > (I64(1) << 30)) throw ConfigError(field, std::to_string(v), "must be <= 2^30 on the CUDA backend");
+    check_config(cfg);
     return ParameterStore<S>(std::move(table));
   }
   I64 f() const { return table().local_d_expert(); }  // hidden units per tp rank

@@ -1,6 +1,7 @@
 #pragma once
 // Optimizer kernels over flat device buffers: AdamW with train/adamw.hpp's order of operations (fp32
-// moments and arithmetic; the values in the storage type), and the sum of squares of fp32 gradients in
+// moments and arithmetic; the values in the storage type, stepped through an fp32 master copy when
+// one is given, so bf16 values do not lose the updates smaller than their rounding), and the sum of squares of fp32 gradients in
 // double with a fixed reduction order (per-block partial sums, then one block adds them in block
 // order), so the gradient norm is the same bits on every run. Launchers return cudaError_t.
 #include <cuda_runtime.h>
@@ -23,25 +24,32 @@ struct AdamWStep {
 };
 
 template <class S>
-MOEKIT_KERNEL void adamw_kernel(S* value, const float* grad, float* m, float* v, std::int64_t n, AdamWStep a) {
+MOEKIT_KERNEL void adamw_kernel(S* value, float* master, const float* grad, float* m, float* v, std::int64_t n, AdamWStep a) {
   for (std::int64_t j = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += std::int64_t(gridDim.x) * blockDim.x) {
-    float p = load_f32(value, std::size_t(j)) * a.shrink;
+    float p = (master ? master[j] : load_f32(value, std::size_t(j))) * a.shrink;
     const float g = grad[j];
     const float mj = m[j] + a.one_minus_b1 * (g - m[j]);
     const float vj = a.b2 * v[j] + a.one_minus_b2 * g * g;
     p -= a.step_size * mj / (sqrtf(vj) / a.bc2_sqrt + a.eps);
     m[j] = mj, v[j] = vj;
-    store_f32(value, std::size_t(j), p);
+    if (master) master[j] = p;
+    store_f32(value, std::size_t(j), p);  // rounded once, from the master
   }
 }
 
+// master: null, or n fp32 values the step reads and writes instead of `value` (then value = master, rounded).
 template <class S>
-cudaError_t adamw_update(S* value, const float* grad, float* m, float* v, std::int64_t n, const AdamWStep& a, cudaStream_t stream) {
+cudaError_t adamw_update(S* value, float* master, const float* grad, float* m, float* v, std::int64_t n, const AdamWStep& a,
+                         cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (!value || !grad || !m || !v || n < 0) return cudaErrorInvalidValue;
   const std::int64_t blocks = (n + 255) / 256;
-  adamw_kernel<S><<<unsigned(blocks < 65535 ? blocks : 65535), 256, 0, stream>>>(value, grad, m, v, n, a);
+  adamw_kernel<S><<<unsigned(blocks < 65535 ? blocks : 65535), 256, 0, stream>>>(value, master, grad, m, v, n, a);
   return cudaGetLastError();
+}
+template <class S>
+cudaError_t adamw_update(S* value, const float* grad, float* m, float* v, std::int64_t n, const AdamWStep& a, cudaStream_t stream) {
+  return adamw_update(value, static_cast<float*>(nullptr), grad, m, v, n, a, stream);
 }
 
 inline constexpr int kSquareBlocks = 256;  // partial sums of one sum_of_squares call

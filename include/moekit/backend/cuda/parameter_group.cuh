@@ -3,8 +3,11 @@
 // (train/parameter_group.hpp): AdamW moments in fp32 on the device, the update by adamw_update and the
 // squared gradient norm by sum_of_squares (backend/cuda/optim.cuh), on one stream. Per optimizer step
 // only the per-parameter sums of squares (one double each) come to the host; values, gradients and
-// moments stay on the device. The arithmetic is train::AdamW's (train/adamw.hpp) in fp32; values in
-// bf16 are updated in fp32 and rounded (no separate fp32 master copy yet).
+// moments stay on the device. The arithmetic is train::AdamW's (train/adamw.hpp) in fp32. bf16 values
+// get an fp32 master copy in the group (made from the values when the group is made): the step updates
+// the master and writes it rounded to the values, so updates below bf16's resolution accumulate
+// instead of vanishing. Whoever writes the values behind the group's back (a checkpoint load) calls
+// reload_masters().
 #include <cuda_runtime.h>
 #include <library_types.h>
 
@@ -15,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "moekit/backend/cuda/activation.cuh"  // convert
 #include "moekit/backend/cuda/memory.cuh"
 #include "moekit/backend/cuda/optim.cuh"
 #include "moekit/backend/cuda/parameter_store.cuh"  // DeviceParameter
@@ -34,17 +38,21 @@ class AdamWGroup final : public train::ParameterGroup {
   AdamWGroup(std::vector<DeviceParameter> params, train::AdamWConfig cfg, DecayRule decays = {}, cudaStream_t stream = nullptr)
       : params_(std::move(params)), cfg_(cfg), stream_(stream) {
     cfg_.validate();
-    std::int64_t total = 0;
+    std::int64_t total = 0, masters = 0;
     for (const auto& p : params_) {
       if (p.numel() > 0 && (!p.value || !p.grad)) throw ShapeError("parameter " + p.name + " has a null value or grad pointer");
       if (p.dtype != CUDA_R_32F && p.dtype != CUDA_R_16BF)
         throw ShapeError("parameter " + p.name + ": AdamWGroup takes fp32 or bf16 values");
       offset_.push_back(total);
       total += p.numel();
+      master_offset_.push_back(p.dtype == CUDA_R_16BF ? masters : -1);
+      if (p.dtype == CUDA_R_16BF) masters += p.numel();
       decay_.push_back(!decays || decays(p));
     }
     moments_.resize(std::size_t(2 * total));
     if (total) MOEKIT_CUDA_CHECK(cudaMemsetAsync(moments_.data(), 0, moments_.size() * sizeof(float), stream_));
+    masters_.resize(std::size_t(masters));
+    reload_masters();
     partial_.resize(std::size_t(kSquareBlocks));
     sums_.resize(params_.size() ? params_.size() : 1);
     host_sums_.resize(params_.size() ? params_.size() : 1);
@@ -56,6 +64,14 @@ class AdamWGroup final : public train::ParameterGroup {
   // m then v of parameter i, on the device (for checkpoints).
   float* exp_avg(std::size_t i) const { return moments_.data() + offset_.at(i); }
   float* exp_avg_sq(std::size_t i) const { return moments_.data() + total_ + offset_.at(i); }
+  // The fp32 master copy of bf16 parameter i on the device (null for an fp32 parameter: its values are their own master).
+  float* master(std::size_t i) const { return master_offset_.at(i) < 0 ? nullptr : masters_.data() + master_offset_[i]; }
+  // The masters from the bf16 values (after something else wrote them).
+  void reload_masters() {
+    for (std::size_t i = 0; i < params_.size(); ++i)
+      if (float* mp = master(i))
+        MOEKIT_CUDA_CHECK(convert(static_cast<const __nv_bfloat16*>(params_[i].value), mp, std::size_t(params_[i].numel()), stream_));
+  }
 
   void grad_squares(double& replicated, double& expert_slices) override {
     for (std::size_t i = 0; i < params_.size(); ++i)
@@ -86,7 +102,7 @@ class AdamWGroup final : public train::ParameterGroup {
       a.shrink = float(1.0 - lr * (decay_[i] ? cfg_.weight_decay : 0.0));
       float *m = exp_avg(i), *v = exp_avg_sq(i);
       if (p.dtype == CUDA_R_32F) MOEKIT_CUDA_CHECK(adamw_update(static_cast<float*>(p.value), p.grad, m, v, p.numel(), a, stream_));
-      else MOEKIT_CUDA_CHECK(adamw_update(static_cast<__nv_bfloat16*>(p.value), p.grad, m, v, p.numel(), a, stream_));
+      else MOEKIT_CUDA_CHECK(adamw_update(static_cast<__nv_bfloat16*>(p.value), master(i), p.grad, m, v, p.numel(), a, stream_));
     }
   }
   void zero_grad() override {
@@ -98,10 +114,11 @@ class AdamWGroup final : public train::ParameterGroup {
   std::vector<DeviceParameter> params_;
   train::AdamWConfig cfg_;
   cudaStream_t stream_ = nullptr;
-  std::vector<std::int64_t> offset_;
+  std::vector<std::int64_t> offset_, master_offset_;  // master_offset_: -1 for fp32 parameters
   std::vector<bool> decay_;
   std::int64_t total_ = 0, t_ = 0;
   DeviceArray<float> moments_;  // m [total] then v [total]
+  DeviceArray<float> masters_;  // fp32 copies of the bf16 parameters, in parameter order
   DeviceArray<double> partial_, sums_;
   PinnedArray<double> host_sums_;
 };

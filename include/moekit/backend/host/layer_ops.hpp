@@ -81,6 +81,7 @@ class MoeOps {
   void set_router_state(std::span<const T> v) { state_.assign(v.begin(), v.end()); }
 
   // ---- workspace --------------------------------------------------------------------------------
+  static void check_config(const MoeConfig&) {}  // no limits beyond MoeConfig's own rules
   I64 workspace_bytes(I64 tokens) const {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
     const I64 rows = tokens * k;
@@ -333,7 +334,7 @@ class MoeOps {
           for (I64 c = 0; c < d; ++c) yt[c] += g * xt[c];
         } else if (kind == ZcKind::kConstant) {
           T a1, a2;
-          experts::constant_mix(&w.const_wc[q * 2 * d], xt, int(d), a1, a2);
+          experts::Constant::mix(&w.const_wc[q * 2 * d], xt, int(d), a1, a2);
           mix_[2 * s] = a1;
           mix_[2 * s + 1] = a2;
           const T* v = &w.const_v[q * d];
@@ -357,7 +358,7 @@ class MoeOps {
           for (I64 c = 0; c < d; ++c) dxt[c] += g * dyt[c];
         } else if (kind == ZcKind::kConstant) {
           for (I64 c = 0; c < d; ++c) de[c] = g * dyt[c];
-          experts::constant_backward(&w.const_wc[q * 2 * d], &x_[t * d], &w.const_v[q * d], mix_[2 * s], mix_[2 * s + 1],
+          experts::Constant::backward(&w.const_wc[q * 2 * d], &x_[t * d], &w.const_v[q * d], mix_[2 * s], mix_[2 * s + 1],
                                      de.data(), int(d), dxt, &gw.const_v[q * d], &gw.const_wc[q * 2 * d]);
         }
       });
