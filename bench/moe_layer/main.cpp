@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
+#include <moekit/backend/host/gemm_library.hpp>
 #include <moekit/layer/any_layer.hpp>
 #include <moekit/moe_layer.hpp>
 #include <nlohmann/json.hpp>
@@ -190,6 +191,7 @@ int main(int argc, char** argv) {
   const char* wait = std::getenv("OMP_WAIT_POLICY");
   std::printf("bench_moe_layer: backend host fp32 SwiGLU | %d threads | OMP_WAIT_POLICY=%s | %s\n",
               omp_get_max_threads(), wait ? wait : "(default)", machine().c_str());
+  std::printf("%s\n", backend::host::gemm_library().line().c_str());
 
   using Vanilla = MoeLayer<backend::Host<float>, router::TopK<router::Softmax>, experts::Ffn<act::SwiGLU>>;
   using MoePP = MoeLayer<backend::Host<float>, router::TopK<router::Softmax>,
@@ -230,6 +232,7 @@ int main(int argc, char** argv) {
   std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
   out["date"] = date;
   out["machine"] = machine();
+  out["gemm_library"] = backend::host::gemm_library().line();
   out["cores"] = omp_get_num_procs();
   out["threads"] = omp_get_max_threads();
   {

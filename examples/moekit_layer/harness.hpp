@@ -331,6 +331,7 @@ inline int run_harness(int argc, const char* const* argv, std::ostream& out = st
     out << "moekit-layer: " << to_string(h.backend) << " " << to_string(h.dtype) << ", " << in.info("x").shape[0]
         << " tokens, " << cfg.num_experts() << " experts (" << cfg.num_zc_experts() << " zero-computation), top-"
         << cfg.top_k << "; lbl " << o.lbl << ", zloss " << o.zloss << "; wrote " << opt.output << "\n";
+    if (h.backend == Backend::kHost) out << "moekit-layer: " << moekit::backend::host::gemm_library().line() << "\n";
     return kExitOk;
   } catch (const UsageError& e) {
     err << "moekit-layer: error: " << e.what() << "\n" << kUsage;

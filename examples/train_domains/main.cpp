@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include <moekit/backend/host/gemm_library.hpp>
 #include <moekit/train/trainer.hpp>
 
 #include "cuda_blocks.hpp"
@@ -188,6 +189,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   out("train_domains: threads %d (OMP_WAIT_POLICY=%s) | vocab %d, context %lld | %lld blocks of MoE(%lld experts, top-%lld, d_model %lld, d_expert %lld) | %lld parameters\n",
       omp_get_max_threads(), std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "default", domains::kVocab, (long long)opt.context, (long long)mc.blocks, (long long)mc.experts,
       (long long)mc.top_k, (long long)opt.d_model, (long long)mc.d_expert, (long long)n_params);
+  out("%s\n", moekit::backend::host::gemm_library().line().c_str());  // which GEMM kernel the host runs (and any warning)
   if (opt.expert_bias) out("expert bias: on (router::BiasBalanced, u = %g after each step)\n", opt.bias_rate);
   const bool variant = opt.global_balance || opt.granularity > 1 || opt.gating_residual || opt.pack_by_domain ||
                        mc.zero_experts + mc.copy_experts + mc.constant_experts > 0;

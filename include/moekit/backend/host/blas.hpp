@@ -1,8 +1,11 @@
 #pragma once
-// Row-major GEMM through CBLAS: C[m,n] = alpha * op(A)[m,kk] * op(B)[kk,n] + beta * C.
+// Row-major GEMM through CBLAS: C[m,n] = alpha * op(A)[m,kk] * op(B)[kk,n] + beta * C. The first call
+// sets the library up (backend/host/gemm_library.hpp: OpenBLAS's kernel chosen from the CPU's features).
 #include <cblas.h>
 
 #include <cstdint>
+
+#include "moekit/backend/host/gemm_library.hpp"
 
 namespace moekit::backend::host {
 
@@ -20,6 +23,7 @@ inline void gemm_dispatch(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, 
 template <class T>
 void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t kk, T alpha, const T* a,
           const T* b, T beta, T* c) {
+  (void)gemm_library();  // once per process: the kernel that fits the CPU
   if (m == 0 || n == 0) return;
   if (kk == 0) {  // BLAS would reject lda = 0; the product is empty
     for (std::int64_t i = 0; i < m * n; ++i) c[i] = beta == T(0) ? T(0) : beta * c[i];
