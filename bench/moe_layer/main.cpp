@@ -5,17 +5,20 @@
 //   bench_moe_layer --backend cuda [--quick] [--reps N] [--json out.json] [--gemm auto|grouped|streams|lt|all]
 //                   [--dtype bf16|fp32] [--shape mixtral|olmoe|qwen3-30b-a3b|deepseek-v3-routed ...]
 //
-// Host rows: fp32, SwiGLU, softmax top-k. CUDA rows: cuda_bench.cu (built when CUDA is enabled).
+// Host rows: fp32, SwiGLU, softmax top-k; then decode rows (T = 1, 8, 64 tokens, evaluation mode): µs
+// per layer call and the expert weights it must read against the machine's read bandwidth. CUDA rows: cuda_bench.cu (built when CUDA is enabled).
 // FLOPs: forward 6·T·k·d·d_expert, forward+backward 18·T·k·d·d_expert (the router, 2·T·d·N_E and
 // x3 with backward, is reported separately and not in the ratio).
 #include <omp.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
+#include <memory>
 #include <moekit/backend/host/gemm_library.hpp>
 #include <moekit/layer/any_layer.hpp>
 #include <moekit/moe_layer.hpp>
@@ -126,6 +129,63 @@ Row run(const Shape& s, const MoeConfig& cfg, bool skewed, int reps, const char*
   return r;
 }
 
+// Read bandwidth of this machine on these threads: Σ over a 512 MiB buffer (far beyond the caches),
+// the median of `reps` passes, GB/s.
+double read_gbps(int reps) {
+  const std::size_t n = std::size_t(1) << 27;  // floats
+  std::vector<float> v(n, 1.0f);
+  volatile double sink = 0;
+  const double ms = median_ms([&] {
+    double s = 0;
+    // 16 independent sums per thread: the loop is bound by the loads, not by one add's latency.
+#pragma omp parallel reduction(+ : s)
+    {
+      float acc[16] = {};
+#pragma omp for schedule(static)
+      for (std::size_t b = 0; b < n / 16; ++b)
+        for (std::size_t j = 0; j < 16; ++j) acc[j] += v[b * 16 + j];
+      for (float a : acc) s += double(a);
+    }
+    sink = sink + s;
+  }, reps);
+  return double(n * sizeof(float)) / (ms * 1e6);
+}
+
+struct DecodeRow {
+  std::string shape;
+  std::int64_t tokens = 0, experts_touched = 0;
+  double us = 0, weight_bytes = 0, gbps = 0;
+};
+// Forward of T tokens in evaluation mode (decode): the experts the T tokens reach must each be read
+// whole (w1, w3, w2: 3·d·d_expert floats), and the router (N·d); a layer call is bandwidth-bound. As
+// in a model, the calls go round a stack of layers whose weights together are 4x a 64 MiB cache, so
+// a call does not find its weights still cached from the previous one.
+template <class Layer>
+DecodeRow decode(const Shape& s, std::int64_t T, int reps) {
+  MoeConfig c;
+  c.d_model = s.d, c.d_expert = s.f, c.num_ffn_experts = s.experts, c.top_k = s.k;
+  const double layer_bytes = double(sizeof(float)) * double(s.experts) * (3.0 * double(s.d) * double(s.f) + double(s.d));
+  const int n = int(std::max(1.0, std::ceil(4.0 * 64.0 * 1024 * 1024 / layer_bytes)));
+  std::vector<std::unique_ptr<AnyMoeLayer<backend::Host<float>>>> layers;
+  for (int i = 0; i < n; ++i) {
+    layers.push_back(erase<Layer>(c));
+    layers.back()->init_params(3);  // the same weights: the same experts touched by every layer
+    layers.back()->set_training(false);
+  }
+  std::vector<float> x(std::size_t(T * s.d)), y(x.size());
+  SplitMix64 rng(11);
+  for (auto& e : x) e = float(rng.uniform(-1, 1));
+  DecodeRow r;
+  r.shape = s.name, r.tokens = T;
+  r.us = 1e3 / n * median_ms([&] {
+    for (auto& l : layers) l->forward(MatrixView<const float>(x.data(), {T, s.d}), MatrixView<float>(y.data(), {T, s.d}));
+  }, reps);
+  for (auto cnt : layers.front()->routed_counts()) r.experts_touched += cnt > 0 ? 1 : 0;
+  r.weight_bytes = double(sizeof(float)) * (double(r.experts_touched) * 3.0 * double(s.d) * double(s.f) + double(s.experts * s.d));
+  r.gbps = r.weight_bytes / (r.us * 1e3);
+  return r;
+}
+
 MoeConfig base_config(const Shape& s) {
   MoeConfig c;
   c.d_model = s.d;
@@ -224,6 +284,12 @@ int main(int argc, char** argv) {
     }
   }
 
+  // Decode: a few tokens per call, evaluation mode, many reps (each call is short).
+  const double bandwidth = read_gbps(quick ? 1 : 5);
+  std::vector<DecodeRow> decodes;
+  for (const Shape* s = begin; s != end; ++s)
+    for (std::int64_t T : {1, 8, 64}) decodes.push_back(decode<Vanilla>(*s, T, quick ? 3 : 21));
+
   std::printf("\n%-17s %-8s %-13s %5s %5s | %9s %8s %6s | %9s %8s %6s | %8s %6s %6s\n", "shape", "routing", "experts", "gamma",
               "tau", "fwd ms", "GFLOP/s", "ratio", "f+b ms", "GFLOP/s", "ratio", "sgemm", "hot", "zc");
   nlohmann::ordered_json out;
@@ -257,6 +323,17 @@ int main(int argc, char** argv) {
                            {"sgemm_ceiling_gflops", r.ceiling_gflops}, {"hot_expert_share", r.hot_share},
                            {"zc_slot_share", r.zc_share}, {"expert_gemm_flops", r.expert_flops}, {"ffn_rows", r.ffn_rows},
                            {"router_flops_fwd", r.router_flops_fwd}});
+  }
+  std::printf("\ndecode (evaluation-mode forward of T tokens; weights = the experts the T tokens reach, read whole, + the "
+              "router; calls round a stack of layers 4x a 64 MiB cache)\nread bandwidth of this machine: %.1f GB/s\n%-17s %6s %10s %8s %10s %8s %6s\n",
+              bandwidth, "shape", "T", "us/call", "experts", "weight MB", "GB/s", "ratio");
+  out["read_gbps"] = bandwidth;
+  out["decode"] = nlohmann::json::array();
+  for (const DecodeRow& d : decodes) {
+    std::printf("%-17s %6lld %10.1f %8lld %10.2f %8.1f %6.2f\n", d.shape.c_str(), (long long)d.tokens, d.us,
+                (long long)d.experts_touched, d.weight_bytes / 1e6, d.gbps, d.gbps / bandwidth);
+    out["decode"].push_back({{"shape", d.shape}, {"tokens", d.tokens}, {"us_per_call", d.us}, {"experts_touched", d.experts_touched},
+                             {"weight_bytes", d.weight_bytes}, {"gbps", d.gbps}, {"ratio_to_read_bandwidth", d.gbps / bandwidth}});
   }
   std::printf("\nGFLOP/s are nominal: 6·T·k·d·d_expert (forward) and 18·T·k·d·d_expert (forward+backward) over the time,\n"
               "so rows with capacity drops or zero-computation experts show the saving as a higher rate.\n"
