@@ -4,9 +4,10 @@
 # compiled too. Safe to run again: apt is skipped when every package is installed.
 set -euo pipefail
 # make: the presets use CMake's default generator (Unix Makefiles), and cmake only recommends it.
+# libopenblas0-openmp: the OpenBLAS built on OpenMP, which moekit links when present (cmake/moekitBlas.cmake);
 # libblis4, libdnnl2: the other CPU GEMM libraries bench_gemm_libraries measures (loaded at run time).
 packages=(cmake make g++ doctest-dev libopenblas-dev nlohmann-json3-dev libcli11-dev libopenmpi-dev openmpi-bin gnuplot-nox
-          libblis4 libdnnl2)
+          libopenblas0-openmp libblis4 libdnnl2)
 missing=()
 for p in "${packages[@]}"; do
   # "install ok installed", not merely known to dpkg (a removed package keeps its config files).

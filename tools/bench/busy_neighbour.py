@@ -3,8 +3,9 @@
 # tokens/s from the final JSON line of `--steps N` runs, and the ratio busy / alone (the target
 # is >= 0.4 on 2 cores; 0.5 would be a fair share). Usage:
 #   busy_neighbour.py TRAIN_DOMAINS ROUNDS STEPS [label=ENV=VALUE[,ENV=VALUE] ...]
-# Each label is a variant (e.g. openmp=LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/openblas-openmp); the
-# default variant runs the environment as it is.
+# Each label is a variant (e.g. pthread=LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/openblas-pthread); the
+# default variant runs the environment as it is. BUSY_CMD (environment) replaces the busy loop, e.g. a
+# two-job compile: BUSY_CMD='while :; do make -B -j2 some.o; done'.
 import json, os, statistics, subprocess, sys
 exe, rounds, steps = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 variants = [("default", {})]
@@ -20,11 +21,12 @@ res = {l: {"alone": [], "busy": []} for l, _ in variants}
 for r in range(rounds):
     for label, env in (variants if r % 2 == 0 else variants[::-1]):
         res[label]["alone"].append(run(env))
-        busy = subprocess.Popen(["sh", "-c", "while :; do :; done"])
+        busy = subprocess.Popen(["sh", "-c", os.environ.get("BUSY_CMD", "while :; do :; done")], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             res[label]["busy"].append(run(env))
         finally:
-            busy.kill()
+            os.killpg(busy.pid, 9)
 print(f"{'variant':10s} {'alone tok/s':>12s} {'busy tok/s':>12s} {'busy/alone':>10s}   (medians of {rounds} rounds, {steps} steps)")
 table = {}
 for label, _ in variants:
