@@ -2,6 +2,7 @@
 // compare with the ceiling of one dense GEMM of equal FLOPs measured in the same run.
 //
 //   OMP_WAIT_POLICY=passive bench_moe_layer [--backend host] [--quick] [--reps N] [--json out.json]
+//   bench_moe_layer --rss train|eval   (peak RSS of a training or an evaluation-mode run)
 //   bench_moe_layer --backend cuda [--quick] [--reps N] [--json out.json] [--gemm auto|grouped|streams|lt|all]
 //                   [--dtype bf16|fp32] [--shape mixtral|olmoe|qwen3-30b-a3b|deepseek-v3-routed ...]
 //
@@ -196,6 +197,39 @@ MoeConfig base_config(const Shape& s) {
   return c;
 }
 
+// Peak resident memory of this process so far (VmHWM), MB.
+double peak_rss_mb() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  return 0;
+}
+
+// --rss train|eval: one cpu-mixtral-mini layer, two forwards (and backwards, in training mode), then
+// the process's peak RSS and the layer's buffers: run once per mode, each in its own process.
+int rss_mode(const std::string& mode) {
+  using Vanilla = MoeLayer<backend::Host<float>, router::TopK<router::Softmax>, experts::Ffn<act::SwiGLU>>;
+  const Shape s = kShapes[0];
+  MoeConfig c;
+  c.d_model = s.d, c.d_expert = s.f, c.num_ffn_experts = s.experts, c.top_k = s.k;
+  const double before = peak_rss_mb();
+  Vanilla layer(c);
+  layer.init_params(1);
+  const bool train = mode == "train";
+  layer.set_training(train);
+  std::vector<float> x(std::size_t(s.tokens * s.d), 0.5f), y(x.size()), dx(x.size());
+  SplitMix64 rng(5);
+  for (auto& e : x) e = float(rng.uniform(-1, 1));
+  for (int i = 0; i < 2; ++i) {
+    layer.forward(MatrixView<const float>(x.data(), {s.tokens, s.d}), MatrixView<float>(y.data(), {s.tokens, s.d}));
+    if (train) layer.backward(MatrixView<const float>(y.data(), {s.tokens, s.d}), MatrixView<float>(dx.data(), {s.tokens, s.d}));
+  }
+  std::printf("bench_moe_layer --rss %s: %s, T %lld: peak RSS %.1f MB (%.1f MB before the layer), layer buffers %.1f MB\n",
+              mode.c_str(), s.name, (long long)s.tokens, peak_rss_mb(), before, double(layer.buffer_bytes()) / 1e6);
+  return 0;
+}
+
 std::string machine() {
   std::ifstream in("/proc/cpuinfo");
   std::string line;
@@ -233,12 +267,13 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
+    if (a == "--rss") return rss_mode(next());
     if (a == "--quick") quick = true;
     else if (a == "--reps") reps = std::max(1, std::atoi(next().c_str()));
     else if (a == "--json") json_path = next();
     else if (a == "--backend") backend = next();
     else {
-      std::fprintf(stderr, "usage: bench_moe_layer [--backend host|cuda] [--quick] [--reps N] [--json out.json] "
+      std::fprintf(stderr, "usage: bench_moe_layer [--backend host|cuda] [--quick] [--reps N] [--json out.json] [--rss train|eval] "
                            "(cuda: [--gemm auto|grouped|streams|lt|all] [--dtype bf16|fp32] [--shape NAME])\n");
       return 2;
     }

@@ -118,8 +118,13 @@ class MoeLayer {
   Balance& balance() { return balance_; }
   // Training mode (the default) adds each forward's counts to a GlobalBatch buffer and to the step's
   // counts of a biased router; evaluation mode does not (the aux losses then use this forward's own
-  // counts). MicroBatch layers behave the same in both modes.
-  void set_training(bool on) { training_ = on; }
+  // counts). MicroBatch layers behave the same in both modes. An evaluation-mode forward keeps nothing
+  // for backward where the backend can drop it (the host: no gradient buffers, the activation computed
+  // in place), so backward after it is a logic_error.
+  void set_training(bool on) {
+    training_ = on;
+    if constexpr (requires(Ops& o) { o.set_training(on); }) ops_.set_training(on);
+  }
   bool training() const { return training_; }
 
   // ---- parameters: one flat value buffer and one flat gradient buffer, laid out and named by the
@@ -209,6 +214,7 @@ class MoeLayer {
     // f_i from the scope's routed (pre-capacity) counts; P_i and z from this micro-batch.
     aux_ = aux_losses<L>(cfg_, balance_, training_, routed_, tokens_, prob_sum_.data(), z_sum_, eta_.data(), f_counts_, f_tokens_);
     has_forward_ = true;
+    forward_trained_ = training_;
     return aux_;
   }
 
@@ -219,6 +225,9 @@ class MoeLayer {
   void backward(MatrixView<const S> dy, MatrixView<S> dx, double aux_scale = 1.0, MatrixView<const L> dlogits_next = {},
                 MatrixView<L> dprev_logits = {}, Context ctx = {}) {
     check_backward_args(cfg_, has_forward_, has_prev_, tokens_, dy, dx, dlogits_next, dprev_logits);
+    if (!forward_trained_)
+      throw std::logic_error("moekit::MoeLayer::backward after an evaluation-mode forward (it keeps no activations): "
+                             "set_training(true) before the forward whose backward you need");
     ops_.combine_backward(dy.data, ctx);
     const auto tok = ops_.token_rows();
     if constexpr (kDistributed) {
@@ -412,6 +421,12 @@ class MoeLayer {
   {
     return ops_.flat_value_bytes();
   }
+  // Host: bytes of the buffers the layer holds now (evaluation mode keeps fewer).
+  std::size_t buffer_bytes() const
+    requires requires(const Ops& o) { o.buffer_bytes(); }
+  {
+    return ops_.buffer_bytes();
+  }
   std::size_t flat_grad_count() const
     requires requires(const Ops& o) { o.flat_grad_count(); }
   {
@@ -584,6 +599,7 @@ class MoeLayer {
   std::int64_t tokens_ = 0, f_tokens_ = 0, gemm_flops_ = 0, recomputations_ = 0;
   int bad_token_ = kNoBadToken;
   bool has_forward_ = false, has_prev_ = false, training_ = true, recompute_ = false, has_activations_ = false;
+  bool forward_trained_ = true;  // the last forward ran in training mode (backward may follow)
   AuxLosses aux_;
   std::string last_error_;  // of the launch layer
   std::vector<std::int32_t> kept_;

@@ -90,24 +90,44 @@ class MoeOps {
     return vals * I64(sizeof(T)) + (tokens * k * 2 + rows) * I64(sizeof(I32));
   }
   // Sizes the saved activations for up to `tokens` tokens; forward calls it too, so buffers only grow.
+  // In evaluation mode the buffers only backward needs (the activation a, d rows, dlogits, dgate) are
+  // not allocated, and the forward computes a in place of h1.
   void reserve(I64 tokens) {
-    if (tokens <= reserved_) return;
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
     const I64 rows = tokens * k;
-    for (auto* v : {&logits_, &prob_, &dlogits_}) v->resize(tokens * n);
-    if constexpr (kResidual) prev_.resize(tokens * n);
-    for (auto* v : {&gate_, &dgate_, &mix_}) v->resize(tokens * k * (v == &mix_ ? 2 : 1));
-    lse_.resize(tokens);
-    idx_.resize(tokens * k);
-    slot_row_.resize(tokens * k);
-    row_slot_.resize(rows);
-    x_.resize(tokens * d);
-    for (auto* v : {&xp_, &yp_, &dyp_}) v->resize(rows * d);
-    for (auto* v : {&h1_, &a_}) v->resize(rows * f);
-    if constexpr (kGated) h3_.resize(rows * f);
-    reserved_ = tokens;
+    if (tokens > reserved_) {
+      for (auto* v : {&logits_, &prob_}) v->resize(tokens * n);
+      if constexpr (kResidual) prev_.resize(tokens * n);
+      for (auto* v : {&gate_, &mix_}) v->resize(tokens * k * (v == &mix_ ? 2 : 1));
+      lse_.resize(tokens);
+      idx_.resize(tokens * k);
+      slot_row_.resize(tokens * k);
+      row_slot_.resize(rows);
+      x_.resize(tokens * d);
+      for (auto* v : {&xp_, &yp_}) v->resize(rows * d);
+      h1_.resize(rows * f);
+      if constexpr (kGated) h3_.resize(rows * f);
+      reserved_ = tokens;
+    }
+    if (training_ && tokens > reserved_backward_) {
+      dlogits_.resize(tokens * n);
+      dgate_.resize(tokens * k);
+      dyp_.resize(rows * d);
+      a_.resize(rows * f);
+      reserved_backward_ = tokens;
+    }
   }
   void prepare(I64 tokens) { reserve(tokens); }
+  void set_training(bool on) { training_ = on; }
+  // Bytes of the buffers this layer holds now (parameters and gradients included).
+  std::size_t buffer_bytes() const {
+    std::size_t b = 0;
+    for (const auto* v : {&value_, &grad_, &floats_, &x_, &prev_, &logits_, &prob_, &dlogits_, &gate_, &dgate_, &mix_, &lse_, &xp_,
+                          &yp_, &dyp_, &h1_, &h3_, &a_, &xe_, &ye_, &dye_, &state_})
+      b += v->capacity() * sizeof(T);
+    for (const auto* v : {&ints_, &idx_, &slot_row_, &row_slot_}) b += v->capacity() * sizeof(I32);
+    return b;
+  }
   I64 reserved_tokens() const { return reserved_; }
   I64 capacity_rows() const { return INT32_MAX; }  // the expert side grows on demand
   void reserve_expert_side(I64) {}
@@ -188,13 +208,16 @@ class MoeOps {
   }
 
   // The FFN over rows.x (activations kept for backward) into rows.y. Returns the GEMM FLOPs.
+  // Evaluation mode: a in place of h1 (nothing is kept for backward).
   I64 ffn_forward(const Rows& rows, std::span<const I64> offsets, Context) {
     const auto s = shapes(offsets);
     const std::size_t n = std::size_t(s.rows()), f = std::size_t(s.f);
-    for (auto* v : {&h1_, &a_}) v->resize(std::max(v->size(), n * f));
+    h1_.resize(std::max(h1_.size(), n * f));
+    if (training_) a_.resize(std::max(a_.size(), n * f));
     if constexpr (kGated) h3_.resize(std::max(h3_.size(), n * f));
     const Weights w = W();
-    return backend::host::ffn_forward<Act>(s, w.w13, w.w2, rows.x, h1_.data(), h3_.data(), a_.data(), rows.y);
+    return backend::host::ffn_forward<Act>(s, w.w13, w.w2, rows.x, h1_.data(), h3_.data(), training_ ? a_.data() : h1_.data(),
+                                           rows.y);
   }
   void drop_activations() { h1_.clear(), h3_.clear(), a_.clear(); }
   // rows.dy (gate·dy) -> rows.dy (d of the x rows), the weight gradients added.
@@ -371,9 +394,9 @@ class MoeOps {
   std::vector<T> value_, grad_, state_;  // flat, laid out by table_; the router state's values
   std::vector<I32> ints_;
   std::vector<T> floats_;
-  I64 reserved_ = 0, tokens_ = 0;
+  I64 reserved_ = 0, reserved_backward_ = 0, tokens_ = 0;
   SlotLayout slots_;  // of the last forward's plan
-  bool has_prev_ = false;
+  bool has_prev_ = false, training_ = true;
   std::vector<T> x_, prev_, logits_, prob_, dlogits_, gate_, dgate_, mix_, lse_;
   std::vector<I32> idx_, slot_row_, row_slot_;
   std::vector<T> xp_, yp_, dyp_, h1_, h3_, a_;
