@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <moekit/backend/host/gemm_library.hpp>
 #include <moekit/parallel/comm/mpi.hpp>
 #include <moekit/parallel/host_moe_layer.hpp>
 #include <nlohmann/json.hpp>
@@ -85,6 +86,8 @@ int main(int argc, char** argv) {
   nlohmann::ordered_json out;
   out["world"] = w, out["tokens_per_shard"] = T, out["shape"] = "cpu-mixtral-mini (d 512, d_expert 1024, 8 experts, top-2, fp32)";
   out["rows"] = nlohmann::json::array();
+  out["gemm_library"] = backend::host::gemm_library().line();
+  if (world.rank() == 0) std::printf("%s\n", backend::host::gemm_library().line().c_str());
   if (world.rank() == 0)
     std::printf("bench_comm_volume: %d ranks, T = %lld tokens per shard, d 512, d_expert 1024, 8 experts, top-2, fp32\n"
                 "MB sent per rank per step (forward + backward + gradient sync), measured (mean over ranks) | formula\n\n"
