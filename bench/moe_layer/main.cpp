@@ -1,12 +1,12 @@
 // bench_moe_layer: time an MoE layer's forward and forward+backward on the shapes of DESIGN §10 and
 // compare with the ceiling of one dense GEMM of equal FLOPs measured in the same run.
 //
-//   OMP_WAIT_POLICY=passive bench_moe_layer [--backend host] [--quick] [--reps N] [--json out.json]
+//   OMP_WAIT_POLICY=passive bench_moe_layer [--backend host] [--quick] [--reps N] [--json out.json] [--dtype fp32|bf16|all]
 //   bench_moe_layer --rss train|eval   (peak RSS of a training or an evaluation-mode run)
 //   bench_moe_layer --backend cuda [--quick] [--reps N] [--json out.json] [--gemm auto|grouped|streams|lt|all]
 //                   [--dtype bf16|fp32] [--shape mixtral|olmoe|qwen3-30b-a3b|deepseek-v3-routed ...]
 //
-// Host rows: fp32, SwiGLU, softmax top-k; then decode rows (T = 1, 8, 64 tokens, evaluation mode): µs
+// Host rows: fp32 and bf16 (backend::Host<bf16>, against a bf16 GEMM's ceiling), SwiGLU, softmax top-k; then decode rows (T = 1, 8, 64 tokens, evaluation mode): µs
 // per layer call and the expert weights it must read against the machine's read bandwidth. CUDA rows: cuda_bench.cu (built when CUDA is enabled).
 // FLOPs: forward 6·T·k·d·d_expert, forward+backward 18·T·k·d·d_expert (the router, 2·T·d·N_E and
 // x3 with backward, is reported separately and not in the ratio).
@@ -20,6 +20,8 @@
 #include <ctime>
 #include <fstream>
 #include <memory>
+#include <moekit/backend/host/convert.hpp>
+#include <moekit/backend/host/gemm_bf16.hpp>
 #include <moekit/backend/host/gemm_library.hpp>
 #include <moekit/layer/any_layer.hpp>
 #include <moekit/moe_layer.hpp>
@@ -71,17 +73,20 @@ void set_routing(std::vector<float>& router, std::vector<float>& x, const Shape&
 }
 
 struct Row {
-  std::string shape, routing, experts;
+  std::string shape, routing, experts, dtype;
   double tau = 1, gamma = 0, fwd_ms = 0, fb_ms = 0, ceiling_gflops = 0, hot_share = 0, zc_share = 0;
   std::int64_t expert_flops = 0, ffn_rows = 0, router_flops_fwd = 0;
   double flops_fwd = 0;
 };
 
-// One dense sgemm of the forward's FLOPs ([T·k, d] x [d, 3·d_expert]) on the same threads: the ceiling.
+// One dense GEMM of the forward's FLOPs ([T·k, d] x [d, 3·d_expert]) on the same threads, in the
+// layer's storage type (bf16: bf16 operands, fp32 accumulation, as the layer's GEMMs): the ceiling.
+template <class V>
 double ceiling_gflops(const Shape& s, int reps) {
   const std::int64_t m = s.tokens * s.k, n = 3 * s.f;
-  std::vector<float> a(m * s.d, 0.01f), b(s.d * n, 0.01f), c(m * n);
-  const double ms = median_ms([&] { backend::host::gemm<float>(false, false, m, n, s.d, 1.f, a.data(), b.data(), 0.f, c.data()); }, reps);
+  std::vector<V> a(m * s.d, V(0.01f)), b(s.d * n, V(0.01f));
+  std::vector<float> c(m * n);
+  const double ms = median_ms([&] { backend::host::gemm(false, false, m, n, s.d, 1.f, a.data(), b.data(), 0.f, c.data()); }, reps);
   return 2.0 * double(m) * double(n) * double(s.d) / (ms * 1e6);
 }
 
@@ -89,26 +94,30 @@ double ceiling_gflops(const Shape& s, int reps) {
 // use it: one virtual call per forward or backward, nothing measurable at these sizes.
 template <class Layer>
 Row run(const Shape& s, const MoeConfig& cfg, bool skewed, int reps, const char* experts_name) {
+  using V = typename Layer::storage_type;
   const auto erased = erase<Layer>(cfg);
-  AnyMoeLayer<backend::Host<float>>& layer = *erased;
+  AnyMoeLayer<typename Layer::backend_type>& layer = *erased;
   layer.init_params(1);
   // Two input sets, alternated, so a rep does not find the previous rep's x in cache.
-  std::vector<float> x[2], y(s.tokens * s.d), dx(s.tokens * s.d), dy(s.tokens * s.d);
+  std::vector<V> x[2], y(s.tokens * s.d), dx(s.tokens * s.d), dy(s.tokens * s.d);
   SplitMix64 rng(7);
   auto w = layer.weights();
   for (auto& v : x) {
-    v.resize(s.tokens * s.d);
-    for (auto& e : v) e = float(rng.uniform(-1, 1));
-    set_routing(w.router, v, s, skewed);
+    std::vector<float> f(s.tokens * s.d);
+    for (auto& e : f) e = float(rng.uniform(-1, 1));
+    set_routing(w.router, f, s, skewed);
+    v.resize(f.size());
+    backend::host::convert(f.data(), v.data(), std::int64_t(f.size()));
   }
   layer.load_weights(w);
-  for (auto& e : dy) e = float(rng.uniform(-1, 1));
+  for (auto& e : dy) e = V(float(rng.uniform(-1, 1)));
   int which = 0;
   auto fwd = [&] {
-    layer.forward(MatrixView<const float>(x[which].data(), {s.tokens, s.d}), MatrixView<float>(y.data(), {s.tokens, s.d}));
+    layer.forward(MatrixView<const V>(x[which].data(), {s.tokens, s.d}), MatrixView<V>(y.data(), {s.tokens, s.d}));
     which ^= 1;
   };
   Row r;
+  r.dtype = std::is_same_v<V, bf16> ? "bf16" : "fp32";
   r.shape = s.name;
   r.routing = skewed ? "skewed" : "uniform";
   r.experts = experts_name;
@@ -117,7 +126,7 @@ Row run(const Shape& s, const MoeConfig& cfg, bool skewed, int reps, const char*
   r.fwd_ms = median_ms(fwd, reps);
   r.fb_ms = median_ms([&] {
     fwd();
-    layer.backward(MatrixView<const float>(dy.data(), {s.tokens, s.d}), MatrixView<float>(dx.data(), {s.tokens, s.d}));
+    layer.backward(MatrixView<const V>(dy.data(), {s.tokens, s.d}), MatrixView<V>(dx.data(), {s.tokens, s.d}));
   }, reps);
   r.expert_flops = layer.expert_gemm_flops();
   r.ffn_rows = layer.ffn_rows();
@@ -255,9 +264,9 @@ int main(int argc, char** argv) {
       return 2;
 #endif
     }
-  bool quick = false;
+  bool quick = false, uniform_only = false;
   int reps = 5;
-  std::string json_path, backend = "host";
+  std::string json_path, backend = "host", dtype = "all";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -269,11 +278,14 @@ int main(int argc, char** argv) {
     };
     if (a == "--rss") return rss_mode(next());
     if (a == "--quick") quick = true;
+    else if (a == "--uniform-only") uniform_only = true;  // the rows bench/torch_peer compares: no skewed, MoE++ or decode rows
     else if (a == "--reps") reps = std::max(1, std::atoi(next().c_str()));
     else if (a == "--json") json_path = next();
     else if (a == "--backend") backend = next();
+    else if (a == "--dtype") dtype = next();
     else {
       std::fprintf(stderr, "usage: bench_moe_layer [--backend host|cuda] [--quick] [--reps N] [--json out.json] [--rss train|eval] "
+                           "[--dtype fp32|bf16|all] [--uniform-only] "
                            "(cuda: [--gemm auto|grouped|streams|lt|all] [--dtype bf16|fp32] [--shape NAME])\n");
       return 2;
     }
@@ -282,26 +294,42 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bench_moe_layer: --backend must be host or cuda, not %s\n", backend.c_str());
     return 2;
   }
+  if (dtype != "fp32" && dtype != "bf16" && dtype != "all") {
+    std::fprintf(stderr, "bench_moe_layer: --dtype must be fp32, bf16 or all on the host, not %s\n", dtype.c_str());
+    return 2;
+  }
+  const bool fp32_rows = dtype != "bf16", bf16_rows = dtype != "fp32";
   if (quick) reps = 1;
   const char* wait = std::getenv("OMP_WAIT_POLICY");
-  std::printf("bench_moe_layer: backend host fp32 SwiGLU | %d threads | OMP_WAIT_POLICY=%s | %s\n",
+  std::printf("bench_moe_layer: backend host %s SwiGLU | %d threads | OMP_WAIT_POLICY=%s | %s\n", dtype == "all" ? "fp32 + bf16" : dtype.c_str(),
               omp_get_max_threads(), wait ? wait : "(default)", machine().c_str());
   std::printf("%s\n", backend::host::gemm_library().line().c_str());
+  if (bf16_rows) std::printf("%s\n", backend::host::bf16_gemm().line().c_str());
 
   using Vanilla = MoeLayer<backend::Host<float>, router::TopK<router::Softmax>, experts::Ffn<act::SwiGLU>>;
   using MoePP = MoeLayer<backend::Host<float>, router::TopK<router::Softmax>,
                          experts::Set<experts::Ffn<act::SwiGLU>, experts::Zero, experts::Copy, experts::Constant>>;
+  using Bf16 = MoeLayer<backend::Host<bf16>, router::TopK<router::Softmax>, experts::Ffn<act::SwiGLU>>;
   std::vector<Row> rows;
-  std::vector<double> ceilings;
   const auto* begin = quick ? std::begin(kQuick) : std::begin(kShapes);
   const auto* end = quick ? std::end(kQuick) : std::end(kShapes);
   for (const Shape* s = begin; s != end; ++s) {
-    const double ceil = ceiling_gflops(*s, reps);
+    if (bf16_rows) {  // bf16 first: the same machine state as the fp32 rows that follow
+      const double ceil = ceiling_gflops<bf16>(*s, reps);
+      for (bool skewed : {false, true}) {
+        if (skewed && uniform_only) continue;
+        rows.push_back(run<Bf16>(*s, base_config(*s), skewed, reps, "ffn"));
+        rows.back().ceiling_gflops = ceil;
+      }
+    }
+    if (!fp32_rows) continue;
+    const double ceil = ceiling_gflops<float>(*s, reps);
     for (bool skewed : {false, true}) {
+      if (skewed && uniform_only) continue;
       rows.push_back(run<Vanilla>(*s, base_config(*s), skewed, reps, "ffn"));
       rows.back().ceiling_gflops = ceil;
     }
-    if (s != begin) continue;  // MoE++ rows on the first shape only
+    if (s != begin || uniform_only) continue;  // MoE++ rows on the first shape only
     // MoE++ (8 FFN + 1 zero + 1 copy + 2 constant) against the vanilla layer of the same FFN experts,
     // both with capacity factor 1: tau shrinks C_FFN = ceil(gamma tau k T / (tau N_FFN + N_ZC)).
     MoeConfig v = base_config(*s);
@@ -320,13 +348,13 @@ int main(int argc, char** argv) {
   }
 
   // Decode: a few tokens per call, evaluation mode, many reps (each call is short).
-  const double bandwidth = read_gbps(quick ? 1 : 5);
+  const double bandwidth = uniform_only ? 0.0 : read_gbps(quick ? 1 : 5);
   std::vector<DecodeRow> decodes;
-  for (const Shape* s = begin; s != end; ++s)
+  for (const Shape* s = begin; s != end && fp32_rows && !uniform_only; ++s)
     for (std::int64_t T : {1, 8, 64}) decodes.push_back(decode<Vanilla>(*s, T, quick ? 3 : 21));
 
-  std::printf("\n%-17s %-8s %-13s %5s %5s | %9s %8s %6s | %9s %8s %6s | %8s %6s %6s\n", "shape", "routing", "experts", "gamma",
-              "tau", "fwd ms", "GFLOP/s", "ratio", "f+b ms", "GFLOP/s", "ratio", "sgemm", "hot", "zc");
+  std::printf("\n%-17s %-5s %-8s %-13s %5s %5s | %9s %8s %6s | %9s %8s %6s | %8s %6s %6s\n", "shape", "dtype", "routing", "experts",
+              "gamma", "tau", "fwd ms", "GFLOP/s", "ratio", "f+b ms", "GFLOP/s", "ratio", "ceiling", "hot", "zc");
   nlohmann::ordered_json out;
   char date[32];
   const std::time_t now = std::time(nullptr);
@@ -334,6 +362,7 @@ int main(int argc, char** argv) {
   out["date"] = date;
   out["machine"] = machine();
   out["gemm_library"] = backend::host::gemm_library().line();
+  if (bf16_rows) out["bf16_gemm"] = backend::host::bf16_gemm().line();
   out["cores"] = omp_get_num_procs();
   out["threads"] = omp_get_max_threads();
   {
@@ -349,13 +378,13 @@ int main(int argc, char** argv) {
   out["rows"] = nlohmann::json::array();
   for (const Row& r : rows) {
     const double gf = r.flops_fwd / (r.fwd_ms * 1e6), gfb = 3 * r.flops_fwd / (r.fb_ms * 1e6);
-    std::printf("%-17s %-8s %-13s %5.2f %5.2f | %9.2f %8.1f %6.2f | %9.2f %8.1f %6.2f | %8.1f %6.2f %6.2f\n", r.shape.c_str(),
-                r.routing.c_str(), r.experts.c_str(), r.gamma, r.tau, r.fwd_ms, gf, gf / r.ceiling_gflops, r.fb_ms, gfb,
+    std::printf("%-17s %-5s %-8s %-13s %5.2f %5.2f | %9.2f %8.1f %6.2f | %9.2f %8.1f %6.2f | %8.1f %6.2f %6.2f\n", r.shape.c_str(),
+                r.dtype.c_str(), r.routing.c_str(), r.experts.c_str(), r.gamma, r.tau, r.fwd_ms, gf, gf / r.ceiling_gflops, r.fb_ms, gfb,
                 gfb / r.ceiling_gflops, r.ceiling_gflops, r.hot_share, r.zc_share);
-    out["rows"].push_back({{"shape", r.shape}, {"routing", r.routing}, {"experts", r.experts}, {"capacity_factor", r.gamma},
+    out["rows"].push_back({{"shape", r.shape}, {"dtype", r.dtype}, {"routing", r.routing}, {"experts", r.experts}, {"capacity_factor", r.gamma},
                            {"tau", r.tau}, {"fwd_ms", r.fwd_ms}, {"fwd_gflops_nominal", gf}, {"fwd_ratio", gf / r.ceiling_gflops},
                            {"fwd_bwd_ms", r.fb_ms}, {"fwd_bwd_gflops_nominal", gfb}, {"fwd_bwd_ratio", gfb / r.ceiling_gflops},
-                           {"sgemm_ceiling_gflops", r.ceiling_gflops}, {"hot_expert_share", r.hot_share},
+                           {"ceiling_gflops", r.ceiling_gflops}, {"hot_expert_share", r.hot_share},
                            {"zc_slot_share", r.zc_share}, {"expert_gemm_flops", r.expert_flops}, {"ffn_rows", r.ffn_rows},
                            {"router_flops_fwd", r.router_flops_fwd}});
   }
@@ -370,7 +399,8 @@ int main(int argc, char** argv) {
     out["decode"].push_back({{"shape", d.shape}, {"tokens", d.tokens}, {"us_per_call", d.us}, {"experts_touched", d.experts_touched},
                              {"weight_bytes", d.weight_bytes}, {"gbps", d.gbps}, {"ratio_to_read_bandwidth", d.gbps / bandwidth}});
   }
-  std::printf("\nGFLOP/s are nominal: 6·T·k·d·d_expert (forward) and 18·T·k·d·d_expert (forward+backward) over the time,\n"
+  std::printf("\nceiling: one GEMM of the forward's FLOPs in the row's dtype (bf16: bf16 operands, fp32 accumulation), this run.\n"
+              "GFLOP/s are nominal: 6·T·k·d·d_expert (forward) and 18·T·k·d·d_expert (forward+backward) over the time,\n"
               "so rows with capacity drops or zero-computation experts show the saving as a higher rate.\n"
               "hot: share of slots on the first N/8 experts; zc: share of slots on zero-computation experts.\n");
   if (!json_path.empty()) {

@@ -129,8 +129,7 @@ inline HarnessConfig parse_config(const nlohmann::json& j) {
     throw ConfigError("backend", "\"cuda\"",
                       "this moekit-layer was built without CUDA (configure with -DMOEKIT_ENABLE_CUDA=ON, e.g. "
                       "cmake --preset cuda, for a CUDA build; or use \"host\")");
-  if (h.dtype == Dtype::kBf16 && h.backend != Backend::kCuda)
-    throw ConfigError("dtype", "\"bf16\"", "needs \"backend\": \"cuda\" (the host backend computes in fp32)");
+
   c.validate();
   h.layer = c;
   return h;
@@ -223,26 +222,34 @@ inline LayerInputs read_inputs(const moekit::MoeConfig& cfg, const moekit::io::S
   return r;
 }
 
-// MoeLayer<backend::Host<float>> forward + backward, the layer chosen by the one runtime switch.
-inline LayerOutputs run_host_layer(const moekit::MoeConfig& cfg, const LayerInputs& in) {
+// MoeLayer<backend::Host<V>> forward + backward, the layer chosen by the one runtime switch. V = bf16:
+// x, dy and every weight are rounded to bf16 on the way in (as the layer stores them), y and dx come
+// back widened; prev_logits, the router results and every gradient are fp32 in the layer.
+template <class V = float>
+LayerOutputs run_host_layer(const moekit::MoeConfig& cfg, const LayerInputs& in) {
+  using moekit::backend::host::convert;
   const std::int64_t tokens = in.tokens, d = cfg.d_model, n = cfg.num_experts(), k = cfg.top_k;
   LayerOutputs out;
-  const auto layer = moekit::make_moe_layer<moekit::backend::Host<float>>(cfg);
+  const auto layer = moekit::make_moe_layer<moekit::backend::Host<V>>(cfg);
   auto params = layer->parameters();
   for (auto& p : params) {
     const auto it = in.weights.find(p.name);
     if (it == in.weights.end() || std::int64_t(it->second.size()) != p.numel())
       throw std::logic_error("moekit-layer: the layer's parameter '" + p.name + "' does not match parameter_shapes()");
-    std::copy(it->second.begin(), it->second.end(), p.value);
+    convert(it->second.data(), p.value, p.numel());
   }
+  std::vector<V> x(in.x.size()), dy(in.dy.size()), y(in.x.size()), dx(in.x.size());
+  convert(in.x.data(), x.data(), std::int64_t(x.size()));
+  convert(in.dy.data(), dy.data(), std::int64_t(dy.size()));
   layer->zero_grad();
   if (layer->biased()) layer->set_expert_bias(in.expert_bias);
   out.y.resize(in.x.size()), out.dx.resize(in.x.size()), out.grad_prev_logits.resize(in.prev_logits.size());
   // Views of nothing (data == nullptr) without the gating residual.
   const moekit::MatrixView<const float> prev{in.prev_logits.empty() ? nullptr : in.prev_logits.data(), {tokens, n}};
   const moekit::MatrixView<float> dprev{out.grad_prev_logits.empty() ? nullptr : out.grad_prev_logits.data(), {tokens, n}};
-  const moekit::AuxLosses aux = layer->forward(moekit::MatrixView<const float>(in.x.data(), {tokens, d}),
-                                               moekit::MatrixView<float>(out.y.data(), {tokens, d}), prev);
+  const moekit::AuxLosses aux =
+      layer->forward(moekit::MatrixView<const V>(x.data(), {tokens, d}), moekit::MatrixView<V>(y.data(), {tokens, d}), prev);
+  convert(y.data(), out.y.data(), std::int64_t(y.size()));
   // Router results are views into the layer: copy them before backward reuses any buffer.
   const moekit::ForwardViews<float> v = layer->views();
   out.logits.assign(v.logits, v.logits + tokens * n);
@@ -254,8 +261,8 @@ inline LayerOutputs run_host_layer(const moekit::MoeConfig& cfg, const LayerInpu
   if (layer->biased()) out.expert_bias_update = layer->expert_bias_update();
   // L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss.
   // This is the last MoE layer (no next layer's residual sends gradient back to its logits).
-  layer->backward(moekit::MatrixView<const float>(in.dy.data(), {tokens, d}), moekit::MatrixView<float>(out.dx.data(), {tokens, d}),
-                  1.0, {}, dprev);
+  layer->backward(moekit::MatrixView<const V>(dy.data(), {tokens, d}), moekit::MatrixView<V>(dx.data(), {tokens, d}), 1.0, {}, dprev);
+  convert(dx.data(), out.dx.data(), std::int64_t(dx.size()));
   for (const auto& p : params) out.grads[p.name].assign(p.grad, p.grad + p.numel());
   return out;
 }
@@ -301,7 +308,7 @@ inline moekit::io::SafetensorsWriter run_layer(const HarnessConfig& h, const moe
   const LayerInputs inputs = read_inputs(h.layer, in);
   LayerOutputs o;
   if (h.backend == Backend::kHost) {
-    o = run_host_layer(h.layer, inputs);
+    o = h.dtype == Dtype::kBf16 ? run_host_layer<moekit::bf16>(h.layer, inputs) : run_host_layer<float>(h.layer, inputs);
   } else {
 #if defined(MOEKIT_LAYER_WITH_CUDA) && MOEKIT_LAYER_WITH_CUDA
     o = h.dtype == Dtype::kBf16 ? run_cuda_layer_bf16(h.layer, inputs) : run_cuda_layer_fp32(h.layer, inputs);
@@ -332,6 +339,7 @@ inline int run_harness(int argc, const char* const* argv, std::ostream& out = st
         << " tokens, " << cfg.num_experts() << " experts (" << cfg.num_zc_experts() << " zero-computation), top-"
         << cfg.top_k << "; lbl " << o.lbl << ", zloss " << o.zloss << "; wrote " << opt.output << "\n";
     if (h.backend == Backend::kHost) out << "moekit-layer: " << moekit::backend::host::gemm_library().line() << "\n";
+    if (h.backend == Backend::kHost && h.dtype == Dtype::kBf16) out << "moekit-layer: " << moekit::backend::host::bf16_gemm().line() << "\n";
     return kExitOk;
   } catch (const UsageError& e) {
     err << "moekit-layer: error: " << e.what() << "\n" << kUsage;

@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include <moekit/backend/host/gemm_bf16.hpp>
 #include <moekit/backend/host/gemm_library.hpp>
 #include <moekit/train/trainer.hpp>
 
@@ -161,6 +162,8 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
     };
   else if (ranks)
     moe_blocks = ranks->moe_blocks<float>();
+  else if (opt.bf16)
+    moe_blocks = make_bf16_moe_block;
   Model<float> model(mc, opt.seed, moe_blocks);
   TrainedModel trained(model, train, opt, ranks.get());
   std::int64_t n_local_params = 0;
@@ -198,6 +201,9 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
         opt.global_balance ? "global" : "micro", (long long)opt.granularity, (long long)mc.zero_experts,
         (long long)mc.copy_experts, (long long)mc.constant_experts, mc.tau, mc.gating_residual ? "on" : "off",
         opt.pack_by_domain ? "packed by domain" : "mixed");
+  if (opt.bf16)
+    out("dtype: bf16 MoE layers (backend::Host<bf16>: bf16 weights and activations, fp32 accumulation, fp32 masters in AdamW) | %s; "
+        "embedding, norms and head in fp32\n", moekit::backend::host::bf16_gemm().line().c_str());
   if (cuda)  // --backend cuda only: host runs print what they always did
     out("backend: cuda | MoE layers and their AdamW on %s%s; embedding, norms, head and their AdamW on the host\n", cuda->describe().c_str(),
         ranks ? " (rank 0; one GPU per rank, NCCL inside the layers)" : "");

@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include <moekit/backend/host/convert.hpp>
 #include <moekit/experts/granularity.hpp>
 #include <moekit/layer/any_layer.hpp>
 #include <moekit/moe_layer.hpp>
@@ -148,6 +149,71 @@ class HostMoeBlock final : public MoeBlock<T> {
   std::unique_ptr<moekit::AnyMoeLayer<moekit::backend::Host<T>>> layer_;
 };
 
+// --dtype bf16: a backend::Host<bf16> layer behind the model's fp32 interface. x and dy arrive in fp32
+// and are rounded to bf16 on the way in, y and dx come back widened (logits and their gradients are
+// fp32 in the layer anyway). Its parameters (bf16 values, fp32 gradients) are a train::HostParameterGroup
+// with fp32 masters, which the trainer clips and steps beside the fp32 ones.
+class HostBf16MoeBlock final : public MoeBlock<float> {
+  template <class U>
+  using Matrix = moekit::MatrixView<U>;
+  using Layer = moekit::AnyMoeLayer<moekit::backend::Host<moekit::bf16>>;
+
+ public:
+  explicit HostBf16MoeBlock(std::unique_ptr<Layer> layer) : layer_(std::move(layer)) {}
+  const moekit::MoeConfig& config() const override { return layer_->config(); }
+  moekit::AuxLosses forward(Matrix<const float> x, Matrix<float> y, Matrix<const float> prev) override {
+    moekit::check_shape(y, "y", {x.shape[0], config().d_model});
+    const std::int64_t n = x.shape[0] * x.shape[1];
+    in_.resize(std::size_t(n)), out_.resize(std::size_t(n));
+    moekit::backend::host::convert(x.data, in_.data(), n);
+    const auto aux = layer_->forward({in_.data(), x.shape}, {out_.data(), x.shape}, prev);
+    moekit::backend::host::convert(out_.data(), y.data, n);
+    return aux;
+  }
+  void backward(Matrix<const float> dy, Matrix<float> dx, double aux_scale, Matrix<const float> dnext, Matrix<float> dprev) override {
+    moekit::check_shape(dx, "dx", {dy.shape[0], config().d_model});
+    const std::int64_t n = dy.shape[0] * dy.shape[1];
+    in_.resize(std::size_t(n)), out_.resize(std::size_t(n));
+    moekit::backend::host::convert(dy.data, in_.data(), n);
+    layer_->backward({in_.data(), dy.shape}, {out_.data(), dy.shape}, aux_scale, dnext, dprev);
+    moekit::backend::host::convert(out_.data(), dx.data, n);
+  }
+  Matrix<const float> logits() const override { return {layer_->views().logits, {layer_->num_tokens(), config().num_experts()}}; }
+  Matrix<const float> probs() const override { return {layer_->views().probs, {layer_->num_tokens(), config().num_experts()}}; }
+  Matrix<const std::int32_t> topk_indices() const override {
+    return {layer_->views().topk_indices, {layer_->num_tokens(), config().top_k}};
+  }
+  moekit::VectorView<const std::int32_t> expert_counts() const override { return layer_->expert_counts(); }
+  const std::vector<std::int64_t>& routed_counts() const override { return layer_->routed_counts(); }
+  std::int64_t expert_gemm_flops() const override { return layer_->expert_gemm_flops(); }
+  std::int64_t ffn_rows() const override { return layer_->ffn_rows(); }
+  void init_params(std::uint64_t seed) override {
+    layer_->init_params(seed);
+    if (group_) group_->reload_masters();
+  }
+  std::vector<moekit::Parameter<float>> parameters(const std::string&) override { return {}; }  // the group holds them
+  std::vector<moekit::Parameter<float>> parameter_shapes(const std::string& prefix) override {
+    std::vector<moekit::Parameter<float>> ps;
+    for (const auto& p : layer_->parameters()) ps.push_back({prefix + p.name, nullptr, nullptr, p.shape, p.shard});
+    return ps;
+  }
+  moekit::train::ParameterGroup* parameter_group(const moekit::train::AdamWConfig& ac) override {
+    if (!group_)
+      group_ = std::make_unique<moekit::train::HostParameterGroup>(layer_->parameters(), ac,
+                                                                   [](const moekit::Parameter<float>& p) { return p.shape.size() >= 2; });
+    return group_.get();
+  }
+  void zero_grad() override { layer_->zero_grad(); }
+  void sync_gradients() override {}
+  void end_step() override { layer_->end_step(); }
+  void set_training(bool on) override { layer_->set_training(on); }
+
+ private:
+  std::unique_ptr<Layer> layer_;
+  std::unique_ptr<moekit::train::HostParameterGroup> group_;
+  std::vector<moekit::bf16> in_, out_;
+};
+
 // The trainer's model is always softmax top-k + SwiGLU, so it instantiates only the 8 layer types the
 // flags can reach (gating residual x zero-computation experts x balance scope) rather than
 // moekit::with_layer_type's full router x activation grid, which would compile 6x as many.
@@ -193,6 +259,14 @@ std::unique_ptr<MoeBlock<T>> make_moe_block(const moekit::MoeConfig& mc, bool gl
   return with_moe_layer_type<moekit::backend::Host<T>, Parallel>(
       mc, global_balance, [&]<class Layer>(std::type_identity<Layer>) -> std::unique_ptr<MoeBlock<T>> {
         return std::make_unique<HostMoeBlock<T>>(moekit::erase<Layer>(mc, args...));
+      });
+}
+
+// --dtype bf16: the single-rank backend::Host<bf16> layers.
+inline std::unique_ptr<MoeBlock<float>> make_bf16_moe_block(const moekit::MoeConfig& mc, bool global_balance) {
+  return with_moe_layer_type<moekit::backend::Host<moekit::bf16>, moekit::parallel::None>(
+      mc, global_balance, [&]<class Layer>(std::type_identity<Layer>) -> std::unique_ptr<MoeBlock<float>> {
+        return std::make_unique<HostBf16MoeBlock>(moekit::erase<Layer>(mc));
       });
 }
 

@@ -40,6 +40,7 @@ struct Options {
   Parallel parallel = Parallel::kNone;  // --parallel (needs mpirun for more than one rank)
   std::int64_t tp = 1, ep = 1;          // dp = ranks / (tp * ep)
   bool cuda = false;                    // --backend cuda: the MoE layers on the GPU
+  bool bf16 = false;                    // --dtype bf16: the MoE layers in backend::Host<bf16>
 };
 
 // The flags; exits 0 after --help and 2 (with the message) on a bad flag or value.
@@ -89,6 +90,10 @@ inline Options parse_options(int argc, char** argv) {
   app.add_option("--ep", o.ep, "expert-parallel degree (expert, hybrid); dp = ranks / (tp * ep)")->check(positive);
   app.add_option("--backend", backend, "host, or cuda: the MoE layers on the GPU (a build with CUDA)")
       ->check(CLI::IsMember({"host", "cuda"}));
+  std::string dtype = "fp32";
+  app.add_option("--dtype", dtype,
+                 "fp32, or bf16: the MoE layers in bf16 with fp32 accumulation and fp32 master weights (host, one process)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -100,6 +105,12 @@ inline Options parse_options(int argc, char** argv) {
   o.global_balance = balance == "global";
   parse_parallel(parallel, o.parallel);
   o.cuda = backend == "cuda";
+  o.bf16 = dtype == "bf16";
+  if (o.bf16 && (o.cuda || o.parallel != Parallel::kNone)) {
+    std::fprintf(stderr, "error: --dtype bf16 runs the host layers in one process (backend::Host<bf16>); %s\n",
+                 o.cuda ? "--backend cuda trains in fp32 here" : "--parallel needs --dtype fp32");
+    std::exit(2);
+  }
   // The degrees each strategy may raise above 1 (as the library's policies allow them).
   const auto [tp_ok, ep_ok] = allowed_degrees(o.parallel);
   if ((o.tp > 1 && !tp_ok) || (o.ep > 1 && !ep_ok)) {

@@ -469,13 +469,6 @@ TEST_CASE("moekit-layer: every error exits 2 with a message and writes nothing")
       {"unknown dtype", with_config([](nlohmann::json& j) { j["dtype"] = "fp16"; }),
        {"cfg.json", "dtype = \"fp16\"", "must be one of \"fp32\", \"bf16\""}},
       {"dtype names are lower case", with_config([](nlohmann::json& j) { j["dtype"] = "BF16"; }), {"dtype = \"BF16\""}},
-      {"bf16 on the host backend", with_config([](nlohmann::json& j) { j["dtype"] = "bf16"; }),
-       {"cfg.json", "dtype = \"bf16\"", "needs \"backend\": \"cuda\"", "host backend computes in fp32"}},
-      {"bf16 with the default backend", with_config([](nlohmann::json& j) {
-         j.erase("backend");
-         j["dtype"] = "bf16";
-       }),
-       {"dtype = \"bf16\"", "needs \"backend\": \"cuda\""}},
       {"config not an object", [](Harness& h) { std::ofstream(h.cfg) << "[1, 2]"; }, {"must be a JSON object"}},
       {"config not JSON", [](Harness& h) { std::ofstream(h.cfg) << "{\"d_model\": "; }, {"cfg.json", "not valid JSON"}},
       {"config missing", [](Harness& h) { fs::remove(h.cfg); }, {"cfg.json", "cannot open"}},
@@ -510,6 +503,27 @@ TEST_CASE("moekit-layer: backend and dtype") {
     CHECK(meta.at("backend") == "host");
     CHECK(meta.at("dtype") == "fp32");
     CHECK(meta == c.config());
+  }
+  {  // host bf16 (backend::Host<bf16>): the same routing, and every output within bf16 rounding of host fp32's
+    Harness fp32(c), bf16(c);
+    nlohmann::json j = c.config();
+    j["dtype"] = "bf16";
+    bf16.write_config(j);
+    const Run r32 = fp32.run(), r16 = bf16.run();
+    REQUIRE_MESSAGE(r32.rc == 0, r32.err);
+    REQUIRE_MESSAGE(r16.rc == 0, r16.err);
+    CHECK(r16.out.find("moekit-layer: host bf16, 6 tokens") == 0);
+    CHECK(r16.out.find("bf16 GEMM: ") != std::string::npos);
+    const auto a = moekit::io::read_safetensors(fp32.out), b = moekit::io::read_safetensors(bf16.out);
+    CHECK(nlohmann::json::parse(b.metadata().at("config")).at("dtype") == "bf16");
+    CHECK(a.get_i32("topk.indices", {c.T, c.K}) == b.get_i32("topk.indices", {c.T, c.K}));
+    for (const std::string& name : a.names()) {
+      CAPTURE(name);
+      if (a.info(name).dtype != moekit::io::Dtype::kF32) continue;
+      const auto shape = a.info(name).shape;
+      const auto ref = a.get_f32(name, shape);
+      CHECK(rel_error(b.get_f32(name, shape), std::vector<double>(ref.begin(), ref.end())) < 1e-2);
+    }
   }
   // The unit tests are built without MOEKIT_LAYER_WITH_CUDA (g++, no cuda_layer_*.cu): a CUDA config is
   // a config error naming the backend, whatever the dtype, before any input is read.

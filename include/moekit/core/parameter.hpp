@@ -31,12 +31,13 @@ inline std::int64_t numel_of(const std::vector<std::int64_t>& shape) {
 }
 
 // A named trainable tensor and its gradient (both contiguous, same shape). Layers list theirs with
-// `parameters()`; the optimizer, checkpoints and the reference harness all use these names.
-template <class T>
+// `parameters()`; the optimizer, checkpoints and the reference harness all use these names. G is the
+// gradient's type: T, except for bf16 values (backend::Host<bf16>), whose gradients are fp32.
+template <class T, class G = T>
 struct Parameter {
   std::string name;
   T* value = nullptr;
-  T* grad = nullptr;
+  G* grad = nullptr;
   std::vector<std::int64_t> shape;  // of this rank's slice
   ParamShard shard = ParamShard::kReplicated;
   bool expert_slice() const { return shard != ParamShard::kReplicated; }

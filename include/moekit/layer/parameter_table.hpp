@@ -176,10 +176,11 @@ class ParameterTable {
     throw ShapeError("no parameter named '" + name + "' in this layer");
   }
 
-  // Parameter views into flat buffers (value and gradient laid out by this table).
-  template <class T>
-  std::vector<Parameter<T>> parameters(T* value, T* grad, const std::string& prefix = "") const {
-    std::vector<Parameter<T>> ps;
+  // Parameter views into flat buffers (value and gradient laid out by this table; bf16 values have
+  // fp32 gradients).
+  template <class T, class G>
+  std::vector<Parameter<T, G>> parameters(T* value, G* grad, const std::string& prefix = "") const {
+    std::vector<Parameter<T, G>> ps;
     ps.reserve(specs_.size());
     for (const auto& s : specs_)
       ps.push_back({prefix + s.name, value + s.offset, grad ? grad + s.offset : nullptr, s.local_shape, s.shard});

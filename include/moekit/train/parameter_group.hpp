@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "moekit/core/bf16.hpp"
 #include "moekit/core/error.hpp"
 #include "moekit/core/parameter.hpp"
 #include "moekit/train/adamw.hpp"
@@ -32,11 +33,26 @@ class ParameterGroup {
   virtual void zero_grad() = 0;
 };
 
-// The contract on host memory: AdamW<float> over the group's parameters.
+// The contract on host memory: AdamW<float> over the group's parameters. bf16 values
+// (backend::Host<bf16>'s parameters, fp32 gradients) get an fp32 master copy in the group, made from
+// the values when the group is made: AdamW updates the masters and the step writes them rounded to
+// the values, so updates below bf16's resolution accumulate instead of vanishing (as
+// backend::cuda::AdamWGroup). Whoever writes the values behind the group's back calls reload_masters().
 class HostParameterGroup final : public ParameterGroup {
  public:
   HostParameterGroup(std::vector<Parameter<float>> params, AdamWConfig cfg, AdamW<float>::DecayRule decays = {})
       : opt_(std::move(params), cfg, std::move(decays)) {}
+  HostParameterGroup(std::vector<Parameter<bf16, float>> params, AdamWConfig cfg, AdamW<float>::DecayRule decays = {})
+      : bf16_(std::move(params)), masters_(bf16_.size()), opt_(master_views(bf16_, masters_), cfg, std::move(decays)) {
+    reload_masters();
+  }
+  // The masters from the bf16 values (after something else wrote them).
+  void reload_masters() {
+    for (std::size_t i = 0; i < bf16_.size(); ++i)
+      for (std::int64_t j = 0; j < bf16_[i].numel(); ++j) masters_[i][std::size_t(j)] = float(bf16_[i].value[j]);
+  }
+  // The fp32 master of bf16 parameter i (a bf16 group only).
+  const std::vector<float>& master(std::size_t i) const { return masters_.at(i); }
   void grad_squares(double& replicated, double& expert_slices) override {
     replicated = expert_slices = 0.0;
     for (const auto& p : opt_.parameters()) {
@@ -49,11 +65,26 @@ class HostParameterGroup final : public ParameterGroup {
     for (auto& p : opt_.parameters())
       for (std::int64_t i = 0; i < p.numel(); ++i) p.grad[i] = float(double(p.grad[i]) * factor);
   }
-  void step(double lr) override { opt_.step(lr); }
+  void step(double lr) override {
+    opt_.step(lr);
+    for (std::size_t i = 0; i < bf16_.size(); ++i)
+      for (std::int64_t j = 0; j < bf16_[i].numel(); ++j) bf16_[i].value[j] = bf16(masters_[i][std::size_t(j)]);
+  }
   void zero_grad() override { opt_.zero_grad(); }
   AdamW<float>& optimizer() { return opt_; }
 
  private:
+  static std::vector<Parameter<float>> master_views(const std::vector<Parameter<bf16, float>>& ps, std::vector<std::vector<float>>& m) {
+    std::vector<Parameter<float>> v;
+    for (std::size_t i = 0; i < ps.size(); ++i) {
+      if (ps[i].numel() > 0 && (!ps[i].value || !ps[i].grad)) throw ShapeError("parameter " + ps[i].name + " has a null value or grad pointer");
+      m[i].assign(std::size_t(ps[i].numel()), 0.f);
+      v.push_back({ps[i].name, m[i].data(), ps[i].grad, ps[i].shape, ps[i].shard});
+    }
+    return v;
+  }
+  std::vector<Parameter<bf16, float>> bf16_;  // empty for an fp32 group
+  std::vector<std::vector<float>> masters_;
   AdamW<float> opt_;
 };
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "moekit/backend/host/convert.hpp"
 #include "moekit/balance/loss.hpp"
 #include "moekit/layer/routing_plan.hpp"
 #include "moekit/parallel/dispatch_plan.hpp"
@@ -76,21 +77,22 @@ void gather_token_rows(const RoutingPlan<G>& p, const T* x, std::int64_t d, std:
 }
 
 // Combine (gate_weighted) and dx of the FFN rows (not): out[t, :] = Σ over t's slots with a row, in
-// slot order, of (gate or 1) · rows[row, :]. Tokens without such slots get 0.
-template <class T, class G>
-void gather_slot_rows(const RoutingPlan<G>& p, const T* rows, std::int64_t d, bool gate_weighted, T* out) {
+// slot order, of (gate or 1) · rows[row, :]. Tokens without such slots get 0. The sum runs in O (the
+// compute type: bf16 rows are summed in fp32).
+template <class T, class G, class O>
+void gather_slot_rows(const RoutingPlan<G>& p, const T* rows, std::int64_t d, bool gate_weighted, O* out) {
   const SlotLayout& L = p.layout;
   [[maybe_unused]] const std::int64_t work = std::int64_t(L.slots) * d;  // read by the OpenMP clause only
 #pragma omp parallel for schedule(static) if (work >= MOEKIT_OMP_MIN_WORK)
   for (std::int64_t t = 0; t < L.tokens; ++t) {
-    T* ot = out + t * d;
-    std::fill_n(ot, d, T(0));
+    O* ot = out + t * d;
+    std::fill_n(ot, d, O(0));
     for (int s = L.begin(int(t)); s < L.end(int(t)); ++s) {
       const int r = p.row[s];
       if (r < 0) continue;
-      const T g = gate_weighted ? T(p.gate[s]) : T(1);
+      const O g = gate_weighted ? O(p.gate[s]) : O(1);
       const T* src = rows + std::int64_t(r) * d;
-      for (std::int64_t c = 0; c < d; ++c) ot[c] += g * src[c];
+      for (std::int64_t c = 0; c < d; ++c) ot[c] += g * to_compute<O>(src[c]);
     }
   }
 }

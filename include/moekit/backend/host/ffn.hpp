@@ -10,6 +10,8 @@
 #include <vector>
 
 #include "moekit/backend/host/blas.hpp"
+#include "moekit/backend/host/convert.hpp"
+#include "moekit/backend/host/gemm_bf16.hpp"
 #include "moekit/experts/activation.hpp"
 
 #ifndef MOEKIT_OMP_MIN_WORK
@@ -83,6 +85,63 @@ void ffn_backward(const FfnShapes<T>& s, const T* w13, const T* w2, const T* xp,
       gemm<T>(false, false, m, d, f, T(1), &h3[r0 * f], &w13[s.w3(e)], T(1), dxe);
     }
   });
+}
+
+// ---- bf16 storage (backend::Host<bf16>) -------------------------------------------------------------
+// The same FFN with bf16 rows and weights: every GEMM multiplies bf16 operands and accumulates in fp32
+// (backend/host/gemm_bf16.hpp), the pre-activations h1, h3 stay fp32, the activation a is rounded to
+// bf16 (the next GEMM's operand), and so are the outputs yp and d(xp) (rows the layer combines or
+// exchanges), after their fp32 GEMMs into `acc` (rows × max(d, f) fp32).
+template <class Act>
+std::int64_t ffn_forward(const FfnShapes<bf16>& s, const bf16* w13, const bf16* w2, const bf16* xp, float* h1, float* h3, bf16* a,
+                         float* acc, bf16* yp) {
+  const std::int64_t d = s.d, f = s.f, rows = s.rows();
+  std::int64_t flops = 0;
+  s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+    gemm(false, true, m, f, d, 1.f, &xp[r0 * d], &w13[s.w1(e)], 0.f, &h1[r0 * f]);
+    if constexpr (Act::gated) gemm(false, true, m, f, d, 1.f, &xp[r0 * d], &w13[s.w3(e)], 0.f, &h3[r0 * f]);
+    flops += 2 * m * f * d * (Act::gated ? 2 : 1);
+  });
+  const float* h3v = Act::gated ? h3 : h1;
+#pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
+  for (std::int64_t i = 0; i < rows * f; ++i) a[i] = bf16(act::apply(Act{}, h1[i], h3v[i]));
+  s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+    gemm(false, true, m, d, f, 1.f, &a[r0 * f], &w2[s.w2(e)], 0.f, &acc[r0 * d]);
+    flops += 2 * m * d * f;
+  });
+  convert(acc, yp, rows * d);
+  return flops;
+}
+
+// Given dyp, adds the fp32 weight gradients and overwrites dyp with d(xp) (rounded to bf16). a is
+// overwritten with dH1 (bf16), dh3 receives dH3; acc holds dA, then d(xp) before rounding.
+template <class Act>
+void ffn_backward(const FfnShapes<bf16>& s, const bf16* w13, const bf16* w2, const bf16* xp, const float* h1, const float* h3, bf16* a,
+                  bf16* dh3, float* acc, bf16* dyp, float* gw13, float* gw2) {
+  const std::int64_t d = s.d, f = s.f, rows = s.rows();
+  s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+    gemm(true, false, d, f, m, 1.f, &dyp[r0 * d], &a[r0 * f], 1.f, &gw2[s.w2(e)]);
+    gemm(false, false, m, f, d, 1.f, &dyp[r0 * d], &w2[s.w2(e)], 0.f, &acc[r0 * f]);
+  });
+  const float* h3v = Act::gated ? h3 : h1;
+#pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
+  for (std::int64_t i = 0; i < rows * f; ++i) {
+    float g1, g3 = 0;
+    act::backward(Act{}, h1[i], h3v[i], acc[i], g1, g3);
+    a[i] = bf16(g1);
+    if constexpr (Act::gated) dh3[i] = bf16(g3);
+  }
+  s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+    const bf16* xe = &xp[r0 * d];
+    float* dxe = &acc[r0 * d];
+    gemm(true, false, f, d, m, 1.f, &a[r0 * f], xe, 1.f, &gw13[s.w1(e)]);
+    gemm(false, false, m, d, f, 1.f, &a[r0 * f], &w13[s.w1(e)], 0.f, dxe);
+    if constexpr (Act::gated) {
+      gemm(true, false, f, d, m, 1.f, &dh3[r0 * f], xe, 1.f, &gw13[s.w3(e)]);
+      gemm(false, false, m, d, f, 1.f, &dh3[r0 * f], &w13[s.w3(e)], 1.f, dxe);
+    }
+  });
+  convert(acc, dyp, rows * d);
 }
 
 }  // namespace moekit::backend::host

@@ -3,6 +3,11 @@
 // loops over tokens, buffers that grow on demand (DESIGN §1-§5). This is the oracle of the CUDA
 // backend and the way everything runs without a GPU. Every loop that adds into a shared value runs in
 // one fixed order (gathers, not scatters), so results are deterministic for any thread count.
+//
+// Storage S (the layer's T) and compute type C (compute_t<S>): the same for float and double. For bf16
+// (kMixed): x, the FFN rows, the activation and the weights are bf16; logits, probabilities, gates, the
+// pre-activations, every sum and every gradient are fp32 (bf16 GEMMs accumulate in fp32:
+// backend/host/gemm_bf16.hpp); y and dx are summed in fp32 and rounded once. One rank only.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -11,9 +16,11 @@
 #include <vector>
 
 #include "moekit/backend/host/blas.hpp"
+#include "moekit/backend/host/convert.hpp"
 #include "moekit/backend/host/dispatch.hpp"
 #include "moekit/backend/host/exchange_ops.hpp"
 #include "moekit/backend/host/ffn.hpp"
+#include "moekit/backend/host/gemm_bf16.hpp"
 #include "moekit/backend/host/policy.hpp"
 #include "moekit/balance/loss.hpp"
 #include "moekit/core/parameter.hpp"
@@ -39,12 +46,17 @@ class MoeOps {
   static constexpr bool kAnyZc = Kinds::zero || Kinds::copy || Kinds::constant;
   using I32 = std::int32_t;
   using I64 = std::int64_t;
+  using S = T;
+  using C = compute_t<T>;
+  static constexpr bool kMixed = !std::is_same_v<S, C>;
+  static_assert(!(kMixed && kDistributed), "backend::Host<bf16> runs on one rank only (parallel::None); use backend::Host<float> "
+                                           "or backend::Cuda<bf16> for the distributed strategies");
 
  public:
-  using value_type = T;
-  using logit_type = T;
-  using weight_type = T;
-  using Exchange = ExchangeOps<T>;
+  using value_type = S;
+  using logit_type = C;
+  using weight_type = C;
+  using Exchange = ExchangeOps<S>;
   using Context = typename Exchange::Context;  // nothing: host calls complete when they return
   struct Options {};
   using World = comm::HostCommunicator;
@@ -54,44 +66,64 @@ class MoeOps {
   // The rows one FFN pass reads and writes (the token side's, or the expert side's); the activations
   // live in the ops either way.
   struct Rows {
-    T *x, *y, *dy;
+    S *x, *y, *dy;
   };
 
   MoeOps(const MoeConfig& cfg, ParameterTable table, const StatsLayout& layout, Options)
       : cfg_(cfg), table_(std::move(table)), layout_(layout) {
-    value_.assign(std::size_t(table_.size()), T(0));
-    grad_.assign(std::size_t(table_.size()), T(0));
+    value_.assign(std::size_t(table_.size()), S(0));
+    grad_.assign(std::size_t(table_.size()), C(0));
     ints_.assign(std::size_t(layout_.ints), 0);  // sized once: the GlobalBatch hook points into it
-    floats_.assign(std::size_t(layout_.floats), T(0));
+    floats_.assign(std::size_t(layout_.floats), C(0));
   }
 
   // ---- parameters -------------------------------------------------------------------------------
   const ParameterTable& table() const { return table_; }
-  std::span<T> flat_values() { return value_; }
-  std::span<const T> flat_values() const { return value_; }
-  std::span<T> flat_grads() { return grad_; }
-  std::span<const T> flat_grads() const { return grad_; }
-  T* grad_data() { return grad_.data(); }
-  void load_weights(const MoeWeights<T>& full) { table_.pack(full, value_.data()); }
-  MoeWeights<T> weights() const { return unpacked(value_); }
-  MoeWeights<T> gradients() const { return unpacked(grad_); }
-  void zero_grad(Context) { std::fill(grad_.begin(), grad_.end(), T(0)); }
-  std::vector<Parameter<T>> parameters(const std::string& prefix) { return table_.parameters(value_.data(), grad_.data(), prefix); }
+  std::span<S> flat_values() { return value_; }
+  std::span<const S> flat_values() const { return value_; }
+  std::span<C> flat_grads() { return grad_; }
+  std::span<const C> flat_grads() const { return grad_; }
+  C* grad_data() { return grad_.data(); }
+  // Full-size weights in the compute type (bf16: rounded on the way in).
+  void load_weights(const MoeWeights<C>& full) {
+    if constexpr (kMixed) {
+      std::vector<C> flat(value_.size());
+      table_.pack(full, flat.data());
+      convert(flat.data(), value_.data(), I64(flat.size()));
+    } else {
+      table_.pack(full, value_.data());
+    }
+  }
+  MoeWeights<C> weights() const {
+    if constexpr (kMixed) {
+      std::vector<C> flat(value_.size());
+      convert(value_.data(), flat.data(), I64(flat.size()));
+      return unpacked(flat);
+    } else {
+      return unpacked(value_);
+    }
+  }
+  MoeWeights<C> gradients() const { return unpacked(grad_); }
+  void zero_grad(Context) { std::fill(grad_.begin(), grad_.end(), C(0)); }
+  std::vector<Parameter<S, C>> parameters(const std::string& prefix) { return table_.parameters(value_.data(), grad_.data(), prefix); }
   // The router state's values (router/state.hpp: a stateful router's per-expert values) for route.
-  void set_router_state(std::span<const T> v) { state_.assign(v.begin(), v.end()); }
+  void set_router_state(std::span<const C> v) { state_.assign(v.begin(), v.end()); }
 
   // ---- workspace --------------------------------------------------------------------------------
   static void check_config(const MoeConfig&) {}  // no limits beyond MoeConfig's own rules
   I64 workspace_bytes(I64 tokens) const {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
     const I64 rows = tokens * k;
-    const I64 vals = tokens * d + tokens * n * (kResidual ? 4 : 3) + tokens * k * 4 + tokens + rows * d * 3 +
-                     rows * f * (kGated ? 3 : 2);
-    return vals * I64(sizeof(T)) + (tokens * k * 2 + rows) * I64(sizeof(I32));
+    const I64 stored = tokens * d + rows * d * 3 + rows * f;  // x, xp / yp / dyp, a
+    I64 computed = tokens * n * (kResidual ? 4 : 3) + tokens * k * 4 + tokens + rows * f * (kGated ? 2 : 1);
+    if constexpr (kMixed)  // x, y / dx and dy in fp32; the GEMMs' fp32 outputs; dH3
+      computed += tokens * d * 3 + rows * std::max(d, f) + (kGated ? rows * f / 2 : 0);
+    return stored * I64(sizeof(S)) + computed * I64(sizeof(C)) + (tokens * k * 2 + rows) * I64(sizeof(I32));
   }
   // Sizes the saved activations for up to `tokens` tokens; forward calls it too, so buffers only grow.
   // In evaluation mode the buffers only backward needs (the activation a, d rows, dlogits, dgate) are
-  // not allocated, and the forward computes a in place of h1.
+  // not allocated, and the forward computes a in place of h1 (bf16: a is the next GEMM's bf16 operand,
+  // kept in both modes).
   void reserve(I64 tokens) {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
     const I64 rows = tokens * k;
@@ -107,6 +139,11 @@ class MoeOps {
       for (auto* v : {&xp_, &yp_}) v->resize(rows * d);
       h1_.resize(rows * f);
       if constexpr (kGated) h3_.resize(rows * f);
+      if constexpr (kMixed) {
+        for (auto* v : {&x32_, &tok32_}) v->resize(tokens * d);
+        a_.resize(rows * f);
+        acc_.resize(rows * std::max(d, f));
+      }
       reserved_ = tokens;
     }
     if (training_ && tokens > reserved_backward_) {
@@ -114,6 +151,10 @@ class MoeOps {
       dgate_.resize(tokens * k);
       dyp_.resize(rows * d);
       a_.resize(rows * f);
+      if constexpr (kMixed) {
+        dy32_.resize(tokens * d);
+        if constexpr (kGated) dh3_.resize(rows * f);
+      }
       reserved_backward_ = tokens;
     }
   }
@@ -122,9 +163,10 @@ class MoeOps {
   // Bytes of the buffers this layer holds now (parameters and gradients included).
   std::size_t buffer_bytes() const {
     std::size_t b = 0;
-    for (const auto* v : {&value_, &grad_, &floats_, &x_, &prev_, &logits_, &prob_, &dlogits_, &gate_, &dgate_, &mix_, &lse_, &xp_,
-                          &yp_, &dyp_, &h1_, &h3_, &a_, &xe_, &ye_, &dye_, &state_})
-      b += v->capacity() * sizeof(T);
+    for (const auto* v : {&value_, &x_, &xp_, &yp_, &dyp_, &a_, &dh3_, &xe_, &ye_, &dye_}) b += v->capacity() * sizeof(S);
+    for (const auto* v : {&grad_, &floats_, &prev_, &logits_, &prob_, &dlogits_, &gate_, &dgate_, &mix_, &lse_, &h1_, &h3_, &state_,
+                          &x32_, &tok32_, &dy32_, &acc_, &zc32_})
+      b += v->capacity() * sizeof(C);
     for (const auto* v : {&ints_, &idx_, &slot_row_, &row_slot_}) b += v->capacity() * sizeof(I32);
     return b;
   }
@@ -135,14 +177,22 @@ class MoeOps {
   // ---- statistics (computed on the host: no synchronisation) --------------------------------------
   I32* stats_ints() { return ints_.data(); }
   const I32* stats_ints_host() const { return ints_.data(); }
-  const T* stats_floats_host() const { return floats_.data(); }
+  const C* stats_floats_host() const { return floats_.data(); }
   void sync_stats(Context) {}
 
   // ---- forward ----------------------------------------------------------------------------------
-  void begin(const T* x, const T* prev, I64 tokens, Context) {
+  void begin(const S* x, const C* prev, I64 tokens, Context) {
     tokens_ = tokens;
     slots_ = SlotLayout::token_choice(int(tokens), int(cfg_.top_k));  // the token-choice routers' [T, k] slots
     std::copy_n(x, tokens * cfg_.d_model, x_.data());
+    if constexpr (kMixed) {  // fp32 x for the zero-computation experts and the router's weight gradient
+      convert(x, x32_.data(), tokens * cfg_.d_model);
+      if constexpr (Kinds::constant) {  // the constant experts' weights in fp32 (small)
+        const auto& o = table_.offsets();
+        zc32_.resize(std::size_t(o.gate_residual - o.const_wc));
+        convert(&value_[std::size_t(o.const_wc)], zc32_.data(), I64(zc32_.size()));
+      }
+    }
     if constexpr (kResidual)
       if (prev) std::copy_n(prev, tokens * cfg_.num_experts(), prev_.data());
   }
@@ -155,21 +205,21 @@ class MoeOps {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model;
     has_prev_ = has_prev;
     const Weights w = W();
-    gemm<T>(false, true, tokens_, n, d, T(1), x_.data(), w.router, T(0), logits_.data());
+    gemm(false, true, tokens_, n, d, C(1), x_.data(), w.router, C(0), logits_.data());
     if constexpr (kResidual)
-      if (has_prev_) gemm<T>(false, true, tokens_, n, n, T(1), prev_.data(), w.gate_residual, T(1), logits_.data());
+      if (has_prev_) gemm(false, true, tokens_, n, n, C(1), prev_.data(), w.gate_residual, C(1), logits_.data());
     int bad = kNoBadToken;
 #pragma omp parallel for schedule(static) if (tokens_ * n >= MOEKIT_OMP_MIN_WORK)
     for (I64 t = 0; t < tokens_; ++t) {
-      const T* l = &logits_[t * n];
+      const C* l = &logits_[t * n];
       bool finite = true;
       for (I64 i = 0; i < n; ++i) finite = finite && std::isfinite(l[i]);
       if (!finite) {
 #pragma omp critical
         bad = std::min(bad, int(t));
-        for (I64 j = 0; j < k; ++j) idx_[t * k + j] = int(j), gate_[t * k + j] = T(0);
-        std::fill_n(&prob_[t * n], n, T(0));
-        lse_[t] = T(0);
+        for (I64 j = 0; j < k; ++j) idx_[t * k + j] = int(j), gate_[t * k + j] = C(0);
+        std::fill_n(&prob_[t * n], n, C(0));
+        lse_[t] = C(0);
         continue;
       }
       lse_[t] = Router::route(l, int(n), int(k), cfg_.renormalize, &prob_[t * n], &idx_[t * k], &gate_[t * k],
@@ -179,9 +229,9 @@ class MoeOps {
     std::fill_n(routed, n, 0);
     for (I64 s = 0; s < slots_.slots; ++s) ++routed[idx_[s]];
     ints_[layout_.bad] = bad;
-    T* prob_sum = &floats_[layout_.prob_sum];
-    std::fill_n(prob_sum, n, T(0));
-    T z = 0;
+    C* prob_sum = &floats_[layout_.prob_sum];
+    std::fill_n(prob_sum, n, C(0));
+    C z = 0;
     for (I64 t = 0; t < tokens_; ++t) {
       for (I64 i = 0; i < n; ++i) prob_sum[i] += prob_[t * n + i];
       z += lse_[t] * lse_[t];
@@ -213,46 +263,65 @@ class MoeOps {
     const auto s = shapes(offsets);
     const std::size_t n = std::size_t(s.rows()), f = std::size_t(s.f);
     h1_.resize(std::max(h1_.size(), n * f));
-    if (training_) a_.resize(std::max(a_.size(), n * f));
+    if (training_ || kMixed) a_.resize(std::max(a_.size(), n * f));
     if constexpr (kGated) h3_.resize(std::max(h3_.size(), n * f));
     const Weights w = W();
-    return backend::host::ffn_forward<Act>(s, w.w13, w.w2, rows.x, h1_.data(), h3_.data(), training_ ? a_.data() : h1_.data(),
-                                           rows.y);
+    if constexpr (kMixed) {
+      acc_.resize(std::max(acc_.size(), n * std::size_t(std::max(s.d, s.f))));
+      return backend::host::ffn_forward<Act>(s, w.w13, w.w2, rows.x, h1_.data(), h3_.data(), a_.data(), acc_.data(), rows.y);
+    } else {
+      return backend::host::ffn_forward<Act>(s, w.w13, w.w2, rows.x, h1_.data(), h3_.data(), training_ ? a_.data() : h1_.data(),
+                                             rows.y);
+    }
   }
   void drop_activations() { h1_.clear(), h3_.clear(), a_.clear(); }
   // rows.dy (gate·dy) -> rows.dy (d of the x rows), the weight gradients added.
   void ffn_backward(const Rows& rows, std::span<const I64> offsets, Context) {
-    const Weights w = W(), g = G();
-    backend::host::ffn_backward<Act>(shapes(offsets), w.w13, w.w2, rows.x, h1_.data(), h3_.data(), a_.data(), rows.dy, g.w13, g.w2);
+    const Weights w = W();
+    const Grads g = G();
+    if constexpr (kMixed) {
+      const auto s = shapes(offsets);
+      if constexpr (kGated) dh3_.resize(std::max(dh3_.size(), std::size_t(s.rows() * s.f)));
+      backend::host::ffn_backward<Act>(s, w.w13, w.w2, rows.x, h1_.data(), h3_.data(), a_.data(), dh3_.data(), acc_.data(), rows.dy,
+                                       g.w13, g.w2);
+    } else {
+      backend::host::ffn_backward<Act>(shapes(offsets), w.w13, w.w2, rows.x, h1_.data(), h3_.data(), a_.data(), rows.dy, g.w13, g.w2);
+    }
   }
 
   // y = Σ over kept FFN slots of gate · expert row, then the zero-computation experts on the token's
   // own row (no GEMM, no travel).
-  void combine(T* y, Context) {
-    gather_slot_rows(plan_view(), yp_.data(), cfg_.d_model, /*gate_weighted=*/true, y);
-    if constexpr (kAnyZc) zero_computation_forward(y);
+  void combine(S* y, Context) {
+    C* yc = compute_rows(y);
+    gather_slot_rows(plan_view(), yp_.data(), cfg_.d_model, /*gate_weighted=*/true, yc);
+    if constexpr (kAnyZc) zero_computation_forward(yc);
+    if constexpr (kMixed) convert(yc, y, tokens_ * cfg_.d_model);
   }
 
   // ---- backward ---------------------------------------------------------------------------------
   // dgate for every slot, and d(expert rows) = gate · dy for FFN slots.
-  void combine_backward(const T* dy, Context) {
+  void combine_backward(const S* dy_s, Context) {
     const auto d = cfg_.d_model;
-    const T* const_v = W().const_v;
+    const C* dy = nullptr;
+    if constexpr (kMixed) convert(dy_s, dy32_.data(), tokens_ * d), dy = dy32_.data();
+    else dy = dy_s;
+    const C* const_v = zc_weights().const_v;
+    const C* xc = x_compute();
     const ExpertKinds kinds = ExpertKinds::of(cfg_);
     [[maybe_unused]] const I64 work = I64(slots_.slots) * d;  // read by the OpenMP clause only
 #pragma omp parallel for schedule(static) if (work >= MOEKIT_OMP_MIN_WORK)
     for (I64 t = 0; t < tokens_; ++t) {
-      const T* dyt = dy + t * d;
-      const T* xt = &x_[t * d];
+      const C* dyt = dy + t * d;
+      const C* xt = xc + t * d;
       for (I64 s = slots_.begin(int(t)); s < slots_.end(int(t)); ++s) {
         const I32 row = slot_row_[s];
-        T dg = 0;
+        C dg = 0;
         if (row >= 0) {
-          const T* src = &yp_[I64(row) * d];
-          T* dst = &dyp_[I64(row) * d];
+          const S* src = &yp_[I64(row) * d];
+          S* dst = &dyp_[I64(row) * d];
           for (I64 c = 0; c < d; ++c) {
-            dg += dyt[c] * src[c];
-            dst[c] = gate_[s] * dyt[c];
+            dg += dyt[c] * to_compute<C>(src[c]);
+            dst[c] = from_compute<S>(gate_[s] * dyt[c]);
           }
         } else if (row == kSlotZeroComputation) {
           int q = 0;
@@ -260,7 +329,7 @@ class MoeOps {
           if (kind == ZcKind::kCopy) {
             for (I64 c = 0; c < d; ++c) dg += dyt[c] * xt[c];
           } else if (kind == ZcKind::kConstant) {
-            const T* v = &const_v[I64(q) * d];
+            const C* v = &const_v[I64(q) * d];
             for (I64 c = 0; c < d; ++c) dg += dyt[c] * (mix_[2 * s] * xt[c] + mix_[2 * s + 1] * v[c]);
           }
         }
@@ -268,70 +337,104 @@ class MoeOps {
       }
     }
   }
-  // dx = Σ over kept FFN slots of the x rows' gradient, then the copy / constant experts.
-  void token_backward(const T* dy, T* dx, Context) {
-    gather_slot_rows(plan_view(), dyp_.data(), cfg_.d_model, /*gate_weighted=*/false, dx);
-    if constexpr (kAnyZc) zero_computation_backward(dy, dx);
+  // dx = Σ over kept FFN slots of the x rows' gradient, then the copy / constant experts (bf16: into
+  // the fp32 dx that router_backward completes and rounds).
+  void token_backward(const S* dy, S* dx, Context) {
+    C* dxc = compute_rows(dx);
+    gather_slot_rows(plan_view(), dyp_.data(), cfg_.d_model, /*gate_weighted=*/false, dxc);
+    if constexpr (kAnyZc) {
+      if constexpr (kMixed) zero_computation_backward(dy32_.data(), dxc);
+      else zero_computation_backward(dy, dxc);
+    }
   }
   // dlogits from dgate, the balance loss's dprob and the z-loss (router/topk.hpp), plus dlogits_next;
   // then the router's (and gating residual's) weight gradients and dx += dlogits W_r.
-  void router_backward(const T* dprob, T zscale, const T* dlogits_next, T* dprev, T* dx, bool has_prev, Context) {
+  void router_backward(const C* dprob, C zscale, const C* dlogits_next, C* dprev, S* dx, bool has_prev, Context) {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model;
 #pragma omp parallel if (tokens_ * n >= MOEKIT_OMP_MIN_WORK)
     {
-      std::vector<T> scratch(n);
+      std::vector<C> scratch(n);
 #pragma omp for schedule(static)
       for (I64 t = 0; t < tokens_; ++t) {
-        T* dl = &dlogits_[t * n];
+        C* dl = &dlogits_[t * n];
         Router::route_backward(&logits_[t * n], int(n), int(k), cfg_.renormalize, &prob_[t * n], &idx_[t * k], &gate_[t * k],
                                &dgate_[t * k], dprob, zscale * lse_[t], scratch.data(), dl);
         if (dlogits_next)
           for (I64 i = 0; i < n; ++i) dl[i] += dlogits_next[t * n + i];
       }
     }
-    const Weights w = W(), g = G();
-    gemm<T>(true, false, n, d, tokens_, T(1), dlogits_.data(), x_.data(), T(1), g.router);
-    gemm<T>(false, false, tokens_, d, n, T(1), dlogits_.data(), w.router, T(1), dx);
+    const Weights w = W();
+    const Grads g = G();
+    C* dxc = compute_rows(dx);
+    gemm(true, false, n, d, tokens_, C(1), dlogits_.data(), x_compute(), C(1), g.router);
+    gemm(false, false, tokens_, d, n, C(1), dlogits_.data(), w.router, C(1), dxc);
     if constexpr (kResidual)
       if (has_prev) {
-        gemm<T>(true, false, n, n, tokens_, T(1), dlogits_.data(), prev_.data(), T(1), g.gate_residual);
-        if (dprev) gemm<T>(false, false, tokens_, n, n, T(1), dlogits_.data(), w.gate_residual, T(0), dprev);
+        gemm(true, false, n, n, tokens_, C(1), dlogits_.data(), prev_.data(), C(1), g.gate_residual);
+        if (dprev) gemm(false, false, tokens_, n, n, C(1), dlogits_.data(), w.gate_residual, C(0), dprev);
       }
+    if constexpr (kMixed) convert(dxc, dx, tokens_ * d);
   }
 
   // ---- views of the last forward ------------------------------------------------------------------
-  MatrixView<const T> logits() const { return {logits_.data(), {tokens_, cfg_.num_experts()}}; }
-  MatrixView<const T> probs() const { return {prob_.data(), {tokens_, cfg_.num_experts()}}; }
+  MatrixView<const C> logits() const { return {logits_.data(), {tokens_, cfg_.num_experts()}}; }
+  MatrixView<const C> probs() const { return {prob_.data(), {tokens_, cfg_.num_experts()}}; }
   MatrixView<const I32> topk_indices() const { return {idx_.data(), {tokens_, cfg_.top_k}}; }
-  MatrixView<const T> topk_gates() const { return {gate_.data(), {tokens_, cfg_.top_k}}; }
+  MatrixView<const C> topk_gates() const { return {gate_.data(), {tokens_, cfg_.top_k}}; }
   bool slot_kept(I64 t, I64 j) const { return slot_row_[t * cfg_.top_k + j] != kSlotDropped; }
 
  private:
-  // The families of a flat buffer (values or gradients).
-  struct Weights {
-    T *router, *w13, *w2, *const_wc, *const_v, *gate_residual;
+  // The families of a flat buffer (values: S; gradients: C).
+  template <class E>
+  struct Families {
+    E *router, *w13, *w2, *const_wc, *const_v, *gate_residual;
   };
-  Weights weights_in(std::vector<T>& flat) {
+  using Weights = Families<S>;
+  using Grads = Families<C>;
+  template <class E>
+  Families<E> families_in(std::vector<E>& flat) {
     const auto& o = table_.offsets();
-    T* b = flat.data();
+    E* b = flat.data();
     return {b + o.router, b + o.w13, b + o.w2, b + o.const_wc, b + o.const_v, b + o.gate_residual};
   }
-  Weights W() { return weights_in(value_); }
-  Weights G() { return weights_in(grad_); }
-  MoeWeights<T> unpacked(const std::vector<T>& flat) const {
-    MoeWeights<T> w;
+  Weights W() { return families_in(value_); }
+  Grads G() { return families_in(grad_); }
+  // The constant experts' weights in the compute type (bf16: the fp32 copy begin() made).
+  struct ZcWeights {
+    const C *const_wc, *const_v;
+  };
+  ZcWeights zc_weights() {
+    if constexpr (kMixed) {
+      const auto& o = table_.offsets();
+      return {zc32_.data(), zc32_.data() + (o.const_v - o.const_wc)};
+    } else {
+      const Weights w = W();
+      return {w.const_wc, w.const_v};
+    }
+  }
+  // x in the compute type, and the compute-type rows y / dx are summed in before they are rounded.
+  const C* x_compute() const {
+    if constexpr (kMixed) return x32_.data();
+    else return x_.data();
+  }
+  C* compute_rows(S* out) {
+    if constexpr (kMixed) return tok32_.data();
+    else return out;
+  }
+  MoeWeights<C> unpacked(const std::vector<C>& flat) const {
+    MoeWeights<C> w;
     table_.unpack(flat.data(), w);
     return w;
   }
-  FfnShapes<T> shapes(std::span<const I64> offsets) const {
+  FfnShapes<S> shapes(std::span<const I64> offsets) const {
     return {cfg_.d_model, table_.local_d_expert(), offsets.data(), table_.local_experts(), table_.w13_rows()};
   }
   // The router score a slot was picked by (capacity drops go lowest first).
-  T score_of(int s) const {
+  C score_of(int s) const {
     const I64 at = I64(slots_.token(s)) * cfg_.num_experts() + idx_[s];
     return Router::capacity_score(logits_[at], prob_[at]);
   }
-  RoutingPlan<T> plan_view() const { return {slots_, idx_.data(), gate_.data(), slot_row_.data(), row_slot_.data()}; }
+  RoutingPlan<C> plan_view() const { return {slots_, idx_.data(), gate_.data(), slot_row_.data(), row_slot_.data()}; }
   // Calls fn(slot, kind, constant index) for each kept zero-computation slot of token t.
   template <class F>
   void for_each_zc_slot(I64 t, F&& fn) const {
@@ -343,24 +446,25 @@ class MoeOps {
         fn(s, kind, I64(q));
       }
   }
-  void zero_computation_forward(T* y) {
+  void zero_computation_forward(C* y) {
     const auto d = cfg_.d_model;
-    const Weights w = W();
+    const ZcWeights w = zc_weights();
+    const C* xc = x_compute();
     [[maybe_unused]] const I64 work = I64(slots_.slots) * d;  // read by the OpenMP clause only
 #pragma omp parallel for schedule(static) if (work >= MOEKIT_OMP_MIN_WORK)
     for (I64 t = 0; t < tokens_; ++t) {
-      const T* xt = &x_[t * d];
-      T* yt = y + t * d;
+      const C* xt = xc + t * d;
+      C* yt = y + t * d;
       for_each_zc_slot(t, [&](I64 s, ZcKind kind, I64 q) {
-        const T g = gate_[s];
+        const C g = gate_[s];
         if (kind == ZcKind::kCopy) {
           for (I64 c = 0; c < d; ++c) yt[c] += g * xt[c];
         } else if (kind == ZcKind::kConstant) {
-          T a1, a2;
+          C a1, a2;
           experts::Constant::mix(&w.const_wc[q * 2 * d], xt, int(d), a1, a2);
           mix_[2 * s] = a1;
           mix_[2 * s + 1] = a2;
-          const T* v = &w.const_v[q * d];
+          const C* v = &w.const_v[q * d];
           for (I64 c = 0; c < d; ++c) yt[c] += g * (a1 * xt[c] + a2 * v[c]);
         }
       });
@@ -368,20 +472,22 @@ class MoeOps {
   }
   // Copy and constant experts' input gradients and the constant experts' weight gradients, in token
   // order: the work is small, and one fixed order keeps the weight gradients deterministic.
-  void zero_computation_backward(const T* dy, T* dx) {
+  void zero_computation_backward(const C* dy, C* dx) {
     const auto d = cfg_.d_model;
-    const Weights w = W(), gw = G();
-    std::vector<T> de(d);
+    const ZcWeights w = zc_weights();
+    const Grads gw = G();
+    const C* xc = x_compute();
+    std::vector<C> de(d);
     for (I64 t = 0; t < tokens_; ++t) {
-      const T* dyt = dy + t * d;
-      T* dxt = dx + t * d;
+      const C* dyt = dy + t * d;
+      C* dxt = dx + t * d;
       for_each_zc_slot(t, [&](I64 s, ZcKind kind, I64 q) {
-        const T g = gate_[s];
+        const C g = gate_[s];
         if (kind == ZcKind::kCopy) {
           for (I64 c = 0; c < d; ++c) dxt[c] += g * dyt[c];
         } else if (kind == ZcKind::kConstant) {
           for (I64 c = 0; c < d; ++c) de[c] = g * dyt[c];
-          experts::Constant::backward(&w.const_wc[q * 2 * d], &x_[t * d], &w.const_v[q * d], mix_[2 * s], mix_[2 * s + 1],
+          experts::Constant::backward(&w.const_wc[q * 2 * d], xc + t * d, &w.const_v[q * d], mix_[2 * s], mix_[2 * s + 1],
                                      de.data(), int(d), dxt, &gw.const_v[q * d], &gw.const_wc[q * 2 * d]);
         }
       });
@@ -391,16 +497,20 @@ class MoeOps {
   MoeConfig cfg_;
   ParameterTable table_;
   StatsLayout layout_;
-  std::vector<T> value_, grad_, state_;  // flat, laid out by table_; the router state's values
+  std::vector<S> value_;  // flat, laid out by table_
+  std::vector<C> grad_, state_;  // flat, laid out by table_; the router state's values
   std::vector<I32> ints_;
-  std::vector<T> floats_;
+  std::vector<C> floats_;
   I64 reserved_ = 0, reserved_backward_ = 0, tokens_ = 0;
   SlotLayout slots_;  // of the last forward's plan
   bool has_prev_ = false, training_ = true;
-  std::vector<T> x_, prev_, logits_, prob_, dlogits_, gate_, dgate_, mix_, lse_;
+  std::vector<S> x_;
+  std::vector<C> prev_, logits_, prob_, dlogits_, gate_, dgate_, mix_, lse_;
   std::vector<I32> idx_, slot_row_, row_slot_;
-  std::vector<T> xp_, yp_, dyp_, h1_, h3_, a_;
-  std::vector<T> xe_, ye_, dye_;  // the expert side's rows (distributed only)
+  std::vector<S> xp_, yp_, dyp_, a_, dh3_;
+  std::vector<C> h1_, h3_;
+  std::vector<S> xe_, ye_, dye_;  // the expert side's rows (distributed only)
+  std::vector<C> x32_, tok32_, dy32_, acc_, zc32_;  // bf16 only: fp32 x, y / dx, dy, GEMM outputs, constant experts' weights
 };
 
 }  // namespace backend::host
