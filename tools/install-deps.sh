@@ -5,7 +5,8 @@
 set -euo pipefail
 # make: the presets use CMake's default generator (Unix Makefiles), and cmake only recommends it.
 # libopenblas0-openmp: the OpenBLAS built on OpenMP, which moekit links when present (cmake/moekitBlas.cmake);
-# libblis4, libdnnl2: the other CPU GEMM libraries bench_gemm_libraries measures (loaded at run time).
+# libdnnl2: oneDNN, whose bf16 GEMM backend::Host<bf16> runs on CPUs with bf16 instructions (loaded at run
+# time); libblis4 and it: the other CPU GEMM libraries bench_gemm_libraries measures.
 packages=(cmake make g++ doctest-dev libopenblas-dev nlohmann-json3-dev libcli11-dev libopenmpi-dev openmpi-bin gnuplot-nox
           libopenblas0-openmp libblis4 libdnnl2)
 missing=()

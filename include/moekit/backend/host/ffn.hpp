@@ -6,7 +6,11 @@
 // are the local shard and whose rows arrive by all-to-all).
 // Phases, not a loop of per-expert phases: OpenMP loops and (separately threaded) BLAS calls
 // alternate only a few times per call, since each switch makes the two thread pools contend.
+#include <omp.h>
+
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "moekit/backend/host/blas.hpp"
@@ -30,21 +34,41 @@ struct FfnShapes {
   std::int64_t w1(std::int64_t e) const { return e * wf * d; }  // element offsets into w13 / w2
   std::int64_t w3(std::int64_t e) const { return e * wf * d + f * d; }
   std::int64_t w2(std::int64_t e) const { return e * d * f; }
+  // Spread: the experts' GEMMs in one OpenMP region, each expert's on one thread (the BLAS runs
+  // single-threaded inside a parallel region), instead of one multi-threaded GEMM after another:
+  // many small experts then do not pay a team start and a barrier each (spread_experts() decides).
+  bool spread = false;
   template <class F>
   void for_each_expert(F&& fn) const {
+    if (spread) {
+#pragma omp parallel for schedule(dynamic, 1)
+      for (std::int64_t e = 0; e < experts; ++e)
+        if (offsets[e + 1] > offsets[e]) fn(e, offsets[e], offsets[e + 1] - offsets[e]);
+      return;
+    }
     for (std::int64_t e = 0; e < experts; ++e)
       if (offsets[e + 1] > offsets[e]) fn(e, offsets[e], offsets[e + 1] - offsets[e]);
   }
 };
 
+// Whether to spread the experts over the threads (FfnShapes::spread): MOEKIT_EXPERT_SPREAD=on|off, or
+// by default when there are at least 4 experts per thread.
+inline bool spread_experts(std::int64_t experts) {
+  static const int mode = [] {
+    const char* v = std::getenv("MOEKIT_EXPERT_SPREAD");
+    return !v ? 0 : std::string(v) == "on" ? 1 : std::string(v) == "off" ? -1 : 0;
+  }();
+  if (mode != 0) return mode > 0;
+  return experts >= 4 * std::int64_t(omp_get_max_threads());
+}
+
 // h1 = xp W1^T, h3 = xp W3^T (gated), a = act(h1, h3), yp = a W2^T. Returns the GEMM FLOPs issued.
 template <class Act, class T>
 std::int64_t ffn_forward(const FfnShapes<T>& s, const T* w13, const T* w2, const T* xp, T* h1, T* h3, T* a, T* yp) {
   const std::int64_t d = s.d, f = s.f, rows = s.rows();
-  std::int64_t flops = 0;
+  const std::int64_t flops = 2 * rows * f * d * (Act::gated ? 3 : 2);
   auto xwt = [&](std::int64_t m, std::int64_t nn, std::int64_t kk, const T* x, const T* w, T* c) {  // c = x w^T
     gemm<T>(false, true, m, nn, kk, T(1), x, w, T(0), c);
-    flops += 2 * m * nn * kk;
   };
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
     xwt(m, f, d, &xp[r0 * d], &w13[s.w1(e)], &h1[r0 * f]);
@@ -96,18 +120,16 @@ template <class Act>
 std::int64_t ffn_forward(const FfnShapes<bf16>& s, const bf16* w13, const bf16* w2, const bf16* xp, float* h1, float* h3, bf16* a,
                          float* acc, bf16* yp) {
   const std::int64_t d = s.d, f = s.f, rows = s.rows();
-  std::int64_t flops = 0;
+  const std::int64_t flops = 2 * rows * f * d * (Act::gated ? 3 : 2);
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
     gemm(false, true, m, f, d, 1.f, &xp[r0 * d], &w13[s.w1(e)], 0.f, &h1[r0 * f]);
     if constexpr (Act::gated) gemm(false, true, m, f, d, 1.f, &xp[r0 * d], &w13[s.w3(e)], 0.f, &h3[r0 * f]);
-    flops += 2 * m * f * d * (Act::gated ? 2 : 1);
   });
   const float* h3v = Act::gated ? h3 : h1;
 #pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
   for (std::int64_t i = 0; i < rows * f; ++i) a[i] = bf16(act::apply(Act{}, h1[i], h3v[i]));
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
     gemm(false, true, m, d, f, 1.f, &a[r0 * f], &w2[s.w2(e)], 0.f, &acc[r0 * d]);
-    flops += 2 * m * d * f;
   });
   convert(acc, yp, rows * d);
   return flops;

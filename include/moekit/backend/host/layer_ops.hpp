@@ -427,7 +427,8 @@ class MoeOps {
     return w;
   }
   FfnShapes<S> shapes(std::span<const I64> offsets) const {
-    return {cfg_.d_model, table_.local_d_expert(), offsets.data(), table_.local_experts(), table_.w13_rows()};
+    return {cfg_.d_model, table_.local_d_expert(), offsets.data(), table_.local_experts(), table_.w13_rows(),
+            spread_experts(table_.local_experts())};
   }
   // The router score a slot was picked by (capacity drops go lowest first).
   C score_of(int s) const {
