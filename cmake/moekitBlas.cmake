@@ -27,7 +27,8 @@ else()
   set_target_properties(moekit::blas PROPERTIES INTERFACE_LINK_LIBRARIES BLAS::BLAS)
   set(MOEKIT_BLAS_CHOSEN "FindBLAS (${BLAS_LIBRARIES})")
 endif()
-# backend::Host<bf16> loads oneDNN (libdnnl.so.2) at run time with dlopen: no build dependency.
+# backend::Host<bf16> loads oneDNN (libdnnl.so.2), the host's SwiGLU glibc's libmvec, at run time with
+# dlopen: no build dependency.
 if(CMAKE_DL_LIBS)
   set_property(TARGET moekit::blas APPEND PROPERTY INTERFACE_LINK_LIBRARIES ${CMAKE_DL_LIBS})
 endif()

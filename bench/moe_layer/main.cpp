@@ -266,7 +266,7 @@ int main(int argc, char** argv) {
     }
   bool quick = false, uniform_only = false;
   int reps = 5;
-  std::string json_path, backend = "host", dtype = "all";
+  std::string json_path, backend = "host", dtype = "all", only_shape;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -283,9 +283,10 @@ int main(int argc, char** argv) {
     else if (a == "--json") json_path = next();
     else if (a == "--backend") backend = next();
     else if (a == "--dtype") dtype = next();
+    else if (a == "--shape") only_shape = next();  // one host shape (cpu-mixtral-mini or cpu-fine)
     else {
       std::fprintf(stderr, "usage: bench_moe_layer [--backend host|cuda] [--quick] [--reps N] [--json out.json] [--rss train|eval] "
-                           "[--dtype fp32|bf16|all] [--uniform-only] "
+                           "[--dtype fp32|bf16|all] [--uniform-only] [--shape cpu-mixtral-mini|cpu-fine] "
                            "(cuda: [--gemm auto|grouped|streams|lt|all] [--dtype bf16|fp32] [--shape NAME])\n");
       return 2;
     }
@@ -314,6 +315,7 @@ int main(int argc, char** argv) {
   const auto* begin = quick ? std::begin(kQuick) : std::begin(kShapes);
   const auto* end = quick ? std::end(kQuick) : std::end(kShapes);
   for (const Shape* s = begin; s != end; ++s) {
+    if (!only_shape.empty() && only_shape != s->name) continue;
     if (bf16_rows) {  // bf16 first: the same machine state as the fp32 rows that follow
       const double ceil = ceiling_gflops<bf16>(*s, reps);
       for (bool skewed : {false, true}) {
@@ -329,7 +331,7 @@ int main(int argc, char** argv) {
       rows.push_back(run<Vanilla>(*s, base_config(*s), skewed, reps, "ffn"));
       rows.back().ceiling_gflops = ceil;
     }
-    if (s != begin || uniform_only) continue;  // MoE++ rows on the first shape only
+    if (s != begin || uniform_only || !only_shape.empty()) continue;  // MoE++ rows on the first shape only
     // MoE++ (8 FFN + 1 zero + 1 copy + 2 constant) against the vanilla layer of the same FFN experts,
     // both with capacity factor 1: tau shrinks C_FFN = ceil(gamma tau k T / (tau N_FFN + N_ZC)).
     MoeConfig v = base_config(*s);
@@ -351,7 +353,8 @@ int main(int argc, char** argv) {
   const double bandwidth = uniform_only ? 0.0 : read_gbps(quick ? 1 : 5);
   std::vector<DecodeRow> decodes;
   for (const Shape* s = begin; s != end && fp32_rows && !uniform_only; ++s)
-    for (std::int64_t T : {1, 8, 64}) decodes.push_back(decode<Vanilla>(*s, T, quick ? 3 : 21));
+    for (std::int64_t T : {1, 8, 64})
+      if (only_shape.empty() || only_shape == s->name) decodes.push_back(decode<Vanilla>(*s, T, quick ? 3 : 21));
 
   std::printf("\n%-17s %-5s %-8s %-13s %5s %5s | %9s %8s %6s | %9s %8s %6s | %8s %6s %6s\n", "shape", "dtype", "routing", "experts",
               "gamma", "tau", "fwd ms", "GFLOP/s", "ratio", "f+b ms", "GFLOP/s", "ratio", "ceiling", "hot", "zc");

@@ -19,20 +19,26 @@ inline void gemm_dispatch(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, 
   cblas_dgemm(CblasRowMajor, ta, tb, m, n, kk, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-// trans_a/trans_b say whether A/B are stored transposed (A is [kk,m] / B is [n,kk]).
+// trans_a/trans_b say whether A/B are stored transposed (A is [kk,m] / B is [n,kk]); lda, ldb, ldc are
+// the row strides of the stored matrices.
 template <class T>
-void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t kk, T alpha, const T* a,
-          const T* b, T beta, T* c) {
+void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t kk, T alpha, const T* a, std::int64_t lda,
+          const T* b, std::int64_t ldb, T beta, T* c, std::int64_t ldc) {
   (void)gemm_library();  // once per process: the kernel that fits the CPU
   if (m == 0 || n == 0) return;
   if (kk == 0) {  // BLAS would reject lda = 0; the product is empty
-    for (std::int64_t i = 0; i < m * n; ++i) c[i] = beta == T(0) ? T(0) : beta * c[i];
+    for (std::int64_t i = 0; i < m; ++i)
+      for (std::int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
     return;
   }
-  const int lda = static_cast<int>(trans_a ? m : kk);
-  const int ldb = static_cast<int>(trans_b ? kk : n);
-  gemm_dispatch(trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, int(m), int(n),
-                int(kk), alpha, a, lda, b, ldb, beta, c, int(n));
+  gemm_dispatch(trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, int(m), int(n), int(kk), alpha, a,
+                int(lda), b, int(ldb), beta, c, int(ldc));
+}
+// Contiguous matrices.
+template <class T>
+void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t kk, T alpha, const T* a,
+          const T* b, T beta, T* c) {
+  gemm<T>(trans_a, trans_b, m, n, kk, alpha, a, trans_a ? m : kk, b, trans_b ? kk : n, beta, c, n);
 }
 
 }  // namespace moekit::backend::host

@@ -4,8 +4,8 @@
 // w13 holds each expert's [w1; w3] block ([wf, d], w1 rows first), w2 each expert's [d, f] (f may be a
 // tensor-parallel slice of d_expert, wf = f or 2f). Shared by the single-rank layer and the distributed one (whose experts
 // are the local shard and whose rows arrive by all-to-all).
-// Phases, not a loop of per-expert phases: OpenMP loops and (separately threaded) BLAS calls
-// alternate only a few times per call, since each switch makes the two thread pools contend.
+// Phases, not a loop of per-expert phases: a few OpenMP regions per call (each phase's experts spread
+// over the threads, or one multi-threaded GEMM after another: FfnShapes::spread).
 #include <omp.h>
 
 #include <cstdint>
@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "moekit/backend/host/activation_rows.hpp"
 #include "moekit/backend/host/blas.hpp"
 #include "moekit/backend/host/convert.hpp"
 #include "moekit/backend/host/gemm_bf16.hpp"
@@ -62,106 +63,101 @@ inline bool spread_experts(std::int64_t experts) {
   return experts >= 4 * std::int64_t(omp_get_max_threads());
 }
 
-// h1 = xp W1^T, h3 = xp W3^T (gated), a = act(h1, h3), yp = a W2^T. Returns the GEMM FLOPs issued.
+// h13 = xp W13^T ([h1 | h3] per row, one GEMM per expert: [w1; w3] is one block), a = act(h1, h3),
+// yp = a W2^T. a == nullptr (evaluation mode): a is written over h13's first f columns (leading
+// dimension wf), so nothing beyond h13 is allocated. Returns the GEMM FLOPs issued.
 template <class Act, class T>
-std::int64_t ffn_forward(const FfnShapes<T>& s, const T* w13, const T* w2, const T* xp, T* h1, T* h3, T* a, T* yp) {
-  const std::int64_t d = s.d, f = s.f, rows = s.rows();
-  const std::int64_t flops = 2 * rows * f * d * (Act::gated ? 3 : 2);
-  auto xwt = [&](std::int64_t m, std::int64_t nn, std::int64_t kk, const T* x, const T* w, T* c) {  // c = x w^T
-    gemm<T>(false, true, m, nn, kk, T(1), x, w, T(0), c);
-  };
+std::int64_t ffn_forward(const FfnShapes<T>& s, const T* w13, const T* w2, const T* xp, T* h13, T* a, T* yp) {
+  const std::int64_t d = s.d, f = s.f, wf = s.wf, rows = s.rows();
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
-    xwt(m, f, d, &xp[r0 * d], &w13[s.w1(e)], &h1[r0 * f]);
-    if constexpr (Act::gated) xwt(m, f, d, &xp[r0 * d], &w13[s.w3(e)], &h3[r0 * f]);
+    gemm<T>(false, true, m, wf, d, T(1), &xp[r0 * d], &w13[s.w1(e)], T(0), &h13[r0 * wf]);
   });
-  const T* h3v = Act::gated ? h3 : h1;
+  T* av = a ? a : h13;
+  const std::int64_t lda = a ? f : wf;
 #pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
-  for (std::int64_t i = 0; i < rows * f; ++i) a[i] = act::apply(Act{}, h1[i], h3v[i]);
-  s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) { xwt(m, d, f, &a[r0 * f], &w2[s.w2(e)], &yp[r0 * d]); });
-  return flops;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const T* h = &h13[r * wf];
+    activation_row<Act>(h, Act::gated ? h + f : h, &av[r * lda], f);
+  }
+  s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+    gemm<T>(false, true, m, d, f, T(1), &av[r0 * lda], lda, &w2[s.w2(e)], f, T(0), &yp[r0 * d], d);
+  });
+  return 2 * rows * wf * d + 2 * rows * d * f;
 }
 
 // Given dyp (d rows), adds the weight gradients and overwrites dyp with d(xp). a is overwritten with
-// dA, h1 with dH1 (and h3 with dH3): the forward's buffers are consumed.
+// dA, h13 with dH13 ([dH1 | dH3]): the forward's buffers are consumed. The [w1; w3] block's gradient
+// and d(xp) are one GEMM each.
 template <class Act, class T>
-void ffn_backward(const FfnShapes<T>& s, const T* w13, const T* w2, const T* xp, T* h1, T* h3, T* a, T* dyp, T* gw13,
-                  T* gw2) {
-  const std::int64_t d = s.d, f = s.f, rows = s.rows();
+void ffn_backward(const FfnShapes<T>& s, const T* w13, const T* w2, const T* xp, T* h13, T* a, T* dyp, T* gw13, T* gw2) {
+  const std::int64_t d = s.d, f = s.f, wf = s.wf, rows = s.rows();
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
     gemm<T>(true, false, d, f, m, T(1), &dyp[r0 * d], &a[r0 * f], T(1), &gw2[s.w2(e)]);
     gemm<T>(false, false, m, f, d, T(1), &dyp[r0 * d], &w2[s.w2(e)], T(0), &a[r0 * f]);
   });
-  T* h3v = Act::gated ? h3 : h1;
 #pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
-  for (std::int64_t i = 0; i < rows * f; ++i) {
-    T g1, g3 = 0;
-    act::backward(Act{}, h1[i], h3v[i], a[i], g1, g3);
-    h1[i] = g1;
-    if constexpr (Act::gated) h3[i] = g3;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    T* h = &h13[r * wf];
+    activation_backward_row<Act>(h, Act::gated ? h + f : h, &a[r * f], h, Act::gated ? h + f : nullptr, f);
   }
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
-    const T* xe = &xp[r0 * d];
-    T* dxe = &dyp[r0 * d];
-    gemm<T>(true, false, f, d, m, T(1), &h1[r0 * f], xe, T(1), &gw13[s.w1(e)]);
-    gemm<T>(false, false, m, d, f, T(1), &h1[r0 * f], &w13[s.w1(e)], T(0), dxe);
-    if constexpr (Act::gated) {
-      gemm<T>(true, false, f, d, m, T(1), &h3[r0 * f], xe, T(1), &gw13[s.w3(e)]);
-      gemm<T>(false, false, m, d, f, T(1), &h3[r0 * f], &w13[s.w3(e)], T(1), dxe);
-    }
+    gemm<T>(true, false, wf, d, m, T(1), &h13[r0 * wf], &xp[r0 * d], T(1), &gw13[s.w1(e)]);
+    gemm<T>(false, false, m, d, wf, T(1), &h13[r0 * wf], &w13[s.w1(e)], T(0), &dyp[r0 * d]);
   });
 }
 
 // ---- bf16 storage (backend::Host<bf16>) -------------------------------------------------------------
 // The same FFN with bf16 rows and weights: every GEMM multiplies bf16 operands and accumulates in fp32
-// (backend/host/gemm_bf16.hpp), the pre-activations h1, h3 stay fp32, the activation a is rounded to
-// bf16 (the next GEMM's operand), and so are the outputs yp and d(xp) (rows the layer combines or
+// (backend/host/gemm_bf16.hpp), the pre-activations h13 stay fp32, the activation a is rounded to bf16
+// (the next GEMM's operand), and so are the outputs yp and d(xp) (rows the layer combines or
 // exchanges), after their fp32 GEMMs into `acc` (rows × max(d, f) fp32).
 template <class Act>
-std::int64_t ffn_forward(const FfnShapes<bf16>& s, const bf16* w13, const bf16* w2, const bf16* xp, float* h1, float* h3, bf16* a,
-                         float* acc, bf16* yp) {
-  const std::int64_t d = s.d, f = s.f, rows = s.rows();
-  const std::int64_t flops = 2 * rows * f * d * (Act::gated ? 3 : 2);
+std::int64_t ffn_forward(const FfnShapes<bf16>& s, const bf16* w13, const bf16* w2, const bf16* xp, float* h13, bf16* a, float* acc,
+                         bf16* yp) {
+  const std::int64_t d = s.d, f = s.f, wf = s.wf, rows = s.rows();
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
-    gemm(false, true, m, f, d, 1.f, &xp[r0 * d], &w13[s.w1(e)], 0.f, &h1[r0 * f]);
-    if constexpr (Act::gated) gemm(false, true, m, f, d, 1.f, &xp[r0 * d], &w13[s.w3(e)], 0.f, &h3[r0 * f]);
+    gemm(false, true, m, wf, d, 1.f, &xp[r0 * d], &w13[s.w1(e)], 0.f, &h13[r0 * wf]);
   });
-  const float* h3v = Act::gated ? h3 : h1;
-#pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
-  for (std::int64_t i = 0; i < rows * f; ++i) a[i] = bf16(act::apply(Act{}, h1[i], h3v[i]));
+#pragma omp parallel if (rows * f >= MOEKIT_OMP_MIN_WORK)
+  {
+    std::vector<float> row(static_cast<std::size_t>(f));
+#pragma omp for schedule(static)
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const float* h = &h13[r * wf];
+      activation_row<Act>(h, Act::gated ? h + f : h, row.data(), f);
+      convert(row.data(), &a[r * f], f);
+    }
+  }
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
     gemm(false, true, m, d, f, 1.f, &a[r0 * f], &w2[s.w2(e)], 0.f, &acc[r0 * d]);
   });
   convert(acc, yp, rows * d);
-  return flops;
+  return 2 * rows * wf * d + 2 * rows * d * f;
 }
 
-// Given dyp, adds the fp32 weight gradients and overwrites dyp with d(xp) (rounded to bf16). a is
-// overwritten with dH1 (bf16), dh3 receives dH3; acc holds dA, then d(xp) before rounding.
+// Given dyp, adds the fp32 weight gradients and overwrites dyp with d(xp) (rounded to bf16). dh13
+// receives [dH1 | dH3] in bf16; acc holds dA, then d(xp) before rounding.
 template <class Act>
-void ffn_backward(const FfnShapes<bf16>& s, const bf16* w13, const bf16* w2, const bf16* xp, const float* h1, const float* h3, bf16* a,
-                  bf16* dh3, float* acc, bf16* dyp, float* gw13, float* gw2) {
-  const std::int64_t d = s.d, f = s.f, rows = s.rows();
+void ffn_backward(const FfnShapes<bf16>& s, const bf16* w13, const bf16* w2, const bf16* xp, const float* h13, const bf16* a,
+                  bf16* dh13, float* acc, bf16* dyp, float* gw13, float* gw2) {
+  const std::int64_t d = s.d, f = s.f, wf = s.wf, rows = s.rows();
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
     gemm(true, false, d, f, m, 1.f, &dyp[r0 * d], &a[r0 * f], 1.f, &gw2[s.w2(e)]);
     gemm(false, false, m, f, d, 1.f, &dyp[r0 * d], &w2[s.w2(e)], 0.f, &acc[r0 * f]);
   });
-  const float* h3v = Act::gated ? h3 : h1;
-#pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
-  for (std::int64_t i = 0; i < rows * f; ++i) {
-    float g1, g3 = 0;
-    act::backward(Act{}, h1[i], h3v[i], acc[i], g1, g3);
-    a[i] = bf16(g1);
-    if constexpr (Act::gated) dh3[i] = bf16(g3);
+#pragma omp parallel if (rows * f >= MOEKIT_OMP_MIN_WORK)
+  {
+    std::vector<float> g(static_cast<std::size_t>(wf));
+#pragma omp for schedule(static)
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const float* h = &h13[r * wf];
+      activation_backward_row<Act>(h, Act::gated ? h + f : h, &acc[r * f], g.data(), Act::gated ? g.data() + f : nullptr, f);
+      convert(g.data(), &dh13[r * wf], wf);
+    }
   }
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
-    const bf16* xe = &xp[r0 * d];
-    float* dxe = &acc[r0 * d];
-    gemm(true, false, f, d, m, 1.f, &a[r0 * f], xe, 1.f, &gw13[s.w1(e)]);
-    gemm(false, false, m, d, f, 1.f, &a[r0 * f], &w13[s.w1(e)], 0.f, dxe);
-    if constexpr (Act::gated) {
-      gemm(true, false, f, d, m, 1.f, &dh3[r0 * f], xe, 1.f, &gw13[s.w3(e)]);
-      gemm(false, false, m, d, f, 1.f, &dh3[r0 * f], &w13[s.w3(e)], 1.f, dxe);
-    }
+    gemm(true, false, wf, d, m, 1.f, &dh13[r0 * wf], &xp[r0 * d], 1.f, &gw13[s.w1(e)]);
+    gemm(false, false, m, d, wf, 1.f, &dh13[r0 * wf], &w13[s.w1(e)], 0.f, &acc[r0 * d]);
   });
   convert(acc, dyp, rows * d);
 }

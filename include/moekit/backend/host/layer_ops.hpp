@@ -113,17 +113,19 @@ class MoeOps {
   static void check_config(const MoeConfig&) {}  // no limits beyond MoeConfig's own rules
   I64 workspace_bytes(I64 tokens) const {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
-    const I64 rows = tokens * k;
-    const I64 stored = tokens * d + rows * d * 3 + rows * f;  // x, xp / yp / dyp, a
-    I64 computed = tokens * n * (kResidual ? 4 : 3) + tokens * k * 4 + tokens + rows * f * (kGated ? 2 : 1);
-    if constexpr (kMixed)  // x, y / dx and dy in fp32; the GEMMs' fp32 outputs; dH3
-      computed += tokens * d * 3 + rows * std::max(d, f) + (kGated ? rows * f / 2 : 0);
+    const I64 rows = tokens * k, wf = kGated ? 2 * f : f;
+    I64 stored = tokens * d + rows * d * 3 + rows * f;  // x, xp / yp / dyp, a
+    I64 computed = tokens * n * (kResidual ? 4 : 3) + tokens * k * 4 + tokens + rows * wf;
+    if constexpr (kMixed) {  // x, y / dx and dy in fp32; the GEMMs' fp32 outputs; dH13 in bf16
+      computed += tokens * d * 3 + rows * std::max(d, f);
+      stored += rows * wf;
+    }
     return stored * I64(sizeof(S)) + computed * I64(sizeof(C)) + (tokens * k * 2 + rows) * I64(sizeof(I32));
   }
   // Sizes the saved activations for up to `tokens` tokens; forward calls it too, so buffers only grow.
   // In evaluation mode the buffers only backward needs (the activation a, d rows, dlogits, dgate) are
-  // not allocated, and the forward computes a in place of h1 (bf16: a is the next GEMM's bf16 operand,
-  // kept in both modes).
+  // not allocated, and the forward computes a in place of h13's h1 half (bf16: a is the next GEMM's
+  // bf16 operand, kept in both modes).
   void reserve(I64 tokens) {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
     const I64 rows = tokens * k;
@@ -137,8 +139,7 @@ class MoeOps {
       row_slot_.resize(rows);
       x_.resize(tokens * d);
       for (auto* v : {&xp_, &yp_}) v->resize(rows * d);
-      h1_.resize(rows * f);
-      if constexpr (kGated) h3_.resize(rows * f);
+      h13_.resize(rows * (kGated ? 2 : 1) * f);
       if constexpr (kMixed) {
         for (auto* v : {&x32_, &tok32_}) v->resize(tokens * d);
         a_.resize(rows * f);
@@ -153,7 +154,7 @@ class MoeOps {
       a_.resize(rows * f);
       if constexpr (kMixed) {
         dy32_.resize(tokens * d);
-        if constexpr (kGated) dh3_.resize(rows * f);
+        dh13_.resize(rows * (kGated ? 2 : 1) * f);
       }
       reserved_backward_ = tokens;
     }
@@ -163,8 +164,8 @@ class MoeOps {
   // Bytes of the buffers this layer holds now (parameters and gradients included).
   std::size_t buffer_bytes() const {
     std::size_t b = 0;
-    for (const auto* v : {&value_, &x_, &xp_, &yp_, &dyp_, &a_, &dh3_, &xe_, &ye_, &dye_}) b += v->capacity() * sizeof(S);
-    for (const auto* v : {&grad_, &floats_, &prev_, &logits_, &prob_, &dlogits_, &gate_, &dgate_, &mix_, &lse_, &h1_, &h3_, &state_,
+    for (const auto* v : {&value_, &x_, &xp_, &yp_, &dyp_, &a_, &dh13_, &xe_, &ye_, &dye_}) b += v->capacity() * sizeof(S);
+    for (const auto* v : {&grad_, &floats_, &prev_, &logits_, &prob_, &dlogits_, &gate_, &dgate_, &mix_, &lse_, &h13_, &state_,
                           &x32_, &tok32_, &dy32_, &acc_, &zc32_})
       b += v->capacity() * sizeof(C);
     for (const auto* v : {&ints_, &idx_, &slot_row_, &row_slot_}) b += v->capacity() * sizeof(I32);
@@ -262,30 +263,27 @@ class MoeOps {
   I64 ffn_forward(const Rows& rows, std::span<const I64> offsets, Context) {
     const auto s = shapes(offsets);
     const std::size_t n = std::size_t(s.rows()), f = std::size_t(s.f);
-    h1_.resize(std::max(h1_.size(), n * f));
+    h13_.resize(std::max(h13_.size(), n * std::size_t(s.wf)));
     if (training_ || kMixed) a_.resize(std::max(a_.size(), n * f));
-    if constexpr (kGated) h3_.resize(std::max(h3_.size(), n * f));
     const Weights w = W();
     if constexpr (kMixed) {
       acc_.resize(std::max(acc_.size(), n * std::size_t(std::max(s.d, s.f))));
-      return backend::host::ffn_forward<Act>(s, w.w13, w.w2, rows.x, h1_.data(), h3_.data(), a_.data(), acc_.data(), rows.y);
+      return backend::host::ffn_forward<Act>(s, w.w13, w.w2, rows.x, h13_.data(), a_.data(), acc_.data(), rows.y);
     } else {
-      return backend::host::ffn_forward<Act>(s, w.w13, w.w2, rows.x, h1_.data(), h3_.data(), training_ ? a_.data() : h1_.data(),
-                                             rows.y);
+      return backend::host::ffn_forward<Act>(s, w.w13, w.w2, rows.x, h13_.data(), training_ ? a_.data() : nullptr, rows.y);
     }
   }
-  void drop_activations() { h1_.clear(), h3_.clear(), a_.clear(); }
+  void drop_activations() { h13_.clear(), a_.clear(); }
   // rows.dy (gate·dy) -> rows.dy (d of the x rows), the weight gradients added.
   void ffn_backward(const Rows& rows, std::span<const I64> offsets, Context) {
     const Weights w = W();
     const Grads g = G();
     if constexpr (kMixed) {
       const auto s = shapes(offsets);
-      if constexpr (kGated) dh3_.resize(std::max(dh3_.size(), std::size_t(s.rows() * s.f)));
-      backend::host::ffn_backward<Act>(s, w.w13, w.w2, rows.x, h1_.data(), h3_.data(), a_.data(), dh3_.data(), acc_.data(), rows.dy,
-                                       g.w13, g.w2);
+      dh13_.resize(std::max(dh13_.size(), std::size_t(s.rows() * s.wf)));
+      backend::host::ffn_backward<Act>(s, w.w13, w.w2, rows.x, h13_.data(), a_.data(), dh13_.data(), acc_.data(), rows.dy, g.w13, g.w2);
     } else {
-      backend::host::ffn_backward<Act>(shapes(offsets), w.w13, w.w2, rows.x, h1_.data(), h3_.data(), a_.data(), rows.dy, g.w13, g.w2);
+      backend::host::ffn_backward<Act>(shapes(offsets), w.w13, w.w2, rows.x, h13_.data(), a_.data(), rows.dy, g.w13, g.w2);
     }
   }
 
@@ -508,8 +506,8 @@ class MoeOps {
   std::vector<S> x_;
   std::vector<C> prev_, logits_, prob_, dlogits_, gate_, dgate_, mix_, lse_;
   std::vector<I32> idx_, slot_row_, row_slot_;
-  std::vector<S> xp_, yp_, dyp_, a_, dh3_;
-  std::vector<C> h1_, h3_;
+  std::vector<S> xp_, yp_, dyp_, a_, dh13_;
+  std::vector<C> h13_;  // [h1 | h3] per FFN row
   std::vector<S> xe_, ye_, dye_;  // the expert side's rows (distributed only)
   std::vector<C> x32_, tok32_, dy32_, acc_, zc32_;  // bf16 only: fp32 x, y / dx, dy, GEMM outputs, constant experts' weights
 };
