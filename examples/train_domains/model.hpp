@@ -117,17 +117,44 @@ class MoeBlock {
 };
 
 // A host layer: the library's type-erased layer (moekit/layer/any_layer.hpp) behind the model's interface.
-template <class T>
+// V: the layer's storage type. V = T: the calls pass straight through. V = bf16 (--dtype bf16): x and dy
+// arrive in T and are rounded to bf16 on the way in, y and dx come back widened (logits and their
+// gradients are fp32 in the layer anyway); the parameters (bf16 values, fp32 gradients) are a
+// train::HostParameterGroup with fp32 masters, which the trainer clips and steps beside the fp32 ones.
+template <class T, class V = T>
 class HostMoeBlock final : public MoeBlock<T> {
   template <class U>
   using Matrix = moekit::MatrixView<U>;
+  using Layer = moekit::AnyMoeLayer<moekit::backend::Host<V>>;
+  static constexpr bool kConverts = !std::is_same_v<T, V>;
 
  public:
-  explicit HostMoeBlock(std::unique_ptr<moekit::AnyMoeLayer<moekit::backend::Host<T>>> layer) : layer_(std::move(layer)) {}
+  explicit HostMoeBlock(std::unique_ptr<Layer> layer) : layer_(std::move(layer)) {}
   const moekit::MoeConfig& config() const override { return layer_->config(); }
-  moekit::AuxLosses forward(Matrix<const T> x, Matrix<T> y, Matrix<const T> prev) override { return layer_->forward(x, y, prev); }
+  moekit::AuxLosses forward(Matrix<const T> x, Matrix<T> y, Matrix<const T> prev) override {
+    if constexpr (!kConverts) {
+      return layer_->forward(x, y, prev);
+    } else {
+      moekit::check_shape(y, "y", {x.shape[0], config().d_model});
+      const std::int64_t n = x.shape[0] * x.shape[1];
+      in_.resize(std::size_t(n)), out_.resize(std::size_t(n));
+      moekit::backend::host::convert(x.data, in_.data(), n);
+      const auto aux = layer_->forward({in_.data(), x.shape}, {out_.data(), x.shape}, prev);
+      moekit::backend::host::convert(out_.data(), y.data, n);
+      return aux;
+    }
+  }
   void backward(Matrix<const T> dy, Matrix<T> dx, double aux_scale, Matrix<const T> dnext, Matrix<T> dprev) override {
-    layer_->backward(dy, dx, aux_scale, dnext, dprev);
+    if constexpr (!kConverts) {
+      layer_->backward(dy, dx, aux_scale, dnext, dprev);
+    } else {
+      moekit::check_shape(dx, "dx", {dy.shape[0], config().d_model});
+      const std::int64_t n = dy.shape[0] * dy.shape[1];
+      in_.resize(std::size_t(n)), out_.resize(std::size_t(n));
+      moekit::backend::host::convert(dy.data, in_.data(), n);
+      layer_->backward({in_.data(), dy.shape}, {out_.data(), dy.shape}, aux_scale, dnext, dprev);
+      moekit::backend::host::convert(out_.data(), dx.data, n);
+    }
   }
   Matrix<const T> logits() const override { return {layer_->views().logits, {layer_->num_tokens(), config().num_experts()}}; }
   Matrix<const T> probs() const override { return {layer_->views().probs, {layer_->num_tokens(), config().num_experts()}}; }
@@ -138,80 +165,41 @@ class HostMoeBlock final : public MoeBlock<T> {
   const std::vector<std::int64_t>& routed_counts() const override { return layer_->routed_counts(); }
   std::int64_t expert_gemm_flops() const override { return layer_->expert_gemm_flops(); }
   std::int64_t ffn_rows() const override { return layer_->ffn_rows(); }
-  void init_params(std::uint64_t seed) override { layer_->init_params(seed); }
-  std::vector<moekit::Parameter<T>> parameters(const std::string& prefix) override { return layer_->parameters(prefix); }
+  void init_params(std::uint64_t seed) override {
+    layer_->init_params(seed);
+    if constexpr (kConverts)
+      if (group_) group_->reload_masters();
+  }
+  std::vector<moekit::Parameter<T>> parameters(const std::string& prefix) override {
+    if constexpr (kConverts) return {};  // the group holds them
+    else return layer_->parameters(prefix);
+  }
+  std::vector<moekit::Parameter<T>> parameter_shapes(const std::string& prefix) override {
+    if constexpr (!kConverts) return layer_->parameters(prefix);
+    std::vector<moekit::Parameter<T>> ps;
+    for (const auto& p : layer_->parameters()) ps.push_back({prefix + p.name, nullptr, nullptr, p.shape, p.shard});
+    return ps;
+  }
+  moekit::train::ParameterGroup* parameter_group(const moekit::train::AdamWConfig& ac) override {
+    if constexpr (kConverts) {
+      if (!group_)
+        group_ = std::make_unique<moekit::train::HostParameterGroup>(layer_->parameters(), ac,
+                                                                     [](const moekit::Parameter<float>& p) { return p.shape.size() >= 2; });
+      return group_.get();
+    } else {
+      (void)ac;
+      return nullptr;
+    }
+  }
   void zero_grad() override { layer_->zero_grad(); }
   void sync_gradients() override { layer_->sync_gradients(); }
   void end_step() override { layer_->end_step(); }
   void set_training(bool on) override { layer_->set_training(on); }
 
  private:
-  std::unique_ptr<moekit::AnyMoeLayer<moekit::backend::Host<T>>> layer_;
-};
-
-// --dtype bf16: a backend::Host<bf16> layer behind the model's fp32 interface. x and dy arrive in fp32
-// and are rounded to bf16 on the way in, y and dx come back widened (logits and their gradients are
-// fp32 in the layer anyway). Its parameters (bf16 values, fp32 gradients) are a train::HostParameterGroup
-// with fp32 masters, which the trainer clips and steps beside the fp32 ones.
-class HostBf16MoeBlock final : public MoeBlock<float> {
-  template <class U>
-  using Matrix = moekit::MatrixView<U>;
-  using Layer = moekit::AnyMoeLayer<moekit::backend::Host<moekit::bf16>>;
-
- public:
-  explicit HostBf16MoeBlock(std::unique_ptr<Layer> layer) : layer_(std::move(layer)) {}
-  const moekit::MoeConfig& config() const override { return layer_->config(); }
-  moekit::AuxLosses forward(Matrix<const float> x, Matrix<float> y, Matrix<const float> prev) override {
-    moekit::check_shape(y, "y", {x.shape[0], config().d_model});
-    const std::int64_t n = x.shape[0] * x.shape[1];
-    in_.resize(std::size_t(n)), out_.resize(std::size_t(n));
-    moekit::backend::host::convert(x.data, in_.data(), n);
-    const auto aux = layer_->forward({in_.data(), x.shape}, {out_.data(), x.shape}, prev);
-    moekit::backend::host::convert(out_.data(), y.data, n);
-    return aux;
-  }
-  void backward(Matrix<const float> dy, Matrix<float> dx, double aux_scale, Matrix<const float> dnext, Matrix<float> dprev) override {
-    moekit::check_shape(dx, "dx", {dy.shape[0], config().d_model});
-    const std::int64_t n = dy.shape[0] * dy.shape[1];
-    in_.resize(std::size_t(n)), out_.resize(std::size_t(n));
-    moekit::backend::host::convert(dy.data, in_.data(), n);
-    layer_->backward({in_.data(), dy.shape}, {out_.data(), dy.shape}, aux_scale, dnext, dprev);
-    moekit::backend::host::convert(out_.data(), dx.data, n);
-  }
-  Matrix<const float> logits() const override { return {layer_->views().logits, {layer_->num_tokens(), config().num_experts()}}; }
-  Matrix<const float> probs() const override { return {layer_->views().probs, {layer_->num_tokens(), config().num_experts()}}; }
-  Matrix<const std::int32_t> topk_indices() const override {
-    return {layer_->views().topk_indices, {layer_->num_tokens(), config().top_k}};
-  }
-  moekit::VectorView<const std::int32_t> expert_counts() const override { return layer_->expert_counts(); }
-  const std::vector<std::int64_t>& routed_counts() const override { return layer_->routed_counts(); }
-  std::int64_t expert_gemm_flops() const override { return layer_->expert_gemm_flops(); }
-  std::int64_t ffn_rows() const override { return layer_->ffn_rows(); }
-  void init_params(std::uint64_t seed) override {
-    layer_->init_params(seed);
-    if (group_) group_->reload_masters();
-  }
-  std::vector<moekit::Parameter<float>> parameters(const std::string&) override { return {}; }  // the group holds them
-  std::vector<moekit::Parameter<float>> parameter_shapes(const std::string& prefix) override {
-    std::vector<moekit::Parameter<float>> ps;
-    for (const auto& p : layer_->parameters()) ps.push_back({prefix + p.name, nullptr, nullptr, p.shape, p.shard});
-    return ps;
-  }
-  moekit::train::ParameterGroup* parameter_group(const moekit::train::AdamWConfig& ac) override {
-    if (!group_)
-      group_ = std::make_unique<moekit::train::HostParameterGroup>(layer_->parameters(), ac,
-                                                                   [](const moekit::Parameter<float>& p) { return p.shape.size() >= 2; });
-    return group_.get();
-  }
-  void zero_grad() override { layer_->zero_grad(); }
-  void sync_gradients() override {}
-  void end_step() override { layer_->end_step(); }
-  void set_training(bool on) override { layer_->set_training(on); }
-
- private:
   std::unique_ptr<Layer> layer_;
-  std::unique_ptr<moekit::train::HostParameterGroup> group_;
-  std::vector<moekit::bf16> in_, out_;
+  std::unique_ptr<moekit::train::HostParameterGroup> group_;  // kConverts only
+  std::vector<V> in_, out_;                                    // kConverts only
 };
 
 // The trainer's model is always softmax top-k + SwiGLU, so it instantiates only the 8 layer types the
@@ -266,7 +254,7 @@ std::unique_ptr<MoeBlock<T>> make_moe_block(const moekit::MoeConfig& mc, bool gl
 inline std::unique_ptr<MoeBlock<float>> make_bf16_moe_block(const moekit::MoeConfig& mc, bool global_balance) {
   return with_moe_layer_type<moekit::backend::Host<moekit::bf16>, moekit::parallel::None>(
       mc, global_balance, [&]<class Layer>(std::type_identity<Layer>) -> std::unique_ptr<MoeBlock<float>> {
-        return std::make_unique<HostBf16MoeBlock>(moekit::erase<Layer>(mc));
+        return std::make_unique<HostMoeBlock<float, moekit::bf16>>(moekit::erase<Layer>(mc));
       });
 }
 
