@@ -19,6 +19,9 @@
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
+#include <functional>
+#include <tuple>
+#include <utility>
 #include <memory>
 #include <moekit/backend/host/convert.hpp>
 #include <moekit/backend/host/gemm_bf16.hpp>
@@ -79,16 +82,36 @@ struct Row {
   double flops_fwd = 0;
 };
 
+// Medians of two measurements taken in turn (a, b, a, b, ...): on a shared machine both see the same
+// neighbours, so their ratio holds when either alone drifts.
+template <class A, class B>
+std::pair<double, double> alternated_median_ms(A&& a, B&& b, int reps) {
+  a(), b();  // warm-up
+  std::vector<double> ta, tb;
+  for (int r = 0; r < reps; ++r) {
+    for (auto [fn, out] : {std::pair<std::function<void()>, std::vector<double>*>{a, &ta}, {b, &tb}}) {
+      const auto t0 = Clock::now();
+      fn();
+      out->push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    }
+  }
+  std::sort(ta.begin(), ta.end()), std::sort(tb.begin(), tb.end());
+  return {ta[ta.size() / 2], tb[tb.size() / 2]};
+}
+
 // One dense GEMM of the forward's FLOPs ([T·k, d] x [d, 3·d_expert]) on the same threads, in the
 // layer's storage type (bf16: bf16 operands, fp32 accumulation, as the layer's GEMMs): the ceiling.
+// Each row measures it in turn with its own forward+backward reps.
 template <class V>
-double ceiling_gflops(const Shape& s, int reps) {
-  const std::int64_t m = s.tokens * s.k, n = 3 * s.f;
-  std::vector<V> a(m * s.d, V(0.01f)), b(s.d * n, V(0.01f));
-  std::vector<float> c(m * n);
-  const double ms = median_ms([&] { backend::host::gemm(false, false, m, n, s.d, 1.f, a.data(), b.data(), 0.f, c.data()); }, reps);
-  return 2.0 * double(m) * double(n) * double(s.d) / (ms * 1e6);
-}
+struct Ceiling {
+  std::int64_t m, n, k;
+  std::vector<V> a, b;
+  std::vector<float> c;
+  explicit Ceiling(const Shape& s)
+      : m(s.tokens * s.k), n(3 * s.f), k(s.d), a(std::size_t(m * k), V(0.01f)), b(std::size_t(k * n), V(0.01f)), c(std::size_t(m * n)) {}
+  void operator()() { backend::host::gemm(false, false, m, n, k, 1.f, a.data(), b.data(), 0.f, c.data()); }
+  double gflops(double ms) const { return 2.0 * double(m) * double(n) * double(k) / (ms * 1e6); }
+};
 
 // Through the type-erased layer (layer/any_layer.hpp), as programs that choose the layer at run time
 // use it: one virtual call per forward or backward, nothing measurable at these sizes.
@@ -124,10 +147,13 @@ Row run(const Shape& s, const MoeConfig& cfg, bool skewed, int reps, const char*
   r.tau = cfg.tau;
   r.gamma = cfg.capacity_factor;
   r.fwd_ms = median_ms(fwd, reps);
-  r.fb_ms = median_ms([&] {
+  Ceiling<V> ceiling(s);
+  double ceiling_ms = 0;
+  std::tie(r.fb_ms, ceiling_ms) = alternated_median_ms([&] {
     fwd();
     layer.backward(MatrixView<const V>(dy.data(), {s.tokens, s.d}), MatrixView<V>(dx.data(), {s.tokens, s.d}));
-  }, reps);
+  }, [&] { ceiling(); }, reps);
+  r.ceiling_gflops = ceiling.gflops(ceiling_ms);
   r.expert_flops = layer.expert_gemm_flops();
   r.ffn_rows = layer.ffn_rows();
   // Router logits GEMM, 2·T·d·N over all N experts (FFN and zero-computation); not in the GFLOP/s.
@@ -139,13 +165,13 @@ Row run(const Shape& s, const MoeConfig& cfg, bool skewed, int reps, const char*
   return r;
 }
 
-// Read bandwidth of this machine on these threads: Σ over a 512 MiB buffer (far beyond the caches),
-// the median of `reps` passes, GB/s.
-double read_gbps(int reps) {
-  const std::size_t n = std::size_t(1) << 27;  // floats
-  std::vector<float> v(n, 1.0f);
-  volatile double sink = 0;
-  const double ms = median_ms([&] {
+// Read bandwidth of this machine on these threads: one pass of Σ over a 512 MiB buffer (far beyond the
+// caches). Each decode row measures it in turn with its own calls.
+struct ReadPass {
+  std::vector<float> v = std::vector<float>(std::size_t(1) << 27, 1.0f);
+  double sink = 0;
+  void operator()() {
+    const std::size_t n = v.size();
     double s = 0;
     // 16 independent sums per thread: the loop is bound by the loads, not by one add's latency.
 #pragma omp parallel reduction(+ : s)
@@ -156,22 +182,22 @@ double read_gbps(int reps) {
         for (std::size_t j = 0; j < 16; ++j) acc[j] += v[b * 16 + j];
       for (float a : acc) s += double(a);
     }
-    sink = sink + s;
-  }, reps);
-  return double(n * sizeof(float)) / (ms * 1e6);
-}
+    sink += s;
+  }
+  double gbps(double ms) const { return double(v.size() * sizeof(float)) / (ms * 1e6); }
+};
 
 struct DecodeRow {
   std::string shape;
   std::int64_t tokens = 0, experts_touched = 0;
-  double us = 0, weight_bytes = 0, gbps = 0;
+  double us = 0, weight_bytes = 0, gbps = 0, read_gbps = 0;
 };
 // Forward of T tokens in evaluation mode (decode): the experts the T tokens reach must each be read
 // whole (w1, w3, w2: 3·d·d_expert floats), and the router (N·d); a layer call is bandwidth-bound. As
 // in a model, the calls go round a stack of layers whose weights together are 4x a 64 MiB cache, so
 // a call does not find its weights still cached from the previous one.
 template <class Layer>
-DecodeRow decode(const Shape& s, std::int64_t T, int reps) {
+DecodeRow decode(const Shape& s, std::int64_t T, int reps, ReadPass& read) {
   MoeConfig c;
   c.d_model = s.d, c.d_expert = s.f, c.num_ffn_experts = s.experts, c.top_k = s.k;
   const double layer_bytes = double(sizeof(float)) * double(s.experts) * (3.0 * double(s.d) * double(s.f) + double(s.d));
@@ -187,9 +213,11 @@ DecodeRow decode(const Shape& s, std::int64_t T, int reps) {
   for (auto& e : x) e = float(rng.uniform(-1, 1));
   DecodeRow r;
   r.shape = s.name, r.tokens = T;
-  r.us = 1e3 / n * median_ms([&] {
+  const auto [calls_ms, read_ms] = alternated_median_ms([&] {
     for (auto& l : layers) l->forward(MatrixView<const float>(x.data(), {T, s.d}), MatrixView<float>(y.data(), {T, s.d}));
-  }, reps);
+  }, [&] { read(); }, reps);
+  r.us = 1e3 / n * calls_ms;
+  r.read_gbps = read.gbps(read_ms);
   for (auto cnt : layers.front()->routed_counts()) r.experts_touched += cnt > 0 ? 1 : 0;
   r.weight_bytes = double(sizeof(float)) * (double(r.experts_touched) * 3.0 * double(s.d) * double(s.f) + double(s.experts * s.d));
   r.gbps = r.weight_bytes / (r.us * 1e3);
@@ -239,12 +267,18 @@ int rss_mode(const std::string& mode) {
   return 0;
 }
 
+// The CPU's model name with its family and model numbers (machines of one name differ: an "AMD EPYC"
+// VM was a Zen 4 one day and a Zen 5 the next).
 std::string machine() {
   std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown";
+  std::string line, name = "unknown", family, model;
+  auto value = [&] { return line.substr(line.find(':') + 2); };
+  while (std::getline(in, line) && line.find_first_not_of(" \t") != std::string::npos) {
+    if (line.rfind("model name", 0) == 0) name = value();
+    else if (line.rfind("cpu family", 0) == 0) family = value();
+    else if (line.rfind("model\t", 0) == 0) model = value();
+  }
+  return family.empty() ? name : name + " (family " + family + ", model " + model + ")";
 }
 
 }  // namespace
@@ -264,7 +298,7 @@ int main(int argc, char** argv) {
       return 2;
 #endif
     }
-  bool quick = false, uniform_only = false;
+  bool quick = false, uniform_only = false, decode_only = false;
   int reps = 5;
   std::string json_path, backend = "host", dtype = "all", only_shape;
   for (int i = 1; i < argc; ++i) {
@@ -279,6 +313,7 @@ int main(int argc, char** argv) {
     if (a == "--rss") return rss_mode(next());
     if (a == "--quick") quick = true;
     else if (a == "--uniform-only") uniform_only = true;  // the rows bench/torch_peer compares: no skewed, MoE++ or decode rows
+    else if (a == "--decode-only") decode_only = true;    // the decode rows alone
     else if (a == "--reps") reps = std::max(1, std::atoi(next().c_str()));
     else if (a == "--json") json_path = next();
     else if (a == "--backend") backend = next();
@@ -286,7 +321,7 @@ int main(int argc, char** argv) {
     else if (a == "--shape") only_shape = next();  // one host shape (cpu-mixtral-mini or cpu-fine)
     else {
       std::fprintf(stderr, "usage: bench_moe_layer [--backend host|cuda] [--quick] [--reps N] [--json out.json] [--rss train|eval] "
-                           "[--dtype fp32|bf16|all] [--uniform-only] [--shape cpu-mixtral-mini|cpu-fine] "
+                           "[--dtype fp32|bf16|all] [--uniform-only] [--decode-only] [--shape cpu-mixtral-mini|cpu-fine] "
                            "(cuda: [--gemm auto|grouped|streams|lt|all] [--dtype bf16|fp32] [--shape NAME])\n");
       return 2;
     }
@@ -315,21 +350,17 @@ int main(int argc, char** argv) {
   const auto* begin = quick ? std::begin(kQuick) : std::begin(kShapes);
   const auto* end = quick ? std::end(kQuick) : std::end(kShapes);
   for (const Shape* s = begin; s != end; ++s) {
-    if (!only_shape.empty() && only_shape != s->name) continue;
+    if ((!only_shape.empty() && only_shape != s->name) || decode_only) continue;
     if (bf16_rows) {  // bf16 first: the same machine state as the fp32 rows that follow
-      const double ceil = ceiling_gflops<bf16>(*s, reps);
       for (bool skewed : {false, true}) {
         if (skewed && uniform_only) continue;
         rows.push_back(run<Bf16>(*s, base_config(*s), skewed, reps, "ffn"));
-        rows.back().ceiling_gflops = ceil;
       }
     }
     if (!fp32_rows) continue;
-    const double ceil = ceiling_gflops<float>(*s, reps);
     for (bool skewed : {false, true}) {
       if (skewed && uniform_only) continue;
       rows.push_back(run<Vanilla>(*s, base_config(*s), skewed, reps, "ffn"));
-      rows.back().ceiling_gflops = ceil;
     }
     if (s != begin || uniform_only || !only_shape.empty()) continue;  // MoE++ rows on the first shape only
     // MoE++ (8 FFN + 1 zero + 1 copy + 2 constant) against the vanilla layer of the same FFN experts,
@@ -337,7 +368,6 @@ int main(int argc, char** argv) {
     MoeConfig v = base_config(*s);
     v.capacity_factor = 1.0;
     rows.push_back(run<Vanilla>(*s, v, false, reps, "ffn"));
-    rows.back().ceiling_gflops = ceil;
     for (double tau : {1.0, 0.75, 0.1}) {
       MoeConfig c = v;
       c.num_zero_experts = 1;
@@ -345,16 +375,16 @@ int main(int argc, char** argv) {
       c.num_constant_experts = 2;
       c.tau = tau;
       rows.push_back(run<MoePP>(*s, c, false, reps, "ffn+1z+1c+2k"));
-      rows.back().ceiling_gflops = ceil;
     }
   }
 
   // Decode: a few tokens per call, evaluation mode, many reps (each call is short).
-  const double bandwidth = uniform_only ? 0.0 : read_gbps(quick ? 1 : 5);
   std::vector<DecodeRow> decodes;
+  std::unique_ptr<ReadPass> read;
+  if (fp32_rows && !uniform_only) read = std::make_unique<ReadPass>();
   for (const Shape* s = begin; s != end && fp32_rows && !uniform_only; ++s)
     for (std::int64_t T : {1, 8, 64})
-      if (only_shape.empty() || only_shape == s->name) decodes.push_back(decode<Vanilla>(*s, T, quick ? 3 : 21));
+      if (only_shape.empty() || only_shape == s->name) decodes.push_back(decode<Vanilla>(*s, T, quick ? 3 : 21, *read));
 
   std::printf("\n%-17s %-5s %-8s %-13s %5s %5s | %9s %8s %6s | %9s %8s %6s | %8s %6s %6s\n", "shape", "dtype", "routing", "experts",
               "gamma", "tau", "fwd ms", "GFLOP/s", "ratio", "f+b ms", "GFLOP/s", "ratio", "ceiling", "hot", "zc");
@@ -392,17 +422,18 @@ int main(int argc, char** argv) {
                            {"router_flops_fwd", r.router_flops_fwd}});
   }
   std::printf("\ndecode (evaluation-mode forward of T tokens; weights = the experts the T tokens reach, read whole, + the "
-              "router; calls round a stack of layers 4x a 64 MiB cache)\nread bandwidth of this machine: %.1f GB/s\n%-17s %6s %10s %8s %10s %8s %6s\n",
-              bandwidth, "shape", "T", "us/call", "experts", "weight MB", "GB/s", "ratio");
-  out["read_gbps"] = bandwidth;
+              "router; calls round a stack of layers 4x a 64 MiB cache; read bandwidth measured in turn with each row's calls)\n"
+              "%-17s %6s %10s %8s %10s %8s %9s %6s\n",
+              "shape", "T", "us/call", "experts", "weight MB", "GB/s", "read GB/s", "ratio");
   out["decode"] = nlohmann::json::array();
   for (const DecodeRow& d : decodes) {
-    std::printf("%-17s %6lld %10.1f %8lld %10.2f %8.1f %6.2f\n", d.shape.c_str(), (long long)d.tokens, d.us,
-                (long long)d.experts_touched, d.weight_bytes / 1e6, d.gbps, d.gbps / bandwidth);
+    std::printf("%-17s %6lld %10.1f %8lld %10.2f %8.1f %9.1f %6.2f\n", d.shape.c_str(), (long long)d.tokens, d.us,
+                (long long)d.experts_touched, d.weight_bytes / 1e6, d.gbps, d.read_gbps, d.gbps / d.read_gbps);
     out["decode"].push_back({{"shape", d.shape}, {"tokens", d.tokens}, {"us_per_call", d.us}, {"experts_touched", d.experts_touched},
-                             {"weight_bytes", d.weight_bytes}, {"gbps", d.gbps}, {"ratio_to_read_bandwidth", d.gbps / bandwidth}});
+                             {"weight_bytes", d.weight_bytes}, {"gbps", d.gbps}, {"read_gbps", d.read_gbps},
+                             {"ratio_to_read_bandwidth", d.gbps / d.read_gbps}});
   }
-  std::printf("\nceiling: one GEMM of the forward's FLOPs in the row's dtype (bf16: bf16 operands, fp32 accumulation), this run.\n"
+  std::printf("\nceiling: one GEMM of the forward's FLOPs in the row's dtype (bf16: bf16 operands, fp32 accumulation), measured in turn with the row's f+b reps.\n"
               "GFLOP/s are nominal: 6·T·k·d·d_expert (forward) and 18·T·k·d·d_expert (forward+backward) over the time,\n"
               "so rows with capacity drops or zero-computation experts show the saving as a higher rate.\n"
               "hot: share of slots on the first N/8 experts; zc: share of slots on zero-computation experts.\n");

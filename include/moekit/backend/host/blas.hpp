@@ -1,11 +1,14 @@
 #pragma once
 // Row-major GEMM through CBLAS: C[m,n] = alpha * op(A)[m,kk] * op(B)[kk,n] + beta * C. The first call
 // sets the library up (backend/host/gemm_library.hpp: OpenBLAS's kernel chosen from the CPU's features).
+// fp32 A B^T with a few rows of A (decode) takes backend/host/skinny_gemm.hpp instead.
 #include <cblas.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "moekit/backend/host/gemm_library.hpp"
+#include "moekit/backend/host/skinny_gemm.hpp"
 
 namespace moekit::backend::host {
 
@@ -31,6 +34,11 @@ void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64
       for (std::int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
     return;
   }
+  if constexpr (std::is_same_v<T, float>)
+    if (!trans_a && trans_b && use_skinny_gemm(m, n, kk)) {  // a few rows against a weight matrix (decode)
+      skinny_gemm_nt(m, n, kk, alpha, a, lda, b, ldb, beta, c, ldc);
+      return;
+    }
   gemm_dispatch(trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, int(m), int(n), int(kk), alpha, a,
                 int(lda), b, int(ldb), beta, c, int(ldc));
 }
