@@ -1,6 +1,7 @@
 // An evaluation-mode forward on the host keeps nothing for backward (layer/pipeline.hpp,
 // backend/host/layer_ops.hpp): the same output bits as a training forward, none of the buffers only
-// backward reads (sizes worked from the shapes), and backward after it is refused.
+// backward reads (sizes worked from the shapes; the gradients only once something asks for them),
+// and backward after it is refused.
 #include <doctest/doctest.h>
 
 #include <cstdint>
@@ -30,6 +31,16 @@ TEST_CASE("evaluation mode: same output, no backward buffers, backward refused u
   // What training keeps in addition: dlogits [T, N], dgate [T, k], the d rows [T·k, d], a [T·k, f].
   const std::size_t extra = sizeof(float) * std::size_t(T * n + T * k + T * k * d + T * k * f);
   CHECK(train.buffer_bytes() - eval.buffer_bytes() == extra);
+  // Neither has touched its gradients yet, so neither holds them: the first access allocates them
+  // (zeroed), one float per parameter, and only once.
+  const std::size_t params = eval.flat_values().size(), before = eval.buffer_bytes();
+  CHECK(params > 0);
+  CHECK(eval.flat_grads().size() == params);
+  CHECK(eval.buffer_bytes() - before == sizeof(float) * params);
+  for (float g : eval.flat_grads()) REQUIRE(g == 0.f);
+  const float* grads = eval.flat_grads().data();
+  eval.forward(xv, MatrixView<float>(y2.data(), {T, d}));
+  CHECK(eval.flat_grads().data() == grads);
   CHECK_THROWS_AS(eval.backward(MatrixView<const float>(dy.data(), {T, d}), MatrixView<float>(dx2.data(), {T, d})), std::logic_error);
   eval.set_training(true);
   eval.forward(xv, MatrixView<float>(y2.data(), {T, d}));

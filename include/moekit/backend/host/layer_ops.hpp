@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "moekit/backend/host/blas.hpp"
@@ -72,7 +73,6 @@ class MoeOps {
   MoeOps(const MoeConfig& cfg, ParameterTable table, const StatsLayout& layout, Options)
       : cfg_(cfg), table_(std::move(table)), layout_(layout) {
     value_.assign(std::size_t(table_.size()), S(0));
-    grad_.assign(std::size_t(table_.size()), C(0));
     ints_.assign(std::size_t(layout_.ints), 0);  // sized once: the GlobalBatch hook points into it
     floats_.assign(std::size_t(layout_.floats), C(0));
   }
@@ -81,9 +81,11 @@ class MoeOps {
   const ParameterTable& table() const { return table_; }
   std::span<S> flat_values() { return value_; }
   std::span<const S> flat_values() const { return value_; }
-  std::span<C> flat_grads() { return grad_; }
-  std::span<const C> flat_grads() const { return grad_; }
-  C* grad_data() { return grad_.data(); }
+  // The gradients are allocated (zeroed) on first use: a layer that only runs evaluation forwards
+  // (inference) never holds them. Pointers into them stay valid once handed out.
+  std::span<C> flat_grads() { return grads(); }
+  std::span<const C> flat_grads() const { return grads(); }
+  C* grad_data() { return grads().data(); }
   // Full-size weights in the compute type (bf16: rounded on the way in).
   void load_weights(const MoeWeights<C>& full) {
     if constexpr (kMixed) {
@@ -103,9 +105,9 @@ class MoeOps {
       return unpacked(value_);
     }
   }
-  MoeWeights<C> gradients() const { return unpacked(grad_); }
-  void zero_grad(Context) { std::fill(grad_.begin(), grad_.end(), C(0)); }
-  std::vector<Parameter<S, C>> parameters(const std::string& prefix) { return table_.parameters(value_.data(), grad_.data(), prefix); }
+  MoeWeights<C> gradients() const { return unpacked(grads()); }
+  void zero_grad(Context) { std::fill(grads().begin(), grads().end(), C(0)); }
+  std::vector<Parameter<S, C>> parameters(const std::string& prefix) { return table_.parameters(value_.data(), grad_data(), prefix); }
   // The router state's values (router/state.hpp: a stateful router's per-expert values) for route.
   void set_router_state(std::span<const C> v) { state_.assign(v.begin(), v.end()); }
 
@@ -165,7 +167,7 @@ class MoeOps {
   std::size_t buffer_bytes() const {
     std::size_t b = 0;
     for (const auto* v : {&value_, &x_, &xp_, &yp_, &dyp_, &a_, &dh13_, &xe_, &ye_, &dye_}) b += v->capacity() * sizeof(S);
-    for (const auto* v : {&grad_, &floats_, &prev_, &logits_, &prob_, &dlogits_, &gate_, &dgate_, &mix_, &lse_, &h13_, &state_,
+    for (const auto* v : {&std::as_const(grad_), &floats_, &prev_, &logits_, &prob_, &dlogits_, &gate_, &dgate_, &mix_, &lse_, &h13_, &state_,
                           &x32_, &tok32_, &dy32_, &acc_, &zc32_})
       b += v->capacity() * sizeof(C);
     for (const auto* v : {&ints_, &idx_, &slot_row_, &row_slot_}) b += v->capacity() * sizeof(I32);
@@ -396,7 +398,7 @@ class MoeOps {
     return {b + o.router, b + o.w13, b + o.w2, b + o.const_wc, b + o.const_v, b + o.gate_residual};
   }
   Weights W() { return families_in(value_); }
-  Grads G() { return families_in(grad_); }
+  Grads G() { return families_in(grads()); }
   // The constant experts' weights in the compute type (bf16: the fp32 copy begin() made).
   struct ZcWeights {
     const C *const_wc, *const_v;
@@ -497,7 +499,12 @@ class MoeOps {
   ParameterTable table_;
   StatsLayout layout_;
   std::vector<S> value_;  // flat, laid out by table_
-  std::vector<C> grad_, state_;  // flat, laid out by table_; the router state's values
+  std::vector<C>& grads() const {
+    if (grad_.empty()) grad_.assign(std::size_t(table_.size()), C(0));
+    return grad_;
+  }
+  mutable std::vector<C> grad_;  // flat, laid out by table_; allocated by grads()
+  std::vector<C> state_;         // the router state's values
   std::vector<I32> ints_;
   std::vector<C> floats_;
   I64 reserved_ = 0, reserved_backward_ = 0, tokens_ = 0;

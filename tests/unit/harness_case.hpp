@@ -1,0 +1,152 @@
+#pragma once
+// What the moekit-layer harness tests share (test_harness.cpp: outputs against a double reference;
+// test_harness_errors.cpp: bad input): a case (config, parameter names and shapes, inputs), and a
+// temporary folder with the case's files and the harness run on them in-process.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <numeric>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#include "../../examples/moekit_layer/harness.hpp"
+
+namespace moekit_test::harness {
+
+namespace fs = std::filesystem;
+using Tensors = std::map<std::string, std::vector<double>>;  // values exactly representable in float
+using Shapes = std::map<std::string, std::vector<std::int64_t>>;
+
+struct Case {
+  const char* name = "softmax top-2 swiglu";
+  int T = 6, D = 8, F = 5, N = 4, K = 2;  // N: FFN experts
+  int Z = 0, C = 0, Q = 0;                // MoE++ zero, copy and constant experts
+  std::string router = "softmax", act = "swiglu";
+  bool renorm = false, residual = false, bias = false;  // bias: router::BiasBalanced ("expert_bias")
+  double capacity = 0.0, lbl = 0.01, z = 0.001, tau = 1.0, rate = 1e-3;
+  std::uint64_t seed = 7;
+
+  int NE() const { return N + Z + C + Q; }  // logits, indices and counts: FFN, zero, copy, constant
+  nlohmann::json config() const {
+    return {{"d_model", D},         {"d_expert", F},           {"num_ffn_experts", N},  {"num_zero_experts", Z},
+            {"num_copy_experts", C}, {"num_constant_experts", Q}, {"top_k", K},        {"router", router},
+            {"gating_residual", residual}, {"renormalize", renorm}, {"activation", act}, {"capacity_factor", capacity},
+            {"lbl_coef", lbl},      {"zloss_coef", z},         {"tau", tau},            {"backend", "host"},
+            {"dtype", "fp32"},      {"expert_bias", bias},     {"bias_update_rate", rate}};
+  }
+  std::vector<std::string> params() const {
+    std::vector<std::string> p{"gate.weight"};
+    for (int e = 0; e < N; ++e)
+      for (const char* w : {"w1", "w2", "w3"})
+        if (w[1] != '3' || act == "swiglu") p.push_back("experts." + std::to_string(e) + "." + w + ".weight");
+    for (int j = 0; j < Q; ++j)
+      for (const char* w : {"wc.weight", "v"}) p.push_back("constant." + std::to_string(j) + "." + w);
+    if (residual) p.push_back("gate_residual.weight");
+    return p;
+  }
+  Shapes shapes() const {
+    Shapes s{{"x", {T, D}}, {"dy", {T, D}}};
+    if (residual) s["prev_logits"] = {T, NE()};
+    if (bias) s["gate.e_score_correction_bias"] = {NE()};
+    for (const auto& p : params()) {
+      if (p == "gate.weight") s[p] = {NE(), D};
+      else if (p == "gate_residual.weight") s[p] = {NE(), NE()};
+      else if (p.find("wc.weight") != std::string::npos) s[p] = {2, D};
+      else if (p.find(".v") != std::string::npos) s[p] = {D};
+      else if (p.find("w2") != std::string::npos) s[p] = {D, F};
+      else s[p] = {F, D};
+    }
+    return s;
+  }
+  // Uniform values rounded to float, so the harness and the reference see the same numbers.
+  Tensors inputs() const {
+    std::uint64_t st = seed * 0x9E3779B97F4A7C15ull + 1;
+    auto uniform = [&](double bound) {
+      st ^= st << 13, st ^= st >> 7, st ^= st << 17;
+      return double(float(bound * (2.0 * double(st >> 11) * 0x1.0p-53 - 1.0)));
+    };
+    Tensors t;
+    for (const auto& [name, shape] : shapes()) {
+      const bool data = name == "x" || name == "dy" || name == "prev_logits";
+      // The biases at the scores' scale (about 1 / N_E), so they change some selections.
+      const double bound = name == "gate.e_score_correction_bias" ? 0.3 : data ? 1.0 : 1.0 / std::sqrt(double(shape.back()));
+      const auto numel = std::accumulate(shape.begin(), shape.end(), std::int64_t(1), std::multiplies<>());
+      for (std::int64_t i = 0; i < numel; ++i) t[name].push_back(uniform(bound));
+    }
+    return t;
+  }
+};
+
+// max |a - b| / max |b|: the error relative to the tensor's scale.
+inline double rel_error(const std::vector<float>& a, const std::vector<double>& b) {
+  REQUIRE(a.size() == b.size());
+  double err = 0, scale = 1e-30;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    err = std::max(err, std::abs(double(a[i]) - b[i]));
+    scale = std::max(scale, std::abs(b[i]));
+  }
+  return err / scale;
+}
+
+struct Run {
+  int rc = -1;
+  std::string out, err;
+};
+
+// A temporary folder with cfg.json and in.safetensors for a case, and the harness run on them.
+struct Harness {
+  fs::path dir, cfg, in, out;
+  explicit Harness(const Case& c = {}) {
+    static std::atomic<int> n{0};
+    dir = fs::temp_directory_path() / ("moekit_harness_" + std::to_string(::getpid()) + "_" + std::to_string(n++));
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    cfg = dir / "cfg.json", in = dir / "in.safetensors", out = dir / "out.safetensors";
+    write_config(c.config());
+    write_input(c.inputs(), c.shapes());
+  }
+  ~Harness() {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+  }
+  void write_config(const nlohmann::json& j) const { std::ofstream(cfg) << j.dump(2); }
+  void write_input(const Tensors& t, const Shapes& s, const std::set<std::string>& as_bf16 = {}) const {
+    moekit::io::SafetensorsWriter w;
+    for (const auto& [name, v] : t) {
+      const std::vector<float> f(v.begin(), v.end());
+      if (as_bf16.count(name)) w.add_f32_as_bf16(name, s.at(name), f);
+      else w.add_f32(name, s.at(name), f);
+    }
+    w.write(in);
+  }
+  // Without `args`: --config cfg --input in --output out. "{CFG}", "{IN}", "{DIR}" in args are replaced.
+  Run run(std::optional<std::vector<std::string>> given = std::nullopt) const {
+    std::vector<std::string> args{"--config", cfg.string(), "--input", in.string(), "--output", out.string()};
+    if (given) args = *given;
+    for (auto& a : args)
+      for (const auto& [key, path] : {std::pair{"{CFG}", cfg}, {"{IN}", in}, {"{DIR}", dir}})
+        if (const auto at = a.find(key); at != std::string::npos) a.replace(at, std::string(key).size(), path.string());
+    args.insert(args.begin(), "moekit-layer");
+    std::vector<const char*> argv;
+    for (const auto& a : args) argv.push_back(a.c_str());
+    std::ostringstream o, e;
+    Run r;
+    r.rc = moekit_layer::run_harness(int(argv.size()), argv.data(), o, e);
+    r.out = o.str(), r.err = e.str();
+    return r;
+  }
+};
+
+}  // namespace moekit_test::harness
