@@ -6,9 +6,10 @@ set -euo pipefail
 # make: the presets use CMake's default generator (Unix Makefiles), and cmake only recommends it.
 # libopenblas0-openmp: the OpenBLAS built on OpenMP, which moekit links when present (cmake/moekitBlas.cmake);
 # libdnnl2: oneDNN, whose bf16 GEMM backend::Host<bf16> runs on CPUs with bf16 instructions (loaded at run
-# time); libblis4 and it: the other CPU GEMM libraries bench_gemm_libraries measures.
+# time); libblis4 and it: the other CPU GEMM libraries bench_gemm_libraries measures; libxxhash-dev: the
+# checksums of checkpoints (train/checkpoint.hpp, header only).
 packages=(cmake make g++ doctest-dev libopenblas-dev nlohmann-json3-dev libcli11-dev libopenmpi-dev openmpi-bin gnuplot-nox
-          libopenblas0-openmp libblis4 libdnnl2)
+          libopenblas0-openmp libblis4 libdnnl2 libxxhash-dev)
 missing=()
 for p in "${packages[@]}"; do
   # "install ok installed", not merely known to dpkg (a removed package keeps its config files).

@@ -30,6 +30,7 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -37,6 +38,7 @@
 #include <moekit/backend/host/gemm_bf16.hpp>
 #include <moekit/backend/host/gemm_library.hpp>
 #include <moekit/train/trainer.hpp>
+#include <moekit/train/trainer_checkpoint.hpp>
 
 #include "cuda_blocks.hpp"
 #include "domains.hpp"
@@ -89,6 +91,9 @@ class TrainedModel {
     }
   }
   void after_optimizer_step() { model_.end_step(); }  // GlobalBatch buffers, BiasBalanced biases
+  // Where the sampler is in its stream (checkpoints: a resumed run draws the same micro-batches).
+  std::uint64_t sampler_state() const { return sampler_.state; }
+  void set_sampler_state(std::uint64_t s) { sampler_.state = s; }
   std::vector<moekit::Parameter<float>> parameters() { return model_.parameters(); }  // this rank's, on the host
   // --backend cuda: the MoE layers' parameters, clipped and stepped on the device by the trainer.
   std::vector<moekit::train::ParameterGroup*> parameter_groups() { return groups_; }
@@ -109,6 +114,45 @@ class TrainedModel {
   std::array<std::vector<std::int64_t>, domains::kNumDomains> by_domain_;
 };
 
+// What a checkpoint must agree with to be resumed: every flag that changes the model, the data or the
+// optimisation (threads, intervals and output paths may differ).
+static nlohmann::json checkpoint_config(const Options& o) {
+  return {{"seed", o.seed}, {"steps", o.steps}, {"batch", o.batch}, {"accum", o.accum}, {"lr", o.lr}, {"experts", o.experts},
+          {"top_k", o.top_k}, {"d_model", o.d_model}, {"d_expert", o.d_expert}, {"context", o.context}, {"lbl_coef", o.lbl_coef},
+          {"zloss_coef", o.zloss_coef}, {"weight_decay", o.weight_decay}, {"train_tokens", o.train_tokens},
+          {"global_balance", o.global_balance}, {"granularity", o.granularity}, {"zero_experts", o.zero_experts},
+          {"copy_experts", o.copy_experts}, {"constant_experts", o.constant_experts}, {"tau", o.tau},
+          {"gating_residual", o.gating_residual}, {"expert_bias", o.expert_bias}, {"bias_rate", o.bias_rate},
+          {"pack_by_domain", o.pack_by_domain}};
+}
+
+// --resume: the newest checkpoint that verifies (the ones skipped, and why, on stderr), restored into
+// the model, the optimizer, the trainer and the sampler. No checkpoint at all: a fresh start, said so.
+// Checkpoints that exist but none verifies, or one written with other flags: an error.
+template <class Trainer>
+static void resume(const moekit::train::CheckpointDir& dir, Trainer& trainer, TrainedModel& trained, Model<float>& model,
+                   const nlohmann::json& config) {
+  std::vector<std::string> skipped;
+  const auto loaded = dir.load_newest(moekit::train::trainer_checkpoint(trainer), skipped);
+  for (const auto& s : skipped) std::fprintf(stderr, "resume: skipped %s\n", s.c_str());
+  if (!loaded) {
+    if (!skipped.empty())
+      throw moekit::FormatError("--resume: none of the " + std::to_string(skipped.size()) + " checkpoints in " + dir.root().string() +
+                                " verifies (above); not starting over on top of them");
+    out("resume: no checkpoint in %s yet; starting at step 0\n", dir.root().string().c_str());
+    return;
+  }
+  const nlohmann::json run = moekit::train::restore_trainer(trainer, loaded->state);
+  const nlohmann::json& saved = run.at("config");
+  for (const auto& [key, value] : config.items())
+    if (!saved.contains(key) || saved[key] != value)
+      throw moekit::ConfigError(key, value.dump(), "differs from the checkpoint's " + (saved.contains(key) ? saved[key].dump() : "(none)") +
+                                                       " (" + loaded->dir.string() + "); resume with the flags that wrote it");
+  trained.set_sampler_state(run.at("sampler").get<std::uint64_t>());
+  model.set_router_states(run.at("router_states").get<std::vector<std::vector<double>>>());
+  out("resume: step %lld from %s\n", (long long)loaded->step, loaded->dir.string().c_str());
+}
+
 // world: the communicator of a --parallel run (nullptr: one process, the single-rank layers).
 // cuda: --backend cuda's device side (nullptr: the host layers).
 static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMoeBackend* cuda = nullptr) {
@@ -126,7 +170,8 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   }
   std::ofstream json_out;
   if (!opt.json.empty() && root) {
-    json_out.open(opt.json);
+    // --resume appends: the run's metrics stay one file (rows after the checkpoint's step appear again).
+    json_out.open(opt.json, opt.resume ? std::ios::app : std::ios::trunc);
     if (!json_out) {
       std::fprintf(stderr, "error: cannot write %s\n", opt.json.c_str());
       return 2;
@@ -242,10 +287,25 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
         (long long)interval_eval_tokens, baseline);
     emit({{"type", "eval"}, {"step", step}, {"heldout_loss", ev.loss}, {"tokens", interval_eval_tokens}});
   });
+  // 5. Checkpoints (docs/checkpoints.md): resume from the newest one that verifies; one every
+  // --checkpoint-interval steps and one at the end.
+  std::optional<moekit::train::CheckpointDir> checkpoints;
+  if (!opt.checkpoint_dir.empty()) {
+    checkpoints.emplace(opt.checkpoint_dir, opt.keep);
+    const nlohmann::json config = checkpoint_config(opt);
+    if (opt.resume) resume(*checkpoints, trainer, trained, model, config);
+    trainer.on_step([&, config](std::int64_t done) {
+      if ((opt.checkpoint_interval > 0 && done % opt.checkpoint_interval == 0) || done == opt.steps) {
+        const nlohmann::json run = {{"sampler", trained.sampler_state()}, {"router_states", model.router_states()}, {"config", config}};
+        const auto dir = checkpoints->save(done, moekit::train::trainer_checkpoint(trainer, run));
+        out("  checkpoint @ %lld: %s\n", (long long)done, dir.string().c_str());
+      }
+    });
+  }
   const auto run_start = std::chrono::steady_clock::now();
   trainer.run();
 
-  // 5. The closing report on the whole held-out stream.
+  // 6. The closing report on the whole held-out stream.
   return final_report(model, heldout, ranks.get(), baseline, mc, opt, trainer.train_seconds(), run_start, n_params,
                       n_local_params, cuda != nullptr, emit);
 }

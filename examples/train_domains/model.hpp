@@ -114,6 +114,11 @@ class MoeBlock {
   virtual moekit::train::ParameterGroup* parameter_group(const moekit::train::AdamWConfig&) { return nullptr; }
   // Parameters of the layer wherever they live (for counting): shapes and shards; host layers: parameters().
   virtual std::vector<moekit::Parameter<T>> parameter_shapes(const std::string& prefix) { return parameters(prefix); }
+  // A stateful router's values (BiasBalanced: the biases; empty otherwise), for checkpoints.
+  virtual std::vector<double> router_state() const { return {}; }
+  virtual void set_router_state(const std::vector<double>& v) {
+    if (!v.empty()) throw std::logic_error("this MoE layer keeps no router state");
+  }
 };
 
 // A host layer: the library's type-erased layer (moekit/layer/any_layer.hpp) behind the model's interface.
@@ -190,6 +195,15 @@ class HostMoeBlock final : public MoeBlock<T> {
       (void)ac;
       return nullptr;
     }
+  }
+  std::vector<double> router_state() const override {
+    const auto v = layer_->router_state();
+    return {v.begin(), v.end()};
+  }
+  void set_router_state(const std::vector<double>& v) override {
+    using L = typename std::remove_cvref_t<decltype(layer_->router_state())>::value_type;
+    const std::vector<std::remove_const_t<L>> l(v.begin(), v.end());
+    layer_->set_router_state(l);
   }
   void zero_grad() override { layer_->zero_grad(); }
   void sync_gradients() override { layer_->sync_gradients(); }
@@ -318,6 +332,18 @@ class Model {
     add(final_norm_.parameters("norm."));
     add(head_.parameters("lm_head."));
     return ps;
+  }
+  // The MoE layers' router states (checkpoints).
+  std::vector<std::vector<double>> router_states() const {
+    std::vector<std::vector<double>> s;
+    for (const auto& m : moes_) s.push_back(m->router_state());
+    return s;
+  }
+  void set_router_states(const std::vector<std::vector<double>>& s) {
+    if (s.size() != moes_.size())
+      throw moekit::FormatError("router_states: " + std::to_string(s.size()) + " layers in the checkpoint, the model has " +
+                                std::to_string(moes_.size()));
+    for (std::size_t l = 0; l < s.size(); ++l) moes_[l]->set_router_state(s[l]);
   }
   // Distributed layers: average the MoE gradients over the shards (collective; once per optimizer step).
   void sync_moe_gradients() {

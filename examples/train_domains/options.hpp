@@ -41,6 +41,10 @@ struct Options {
   std::int64_t tp = 1, ep = 1;          // dp = ranks / (tp * ep)
   bool cuda = false;                    // --backend cuda: the MoE layers on the GPU
   bool bf16 = false;                    // --dtype bf16: the MoE layers in backend::Host<bf16>
+  std::string checkpoint_dir;           // --checkpoint-dir (empty: no checkpoints)
+  std::int64_t checkpoint_interval = 0;  // steps between checkpoints (0: only at the end)
+  int keep = 0;                         // --keep N newest checkpoints (0: all)
+  bool resume = false;                  // --resume from the newest checkpoint that verifies
 };
 
 // The flags; exits 0 after --help and 2 (with the message) on a bad flag or value.
@@ -94,6 +98,10 @@ inline Options parse_options(int argc, char** argv) {
   app.add_option("--dtype", dtype,
                  "fp32, or bf16: the MoE layers in bf16 with fp32 accumulation and fp32 master weights (host, one process)")
       ->check(CLI::IsMember({"fp32", "bf16"}));
+  app.add_option("--checkpoint-dir", o.checkpoint_dir, "write checkpoints (step-NNNNNN/ folders) here (docs/checkpoints.md)");
+  app.add_option("--checkpoint-interval", o.checkpoint_interval, "steps between checkpoints (0: at the end only)")->check(nonneg);
+  app.add_option("--keep", o.keep, "keep the newest N checkpoints (0: all)")->check(CLI::NonNegativeNumber);
+  app.add_flag("--resume", o.resume, "continue from the newest checkpoint in --checkpoint-dir that verifies");
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -109,6 +117,15 @@ inline Options parse_options(int argc, char** argv) {
   if (o.bf16 && (o.cuda || o.parallel != Parallel::kNone)) {
     std::fprintf(stderr, "error: --dtype bf16 runs the host layers in one process (backend::Host<bf16>); %s\n",
                  o.cuda ? "--backend cuda trains in fp32 here" : "--parallel needs --dtype fp32");
+    std::exit(2);
+  }
+  if ((o.resume || o.checkpoint_interval > 0 || o.keep > 0) && o.checkpoint_dir.empty()) {
+    std::fprintf(stderr, "error: --%s needs --checkpoint-dir\n", o.resume ? "resume" : o.keep > 0 ? "keep" : "checkpoint-interval");
+    std::exit(2);
+  }
+  if (!o.checkpoint_dir.empty() && (o.cuda || o.bf16 || o.parallel != Parallel::kNone)) {
+    std::fprintf(stderr, "error: --checkpoint-dir: checkpoints are written by one host process in fp32 for now; %s is not supported "
+                         "with checkpoints yet\n", o.cuda ? "--backend cuda" : o.bf16 ? "--dtype bf16" : "--parallel");
     std::exit(2);
   }
   // The degrees each strategy may raise above 1 (as the library's policies allow them).

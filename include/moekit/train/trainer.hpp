@@ -70,6 +70,15 @@ struct IntervalReport {
   std::vector<std::vector<double>> expert_load;  // [layer][expert]: share of the interval's slots
 };
 
+// The trainer's own bookkeeping between steps: what a checkpoint keeps so that a resumed run reports
+// the same intervals (train/trainer_checkpoint.hpp).
+struct TrainerState {
+  std::int64_t steps_done = 0, interval_steps = 0, interval_micro = 0;
+  double sum_loss = 0, sum_norm = 0, interval_s = 0, total_s = 0;
+  std::vector<double> sum_lbl, sum_z;
+  std::vector<std::vector<double>> load;
+};
+
 // The model a Trainer drives.
 template <class M>
 concept TrainableModel = requires(M& m, std::int64_t step, std::int64_t micro, double scale) {
@@ -111,11 +120,27 @@ class Trainer {
 
   void on_log(std::function<void(const IntervalReport&)> f) { log_ = std::move(f); }
   void on_eval(std::function<void(std::int64_t step)> f) { eval_ = std::move(f); }
+  // After every step, its report and its evaluation (e.g. a checkpoint every N steps).
+  void on_step(std::function<void(std::int64_t steps_done)> f) { after_step_ = std::move(f); }
 
   AdamW<float>& optimizer() { return optimizer_; }
   const CosineSchedule& schedule() const { return schedule_; }
   std::int64_t steps_done() const { return done_; }
   double train_seconds() const { return total_s_; }  // time in steps (not in evaluations)
+  bool has_parameter_groups() const { return !groups_.empty(); }
+  const std::vector<Parameter<float>>& parameters() const { return params_; }
+
+  TrainerState state() const {
+    return {done_, interval_steps_, interval_micro_, sum_loss_, sum_norm_, interval_s_, total_s_, sum_lbl_, sum_z_, load_};
+  }
+  // Continues from a saved state (the optimizer's moments and step count are restored beside it).
+  void restore(const TrainerState& s) {
+    if (s.steps_done < 0 || s.steps_done > cfg_.steps)
+      throw ConfigError("steps_done", std::to_string(s.steps_done), "must be in [0, steps = " + std::to_string(cfg_.steps) + "]");
+    done_ = s.steps_done, interval_steps_ = s.interval_steps, interval_micro_ = s.interval_micro;
+    sum_loss_ = s.sum_loss, sum_norm_ = s.sum_norm, interval_s_ = s.interval_s, total_s_ = s.total_s;
+    sum_lbl_ = s.sum_lbl, sum_z_ = s.sum_z, load_ = s.load;
+  }
 
   // Runs the remaining steps.
   void run() {
@@ -142,6 +167,7 @@ class Trainer {
     const bool last = done_ == cfg_.steps;
     if (done_ % cfg_.log_interval == 0 || last) report(lr);
     if (cfg_.eval_interval > 0 && done_ % cfg_.eval_interval == 0 && !last && eval_) eval_(done_);
+    if (after_step_) after_step_(done_);
     return norm;
   }
 
@@ -230,7 +256,7 @@ class Trainer {
   AdamW<float> optimizer_;
   Reductions red_;
   std::function<void(const IntervalReport&)> log_;
-  std::function<void(std::int64_t)> eval_;
+  std::function<void(std::int64_t)> eval_, after_step_;
   std::int64_t done_ = 0, interval_steps_ = 0, interval_micro_ = 0;
   double sum_loss_ = 0, sum_norm_ = 0, interval_s_ = 0, total_s_ = 0;
   std::vector<double> sum_lbl_, sum_z_;

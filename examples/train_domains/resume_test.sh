@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# ctest train_domains.resume.*: exact resume after kill -9 (docs/checkpoints.md).
+#   resume_test.sh TRAIN_DOMAINS [flags of the run...]
+# 1. The run straight through, a checkpoint every 40 steps.
+# 2. The same run killed with SIGKILL once its step-80 checkpoint exists, then --resume: it continues
+#    from the newest checkpoint that verifies.
+# Every training row the resumed run reports (loss, aux losses, gradient norm, lr, expert load: all
+# but the timings) must equal the straight run's row of that step, byte for byte, and the final
+# checkpoints' model and optimizer files must be identical.
+set -euo pipefail
+exe=$1
+shift
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+steps=240
+run=("$exe" --steps $steps --log-interval 10 --eval-interval 0 --train-tokens 65536 --heldout-tokens 4096 --threads 2
+     --checkpoint-interval 40 "$@")
+
+"${run[@]}" --json "$dir/straight.jsonl" --checkpoint-dir "$dir/a" > "$dir/straight.txt"
+
+"${run[@]}" --json "$dir/b.jsonl" --checkpoint-dir "$dir/b" > "$dir/killed.txt" 2>&1 &
+pid=$!
+for _ in $(seq 1 6000); do
+  [[ -d "$dir/b/step-000080" ]] && break
+  sleep 0.005
+done
+kill -9 "$pid" 2> /dev/null || true
+wait "$pid" 2> /dev/null || true
+if [[ -d "$dir/b/step-$(printf %06d $steps)" ]]; then
+  echo "FAIL: the run finished before it was killed; the test needs a longer run on this machine" >&2
+  exit 1
+fi
+before=$(wc -l < "$dir/b.jsonl")
+
+"${run[@]}" --json "$dir/b.jsonl" --checkpoint-dir "$dir/b" --resume > "$dir/resumed.txt" 2> "$dir/resumed.err"
+from=$(sed -nE 's/^resume: step ([0-9]+) from .*/\1/p' "$dir/resumed.txt")
+if [[ -z "$from" ]]; then
+  echo "FAIL: the resumed run did not say where it resumed" >&2
+  cat "$dir/resumed.txt" "$dir/resumed.err" >&2
+  exit 1
+fi
+echo "killed after step-000080 existed; resumed from step $from"
+cat "$dir/resumed.err"
+
+# Training rows without their timings, from step > from.
+rows() { grep '"type":"train"' | sed -E 's/"tokens_per_s":[^,]*,//; s/"step_time_ms":[^,]*,//' |
+         awk -v from="$from" '{ s = $0; sub(/.*"step":/, "", s); sub(/,.*/, "", s); if (s + 0 > from) print }'; }
+rows < "$dir/straight.jsonl" > "$dir/want.txt"
+tail -n +"$((before + 1))" "$dir/b.jsonl" | rows > "$dir/got.txt"
+n=$(wc -l < "$dir/want.txt")
+if [[ "$n" -eq 0 ]] || ! cmp -s "$dir/want.txt" "$dir/got.txt"; then
+  echo "FAIL: the resumed run's rows differ from the straight run's ($n expected)" >&2
+  diff "$dir/want.txt" "$dir/got.txt" | head -20 >&2 || true
+  exit 1
+fi
+last=step-$(printf %06d $steps)
+for f in model.safetensors optimizer.safetensors; do
+  if ! cmp -s "$dir/a/$last/$f" "$dir/b/$last/$f"; then
+    echo "FAIL: $last/$f differs between the straight and the resumed run" >&2
+    exit 1
+  fi
+done
+echo "PASS: $n training rows after step $from identical; final model and optimizer state identical"
