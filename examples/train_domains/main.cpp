@@ -221,6 +221,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   moekit::train::TrainerConfig tc;
   tc.steps = opt.steps, tc.accum = opt.accum, tc.tokens_per_micro_batch = opt.batch;
   tc.log_interval = opt.log_interval, tc.eval_interval = opt.eval_interval, tc.max_grad_norm = 1.0;
+  tc.max_bad_steps = opt.max_bad_steps;
   moekit::train::AdamWConfig ac;
   ac.lr = opt.lr, ac.beta2 = 0.95, ac.weight_decay = opt.weight_decay;
   const moekit::train::CosineSchedule schedule{opt.lr, opt.lr / 10, std::max<std::int64_t>(1, opt.steps / 20), opt.steps};
@@ -276,10 +277,11 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
       out(" L%zu", l);
       for (auto share : r.expert_load[l]) out(" %2.0f", 100.0 * share);
     }
+    if (r.bad_steps_total > 0) out(" | skipped %lld non-finite steps (%lld in all)", (long long)r.bad_steps, (long long)r.bad_steps_total);
     out("\n");
     emit({{"type", "train"}, {"step", r.step}, {"loss", r.loss}, {"lbl", r.lbl}, {"zloss", r.zloss}, {"lr", r.lr},
           {"grad_norm", r.grad_norm}, {"tokens_per_s", r.tokens_per_s}, {"step_time_ms", r.step_time_ms},
-          {"expert_load", r.expert_load}});
+          {"expert_load", r.expert_load}, {"bad_steps", r.bad_steps}, {"bad_steps_total", r.bad_steps_total}});
   });
   trainer.on_eval([&](std::int64_t step) {
     const Evaluation ev = evaluate(model, heldout, interval_eval_tokens, ranks.get());

@@ -45,6 +45,7 @@ struct Options {
   std::int64_t checkpoint_interval = 0;  // steps between checkpoints (0: only at the end)
   int keep = 0;                         // --keep N newest checkpoints (0: all)
   bool resume = false;                  // --resume from the newest checkpoint that verifies
+  std::int64_t max_bad_steps = 3;       // non-finite steps in a row that stop the run
 };
 
 // The flags; exits 0 after --help and 2 (with the message) on a bad flag or value.
@@ -101,6 +102,8 @@ inline Options parse_options(int argc, char** argv) {
   app.add_option("--checkpoint-dir", o.checkpoint_dir, "write checkpoints (step-NNNNNN/ folders) here (docs/checkpoints.md)");
   app.add_option("--checkpoint-interval", o.checkpoint_interval, "steps between checkpoints (0: at the end only)")->check(nonneg);
   app.add_option("--keep", o.keep, "keep the newest N checkpoints (0: all)")->check(CLI::NonNegativeNumber);
+  app.add_option("--max-bad-steps", o.max_bad_steps, "steps in a row with a non-finite loss or gradient norm (each skipped) that stop the run")
+      ->check(positive);
   app.add_flag("--resume", o.resume, "continue from the newest checkpoint in --checkpoint-dir that verifies");
   try {
     app.parse(argc, argv);

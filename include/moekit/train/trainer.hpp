@@ -20,6 +20,7 @@
 #include <concepts>
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -40,6 +41,9 @@ struct TrainerConfig {
   std::int64_t log_interval = 50;
   std::int64_t eval_interval = 0;           // 0: the callback never runs from the loop
   double max_grad_norm = 1.0;
+  // A step whose loss or gradient norm is not finite is skipped (no optimizer update); this many in a
+  // row stop the run with a NumericError naming the step.
+  std::int64_t max_bad_steps = 3;
 
   void validate() const {
     auto at_least = [](const char* f, std::int64_t v, std::int64_t lo) {
@@ -50,6 +54,7 @@ struct TrainerConfig {
     at_least("tokens_per_micro_batch", tokens_per_micro_batch, 0);
     at_least("log_interval", log_interval, 1);
     at_least("eval_interval", eval_interval, 0);
+    at_least("max_bad_steps", max_bad_steps, 1);
     if (!(max_grad_norm > 0.0) || !std::isfinite(max_grad_norm))
       throw ConfigError("max_grad_norm", moekit::detail::str(max_grad_norm), "must be finite and > 0");
   }
@@ -66,6 +71,7 @@ struct MicroBatchStats {
 struct IntervalReport {
   std::int64_t step = 0, steps = 0;  // the 1-based step that ends the interval, of `steps`
   double loss = 0, lr = 0, grad_norm = 0, tokens_per_s = 0, step_time_ms = 0;
+  std::int64_t bad_steps = 0, bad_steps_total = 0;  // skipped (non-finite) steps: in the interval, in the run
   std::vector<double> lbl, zloss;
   std::vector<std::vector<double>> expert_load;  // [layer][expert]: share of the interval's slots
 };
@@ -74,6 +80,7 @@ struct IntervalReport {
 // the same intervals (train/trainer_checkpoint.hpp).
 struct TrainerState {
   std::int64_t steps_done = 0, interval_steps = 0, interval_micro = 0;
+  std::int64_t bad_in_interval = 0, bad_total = 0, bad_in_a_row = 0, good_in_interval = 0;
   double sum_loss = 0, sum_norm = 0, interval_s = 0, total_s = 0;
   std::vector<double> sum_lbl, sum_z;
   std::vector<std::vector<double>> load;
@@ -131,13 +138,15 @@ class Trainer {
   const std::vector<Parameter<float>>& parameters() const { return params_; }
 
   TrainerState state() const {
-    return {done_, interval_steps_, interval_micro_, sum_loss_, sum_norm_, interval_s_, total_s_, sum_lbl_, sum_z_, load_};
+    return {done_, interval_steps_, interval_micro_, interval_bad_, bad_total_, bad_in_a_row_, good_in_interval_, sum_loss_, sum_norm_, interval_s_,
+            total_s_, sum_lbl_, sum_z_, load_};
   }
   // Continues from a saved state (the optimizer's moments and step count are restored beside it).
   void restore(const TrainerState& s) {
     if (s.steps_done < 0 || s.steps_done > cfg_.steps)
       throw ConfigError("steps_done", std::to_string(s.steps_done), "must be in [0, steps = " + std::to_string(cfg_.steps) + "]");
     done_ = s.steps_done, interval_steps_ = s.interval_steps, interval_micro_ = s.interval_micro;
+    interval_bad_ = s.bad_in_interval, bad_total_ = s.bad_total, bad_in_a_row_ = s.bad_in_a_row, good_in_interval_ = s.good_in_interval;
     sum_loss_ = s.sum_loss, sum_norm_ = s.sum_norm, interval_s_ = s.interval_s, total_s_ = s.total_s;
     sum_lbl_ = s.sum_lbl, sum_z_ = s.sum_z, load_ = s.load;
   }
@@ -147,23 +156,61 @@ class Trainer {
     while (done_ < cfg_.steps) step();
   }
 
-  // One optimizer step (the next one); returns the gradient norm before clipping.
+  // One optimizer step (the next one); returns the gradient norm before clipping. A step whose loss
+  // (any micro-batch's, any rank's) or global gradient norm is not finite changes no parameter and no
+  // optimizer state: it is counted (IntervalReport::bad_steps) and the run goes on, unless it is the
+  // max_bad_steps-th in a row (NumericError). The step still ends with the model's per-step hook (the
+  // layers' end_step(): GlobalBatch buffers reset, BiasBalanced biases moved by the step's counts).
   double step() {
     const auto t0 = Clock::now();
     const std::int64_t s = done_;
     const double lr = schedule_(s);
     model_.zero_grad();
     for (ParameterGroup* g : groups_) g->zero_grad();
-    for (std::int64_t micro = 0; micro < cfg_.accum; ++micro) add(model_.train_micro_batch(s, micro, 1.0 / double(cfg_.accum)));
+    std::vector<MicroBatchStats> micro;
+    bool finite = true;
+    for (std::int64_t m = 0; m < cfg_.accum; ++m) {
+      try {
+        micro.push_back(model_.train_micro_batch(s, m, 1.0 / double(cfg_.accum)));
+        finite = finite && std::isfinite(micro.back().loss);
+      } catch (const NumericError& e) {  // a layer that refuses non-finite input (e.g. router logits)
+        finite = false;
+        last_error_ = e.what();
+      }
+    }
     model_.reduce_gradients();
-    const double norm = !groups_.empty()                ? clip_with_groups()
-                        : red_.sum_over_expert_slices ? clip_grad_norm(params_, cfg_.max_grad_norm, red_.sum_over_expert_slices)
-                                                      : clip_grad_norm(params_, cfg_.max_grad_norm);
-    optimizer_.step(lr);
-    for (ParameterGroup* g : groups_) g->step(lr);
+    const double norm = grad_norm();  // NaN or inf when a gradient is not finite
+    finite = finite && std::isfinite(norm);
+    if (red_.sum_over_shards) {  // every rank takes the same decision
+      double bad = finite ? 0.0 : 1.0;
+      red_.sum_over_shards(&bad, std::size_t(1));
+      finite = bad == 0.0;
+    }
+    if (finite) {
+      const double coef = cfg_.max_grad_norm / (norm + 1e-6);
+      if (coef < 1.0) {
+        detail::scale_to(params_, cfg_.max_grad_norm, norm);
+        for (ParameterGroup* g : groups_) g->scale_grads(coef);
+      }
+      optimizer_.step(lr);
+      for (ParameterGroup* g : groups_) g->step(lr);
+      for (const auto& m : micro) add(m);
+      sum_norm_ += norm, ++good_in_interval_;
+      bad_in_a_row_ = 0;
+      last_error_.clear();
+    } else {
+      ++interval_bad_, ++bad_total_, ++bad_in_a_row_;
+      last_bad_ = {micro.empty() ? std::numeric_limits<double>::quiet_NaN() : micro.back().loss, norm};
+    }
     model_.after_optimizer_step();
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
-    interval_s_ += dt, total_s_ += dt, sum_norm_ += norm, ++interval_steps_, ++done_;
+    interval_s_ += dt, total_s_ += dt, ++interval_steps_, ++done_;
+    if (bad_in_a_row_ >= cfg_.max_bad_steps)
+      throw NumericError("step " + std::to_string(done_) + ": " + std::to_string(bad_in_a_row_) +
+                         " steps in a row with a non-finite loss or gradient norm (last: loss " + moekit::detail::str(last_bad_.first) +
+                         ", gradient norm " + moekit::detail::str(last_bad_.second) + "); stopping (max_bad_steps " +
+                         std::to_string(cfg_.max_bad_steps) + "); the parameters are those after step " +
+                         std::to_string(done_ - bad_in_a_row_) + (last_error_.empty() ? "" : "; " + last_error_));
     const bool last = done_ == cfg_.steps;
     if (done_ % cfg_.log_interval == 0 || last) report(lr);
     if (cfg_.eval_interval > 0 && done_ % cfg_.eval_interval == 0 && !last && eval_) eval_(done_);
@@ -173,28 +220,27 @@ class Trainer {
 
  private:
   // The global norm over the host parameters and the groups (by shard kind, expert slices summed over
-  // the ranks that hold different ones), and every gradient scaled by the same factor.
-  double clip_with_groups() {
-    double sq[2] = {0, 0};  // replicated, expert slices
-    for (const auto& p : params_) {
-      const double s = detail::sum_squares(p.grad, p.numel());
-      if (!std::isfinite(s)) throw NumericError("gradient of " + p.name + " is not finite");
-      sq[p.expert_slice() ? 1 : 0] += s;
+  // the ranks that hold different ones); not finite when a gradient is not. One process without groups
+  // sums in parameter order (as clip_grad_norm).
+  double grad_norm() {
+    if (groups_.empty() && !red_.sum_over_expert_slices) {
+      double total = 0;
+      for (const auto& p : params_) total += detail::sum_squares(p.grad, p.numel());
+      return std::sqrt(total);
     }
+    double sq[2] = {0, 0};  // replicated, expert slices
+    for (const auto& p : params_) sq[p.expert_slice() ? 1 : 0] += detail::sum_squares(p.grad, p.numel());
     for (ParameterGroup* g : groups_) {
       double r = 0, e = 0;
-      g->grad_squares(r, e);
+      try {
+        g->grad_squares(r, e);
+      } catch (const NumericError&) {  // a group that refuses non-finite sums: the step is skipped, on every rank
+        r = std::numeric_limits<double>::quiet_NaN();
+      }
       sq[0] += r, sq[1] += e;
     }
     if (red_.sum_over_expert_slices) red_.sum_over_expert_slices(&sq[1], std::size_t(1));
-    const double norm = std::sqrt(sq[0] + sq[1]);
-    if (!std::isfinite(norm)) throw NumericError("the global gradient norm is not finite");
-    const double coef = cfg_.max_grad_norm / (norm + 1e-6);
-    if (coef < 1.0) {
-      detail::scale_to(params_, cfg_.max_grad_norm, norm);
-      for (ParameterGroup* g : groups_) g->scale_grads(coef);
-    }
-    return norm;
+    return std::sqrt(sq[0] + sq[1]);
   }
 
   void add(const MicroBatchStats& m) {
@@ -229,7 +275,8 @@ class Trainer {
     IntervalReport r;
     const double m = double(interval_micro_);
     r.step = done_, r.steps = cfg_.steps, r.lr = lr, r.loss = sum_loss_ / m;
-    r.grad_norm = sum_norm_ / double(interval_steps_);
+    r.grad_norm = good_in_interval_ > 0 ? sum_norm_ / double(good_in_interval_) : std::numeric_limits<double>::quiet_NaN();
+    r.bad_steps = interval_bad_, r.bad_steps_total = bad_total_;
     r.tokens_per_s = double(interval_micro_ * cfg_.tokens_per_micro_batch) / interval_s_;
     r.step_time_ms = 1000.0 * interval_s_ / double(interval_steps_);
     for (double x : sum_lbl_) r.lbl.push_back(x / m);
@@ -245,7 +292,7 @@ class Trainer {
     sum_loss_ = sum_norm_ = interval_s_ = 0;
     for (auto* v : {&sum_lbl_, &sum_z_}) std::fill(v->begin(), v->end(), 0.0);
     for (auto& row : load_) std::fill(row.begin(), row.end(), 0.0);
-    interval_steps_ = interval_micro_ = 0;
+    interval_steps_ = interval_micro_ = interval_bad_ = good_in_interval_ = 0;
   }
 
   std::vector<ParameterGroup*> groups_;
@@ -258,6 +305,9 @@ class Trainer {
   std::function<void(const IntervalReport&)> log_;
   std::function<void(std::int64_t)> eval_, after_step_;
   std::int64_t done_ = 0, interval_steps_ = 0, interval_micro_ = 0;
+  std::int64_t interval_bad_ = 0, bad_total_ = 0, bad_in_a_row_ = 0, good_in_interval_ = 0;
+  std::pair<double, double> last_bad_{0, 0};  // loss, gradient norm
+  std::string last_error_;                     // a micro-batch's NumericError, if one threw
   double sum_loss_ = 0, sum_norm_ = 0, interval_s_ = 0, total_s_ = 0;
   std::vector<double> sum_lbl_, sum_z_;
   std::vector<std::vector<double>> load_;

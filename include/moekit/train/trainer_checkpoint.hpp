@@ -23,6 +23,8 @@ namespace moekit::train {
 inline nlohmann::json to_json(const TrainerState& s) {
   // Doubles go through nlohmann's shortest round-trip form: the same bits come back.
   return {{"steps_done", s.steps_done}, {"interval_steps", s.interval_steps}, {"interval_micro", s.interval_micro},
+          {"bad_in_interval", s.bad_in_interval}, {"bad_total", s.bad_total}, {"bad_in_a_row", s.bad_in_a_row},
+          {"good_in_interval", s.good_in_interval},
           {"sum_loss", s.sum_loss},     {"sum_norm", s.sum_norm},             {"interval_s", s.interval_s},
           {"total_s", s.total_s},       {"sum_lbl", s.sum_lbl},               {"sum_z", s.sum_z},
           {"load", s.load}};
@@ -33,6 +35,10 @@ inline TrainerState trainer_state_from_json(const nlohmann::json& j) {
     s.steps_done = j.at("steps_done").get<std::int64_t>();
     s.interval_steps = j.at("interval_steps").get<std::int64_t>();
     s.interval_micro = j.at("interval_micro").get<std::int64_t>();
+    s.bad_in_interval = j.at("bad_in_interval").get<std::int64_t>();
+    s.bad_total = j.at("bad_total").get<std::int64_t>();
+    s.bad_in_a_row = j.at("bad_in_a_row").get<std::int64_t>();
+    s.good_in_interval = j.at("good_in_interval").get<std::int64_t>();
     s.sum_loss = j.at("sum_loss").get<double>();
     s.sum_norm = j.at("sum_norm").get<double>();
     s.interval_s = j.at("interval_s").get<double>();
