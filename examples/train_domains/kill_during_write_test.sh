@@ -8,6 +8,7 @@
 # - and the run ends with the same model and optimizer files as a run never killed.
 # Tried up to 20 times in case a write finishes between seeing its folder and the kill.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/checkpoint_test_lib.sh"
 exe=$1
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
@@ -44,13 +45,7 @@ if grep -q "skipped" "$dir/resumed.err"; then
   exit 1
 fi
 grep "^resume: step" "$dir/resumed.txt"
-last=step-$(printf %06d $steps)
-for f in model.safetensors optimizer.safetensors; do
-  if ! cmp -s "$dir/a/$last/$f" "$dir/b/$last/$f"; then
-    echo "FAIL: $last/$f differs from the run never killed" >&2
-    exit 1
-  fi
-done
+same_final_state "$dir/a" "$dir/b" $steps || exit 1
 if compgen -G "$dir/b/.step-*" > /dev/null; then
   echo "FAIL: the killed writer's hidden folder was not cleaned up by the next save" >&2
   exit 1

@@ -8,6 +8,7 @@
 # but the timings) must equal the straight run's row of that step, byte for byte, and the final
 # checkpoints' model and optimizer files must be identical.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/checkpoint_test_lib.sh"
 exe=$1
 shift
 dir=$(mktemp -d)
@@ -53,11 +54,5 @@ if [[ "$n" -eq 0 ]] || ! cmp -s "$dir/want.txt" "$dir/got.txt"; then
   diff "$dir/want.txt" "$dir/got.txt" | head -20 >&2 || true
   exit 1
 fi
-last=step-$(printf %06d $steps)
-for f in model.safetensors optimizer.safetensors; do
-  if ! cmp -s "$dir/a/$last/$f" "$dir/b/$last/$f"; then
-    echo "FAIL: $last/$f differs between the straight and the resumed run" >&2
-    exit 1
-  fi
-done
+same_final_state "$dir/a" "$dir/b" $steps || exit 1
 echo "PASS: $n training rows after step $from identical; final model and optimizer state identical"
