@@ -26,11 +26,13 @@
 // evaluation and report: report.hpp; start-up (threads, MPI, GPU): launch.hpp.
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -62,7 +64,11 @@ class TrainedModel {
       for (std::int64_t i = 0; i < std::int64_t(train.tokens.size()); ++i) by_domain_[train.domain[i]].push_back(i);
   }
 
-  moekit::train::MicroBatchStats train_micro_batch(std::int64_t, std::int64_t, double scale) {
+  moekit::train::MicroBatchStats train_micro_batch(std::int64_t step, std::int64_t, double scale) {
+    const int rank = ranks_ ? ranks_->rank() : 0;
+    const bool faulty = !opt_.fault.kind.empty() && rank == opt_.fault.rank;
+    if (faulty && opt_.fault.kind == "throw" && step == opt_.fault.step)  // the others wait in the forward's collectives
+      throw std::runtime_error("injected fault (--inject-fault throw) at step " + std::to_string(step));
     if (opt_.pack_by_domain) {
       const auto& from = by_domain_[sampler_.next() % domains::kNumDomains];
       for (auto& p : pos_) p = from[sampler_.next() % from.size()];
@@ -74,6 +80,7 @@ class TrainedModel {
     moekit::train::MicroBatchStats s;
     s.loss = model_.forward(ids_.data(), targets_.data(), local_batch_, scale);
     model_.backward(scale);
+    if (faulty && opt_.fault.kind == "nan" && step >= opt_.fault.step) s.loss = std::nan("");  // this rank only
     const ModelConfig& c = model_.config();
     for (std::int64_t l = 0; l < c.blocks; ++l) {
       s.lbl.push_back(model_.aux(l).lbl);
@@ -129,12 +136,16 @@ static nlohmann::json checkpoint_config(const Options& o) {
 // --resume: the newest checkpoint that verifies (the ones skipped, and why, on stderr), restored into
 // the model, the optimizer, the trainer and the sampler. No checkpoint at all: a fresh start, said so.
 // Checkpoints that exist but none verifies, or one written with other flags: an error.
+// Under mpirun every rank takes part (rank 0 prints), and the checkpoint may come from another layout.
 template <class Trainer>
 static void resume(const moekit::train::CheckpointDir& dir, Trainer& trainer, TrainedModel& trained, Model<float>& model,
-                   const nlohmann::json& config) {
+                   const nlohmann::json& config, Ranks* ranks) {
   std::vector<std::string> skipped;
-  const auto loaded = dir.load_newest(moekit::train::trainer_checkpoint(trainer), skipped);
-  for (const auto& s : skipped) std::fprintf(stderr, "resume: skipped %s\n", s.c_str());
+  const moekit::ParallelGrid grid = ranks ? ranks->grid() : moekit::ParallelGrid{};
+  const moekit::train::CheckpointRanks cr = ranks ? ranks->checkpoint_ranks() : moekit::train::CheckpointRanks{};
+  const auto loaded = dir.load_newest(moekit::train::trainer_checkpoint(trainer, {}, grid), skipped, cr);
+  if (!ranks || ranks->rank() == 0)
+    for (const auto& s : skipped) std::fprintf(stderr, "resume: skipped %s\n", s.c_str());
   if (!loaded) {
     if (!skipped.empty())
       throw moekit::FormatError("--resume: none of the " + std::to_string(skipped.size()) + " checkpoints in " + dir.root().string() +
@@ -142,7 +153,7 @@ static void resume(const moekit::train::CheckpointDir& dir, Trainer& trainer, Tr
     out("resume: no checkpoint in %s yet; starting at step 0\n", dir.root().string().c_str());
     return;
   }
-  const nlohmann::json run = moekit::train::restore_trainer(trainer, loaded->state);
+  const nlohmann::json run = moekit::train::restore_trainer(trainer, *loaded, grid);
   const nlohmann::json& saved = run.at("config");
   for (const auto& [key, value] : config.items())
     if (!saved.contains(key) || saved[key] != value)
@@ -150,7 +161,10 @@ static void resume(const moekit::train::CheckpointDir& dir, Trainer& trainer, Tr
                                                        " (" + loaded->dir.string() + "); resume with the flags that wrote it");
   trained.set_sampler_state(run.at("sampler").get<std::uint64_t>());
   model.set_router_states(run.at("router_states").get<std::vector<std::vector<double>>>());
-  out("resume: step %lld from %s\n", (long long)loaded->step, loaded->dir.string().c_str());
+  const nlohmann::json& layout = loaded->state.at("layout");
+  out("resume: step %lld from %s (written at tp %d x ep %d x dp %d%s)\n", (long long)loaded->step, loaded->dir.string().c_str(),
+      layout.at("tp").get<int>(), layout.at("ep").get<int>(), layout.at("dp").get<int>(),
+      layout == moekit::train::layout_json(grid) ? "" : "; resharded to this run's layout");
 }
 
 // world: the communicator of a --parallel run (nullptr: one process, the single-rank layers).
@@ -295,11 +309,12 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   if (!opt.checkpoint_dir.empty()) {
     checkpoints.emplace(opt.checkpoint_dir, opt.keep);
     const nlohmann::json config = checkpoint_config(opt);
-    if (opt.resume) resume(*checkpoints, trainer, trained, model, config);
+    if (opt.resume) resume(*checkpoints, trainer, trained, model, config, ranks.get());
     trainer.on_step([&, config](std::int64_t done) {
       if ((opt.checkpoint_interval > 0 && done % opt.checkpoint_interval == 0) || done == opt.steps) {
         const nlohmann::json run = {{"sampler", trained.sampler_state()}, {"router_states", model.router_states()}, {"config", config}};
-        const auto dir = checkpoints->save(done, moekit::train::trainer_checkpoint(trainer, run));
+        const auto dir = ranks ? checkpoints->save(done, moekit::train::trainer_checkpoint(trainer, run, ranks->grid()), ranks->checkpoint_ranks())
+                               : checkpoints->save(done, moekit::train::trainer_checkpoint(trainer, run));
         out("  checkpoint @ %lld: %s\n", (long long)done, dir.string().c_str());
       }
     });
@@ -347,6 +362,12 @@ int main(int argc, char** argv) {
       std::unique_ptr<CudaMoeBackend> cuda;  // outlives run()'s model, freed before world
       if (!opt.cuda || (cuda = open_cuda(world))) status = run(opt, &world, cuda.get());
     } catch (const moekit::ConfigError& e) {  // the same on every rank (the layers agree on their config)
+      if (world.rank() == 0) std::fprintf(stderr, "error: %s\n", e.what());
+      status = 2;
+    } catch (const moekit::NumericError& e) {  // the trainer's --max-bad-steps: decided alike on every rank
+      if (world.rank() == 0) std::fprintf(stderr, "error: %s\n", e.what());
+      status = 2;
+    } catch (const moekit::FormatError& e) {  // --resume: the checkpoint loader's verdict, agreed by every rank
       if (world.rank() == 0) std::fprintf(stderr, "error: %s\n", e.what());
       status = 2;
     } catch (const std::exception& e) {  // possibly one rank only: the others may wait in a collective

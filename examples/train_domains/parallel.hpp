@@ -27,6 +27,7 @@
 #include <moekit/parallel/comm/communicator.hpp>
 #include <moekit/parallel/host_moe_layer.hpp>
 #include <moekit/parallel/policy.hpp>
+#include <moekit/train/checkpoint.hpp>
 
 #include "model.hpp"
 
@@ -97,12 +98,15 @@ class Ranks {
     };
     shards_ = split(moekit::RankGroup::kShards);  // the S ranks with different tokens
     slices_ = split(moekit::RankGroup::kTpEp);    // the tp x ep distinct expert slices
+    tp_ = split(moekit::RankGroup::kTp);          // the tp slices of the same experts (checkpoints)
   }
 
   const moekit::ParallelGrid& grid() const { return g_; }
   int rank() const { return world_.rank(); }
   int size() const { return world_.size(); }
   moekit::comm::HostCommunicator& world() { return world_; }
+  // Checkpoints: the world, and the ranks holding the other tp slices of this rank's experts.
+  moekit::train::CheckpointRanks checkpoint_ranks() { return {&world_, tp_.get()}; }
 
   // A layer config with this run's degrees (tp, ep, dp).
   moekit::MoeConfig with_degrees(const moekit::MoeConfig& base) const {
@@ -155,6 +159,6 @@ class Ranks {
  private:
   moekit::comm::HostCommunicator& world_;
   moekit::ParallelGrid g_;
-  std::unique_ptr<moekit::comm::HostCommunicator> shards_, slices_;
+  std::unique_ptr<moekit::comm::HostCommunicator> shards_, slices_, tp_;
   std::vector<double> buf_;
 };

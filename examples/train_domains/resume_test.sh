@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# ctest train_domains.resume.*: exact resume after kill -9 (docs/checkpoints.md).
-#   resume_test.sh TRAIN_DOMAINS [flags of the run...]
+# ctest train_domains.resume.* and train_domains.mpi.resume.*: exact resume after kill -9
+# (docs/checkpoints.md).
+#   [LAUNCH="mpirun ... -np 4"] resume_test.sh TRAIN_DOMAINS [flags of the run...]
+# LAUNCH (optional) starts every run, e.g. under mpirun; then every rank is killed at once, as when a
+# node is lost.
 # 1. The run straight through, a checkpoint every 40 steps.
 # 2. The same run killed with SIGKILL once its step-80 checkpoint exists, then --resume: it continues
 #    from the newest checkpoint that verifies.
@@ -11,10 +14,11 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/checkpoint_test_lib.sh"
 exe=$1
 shift
+read -r -a launch <<< "${LAUNCH:-}"
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-steps=240
-run=("$exe" --steps $steps --log-interval 10 --eval-interval 0 --train-tokens 65536 --heldout-tokens 4096 --threads 2
+steps=${STEPS:-240}
+run=("${launch[@]}" "$exe" --steps $steps --log-interval 10 --eval-interval 0 --train-tokens 65536 --heldout-tokens 4096 --threads "${THREADS:-2}"
      --checkpoint-interval 40 "$@")
 
 "${run[@]}" --json "$dir/straight.jsonl" --checkpoint-dir "$dir/a" > "$dir/straight.txt"
@@ -26,6 +30,8 @@ for _ in $(seq 1 6000); do
   sleep 0.005
 done
 kill -9 "$pid" 2> /dev/null || true
+# Under a launcher, its ranks too (their command lines name this test's folder).
+[[ ${#launch[@]} -gt 0 ]] && pkill -9 -f -- "--checkpoint-dir $dir/b" 2> /dev/null || true
 wait "$pid" 2> /dev/null || true
 if [[ -d "$dir/b/step-$(printf %06d $steps)" ]]; then
   echo "FAIL: the run finished before it was killed; the test needs a longer run on this machine" >&2

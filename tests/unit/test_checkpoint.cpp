@@ -52,7 +52,7 @@ struct Buffers {
   CheckpointContent content(nlohmann::json state = {{"x", 1.0 / 3.0}, {"rng", std::uint64_t(0xfedcba9876543210ull)}}) {
     return {{{"layer.weight", {3, 4}, w.data()}, {"layer.bias", {3}, b.data()}},
             {{"optim.m.layer.weight", {3, 4}, mw.data()}, {"optim.m.layer.bias", {3}, mb.data()}},
-            std::move(state)};
+            std::move(state), {}};
   }
 };
 
@@ -96,7 +96,7 @@ TEST_CASE("checkpoint: layout, checksums from xxHash, round trip to the bit") {
   CHECK(m.metadata().at("xxh3:layer.weight") == std::string(want));
   // Load into other buffers: the same bits, the same state.
   Buffers b(-9.f);
-  const nlohmann::json state = CheckpointDir::load(step, b.content());
+  const nlohmann::json state = CheckpointDir::load(step, b.content()).state;
   CHECK(b.w == a.w);
   CHECK(b.b == a.b);
   CHECK(b.mw == a.mw);
@@ -140,11 +140,11 @@ TEST_CASE("checkpoint: a failed verification names the file and the tensor and w
     CHECK(load_error(step, poison.content()).find("field 'format' is 99") != std::string::npos);
   }
   SUBCASE("a step that is not the folder's") {
-    std::ofstream(step / "trainer.json") << R"({"format": 1, "step": 6, "state": {}})";
+    std::ofstream(step / "trainer.json") << R"({"format": 2, "step": 6, "state": {}})";
     CHECK(load_error(step, poison.content()).find("field 'step' is 6, the directory says 5") != std::string::npos);
   }
   SUBCASE("a truncated trainer.json") {
-    std::ofstream(step / "trainer.json") << R"({"format": 1, "st)";
+    std::ofstream(step / "trainer.json") << R"({"format": 2, "st)";
     CHECK(load_error(step, poison.content()).find("trainer.json: not valid JSON") != std::string::npos);
   }
   CHECK(poison.w == w0);  // nothing was written
@@ -187,7 +187,7 @@ TEST_CASE("checkpoint: what a crash leaves is skipped, --keep, the same step sav
   // The same step again replaces it whole.
   dir.save(50, a.content({{"which", 51}}));
   Buffers again(0.f);
-  CHECK(CheckpointDir::load(t.path / "step-000050", again.content()).at("which") == 51);
+  CHECK(CheckpointDir::load(t.path / "step-000050", again.content()).state.at("which") == 51);
   CHECK(again.w == a.w);
   CHECK_THROWS_AS(CheckpointDir(t.path, -1), ConfigError);
 }
@@ -253,7 +253,7 @@ TEST_CASE("checkpoint: a Trainer stopped, restored into a new one and run on equ
   const auto loaded = dir.load_newest(train::trainer_checkpoint(tcn), skipped);
   REQUIRE(loaded);
   CHECK(skipped.empty());
-  const nlohmann::json run = train::restore_trainer(tcn, loaded->state);
+  const nlohmann::json run = train::restore_trainer(tcn, *loaded);
   c.rng.state = run.at("sampler").get<std::uint64_t>();
   CHECK(tcn.steps_done() == 7);
   CHECK(tcn.optimizer().steps_taken() == 7);

@@ -227,11 +227,17 @@ TEST_CASE("safetensors: every malformed header is a FormatError naming the rule"
       {"metadata value not a string", file_bytes(R"({"__metadata__":{"a":1}})"), "value of \"a\" must be a string"},
       {"header is an array", file_bytes("[]"), "starting with '{'"},
   };
+  TempDir dir;
   for (const auto& c : cases) {
     CAPTURE(c.what);
     const std::string msg = parse_error(c.bytes);
     CHECK(contains(msg, "bad.safetensors"));
     CHECK_MESSAGE(contains(msg, c.message), msg);
+    // open() reads only the header, and refuses the same files for the same reasons.
+    const fs::path p = dir.path / "bad.safetensors";
+    std::ofstream(p, std::ios::binary | std::ios::trunc).write(reinterpret_cast<const char*>(c.bytes.data()), std::streamsize(c.bytes.size()));
+    const std::string opened = error_of([&] { SafetensorsFile::open(p); });
+    CHECK_MESSAGE(contains(opened, c.message), opened);
   }
   // The well-formed neighbour of these cases parses, and a zero-size tensor may sit anywhere.
   CHECK(parse_error(file_bytes(one(R"({"dtype":"F32","shape":[2],"data_offsets":[0,8]})"), f32x2)).empty());
@@ -299,4 +305,28 @@ TEST_CASE("safetensors: writes are atomic and leave no temporary files") {
   CHECK_THROWS_AS(SafetensorsWriter().write(dir.path / "d.safetensors"), std::system_error);
   CHECK(fs::is_directory(dir.path / "d.safetensors"));
   CHECK(dir.entries().size() == 2);
+}
+
+TEST_CASE("safetensors: open() keeps the data on disk and reads one tensor at a time") {
+  TempDir dir;
+  const fs::path p = dir.path / "t.safetensors";
+  SafetensorsWriter w;
+  w.add_f32("a", {2, 2}, std::vector<float>{1, 2, 3, 4}).add_i32("b", {3}, std::vector<std::int32_t>{5, 6, 7});
+  w.set_metadata("m", "x");
+  w.write(p);
+  const SafetensorsFile whole = read_safetensors(p);
+  const SafetensorsFile f = SafetensorsFile::open(p);
+  CHECK(f.names() == whole.names());
+  CHECK(f.metadata().at("m") == "x");
+  const auto raw = whole.raw("b");
+  CHECK(f.read("b") == Bytes(raw.begin(), raw.end()));
+  CHECK(whole.read("b") == f.read("b"));
+  CHECK(f.get_f32("a", {2, 2}) == std::vector<float>{1, 2, 3, 4});
+  CHECK(contains(error_of([&] { (void)f.raw("a"); }), "opened header-only"));
+  // The file shrinks under it: reading is an error naming the tensor, never bytes past the end.
+  fs::resize_file(p, fs::file_size(p) - 4);
+  const std::string changed = error_of([&] { (void)f.read("a"); });
+  CHECK(contains(changed, "tensor 'a'"));
+  CHECK(contains(changed, "changed size"));
+  CHECK(contains(error_of([&] { SafetensorsFile::open(dir.path / "nope.safetensors"); }), "nope.safetensors: no such file"));
 }

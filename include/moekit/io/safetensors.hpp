@@ -133,11 +133,16 @@ struct TensorInfo {
   }
 };
 
-// A whole safetensors file in memory, validated on construction.
+// A validated safetensors file: the whole file in memory (parse, read_safetensors), or only its header,
+// the tensors read from the file on demand (open_safetensors: a rank of a sharded checkpoint reads just
+// the tensors it needs).
 class SafetensorsFile {
  public:
   // Validates `bytes` as a safetensors file; `source` names it in error messages (usually the path).
   static SafetensorsFile parse(std::vector<std::uint8_t> bytes, std::string source);
+  // Reads and validates the header of the file at `path` (against the file's size: every offset inside
+  // the data buffer, no gaps or overlaps); the data stays on disk until read().
+  static SafetensorsFile open(const std::filesystem::path& path);
 
   const std::string& source() const { return source_; }
   std::size_t size() const { return tensors_.size(); }
@@ -155,11 +160,15 @@ class SafetensorsFile {
     if (it == tensors_.end()) throw error("no tensor named '" + std::string(name) + "' (" + listing() + ")");
     return it->second;
   }
-  // The tensor's little-endian bytes, whatever its dtype.
+  // The tensor's little-endian bytes, whatever its dtype (a file in memory only: see read()).
   std::span<const std::uint8_t> raw(std::string_view name) const {
     const TensorInfo& t = info(name);
+    if (!in_memory_) throw error("raw(): the file was opened header-only; read() its tensors");
     return {bytes_.data() + data_start_ + t.begin, std::size_t(t.end - t.begin)};
   }
+  // A copy of the tensor's bytes: from memory, or read from the file now (FormatError if the file has
+  // changed size or cannot be read).
+  std::vector<std::uint8_t> read(std::string_view name) const;
 
   // The elements of a tensor whose dtype is dtype_of_v<T>; with `expected_shape`, its shape must match.
   // Throws FormatError naming the tensor: missing, "expected F32, found BF16", "expected [4, 8], found [4, 9]".
@@ -209,13 +218,20 @@ class SafetensorsFile {
     if (expected && t.shape != *expected)
       throw tensor_error(name, "wrong shape: expected " + detail::shape_str(*expected) + ", found " + detail::shape_str(t.shape));
     std::vector<T> out(static_cast<std::size_t>(t.numel()));
-    detail::copy_from_le(bytes_.data() + data_start_ + t.begin, out.size(), out.data());
+    if (in_memory_) {
+      detail::copy_from_le(bytes_.data() + data_start_ + t.begin, out.size(), out.data());
+    } else {
+      const std::vector<std::uint8_t> b = read(name);
+      detail::copy_from_le(b.data(), out.size(), out.data());
+    }
     return out;
   }
   void parse_header(std::string_view header);
 
   std::string source_;
-  std::vector<std::uint8_t> bytes_;
+  std::vector<std::uint8_t> bytes_;  // the whole file (in_memory_), or nothing
+  bool in_memory_ = true;
+  std::uint64_t file_size_ = 0;      // of the file when opened
   std::size_t data_start_ = 0;
   std::map<std::string, TensorInfo, std::less<>> tensors_;
   std::map<std::string, std::string, std::less<>> metadata_;
@@ -238,6 +254,7 @@ inline SafetensorsFile SafetensorsFile::parse(std::vector<std::uint8_t> bytes, s
     throw f.error("header length " + std::to_string(n) + " runs past the end of the file (only " +
                   std::to_string(size - 8) + " bytes follow the length field; truncated?)");
   f.data_start_ = std::size_t(8 + n);
+  f.file_size_ = size;
   f.parse_header(std::string_view(reinterpret_cast<const char*>(f.bytes_.data() + 8), std::size_t(n)));
   return f;
 }
@@ -265,7 +282,7 @@ inline void SafetensorsFile::parse_header(std::string_view header) {
   if (!duplicate.empty()) throw error("header repeats the key \"" + duplicate + "\"");
   if (!j.is_object()) throw error("header must be a JSON object");
 
-  const std::uint64_t data_size = bytes_.size() - data_start_;
+  const std::uint64_t data_size = file_size_ - data_start_;
   auto non_negative = [&](const std::string& name, const json& v, const std::string& what) -> std::uint64_t {
     if (v.is_number_unsigned()) return v.get<std::uint64_t>();
     if (v.is_number_integer()) throw tensor_error(name, what + " must be >= 0, found " + v.dump());
@@ -349,6 +366,59 @@ inline void SafetensorsFile::parse_header(std::string_view header) {
                 std::to_string(covered) + " (trailing bytes are not allowed)");
 }
 
+inline SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
+  SafetensorsFile f;
+  f.source_ = path.string();
+  f.in_memory_ = false;
+  std::error_code ec;
+  const auto status = std::filesystem::status(path, ec);
+  if (!std::filesystem::exists(status)) throw f.error("no such file");
+  if (!std::filesystem::is_regular_file(status)) throw f.error("is not a regular file");
+  const std::uint64_t size = std::filesystem::file_size(path, ec);
+  if (ec) throw f.error("cannot read its size");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw f.error("cannot open for reading");
+  if (size < 8)
+    throw f.error("file is " + std::to_string(size) +
+                  " bytes, shorter than the 8-byte header length (truncated, or not a safetensors file)");
+  std::uint8_t len[8];
+  in.read(reinterpret_cast<char*>(len), 8);
+  std::uint64_t n = 0;
+  detail::copy_from_le(len, 1, &n);
+  // Both limits before the header's buffer is allocated.
+  if (n > detail::kMaxHeaderBytes)
+    throw f.error("header length " + std::to_string(n) + " exceeds the limit of " + std::to_string(detail::kMaxHeaderBytes) +
+                  " bytes (not a safetensors file?)");
+  if (n > size - 8)
+    throw f.error("header length " + std::to_string(n) + " runs past the end of the file (only " + std::to_string(size - 8) +
+                  " bytes follow the length field; truncated?)");
+  std::string header(std::size_t(n), '\0');
+  if (!in.read(header.data(), std::streamsize(n))) throw f.error("read error in the header");
+  f.data_start_ = std::size_t(8 + n);
+  f.file_size_ = size;
+  f.parse_header(header);
+  return f;
+}
+
+inline std::vector<std::uint8_t> SafetensorsFile::read(std::string_view name) const {
+  const TensorInfo& t = info(name);
+  const std::size_t n = std::size_t(t.end - t.begin);
+  if (in_memory_) {
+    const auto b = bytes_.begin() + std::ptrdiff_t(data_start_ + t.begin);
+    return std::vector<std::uint8_t>(b, b + std::ptrdiff_t(n));
+  }
+  std::error_code ec;
+  const std::uint64_t size = std::filesystem::file_size(source_, ec);
+  if (ec || size != file_size_)
+    throw tensor_error(name, "the file changed size since its header was read (" + std::to_string(file_size_) + " bytes, now " +
+                                 (ec ? std::string("unreadable") : std::to_string(size)) + ")");
+  std::ifstream in(source_, std::ios::binary);
+  std::vector<std::uint8_t> out(n);
+  in.seekg(std::streamoff(data_start_ + t.begin));
+  if (!in || !in.read(reinterpret_cast<char*>(out.data()), std::streamsize(n))) throw tensor_error(name, "read error");
+  return out;
+}
+
 // Reads and validates a whole file; FormatError names the path on any problem, including a missing file.
 inline SafetensorsFile read_safetensors(const std::filesystem::path& path) {
   const std::string src = path.string();
@@ -370,186 +440,6 @@ inline SafetensorsFile read_safetensors(const std::filesystem::path& path) {
   return SafetensorsFile::parse(std::move(bytes), src);
 }
 
-namespace detail {
-[[noreturn]] inline void throw_io(int err, const std::string& what) {
-  throw std::system_error(err, std::generic_category(), "moekit::io: " + what);
-}
-
-// Writes the concatenation of `pieces` to `path` so that readers see the old file or the new one,
-// never a partial one: a temporary sibling (same filesystem, so rename is atomic), fsync, rename.
-inline void write_atomically(const std::filesystem::path& path, const std::vector<std::span<const std::uint8_t>>& pieces) {
-  static std::atomic<unsigned> counter{0};
-  const std::string target = path.string();
-#ifdef MOEKIT_IO_POSIX
-  const std::string stem = "." + path.filename().string() + ".tmp." + std::to_string(::getpid()) + ".";
-  std::filesystem::path tmp;
-  int fd = -1;
-  for (int attempt = 0; attempt < 64 && fd < 0; ++attempt) {
-    tmp = path.parent_path() / (stem + std::to_string(counter++));
-    fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-    if (fd < 0 && errno != EEXIST) throw_io(errno, "cannot create a temporary file next to '" + target + "'");
-  }
-  if (fd < 0) throw_io(EEXIST, "cannot create a temporary file next to '" + target + "'");
-  auto fail = [&](const std::string& what) {
-    const int err = errno;
-    if (fd >= 0) ::close(fd);
-    ::unlink(tmp.c_str());
-    throw_io(err, what + " '" + tmp.string() + "' (writing '" + target + "')");
-  };
-  for (const auto& piece : pieces) {
-    const std::uint8_t* p = piece.data();
-    std::size_t left = piece.size();
-    while (left > 0) {
-      const ::ssize_t w = ::write(fd, p, std::min<std::size_t>(left, std::size_t(1) << 30));
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) fail("cannot write");
-      p += w;
-      left -= std::size_t(w);
-    }
-  }
-  if (::fsync(fd) != 0) fail("cannot flush");
-  const int closed = ::close(fd);
-  fd = -1;
-  if (closed != 0) fail("cannot close");
-  if (::rename(tmp.c_str(), path.c_str()) != 0) fail("cannot rename");
-  // Make the rename itself durable (best effort: some filesystems refuse fsync on a directory).
-  const std::filesystem::path dir = path.parent_path().empty() ? std::filesystem::path(".") : path.parent_path();
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_CLOEXEC);
-  if (dfd >= 0) {
-    (void)::fsync(dfd);
-    ::close(dfd);
-  }
-#else
-  const std::filesystem::path tmp = path.parent_path() / ("." + path.filename().string() + ".tmp." + std::to_string(counter++));
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    for (const auto& piece : pieces)
-      if (out) out.write(reinterpret_cast<const char*>(piece.data()), std::streamsize(piece.size()));
-    out.flush();
-    if (!out) {
-      std::error_code ec;
-      std::filesystem::remove(tmp, ec);
-      throw_io(EIO, "cannot write '" + tmp.string() + "' (writing '" + target + "')");
-    }
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::filesystem::remove(tmp, ec);
-    throw_io(EIO, "cannot rename '" + tmp.string() + "' to '" + target + "'");
-  }
-#endif
-}
-}  // namespace detail
-
-// Collects named tensors (copies), then serialises them as the reference implementation does.
-class SafetensorsWriter {
- public:
-  // Adds a tensor of dtype_of_v<T>; data.size() must equal the product of `shape`.
-  // Throws ShapeError on a size mismatch or negative dimension, std::invalid_argument on a bad name.
-  template <class T>
-  SafetensorsWriter& add(std::string name, std::vector<std::int64_t> shape, std::type_identity_t<std::span<const T>> data) {
-    std::int64_t numel = 1;
-    for (auto s : shape) {
-      if (s < 0) throw ShapeError("safetensors writer: tensor '" + name + "' has a negative dimension in " + detail::shape_str(shape));
-      if (s != 0 && numel > std::numeric_limits<std::int64_t>::max() / s)
-        throw ShapeError("safetensors writer: tensor '" + name + "' shape " + detail::shape_str(shape) + " overflows int64");
-      numel *= s;
-    }
-    if (std::uint64_t(numel) != data.size())
-      throw ShapeError("safetensors writer: tensor '" + name + "' has shape " + detail::shape_str(shape) + " (" +
-                       std::to_string(numel) + " elements) but " + std::to_string(data.size()) + " values were given");
-    if (name == "__metadata__") throw std::invalid_argument("safetensors writer: the tensor name \"__metadata__\" is reserved");
-    for (const auto& e : entries_)
-      if (e.name == name) throw std::invalid_argument("safetensors writer: tensor '" + name + "' added twice");
-    entries_.push_back({std::move(name), dtype_of_v<T>, std::move(shape), detail::to_le_bytes(data)});
-    return *this;
-  }
-  SafetensorsWriter& add_f32(std::string name, std::vector<std::int64_t> shape, std::span<const float> v) { return add<float>(std::move(name), std::move(shape), v); }
-  SafetensorsWriter& add_f64(std::string name, std::vector<std::int64_t> shape, std::span<const double> v) { return add<double>(std::move(name), std::move(shape), v); }
-  SafetensorsWriter& add_i32(std::string name, std::vector<std::int64_t> shape, std::span<const std::int32_t> v) { return add<std::int32_t>(std::move(name), std::move(shape), v); }
-  SafetensorsWriter& add_i64(std::string name, std::vector<std::int64_t> shape, std::span<const std::int64_t> v) { return add<std::int64_t>(std::move(name), std::move(shape), v); }
-  SafetensorsWriter& add_bf16(std::string name, std::vector<std::int64_t> shape, std::span<const bf16> v) { return add<bf16>(std::move(name), std::move(shape), v); }
-  // Rounds float to bf16 (nearest even) and stores BF16.
-  SafetensorsWriter& add_f32_as_bf16(std::string name, std::vector<std::int64_t> shape, std::span<const float> v) {
-    std::vector<bf16> b(v.size());
-    for (std::size_t i = 0; i < v.size(); ++i) b[i] = bf16(v[i]);
-    return add<bf16>(std::move(name), std::move(shape), b);
-  }
-  SafetensorsWriter& set_metadata(std::string key, std::string value) {
-    metadata_[std::move(key)] = std::move(value);
-    return *this;
-  }
-
-  // The JSON header, padded with spaces to a multiple of 8 bytes.
-  std::string header() const {
-    nlohmann::ordered_json h = nlohmann::ordered_json::object();
-    if (!metadata_.empty()) {
-      h["__metadata__"] = nlohmann::ordered_json::object();
-      for (const auto& [k, v] : metadata_) h["__metadata__"][k] = v;
-    }
-    std::uint64_t offset = 0;
-    for (const Entry* e : ordered()) {
-      nlohmann::ordered_json t = nlohmann::ordered_json::object();
-      t["dtype"] = to_string(e->dtype);
-      t["shape"] = nlohmann::ordered_json::array();
-      for (auto s : e->shape) t["shape"].push_back(std::uint64_t(s));
-      t["data_offsets"] = {offset, offset + e->bytes.size()};
-      offset += e->bytes.size();
-      h[e->name] = std::move(t);
-    }
-    std::string s;
-    try {
-      s = h.dump();
-    } catch (const nlohmann::json::exception& ex) {  // a name or metadata string that is not valid UTF-8
-      throw std::invalid_argument(std::string("safetensors writer: ") + ex.what());
-    }
-    s.append((8 - s.size() % 8) % 8, ' ');
-    return s;
-  }
-  // The whole file in memory.
-  std::vector<std::uint8_t> serialize() const {
-    const std::string h = header();
-    const std::vector<std::uint8_t> len = length_prefix(h);  // named: the pieces view it
-    std::vector<std::uint8_t> out;
-    for (const auto& piece : pieces(h, len)) out.insert(out.end(), piece.begin(), piece.end());
-    return out;
-  }
-  // Writes the file atomically (see detail::write_atomically); throws std::system_error on I/O failure.
-  void write(const std::filesystem::path& path) const {
-    const std::string h = header();
-    detail::write_atomically(path, pieces(h, length_prefix(h)));
-  }
-
- private:
-  struct Entry {
-    std::string name;
-    Dtype dtype;
-    std::vector<std::int64_t> shape;
-    std::vector<std::uint8_t> bytes;
-  };
-  // The reference's data order: descending dtype alignment, then name (bytewise).
-  std::vector<const Entry*> ordered() const {
-    std::vector<const Entry*> o;
-    for (const auto& e : entries_) o.push_back(&e);
-    std::sort(o.begin(), o.end(), [](const Entry* a, const Entry* b) {
-      return a->dtype != b->dtype ? a->dtype > b->dtype : a->name < b->name;
-    });
-    return o;
-  }
-  static std::vector<std::uint8_t> length_prefix(const std::string& header) {
-    const std::uint64_t n = header.size();
-    return detail::to_le_bytes(std::span<const std::uint64_t>(&n, 1));
-  }
-  // Views of [length][header][tensor data...]; valid while `len`, `header` and *this live.
-  std::vector<std::span<const std::uint8_t>> pieces(const std::string& header, const std::vector<std::uint8_t>& len) const {
-    std::vector<std::span<const std::uint8_t>> p{len, {reinterpret_cast<const std::uint8_t*>(header.data()), header.size()}};
-    for (const Entry* e : ordered()) p.emplace_back(e->bytes);
-    return p;
-  }
-
-  std::vector<Entry> entries_;
-  std::map<std::string, std::string> metadata_;
-};
-
 }  // namespace moekit::io
+
+#include "moekit/io/safetensors_writer.hpp"  // IWYU pragma: export

@@ -183,6 +183,7 @@ class Trainer {
     if (red_.sum_over_shards) {  // every rank takes the same decision
       double bad = finite ? 0.0 : 1.0;
       red_.sum_over_shards(&bad, std::size_t(1));
+      if (finite && bad != 0.0) last_error_ = "the non-finite value was on another rank";
       finite = bad == 0.0;
     }
     if (finite) {

@@ -140,6 +140,28 @@ concept Communicator = requires(C& c, float* f, const float* cf, const std::int6
   { c.counters() } -> std::convertible_to<const ByteCounters&>;
 };
 
+// Every rank's string, in rank order (error messages, names, small JSON): the lengths, then the bytes
+// packed into int64 words, in two all-gathers. Collective over c.
+inline std::vector<std::string> all_gather_strings(HostCommunicator& c, const std::string& mine) {
+  const auto n = static_cast<std::size_t>(c.size());
+  std::int64_t len = static_cast<std::int64_t>(mine.size());
+  std::vector<std::int64_t> lens(n);
+  c.all_gather(&len, 1, lens.data());
+  std::vector<std::int64_t> words(n), send((mine.size() + 7) / 8, 0);
+  std::int64_t total = 0;
+  for (std::size_t r = 0; r < n; ++r) total += words[r] = (lens[r] + 7) / 8;
+  if (!mine.empty()) std::memcpy(send.data(), mine.data(), mine.size());
+  std::vector<std::int64_t> recv(static_cast<std::size_t>(total));
+  c.all_gather_v(send.data(), words.data(), recv.data());
+  std::vector<std::string> out(n);
+  std::size_t at = 0;
+  for (std::size_t r = 0; r < n; ++r) {
+    out[r].assign(reinterpret_cast<const char*>(recv.data() + at), static_cast<std::size_t>(lens[r]));
+    at += static_cast<std::size_t>(words[r]);
+  }
+  return out;
+}
+
 // One rank: every collective is a copy (or nothing), and nothing is counted.
 class Single final : public HostCommunicator {
  public:
