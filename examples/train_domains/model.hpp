@@ -352,8 +352,11 @@ class Model {
   // CUDA layers: their parameter groups (the trainer clips and steps them on the device).
   std::vector<moekit::train::ParameterGroup*> parameter_groups(const moekit::train::AdamWConfig& ac) {
     std::vector<moekit::train::ParameterGroup*> gs;
-    for (auto& m : moes_)
-      if (auto* g = m->parameter_group(ac)) gs.push_back(g);
+    for (std::size_t l = 0; l < moes_.size(); ++l)
+      if (auto* g = moes_[l]->parameter_group(ac)) {
+        g->set_checkpoint_prefix("blocks." + std::to_string(l) + ".moe.");  // the names the host layers give them
+        gs.push_back(g);
+      }
     return gs;
   }
   // Every parameter, wherever it lives (shapes and shards: for counting).

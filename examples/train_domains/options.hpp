@@ -145,11 +145,6 @@ inline Options parse_options(int argc, char** argv) {
     std::fprintf(stderr, "error: --%s needs --checkpoint-dir\n", o.resume ? "resume" : o.keep > 0 ? "keep" : "checkpoint-interval");
     std::exit(2);
   }
-  if (!o.checkpoint_dir.empty() && (o.cuda || o.bf16)) {
-    std::fprintf(stderr, "error: --checkpoint-dir: checkpoints hold host fp32 parameters for now; %s is not supported "
-                         "with checkpoints yet\n", o.cuda ? "--backend cuda" : "--dtype bf16");
-    std::exit(2);
-  }
   // The degrees each strategy may raise above 1 (as the library's policies allow them).
   const auto [tp_ok, ep_ok] = allowed_degrees(o.parallel);
   if ((o.tp > 1 && !tp_ok) || (o.ep > 1 && !ep_ok)) {

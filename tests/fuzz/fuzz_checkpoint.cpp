@@ -1,9 +1,13 @@
 // libFuzzer target: train::CheckpointDir::load on a checkpoint folder made from the input. The input
-// is split at its first 0xFF 0x00 into trainer.json and model.safetensors (optimizer.safetensors is a
-// valid empty file). Every input either loads (the expected tensor was found whole) or throws
-// moekit::FormatError naming what is wrong, and the buffers are untouched unless it loaded.
+// is split at 0xFF 0x00 separators into trainer.json, a tensor file and, when there is a third part,
+// an index: then the tensor file is model-00001-of-00001.safetensors and the third part
+// model.safetensors.index.json (the sharded layout), else it is model.safetensors.
+// optimizer.safetensors is a valid empty file. Every input either loads (the expected tensor was
+// found whole) or throws moekit::FormatError naming what is wrong, and the buffer is untouched unless
+// it loaded.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -23,18 +27,28 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     return true;
   }();
   (void)made;
-  std::size_t cut = size;
-  for (std::size_t i = 0; i + 1 < size; ++i)
-    if (data[i] == 0xFF && data[i + 1] == 0x00) {
-      cut = i;
-      break;
+  std::vector<std::string> parts(1);
+  for (std::size_t i = 0; i < size; ++i) {
+    if (parts.size() < 3 && i + 1 < size && data[i] == 0xFF && data[i + 1] == 0x00) {
+      parts.emplace_back();
+      ++i;
+      continue;
     }
-  std::ofstream(dir / "trainer.json", std::ios::binary).write(reinterpret_cast<const char*>(data), std::streamsize(cut));
-  const std::size_t rest = cut + 2 <= size ? cut + 2 : size;
-  std::ofstream(dir / "model.safetensors", std::ios::binary)
-      .write(reinterpret_cast<const char*>(data + rest), std::streamsize(size - rest));
+    parts.back().push_back(char(data[i]));
+  }
+  parts.resize(std::max<std::size_t>(parts.size(), 2));
+  auto put = [](const fs::path& p, const std::string& bytes) { std::ofstream(p, std::ios::binary).write(bytes.data(), std::streamsize(bytes.size())); };
+  put(dir / "trainer.json", parts[0]);
+  std::error_code ec;
+  for (const char* f : {"model.safetensors", "model-00001-of-00001.safetensors", "model.safetensors.index.json"}) fs::remove(dir / f, ec);
+  if (parts.size() == 3) {
+    put(dir / "model-00001-of-00001.safetensors", parts[1]);
+    put(dir / "model.safetensors.index.json", parts[2]);
+  } else {
+    put(dir / "model.safetensors", parts[1]);
+  }
   std::vector<float> w(6, -7.f);
-  moekit::train::CheckpointContent c{{{"w", {2, 3}, w.data()}}, {}, {}};
+  moekit::train::CheckpointContent c{{{"w", {2, 3}, w.data()}}, {}, {}, {}, {}, {}};
   try {
     (void)moekit::train::CheckpointDir::load(dir, c);
   } catch (const moekit::FormatError&) {

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <moekit/io/safetensors.hpp>
 #include <moekit/train/checkpoint.hpp>
 #include <moekit/train/trainer.hpp>
@@ -52,7 +53,7 @@ struct Buffers {
   CheckpointContent content(nlohmann::json state = {{"x", 1.0 / 3.0}, {"rng", std::uint64_t(0xfedcba9876543210ull)}}) {
     return {{{"layer.weight", {3, 4}, w.data()}, {"layer.bias", {3}, b.data()}},
             {{"optim.m.layer.weight", {3, 4}, mw.data()}, {"optim.m.layer.bias", {3}, mb.data()}},
-            std::move(state), {}};
+            std::move(state), {}, {}, {}};
   }
 };
 
@@ -195,9 +196,24 @@ TEST_CASE("checkpoint: what a crash leaves is skipped, --keep, the same step sav
 namespace {
 // Least squares y = W x + b on a stream of samples drawn from the model's own sampler: what a
 // Trainer needs, with data position as state.
+// With a group: one more bias c, bf16 values in a train::HostParameterGroup (fp32 masters), as the
+// bf16 and CUDA layers keep theirs.
 struct Regression {
   std::vector<float> w = std::vector<float>(6, 0.f), b = std::vector<float>(2, 0.f), gw = std::vector<float>(6), gb = std::vector<float>(2);
   SplitMix64 rng{42};
+  std::vector<bf16> c = std::vector<bf16>(2, bf16(0.f));
+  std::vector<float> gc = std::vector<float>(2, 0.f);
+  std::unique_ptr<train::HostParameterGroup> group;
+  explicit Regression(bool with_group = false) {
+    if (with_group)
+      group = std::make_unique<train::HostParameterGroup>(std::vector<Parameter<bf16, float>>{{"c", c.data(), gc.data(), {2}}},
+                                                          train::AdamWConfig{0.05, 0.9, 0.95, 1e-8, 0.0});
+  }
+  std::vector<train::ParameterGroup*> parameter_groups() {
+    if (!group) return {};
+    group->set_checkpoint_prefix("extra.");
+    return {group.get()};
+  }
   train::MicroBatchStats train_micro_batch(std::int64_t, std::int64_t, double scale) {
     double loss = 0;
     for (int s = 0; s < 8; ++s) {
@@ -205,12 +221,13 @@ struct Regression {
       for (auto& v : x) v = float(rng.uniform(-1, 1));
       y[0] = 2 * x[0] - x[1] + 0.5f, y[1] = x[2] - 1;
       for (int o = 0; o < 2; ++o) {
-        float p = b[o];
+        float p = b[o] + (group ? float(c[std::size_t(o)]) : 0.f);
         for (int i = 0; i < 3; ++i) p += w[o * 3 + i] * x[i];
         const float d = p - y[o];
         loss += 0.5 * d * d / 8;
         for (int i = 0; i < 3; ++i) gw[o * 3 + i] += float(scale) * d * x[i] / 8;
         gb[o] += float(scale) * d / 8;
+        gc[std::size_t(o)] += float(scale) * d / 8;
       }
     }
     train::MicroBatchStats st;
@@ -218,6 +235,7 @@ struct Regression {
     return st;
   }
   void zero_grad() {
+    std::fill(gc.begin(), gc.end(), 0.f);
     std::fill(gw.begin(), gw.end(), 0.f);
     std::fill(gb.begin(), gb.end(), 0.f);
   }
@@ -270,4 +288,40 @@ TEST_CASE("checkpoint: a Trainer stopped, restored into a new one and run on equ
   CHECK(resumed_losses[0] == straight_losses[1]);
   CHECK(resumed_losses[1] == straight_losses[2]);
   CHECK(std::isfinite(a.w[0]));
+}
+
+TEST_CASE("checkpoint: a parameter group's bf16 values are saved as their fp32 masters and resume bit for bit") {
+  train::TrainerConfig tc;
+  tc.steps = 10, tc.log_interval = 4, tc.tokens_per_micro_batch = 8;
+  const train::AdamWConfig ac{0.05, 0.9, 0.95, 1e-8, 0.01};
+  const train::CosineSchedule sched{0.05, 0.005, 2, 10};
+  Regression a(true);
+  train::Trainer<Regression> ta(a, tc, ac, sched);
+  ta.run();
+
+  TempDir t;
+  const CheckpointDir dir(t.path);
+  {
+    Regression b(true);
+    train::Trainer<Regression> tb(b, tc, ac, sched);
+    for (int s = 0; s < 6; ++s) tb.step();
+    const fs::path step = dir.save(6, train::trainer_checkpoint(tb, {{"sampler", b.rng.state}}));
+    // The group's tensors under their prefixed names, fp32: the master, not the rounded bf16 value.
+    const io::SafetensorsFile m = io::read_safetensors(step / "model.safetensors");
+    CHECK(m.get_f32("extra.c", {2}) == b.group->master(0));
+    CHECK(io::read_safetensors(step / "optimizer.safetensors").contains("optim.v.extra.c"));
+  }
+  Regression c(true);
+  train::Trainer<Regression> tcn(c, tc, ac, sched);
+  std::vector<std::string> skipped;
+  const auto loaded = dir.load_newest(train::trainer_checkpoint(tcn), skipped);
+  REQUIRE(loaded);
+  c.rng.state = train::restore_trainer(tcn, *loaded).at("sampler").get<std::uint64_t>();
+  CHECK(c.group->steps_taken() == 6);
+  tcn.run();
+  CHECK(c.w == a.w);
+  CHECK(c.group->master(0) == a.group->master(0));
+  for (std::size_t i = 0; i < 2; ++i) CHECK(float(c.c[i]) == float(a.c[i]));
+  CHECK(c.group->optimizer().exp_avg_sq(0) == a.group->optimizer().exp_avg_sq(0));
+  CHECK(float(a.c[0]) != 0.f);  // the group did train
 }

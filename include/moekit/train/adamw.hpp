@@ -74,6 +74,8 @@ class AdamW {
   // First and second moments of parameter i (for checkpoints and exact resume).
   std::vector<T>& exp_avg(std::size_t i) { return m_.at(i); }
   std::vector<T>& exp_avg_sq(std::size_t i) { return v_.at(i); }
+  const std::vector<T>& exp_avg(std::size_t i) const { return m_.at(i); }
+  const std::vector<T>& exp_avg_sq(std::size_t i) const { return v_.at(i); }
   void set_steps_taken(std::int64_t t) {
     if (t < 0) throw ConfigError("steps_taken", std::to_string(t), "must be >= 0");
     t_ = t;

@@ -34,6 +34,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <optional>
 #include <set>
@@ -70,6 +71,10 @@ struct CheckpointContent {
   std::vector<CheckpointTensor> optimizer;  // optimizer*.safetensors
   nlohmann::json state;                     // trainer.json's "state": rank 0's
   nlohmann::json rank_state;                // trainer.json's "rank_states": every rank's, in rank order
+  // Host copies that some tensors above point into (parameters that live elsewhere: a device group's,
+  // bf16 masters), and what load() runs after it has written every buffer (copy them back there).
+  std::vector<std::vector<float>> staging;
+  std::vector<std::function<void()>> after_load;
 };
 
 // The ranks a checkpoint is written and read by (both null: one process). slices: the ranks that hold
@@ -341,7 +346,12 @@ class CheckpointDir {
         if (writes[std::size_t(r)] != "1") continue;
         std::istringstream in(reports[std::size_t(r)].substr(1));
         std::string n, b;
-        while (std::getline(in, n) && std::getline(in, b)) map[n] = detail::shard_file(stem, i, writers), bytes += std::stoll(b);
+        while (std::getline(in, n) && std::getline(in, b)) {
+          if (map.contains(n))  // two ranks claim to be its writer: the caller's layout is wrong
+            throw std::runtime_error("checkpoint: tensor '" + n + "' was written by two ranks (" + map[n].get<std::string>() + " and rank " +
+                                     std::to_string(r) + "'s); exactly one rank must be its writer");
+          map[n] = detail::shard_file(stem, i, writers), bytes += std::stoll(b);
+        }
         ++i;
       }
       totals[stem] = std::int64_t(map.size());
@@ -445,6 +455,7 @@ class CheckpointDir {
     std::size_t i = 0;
     for (const auto* set : {&c.model, &c.optimizer})
       for (const auto& t : *set) std::copy(staged[i].begin(), staged[i].end(), t.data), ++i;
+    for (const auto& f : c.after_load) f();
     return out;
   }
 

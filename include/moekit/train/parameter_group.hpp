@@ -8,6 +8,7 @@
 //
 // HostParameterGroup is the same contract over host Parameters (AdamW's arithmetic, train/adamw.hpp):
 // what a group must do, and the oracle of the device groups.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -31,6 +32,22 @@ class ParameterGroup {
   // One AdamW update with learning rate lr (after scale_grads); the group counts its own steps.
   virtual void step(double lr) = 0;
   virtual void zero_grad() = 0;
+
+  // Checkpoints (train/trainer_checkpoint.hpp). The parameters (names, shapes, shards; their pointers
+  // may be device pointers), and the prefix a checkpoint puts before their names (a model's
+  // "blocks.0.moe."), so that every tensor is named as the host model would name it.
+  virtual std::vector<Parameter<float>> checkpoint_parameters() const = 0;
+  // Parameter i's fp32 value (a bf16 one's fp32 master), m and v, to or from host buffers of numel()
+  // floats each. Loading a bf16 parameter writes its master and the master rounded to the value.
+  virtual void save_state(std::size_t i, float* value, float* m, float* v) const = 0;
+  virtual void load_state(std::size_t i, const float* value, const float* m, const float* v) = 0;
+  virtual std::int64_t steps_taken() const = 0;
+  virtual void set_steps_taken(std::int64_t t) = 0;
+  void set_checkpoint_prefix(std::string prefix) { prefix_ = std::move(prefix); }
+  const std::string& checkpoint_prefix() const { return prefix_; }
+
+ private:
+  std::string prefix_;
 };
 
 // The contract on host memory: AdamW<float> over the group's parameters. bf16 values
@@ -72,6 +89,26 @@ class HostParameterGroup final : public ParameterGroup {
   }
   void zero_grad() override { opt_.zero_grad(); }
   AdamW<float>& optimizer() { return opt_; }
+
+  std::vector<Parameter<float>> checkpoint_parameters() const override { return opt_.parameters(); }
+  void save_state(std::size_t i, float* value, float* m, float* v) const override {
+    const Parameter<float>& p = opt_.parameters().at(i);  // a bf16 group's: the master
+    const auto n = std::size_t(p.numel());
+    std::copy_n(p.value, n, value);
+    std::copy_n(opt_.exp_avg(i).data(), n, m);
+    std::copy_n(opt_.exp_avg_sq(i).data(), n, v);
+  }
+  void load_state(std::size_t i, const float* value, const float* m, const float* v) override {
+    const Parameter<float>& p = opt_.parameters().at(i);
+    const auto n = std::size_t(p.numel());
+    std::copy_n(value, n, p.value);
+    std::copy_n(m, n, opt_.exp_avg(i).data());
+    std::copy_n(v, n, opt_.exp_avg_sq(i).data());
+    if (!bf16_.empty())
+      for (std::size_t j = 0; j < n; ++j) bf16_[i].value[j] = bf16(masters_[i][j]);
+  }
+  std::int64_t steps_taken() const override { return opt_.steps_taken(); }
+  void set_steps_taken(std::int64_t t) override { opt_.set_steps_taken(t); }
 
  private:
   static std::vector<Parameter<float>> master_views(const std::vector<Parameter<bf16, float>>& ps, std::vector<std::vector<float>>& m) {

@@ -135,6 +135,7 @@ class Trainer {
   std::int64_t steps_done() const { return done_; }
   double train_seconds() const { return total_s_; }  // time in steps (not in evaluations)
   bool has_parameter_groups() const { return !groups_.empty(); }
+  const std::vector<ParameterGroup*>& parameter_groups() const { return groups_; }
 
   TrainerState state() const {
     return {done_, interval_steps_, interval_micro_, interval_bad_, bad_total_, bad_in_a_row_, good_in_interval_, sum_loss_, sum_norm_, interval_s_,

@@ -12,8 +12,9 @@
 // continues from its own; in another layout (resharding) from the bookkeeping summed over the old
 // shards and spread over the new ones (the interval's reported means then agree within rounding).
 //
-// Host parameters only for now: a trainer with parameter groups (bf16 masters, CUDA layers) is
-// refused with a ConfigError.
+// Parameter groups (train/parameter_group.hpp: bf16 parameters with fp32 masters, a CUDA layer's
+// device buffers) are saved as fp32 tensors like the host ones (a bf16 parameter as its master, the
+// state AdamW updates), copied to the host when the content is made and back after a load.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -24,6 +25,7 @@
 #include "moekit/core/parameter.hpp"
 #include "moekit/parallel/grid.hpp"
 #include "moekit/train/checkpoint.hpp"
+#include "moekit/train/parameter_group.hpp"
 #include "moekit/train/trainer.hpp"
 
 namespace moekit::train {
@@ -87,9 +89,6 @@ inline nlohmann::json layout_json(const ParallelGrid& g) { return {{"tp", g.tp},
 template <class Model>
 CheckpointContent trainer_checkpoint(Trainer<Model>& trainer, nlohmann::json extra = nlohmann::json::object(),
                                      const ParallelGrid& grid = {}) {
-  if (trainer.has_parameter_groups())
-    throw ConfigError("checkpoint", "parameter groups",
-                      "checkpoints of parameters that live outside the host optimizer (bf16 masters, CUDA layers) are not supported yet");
   CheckpointContent c;
   AdamW<float>& opt = trainer.optimizer();
   const auto& ps = opt.parameters();
@@ -97,6 +96,26 @@ CheckpointContent trainer_checkpoint(Trainer<Model>& trainer, nlohmann::json ext
     c.model.push_back(checkpoint_tensor(ps[i].name, ps[i].shape, ps[i].shard, ps[i].value, grid));
     c.optimizer.push_back(checkpoint_tensor("optim.m." + ps[i].name, ps[i].shape, ps[i].shard, opt.exp_avg(i).data(), grid));
     c.optimizer.push_back(checkpoint_tensor("optim.v." + ps[i].name, ps[i].shape, ps[i].shard, opt.exp_avg_sq(i).data(), grid));
+  }
+  // Parameter groups (bf16 masters, CUDA layers' device buffers): host copies of their fp32 values
+  // and moments, taken now (a save writes them) and written back after a load.
+  std::size_t n_staged = 0;
+  for (ParameterGroup* g : trainer.parameter_groups()) n_staged += 3 * g->checkpoint_parameters().size();
+  c.staging.reserve(n_staged);  // never reallocated: the tensors point into it
+  for (ParameterGroup* g : trainer.parameter_groups()) {
+    const auto gps = g->checkpoint_parameters();
+    for (std::size_t i = 0; i < gps.size(); ++i) {
+      const auto n = std::size_t(gps[i].numel());
+      float* v = c.staging.emplace_back(n).data();
+      float* m = c.staging.emplace_back(n).data();
+      float* s = c.staging.emplace_back(n).data();
+      g->save_state(i, v, m, s);
+      const std::string name = g->checkpoint_prefix() + gps[i].name;
+      c.model.push_back(checkpoint_tensor(name, gps[i].shape, gps[i].shard, v, grid));
+      c.optimizer.push_back(checkpoint_tensor("optim.m." + name, gps[i].shape, gps[i].shard, m, grid));
+      c.optimizer.push_back(checkpoint_tensor("optim.v." + name, gps[i].shape, gps[i].shard, s, grid));
+      c.after_load.push_back([g, i, v, m, s] { g->load_state(i, v, m, s); });
+    }
   }
   c.state = {{"optimizer_steps", opt.steps_taken()}, {"layout", layout_json(grid)}, {"run", std::move(extra)}};
   c.rank_state = to_json(trainer.state());
@@ -153,6 +172,7 @@ nlohmann::json restore_trainer(Trainer<Model>& trainer, const LoadedCheckpoint& 
   trainer.restore(same ? trainer_state_from_json(loaded.rank_states[std::size_t(grid.rank())])
                        : resharded_state(loaded.rank_states, from, grid.shards()));
   trainer.optimizer().set_steps_taken(state["optimizer_steps"].get<std::int64_t>());
+  for (ParameterGroup* g : trainer.parameter_groups()) g->set_steps_taken(state["optimizer_steps"].get<std::int64_t>());
   return state["run"];
 }
 

@@ -6,8 +6,8 @@
 // moments stay on the device. The arithmetic is train::AdamW's (train/adamw.hpp) in fp32. bf16 values
 // get an fp32 master copy in the group (made from the values when the group is made): the step updates
 // the master and writes it rounded to the values, so updates below bf16's resolution accumulate
-// instead of vanishing. Whoever writes the values behind the group's back (a checkpoint load) calls
-// reload_masters().
+// instead of vanishing. Whoever writes the values behind the group's back calls reload_masters(); a
+// checkpoint load (load_state) writes the master and the values together.
 #include <cuda_runtime.h>
 #include <library_types.h>
 
@@ -60,7 +60,6 @@ class AdamWGroup final : public train::ParameterGroup {
   }
 
   const std::vector<DeviceParameter>& parameters() const { return params_; }
-  std::int64_t steps_taken() const { return t_; }
   // m then v of parameter i, on the device (for checkpoints).
   float* exp_avg(std::size_t i) const { return moments_.data() + offset_.at(i); }
   float* exp_avg_sq(std::size_t i) const { return moments_.data() + total_ + offset_.at(i); }
@@ -110,7 +109,37 @@ class AdamWGroup final : public train::ParameterGroup {
       if (p.numel()) MOEKIT_CUDA_CHECK(cudaMemsetAsync(p.grad, 0, std::size_t(p.numel()) * sizeof(float), stream_));
   }
 
+  // Checkpoints: names, shapes and shards (the pointers are the device ones; a bf16 value's is its master).
+  std::vector<Parameter<float>> checkpoint_parameters() const override {
+    std::vector<Parameter<float>> ps;
+    for (std::size_t i = 0; i < params_.size(); ++i)
+      ps.push_back({params_[i].name, fp32_value(i), params_[i].grad, params_[i].shape, params_[i].shard});
+    return ps;
+  }
+  void save_state(std::size_t i, float* value, float* m, float* v) const override {
+    const std::size_t bytes = std::size_t(params_.at(i).numel()) * sizeof(float);
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(value, fp32_value(i), bytes, cudaMemcpyDeviceToHost, stream_));
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(m, exp_avg(i), bytes, cudaMemcpyDeviceToHost, stream_));
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(v, exp_avg_sq(i), bytes, cudaMemcpyDeviceToHost, stream_));
+    MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  void load_state(std::size_t i, const float* value, const float* m, const float* v) override {
+    const std::size_t n = std::size_t(params_.at(i).numel()), bytes = n * sizeof(float);
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(fp32_value(i), value, bytes, cudaMemcpyHostToDevice, stream_));
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(exp_avg(i), m, bytes, cudaMemcpyHostToDevice, stream_));
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(exp_avg_sq(i), v, bytes, cudaMemcpyHostToDevice, stream_));
+    if (float* mp = master(i)) MOEKIT_CUDA_CHECK(convert(mp, static_cast<__nv_bfloat16*>(params_[i].value), n, stream_));
+    MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  std::int64_t steps_taken() const override { return t_; }
+  void set_steps_taken(std::int64_t t) override {
+    if (t < 0) throw ConfigError("steps_taken", std::to_string(t), "must be >= 0");
+    t_ = t;
+  }
+
  private:
+  // The fp32 values of parameter i on the device: its master (bf16) or its values (fp32).
+  float* fp32_value(std::size_t i) const { return master(i) ? master(i) : static_cast<float*>(params_.at(i).value); }
   std::vector<DeviceParameter> params_;
   train::AdamWConfig cfg_;
   cudaStream_t stream_ = nullptr;
