@@ -3,7 +3,8 @@
 # (docs/checkpoints.md, resharding).
 #   MPIRUN="mpirun ... -np" reshard_test.sh TRAIN_DOMAINS NP_A "LAYOUT_A" NP_B "LAYOUT_B" [flags...]
 # NP 1 runs one process (LAYOUT "--parallel none"). Run A goes straight through with a checkpoint every
-# 40 steps; run B resumes A's step-80 checkpoint in layout B. Every training loss B reports after step
+# 40 steps; run B resumes A's step-80 checkpoint in layout B. Logging every 12 steps puts step 80 inside
+# an interval (73-84), so B's first report also checks the interval sums carried across layouts. Every training loss B reports after step
 # 80, and its final held-out loss, must equal A's within TOL (default 1e-5, absolute, in nats; measured: below 2e-8): the
 # layouts compute the same function (--balance global) in another order, so the runs drift apart by
 # fp32 rounding only, not bit for bit.
@@ -20,7 +21,7 @@ launch() {  # launch NP LAYOUT ARGS...: the run, under mpirun when NP > 1
   read -r -a lay <<< "$layout"
   if [[ $np -gt 1 ]]; then "${mpirun[@]}" "$np" "$exe" "${lay[@]}" "$@"; else "$exe" "${lay[@]}" "$@"; fi
 }
-common=(--steps 160 --log-interval 10 --eval-interval 0 --checkpoint-interval 40 --train-tokens 65536 --heldout-tokens 4096
+common=(--steps 160 --log-interval 12 --eval-interval 0 --checkpoint-interval 40 --train-tokens 65536 --heldout-tokens 4096
         --threads 1 "$@")
 
 launch "$np_a" "$layout_a" "${common[@]}" --json "$dir/a.jsonl" --checkpoint-dir "$dir/a" > "$dir/a.out"

@@ -325,3 +325,30 @@ TEST_CASE("checkpoint: a parameter group's bf16 values are saved as their fp32 m
   CHECK(c.group->optimizer().exp_avg_sq(0) == a.group->optimizer().exp_avg_sq(0));
   CHECK(float(a.c[0]) != 0.f);  // the group did train
 }
+
+TEST_CASE("checkpoint: the open interval's sums carried into another layout (resharded_state)") {
+  // Written at tp 2 x ep 2 (ranks 0..3; the shards are the tp-0 ranks 0 and 2), resumed with 3 shards.
+  // Each old rank's sums (tp partners equal); what the new shards must hold, worked out by hand:
+  //   loss: the old shards' mean (1.5 + 3.5) / 2 = 2.5, so the new mean over 3 shards stays 2.5;
+  //   load: the old total (4 + 8, 6 + 2) = (12, 8) spread over 3 shards: (4, 8/3), so the new sum is (12, 8).
+  auto rank = [](double loss, double lbl, std::vector<double> load) {
+    train::TrainerState s;
+    s.steps_done = 80, s.interval_micro = 7, s.sum_loss = loss, s.sum_norm = 9.0;
+    s.sum_lbl = {lbl}, s.sum_z = {0.5}, s.load = {load};
+    return train::to_json(s);
+  };
+  const std::vector<nlohmann::json> old{rank(1.5, 0.2, {4, 6}), rank(1.5, 0.2, {4, 6}), rank(3.5, 0.6, {8, 2}), rank(3.5, 0.6, {8, 2})};
+  const train::TrainerState s = train::resharded_state(old, ParallelGrid::of(2, 2, 1, 0), 3);
+  CHECK(s.steps_done == 80);
+  CHECK(s.interval_micro == 7);
+  CHECK(s.sum_norm == 9.0);
+  CHECK(s.sum_loss == doctest::Approx(2.5).epsilon(1e-15));
+  CHECK(s.sum_lbl.at(0) == doctest::Approx(0.4).epsilon(1e-15));
+  CHECK(s.sum_z.at(0) == doctest::Approx(0.5).epsilon(1e-15));
+  CHECK(s.load.at(0).at(0) == doctest::Approx(4.0).epsilon(1e-15));
+  CHECK(s.load.at(0).at(1) == doctest::Approx(8.0 / 3.0).epsilon(1e-15));
+  // Ranks whose rows disagree in size are a corrupt checkpoint.
+  std::vector<nlohmann::json> bad = old;
+  bad[2] = rank(3.5, 0.6, {8});
+  CHECK_THROWS_AS(train::resharded_state(bad, ParallelGrid::of(2, 2, 1, 0), 3), FormatError);
+}
