@@ -38,6 +38,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <span>
 #include <sstream>
 #include <string>
 #include <system_error>
@@ -120,12 +121,15 @@ class CheckpointWorld {
     if (r_.world) r_.world->broadcast(&v, 1, 0);
     return v;
   }
-  // Each rank's error (empty: none) -> every rank throws E with the first one, naming its rank.
+  // Each rank's error (empty: none) or else its payload -> every rank throws E with the first error,
+  // naming its rank; or every rank's payload, in rank order.
   template <class E>
-  void agree(const std::string& error) const {
-    const auto all = gather(error);
+  std::vector<std::string> agree(const std::string& error, const std::string& payload = {}) const {
+    auto all = gather(error.empty() ? "O" + payload : "E" + error);
     for (std::size_t r = 0; r < all.size(); ++r)
-      if (!all[r].empty()) throw E(size() > 1 ? "rank " + std::to_string(r) + ": " + all[r] : all[r]);
+      if (all[r][0] == 'E') throw E(size() > 1 ? "rank " + std::to_string(r) + ": " + all[r].substr(1) : all[r].substr(1));
+    for (auto& a : all) a.erase(0, 1);
+    return all;
   }
 
  private:
@@ -147,8 +151,9 @@ std::string attempt(F&& f) {
   }
 }
 
-// The full tensors this rank writes: its own whole ones, and its sliced ones assembled from the slice
-// group (collective over it: every rank of a group calls this with the same sliced tensors).
+// The full tensors this rank writes: its own whole ones (no copy: the vector stays empty and the
+// tensor's own buffer is written), and its sliced ones assembled from the slice group (collective over
+// it: every rank of a group calls this with the same sliced tensors).
 inline std::vector<std::pair<const CheckpointTensor*, std::vector<float>>> assemble(const std::vector<CheckpointTensor>& ts,
                                                                                      comm::HostCommunicator* slices) {
   std::vector<std::pair<const CheckpointTensor*, std::vector<float>>> out;
@@ -156,7 +161,7 @@ inline std::vector<std::pair<const CheckpointTensor*, std::vector<float>>> assem
   for (const auto& t : ts) {
     check_slice(t);
     if (t.slice_dim >= 0) sliced.push_back(&t);
-    else if (t.writer) out.push_back({&t, std::vector<float>(t.data, t.data + t.full_numel())});
+    else if (t.writer) out.push_back({&t, {}});
   }
   std::int64_t n = std::int64_t(sliced.size());
   const int g = slices ? slices->size() : 1;
@@ -188,7 +193,7 @@ inline std::vector<std::pair<const CheckpointTensor*, std::vector<float>>> assem
     if (covered != t.shape[std::size_t(t.slice_dim)])
       throw ShapeError("checkpoint: the slices of '" + t.name + "' cover " + std::to_string(covered) + " of its " +
                        std::to_string(t.shape[std::size_t(t.slice_dim)]) + " along dimension " + std::to_string(t.slice_dim));
-    std::vector<float> parts(std::size_t(t.numel() / std::max<std::int64_t>(1, t.slice_size) * covered));
+    std::vector<float> parts(std::size_t(inner * covered));
     if (slices) slices->all_gather_v(t.data, sizes.data(), parts.data());
     else std::copy_n(t.data, t.numel(), parts.data());
     if (!t.writer) continue;
@@ -328,7 +333,8 @@ class CheckpointDir {
         error = detail::attempt([&] {
           io::SafetensorsWriter w;
           w.set_metadata("format", "moekit-checkpoint-" + std::to_string(kCheckpointFormat));
-          for (const auto& [t, v] : full) {
+          for (const auto& [t, assembled] : full) {
+            const std::span<const float> v = t->slice_dim < 0 ? std::span<const float>(t->data, std::size_t(t->full_numel())) : assembled;
             w.add_f32(t->name, t->shape, v);
             w.set_metadata("xxh3:" + t->name, checksum_hex({reinterpret_cast<const std::uint8_t*>(v.data()), v.size() * sizeof(float)}));
             names += t->name + "\n" + std::to_string(v.size() * sizeof(float)) + "\n";
@@ -337,14 +343,12 @@ class CheckpointDir {
         });
       full.clear();
       // Every rank's error, or the tensors it wrote (name and bytes per line pair): rank 0 indexes them.
-      const auto reports = world.gather(error.empty() ? "O" + names : "E" + error);
-      for (std::size_t r = 0; r < reports.size(); ++r)
-        if (reports[r][0] == 'E') throw std::runtime_error((world.size() > 1 ? "rank " + std::to_string(r) + ": " : "") + reports[r].substr(1));
+      const auto reports = world.agree<std::runtime_error>(error, names);
       nlohmann::json map = nlohmann::json::object();
       std::int64_t bytes = 0;
       for (int r = 0, i = 0; r < int(reports.size()); ++r) {
         if (writes[std::size_t(r)] != "1") continue;
-        std::istringstream in(reports[std::size_t(r)].substr(1));
+        std::istringstream in(reports[std::size_t(r)]);
         std::string n, b;
         while (std::getline(in, n) && std::getline(in, b)) {
           if (map.contains(n))  // two ranks claim to be its writer: the caller's layout is wrong
@@ -442,12 +446,10 @@ class CheckpointDir {
       }
     });
     // Every rank's verdict; then the tensors of the checkpoint that no rank holds (the same on every rank).
-    const auto reports = world.gather(error.empty() ? "O" + claimed : "E" + error);
-    for (std::size_t r = 0; r < reports.size(); ++r)
-      if (reports[r][0] == 'E') throw FormatError((world.size() > 1 ? "rank " + std::to_string(r) + ": " : "") + reports[r].substr(1));
+    const auto reports = world.agree<FormatError>(error, claimed);
     std::set<std::string> held;
     for (const auto& rep : reports) {
-      std::istringstream in(rep.substr(1));
+      std::istringstream in(rep);
       for (std::string n; std::getline(in, n);) held.insert(n);
     }
     for (const auto& [key, f] : all_names)
