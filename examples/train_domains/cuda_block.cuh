@@ -2,7 +2,7 @@
 // CudaMoeBlock<Layer>: one CUDA MoE layer behind model.hpp's MoeBlock, shared by cuda_blocks.cu (the
 // unbiased routers) and cuda_blocks_bias.cu (router::BiasBalanced), which split the layer types between
 // them to bound nvcc's time per translation unit. Included from those two .cu files only.
-#if defined(TRAIN_DOMAINS_HAS_MPI) && defined(MOEKIT_HAS_NCCL)
+#if defined(MOEKIT_EXAMPLE_HAS_MPI) && defined(MOEKIT_HAS_NCCL)
 #define TRAIN_DOMAINS_CUDA_DISTRIBUTED 1
 #include <moekit/parallel/cuda_moe_layer.cuh>
 #endif

@@ -78,7 +78,7 @@ std::string cuda_device_problem(int ranks_on_node) {
 
 std::unique_ptr<CudaMoeBackend> make_cuda_backend() { return std::make_unique<SingleGpu>(); }
 
-#if defined(TRAIN_DOMAINS_HAS_MPI)
+#if defined(MOEKIT_EXAMPLE_HAS_MPI)
 std::unique_ptr<CudaMoeBackend> make_cuda_backend(mk::comm::Mpi& world, int local_rank) {
 #if defined(TRAIN_DOMAINS_CUDA_DISTRIBUTED)
   return std::make_unique<GpuPerRank>(world, local_rank);

@@ -17,7 +17,7 @@
 #include <memory>
 #include <string>
 
-#include "model.hpp"
+#include "../common/moe_block.hpp"
 
 namespace moekit::comm {
 class Mpi;

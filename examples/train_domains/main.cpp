@@ -13,7 +13,7 @@
 // from one domain, as when training sequences are packed by source.
 //
 // Under mpirun, --parallel data|expert|tensor|hybrid with --tp/--ep trains the same model with the
-// library's distributed host layers (parallel.hpp): --batch stays the global micro-batch, split over the
+// library's distributed host layers (../common/ranks.hpp): --batch stays the global micro-batch, split over the
 // ep·dp shards; dense gradients are averaged over the shards, the MoE layers sync theirs, and the
 // global gradient norm counts each parameter of the full model once. Rank 0 prints and writes the JSON.
 //
@@ -47,7 +47,8 @@
 #include "launch.hpp"
 #include "model.hpp"
 #include "options.hpp"
-#include "parallel.hpp"
+#include "../common/ranks.hpp"
+#include "../common/resume.hpp"
 #include "report.hpp"
 
 // The model as train::Trainer drives it: micro-batches drawn from the training stream, forward and
@@ -131,40 +132,6 @@ static nlohmann::json checkpoint_config(const Options& o) {
           {"copy_experts", o.copy_experts}, {"constant_experts", o.constant_experts}, {"tau", o.tau},
           {"gating_residual", o.gating_residual}, {"expert_bias", o.expert_bias}, {"bias_rate", o.bias_rate},
           {"pack_by_domain", o.pack_by_domain}};
-}
-
-// --resume: the newest checkpoint that verifies (the ones skipped, and why, on stderr), restored into
-// the model, the optimizer, the trainer and the sampler. No checkpoint at all: a fresh start, said so.
-// Checkpoints that exist but none verifies, or one written with other flags: an error.
-// Under mpirun every rank takes part (rank 0 prints), and the checkpoint may come from another layout.
-template <class Trainer>
-static void resume(const moekit::train::CheckpointDir& dir, Trainer& trainer, TrainedModel& trained, Model<float>& model,
-                   const nlohmann::json& config, Ranks* ranks) {
-  std::vector<std::string> skipped;
-  const moekit::ParallelGrid grid = ranks ? ranks->grid() : moekit::ParallelGrid{};
-  const moekit::train::CheckpointRanks cr = ranks ? ranks->checkpoint_ranks() : moekit::train::CheckpointRanks{};
-  const auto loaded = dir.load_newest(moekit::train::trainer_checkpoint(trainer, {}, grid), skipped, cr);
-  if (!ranks || ranks->rank() == 0)
-    for (const auto& s : skipped) std::fprintf(stderr, "resume: skipped %s\n", s.c_str());
-  if (!loaded) {
-    if (!skipped.empty())
-      throw moekit::FormatError("--resume: none of the " + std::to_string(skipped.size()) + " checkpoints in " + dir.root().string() +
-                                " verifies (above); not starting over on top of them");
-    out("resume: no checkpoint in %s yet; starting at step 0\n", dir.root().string().c_str());
-    return;
-  }
-  const nlohmann::json run = moekit::train::restore_trainer(trainer, *loaded, grid);
-  const nlohmann::json& saved = run.at("config");
-  for (const auto& [key, value] : config.items())
-    if (!saved.contains(key) || saved[key] != value)
-      throw moekit::ConfigError(key, value.dump(), "differs from the checkpoint's " + (saved.contains(key) ? saved[key].dump() : "(none)") +
-                                                       " (" + loaded->dir.string() + "); resume with the flags that wrote it");
-  trained.set_sampler_state(run.at("sampler").get<std::uint64_t>());
-  model.set_router_states(run.at("router_states").get<std::vector<std::vector<double>>>());
-  const nlohmann::json& layout = loaded->state.at("layout");
-  out("resume: step %lld from %s (written at tp %d x ep %d x dp %d%s)\n", (long long)loaded->step, loaded->dir.string().c_str(),
-      layout.at("tp").get<int>(), layout.at("ep").get<int>(), layout.at("dp").get<int>(),
-      layout == moekit::train::layout_json(grid) ? "" : "; resharded to this run's layout");
 }
 
 // world: the communicator of a --parallel run (nullptr: one process, the single-rank layers).
@@ -352,32 +319,12 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-#ifdef TRAIN_DOMAINS_HAS_MPI
-  moekit::comm::MpiSession session(&argc, &argv);
-  int status = 2;
-  {
-    moekit::comm::Mpi world;  // freed (with everything split from it) before MPI_Finalize
-    if (opt.threads == 0 && std::getenv("OMP_NUM_THREADS") == nullptr) set_threads(threads_per_rank());
-    try {
-      std::unique_ptr<CudaMoeBackend> cuda;  // outlives run()'s model, freed before world
-      if (!opt.cuda || (cuda = open_cuda(world))) status = run(opt, &world, cuda.get());
-    } catch (const moekit::ConfigError& e) {  // the same on every rank (the layers agree on their config)
-      if (world.rank() == 0) std::fprintf(stderr, "error: %s\n", e.what());
-      status = 2;
-    } catch (const moekit::NumericError& e) {  // the trainer's --max-bad-steps: decided alike on every rank
-      if (world.rank() == 0) std::fprintf(stderr, "error: %s\n", e.what());
-      status = 2;
-    } catch (const moekit::FormatError& e) {  // --resume: the checkpoint loader's verdict, agreed by every rank
-      if (world.rank() == 0) std::fprintf(stderr, "error: %s\n", e.what());
-      status = 2;
-    } catch (const std::exception& e) {  // possibly one rank only: the others may wait in a collective
-      std::fprintf(stderr, "error (rank %d of %d): %s\n", world.rank(), world.size(), e.what());
-      std::fflush(stderr);
-      if (world.size() > 1) MPI_Abort(MPI_COMM_WORLD, 2);
-      status = 2;
-    }
-  }
-  return status;
+#ifdef MOEKIT_EXAMPLE_HAS_MPI
+  return run_under_mpi(&argc, &argv, opt.threads, [&](moekit::comm::Mpi& world) {
+    std::unique_ptr<CudaMoeBackend> cuda;  // outlives run()'s model, freed before world
+    if (opt.cuda && !(cuda = open_cuda(world))) return 2;
+    return run(opt, &world, cuda.get());
+  });
 #else
   std::fprintf(stderr, "error: --parallel %s needs MPI, and this train_domains was built without it (CMake found no MPI, so "
                        "there was no moekit::mpi target); rebuild with MPI installed, or use --parallel none\n",

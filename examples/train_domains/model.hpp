@@ -10,24 +10,18 @@
 // The W position tables are stored as one [W * vocab, d_model] table and looked up as a bag:
 // window slot j of token id v reads row j * vocab + v.
 //
-// The MoE layers sit behind a virtual interface (MoeBlock) and come from a factory: by default
-// make_moe_block (single-rank layers); parallel.hpp's factory gives the distributed host layers
+// The MoE layers sit behind a virtual interface (../common/moe_block.hpp: MoeBlock) and come from a
+// factory: by default make_moe_block (single-rank layers); ../common/ranks.hpp's factory gives the distributed host layers
 // (--parallel), whose forward/backward communicate and whose parameters() list this rank's shard;
 // cuda_blocks.hpp's gives CUDA layers (--backend cuda), whose parameters stay on the device as a
 // train::ParameterGroup (parameter_groups()) that the trainer clips and steps there.
 #include <cmath>
 #include <cstdint>
-#include <functional>
 #include <memory>
-#include <stdexcept>
 #include <string>
-#include <type_traits>
-#include <utility>
 #include <vector>
 
-#include <moekit/backend/host/convert.hpp>
 #include <moekit/experts/granularity.hpp>
-#include <moekit/layer/any_layer.hpp>
 #include <moekit/moe_layer.hpp>
 #include <moekit/nn/cross_entropy.hpp>
 #include <moekit/nn/embedding.hpp>
@@ -35,6 +29,8 @@
 #include <moekit/nn/rms_norm.hpp>
 #include <moekit/train/adamw.hpp>
 #include <moekit/train/parameter_group.hpp>
+
+#include "../common/moe_block.hpp"
 
 struct ModelConfig {
   std::int64_t vocab = 64;
@@ -76,205 +72,6 @@ struct ModelConfig {
   }
   std::int64_t total_experts() const { return experts + zero_experts + copy_experts + constant_experts; }
 };
-
-// One MoE layer behind a small virtual interface, so the model can hold whichever of the layer types
-// the run-time flags pick. Virtual calls happen a few times per layer per step: nothing next to GEMMs.
-template <class T>
-class MoeBlock {
- public:
-  template <class U>
-  using Matrix = moekit::MatrixView<U>;
-  virtual ~MoeBlock() = default;
-  virtual const moekit::MoeConfig& config() const = 0;
-  virtual moekit::AuxLosses forward(Matrix<const T> x, Matrix<T> y, Matrix<const T> prev_logits) = 0;
-  virtual void backward(Matrix<const T> dy, Matrix<T> dx, double aux_scale, Matrix<const T> dlogits_next,
-                        Matrix<T> dprev_logits) = 0;
-  virtual Matrix<const T> logits() const = 0;
-  virtual Matrix<const T> probs() const = 0;
-  virtual Matrix<const std::int32_t> topk_indices() const = 0;
-  virtual moekit::VectorView<const std::int32_t> expert_counts() const = 0;
-  virtual const std::vector<std::int64_t>& routed_counts() const = 0;
-  virtual std::int64_t expert_gemm_flops() const = 0;
-  virtual std::int64_t ffn_rows() const = 0;
-  virtual void init_params(std::uint64_t seed) = 0;
-  virtual std::vector<moekit::Parameter<T>> parameters(const std::string& prefix) = 0;
-  virtual void zero_grad() = 0;
-  // Distributed layers: average the step's accumulated MoE gradients over the shards (a collective:
-  // every rank calls it once per optimizer step, after the last backward). Single-rank: nothing.
-  virtual void sync_gradients() = 0;
-  // GlobalBatch: empty the count buffer after each optimizer step. MicroBatch: nothing to do.
-  // After each optimizer step: the layer's per-step hook (GlobalBatch buffer reset, BiasBalanced update).
-  virtual void end_step() = 0;
-  // Evaluation forwards (false) do not add their counts to a GlobalBatch buffer.
-  virtual void set_training(bool on) = 0;
-  // Layers whose weights live elsewhere (the CUDA layers: on the device) list no host parameters; their
-  // parameters are a train::ParameterGroup that the trainer clips and steps where they live (made on
-  // first call with the trainer's AdamW config; weight decay on matrices, as the host's). Host layers:
-  // none.
-  virtual moekit::train::ParameterGroup* parameter_group(const moekit::train::AdamWConfig&) { return nullptr; }
-  // Parameters of the layer wherever they live (for counting): shapes and shards; host layers: parameters().
-  virtual std::vector<moekit::Parameter<T>> parameter_shapes(const std::string& prefix) { return parameters(prefix); }
-  // A stateful router's values (BiasBalanced: the biases; empty otherwise), for checkpoints.
-  virtual std::vector<double> router_state() const { return {}; }
-  virtual void set_router_state(const std::vector<double>& v) {
-    if (!v.empty()) throw std::logic_error("this MoE layer keeps no router state");
-  }
-};
-
-// A host layer: the library's type-erased layer (moekit/layer/any_layer.hpp) behind the model's interface.
-// V: the layer's storage type. V = T: the calls pass straight through. V = bf16 (--dtype bf16): x and dy
-// arrive in T and are rounded to bf16 on the way in, y and dx come back widened (logits and their
-// gradients are fp32 in the layer anyway); the parameters (bf16 values, fp32 gradients) are a
-// train::HostParameterGroup with fp32 masters, which the trainer clips and steps beside the fp32 ones.
-template <class T, class V = T>
-class HostMoeBlock final : public MoeBlock<T> {
-  template <class U>
-  using Matrix = moekit::MatrixView<U>;
-  using Layer = moekit::AnyMoeLayer<moekit::backend::Host<V>>;
-  static constexpr bool kConverts = !std::is_same_v<T, V>;
-
- public:
-  explicit HostMoeBlock(std::unique_ptr<Layer> layer) : layer_(std::move(layer)) {}
-  const moekit::MoeConfig& config() const override { return layer_->config(); }
-  moekit::AuxLosses forward(Matrix<const T> x, Matrix<T> y, Matrix<const T> prev) override {
-    if constexpr (!kConverts) {
-      return layer_->forward(x, y, prev);
-    } else {
-      moekit::check_shape(y, "y", {x.shape[0], config().d_model});
-      const std::int64_t n = x.shape[0] * x.shape[1];
-      in_.resize(std::size_t(n)), out_.resize(std::size_t(n));
-      moekit::backend::host::convert(x.data, in_.data(), n);
-      const auto aux = layer_->forward({in_.data(), x.shape}, {out_.data(), x.shape}, prev);
-      moekit::backend::host::convert(out_.data(), y.data, n);
-      return aux;
-    }
-  }
-  void backward(Matrix<const T> dy, Matrix<T> dx, double aux_scale, Matrix<const T> dnext, Matrix<T> dprev) override {
-    if constexpr (!kConverts) {
-      layer_->backward(dy, dx, aux_scale, dnext, dprev);
-    } else {
-      moekit::check_shape(dx, "dx", {dy.shape[0], config().d_model});
-      const std::int64_t n = dy.shape[0] * dy.shape[1];
-      in_.resize(std::size_t(n)), out_.resize(std::size_t(n));
-      moekit::backend::host::convert(dy.data, in_.data(), n);
-      layer_->backward({in_.data(), dy.shape}, {out_.data(), dy.shape}, aux_scale, dnext, dprev);
-      moekit::backend::host::convert(out_.data(), dx.data, n);
-    }
-  }
-  Matrix<const T> logits() const override { return {layer_->views().logits, {layer_->num_tokens(), config().num_experts()}}; }
-  Matrix<const T> probs() const override { return {layer_->views().probs, {layer_->num_tokens(), config().num_experts()}}; }
-  Matrix<const std::int32_t> topk_indices() const override {
-    return {layer_->views().topk_indices, {layer_->num_tokens(), config().top_k}};
-  }
-  moekit::VectorView<const std::int32_t> expert_counts() const override { return layer_->expert_counts(); }
-  const std::vector<std::int64_t>& routed_counts() const override { return layer_->routed_counts(); }
-  std::int64_t expert_gemm_flops() const override { return layer_->expert_gemm_flops(); }
-  std::int64_t ffn_rows() const override { return layer_->ffn_rows(); }
-  void init_params(std::uint64_t seed) override {
-    layer_->init_params(seed);
-    if constexpr (kConverts)
-      if (group_) group_->reload_masters();
-  }
-  std::vector<moekit::Parameter<T>> parameters(const std::string& prefix) override {
-    if constexpr (kConverts) return {};  // the group holds them
-    else return layer_->parameters(prefix);
-  }
-  std::vector<moekit::Parameter<T>> parameter_shapes(const std::string& prefix) override {
-    if constexpr (!kConverts) return layer_->parameters(prefix);
-    std::vector<moekit::Parameter<T>> ps;
-    for (const auto& p : layer_->parameters()) ps.push_back({prefix + p.name, nullptr, nullptr, p.shape, p.shard});
-    return ps;
-  }
-  moekit::train::ParameterGroup* parameter_group(const moekit::train::AdamWConfig& ac) override {
-    if constexpr (kConverts) {
-      if (!group_)
-        group_ = std::make_unique<moekit::train::HostParameterGroup>(layer_->parameters(), ac,
-                                                                     [](const moekit::Parameter<float>& p) { return p.shape.size() >= 2; });
-      return group_.get();
-    } else {
-      (void)ac;
-      return nullptr;
-    }
-  }
-  std::vector<double> router_state() const override {
-    const auto v = layer_->router_state();
-    return {v.begin(), v.end()};
-  }
-  void set_router_state(const std::vector<double>& v) override {
-    using L = typename std::remove_cvref_t<decltype(layer_->router_state())>::value_type;
-    const std::vector<std::remove_const_t<L>> l(v.begin(), v.end());
-    layer_->set_router_state(l);
-  }
-  void zero_grad() override { layer_->zero_grad(); }
-  void sync_gradients() override { layer_->sync_gradients(); }
-  void end_step() override { layer_->end_step(); }
-  void set_training(bool on) override { layer_->set_training(on); }
-
- private:
-  std::unique_ptr<Layer> layer_;
-  std::unique_ptr<moekit::train::HostParameterGroup> group_;  // kConverts only
-  std::vector<V> in_, out_;                                    // kConverts only
-};
-
-// The trainer's model is always softmax top-k + SwiGLU, so it instantiates only the 8 layer types the
-// flags can reach (gating residual x zero-computation experts x balance scope) rather than
-// moekit::with_layer_type's full router x activation grid, which would compile 6x as many.
-// with_moe_layer_type calls make(std::type_identity<MoeLayer<Backend, R, E, B, Parallel>>{}) for the
-// flags' type and returns what it returns (the same type for all 8): make_moe_block below for the host
-// layers, cuda_blocks.cu for the CUDA ones.
-// kBias: both router families (the default), or one half (cuda_blocks.cu and cuda_blocks_bias.cu each
-// instantiate one, to bound nvcc's time per translation unit).
-template <class Backend, class Parallel, moekit::BiasVariants kBias = moekit::BiasVariants::kBoth, class Make>
-auto with_moe_layer_type(const moekit::MoeConfig& mc, bool global_balance, Make&& make) {
-  namespace mk = moekit;
-  using Plain = mk::router::TopK<mk::router::Softmax>;
-  using Ffn = mk::experts::Ffn<mk::act::SwiGLU>;
-  using Mixed = mk::experts::Set<Ffn, mk::experts::Zero, mk::experts::Copy, mk::experts::Constant>;
-  auto by_balance = [&]<class R, class E>(std::type_identity<R>, std::type_identity<E>) {
-    if (global_balance) return make(std::type_identity<mk::MoeLayer<Backend, R, E, mk::balance::GlobalBatch, Parallel>>{});
-    return make(std::type_identity<mk::MoeLayer<Backend, R, E, mk::balance::MicroBatch, Parallel>>{});
-  };
-  auto by_experts = [&]<class R>(std::type_identity<R> r) {
-    if (mc.num_zc_experts() > 0) return by_balance(r, std::type_identity<Mixed>{});
-    return by_balance(r, std::type_identity<Ffn>{});
-  };
-  using Residual = mk::router::GatingResidual<Plain>;
-  if (kBias != mk::BiasVariants::kBoth && mc.expert_bias != (kBias == mk::BiasVariants::kBiased))
-    throw std::logic_error("with_moe_layer_type: this call instantiates only the other half of the routers (expert bias)");
-  if constexpr (kBias == mk::BiasVariants::kBiased) {
-    if (mc.gating_residual) return by_experts(std::type_identity<mk::router::BiasBalanced<Residual>>{});
-    return by_experts(std::type_identity<mk::router::BiasBalanced<Plain>>{});
-  } else if constexpr (kBias == mk::BiasVariants::kUnbiased) {
-    if (mc.gating_residual) return by_experts(std::type_identity<Residual>{});
-    return by_experts(std::type_identity<Plain>{});
-  } else {
-    if (mc.expert_bias && mc.gating_residual) return by_experts(std::type_identity<mk::router::BiasBalanced<Residual>>{});
-    if (mc.expert_bias) return by_experts(std::type_identity<mk::router::BiasBalanced<Plain>>{});
-    if (mc.gating_residual) return by_experts(std::type_identity<Residual>{});
-    return by_experts(std::type_identity<Plain>{});
-  }
-}
-
-// The host layers. Parallel = parallel::None (args: none) or a distributed policy (args: the communicator).
-template <class T, class Parallel = moekit::parallel::None, class... Args>
-std::unique_ptr<MoeBlock<T>> make_moe_block(const moekit::MoeConfig& mc, bool global_balance, Args&... args) {
-  return with_moe_layer_type<moekit::backend::Host<T>, Parallel>(
-      mc, global_balance, [&]<class Layer>(std::type_identity<Layer>) -> std::unique_ptr<MoeBlock<T>> {
-        return std::make_unique<HostMoeBlock<T>>(moekit::erase<Layer>(mc, args...));
-      });
-}
-
-// --dtype bf16: the single-rank backend::Host<bf16> layers.
-inline std::unique_ptr<MoeBlock<float>> make_bf16_moe_block(const moekit::MoeConfig& mc, bool global_balance) {
-  return with_moe_layer_type<moekit::backend::Host<moekit::bf16>, moekit::parallel::None>(
-      mc, global_balance, [&]<class Layer>(std::type_identity<Layer>) -> std::unique_ptr<MoeBlock<float>> {
-        return std::make_unique<HostMoeBlock<float, moekit::bf16>>(moekit::erase<Layer>(mc));
-      });
-}
-
-// Makes one MoE layer from its config and the balance scope. Called once per block, in block order.
-template <class T>
-using MoeBlockFactory = std::function<std::unique_ptr<MoeBlock<T>>(const moekit::MoeConfig&, bool global_balance)>;
 
 // T = float for training; the unit tests instantiate it in double for finite differences.
 template <class T = float>

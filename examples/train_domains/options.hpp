@@ -7,7 +7,7 @@
 
 #include <CLI/CLI.hpp>
 
-#include "parallel.hpp"
+#include "../common/ranks.hpp"
 
 struct Options {
   std::int64_t steps = 3000;

@@ -17,21 +17,8 @@
 #include "domains.hpp"
 #include "model.hpp"
 #include "options.hpp"
-#include "parallel.hpp"
-
-// Progress and report go to stdout on rank 0 only.
-inline bool g_print = true;
-inline void out(const char* fmt, ...) {
-  if (!g_print) return;
-  va_list args;
-  va_start(args, fmt);
-  std::vprintf(fmt, args);
-  va_end(args);
-}
-
-inline double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
+#include "../common/console.hpp"
+#include "../common/ranks.hpp"
 
 // ---------------------------------------------------------------------------------------------------
 // Batches: token i of a stream is predicted from the W tokens before it (separators before the start).

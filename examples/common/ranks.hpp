@@ -1,12 +1,12 @@
 #pragma once
-// train_domains under mpirun (--parallel data|expert|tensor|hybrid, --tp, --ep): the distributed MoE
-// layers behind model.hpp's MoeBlock, and the trainer's side of the data parallelism. Nothing here
-// needs MPI: it works on any comm::HostCommunicator (main.cpp passes comm::Mpi's world).
+// An example trainer under mpirun (--parallel data|expert|tensor|hybrid, --tp, --ep): the distributed
+// MoE layers behind moe_block.hpp's MoeBlock, and the trainer's side of the data parallelism. Nothing
+// here needs MPI: it works on any comm::HostCommunicator (a trainer's main.cpp passes comm::Mpi's world).
 //
 // The world is tp x ep x dp ranks, tp fastest: rank = t + tp·(e + ep·d), as in the library's layers.
 // Ranks of one tp group (same e, d) hold the same tokens; the S = ep·dp "shards" (index e + ep·d) hold
 // different tokens. Parameters:
-//   dense (embedding, norms, head): replicated on every rank. Their gradients are all-reduced over the S
+//   dense (embedding, norms, head; train_lm: attention too): replicated on every rank. Their gradients are all-reduced over the S
 //     ranks with this rank's tp index (split by color t) and divided by S, here.
 //   MoE router, gating residual, constant experts: replicated; FFN experts: rank (t, e, d) holds experts
 //     [e·E/ep, (e+1)·E/ep), each the t-th 1/tp slice of d_expert, the same slice on every d. The layer's
@@ -29,7 +29,7 @@
 #include <moekit/parallel/policy.hpp>
 #include <moekit/train/checkpoint.hpp>
 
-#include "model.hpp"
+#include "moe_block.hpp"
 
 enum class Parallel { kNone, kData, kExpert, kTensor, kHybrid };
 
@@ -73,7 +73,7 @@ inline bool parse_parallel(const std::string& s, Parallel& p) {
 // A distributed layer for the config's degrees (mc.tp, mc.ep, mc.dp): the same 8 router x experts x
 // balance types as make_moe_block, as MoeLayer<..., parallel::Hybrid>. The policy tag of a distributed
 // host layer only limits which degrees may exceed 1 (its code is the same for Data, Expert, Tensor and
-// Hybrid), and main.cpp enforces --parallel's limits with the tags' own allows_tp/allows_ep before any
+// Hybrid), and the trainers enforce --parallel's limits with the tags' own allows_tp/allows_ep before any
 // layer is built; instantiating all four tags would compile 32 distributed types instead of 8 (measured:
 // 40 s instead of 24 s for main.cpp on 2 cores).
 template <class T>
