@@ -28,6 +28,7 @@
 #include <moekit/parallel/host_moe_layer.hpp>
 #include <moekit/parallel/policy.hpp>
 #include <moekit/train/checkpoint.hpp>
+#include <moekit/train/trainer.hpp>
 
 #include "moe_block.hpp"
 
@@ -122,6 +123,16 @@ class Ranks {
     return [this](const moekit::MoeConfig& base, bool global_balance) {
       return make_parallel_moe_block<T>(with_degrees(base), global_balance, world_);
     };
+  }
+
+  // The trainer's sums over ranks: interval statistics over the shards, the expert slices' part of the
+  // gradient norm over the ranks that hold different ones.
+  moekit::train::Reductions reductions() {
+    moekit::train::Reductions red;
+    red.shards = g_.shards();
+    red.sum_over_shards = [this](double* v, std::size_t n) { sum_over_shards(v, n); };
+    red.sum_over_expert_slices = [this](double* v, std::size_t n) { sum_over_expert_slices(v, n); };
+    return red;
   }
 
   // Sums v over the shards (the ranks holding different tokens; tp replicas are not counted twice).

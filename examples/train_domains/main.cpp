@@ -206,12 +206,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   moekit::train::AdamWConfig ac;
   ac.lr = opt.lr, ac.beta2 = 0.95, ac.weight_decay = opt.weight_decay;
   const moekit::train::CosineSchedule schedule{opt.lr, opt.lr / 10, std::max<std::int64_t>(1, opt.steps / 20), opt.steps};
-  moekit::train::Reductions red;
-  if (ranks) {
-    red.shards = shards;
-    red.sum_over_shards = [&](double* v, std::size_t n) { ranks->sum_over_shards(v, n); };
-    red.sum_over_expert_slices = [&](double* v, std::size_t n) { ranks->sum_over_expert_slices(v, n); };
-  }
+  const moekit::train::Reductions red = ranks ? ranks->reductions() : moekit::train::Reductions{};
   trained.set_parameter_groups(model.parameter_groups(ac));  // --backend cuda: on the device
   moekit::train::Trainer<TrainedModel> trainer(
       trained, tc, ac, schedule, [](const moekit::Parameter<float>& p) { return p.shape.size() >= 2; }, red);

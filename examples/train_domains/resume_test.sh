@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ctest train_domains.resume.* and train_domains.mpi.resume.*: exact resume after kill -9
 # (docs/checkpoints.md).
-#   [LAUNCH="mpirun ... -np 4"] resume_test.sh TRAIN_DOMAINS [flags of the run...]
+#   [LAUNCH="mpirun ... -np 4"] [DATA="data flags"] resume_test.sh TRAINER [flags of the run...]
+# (TRAINER: train_domains, or train_lm with DATA="--train-bytes ...")
 # LAUNCH (optional) starts every run, e.g. under mpirun; then every rank is killed at once, as when a
 # node is lost.
 # 1. The run straight through, a checkpoint every 40 steps.
@@ -18,7 +19,9 @@ read -r -a launch <<< "${LAUNCH:-}"
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 steps=${STEPS:-240}
-run=("${launch[@]}" "$exe" --steps $steps --log-interval 10 --eval-interval 0 --train-tokens 65536 --heldout-tokens 4096 --threads "${THREADS:-2}"
+# DATA: the trainer's data flags (train_lm: --train-bytes ...).
+read -r -a data <<< "${DATA:---train-tokens 65536 --heldout-tokens 4096}"
+run=("${launch[@]}" "$exe" --steps $steps --log-interval 10 --eval-interval 0 "${data[@]}" --threads "${THREADS:-2}"
      --checkpoint-interval 40 "$@")
 
 "${run[@]}" --json "$dir/straight.jsonl" --checkpoint-dir "$dir/a" > "$dir/straight.txt"
@@ -50,7 +53,7 @@ echo "killed after step-000080 existed; resumed from step $from"
 cat "$dir/resumed.err"
 
 # Training rows without their timings, from step > from.
-rows() { grep '"type":"train"' | sed -E 's/"tokens_per_s":[^,]*,//; s/"step_time_ms":[^,]*,//' |
+rows() { grep '"type":"train"' | sed -E 's/"tokens_per_s":[^,]*,//; s/"step_time_ms":[^,]*,//; s/"elapsed_s":[^,]*,//' |
          awk -v from="$from" '{ s = $0; sub(/.*"step":/, "", s); sub(/,.*/, "", s); if (s + 0 > from) print }'; }
 rows < "$dir/straight.jsonl" > "$dir/want.txt"
 tail -n +"$((before + 1))" "$dir/b.jsonl" | rows > "$dir/got.txt"

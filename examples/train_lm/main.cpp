@@ -204,12 +204,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world) {
   moekit::train::AdamWConfig ac;
   ac.lr = opt.lr, ac.beta2 = 0.95, ac.weight_decay = opt.weight_decay;
   const moekit::train::CosineSchedule schedule{opt.lr, opt.lr / 10, std::max<std::int64_t>(1, opt.steps / 20), opt.steps};
-  moekit::train::Reductions red;
-  if (ranks) {
-    red.shards = shards;
-    red.sum_over_shards = [&](double* v, std::size_t n) { ranks->sum_over_shards(v, n); };
-    red.sum_over_expert_slices = [&](double* v, std::size_t n) { ranks->sum_over_expert_slices(v, n); };
-  }
+  const moekit::train::Reductions red = ranks ? ranks->reductions() : moekit::train::Reductions{};
   trained.set_parameter_groups(model.parameter_groups(ac));
   moekit::train::Trainer<TrainedModel> trainer(
       trained, tc, ac, schedule, [](const moekit::Parameter<float>& p) { return p.shape.size() >= 2; }, red);
@@ -260,6 +255,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world) {
     progress.settle();
     out("  eval @ %lld: held-out %.3f bits per byte (%.4f nats; %lld bytes) | unigram %.3f\n", (long long)step, ev.bits(), ev.loss,
         (long long)ev.bytes, unigram);
+    std::fflush(stdout);
     emit({{"type", "eval"}, {"step", step}, {"elapsed_s", trainer.train_seconds()}, {"heldout_loss", ev.loss},
           {"heldout_bits_per_byte", ev.bits()}, {"bytes", ev.bytes}});
   });

@@ -124,11 +124,11 @@ class Progress {
   void line(const std::string& s) {
     if (tty_) {
       out("\r\033[K%s", s.c_str());
-      std::fflush(stdout);
       open_ = true;
     } else {
       out("%s\n", s.c_str());
     }
+    std::fflush(stdout);  // a pipe (tee, a log file) sees each line as it happens
   }
   // Ends a redrawn line so the next output starts on its own.
   void settle() {

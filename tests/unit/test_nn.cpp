@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "../common/random_vectors.hpp"
+
 using namespace moekit;
 
 namespace {
@@ -25,18 +27,8 @@ namespace {
 constexpr double kStep = 1e-6;
 constexpr double kTol = 1e-7;
 
-std::vector<double> randn(std::size_t n, std::mt19937_64& g, double scale = 1.0) {
-  std::normal_distribution<double> nd(0.0, scale);
-  std::vector<double> v(n);
-  for (auto& x : v) x = nd(g);
-  return v;
-}
-
-double dot(const std::vector<double>& a, const std::vector<double>& b) {
-  double s = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
-  return s;
-}
+using moekit_test::dot;
+using moekit_test::randn;
 
 // Checks analytic[i] against the central difference of loss() in p[i], for every i < n.
 void check_fd(const char* what, double* p, const double* analytic, std::int64_t n, const std::function<double()>& loss) {

@@ -24,6 +24,8 @@
 #include <string>
 #include <vector>
 
+#include "../common/random_vectors.hpp"
+
 using namespace moekit;
 
 namespace {
@@ -31,18 +33,8 @@ namespace {
 constexpr double kStep = 1e-5;
 constexpr double kGradTol = 1e-7;
 
-std::vector<double> randn(std::size_t n, std::mt19937_64& g, double scale = 1.0) {
-  std::normal_distribution<double> nd(0.0, scale);
-  std::vector<double> v(n);
-  for (auto& x : v) x = nd(g);
-  return v;
-}
-
-double dot(const std::vector<double>& a, const std::vector<double>& b) {
-  double s = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
-  return s;
-}
+using moekit_test::dot;
+using moekit_test::randn;
 
 // max_i |got[i] - ref[i]| <= tol * max_i |ref[i]|.
 template <class G>
