@@ -22,4 +22,11 @@ inline std::vector<float> random_vec(std::size_t n, unsigned seed) {
   return v;
 }
 
+// sum_i a[i] b[i] (the loss sum(y * R) of the gradient checks).
+inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
+  double s = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
 }  // namespace moekit_test

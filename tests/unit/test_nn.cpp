@@ -18,7 +18,7 @@
 #include <string>
 #include <vector>
 
-#include "../common/random_vectors.hpp"
+#include "../common/random.hpp"
 
 using namespace moekit;
 
@@ -28,7 +28,7 @@ constexpr double kStep = 1e-6;
 constexpr double kTol = 1e-7;
 
 using moekit_test::dot;
-using moekit_test::randn;
+std::vector<double> randn(std::size_t n, std::mt19937_64& g, double scale = 1.0) { return moekit_test::random_vec(n, g, scale); }
 
 // Checks analytic[i] against the central difference of loss() in p[i], for every i < n.
 void check_fd(const char* what, double* p, const double* analytic, std::int64_t n, const std::function<double()>& loss) {

@@ -24,7 +24,7 @@
 #include <string>
 #include <vector>
 
-#include "../common/random_vectors.hpp"
+#include "../common/random.hpp"
 
 using namespace moekit;
 
@@ -34,7 +34,7 @@ constexpr double kStep = 1e-5;
 constexpr double kGradTol = 1e-7;
 
 using moekit_test::dot;
-using moekit_test::randn;
+std::vector<double> randn(std::size_t n, std::mt19937_64& g, double scale = 1.0) { return moekit_test::random_vec(n, g, scale); }
 
 // max_i |got[i] - ref[i]| <= tol * max_i |ref[i]|.
 template <class G>
