@@ -166,10 +166,8 @@ class CausalSelfAttention {
     qkv_proj_.backward(x, MatrixView<const T>(dqkv_.data(), {rows, width_}), dx);
   }
 
- private:
-  static constexpr std::int64_t kParallelWork = 1 << 15;
-
-  // Runs before any member is built, so a bad config never reaches Linear's or Rotary's own checks.
+  // Runs before any member is built, so a bad config never reaches Linear's or Rotary's own checks
+  // (public: nn/cuda/attention.cuh checks its config with the same rules). Returns d_model.
   static std::int64_t check_config(std::int64_t d_model, std::int64_t heads, std::int64_t kv_heads, std::int64_t max_seq,
                                    double rope_theta) {
     if (d_model <= 0) throw ConfigError("d_model", std::to_string(d_model), "must be > 0");
@@ -186,6 +184,9 @@ class CausalSelfAttention {
       throw ConfigError("rope_theta", detail::str(rope_theta), "must be finite and > 1");
     return d_model;
   }
+
+ private:
+  static constexpr std::int64_t kParallelWork = 1 << 15;
 
   void check_seq(std::int64_t rows, std::int64_t seq) const {
     if (seq <= 0) throw ShapeError("attention: seq = " + std::to_string(seq) + " must be > 0");

@@ -72,6 +72,10 @@ class Rotary {
     }
   }
 
+  // The tables [max_seq, head_dim / 2]: cos and sin of pos * theta^(-2i/hd) (nn/cuda uploads them).
+  const std::vector<T>& cos_table() const { return cos_; }
+  const std::vector<T>& sin_table() const { return sin_; }
+
  private:
   static constexpr std::int64_t kParallelWork = 1 << 15;
 

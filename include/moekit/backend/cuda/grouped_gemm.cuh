@@ -103,6 +103,15 @@ inline cublasStatus_t gemm_row_major(cublasHandle_t h, const GemmSpec& s, const 
   return cublasGemmEx(h, s.tb ? CUBLAS_OP_T : CUBLAS_OP_N, s.ta ? CUBLAS_OP_T : CUBLAS_OP_N, p.n, p.m, p.k, &s.alpha, p.b,
                       s.ab, p.ldb, p.a, s.ab, p.lda, &s.beta, p.c, s.c, p.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
+// `batch` row-major GEMMs of one shape, problem i at a + i·stride_a, b + i·stride_b, c + i·stride_c
+// (elements): attention's per-head products over the sequences of a batch.
+inline cublasStatus_t gemm_strided_batched_row_major(cublasHandle_t h, const GemmSpec& s, const GemmProblem& p, long long stride_a,
+                                                     long long stride_b, long long stride_c, int batch) {
+  if (p.m == 0 || p.n == 0 || batch == 0) return CUBLAS_STATUS_SUCCESS;
+  return cublasGemmStridedBatchedEx(h, s.tb ? CUBLAS_OP_T : CUBLAS_OP_N, s.ta ? CUBLAS_OP_T : CUBLAS_OP_N, p.n, p.m, p.k, &s.alpha,
+                                    p.b, s.ab, p.ldb, stride_b, p.a, s.ab, p.lda, stride_a, &s.beta, p.c, s.c, p.ldc, stride_c, batch,
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
 
 class ExpertGemm {
  public:
