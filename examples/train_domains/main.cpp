@@ -23,7 +23,7 @@
 // Read top to bottom: the model as the library's Trainer sees it, then run(): data, model, the trainer
 // (moekit/train/trainer.hpp: accumulation, gradient reduction, clipping, AdamW, the schedule, the
 // layers' per-step hook), progress and evaluation, the closing report. Flags: options.hpp (CLI11);
-// evaluation and report: report.hpp; start-up (threads, MPI, GPU): launch.hpp.
+// evaluation and report: report.hpp; start-up (threads, MPI, GPU): ../common/open_cuda.hpp.
 #include <array>
 #include <chrono>
 #include <cmath>
@@ -42,9 +42,9 @@
 #include <moekit/train/trainer.hpp>
 #include <moekit/train/trainer_checkpoint.hpp>
 
-#include "cuda_blocks.hpp"
+#include "../common/cuda_blocks.hpp"
 #include "domains.hpp"
-#include "launch.hpp"
+#include "../common/open_cuda.hpp"
 #include "model.hpp"
 #include "options.hpp"
 #include "../common/ranks.hpp"
@@ -298,7 +298,7 @@ int main(int argc, char** argv) {
   }
   if (opt.cuda && !kCudaCompiledIn) {
     std::fprintf(stderr, "error: --backend cuda needs the CUDA MoE layers, and this train_domains was built without CUDA "
-                         "(examples/train_domains/cuda_blocks.cu is compiled only when the build has CUDA, e.g. "
+                         "(examples/common/cuda_blocks.cu is compiled only when the build has CUDA, e.g. "
                          "cmake --preset cuda with nvcc installed); rebuild with CUDA, or use --backend host\n");
     return 2;
   }

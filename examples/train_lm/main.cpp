@@ -15,6 +15,7 @@
 // active width. Under mpirun, --parallel data|expert|tensor|hybrid distributes the MoE layers as the
 // library's distributed host layers (../common/ranks.hpp) while attention, norms, embedding and head
 // stay data-parallel: --batch sequences are split over the ep*dp shards, dense gradients averaged.
+// --backend cuda runs the whole model on one GPU (cuda_lm.hpp); the trainer below is the same.
 //
 // Read top to bottom: the model as the Trainer sees it (TrainedModel), then run(): data, model, trainer,
 // progress and evaluation, checkpoints, the closing report and sample.
@@ -39,9 +40,11 @@
 
 #include "../common/console.hpp"
 #include "../common/launch.hpp"
+#include "../common/open_cuda.hpp"
 #include "../common/ranks.hpp"
 #include "../common/resume.hpp"
-#include "model.hpp"
+#include "cuda_lm.hpp"
+#include "lm.hpp"
 #include "options.hpp"
 #include "report.hpp"
 #include "text_data.hpp"
@@ -54,7 +57,7 @@ using Emit = std::function<void(const nlohmann::ordered_json&)>;
 // group the same ones): together the shards see the micro-batch a single process draws.
 class TrainedModel {
  public:
-  TrainedModel(LmModel<float>& model, const TextSplit& train, const Options& opt, Ranks* ranks)
+  TrainedModel(Lm& model, const TextSplit& train, const Options& opt, Ranks* ranks)
       : model_(model), train_(train), opt_(opt), ranks_(ranks), sampler_(opt.seed ^ 0x53455153ull),  // "SEQS"
         local_batch_(opt.batch / (ranks ? ranks->grid().shards() : 1)), starts_(opt.batch),
         inputs_(local_batch_ * opt.seq), targets_(local_batch_ * opt.seq), dense_(model.dense_parameters()) {}
@@ -108,7 +111,7 @@ class TrainedModel {
   void set_sampler_state(std::uint64_t s) { sampler_.state = s; }  // (common/resume.hpp)
 
  private:
-  LmModel<float>& model_;
+  Lm& model_;
   const TextSplit& train_;
   const Options& opt_;
   Ranks* ranks_;
@@ -152,8 +155,9 @@ static LmConfig model_config(const Options& o) {
   return c;
 }
 
-// world: the communicator of a --parallel run (nullptr: one process).
-static int run(const Options& opt, moekit::comm::HostCommunicator* world) {
+// world: the communicator of a --parallel run (nullptr: one process); cuda: --backend cuda's GPU
+// (nullptr: the host).
+static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMoeBackend* cuda = nullptr) {
   // 0. Ranks: this rank's place in the tp x ep x dp grid.
   std::unique_ptr<Ranks> ranks;
   if (world) ranks = std::make_unique<Ranks>(*world, int(opt.tp), int(opt.ep));
@@ -184,13 +188,18 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world) {
   MoeBlockFactory<float> moe_blocks;  // empty: make_moe_block's single-rank host layers
   if (ranks) moe_blocks = ranks->moe_blocks<float>();
   else if (opt.bf16) moe_blocks = make_bf16_moe_block;
-  LmModel<float> model(lc, opt.seed, moe_blocks);
+  std::unique_ptr<Lm> model_ptr;
+#if defined(MOEKIT_TRAIN_WITH_CUDA) && MOEKIT_TRAIN_WITH_CUDA
+  if (cuda) model_ptr = make_cuda_lm(lc, opt.seed, *cuda);
+#endif
+  if (!model_ptr) model_ptr = std::make_unique<HostLm>(lc, opt.seed, moe_blocks);
+  Lm& model = *model_ptr;
   TrainedModel trained(model, data.train, opt, ranks.get());
   std::int64_t n_local = 0, n_moe = 0;
   const auto params = model.parameter_shapes();
   for (const auto& p : params) n_local += p.numel();
   const std::int64_t n_params = ranks ? ranks->full_parameter_count(params) : n_local;
-  for (const auto& p : model.dense_parameters()) n_moe -= p.numel();
+  for (const auto& p : model.dense_parameter_shapes()) n_moe -= p.numel();
   n_moe += n_params;  // what the MoE layers hold (full model)
   const moekit::MoeConfig& mc = model.layer_config();
   // Active per token: the dense parameters, each block's router and top_k of its experts.
@@ -218,7 +227,11 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world) {
                    std::to_string(mc.top_k) + (mc.num_zc_experts() > 0 ? " + " + std::to_string(mc.num_zc_experts()) + " MoE++" : std::string()))
                       .c_str(),
       (long long)lc.d_model, (long long)lc.seq, lc.tie_embeddings ? ", tied head" : "", double(n_params) / 1e6, double(n_active) / 1e6);
-  out("%s | threads %d\n", moekit::backend::host::gemm_library().line().c_str(), omp_get_max_threads());
+  if (cuda)
+    out("backend: %s | the whole model and its AdamW on the GPU; the host sees token ids, the loss and the metrics\n",
+        model.describe().c_str());
+  else
+    out("%s | threads %d\n", moekit::backend::host::gemm_library().line().c_str(), omp_get_max_threads());
   if (opt.bf16) out("dtype: bf16 MoE layers (%s); attention, norms, embedding and head in fp32\n", moekit::backend::host::bf16_gemm().line().c_str());
   if (ranks) {
     const auto& g = ranks->grid();
@@ -337,15 +350,23 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (opt.cuda) {
-    std::fprintf(stderr, "error: --backend cuda: train_lm runs on the host for now (the CUDA nn/ ops for the whole model are "
-                         "not built yet; docs/train_lm.md); use --backend host, or train_domains --backend cuda for CUDA MoE layers\n");
-    return 2;
+    const char* why = !kCudaCompiledIn ? "this train_lm was built without CUDA (cuda_lm.cu is compiled only when the build has CUDA, "
+                                         "e.g. cmake --preset cuda with nvcc installed); rebuild with CUDA, or use --backend host"
+                      : opt.parallel != Parallel::kNone ? "runs on one GPU for now (the dense gradients' NCCL all-reduce is not built); "
+                                                          "drop --parallel, or use --backend host under mpirun"
+                      : opt.bf16 ? "is fp32 for now (the example's CUDA MoE blocks are fp32); use --dtype fp32" : nullptr;
+    if (why) {
+      std::fprintf(stderr, "error: --backend cuda: %s\n", why);
+      return 2;
+    }
   }
   prefer_passive_openmp(argv);
   if (opt.threads > 0) set_threads(opt.threads);
   if (opt.parallel == Parallel::kNone) {
     try {
-      return run(opt, nullptr);
+      std::unique_ptr<CudaMoeBackend> cuda;  // outlives run()'s model
+      if (opt.cuda && !(cuda = open_cuda())) return 2;
+      return run(opt, nullptr, cuda.get());
     } catch (const std::exception& e) {
       std::fprintf(stderr, "error: %s\n", e.what());
       return 2;

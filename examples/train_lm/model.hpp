@@ -60,6 +60,19 @@ struct LmConfig {
   }
 };
 
+// The initial values: each module's seed (from the run's) and scale, for both backends (cuda_lm.cu
+// builds the same model on the GPU from the host modules' values), and the parameters' names.
+struct LmInit {
+  static std::uint64_t embed(std::uint64_t s) { return s + 1; }
+  static std::uint64_t head(std::uint64_t s) { return s + 2; }
+  static std::uint64_t moe(std::uint64_t s, std::int64_t l) { return s + 100 + std::uint64_t(l); }
+  static std::uint64_t attention(std::uint64_t s, std::int64_t l) { return s + 200 + std::uint64_t(l); }
+  static double embed_bound() { return 0.02 * std::sqrt(3.0); }  // std 0.02, as GPT-2 and LLaMA
+  // GPT-2: residual branches start small.
+  static double out_scale(std::int64_t blocks) { return 1.0 / std::sqrt(2.0 * double(blocks)); }
+  static std::string block_prefix(std::int64_t l) { return "blocks." + std::to_string(l) + "."; }
+};
+
 // T = float for training; the unit tests instantiate it in double for finite differences.
 template <class T = float>
 class LmModel {
@@ -72,17 +85,16 @@ class LmModel {
   LmModel(const LmConfig& c, std::uint64_t seed, const MoeBlockFactory<T>& factory = {})
       : cfg_(c), mc_(c.layer_config()), embed_(LmConfig::kVocab, c.d_model), final_norm_(c.d_model) {
     if (!c.tie_embeddings) head_ = std::make_unique<moekit::nn::Linear<T>>(c.d_model, LmConfig::kVocab, false);
-    const double out_scale = 1.0 / std::sqrt(2.0 * double(c.blocks));  // GPT-2: residual branches start small
     for (std::int64_t l = 0; l < c.blocks; ++l) {
       attn_norms_.emplace_back(c.d_model);
       attns_.emplace_back(c.d_model, c.heads, c.kv_heads, c.seq, c.rope_theta);
-      attns_.back().init_params(seed + 200 + std::uint64_t(l), out_scale);
+      attns_.back().init_params(LmInit::attention(seed, l), LmInit::out_scale(c.blocks));
       moe_norms_.emplace_back(c.d_model);
       moes_.push_back(factory ? factory(mc_, c.global_balance) : make_moe_block<T>(mc_, c.global_balance));
-      moes_.back()->init_params(seed + 100 + std::uint64_t(l));
+      moes_.back()->init_params(LmInit::moe(seed, l));
     }
-    embed_.init_params(seed + 1, 0.02 * std::sqrt(3.0));  // std 0.02, as GPT-2 and LLaMA
-    if (head_) head_->init_params(seed + 2);
+    embed_.init_params(LmInit::embed(seed), LmInit::embed_bound());
+    if (head_) head_->init_params(LmInit::head(seed));
   }
 
   const LmConfig& config() const { return cfg_; }
@@ -209,7 +221,7 @@ class LmModel {
   std::int64_t rows() const { return rows_; }
 
  private:
-  static std::string block_prefix(std::int64_t l) { return "blocks." + std::to_string(l) + "."; }
+  static std::string block_prefix(std::int64_t l) { return LmInit::block_prefix(l); }
 
   std::vector<moekit::Parameter<T>> collect(bool with_moe) {
     std::vector<moekit::Parameter<T>> ps;

@@ -100,7 +100,7 @@ inline Options parse_options(int argc, char** argv) {
       ->check(CLI::IsMember({"none", "data", "expert", "tensor", "hybrid"}));
   app.add_option("--tp", o.tp, "tensor-parallel degree of the experts (tensor, hybrid)")->check(positive);
   app.add_option("--ep", o.ep, "expert-parallel degree (expert, hybrid); dp = ranks / (tp * ep)")->check(positive);
-  app.add_option("--backend", backend, "host (cuda: not yet, see docs/train_lm.md)")->check(CLI::IsMember({"host", "cuda"}));
+  app.add_option("--backend", backend, "host, or cuda (the whole model on one GPU; fp32, one process)")->check(CLI::IsMember({"host", "cuda"}));
   app.add_option("--dtype", dtype, "fp32, or bf16: the MoE layers in bf16 with fp32 masters (host, one process)")
       ->check(CLI::IsMember({"fp32", "bf16"}));
   app.add_option("--checkpoint-dir", o.checkpoint_dir, "write checkpoints (step-NNNNNN/ folders) here (docs/checkpoints.md)");

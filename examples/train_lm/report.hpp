@@ -15,7 +15,7 @@
 
 #include "../common/console.hpp"
 #include "../common/ranks.hpp"
-#include "model.hpp"
+#include "lm.hpp"
 #include "text_data.hpp"
 
 inline constexpr double kLn2 = 0.69314718055994530942;
@@ -35,7 +35,7 @@ struct Evaluation {
   double bits() const { return loss / kLn2; }
 };
 
-inline Evaluation evaluate(LmModel<float>& model, const TextSplit& part, std::size_t domains, std::int64_t limit) {
+inline Evaluation evaluate(Lm& model, const TextSplit& part, std::size_t domains, std::int64_t limit) {
   const std::int64_t seq = model.config().seq, windows = eval_windows(part, limit, seq), chunk = 8;
   const std::int64_t L = model.config().blocks, E = model.total_experts(), k = model.layer_config().top_k;
   Evaluation ev;
@@ -78,7 +78,7 @@ inline Evaluation evaluate(LmModel<float>& model, const TextSplit& part, std::si
 // last seq bytes at `temperature` (0: the likeliest byte) among the `top_k` likeliest (0: all).
 // Distributed runs: every rank runs the same forwards; rank 0 draws and broadcasts each byte.
 
-inline std::string generate(LmModel<float>& model, const std::string& prompt, std::int64_t n, double temperature,
+inline std::string generate(Lm& model, const std::string& prompt, std::int64_t n, double temperature,
                             std::int64_t top_k, std::uint64_t seed, Ranks* ranks) {
   const std::int64_t seq = model.config().seq, V = LmConfig::kVocab;
   std::string text = prompt.empty() ? std::string("\n") : prompt;
@@ -92,7 +92,7 @@ inline std::string generate(LmModel<float>& model, const std::string& prompt, st
     ids.resize(std::size_t(len));
     for (std::int64_t i = 0; i < len; ++i) ids[i] = static_cast<unsigned char>(text[text.size() - std::size_t(len) + std::size_t(i)]);
     model.forward(ids.data(), 1, len);
-    const float* z = model.logits().row(len - 1);
+    const float* z = model.logits_row(len - 1);
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return z[a] > z[b]; });
     std::int32_t next = order[0];

@@ -1,9 +1,10 @@
 #pragma once
-// CudaMoeBlock<Layer>: one CUDA MoE layer behind model.hpp's MoeBlock, shared by cuda_blocks.cu (the
-// unbiased routers) and cuda_blocks_bias.cu (router::BiasBalanced), which split the layer types between
-// them to bound nvcc's time per translation unit. Included from those two .cu files only.
+// CudaMoeBlock<Layer>: one CUDA MoE layer behind cuda_blocks.hpp's DeviceMoeBlock (and so MoeBlock),
+// shared by cuda_blocks.cu (the unbiased routers) and cuda_blocks_bias.cu (router::BiasBalanced), which
+// split the layer types between them to bound nvcc's time per translation unit. Included from those two
+// .cu files only.
 #if defined(MOEKIT_EXAMPLE_HAS_MPI) && defined(MOEKIT_HAS_NCCL)
-#define TRAIN_DOMAINS_CUDA_DISTRIBUTED 1
+#define MOEKIT_EXAMPLE_CUDA_DISTRIBUTED 1
 #include <moekit/parallel/cuda_moe_layer.cuh>
 #endif
 
@@ -28,11 +29,16 @@ namespace mk = moekit;
 template <class U>
 using Matrix = mk::MatrixView<U>;
 
-// A CUDA stream on the current device; the block's copies and layer calls are ordered on it.
+// The CUDA stream the block's copies and layer calls are ordered on: the caller's (not owned), or one of
+// its own on the current device.
 class Stream {
  public:
-  Stream() { MOEKIT_CUDA_CHECK(cudaStreamCreate(&s_)); }
-  ~Stream() { cudaStreamDestroy(s_); }
+  explicit Stream(void* external) : s_(static_cast<cudaStream_t>(external)), owned_(external == nullptr) {
+    if (owned_) MOEKIT_CUDA_CHECK(cudaStreamCreate(&s_));
+  }
+  ~Stream() {
+    if (owned_) cudaStreamDestroy(s_);
+  }
   Stream(const Stream&) = delete;
   Stream& operator=(const Stream&) = delete;
   cudaStream_t get() const { return s_; }
@@ -40,6 +46,7 @@ class Stream {
 
  private:
   cudaStream_t s_ = nullptr;
+  bool owned_;
 };
 
 template <class T>
@@ -64,13 +71,14 @@ void to_host(T* dst, const T* src, std::int64_t n, cudaStream_t s) {
 // clips and steps on the block's stream: per step only the sums of squares (one double per tensor)
 // come to the host. parameter_shapes() gives the names, shapes and shards (for counting).
 template <class Layer>
-class CudaMoeBlock final : public MoeBlock<float> {
+class CudaMoeBlock final : public DeviceMoeBlock {
   static_assert(std::is_same_v<typename Layer::storage_type, float>, "the trainer's CUDA layers are fp32");
 
  public:
-  // Extra arguments go to the layer's constructor (the NCCL world of a distributed layer).
+  // stream: the caller's cudaStream_t, or null for one of the block's own. Extra arguments go to the
+  // layer's constructor (the NCCL world of a distributed layer).
   template <class... Args>
-  explicit CudaMoeBlock(const mk::MoeConfig& c, Args&... args) : layer_(c, args...) {
+  explicit CudaMoeBlock(const mk::MoeConfig& c, void* stream, Args&... args) : stream_(stream), layer_(c, args...) {
     for (const mk::DeviceParameter& p : layer_.parameters())  // the host layers' names and order (one table)
       if (p.dtype != CUDA_R_32F) throw std::logic_error("train_domains: CUDA parameter " + p.name + " is not fp32");
     layer_.zero_grad(stream_.get());
@@ -121,6 +129,22 @@ class CudaMoeBlock final : public MoeBlock<float> {
     if (dprev.data) to_host(dprev.data, lout_.data(), rows * n, s);
     stream_.sync();
   }
+
+  mk::AuxLosses forward_device(const float* x, float* y, const float* prev, std::int64_t rows) override {
+    const std::int64_t d = config().d_model, n = config().num_experts();
+    if (rows > layer_.reserved_tokens()) layer_.reserve(rows);
+    const mk::AuxLosses aux = layer_.forward(Matrix<const float>(x, {rows, d}), Matrix<float>(y, {rows, d}),
+                                             prev ? Matrix<const float>(prev, {rows, n}) : Matrix<const float>{}, stream_.get());
+    have_logits_ = have_probs_ = have_idx_ = false;
+    return aux;
+  }
+  void backward_device(const float* dy, float* dx, double aux_scale, const float* dnext, float* dprev) override {
+    const std::int64_t rows = layer_.num_tokens(), d = config().d_model, n = config().num_experts();
+    layer_.backward(Matrix<const float>(dy, {rows, d}), Matrix<float>(dx, {rows, d}), aux_scale,
+                    dnext ? Matrix<const float>(dnext, {rows, n}) : Matrix<const float>{},
+                    dprev ? Matrix<float>(dprev, {rows, n}) : Matrix<float>{}, stream_.get());
+  }
+  const float* logits_device() const override { return layer_.logits_device(); }
 
   Matrix<const float> logits() const override {
     return download(layer_.logits_device(), config().num_experts(), logits_, have_logits_);
@@ -200,17 +224,18 @@ class CudaMoeBlock final : public MoeBlock<float> {
 
 // The flags' layer type on the CUDA backend, behind MoeBlock<float> (one half of the routers: kBias).
 template <class Parallel, mk::BiasVariants kBias, class... Args>
-std::unique_ptr<MoeBlock<float>> make_cuda_block(const mk::MoeConfig& mc, bool global_balance, Args&... args) {
+std::unique_ptr<DeviceMoeBlock> make_cuda_block(const mk::MoeConfig& mc, bool global_balance, void* stream, Args&... args) {
   return with_moe_layer_type<mk::backend::Cuda<float>, Parallel, kBias>(
-      mc, global_balance, [&]<class Layer>(std::type_identity<Layer>) -> std::unique_ptr<MoeBlock<float>> {
-        return std::make_unique<CudaMoeBlock<Layer>>(mc, args...);
+      mc, global_balance, [&]<class Layer>(std::type_identity<Layer>) -> std::unique_ptr<DeviceMoeBlock> {
+        return std::make_unique<CudaMoeBlock<Layer>>(mc, stream, args...);
       });
 }
 
 }  // namespace
 
 // The biased half (cuda_blocks_bias.cu).
-std::unique_ptr<MoeBlock<float>> make_biased_cuda_block(const moekit::MoeConfig& mc, bool global_balance);
-#if defined(TRAIN_DOMAINS_CUDA_DISTRIBUTED)
-std::unique_ptr<MoeBlock<float>> make_biased_cuda_block(const moekit::MoeConfig& mc, bool global_balance, moekit::comm::Nccl& world);
+std::unique_ptr<DeviceMoeBlock> make_biased_cuda_block(const moekit::MoeConfig& mc, bool global_balance, void* stream);
+#if defined(MOEKIT_EXAMPLE_CUDA_DISTRIBUTED)
+std::unique_ptr<DeviceMoeBlock> make_biased_cuda_block(const moekit::MoeConfig& mc, bool global_balance, void* stream,
+                                                       moekit::comm::Nccl& world);
 #endif

@@ -1,12 +1,12 @@
 #pragma once
-// How train_domains starts: ../common/launch.hpp (OpenMP's wait policy, threads per rank, the ranks
-// mpirun started), and the CUDA device side (one GPU, or one per rank with NCCL).
+// How an example trainer opens its GPU for --backend cuda: one GPU, or one per rank with NCCL (the
+// ranks on a node from launch.hpp), after checking every rank has one.
 #include <cstdint>
 #include <cstdio>
 #include <memory>
 #include <string>
 
-#include "../common/launch.hpp"
+#include "launch.hpp"
 #include "cuda_blocks.hpp"
 
 // --backend cuda, one process: the current GPU, or nullptr after saying why there is none (exit 2).

@@ -1,6 +1,6 @@
-// train_domains --backend cuda (cuda_blocks.hpp): the CUDA MoE layers behind model.hpp's MoeBlock.
-// Every line of train_domains that touches CUDA is in this translation unit, compiled by nvcc only when
-// the build has CUDA. It instantiates the 8 unbiased layer types make_moe_block can reach (with_moe_layer_type;
+// --backend cuda (cuda_blocks.hpp): the CUDA MoE layers behind DeviceMoeBlock, for both example
+// trainers (library moekit_example_cuda_blocks, compiled by nvcc only when the build has CUDA). It
+// instantiates the 8 unbiased layer types make_moe_block can reach (with_moe_layer_type;
 // the 8 with router::BiasBalanced are in cuda_blocks_bias.cu),
 // once single-process (parallel::None) and, with MPI and NCCL, once distributed (parallel::Hybrid, whose
 // code serves all four strategies as the host layer's does; main.cpp enforces --parallel's limits).
@@ -8,7 +8,7 @@
 // STATUS: compiled, never run: no GPU was available where this was written.
 #include "cuda_block.cuh"
 
-#if defined(TRAIN_DOMAINS_CUDA_DISTRIBUTED)
+#if defined(MOEKIT_EXAMPLE_CUDA_DISTRIBUTED)
 #include <moekit/parallel/comm/mpi.hpp>
 #include <moekit/parallel/comm/nccl_mpi.hpp>  // comm::Nccl::from_mpi
 #endif
@@ -25,9 +25,9 @@ std::string device_name(int device) {
 class SingleGpu final : public CudaMoeBackend {
  public:
   SingleGpu() { MOEKIT_CUDA_CHECK(cudaGetDevice(&device_)); }
-  std::unique_ptr<MoeBlock<float>> make_block(const mk::MoeConfig& mc, bool global_balance) override {
-    if (mc.expert_bias) return make_biased_cuda_block(mc, global_balance);
-    return make_cuda_block<mk::parallel::None, mk::BiasVariants::kUnbiased>(mc, global_balance);
+  std::unique_ptr<DeviceMoeBlock> make_block(const mk::MoeConfig& mc, bool global_balance, void* stream) override {
+    if (mc.expert_bias) return make_biased_cuda_block(mc, global_balance, stream);
+    return make_cuda_block<mk::parallel::None, mk::BiasVariants::kUnbiased>(mc, global_balance, stream);
   }
   std::string describe() const override { return device_name(device_); }
 
@@ -35,14 +35,14 @@ class SingleGpu final : public CudaMoeBackend {
   int device_ = 0;
 };
 
-#if defined(TRAIN_DOMAINS_CUDA_DISTRIBUTED)
+#if defined(MOEKIT_EXAMPLE_CUDA_DISTRIBUTED)
 class GpuPerRank final : public CudaMoeBackend {
  public:
   GpuPerRank(mk::comm::Mpi& world, int local_rank)
       : device_(select_device(local_rank)), nccl_(mk::comm::Nccl::from_mpi(world)) {}
-  std::unique_ptr<MoeBlock<float>> make_block(const mk::MoeConfig& mc, bool global_balance) override {
-    if (mc.expert_bias) return make_biased_cuda_block(mc, global_balance, nccl_);
-    return make_cuda_block<mk::parallel::Hybrid, mk::BiasVariants::kUnbiased>(mc, global_balance, nccl_);
+  std::unique_ptr<DeviceMoeBlock> make_block(const mk::MoeConfig& mc, bool global_balance, void* stream) override {
+    if (mc.expert_bias) return make_biased_cuda_block(mc, global_balance, stream, nccl_);
+    return make_cuda_block<mk::parallel::Hybrid, mk::BiasVariants::kUnbiased>(mc, global_balance, stream, nccl_);
   }
   std::string describe() const override { return device_name(device_); }
 
@@ -80,7 +80,7 @@ std::unique_ptr<CudaMoeBackend> make_cuda_backend() { return std::make_unique<Si
 
 #if defined(MOEKIT_EXAMPLE_HAS_MPI)
 std::unique_ptr<CudaMoeBackend> make_cuda_backend(mk::comm::Mpi& world, int local_rank) {
-#if defined(TRAIN_DOMAINS_CUDA_DISTRIBUTED)
+#if defined(MOEKIT_EXAMPLE_CUDA_DISTRIBUTED)
   return std::make_unique<GpuPerRank>(world, local_rank);
 #else
   (void)world, (void)local_rank;
