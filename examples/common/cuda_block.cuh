@@ -70,17 +70,27 @@ void to_host(T* dst, const T* src, std::int64_t n, cudaStream_t s) {
 // parameter_group() is a backend::cuda::AdamWGroup over the layer's flat buffers, which the trainer
 // clips and steps on the block's stream: per step only the sums of squares (one double per tensor)
 // come to the host. parameter_shapes() gives the names, shapes and shards (for counting).
+//
+// A bf16 layer (Layer's storage __nv_bfloat16: bf16 activations and weights, fp32 logits, gradients
+// and AdamW masters) runs on device pointers only: its host-view forward and backward throw.
+template <class S>
+using host_storage_t = std::conditional_t<std::is_same_v<S, float>, float, mk::bf16>;  // same bits
+
 template <class Layer>
-class CudaMoeBlock final : public DeviceMoeBlock {
-  static_assert(std::is_same_v<typename Layer::storage_type, float>, "the trainer's CUDA layers are fp32");
+class CudaMoeBlock final : public DeviceMoeBlock<host_storage_t<typename Layer::storage_type>> {
+  using S = typename Layer::storage_type;
+  using V = host_storage_t<S>;
+  static constexpr bool kF32 = std::is_same_v<S, float>;
+  static_assert(sizeof(V) == sizeof(S));
 
  public:
   // stream: the caller's cudaStream_t, or null for one of the block's own. Extra arguments go to the
   // layer's constructor (the NCCL world of a distributed layer).
   template <class... Args>
   explicit CudaMoeBlock(const mk::MoeConfig& c, void* stream, Args&... args) : stream_(stream), layer_(c, args...) {
-    for (const mk::DeviceParameter& p : layer_.parameters())  // the host layers' names and order (one table)
-      if (p.dtype != CUDA_R_32F) throw std::logic_error("train_domains: CUDA parameter " + p.name + " is not fp32");
+    if constexpr (kF32)
+      for (const mk::DeviceParameter& p : layer_.parameters())  // the host layers' names and order (one table)
+        if (p.dtype != CUDA_R_32F) throw std::logic_error("CudaMoeBlock: fp32 layer parameter " + p.name + " is not fp32");
     layer_.zero_grad(stream_.get());
     stream_.sync();
   }
@@ -88,6 +98,16 @@ class CudaMoeBlock final : public DeviceMoeBlock {
   const mk::MoeConfig& config() const override { return layer_.config(); }
 
   mk::AuxLosses forward(Matrix<const float> x, Matrix<float> y, Matrix<const float> prev) override {
+    if constexpr (!kF32) throw std::logic_error("CudaMoeBlock: a bf16 CUDA block runs on device pointers only (forward_device)");
+    else return host_forward(x, y, prev);
+  }
+  void backward(Matrix<const float> dy, Matrix<float> dx, double aux_scale, Matrix<const float> dnext, Matrix<float> dprev) override {
+    if constexpr (!kF32) throw std::logic_error("CudaMoeBlock: a bf16 CUDA block runs on device pointers only (backward_device)");
+    else host_backward(dy, dx, aux_scale, dnext, dprev);
+  }
+
+ private:
+  mk::AuxLosses host_forward(Matrix<const float> x, Matrix<float> y, Matrix<const float> prev) {
     const std::int64_t rows = x.shape[0], d = config().d_model, n = config().num_experts();
     mk::check_shape(x, "x", {rows, d});
     mk::check_shape(y, "y", {rows, d});
@@ -107,7 +127,7 @@ class CudaMoeBlock final : public DeviceMoeBlock {
     return aux;
   }
 
-  void backward(Matrix<const float> dy, Matrix<float> dx, double aux_scale, Matrix<const float> dnext, Matrix<float> dprev) override {
+  void host_backward(Matrix<const float> dy, Matrix<float> dx, double aux_scale, Matrix<const float> dnext, Matrix<float> dprev) {
     const std::int64_t rows = layer_.num_tokens(), d = config().d_model, n = config().num_experts();
     mk::check_shape(dy, "dy", {rows, d});
     mk::check_shape(dx, "dx", {rows, d});
@@ -130,17 +150,18 @@ class CudaMoeBlock final : public DeviceMoeBlock {
     stream_.sync();
   }
 
-  mk::AuxLosses forward_device(const float* x, float* y, const float* prev, std::int64_t rows) override {
+ public:
+  mk::AuxLosses forward_device(const V* x, V* y, const float* prev, std::int64_t rows) override {
     const std::int64_t d = config().d_model, n = config().num_experts();
     if (rows > layer_.reserved_tokens()) layer_.reserve(rows);
-    const mk::AuxLosses aux = layer_.forward(Matrix<const float>(x, {rows, d}), Matrix<float>(y, {rows, d}),
+    const mk::AuxLosses aux = layer_.forward(Matrix<const S>(reinterpret_cast<const S*>(x), {rows, d}), Matrix<S>(reinterpret_cast<S*>(y), {rows, d}),
                                              prev ? Matrix<const float>(prev, {rows, n}) : Matrix<const float>{}, stream_.get());
     have_logits_ = have_probs_ = have_idx_ = false;
     return aux;
   }
-  void backward_device(const float* dy, float* dx, double aux_scale, const float* dnext, float* dprev) override {
+  void backward_device(const V* dy, V* dx, double aux_scale, const float* dnext, float* dprev) override {
     const std::int64_t rows = layer_.num_tokens(), d = config().d_model, n = config().num_experts();
-    layer_.backward(Matrix<const float>(dy, {rows, d}), Matrix<float>(dx, {rows, d}), aux_scale,
+    layer_.backward(Matrix<const S>(reinterpret_cast<const S*>(dy), {rows, d}), Matrix<S>(reinterpret_cast<S*>(dx), {rows, d}), aux_scale,
                     dnext ? Matrix<const float>(dnext, {rows, n}) : Matrix<const float>{},
                     dprev ? Matrix<float>(dprev, {rows, n}) : Matrix<float>{}, stream_.get());
   }
@@ -223,10 +244,10 @@ class CudaMoeBlock final : public DeviceMoeBlock {
 };
 
 // The flags' layer type on the CUDA backend, behind MoeBlock<float> (one half of the routers: kBias).
-template <class Parallel, mk::BiasVariants kBias, class... Args>
-std::unique_ptr<DeviceMoeBlock> make_cuda_block(const mk::MoeConfig& mc, bool global_balance, void* stream, Args&... args) {
-  return with_moe_layer_type<mk::backend::Cuda<float>, Parallel, kBias>(
-      mc, global_balance, [&]<class Layer>(std::type_identity<Layer>) -> std::unique_ptr<DeviceMoeBlock> {
+template <class Parallel, mk::BiasVariants kBias, class T = float, class... Args>
+std::unique_ptr<DeviceMoeBlock<T>> make_cuda_block(const mk::MoeConfig& mc, bool global_balance, void* stream, Args&... args) {
+  return with_moe_layer_type<mk::backend::Cuda<T>, Parallel, kBias>(
+      mc, global_balance, [&]<class Layer>(std::type_identity<Layer>) -> std::unique_ptr<DeviceMoeBlock<T>> {
         return std::make_unique<CudaMoeBlock<Layer>>(mc, stream, args...);
       });
 }
@@ -234,8 +255,10 @@ std::unique_ptr<DeviceMoeBlock> make_cuda_block(const mk::MoeConfig& mc, bool gl
 }  // namespace
 
 // The biased half (cuda_blocks_bias.cu).
-std::unique_ptr<DeviceMoeBlock> make_biased_cuda_block(const moekit::MoeConfig& mc, bool global_balance, void* stream);
+std::unique_ptr<DeviceMoeBlock<float>> make_biased_cuda_block(const moekit::MoeConfig& mc, bool global_balance, void* stream);
+// The bf16 layers, both router families, one process (cuda_blocks_bf16.cu).
+std::unique_ptr<DeviceMoeBlock<moekit::bf16>> make_bf16_cuda_block(const moekit::MoeConfig& mc, bool global_balance, void* stream);
 #if defined(MOEKIT_EXAMPLE_CUDA_DISTRIBUTED)
-std::unique_ptr<DeviceMoeBlock> make_biased_cuda_block(const moekit::MoeConfig& mc, bool global_balance, void* stream,
+std::unique_ptr<DeviceMoeBlock<float>> make_biased_cuda_block(const moekit::MoeConfig& mc, bool global_balance, void* stream,
                                                        moekit::comm::Nccl& world);
 #endif

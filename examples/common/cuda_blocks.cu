@@ -25,9 +25,12 @@ std::string device_name(int device) {
 class SingleGpu final : public CudaMoeBackend {
  public:
   SingleGpu() { MOEKIT_CUDA_CHECK(cudaGetDevice(&device_)); }
-  std::unique_ptr<DeviceMoeBlock> make_block(const mk::MoeConfig& mc, bool global_balance, void* stream) override {
+  std::unique_ptr<DeviceMoeBlock<float>> make_block(const mk::MoeConfig& mc, bool global_balance, void* stream) override {
     if (mc.expert_bias) return make_biased_cuda_block(mc, global_balance, stream);
     return make_cuda_block<mk::parallel::None, mk::BiasVariants::kUnbiased>(mc, global_balance, stream);
+  }
+  std::unique_ptr<DeviceMoeBlock<mk::bf16>> make_bf16_block(const mk::MoeConfig& mc, bool global_balance, void* stream) override {
+    return make_bf16_cuda_block(mc, global_balance, stream);
   }
   std::string describe() const override { return device_name(device_); }
 
@@ -40,9 +43,12 @@ class GpuPerRank final : public CudaMoeBackend {
  public:
   GpuPerRank(mk::comm::Mpi& world, int local_rank)
       : device_(select_device(local_rank)), nccl_(mk::comm::Nccl::from_mpi(world)) {}
-  std::unique_ptr<DeviceMoeBlock> make_block(const mk::MoeConfig& mc, bool global_balance, void* stream) override {
+  std::unique_ptr<DeviceMoeBlock<float>> make_block(const mk::MoeConfig& mc, bool global_balance, void* stream) override {
     if (mc.expert_bias) return make_biased_cuda_block(mc, global_balance, stream, nccl_);
     return make_cuda_block<mk::parallel::Hybrid, mk::BiasVariants::kUnbiased>(mc, global_balance, stream, nccl_);
+  }
+  std::unique_ptr<DeviceMoeBlock<mk::bf16>> make_bf16_block(const mk::MoeConfig&, bool, void*) override {
+    throw mk::ConfigError("--dtype", "bf16", "with --backend cuda runs in one process only: the distributed bf16 CUDA blocks are not built");
   }
   std::string describe() const override { return device_name(device_); }
 

@@ -20,6 +20,8 @@
 #include <memory>
 #include <string>
 
+#include <moekit/core/bf16.hpp>
+
 #include "moe_block.hpp"
 
 namespace moekit::comm {
@@ -40,10 +42,14 @@ std::string cuda_device_problem(int ranks_on_node = 1);
 // config: x, y, dy, dx [rows, d_model]; prev_logits, dlogits_next, dprev_logits [rows, num_experts]
 // (null: none). Work is enqueued on the block's stream; forward_device returns once the layer's own
 // synchronisation has given the aux losses and counts (one per forward, as the layer's).
+// V: the storage type of x, y, dy, dx: float, or moekit::bf16 (the device's __nv_bfloat16 bits); logits
+// and their gradients are fp32 either way. A bf16 block runs on device pointers only (its MoeBlock
+// forward and backward throw std::logic_error).
+template <class V>
 class DeviceMoeBlock : public MoeBlock<float> {
  public:
-  virtual moekit::AuxLosses forward_device(const float* x, float* y, const float* prev_logits, std::int64_t rows) = 0;
-  virtual void backward_device(const float* dy, float* dx, double aux_scale, const float* dlogits_next, float* dprev_logits) = 0;
+  virtual moekit::AuxLosses forward_device(const V* x, V* y, const float* prev_logits, std::int64_t rows) = 0;
+  virtual void backward_device(const V* dy, V* dx, double aux_scale, const float* dlogits_next, float* dprev_logits) = 0;
   virtual const float* logits_device() const = 0;  // [rows, num_experts] of the last forward
 };
 
@@ -55,7 +61,11 @@ class CudaMoeBackend {
   // One CUDA MoE layer, of the same 8 types as make_moe_block. Distributed: mc carries the run's degrees
   // (Ranks::with_degrees), and every rank makes its layers in the same order. stream: a cudaStream_t
   // the block runs on (its calls, its parameter group's), or null for a stream of its own.
-  virtual std::unique_ptr<DeviceMoeBlock> make_block(const moekit::MoeConfig& mc, bool global_balance, void* stream = nullptr) = 0;
+  virtual std::unique_ptr<DeviceMoeBlock<float>> make_block(const moekit::MoeConfig& mc, bool global_balance, void* stream = nullptr) = 0;
+  // The same with bf16 storage (activations and weights; fp32 gradients, and fp32 masters in the
+  // parameter group). One process only: a distributed backend throws moekit::ConfigError.
+  virtual std::unique_ptr<DeviceMoeBlock<moekit::bf16>> make_bf16_block(const moekit::MoeConfig& mc, bool global_balance,
+                                                                       void* stream = nullptr) = 0;
   // "GPU 0 (NVIDIA H100 80GB HBM3)" (this rank's).
   virtual std::string describe() const = 0;
 };

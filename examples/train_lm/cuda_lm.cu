@@ -4,6 +4,7 @@
 // same model and name its parameters alike (a checkpoint's tensors are the host model's names).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <moekit/backend/cuda/nn_ops.cuh>
@@ -13,6 +14,7 @@
 #include <moekit/nn/cuda/embedding.cuh>
 #include <moekit/nn/cuda/rms_norm.cuh>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cuda_lm.hpp"
@@ -35,7 +37,13 @@ class OwnedStream {
   cudaStream_t s_ = nullptr;
 };
 
+// T: float, or moekit::bf16 (bf16 activations and weights, stored as __nv_bfloat16; fp32 gradients, logits
+// of the routers, and AdamW masters).
+template <class T>
 class CudaLm final : public Lm {
+  using S = bc::storage_t<T>;
+  static constexpr bool kF32 = std::is_same_v<T, float>;
+
  public:
   CudaLm(const LmConfig& c, std::uint64_t seed, CudaMoeBackend& backend)
       : cfg_(c), mc_(c.layer_config()), describe_("cuda: " + backend.describe()), embed_(LmConfig::kVocab, c.d_model), final_norm_(c.d_model) {
@@ -49,17 +57,18 @@ class CudaLm final : public Lm {
     if (!c.tie_embeddings) {
       mk::nn::Linear<float> host(d, V, false);
       host.init_params(LmInit::head(seed));
-      head_ = std::make_unique<ncu::Linear<float>>(d, V);
+      head_ = std::make_unique<ncu::Linear<T>>(d, V);
       head_->load(host);
     }
     for (std::int64_t l = 0; l < c.blocks; ++l) {
-      attn_norms_.push_back(std::make_unique<ncu::RMSNorm<float>>(d));
+      attn_norms_.push_back(std::make_unique<ncu::RMSNorm<T>>(d));
       mk::nn::CausalSelfAttention<float> host(d, c.heads, c.kv_heads, c.seq, c.rope_theta);
       host.init_params(LmInit::attention(seed, l), LmInit::out_scale(c.blocks));
-      attns_.push_back(std::make_unique<ncu::CausalSelfAttention<float>>(d, c.heads, c.kv_heads, c.seq, c.rope_theta));
+      attns_.push_back(std::make_unique<ncu::CausalSelfAttention<T>>(d, c.heads, c.kv_heads, c.seq, c.rope_theta));
       attns_.back()->load(host);
-      moe_norms_.push_back(std::make_unique<ncu::RMSNorm<float>>(d));
-      moes_.push_back(backend.make_block(mc_, c.global_balance, stream_.get()));
+      moe_norms_.push_back(std::make_unique<ncu::RMSNorm<T>>(d));
+      if constexpr (kF32) moes_.push_back(backend.make_block(mc_, c.global_balance, stream_.get()));
+      else moes_.push_back(backend.make_bf16_block(mc_, c.global_balance, stream_.get()));
       moes_.back()->init_params(LmInit::moe(seed, l));
     }
     aux_.assign(std::size_t(c.blocks), {});
@@ -70,6 +79,31 @@ class CudaLm final : public Lm {
   const mk::MoeConfig& layer_config() const override { return mc_; }
   MoeBlock<float>& moe(std::int64_t l) override { return *moes_[std::size_t(l)]; }
   std::string describe() const override { return describe_; }
+  // A cuBLAS GEMM of n^3 in the model's storage type through the model's own GEMM path (fp32
+  // accumulation), best of reps, timed with events.
+  GemmCeiling gemm_ceiling() override {
+    const std::int64_t n = kF32 ? 4096 : 8192;
+    const int reps = 5;
+    bc::DeviceArray<S> a(std::size_t(n * n)), b(std::size_t(n * n)), c(std::size_t(n * n));
+    MOEKIT_CUDA_CHECK(cudaMemsetAsync(a.data(), 0x3c, a.size() * sizeof(S), stream_.get()));  // small finite values
+    MOEKIT_CUDA_CHECK(cudaMemsetAsync(b.data(), 0x3c, b.size() * sizeof(S), stream_.get()));
+    cudaEvent_t e0, e1;
+    MOEKIT_CUDA_CHECK(cudaEventCreate(&e0));
+    MOEKIT_CUDA_CHECK(cudaEventCreate(&e1));
+    float best = 1e30f;
+    for (int r = 0; r <= reps; ++r) {  // r = 0: warm-up
+      MOEKIT_CUDA_CHECK(cudaEventRecord(e0, stream_.get()));
+      ncu::linear_forward(ctx_, a.data(), b.data(), n, n, n, c.data());
+      MOEKIT_CUDA_CHECK(cudaEventRecord(e1, stream_.get()));
+      MOEKIT_CUDA_CHECK(cudaEventSynchronize(e1));
+      float ms = 0;
+      MOEKIT_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      if (r > 0) best = std::min(best, ms);
+    }
+    cudaEventDestroy(e0), cudaEventDestroy(e1);
+    return {2.0 * double(n) * double(n) * double(n) / (double(best) * 1e-3),
+            std::string("cuBLAS ") + (kF32 ? "fp32" : "bf16") + " GEMM " + std::to_string(n) + "^3, best of " + std::to_string(reps)};
+  }
 
   void forward(const std::int32_t* inputs, std::int64_t batch, std::int64_t seq) override {
     if (seq < 1 || seq > cfg_.seq)
@@ -86,7 +120,7 @@ class CudaLm final : public Lm {
       add(h(l), tmp_.data(), u(l));
       moe_norms_[l]->forward(ctx_, u(l), rows, mn(l));
       const bool residual = mc_.gating_residual && l > 0;  // block l's router adds W_g * (block l-1's logits)
-      aux_[l] = moes_[l]->forward_device(mn(l), tmp_.data(), residual ? moes_[l - 1]->logits_device() : nullptr, rows);
+      aux_[l] = moes_[l]->forward_device(host_type(mn(l)), host_type(tmp_.data()), residual ? moes_[l - 1]->logits_device() : nullptr, rows);
       add(u(l), tmp_.data(), h(l + 1));
     }
     final_norm_.forward(ctx_, h(L), rows, hf_.data());
@@ -112,7 +146,8 @@ class CudaLm final : public Lm {
     final_norm_.backward(ctx_, h(L), dhf_.data(), rows, dh_.data());
     for (std::int64_t l = L - 1; l >= 0; --l) {
       const bool has_next = mc_.gating_residual && l + 1 < L, has_prev = mc_.gating_residual && l > 0;
-      moes_[l]->backward_device(dh_.data(), dx_.data(), aux_scale, has_next ? dlog(l) : nullptr, has_prev ? dlog(l - 1) : nullptr);
+      moes_[l]->backward_device(host_type(dh_.data()), host_type(dx_.data()), aux_scale, has_next ? dlog(l) : nullptr,
+                                has_prev ? dlog(l - 1) : nullptr);
       moe_norms_[l]->backward(ctx_, u(l), dx_.data(), rows, tmp_.data());
       add(dh_.data(), tmp_.data(), dh_.data());
       attns_[l]->backward(ctx_, an(l), dh_.data(), rows, dx_.data());
@@ -127,8 +162,7 @@ class CudaLm final : public Lm {
     if (row < 0 || row >= rows_) throw mk::ShapeError("CudaLm::logits_row: row " + std::to_string(row) + " of " + std::to_string(rows_));
     row_.resize(LmConfig::kVocab);
     MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
-    MOEKIT_CUDA_CHECK(cudaMemcpy(row_.data(), logits_.data() + row * LmConfig::kVocab, sizeof(float) * LmConfig::kVocab,
-                                 cudaMemcpyDeviceToHost));
+    bc::download_as<S>(logits_.data() + row * LmConfig::kVocab, std::size_t(LmConfig::kVocab), row_.data());
     return row_.data();
   }
 
@@ -216,14 +250,17 @@ class CudaLm final : public Lm {
     MOEKIT_CUDA_CHECK(cudaMemcpyAsync(dst.data(), staging_.data(), std::size_t(rows_) * sizeof(std::int32_t), cudaMemcpyHostToDevice,
                                       stream_.get()));
   }
-  void add(const float* a, const float* b, float* out) {
+  void add(const S* a, const S* b, S* out) {
     MOEKIT_CUDA_CHECK(bc::add(a, b, out, rows_ * cfg_.d_model, stream_.get()));
   }
   // Activations of the last forward: one slab per kind, rows * d_model floats per block.
-  float* h(std::int64_t l) const { return h_.data() + l * rows_ * cfg_.d_model; }
-  float* an(std::int64_t l) const { return an_.data() + l * rows_ * cfg_.d_model; }
-  float* u(std::int64_t l) const { return u_.data() + l * rows_ * cfg_.d_model; }
-  float* mn(std::int64_t l) const { return mn_.data() + l * rows_ * cfg_.d_model; }
+  S* h(std::int64_t l) const { return h_.data() + l * rows_ * cfg_.d_model; }
+  S* an(std::int64_t l) const { return an_.data() + l * rows_ * cfg_.d_model; }
+  S* u(std::int64_t l) const { return u_.data() + l * rows_ * cfg_.d_model; }
+  S* mn(std::int64_t l) const { return mn_.data() + l * rows_ * cfg_.d_model; }
+  // The MoE blocks name the storage by its host type (the same bits).
+  static const T* host_type(const S* p) { return reinterpret_cast<const T*>(p); }
+  static T* host_type(S* p) { return reinterpret_cast<T*>(p); }
   float* dlog(std::int64_t l) const { return dlog_.data() + l * rows_ * mc_.num_experts(); }
 
   void resize(std::int64_t rows) {
@@ -249,19 +286,20 @@ class CudaLm final : public Lm {
   OwnedStream stream_;  // first: destroyed last
   ncu::Blas blas_;
   ncu::Context ctx_;
-  ncu::Embedding<float> embed_;
-  std::vector<std::unique_ptr<ncu::RMSNorm<float>>> attn_norms_, moe_norms_;
-  std::vector<std::unique_ptr<ncu::CausalSelfAttention<float>>> attns_;
-  std::vector<std::unique_ptr<DeviceMoeBlock>> moes_;
-  ncu::RMSNorm<float> final_norm_;
-  std::unique_ptr<ncu::Linear<float>> head_;  // null: tied to the embedding
-  ncu::CrossEntropy<float> ce_;
+  ncu::Embedding<T> embed_;
+  std::vector<std::unique_ptr<ncu::RMSNorm<T>>> attn_norms_, moe_norms_;
+  std::vector<std::unique_ptr<ncu::CausalSelfAttention<T>>> attns_;
+  std::vector<std::unique_ptr<DeviceMoeBlock<T>>> moes_;
+  ncu::RMSNorm<T> final_norm_;
+  std::unique_ptr<ncu::Linear<T>> head_;  // null: tied to the embedding
+  ncu::CrossEntropy<T> ce_;
   std::unique_ptr<bc::AdamWGroup> dense_group_;  // made by parameter_groups(); destroyed before the tensors
 
   // The last forward's activations (rows_ = batch * seq_) and the backward's scratch, on the device.
   std::int64_t rows_ = 0, seq_ = 0, capacity_ = 0;
   std::vector<mk::AuxLosses> aux_;
-  bc::DeviceArray<float> h_, an_, u_, mn_, dlog_, hf_, dhf_, dh_, dx_, tmp_, logits_, dlogits_;
+  bc::DeviceArray<S> h_, an_, u_, mn_, hf_, dhf_, dh_, dx_, tmp_, logits_, dlogits_;
+  bc::DeviceArray<float> dlog_;  // the gating residual's logit gradients: fp32
   bc::DeviceArray<std::int32_t> ids_, targets_;
   bc::PinnedArray<std::int32_t> staging_;
   std::vector<float> row_;
@@ -269,6 +307,7 @@ class CudaLm final : public Lm {
 
 }  // namespace
 
-std::unique_ptr<Lm> make_cuda_lm(const LmConfig& c, std::uint64_t seed, CudaMoeBackend& backend) {
-  return std::make_unique<CudaLm>(c, seed, backend);
+std::unique_ptr<Lm> make_cuda_lm(const LmConfig& c, std::uint64_t seed, CudaMoeBackend& backend, bool bf16) {
+  if (bf16) return std::make_unique<CudaLm<moekit::bf16>>(c, seed, backend);
+  return std::make_unique<CudaLm<float>>(c, seed, backend);
 }

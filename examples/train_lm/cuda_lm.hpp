@@ -13,5 +13,6 @@
 #include "../common/cuda_blocks.hpp"
 #include "lm.hpp"
 
-// fp32 only (the example's CUDA MoE blocks are fp32). Throws moekit::ConfigError for what it lacks.
-std::unique_ptr<Lm> make_cuda_lm(const LmConfig& c, std::uint64_t seed, CudaMoeBackend& backend);
+// bf16: bf16 storage of activations and weights (fp32 gradients, fp32 AdamW masters, fp32 accumulation
+// in every GEMM and reduction); otherwise fp32.
+std::unique_ptr<Lm> make_cuda_lm(const LmConfig& c, std::uint64_t seed, CudaMoeBackend& backend, bool bf16);

@@ -3,12 +3,41 @@
 // LmModel<float>, on the host) or the CUDA model (cuda_lm.hpp, everything on the GPU). Host pointers
 // in and out: token ids, targets, each byte's loss, one row of logits; the CUDA model keeps every
 // activation and parameter on the device and copies only those (and the loss) across.
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include <moekit/backend/host/blas.hpp>
+
 #include "model.hpp"
+
+// The dense-GEMM ceiling that model-FLOPs utilisation is measured against: the FLOP/s of the best of a
+// few large square products in the model's precision on the model's backend, and what was measured.
+struct GemmCeiling {
+  double flops_per_s = 0;
+  std::string what;
+};
+
+// The host's: sgemm of n x n x n through backend::host::gemm (the model's BLAS) on the current threads.
+inline GemmCeiling host_gemm_ceiling(std::int64_t n = 1024, int reps = 5) {
+  std::vector<float> a(static_cast<std::size_t>(n * n), 0.5f), b(a.size(), 0.25f), c(a.size());
+  auto once = [&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    moekit::backend::host::gemm<float>(false, true, n, n, n, 1.f, a.data(), b.data(), 0.f, c.data());
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  once();  // warm-up: threads, pages
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) best = std::min(best, once());
+  return {2.0 * double(n) * double(n) * double(n) / best, "host sgemm " + std::to_string(n) + "^3 on " +
+                                                            std::to_string(omp_get_max_threads()) + " threads, best of " +
+                                                            std::to_string(reps)};
+}
 
 class Lm {
  public:
@@ -46,6 +75,7 @@ class Lm {
   virtual void set_training(bool on) = 0;
   // "host" or "cuda: GPU 0 (...)".
   virtual std::string describe() const = 0;
+  virtual GemmCeiling gemm_ceiling() = 0;  // measured now (a fraction of a second)
 };
 
 class HostLm final : public Lm {
@@ -75,6 +105,7 @@ class HostLm final : public Lm {
   void end_step() override { m_.end_step(); }
   void set_training(bool on) override { m_.set_training(on); }
   std::string describe() const override { return "host"; }
+  GemmCeiling gemm_ceiling() override { return host_gemm_ceiling(); }
 
  private:
   LmModel<float> m_;

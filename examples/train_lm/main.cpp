@@ -190,7 +190,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   else if (opt.bf16) moe_blocks = make_bf16_moe_block;
   std::unique_ptr<Lm> model_ptr;
 #if defined(MOEKIT_TRAIN_WITH_CUDA) && MOEKIT_TRAIN_WITH_CUDA
-  if (cuda) model_ptr = make_cuda_lm(lc, opt.seed, *cuda);
+  if (cuda) model_ptr = make_cuda_lm(lc, opt.seed, *cuda, opt.bf16);
 #endif
   if (!model_ptr) model_ptr = std::make_unique<HostLm>(lc, opt.seed, moe_blocks);
   Lm& model = *model_ptr;
@@ -232,7 +232,8 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
         model.describe().c_str());
   else
     out("%s | threads %d\n", moekit::backend::host::gemm_library().line().c_str(), omp_get_max_threads());
-  if (opt.bf16) out("dtype: bf16 MoE layers (%s); attention, norms, embedding and head in fp32\n", moekit::backend::host::bf16_gemm().line().c_str());
+  if (opt.bf16 && cuda) out("dtype: bf16 storage of activations and weights, fp32 gradients, AdamW masters and accumulation\n");
+  else if (opt.bf16) out("dtype: bf16 MoE layers (%s); attention, norms, embedding and head in fp32\n", moekit::backend::host::bf16_gemm().line().c_str());
   if (ranks) {
     const auto& g = ranks->grid();
     out("parallel: %s over %d ranks = tp %d x ep %d x dp %d | %d shards x %lld sequences | attention and embeddings data-parallel\n",
@@ -336,6 +337,23 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   out("\ntrained %lld steps in %s (%.0f bytes/s)%s%s\n", (long long)opt.steps, duration_text(trainer.train_seconds()).c_str(),
       double(opt.steps * opt.accum * opt.batch * opt.seq) / std::max(1e-9, trainer.train_seconds()),
       opt.json.empty() ? "" : " | metrics: ", opt.json.c_str());
+  // Speed: the model FLOPs of the steps (LmConfig::flops) per second of training, against the measured
+  // dense-GEMM ceiling of this backend (one process; under mpirun the ranks share the machine's cores).
+  const moekit::science::Flops step_flops = double(opt.accum) * lc.flops(opt.batch);
+  const double flops_per_s = step_flops.total() * double(opt.steps) / std::max(1e-9, trainer.train_seconds());
+  if (!ranks) {
+    const GemmCeiling ceiling = model.gemm_ceiling();
+    out("compute: %.3g GFLOP a step (matrix products, forward + backward) | %.2f GFLOP/s | %.1f%% of the dense-GEMM ceiling "
+        "%.2f GFLOP/s (%s)\n",
+        step_flops.total() / 1e9, flops_per_s / 1e9, 100.0 * flops_per_s / ceiling.flops_per_s, ceiling.flops_per_s / 1e9,
+        ceiling.what.c_str());
+    emit({{"type", "speed"}, {"flops_per_step", step_flops.total()}, {"forward_flops_per_step", step_flops.forward},
+          {"flops_per_s", flops_per_s}, {"gemm_ceiling_flops_per_s", ceiling.flops_per_s}, {"gemm_ceiling", ceiling.what},
+          {"mfu", flops_per_s / ceiling.flops_per_s}, {"backend", model.describe()}});
+  } else {
+    out("compute: %.3g GFLOP a step (matrix products, forward + backward) | %.2f GFLOP/s over %d ranks\n", step_flops.total() / 1e9,
+        flops_per_s / 1e9, ranks->size());
+  }
   const bool learnt = ev.bits() <= unigram - opt.require_gain;
   if (!learnt)
     std::fprintf(stderr, "train_lm: held-out %.3f bits per byte is not %.3f below the unigram entropy %.3f\n", ev.bits(), opt.require_gain, unigram);
@@ -354,7 +372,7 @@ int main(int argc, char** argv) {
                                          "e.g. cmake --preset cuda with nvcc installed); rebuild with CUDA, or use --backend host"
                       : opt.parallel != Parallel::kNone ? "runs on one GPU for now (the dense gradients' NCCL all-reduce is not built); "
                                                           "drop --parallel, or use --backend host under mpirun"
-                      : opt.bf16 ? "is fp32 for now (the example's CUDA MoE blocks are fp32); use --dtype fp32" : nullptr;
+                                                          : nullptr;
     if (why) {
       std::fprintf(stderr, "error: --backend cuda: %s\n", why);
       return 2;

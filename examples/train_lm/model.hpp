@@ -30,6 +30,7 @@
 #include <moekit/nn/embedding.hpp>
 #include <moekit/nn/linear.hpp>
 #include <moekit/nn/rms_norm.hpp>
+#include <moekit/science/flops.hpp>
 
 #include "../common/moe_block.hpp"
 
@@ -57,6 +58,20 @@ struct LmConfig {
       mc.lbl_coef = 0, mc.zloss_coef = 0, mc.capacity_factor = 0;
     }
     return mc;
+  }
+
+  // The model FLOPs of one micro-batch of `batch` sequences (science/flops.hpp: matrix products only,
+  // the causal pairs of attention, top_k slots per token through FFN experts: the nominal count, which
+  // MoE++ experts and a capacity limit lower in practice). The embedding is a lookup: no FLOPs.
+  moekit::science::Flops flops(std::int64_t batch) const {
+    namespace sc = moekit::science;
+    const moekit::MoeConfig mc = layer_config();
+    const std::int64_t rows = batch * seq;
+    sc::Flops f;
+    for (std::int64_t l = 0; l < blocks; ++l)
+      f += sc::attention_flops(batch, seq, d_model, heads, kv_heads) +
+           sc::moe_flops(rows, d_model, mc.d_expert, mc.num_experts(), rows * mc.top_k, mc.activation == moekit::Activation::kSwiGLU);
+    return f + sc::linear_flops(rows, d_model, kVocab);
   }
 };
 

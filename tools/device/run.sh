@@ -5,7 +5,7 @@
 #   1 tests      the gpu tests (doctest, --duration)                      cap 240 s
 #   2 lm         train_lm --backend cuda against --backend host (examples/train_lm/cuda_test.sh)   cap 120 s
 #   3 quick      bench: one coarse and one fine-grained shape, the three GEMM strategies   cap 150 s
-#   4 lm_bench   train_lm --backend cuda, a ~110M-parameter fp32 model, 40 steps: tokens/s   cap 120 s
+#   4 lm_bench   train_lm --backend cuda --dtype bf16, a ~110M-parameter model, 40 steps: tokens/s, MFU   cap 120 s
 #   5 full       bench: every shape, every strategy                       cap 240 s
 #   6 sanitize   compute-sanitizer memcheck, then racecheck, on a subset of the gpu tests   cap 150 s each
 # A stage starts only when the time left (of BUDGET_S, default 540) covers its minimum; it is killed
@@ -67,7 +67,7 @@ stage lm 120 60 lm.log bash examples/train_lm/cuda_test.sh "$bin/train_lm" --ste
 stage quick 150 45 bench_quick.log "$bin/bench_moe_layer" --backend cuda --gemm all --reps 3 --shape mixtral --shape olmoe \
   --json "$OUT/bench_quick.json"
 # ~110M parameters: 8 blocks of attention (4·512² each) and 8 experts of 3·512·1024 (12.6M per block).
-stage lm_bench 120 45 lm.log "$bin/train_lm" --backend cuda --d-model 512 --heads 8 --blocks 8 --experts 8 --top-k 2 \
+stage lm_bench 120 45 lm.log "$bin/train_lm" --backend cuda --dtype bf16 --d-model 512 --heads 8 --blocks 8 --experts 8 --top-k 2 \
   --d-expert 1024 --seq 512 --batch 32 --steps 40 --log-interval 10 --eval-interval 0 --sample-tokens 0
 stage full 240 120 bench_full.log "$bin/bench_moe_layer" --backend cuda --gemm all --reps 10 --json "$OUT/bench_full.json"
 # The subset: the kernels, the router, the permutation in chunks, one layer battery (fp32) and the nn/cuda ops; the

@@ -1,0 +1,77 @@
+#pragma once
+// FLOPs of a training step, counted per layer from the shapes (DESIGN §8): the matrix products only
+// (2 FLOPs per multiply-add; norms, softmax, activations and the optimizer are left out, as in the
+// model-FLOPs utilisation of PaLM and Megatron), forward and backward apart. A product with a weight
+// costs 2·m·n·k forward and twice that backward (the input's gradient and the weight's); without an
+// input gradient (the input is data) the backward is the weight's alone.
+//
+// These are the model's FLOPs, what utilisation is measured against: a kernel that computes more (the
+// library's attention also multiplies the masked half of the scores) is not credited for the excess.
+#include <cstdint>
+#include <string>
+
+#include "moekit/core/error.hpp"
+
+namespace moekit::science {
+
+struct Flops {
+  double forward = 0, backward = 0;
+  double total() const { return forward + backward; }
+  Flops& operator+=(const Flops& o) {
+    forward += o.forward, backward += o.backward;
+    return *this;
+  }
+  friend Flops operator+(Flops a, const Flops& b) { return a += b; }
+  friend Flops operator*(double s, Flops a) {
+    a.forward *= s, a.backward *= s;
+    return a;
+  }
+};
+
+namespace detail {
+inline void check_nonneg(std::int64_t v, const char* name) {
+  if (v < 0) throw ConfigError(name, std::to_string(v), "must be >= 0");
+}
+inline void check_positive(std::int64_t v, const char* name) {
+  if (v <= 0) throw ConfigError(name, std::to_string(v), "must be > 0");
+}
+}  // namespace detail
+
+// y = x W^T over `rows` rows, W [out, in] (nn::Linear).
+inline Flops linear_flops(std::int64_t rows, std::int64_t in, std::int64_t out, bool input_grad = true) {
+  detail::check_nonneg(rows, "rows"), detail::check_nonneg(in, "in"), detail::check_nonneg(out, "out");
+  const double f = 2.0 * double(rows) * double(in) * double(out);
+  return {f, input_grad ? 2 * f : f};
+}
+
+// Causal self-attention over `batch` sequences of `seq` tokens (nn::CausalSelfAttention): the fused QKV
+// projection to (heads + 2 kv_heads) head vectors of d_model / heads, q·k for each (query, key) pair
+// with key <= query (seq (seq + 1) / 2 of them per sequence and head), P·V over the same pairs, and the
+// output projection. The backward of the two attention products is twice their forward (dQ, dK from
+// dS; dP, dV from dO), as for a weight product.
+inline Flops attention_flops(std::int64_t batch, std::int64_t seq, std::int64_t d_model, std::int64_t heads, std::int64_t kv_heads) {
+  detail::check_nonneg(batch, "batch"), detail::check_positive(seq, "seq"), detail::check_positive(d_model, "d_model");
+  detail::check_positive(heads, "heads"), detail::check_positive(kv_heads, "kv_heads");
+  if (d_model % heads != 0) throw ConfigError("d_model", std::to_string(d_model), "must be a multiple of heads = " + std::to_string(heads));
+  const std::int64_t hd = d_model / heads, rows = batch * seq;
+  Flops f = linear_flops(rows, d_model, (heads + 2 * kv_heads) * hd) + linear_flops(rows, heads * hd, d_model);
+  const double pairs = double(batch) * double(heads) * double(seq) * double(seq + 1) / 2.0;
+  const double products = 2 * (2.0 * pairs * double(hd));  // q·k and P·V
+  f += Flops{products, 2 * products};
+  return f;
+}
+
+// A MoE layer over `tokens` tokens (DESIGN §8): the router (a product with [num_experts, d_model]) and
+// `ffn_slots` (token, expert) rows through FFN experts of d_model -> d_expert -> d_model, three
+// matrices when gated (SwiGLU: 6·d·d_expert per slot forward), two otherwise. Slots routed to zero,
+// copy or constant experts (MoE++) cost no product worth counting; with top-k routing over FFN
+// experts only and no capacity limit, ffn_slots = tokens · top_k.
+inline Flops moe_flops(std::int64_t tokens, std::int64_t d_model, std::int64_t d_expert, std::int64_t num_experts, std::int64_t ffn_slots,
+                       bool gated = true) {
+  detail::check_nonneg(tokens, "tokens"), detail::check_positive(d_model, "d_model"), detail::check_positive(d_expert, "d_expert");
+  detail::check_positive(num_experts, "num_experts"), detail::check_nonneg(ffn_slots, "ffn_slots");
+  const Flops expert = linear_flops(ffn_slots, d_model, d_expert);
+  return linear_flops(tokens, d_model, num_experts) + double(gated ? 3 : 2) * expert;
+}
+
+}  // namespace moekit::science
