@@ -150,10 +150,16 @@ class CudaMoeBlock final : public DeviceMoeBlock<host_storage_t<typename Layer::
     stream_.sync();
   }
 
+ private:
+  // A CUDA layer never allocates in forward; 0 rows still needs a workspace (reserve(0) binds none).
+  void reserve_for(std::int64_t rows) {
+    if (rows > layer_.reserved_tokens() || layer_.reserved_tokens() == 0) layer_.reserve(std::max<std::int64_t>(rows, 1));
+  }
+
  public:
   mk::AuxLosses forward_device(const V* x, V* y, const float* prev, std::int64_t rows) override {
     const std::int64_t d = config().d_model, n = config().num_experts();
-    if (rows > layer_.reserved_tokens()) layer_.reserve(rows);
+    reserve_for(rows);
     const mk::AuxLosses aux = layer_.forward(Matrix<const S>(reinterpret_cast<const S*>(x), {rows, d}), Matrix<S>(reinterpret_cast<S*>(y), {rows, d}),
                                              prev ? Matrix<const float>(prev, {rows, n}) : Matrix<const float>{}, stream_.get());
     have_logits_ = have_probs_ = have_idx_ = false;
@@ -213,7 +219,7 @@ class CudaMoeBlock final : public DeviceMoeBlock<host_storage_t<typename Layer::
   // Workspace and copy buffers for `rows` tokens (they only grow; every rank of a distributed run sees
   // the same row counts in the same order, so all reserve alike, as the layer requires).
   void fit(std::int64_t rows) {
-    if (rows > layer_.reserved_tokens()) layer_.reserve(rows);
+    reserve_for(rows);
     if (rows <= capacity_) return;
     const std::size_t d = std::size_t(config().d_model), n = std::size_t(config().num_experts());
     in_.resize(std::size_t(rows) * d), out_.resize(std::size_t(rows) * d);

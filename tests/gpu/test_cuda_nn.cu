@@ -1,6 +1,9 @@
-// nn/cuda/ against nn/ (the host modules, the oracle): Embedding, RMSNorm, Linear, rotary,
-// CausalSelfAttention (MHA, GQA, MQA) and cross-entropy, forward and backward, at odd sizes, in fp32
-// (‖out − ref‖/‖ref‖ ≤ 1e-5) and bf16 (≤ 1e-2; the host runs on the bf16-rounded inputs and weights).
+// nn/cuda/ against nn/ (the host modules, the oracle): Embedding, RMSNorm, Linear,
+// CausalSelfAttention (MHA, GQA, MQA; rotary positions inside it) and cross-entropy, forward and
+// backward, at odd sizes, in fp32 (‖out − ref‖/‖ref‖ ≤ 1e-5) and bf16 (≤ 1e-2; the host runs on the
+// bf16-rounded inputs and weights). The bf16 attention gradients get 2e-2: the device stores q, k, v,
+// P and the attention output in bf16 between its GEMMs (about six roundings of 2^-9 each that the
+// host does not make), which puts their expected error near 1e-2 already.
 // Device outputs are poisoned (0xFF: NaN) before each call, so an element left unwritten fails.
 #include <doctest/doctest.h>
 
@@ -33,6 +36,11 @@ using moekit_test::rel_err;
 template <class T>
 constexpr double tolerance() {
   return std::is_same_v<T, float> ? 1e-5 : 1e-2;
+}
+
+template <class T>
+constexpr double attention_grad_tolerance() {
+  return std::is_same_v<T, float> ? 1e-5 : 2e-2;
 }
 
 template <class S>
@@ -71,38 +79,45 @@ struct Fixture {
 TEST_CASE_TEMPLATE("nn::cuda::Embedding matches nn::Embedding; the backward is the same bits twice", T, float, moekit::bf16) {
   using S = mc::storage_t<T>;
   Fixture f;
-  const std::int64_t vocab = 37, d = 19, rows = 53;
-  moekit::nn::Embedding<float> host(vocab, d);
-  host.init_params(3);
-  round_in_place<S>(host.weight(), vocab * d);
-  ncu::Embedding<T> dev(vocab, d);
-  dev.load(host);
-  std::vector<std::int32_t> ids(rows);
-  for (std::int64_t t = 0; t < rows; ++t) ids[t] = std::int32_t((t * 7 + t * t) % 11);  // repeats, and rows never used
-  ids[5] = 36;
-  ncu::check_ids(ids.data(), rows, vocab);
-  DeviceBuffer<std::int32_t> dids(rows);
-  dids.upload(ids);
-  DeviceBuffer<S> out(rows * d), dout(rows * d);
-  out.poison();
-  dev.forward(f.ctx, dids.p, rows, out.p);
-  std::vector<float> ref(rows * d);
-  host.forward(moekit::VectorView<const std::int32_t>(ids.data(), {rows}), MatrixView<float>(ref.data(), {rows, d}));
-  CHECK(rel_err(download(out), ref) == 0.0);  // a copy: exact
+  for (const std::int64_t d : {std::int64_t(19), std::int64_t(131)}) {  // 131: two column blocks of 128
+    CAPTURE(d);
+    const std::int64_t vocab = 37, rows = 53;
+    moekit::nn::Embedding<float> host(vocab, d);
+    host.init_params(3);
+    round_in_place<S>(host.weight(), vocab * d);
+    ncu::Embedding<T> dev(vocab, d);
+    dev.load(host);
+    std::vector<std::int32_t> ids(rows);
+    for (std::int64_t t = 0; t < rows; ++t) ids[t] = std::int32_t((t * 7 + t * t) % 11);  // repeats, and rows never used
+    ids[5] = 36;
+    ncu::check_ids(ids.data(), rows, vocab);
+    DeviceBuffer<std::int32_t> dids(rows);
+    dids.upload(ids);
+    DeviceBuffer<S> out(rows * d), dout(rows * d);
+    out.poison();
+    dev.forward(f.ctx, dids.p, rows, out.p);
+    std::vector<float> ref(rows * d);
+    host.forward(moekit::VectorView<const std::int32_t>(ids.data(), {rows}), MatrixView<float>(ref.data(), {rows, d}));
+    CHECK(rel_err(download(out), ref) == 0.0);  // a copy: exact
 
-  const auto g = rounded<S>(moekit_test::random_vec(std::size_t(rows * d), 5u));
-  upload(dout, g);
-  dev.backward(f.ctx, dids.p, dout.p, rows);
-  host.backward(moekit::VectorView<const std::int32_t>(ids.data(), {rows}), MatrixView<const float>(g.data(), {rows, d}));
-  const auto grad = dev.weight().download_grad();
-  CHECK(rel_err(grad, as_vector(host.grad(), vocab * d)) <= tolerance<float>());  // fp32 sums of the same values
-  dev.zero_grad(nullptr);
-  dev.backward(f.ctx, dids.p, dout.p, rows);
-  CHECK(dev.weight().download_grad() == grad);
+    const auto g = rounded<S>(moekit_test::random_vec(std::size_t(rows * d), 5u));
+    upload(dout, g);
+    dev.backward(f.ctx, dids.p, dout.p, rows);
+    host.backward(moekit::VectorView<const std::int32_t>(ids.data(), {rows}), MatrixView<const float>(g.data(), {rows, d}));
+    const auto grad = dev.weight().download_grad();
+    CHECK(rel_err(grad, as_vector(host.grad(), vocab * d)) <= tolerance<float>());  // fp32 sums of the same values
+    dev.zero_grad(nullptr);
+    dev.backward(f.ctx, dids.p, dout.p, rows);
+    CHECK(dev.weight().download_grad() == grad);
+    // Into a gradient that is not zero: it accumulates, as the host's does.
+    dev.backward(f.ctx, dids.p, dout.p, rows);
+    host.backward(moekit::VectorView<const std::int32_t>(ids.data(), {rows}), MatrixView<const float>(g.data(), {rows, d}));
+    CHECK(rel_err(dev.weight().download_grad(), as_vector(host.grad(), vocab * d)) <= tolerance<float>());
 
-  std::vector<std::int32_t> bad = ids;
-  bad[9] = 37;
-  CHECK_THROWS_AS(ncu::check_ids(bad.data(), rows, vocab), moekit::ShapeError);
+    std::vector<std::int32_t> bad = ids;
+    bad[9] = 37;
+    CHECK_THROWS_AS(ncu::check_ids(bad.data(), rows, vocab), moekit::ShapeError);
+  }
 }
 
 TEST_CASE_TEMPLATE("nn::cuda::RMSNorm matches nn::RMSNorm", T, float, moekit::bf16) {
@@ -130,6 +145,8 @@ TEST_CASE_TEMPLATE("nn::cuda::RMSNorm matches nn::RMSNorm", T, float, moekit::bf
     CHECK(rel_err(download(y), yr) <= tolerance<T>());
     CHECK(rel_err(download(dx), dxr) <= tolerance<T>());
     CHECK(rel_err(dev.weight().download_grad(), as_vector(host.grad(), d)) <= tolerance<T>());
+    dev.forward(f.ctx, dx_in.p, rows, dx_in.p);  // in place (y aliases x), as the module allows
+    CHECK(download(dx_in) == download(y));
   }
 }
 
@@ -157,6 +174,7 @@ TEST_CASE_TEMPLATE("nn::cuda::Linear matches nn::Linear (forward, dW accumulated
   CHECK(rel_err(download(y), yr) <= tolerance<T>());
   CHECK(rel_err(download(dx), dxr) <= tolerance<T>());
   CHECK(rel_err(dev.weight().download_grad(), as_vector(host.weight_grad(), in * out)) <= tolerance<float>());
+  CHECK_THROWS_AS(ncu::linear_forward(f.ctx, dxin.p, dev.weight().value(), std::int64_t(1) << 31, in, out, y.p), moekit::ShapeError);
 }
 
 TEST_CASE_TEMPLATE("nn::cuda::CausalSelfAttention matches nn::CausalSelfAttention (MHA, GQA, MQA)", T, float, moekit::bf16) {
@@ -188,13 +206,46 @@ TEST_CASE_TEMPLATE("nn::cuda::CausalSelfAttention matches nn::CausalSelfAttentio
     host.backward(MatrixView<const float>(x.data(), {rows, d}), MatrixView<const float>(dy.data(), {rows, d}),
                   MatrixView<float>(dxr.data(), {rows, d}));
     CHECK(rel_err(download(y), yr) <= tolerance<T>());
-    CHECK(rel_err(download(dx), dxr) <= tolerance<T>());
+    CHECK(rel_err(download(dx), dxr) <= attention_grad_tolerance<T>());
+    MESSAGE("attention ", (std::is_same_v<T, float> ? "fp32" : "bf16"), " seq ", s.seq, ": y ", rel_err(download(y), yr), ", dx ",
+            rel_err(download(dx), dxr));
     auto& hq = host.qkv_proj();
     auto& ho = host.o_proj();
     CHECK(rel_err(dev.qkv_proj().weight().download_grad(), as_vector(hq.weight_grad(), hq.in_features() * hq.out_features())) <=
-          tolerance<T>());
+          attention_grad_tolerance<T>());
     CHECK(rel_err(dev.o_proj().weight().download_grad(), as_vector(ho.weight_grad(), ho.in_features() * ho.out_features())) <=
-          tolerance<T>());
+          attention_grad_tolerance<T>());
+  }
+  {  // One module, a short batch and then a longer one (its buffers grow), the backward twice (dW adds up).
+    const std::int64_t d = 24, heads = 4, kv = 2, max_seq = 12;
+    moekit::nn::CausalSelfAttention<float> host(d, heads, kv, max_seq);
+    host.init_params(31, 0.7);
+    round_in_place<S>(host.qkv_proj().weight(), host.qkv_proj().in_features() * host.qkv_proj().out_features());
+    round_in_place<S>(host.o_proj().weight(), host.o_proj().in_features() * host.o_proj().out_features());
+    ncu::CausalSelfAttention<T> dev(d, heads, kv, max_seq);
+    dev.load(host);
+    for (const std::int64_t seq : {std::int64_t(3), std::int64_t(11)}) {
+      CAPTURE(seq);
+      const std::int64_t rows = 5 * seq;
+      const auto x = rounded<S>(moekit_test::random_vec(std::size_t(rows * d), 32u));
+      const auto dy = rounded<S>(moekit_test::random_vec(std::size_t(rows * d), 33u));
+      DeviceBuffer<S> dxin(rows * d), ddy(rows * d), y(rows * d), dx(rows * d);
+      upload(dxin, x), upload(ddy, dy);
+      y.poison(), dx.poison();
+      dev.forward(f.ctx, dxin.p, rows, seq, y.p);
+      std::vector<float> yr(rows * d), dxr(rows * d);
+      host.forward(MatrixView<const float>(x.data(), {rows, d}), seq, MatrixView<float>(yr.data(), {rows, d}));
+      for (int rep = 0; rep < 2; ++rep) {
+        dev.backward(f.ctx, dxin.p, ddy.p, rows, dx.p);
+        host.backward(MatrixView<const float>(x.data(), {rows, d}), MatrixView<const float>(dy.data(), {rows, d}),
+                      MatrixView<float>(dxr.data(), {rows, d}));
+      }
+      CHECK(rel_err(download(y), yr) <= tolerance<T>());
+      CHECK(rel_err(download(dx), dxr) <= attention_grad_tolerance<T>());
+      auto& hq = host.qkv_proj();
+      CHECK(rel_err(dev.qkv_proj().weight().download_grad(), as_vector(hq.weight_grad(), hq.in_features() * hq.out_features())) <=
+            attention_grad_tolerance<T>());
+    }
   }
   ncu::CausalSelfAttention<T> dev(16, 2, 1, 4);
   DeviceBuffer<S> x(5 * 16), y(5 * 16);

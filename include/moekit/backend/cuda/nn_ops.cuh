@@ -114,7 +114,9 @@ inline cudaError_t embedding_backward_workspace(std::int64_t rows, std::int64_t 
   w.total_bytes = 3 * ints + w.sort_bytes;
   return cudaSuccess;
 }
-// grad [vocab, d] fp32 += Σ_t onehot(ids[t]) dout[t]. Ids must be in [0, vocab) (others are skipped).
+// grad [vocab, d] fp32 += Σ_t onehot(ids[t]) dout[t]. Ids must be in [0, vocab), which the caller
+// checks (nn::cuda::check_ids): the sort looks at the low id_bits(vocab) bits only, so any other id
+// breaks the sorted order and the gradient of every row is then undefined.
 // workspace: embedding_backward_workspace(rows, vocab).total_bytes, 256-byte aligned.
 template <class S>
 cudaError_t embedding_backward(const int* ids, const S* dout, std::int64_t rows, std::int64_t d, std::int64_t vocab, float* grad,
@@ -122,6 +124,7 @@ cudaError_t embedding_backward(const int* ids, const S* dout, std::int64_t rows,
   EmbeddingBackwardWorkspace w;
   MOEKIT_CUDA_RETURN_IF_ERROR(embedding_backward_workspace(rows, vocab, w));
   if (d <= 0 || vocab > (std::int64_t(1) << 31) - 1) return cudaErrorInvalidValue;
+  if ((d + 127) / 128 > 65535) return cudaErrorInvalidValue;  // gridDim.y
   if (rows == 0) return cudaSuccess;
   if (!ids || !dout || !grad || !workspace || workspace_bytes < w.total_bytes) return cudaErrorInvalidValue;
   const std::size_t ints = (std::size_t(rows) * sizeof(int) + 255) / 256 * 256;

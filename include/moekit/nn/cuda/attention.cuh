@@ -95,7 +95,7 @@ class CausalSelfAttention {
       else scores = scores_.data();
       // scores_b = q_bh k_bg^T / sqrt(hd)
       bc::GemmSpec qk;
-      qk.ta = false, qk.tb = true, qk.ab = bc::data_type<S>(), qk.c = CUDA_R_32F, qk.alpha = float(1.0 / std::sqrt(double(hd_)));
+      qk.ta = false, qk.tb = true, qk.ab = bc::data_type<S>(), qk.c = CUDA_R_32F, qk.alpha = 1.f / std::sqrt(float(hd_));
       MOEKIT_CUBLAS_CHECK(bc::gemm_strided_batched_row_major(
           ctx.blas, qk, {S_, S_, int(hd_), qkv_.data() + h * hd_, int(width_), qkv_.data() + (h_ + g) * hd_, int(width_), scores, S_},
           seq_rows, seq_rows, sq, B));
@@ -128,7 +128,7 @@ class CausalSelfAttention {
     set_stream(ctx);
     const int S_ = int(seq), B = int(batch);
     const long long seq_rows = (long long)(seq) * width_, sq = (long long)(seq) * seq, out_rows = (long long)(seq) * hdim;
-    const float scale = float(1.0 / std::sqrt(double(hd_)));
+    const float scale = 1.f / std::sqrt(float(hd_));
     const cudaDataType_t st = bc::data_type<S>();
     for (std::int64_t h = 0; h < h_; ++h) {
       const std::int64_t g = h / group;

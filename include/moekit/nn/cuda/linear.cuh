@@ -13,9 +13,19 @@
 namespace moekit::nn::cuda {
 inline namespace MOEKIT_CUDA_ABI {
 
+namespace linear_detail {
+// cuBLAS takes int dimensions and leading dimensions.
+inline void check_gemm_dims(std::int64_t rows, std::int64_t in, std::int64_t out) {
+  constexpr std::int64_t kMax = 2147483647;
+  if (rows < 0 || rows > kMax) throw ShapeError("Linear: rows = " + std::to_string(rows) + " must be in [0, 2^31 - 1] (cuBLAS int sizes)");
+  if (in > kMax || out > kMax) throw ShapeError("Linear: in = " + std::to_string(in) + ", out = " + std::to_string(out) + " exceed 2^31 - 1");
+}
+}  // namespace linear_detail
+
 // y [rows, out] = x [rows, in] W^T (overwritten).
 template <class S>
 void linear_forward(const Context& ctx, const S* x, const S* w, std::int64_t rows, std::int64_t in, std::int64_t out, S* y) {
+  linear_detail::check_gemm_dims(rows, in, out);
   set_stream(ctx);
   bc::GemmSpec spec;
   spec.ta = false, spec.tb = true, spec.ab = spec.c = bc::data_type<S>();
@@ -25,6 +35,7 @@ void linear_forward(const Context& ctx, const S* x, const S* w, std::int64_t row
 template <class S>
 void linear_backward(const Context& ctx, const S* x, const S* w, float* dw, const S* dy, std::int64_t rows, std::int64_t in,
                      std::int64_t out, S* dx) {
+  linear_detail::check_gemm_dims(rows, in, out);
   set_stream(ctx);
   bc::GemmSpec spec;
   spec.ta = true, spec.tb = false, spec.ab = bc::data_type<S>(), spec.c = CUDA_R_32F, spec.beta = 1.f;
