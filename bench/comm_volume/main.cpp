@@ -5,22 +5,16 @@
 //   mpirun -np 4 bench_comm_volume [--tokens T] [--json out.json]
 //
 // Shape: DESIGN §10's cpu-mixtral-mini (d 512, d_expert 1024, 8 FFN experts, top-2, fp32), T tokens per
-// shard (default 2048), uniform routing (random router). Formula terms, per rank, fp32 (4 B), R = T·k
-// rows per shard, with DTD each tp rank dispatches R/tp of them, a fraction (ep-1)/ep leaves the rank:
-//   all_to_all      4 (fwd dispatch, fwd return, bwd dispatch, bwd return) · R/tp_d · d · 4 · (ep-1)/ep
-//                   (tp_d = tp with duplicate token dropping, 1 without)
-//   all_gather      DTD: 4 (rows in and rows back, fwd and bwd) · R/tp · d · 4 · (tp-1), plus the
-//                   per-expert counts N_FFN · 8 · (tp·ep - 1)
-//   reduce_scatter  DTD: 2 (fwd, bwd) · R · d · 4 · (tp-1)/tp
-//   all_reduce      gradients: 2(p-1)/p of the bytes over the group (expert shards over dp, dense weights
-//                   over the world); without DTD also the tp sums of the rows, 2 · 2(tp-1)/tp · R · d · 4
-// Routing is random, so measured all-to-all and tp volumes scatter around the formula by a few percent.
+// shard (default 2048), uniform routing (random router). The formula is science/comm_bytes.hpp's
+// (moe_layer_comm_bytes, per rank, its terms written out there). Routing is random, so measured
+// all-to-all and tp volumes scatter around the formula by a few percent.
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <moekit/backend/host/gemm_library.hpp>
 #include <moekit/parallel/comm/mpi.hpp>
 #include <moekit/parallel/host_moe_layer.hpp>
+#include <moekit/science/comm_bytes.hpp>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
@@ -81,8 +75,6 @@ int main(int argc, char** argv) {
     }
   MoeConfig base;
   base.d_model = 512, base.d_expert = 1024, base.num_ffn_experts = 8, base.top_k = 2, base.lbl_coef = 0.01;
-  const double d = double(base.d_model), R = double(T * base.top_k), nf = double(base.num_ffn_experts);
-  const double expert_params = nf * 3.0 * double(base.d_expert) * d, dense_params = nf * d;  // router: N_E x d
   nlohmann::ordered_json out;
   out["world"] = w, out["tokens_per_shard"] = T, out["shape"] = "cpu-mixtral-mini (d 512, d_expert 1024, 8 experts, top-2, fp32)";
   out["rows"] = nlohmann::json::array();
@@ -105,16 +97,11 @@ int main(int argc, char** argv) {
     std::vector<double> mean(k.bytes.begin(), k.bytes.end());
     world.all_reduce_sum(mean.data(), mean.size());
     for (auto& v : mean) v /= w;
-    // Formula (bytes per rank).
-    const double tpd = s.dtd ? s.tp : 1.0, tp = s.tp, ep = s.ep, dp = s.dp, S = ep * dp;
-    const double a2a = 4.0 * (R / tpd) * d * 4.0 * (ep - 1.0) / ep;
-    // tp all-gathers (rows in, rows back; forward and backward) and the count all-gather.
-    const double gather = (s.dtd && tp > 1 ? 4.0 * (R / tp) * d * 4.0 * (tp - 1.0) : 0.0) + nf * 8.0 * (tp * ep - 1.0);
-    const double rscatter = s.dtd && tp > 1 ? 2.0 * R * d * 4.0 * (tp - 1.0) / tp : 0.0;
-    const double W = tp * S;
-    const double grads = 2.0 * (dp - 1.0) / dp * expert_params / (ep * tp) * 4.0 + 2.0 * (W - 1.0) / W * dense_params * 4.0 +
-                         (!s.dtd && tp > 1 ? 2.0 * 2.0 * (tp - 1.0) / tp * R * d * 4.0 : 0.0);
-    const double f[] = {a2a, gather, rscatter, grads};
+    science::CommShape shape;
+    shape.tokens = T, shape.d_model = c.d_model, shape.d_expert = c.d_expert, shape.ffn_experts = c.num_ffn_experts, shape.top_k = c.top_k;
+    shape.tp = s.tp, shape.ep = s.ep, shape.dp = s.dp, shape.duplicate_token_dropping = s.dtd;
+    const science::CollectiveBytes step = science::moe_layer_comm_bytes(shape).step();
+    const double f[] = {step.all_to_all, step.all_gather, step.reduce_scatter, step.all_reduce};
     const double m[] = {mean[std::size_t(comm::Collective::kAllToAll)], mean[std::size_t(comm::Collective::kAllGather)],
                         mean[std::size_t(comm::Collective::kReduceScatter)], mean[std::size_t(comm::Collective::kAllReduce)]};
     if (world.rank() == 0) {

@@ -82,3 +82,22 @@ TEST_CASE("LmConfig::flops: the blocks' attention and MoE layers and the head") 
   const double dense_block = block - 2.0 * 80 * 32 * 8 + 2.0 * 80 * 32 * 1;
   CHECK(c.flops(batch).forward == doctest::Approx(3 * dense_block + head).epsilon(1e-15));
 }
+
+TEST_CASE("science::ffn_flops and moe_flops with MoE++ slots and the gating residual") {
+  // Dense SwiGLU FFN, 3 rows, 4 -> 5 -> 4: three products of 2 * 3 * 4 * 5 = 120 each.
+  CHECK(sc::ffn_flops(3, 4, 5).forward == 360.0);
+  CHECK(sc::ffn_flops(3, 4, 5).backward == 720.0);
+  CHECK(sc::ffn_flops(3, 4, 5, false).forward == 240.0);  // GeLU/ReLU: two products
+  // 3 tokens, d 4, d_expert 5, 7 experts; 6 FFN slots, 2 constant-expert slots, gating residual:
+  //   router          2 * 3 * 4 * 7     = 168
+  //   FFN slots       3 * 2 * 6 * 4 * 5 = 720
+  //   constant mixes  2 * 2 * 4 * 2     = 32   (W_c [2, d])
+  //   W_g             2 * 3 * 7 * 7     = 294  (the previous logits' gradient flows back: x3 in all)
+  const Flops f = sc::moe_flops(3, 4, 5, 7, sc::MoeSlots{6, 2}, true, true);
+  CHECK(f.forward == 168.0 + 720.0 + 32.0 + 294.0);
+  CHECK(f.backward == 2 * (168.0 + 720.0 + 32.0 + 294.0));
+  // Zero and copy experts: fewer FFN slots and nothing else.
+  CHECK(sc::moe_flops(3, 4, 5, 7, sc::MoeSlots{4, 0}).forward == 168.0 + 480.0);
+  CHECK(sc::moe_flops(3, 4, 5, 7, std::int64_t(6)).forward == 168.0 + 720.0);
+  CHECK_THROWS_AS(sc::moe_flops(3, 4, 5, 7, sc::MoeSlots{6, -1}), moekit::ConfigError);
+}

@@ -61,17 +61,37 @@ inline Flops attention_flops(std::int64_t batch, std::int64_t seq, std::int64_t 
   return f;
 }
 
-// A MoE layer over `tokens` tokens (DESIGN §8): the router (a product with [num_experts, d_model]) and
-// `ffn_slots` (token, expert) rows through FFN experts of d_model -> d_expert -> d_model, three
-// matrices when gated (SwiGLU: 6·d·d_expert per slot forward), two otherwise. Slots routed to zero,
-// copy or constant experts (MoE++) cost no product worth counting; with top-k routing over FFN
-// experts only and no capacity limit, ffn_slots = tokens · top_k.
+// A dense FFN over `rows` rows, d_model -> d_ff -> d_model: three matrices when gated (SwiGLU), two
+// otherwise (train_lm's --dense block).
+inline Flops ffn_flops(std::int64_t rows, std::int64_t d_model, std::int64_t d_ff, bool gated = true) {
+  detail::check_nonneg(rows, "rows"), detail::check_positive(d_model, "d_model"), detail::check_positive(d_ff, "d_ff");
+  return double(gated ? 3 : 2) * linear_flops(rows, d_model, d_ff);
+}
+
+// Where a MoE layer's (token, expert) slots went. Zero and copy experts (MoE++) compute no product;
+// a constant expert computes its mix [a1, a2] = softmax(W_c x), a product with W_c [2, d_model].
+struct MoeSlots {
+  std::int64_t ffn = 0, constant = 0;
+};
+
+// A MoE layer over `tokens` tokens (DESIGN §8): the router (a product with [num_experts, d_model];
+// with the gating residual also W_g [num_experts, num_experts] on the previous layer's logits, whose
+// gradient flows back), `slots.ffn` rows through FFN experts of d_model -> d_expert -> d_model (6
+// d·d_expert per slot forward when gated, 4 otherwise) and `slots.constant` constant-expert mixes.
+// With top-k routing over FFN experts only and no capacity limit, slots.ffn = tokens · top_k.
+inline Flops moe_flops(std::int64_t tokens, std::int64_t d_model, std::int64_t d_expert, std::int64_t num_experts, MoeSlots slots,
+                       bool gated = true, bool gating_residual = false) {
+  detail::check_nonneg(tokens, "tokens"), detail::check_positive(d_model, "d_model"), detail::check_positive(d_expert, "d_expert");
+  detail::check_positive(num_experts, "num_experts"), detail::check_nonneg(slots.ffn, "ffn_slots");
+  detail::check_nonneg(slots.constant, "constant_slots");
+  Flops f = linear_flops(tokens, d_model, num_experts) + ffn_flops(slots.ffn, d_model, d_expert, gated) +
+            linear_flops(slots.constant, d_model, 2);
+  if (gating_residual) f += linear_flops(tokens, num_experts, num_experts);
+  return f;
+}
 inline Flops moe_flops(std::int64_t tokens, std::int64_t d_model, std::int64_t d_expert, std::int64_t num_experts, std::int64_t ffn_slots,
                        bool gated = true) {
-  detail::check_nonneg(tokens, "tokens"), detail::check_positive(d_model, "d_model"), detail::check_positive(d_expert, "d_expert");
-  detail::check_positive(num_experts, "num_experts"), detail::check_nonneg(ffn_slots, "ffn_slots");
-  const Flops expert = linear_flops(ffn_slots, d_model, d_expert);
-  return linear_flops(tokens, d_model, num_experts) + double(gated ? 3 : 2) * expert;
+  return moe_flops(tokens, d_model, d_expert, num_experts, MoeSlots{ffn_slots, 0}, gated);
 }
 
 }  // namespace moekit::science
