@@ -133,7 +133,7 @@ static nlohmann::json checkpoint_config(const Options& o) {
           {"d_expert", o.d_expert}, {"granularity", o.granularity}, {"zero_experts", o.zero_experts}, {"copy_experts", o.copy_experts},
           {"constant_experts", o.constant_experts}, {"tau", o.tau}, {"capacity_factor", o.capacity_factor},
           {"gating_residual", o.gating_residual}, {"expert_bias", o.expert_bias}, {"global_balance", o.global_balance},
-          {"bias_rate", o.bias_rate}, {"lbl_coef", o.lbl_coef}, {"zloss_coef", o.zloss_coef}, {"steps", o.steps}, {"batch", o.batch},
+          {"bias_rate", o.bias_rate}, {"lbl_coef", o.lbl_coef}, {"zloss_coef", o.zloss_coef}, {"steps", o.steps}, {"time_budget", o.time_budget}, {"batch", o.batch},
           {"accum", o.accum}, {"lr", o.lr}, {"weight_decay", o.weight_decay}, {"seed", o.seed}};
 }
 
@@ -192,7 +192,11 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
 #if defined(MOEKIT_TRAIN_WITH_CUDA) && MOEKIT_TRAIN_WITH_CUDA
   if (cuda) model_ptr = make_cuda_lm(lc, opt.seed, *cuda, opt.bf16);
 #endif
-  if (!model_ptr) model_ptr = std::make_unique<HostLm>(lc, opt.seed, moe_blocks);
+  if (!model_ptr) {
+    auto host = std::make_unique<HostLm>(lc, opt.seed, moe_blocks);
+    if (opt.bf16) host->model().set_matmul_precision(moekit::backend::host::MatmulPrecision::kBf16);
+    model_ptr = std::move(host);
+  }
   Lm& model = *model_ptr;
   TrainedModel trained(model, data.train, opt, ranks.get());
   std::int64_t n_local = 0, n_moe = 0;
@@ -209,7 +213,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   moekit::train::TrainerConfig tc;
   tc.steps = opt.steps, tc.accum = opt.accum, tc.tokens_per_micro_batch = opt.batch * opt.seq;
   tc.log_interval = opt.log_interval, tc.eval_interval = opt.eval_interval, tc.max_grad_norm = 1.0;
-  tc.max_bad_steps = opt.max_bad_steps;
+  tc.max_bad_steps = opt.max_bad_steps, tc.time_budget_s = opt.time_budget;
   moekit::train::AdamWConfig ac;
   ac.lr = opt.lr, ac.beta2 = 0.95, ac.weight_decay = opt.weight_decay;
   const moekit::train::CosineSchedule schedule{opt.lr, opt.lr / 10, std::max<std::int64_t>(1, opt.steps / 20), opt.steps};
@@ -233,12 +237,18 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   else
     out("%s | threads %d\n", moekit::backend::host::gemm_library().line().c_str(), omp_get_max_threads());
   if (opt.bf16 && cuda) out("dtype: bf16 storage of activations and weights, fp32 gradients, AdamW masters and accumulation\n");
-  else if (opt.bf16) out("dtype: bf16 MoE layers (%s); attention, norms, embedding and head in fp32\n", moekit::backend::host::bf16_gemm().line().c_str());
+  else if (opt.bf16)
+    out("dtype: bf16 products everywhere (%s): the MoE layers store bf16 weights (fp32 masters); attention and the head round "
+        "their operands to bf16 from fp32 masters and activations; norms, softmax, residuals and the loss in fp32\n",
+        moekit::backend::host::bf16_gemm().line().c_str());
   if (ranks) {
     const auto& g = ranks->grid();
     out("parallel: %s over %d ranks = tp %d x ep %d x dp %d | %d shards x %lld sequences | attention and embeddings data-parallel\n",
         parallel_name(opt.parallel), ranks->size(), g.tp, g.ep, g.dp, shards, (long long)(opt.batch / shards));
   }
+  if (opt.time_budget > 0)
+    out("time budget: %.0f s of training (evaluations excluded), the schedule over time; at most %lld steps\n", opt.time_budget,
+        (long long)opt.steps);
   out("training: %lld steps x %lld sequences x %lld bytes x %lld micro-batches | AdamW lr %.1e (warmup %lld, cosine) | balance %s, lbl %.3g, z %.3g\n\n",
       (long long)opt.steps, (long long)opt.batch, (long long)opt.seq, (long long)opt.accum, opt.lr, (long long)schedule.warmup_steps,
       opt.global_balance ? "global" : "micro", opt.lbl_coef, opt.zloss_coef);
@@ -255,7 +265,8 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
     std::snprintf(line, sizeof line, "step %5lld/%lld | loss %.4f | %.3f bpb | lbl %.3f | %6.0f tok/s | ETA %s | load max/mean %s%s",
                   (long long)r.step, (long long)r.steps, r.loss, r.loss / kLn2,
                   r.lbl.empty() ? 0.0 : std::accumulate(r.lbl.begin(), r.lbl.end(), 0.0) / double(r.lbl.size()), r.tokens_per_s,
-                  duration_text(elapsed / double(r.step) * double(r.steps - r.step)).c_str(), load_summary(r.expert_load).c_str(),
+                  duration_text(opt.time_budget > 0 ? std::max(0.0, opt.time_budget - elapsed)
+                                                    : elapsed / double(r.step) * double(r.steps - r.step)).c_str(), load_summary(r.expert_load).c_str(),
                   r.bad_steps_total > 0 ? (" | skipped " + std::to_string(r.bad_steps_total) + " steps").c_str() : "");
     progress.line(line);
     emit({{"type", "train"}, {"step", r.step}, {"elapsed_s", elapsed}, {"loss", r.loss}, {"bits_per_byte", r.loss / kLn2},
@@ -285,7 +296,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
       if (run.contains("trained")) trained.set_state(run.at("trained"));
     }
     trainer.on_step([&, config](std::int64_t done) {
-      if ((opt.checkpoint_interval > 0 && done % opt.checkpoint_interval == 0) || done == opt.steps) {
+      if ((opt.checkpoint_interval > 0 && done % opt.checkpoint_interval == 0) || done == opt.steps || trainer.out_of_time()) {
         const nlohmann::json run = {{"sampler", trained.state().at("sampler")}, {"trained", trained.state()},
                                     {"router_states", model.router_states()}, {"config", config}};
         const moekit::ParallelGrid grid = ranks ? ranks->grid() : moekit::ParallelGrid{};
@@ -298,12 +309,13 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   }
   trainer.run();
   progress.settle();
+  const std::int64_t steps_done = trainer.steps_done();  // --steps, or fewer under --time-budget
 
   // 6. The closing report: the whole held-out text (up to 1 MiB), per domain, and the routing table.
   const Evaluation ev = evaluate(model, data.heldout, n_domains, std::int64_t(1) << 20);
   out("\nheld-out: %.3f bits per byte (%.4f nats) over %lld bytes | unigram entropy %.3f | %.1f%% below it\n", ev.bits(), ev.loss,
       (long long)ev.bytes, unigram, 100.0 * (1.0 - ev.bits() / unigram));
-  emit({{"type", "eval"}, {"step", opt.steps}, {"elapsed_s", trainer.train_seconds()}, {"heldout_loss", ev.loss},
+  emit({{"type", "eval"}, {"step", steps_done}, {"elapsed_s", trainer.train_seconds()}, {"heldout_loss", ev.loss},
         {"heldout_bits_per_byte", ev.bits()}, {"bytes", ev.bytes}, {"final", true}});
   if (n_domains > 1) {
     out("per domain (bits per byte):");
@@ -334,13 +346,13 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
         printable_utf8(prompt).c_str(), printable_utf8(text.substr(prompt.size())).c_str());
     emit({{"type", "sample"}, {"prompt", printable_utf8(prompt)}, {"text", printable_utf8(text.substr(prompt.size()))}});
   }
-  out("\ntrained %lld steps in %s (%.0f bytes/s)%s%s\n", (long long)opt.steps, duration_text(trainer.train_seconds()).c_str(),
-      double(opt.steps * opt.accum * opt.batch * opt.seq) / std::max(1e-9, trainer.train_seconds()),
+  out("\ntrained %lld steps in %s (%.0f bytes/s)%s%s\n", (long long)steps_done, duration_text(trainer.train_seconds()).c_str(),
+      double(steps_done * opt.accum * opt.batch * opt.seq) / std::max(1e-9, trainer.train_seconds()),
       opt.json.empty() ? "" : " | metrics: ", opt.json.c_str());
   // Speed: the model FLOPs of the steps (LmConfig::flops) per second of training, against the measured
   // dense-GEMM ceiling of this backend (one process; under mpirun the ranks share the machine's cores).
   const moekit::science::Flops step_flops = double(opt.accum) * lc.flops(opt.batch);
-  const double flops_per_s = step_flops.total() * double(opt.steps) / std::max(1e-9, trainer.train_seconds());
+  const double flops_per_s = step_flops.total() * double(steps_done) / std::max(1e-9, trainer.train_seconds());
   if (!ranks) {
     const GemmCeiling ceiling = model.gemm_ceiling();
     out("compute: %.3g GFLOP a step (matrix products, forward + backward) | %.2f GFLOP/s | %.1f%% of the dense-GEMM ceiling "

@@ -23,7 +23,7 @@
 #include <string>
 #include <vector>
 
-#include <moekit/backend/host/blas.hpp>
+#include <moekit/backend/host/matmul.hpp>
 #include <moekit/moe_layer.hpp>
 #include <moekit/nn/attention.hpp>
 #include <moekit/nn/cross_entropy.hpp>
@@ -122,6 +122,15 @@ class LmModel {
   void set_training(bool on) {
     for (auto& m : moes_) m->set_training(on);
   }
+  // --dtype bf16 on the host: the dense products (attention's eight, the LM head's) on bf16-rounded
+  // operands with fp32 accumulation; the parameters stay fp32 (the AdamW masters), as do norms, softmax,
+  // RoPE, the residual stream and the loss (backend/host/matmul.hpp). The MoE layers choose their own.
+  void set_matmul_precision(moekit::backend::host::MatmulPrecision p) {
+    precision_ = moekit::backend::host::checked_precision<T>(p, "LmModel");
+    for (auto& a : attns_) a.set_precision(p);
+    if (head_) head_->set_precision(p);
+  }
+  moekit::backend::host::MatmulPrecision matmul_precision() const { return precision_; }
 
   // The dense parameters (embedding, attention, norms, head): replicated on every rank of a distributed
   // run, so the trainer averages their gradients over the shards; the MoE layers sync theirs.
@@ -192,7 +201,7 @@ class LmModel {
     final_norm_.forward(cmat(h_[cfg_.blocks]), mat(hf_));
     const std::int64_t d = cfg_.d_model, v = LmConfig::kVocab;
     if (head_) head_->forward(cmat(hf_), logits());
-    else moekit::backend::host::gemm<T>(false, true, rows_, v, d, T(1), hf_.data(), embed_.weight(), T(0), logits_.data());
+    else moekit::backend::host::matmul<T>(precision_, false, true, rows_, v, d, T(1), hf_.data(), embed_.weight(), T(0), logits_.data());
   }
   Matrix<T> logits() { return {logits_.data(), {rows_, LmConfig::kVocab}}; }
 
@@ -212,8 +221,8 @@ class LmModel {
     if (head_) {
       head_->backward(cmat(hf_), Matrix<const T>(dlogits_.data(), {rows_, v}), mat(dhf_));
     } else {  // logits = hf E^T: dE += dlogits^T hf, dhf = dlogits E
-      moekit::backend::host::gemm<T>(true, false, v, d, rows_, T(1), dlogits_.data(), hf_.data(), T(1), embed_.grad());
-      moekit::backend::host::gemm<T>(false, false, rows_, d, v, T(1), dlogits_.data(), embed_.weight(), T(0), dhf_.data());
+      moekit::backend::host::matmul<T>(precision_, true, false, v, d, rows_, T(1), dlogits_.data(), hf_.data(), T(1), embed_.grad());
+      moekit::backend::host::matmul<T>(precision_, false, false, rows_, d, v, T(1), dlogits_.data(), embed_.weight(), T(0), dhf_.data());
     }
     final_norm_.backward(cmat(h_[L]), cmat(dhf_), mat(dh_));  // dh_ = d loss / d h_L
     for (std::int64_t l = L - 1; l >= 0; --l) {
@@ -280,6 +289,7 @@ class LmModel {
 
   LmConfig cfg_;
   moekit::MoeConfig mc_;
+  moekit::backend::host::MatmulPrecision precision_ = moekit::backend::host::MatmulPrecision::kNative;
   moekit::nn::Embedding<T> embed_;
   std::vector<moekit::nn::RMSNorm<T>> attn_norms_, moe_norms_;
   std::vector<moekit::nn::CausalSelfAttention<T>> attns_;

@@ -25,6 +25,7 @@ struct Options {
   // Optimisation.
   std::int64_t steps = 1200, batch = 16, accum = 1;  // batch: sequences per micro-batch (all ranks together)
   double lr = 3e-3, weight_decay = 0.1;
+  double time_budget = 0;  // seconds of training; 0: --steps steps
   std::uint64_t seed = 1234;
   std::int64_t max_bad_steps = 3;
   // Output.
@@ -79,7 +80,10 @@ inline Options parse_options(int argc, char** argv) {
   app.add_option("--balance", balance, "load-balance scope: micro or global")->check(CLI::IsMember({"micro", "global"}));
   app.add_option("--lbl-coef", o.lbl_coef, "load-balancing loss coefficient")->check(nonneg);
   app.add_option("--zloss-coef", o.zloss_coef, "router z-loss coefficient")->check(nonneg);
-  app.add_option("--steps", o.steps, "optimizer steps")->check(positive);
+  app.add_option("--steps", o.steps, "optimizer steps (with --time-budget: the most, and the schedule's nominal length)")->check(positive);
+  app.add_option("--time-budget", o.time_budget,
+                 "seconds of training (evaluations excluded): stop there, the learning-rate schedule over time (0: off; one process)")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--batch", o.batch, "sequences per micro-batch (the global one under --parallel)")->check(positive);
   app.add_option("--accum", o.accum, "micro-batches per step (gradient accumulation)")->check(positive);
   app.add_option("--lr", o.lr, "peak learning rate (warmup, then cosine to a tenth)")->check(nonneg);
@@ -101,7 +105,7 @@ inline Options parse_options(int argc, char** argv) {
   app.add_option("--tp", o.tp, "tensor-parallel degree of the experts (tensor, hybrid)")->check(positive);
   app.add_option("--ep", o.ep, "expert-parallel degree (expert, hybrid); dp = ranks / (tp * ep)")->check(positive);
   app.add_option("--backend", backend, "host, or cuda (the whole model on one GPU; fp32, one process)")->check(CLI::IsMember({"host", "cuda"}));
-  app.add_option("--dtype", dtype, "fp32, or bf16: the MoE layers in bf16 with fp32 masters (host, one process)")
+  app.add_option("--dtype", dtype, "fp32, or bf16: bf16 products with fp32 masters and accumulation (host: one process)")
       ->check(CLI::IsMember({"fp32", "bf16"}));
   app.add_option("--checkpoint-dir", o.checkpoint_dir, "write checkpoints (step-NNNNNN/ folders) here (docs/checkpoints.md)");
   app.add_option("--checkpoint-interval", o.checkpoint_interval, "steps between checkpoints (0: at the end only)")->check(nonneg);
@@ -124,6 +128,8 @@ inline Options parse_options(int argc, char** argv) {
     std::fprintf(stderr, "error: %s\n", msg.c_str());
     std::exit(2);
   };
+  if (o.time_budget > 0 && o.parallel != Parallel::kNone)
+    fail("--time-budget runs in one process (ranks would stop at different steps); drop --parallel or the budget");
   if (o.bf16 && o.parallel != Parallel::kNone) fail("--dtype bf16 runs the host MoE layers in one process; --parallel needs --dtype fp32");
   if ((o.resume || o.checkpoint_interval > 0 || o.keep > 0) && o.checkpoint_dir.empty())
     fail(std::string("--") + (o.resume ? "resume" : o.keep > 0 ? "keep" : "checkpoint-interval") + " needs --checkpoint-dir");

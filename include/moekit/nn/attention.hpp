@@ -5,6 +5,8 @@
 //   q, k <- RoPE(q, k)      in place (nn::Rotary)
 //   P_bh = softmax_causal(q_bh k_bg^T / sqrt(hd)),  out_bh = P_bh v_bg
 //   y = out Wo^T
+// set_precision(kBf16) (T = float) runs all eight products (two projections, the scores and P v, and
+// their backwards) on bf16-rounded operands with fp32 accumulation; softmax and RoPE stay fp32.
 // Unlike Linear it keeps its activations (post-RoPE qkv, every P, out) for the backward, in member
 // buffers that only grow: backward() is the backward of the last forward().
 #include <omp.h>
@@ -16,7 +18,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "moekit/backend/host/blas.hpp"
+#include "moekit/backend/host/matmul.hpp"
 #include "moekit/core/error.hpp"
 #include "moekit/core/parameter.hpp"
 #include "moekit/core/tensor.hpp"
@@ -52,6 +54,13 @@ class CausalSelfAttention {
   std::int64_t max_seq() const { return max_seq_; }
   Linear<T>& qkv_proj() { return qkv_proj_; }
   Linear<T>& o_proj() { return o_proj_; }
+
+  void set_precision(backend::host::MatmulPrecision p) {
+    precision_ = backend::host::checked_precision<T>(p, "nn::CausalSelfAttention");
+    qkv_proj_.set_precision(p);
+    o_proj_.set_precision(p);
+  }
+  backend::host::MatmulPrecision precision() const { return precision_; }
 
   // Wqkv ~ U(±1/sqrt(d_model)) (torch's default) from `seed`; Wo ~ U(±out_scale/sqrt(heads*hd)) from
   // seed + 1 (out_scale < 1 damps a residual branch at init, as GPT-2 does by 1/sqrt(2 * layers)).
@@ -99,9 +108,9 @@ class CausalSelfAttention {
       const T* v = base + (h_ + kv_ + g) * hd_;
       for (std::int64_t h = g * group; h < (g + 1) * group; ++h) {
         T* p = probs_.data() + (b * h_ + h) * seq * seq;
-        backend::host::gemm<T>(false, true, seq, seq, hd_, scale, base + h * hd_, width_, k, width_, T(0), p, seq);
+        backend::host::matmul<T>(precision_, false, true, seq, seq, hd_, scale, base + h * hd_, width_, k, width_, T(0), p, seq);
         causal_softmax(p, seq);
-        backend::host::gemm<T>(false, false, seq, hd_, seq, T(1), p, seq, v, width_, T(0),
+        backend::host::matmul<T>(precision_, false, false, seq, hd_, seq, T(1), p, seq, v, width_, T(0),
                                out_.data() + b * seq * hdim + h * hd_, hdim);
       }
     }
@@ -154,12 +163,12 @@ class CausalSelfAttention {
         const T* q = base + h * hd_;
         const T* dout = dout_.data() + b * seq * hdim + h * hd_;
         // dP = d_out v^T; dv += P^T d_out.
-        backend::host::gemm<T>(false, true, seq, seq, hd_, T(1), dout, hdim, v, width_, T(0), dp, seq);
-        backend::host::gemm<T>(true, false, seq, hd_, seq, T(1), p, seq, dout, hdim, T(1), dv, width_);
+        backend::host::matmul<T>(precision_, false, true, seq, seq, hd_, T(1), dout, hdim, v, width_, T(0), dp, seq);
+        backend::host::matmul<T>(precision_, true, false, seq, hd_, seq, T(1), p, seq, dout, hdim, T(1), dv, width_);
         causal_softmax_backward(p, dp, seq, scale);  // dp becomes dS (scaled by 1/sqrt(hd))
         // dq = dS k (overwritten: each q head is one thread's); dk += dS^T q.
-        backend::host::gemm<T>(false, false, seq, hd_, seq, T(1), dp, seq, k, width_, T(0), dbase + h * hd_, width_);
-        backend::host::gemm<T>(true, false, seq, hd_, seq, T(1), dp, seq, q, width_, T(1), dk, width_);
+        backend::host::matmul<T>(precision_, false, false, seq, hd_, seq, T(1), dp, seq, k, width_, T(0), dbase + h * hd_, width_);
+        backend::host::matmul<T>(precision_, true, false, seq, hd_, seq, T(1), dp, seq, q, width_, T(1), dk, width_);
       }
     }
     rope_.apply(dqkv_.data(), rows, seq, h_ + kv_, width_, /*inverse=*/true);
@@ -228,6 +237,7 @@ class CausalSelfAttention {
   }
 
   std::int64_t d_, h_, kv_, hd_, width_, max_seq_;
+  backend::host::MatmulPrecision precision_ = backend::host::MatmulPrecision::kNative;
   Linear<T> qkv_proj_, o_proj_;
   Rotary<T> rope_;
   // The last forward's activations and the backward's scratch; sized to the largest call so far.

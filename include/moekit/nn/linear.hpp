@@ -1,7 +1,8 @@
 #pragma once
 // Linear: y = x W^T (+ b), torch.nn.Linear's layout (W is [out, in]). Both GEMMs of the backward go
-// through backend::host::gemm (CBLAS); gradients accumulate (+=) so micro-batches add up.
-// Keeps no activations: backward takes the forward's input x again.
+// through backend::host::matmul (CBLAS, or bf16 operands with fp32 accumulation after
+// set_precision(kBf16): the weights stay fp32 masters); gradients accumulate (+=) so micro-batches add
+// up. Keeps no activations: backward takes the forward's input x again.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -9,7 +10,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "moekit/backend/host/blas.hpp"
+#include "moekit/backend/host/matmul.hpp"
 #include "moekit/core/error.hpp"
 #include "moekit/core/parameter.hpp"
 #include "moekit/core/tensor.hpp"
@@ -42,6 +43,10 @@ class Linear {
   T* bias() { return bias_.data(); }
   T* bias_grad() { return bias_grad_.data(); }
 
+  // The operands' precision of all three products (forward, dW, dx); kBf16 needs T = float.
+  void set_precision(backend::host::MatmulPrecision p) { precision_ = backend::host::checked_precision<T>(p, "nn::Linear"); }
+  backend::host::MatmulPrecision precision() const { return precision_; }
+
   // torch.nn.Linear's default: W and b ~ U(-1/sqrt(in), 1/sqrt(in)); a bound > 0 overrides it.
   void init_params(std::uint64_t seed, double bound = -1.0) {
     SplitMix64 rng(seed);
@@ -65,7 +70,7 @@ class Linear {
     const std::int64_t rows = x.shape[0];
     check_shape(x, "x", {rows, in_});
     check_shape(y, "y", {rows, out_});
-    backend::host::gemm<T>(false, true, rows, out_, in_, T(1), x.data, weight_.data(), T(0), y.data);
+    backend::host::matmul<T>(precision_, false, true, rows, out_, in_, T(1), x.data, weight_.data(), T(0), y.data);
     if (!has_bias_) return;
 #pragma omp parallel for schedule(static) if (rows * out_ > kParallelWork)
     for (std::int64_t t = 0; t < rows; ++t) {
@@ -80,7 +85,7 @@ class Linear {
     const std::int64_t rows = x.shape[0];
     check_shape(x, "x", {rows, in_});
     check_shape(dy, "dy", {rows, out_});
-    backend::host::gemm<T>(true, false, out_, in_, rows, T(1), dy.data, x.data, T(1), weight_grad_.data());
+    backend::host::matmul<T>(precision_, true, false, out_, in_, rows, T(1), dy.data, x.data, T(1), weight_grad_.data());
     if (has_bias_) {
       // Threads own disjoint column blocks: each sum runs in row order whatever the thread count.
       const std::int64_t blocks = (out_ + kColumnBlock - 1) / kColumnBlock;
@@ -95,7 +100,7 @@ class Linear {
     }
     if (dx.data == nullptr) return;
     check_shape(dx, "dx", {rows, in_});
-    backend::host::gemm<T>(false, false, rows, in_, out_, T(1), dy.data, weight_.data(), T(0), dx.data);
+    backend::host::matmul<T>(precision_, false, false, rows, in_, out_, T(1), dy.data, weight_.data(), T(0), dx.data);
   }
 
  private:
@@ -104,6 +109,7 @@ class Linear {
 
   std::int64_t in_, out_;
   bool has_bias_;
+  backend::host::MatmulPrecision precision_ = backend::host::MatmulPrecision::kNative;
   std::vector<T> weight_, weight_grad_, bias_, bias_grad_;
 };
 

@@ -3,7 +3,8 @@
 //   step < warmup:            lr = max_lr * (step + 1) / warmup
 //   warmup <= step < total:   lr = min_lr + (max_lr - min_lr) * 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup)))
 //   step >= total:            lr = min_lr
-// `step` is the 0-based index of the optimizer step about to run.
+// `step` is the 0-based index of the optimizer step about to run. at_progress(f) is the same schedule at
+// the fraction f of its length (a run under a wall-clock budget: f = time spent / budget).
 #include <cmath>
 #include <cstdint>
 #include <numbers>
@@ -34,6 +35,12 @@ struct CosineSchedule {
     if (step >= total_steps) return min_lr;
     const double ratio = double(step - warmup_steps) / double(total_steps - warmup_steps);
     return min_lr + (max_lr - min_lr) * 0.5 * (1.0 + std::cos(std::numbers::pi * ratio));
+  }
+  // The step at floor(f * total_steps); f >= 1 gives min_lr (f < 0 counts as 0).
+  double at_progress(double f) const {
+    if (!(f > 0.0)) return (*this)(0);
+    if (f >= 1.0) return min_lr;
+    return (*this)(std::int64_t(std::floor(f * double(total_steps))));
   }
 };
 

@@ -15,6 +15,13 @@
 // expert load, averaged over the interval and over the shards) goes to the log callback; every
 // `eval_interval` steps the eval callback runs. The model supplies the data and the forward/backward
 // (TrainableModel below); the trainer owns the optimizer, the schedule and the bookkeeping.
+//
+// A wall-clock budget (time_budget_s > 0; Du et al.'s comparison at equal training time) ends the run
+// after the step that reaches it, and the schedule runs over time instead of steps: step s uses
+// schedule.at_progress(t / budget), t the training time before it (steps only; evaluations and
+// callbacks excluded), so each model decays its learning rate to the end of the same budget whatever
+// its step time. `steps` is then a cap and the schedule's nominal length. Such a run is not repeatable
+// bit for bit (the steps' times pick the learning rates); a resumed one continues from the saved time.
 #include <chrono>
 #include <cmath>
 #include <concepts>
@@ -44,6 +51,7 @@ struct TrainerConfig {
   // A step whose loss or gradient norm is not finite is skipped (no optimizer update); this many in a
   // row stop the run with a NumericError naming the step.
   std::int64_t max_bad_steps = 3;
+  double time_budget_s = 0;  // > 0: stop at this much training time, the schedule over time (above)
 
   void validate() const {
     auto at_least = [](const char* f, std::int64_t v, std::int64_t lo) {
@@ -57,6 +65,8 @@ struct TrainerConfig {
     at_least("max_bad_steps", max_bad_steps, 1);
     if (!(max_grad_norm > 0.0) || !std::isfinite(max_grad_norm))
       throw ConfigError("max_grad_norm", moekit::detail::str(max_grad_norm), "must be finite and > 0");
+    if (!(time_budget_s >= 0.0) || !std::isfinite(time_budget_s))
+      throw ConfigError("time_budget_s", moekit::detail::str(time_budget_s), "must be finite and >= 0 (0: no budget)");
   }
 };
 
@@ -122,6 +132,9 @@ class Trainer {
         optimizer_(params_, adamw, std::move(decays)), red_(std::move(red)) {
     cfg_.validate();
     schedule_.validate();
+    if (cfg_.time_budget_s > 0 && (red_.sum_over_shards || red_.sum_over_expert_slices))
+      throw ConfigError("time_budget_s", moekit::detail::str(cfg_.time_budget_s),
+                        "needs one process: each rank's clock would pick its own learning rates and last step");
     if constexpr (HasParameterGroups<Model>) groups_ = model.parameter_groups();
   }
 
@@ -151,10 +164,12 @@ class Trainer {
     sum_lbl_ = s.sum_lbl, sum_z_ = s.sum_z, load_ = s.load;
   }
 
-  // Runs the remaining steps.
+  // Runs the remaining steps (or until the time budget is spent).
   void run() {
-    while (done_ < cfg_.steps) step();
+    while (done_ < cfg_.steps && !out_of_time()) step();
   }
+  // The time budget is set and spent: run() stops, and the last step reported as the final one.
+  bool out_of_time() const { return cfg_.time_budget_s > 0 && total_s_ >= cfg_.time_budget_s; }
 
   // One optimizer step (the next one); returns the gradient norm before clipping. A step whose loss
   // (any micro-batch's, any rank's) or global gradient norm is not finite changes no parameter and no
@@ -164,7 +179,7 @@ class Trainer {
   double step() {
     const auto t0 = Clock::now();
     const std::int64_t s = done_;
-    const double lr = schedule_(s);
+    const double lr = cfg_.time_budget_s > 0 ? schedule_.at_progress(total_s_ / cfg_.time_budget_s) : schedule_(s);
     model_.zero_grad();
     for (ParameterGroup* g : groups_) g->zero_grad();
     std::vector<MicroBatchStats> micro;
@@ -212,7 +227,7 @@ class Trainer {
                          ", gradient norm " + moekit::detail::str(last_bad_.second) + "); stopping (max_bad_steps " +
                          std::to_string(cfg_.max_bad_steps) + "); the parameters are those after step " +
                          std::to_string(done_ - bad_in_a_row_) + (last_error_.empty() ? "" : "; " + last_error_));
-    const bool last = done_ == cfg_.steps;
+    const bool last = done_ == cfg_.steps || out_of_time();
     if (done_ % cfg_.log_interval == 0 || last) report(lr);
     if (cfg_.eval_interval > 0 && done_ % cfg_.eval_interval == 0 && !last && eval_) eval_(done_);
     if (after_step_) after_step_(done_);

@@ -99,9 +99,11 @@ inline void gemm(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std
   const Bf16Gemm& g = bf16_gemm();
   if (g.fn && kk > 0) {
     const std::int64_t lda = trans_a ? m : kk, ldb = trans_b ? kk : n;
-    g.fn(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, kk, alpha, reinterpret_cast<const std::uint16_t*>(a), lda,
-         reinterpret_cast<const std::uint16_t*>(b), ldb, beta, c, n);
-    return;
+    // A status other than dnnl_success (0; e.g. unimplemented on a CPU without AVX-512 under
+    // MOEKIT_BF16_GEMM=onednn) leaves C unwritten: fall through to the conversion.
+    if (g.fn(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, kk, alpha, reinterpret_cast<const std::uint16_t*>(a), lda,
+             reinterpret_cast<const std::uint16_t*>(b), ldb, beta, c, n) == 0)
+      return;
   }
   float* af = detail::scratch(0, m * kk);
   float* bf = detail::scratch(1, kk * n);
