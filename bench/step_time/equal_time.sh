@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # MoE against dense at equal wall-clock time (Du et al., arXiv 2405.15052; docs/science.md): train_lm's
-# MoE model and its dense twin of equal active parameters (--dense) get the same training time on the
-# same data, for several seeds. Each model's steps are its measured step time divided into the budget
-# (so each run completes its own cosine schedule); the held-out loss at the end and along the way
-# (eval rows, with elapsed_s: training time, evaluations excluded) are compared at equal time.
+# MoE model and its dense twin of equal active parameters (--dense) each train for the same budget of
+# training time (train_lm --time-budget: evaluations excluded, the learning-rate schedule over time, so
+# each model completes its own warmup and cosine decay in the budget whatever its step time) on the same
+# data, for several seeds; the held-out loss at the end is the comparison, and the eval rows (with
+# elapsed_s) draw held-out loss against wall time.
 #
 #   bench/step_time/equal_time.sh BUILD_DIR OUT_DIR [BUDGET_S=90] [SEEDS="1 2 3"] [DATASETS="embedded licenses"]
 #
 # BUILD_DIR holds examples/train_lm/train_lm and tools/plot_run/plot_run. Writes OUT_DIR/<data>-<model>-s<seed>.jsonl,
-# OUT_DIR/summary.txt (held-out loss per run, mean and spread per model) and, with plot_run and gnuplot,
-# OUT_DIR/plots-<data>/ (loss against steps and against wall time, every run). The runs alternate MoE and
-# dense so that the machine's drift falls on both; nothing else should run meanwhile.
+# OUT_DIR/summary.txt (held-out loss per run, mean and standard error per model, the paired difference)
+# and, with plot_run and gnuplot, OUT_DIR/plots-<data>/ (loss against steps and against wall time, every
+# run). The runs alternate MoE and dense so that the machine's drift falls on both; nothing else should
+# run meanwhile.
 set -euo pipefail
 build=${1:?usage: equal_time.sh BUILD_DIR OUT_DIR [BUDGET_S] [SEEDS] [DATASETS]}
 out=${2:?usage: equal_time.sh BUILD_DIR OUT_DIR [BUDGET_S] [SEEDS] [DATASETS]}
@@ -21,7 +23,9 @@ train="$build/examples/train_lm/train_lm"
 plot="$build/tools/plot_run/plot_run"
 [[ -x "$train" ]] || { echo "equal_time: $train not built" >&2; exit 2; }
 mkdir -p "$out"
-common=(--threads 2 --sample-tokens 0)
+# --steps: a cap far above what the budget allows (and the schedule's nominal length: its warmup is
+# the first 5 % of the budget either way).
+common=(--threads 2 --sample-tokens 0 --time-budget "$budget" --steps 100000 --log-interval 25 --eval-interval 100 --eval-bytes 16384)
 
 # The licence texts Debian installs, each file once (symlinks resolved), as in train_lm's ctest.
 licenses="$out/licenses.txt"
@@ -50,20 +54,6 @@ summary="$out/summary.txt"
 for data in $datasets; do
   dargs=()
   [[ "$data" == licenses ]] && dargs=(--data "$licenses")
-  # 1. Step time of each model, warm: 120 steps logged every 40, the last interval's step time (the
-  # first steps pay for warm-up and, in MoE, for the router's early imbalance), twice each, alternated.
-  unset step_ms steps; declare -A step_ms=() steps=()
-  for model in moe dense moe dense; do
-    margs=()
-    [[ "$model" == dense ]] && margs=(--dense)
-    tmp="$out/.calibrate.jsonl"
-    "$train" "${dargs[@]}" "${margs[@]}" "${common[@]}" --log-interval 40 --steps 120 --eval-interval 0 --eval-bytes 4096 --json "$tmp" >/dev/null
-    step_ms[$model]="${step_ms[$model]:-} $(json_field "$tmp" train step_time_ms)"
-  done
-  for model in moe dense; do
-    steps[$model]=$(echo "${step_ms[$model]}" | awk -v b="$budget" '{s = 0; for (i = 1; i <= NF; ++i) s += $i; printf "%d", b * 1000 / (s / NF)}')
-    echo "# $data $model: warm step time${step_ms[$model]} ms -> ${steps[$model]} steps in ${budget} s" >>"$summary"
-  done
   # 2. The runs, MoE and dense alternated.
   files=()
   for seed in $seeds; do
@@ -71,26 +61,29 @@ for data in $datasets; do
       margs=()
       [[ "$model" == dense ]] && margs=(--dense)
       f="$out/$data-$model-s$seed.jsonl"
-      n=${steps[$model]}
-      "$train" "${dargs[@]}" "${margs[@]}" "${common[@]}" --seed "$seed" --log-interval 50 --steps "$n" --eval-interval $((n / 6 > 0 ? n / 6 : 1)) \
-        --json "$f" >"$out/$data-$model-s$seed.log"
-      printf '%-9s %-6s seed %-3s steps %6d  train %7.1f s  held-out loss %.4f nats/byte (%.4f bits/byte)\n' "$data" "$model" "$seed" "$n" \
-        "$(json_field "$f" eval elapsed_s)" "$(json_field "$f" eval heldout_loss)" "$(json_field "$f" eval heldout_bits_per_byte)" |
-        tee -a "$summary"
+      "$train" "${dargs[@]}" "${margs[@]}" "${common[@]}" --seed "$seed" --json "$f" >"$out/$data-$model-s$seed.log"
+      printf '%-9s %-6s seed %-3s steps %6d  train %7.1f s  held-out loss %.4f nats/byte (%.4f bits/byte)\n' "$data" "$model" "$seed" \
+        "$(json_field "$f" eval step)" "$(json_field "$f" eval elapsed_s)" "$(json_field "$f" eval heldout_loss)" \
+        "$(json_field "$f" eval heldout_bits_per_byte)" | tee -a "$summary"
       files+=("$f")
-      # The next seed's steps from this whole run's own step time: the calibration's short runs miss
-      # how the step time moves over a run (routing settles, evaluations warm the caches).
-      steps[$model]=$(awk -v b="$budget" -v t="$(json_field "$f" eval elapsed_s)" -v n="$n" 'BEGIN {printf "%d", b / (t / n)}')
     done
   done
-  # 3. Mean and spread (sample standard deviation) per model.
-  for model in moe dense; do
-    grep -E "^$data +$model " "$summary" | sed -E 's/.*held-out loss ([0-9.]+).*/\1/' |
-      awk -v d="$data" -v m="$model" '{x[NR] = $1; s += $1} END {mu = s / NR; for (i = 1; i <= NR; ++i) v += (x[i] - mu) ^ 2;
-        printf "%-9s %-6s mean held-out loss %.4f +- %.4f (sd over %d seeds)\n", d, m, mu, NR > 1 ? sqrt(v / (NR - 1)) : 0, NR}' |
-      tee -a "$summary"
-  done
+  # 3. Mean and standard error per model, and the paired difference MoE - dense (same seed, same data).
+  # (Conditions in awk's printf arguments are parenthesised: a bare ">" there would redirect the output.)
+  grep -E "^$data +(moe|dense) " "$summary" | awk -v d="$data" '
+    {v = $0; sub(/.*held-out loss /, "", v); sub(/ .*/, "", v); seed = $4; x[$2, seed] = v; s[$2] += v; q[$2] += v * v; n[$2]++; seen[seed] = 1}
+    END {
+      for (m in n) {
+        mu = s[m] / n[m]; var = (n[m] > 1) ? (q[m] - n[m] * mu * mu) / (n[m] - 1) : 0; if (var < 0) var = 0
+        printf "%-9s %-6s mean held-out loss %.4f +- %.4f (standard error over %d seeds)\n", d, m, mu, sqrt(var / n[m]), n[m]
+      }
+      k = 0; sd = 0; sq = 0
+      for (seed in seen) if ((("moe", seed) in x) && (("dense", seed) in x)) { diff = x["moe", seed] - x["dense", seed]; k++; sd += diff; sq += diff * diff }
+      if (k > 0) {
+        md = sd / k; vd = (k > 1) ? (sq - k * md * md) / (k - 1) : 0; if (vd < 0) vd = 0
+        printf "%-9s moe - dense, paired by seed: %+.4f +- %.4f nats/byte (standard error, %d pairs; negative: MoE better)\n", d, md, sqrt(vd / k), k
+      }
+    }' | tee -a "$summary"
   if [[ -x "$plot" ]]; then "$plot" --out "$out/plots-$data" "${files[@]}" >/dev/null || echo "equal_time: plot_run failed" >&2; fi
 done
-rm -f "$out/.calibrate.jsonl"
 echo "equal_time: $summary"
