@@ -11,7 +11,8 @@
 #   bench/scaling_sweep/sweep.sh BUILD_DIR OUT_DIR [BLOCKS="1 2 3"] [STEPS="150 300 600"] [GS="1 2 4"]
 #
 # Then: moekit-plan --fit OUT_DIR/runs.jsonl --out OUT_DIR/coefficients.json, and
-# bench/scaling_sweep/plot.sh OUT_DIR (the pictures). On 2 cores the default grid takes about 25 minutes.
+# bench/scaling_sweep/plot.sh OUT_DIR (the pictures). On 2 cores the grid of
+# bench/results/scaling-sweep-2026-12-06-* (G 1 2 4 8) took 80 minutes beside a CI run.
 set -euo pipefail
 build=${1:?usage: sweep.sh BUILD_DIR OUT_DIR [BLOCKS] [STEPS] [GS]}
 out=${2:?usage: sweep.sh BUILD_DIR OUT_DIR [BLOCKS] [STEPS] [GS]}
