@@ -4,7 +4,7 @@
 //
 //   mpirun -np 4 bench_comm_volume [--tokens T] [--json out.json]
 //
-// Shape: DESIGN §10's cpu-mixtral-mini (d 512, d_expert 1024, 8 FFN experts, top-2, fp32), T tokens per
+// Shape: docs/design.md §10's cpu-mixtral-mini (d 512, d_expert 1024, 8 FFN experts, top-2, fp32), T tokens per
 // shard (default 2048), uniform routing (random router). The formula is science/comm_bytes.hpp's
 // (moe_layer_comm_bytes, per rank, its terms written out there). Routing is random, so measured
 // all-to-all and tp volumes scatter around the formula by a few percent.

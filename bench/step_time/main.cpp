@@ -1,4 +1,4 @@
-// bench_step_time: step time as the cost (Du et al., arXiv 2405.15052; DESIGN §8). For a few sizes of
+// bench_step_time: step time as the cost (Du et al., arXiv 2405.15052; docs/design.md §8). For a few sizes of
 // train_lm's model, the wall time of one training step (forward, backward, gradient clipping, AdamW:
 // train::Trainer::step) of
 //   moe          the MoE model (E experts, top-k, d_expert),

@@ -1,6 +1,6 @@
 #pragma once
 // A naive MoE layer in double precision, written with plain loops and sharing no code with the
-// library: the oracle of the host backend's forward (DESIGN §2-§4).
+// library: the oracle of the host backend's forward (docs/design.md §2-§4).
 #include <algorithm>
 #include <cmath>
 #include <numeric>

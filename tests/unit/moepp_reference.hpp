@@ -1,5 +1,5 @@
 #pragma once
-// A naive MoE++ layer in double precision (DESIGN §2-§4, issue 3), written with plain loops from the
+// A naive MoE++ layer in double precision (docs/design.md §2-§4, issue 3), written with plain loops from the
 // formulas alone and sharing no code with the library: the oracle of the host backend's forward with
 // zero/copy/constant experts, the gating residual, MoE++ capacities and the heterogeneous LBL.
 // Library-free on purpose: it includes no moekit header.
@@ -56,7 +56,7 @@ struct Out {
   double lbl = 0, zloss = 0;
 };
 
-// MoE++ capacities (DESIGN §4). Returns -1 (no limit) when gamma == 0.
+// MoE++ capacities (docs/design.md §4). Returns -1 (no limit) when gamma == 0.
 inline std::int64_t capacity(const Cfg& c, std::int64_t T, bool ffn) {
   if (c.gamma <= 0) return -1;
   if (c.n_zc() == 0) return std::int64_t(std::ceil(c.gamma * c.K * double(T) / c.E()));

@@ -1,4 +1,4 @@
-// balance::GlobalBatch (Qwen, arXiv 2501.11873; DESIGN §4, issue 3): f_i from routed counts buffered over
+// balance::GlobalBatch (Qwen, arXiv 2501.11873; docs/design.md §4, issue 3): f_i from routed counts buffered over
 // the micro-batches of one optimizer step (and all-reduced over ranks through a hook), P_i from the
 // current micro-batch. Checked against MicroBatch, against counts summed by hand, against the naive
 // reference with f overridden, and by finite differences with f held by a simulated second rank.

@@ -1,4 +1,4 @@
-// Fine-grained experts (Krajewski et al., arXiv 2402.07871; DESIGN §3): fine_grained_config(base, d_ff,
+// Fine-grained experts (Krajewski et al., arXiv 2402.07871; docs/design.md §3): fine_grained_config(base, d_ff,
 // E, G, k_base) gives d_expert = d_ff / G, G E FFN experts and top_k = G k_base, so the parameters a token
 // activates (and the expert FLOPs per token) stay constant across G.
 #include <doctest/doctest.h>

@@ -22,7 +22,7 @@ struct Ref {
   double lbl = 0, zloss = 0, loss = 0, min_gap = 1e9;
 };
 
-// DESIGN §2-§4 written out directly for one token at a time, in double.
+// docs/design.md §2-§4 written out directly for one token at a time, in double.
 Ref reference(const Case& c, const Tensors& t) {
   const int T = c.T, D = c.D, F = c.F, N = c.N, K = c.K, NE = c.NE(), NZC = c.Z + c.C + c.Q;
   const auto &x = t.at("x"), &dy = t.at("dy"), &wg = t.at("gate.weight");

@@ -40,7 +40,7 @@ TEST_CASE("science::attention_flops: projections plus q.k and P.V over the causa
   CHECK_THROWS_AS(sc::attention_flops(1, 4, 9, 2, 1), moekit::ConfigError);
 }
 
-TEST_CASE("science::moe_flops: DESIGN 8's 6 T k d d_expert (18 with backward) plus the router") {
+TEST_CASE("science::moe_flops: the 6 T k d d_expert of docs/design.md section 8 (18 with backward) plus the router") {
   // T 10 tokens, d 6, d_expert 4, 5 experts, top-2: 20 slots.
   const Flops f = sc::moe_flops(10, 6, 4, 5, 20);
   CHECK(f.forward == 6.0 * 10 * 2 * 6 * 4 + 2.0 * 10 * 6 * 5);    // 2880 experts + 600 router

@@ -146,7 +146,7 @@ void random_batch(const ModelConfig& c, std::mt19937_64& g, std::int64_t rows, s
 }  // namespace
 
 TEST_CASE("train_domains model: global- and micro-batch balancing agree with one micro-batch per step") {
-  // DESIGN §4: with one rank and one micro-batch both scopes compute the same f_i. Three AdamW steps
+  // docs/design.md §4: with one rank and one micro-batch both scopes compute the same f_i. Three AdamW steps
   // with end_step() after each must give the same losses, gradients and weights.
   ModelConfig c = tiny_config();
   c.zero_experts = 1;

@@ -1,5 +1,5 @@
 #pragma once
-// Balance-loss and capacity formulas (DESIGN §4), host/device.
+// Balance-loss and capacity formulas (docs/design.md §4), host/device.
 #include <cmath>
 #include <cstdint>
 

@@ -7,7 +7,7 @@
 
 namespace moekit::balance {
 
-// f_i of the load-balancing loss comes from the current micro-batch on this rank (DESIGN §4).
+// f_i of the load-balancing loss comes from the current micro-batch on this rank (docs/design.md §4).
 struct MicroBatch {
   static constexpr bool global = false;
 };

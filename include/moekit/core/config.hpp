@@ -73,7 +73,7 @@ struct MoeConfig {
   double tau = 1.0;                  // MoE++: eta_i of ZC experts in the LBL and the capacities
   bool expert_bias = false;          // router::BiasBalanced: per-expert selection biases (DeepSeek-V3)
   double bias_update_rate = 1e-3;    // u of b_i += u · sign(mean c − c_i), after each optimizer step
-  // Parallel degrees (DESIGN §5): world = tp * ep * dp ranks, tp varying fastest. Checked against the
+  // Parallel degrees (docs/design.md §5): world = tp * ep * dp ranks, tp varying fastest. Checked against the
   // communicator and the parallel policy when a distributed layer is built.
   std::int64_t tp = 1, ep = 1, dp = 1;
 

@@ -253,7 +253,7 @@ class MoeLayer {
     ops_.router_backward(dprob_.data(), zscale, dlogits_next.data, dprev_logits.data, dx.data, has_prev_, ctx);
   }
 
-  // ---- launch layer (STYLE.md: CUTLASS's adapters): status codes, nothing thrown -------------------
+  // ---- launch layer (as CUTLASS's device adapters; docs/cuda.md): status codes, nothing thrown -----
   // can_implement: whether a layer of this type can run cfg (its rules, its policies, the backend's
   // limits). initialize: caller-owned workspace (CUDA, one rank: 256-byte aligned device memory of at
   // least workspace_bytes(tokens)), or null to let the layer allocate its own; the host grows its

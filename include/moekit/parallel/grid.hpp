@@ -1,5 +1,5 @@
 #pragma once
-// The rank grid of the parallel strategies (DESIGN §5), computed in this one place: the world is
+// The rank grid of the parallel strategies (docs/design.md §5), computed in this one place: the world is
 // tp x ep x dp ranks with tp varying fastest, rank = t + tp·(e + ep·d). Ranks of one tp group hold the
 // same tokens; the ep·dp "shards" (index e + ep·d) hold different tokens. The layers and the trainers
 // split their communicators with the (color, key) pairs below, so every one of them names the same

@@ -1,5 +1,5 @@
 #pragma once
-// MoeLayer<backend::Host<T>, ..., P> for P = parallel::Data, Expert, Tensor or Hybrid (DESIGN §5): the
+// MoeLayer<backend::Host<T>, ..., P> for P = parallel::Data, Expert, Tensor or Hybrid (docs/design.md §5): the
 // host layer over a communicator (comm::Mpi between processes, comm::Single for one). The world is
 // tp x ep x dp ranks, tp fastest: rank = t + tp·(e + ep·d). Ranks of one tp group hold the same tokens;
 // the ep·dp groups of a tp index hold different tokens ("shards", concatenated in shard order e + ep·d).

@@ -1,5 +1,5 @@
 #pragma once
-// Parallel strategies (DESIGN §5) as policy tags; the degrees (MoeConfig::tp, ep, dp) are set at run
+// Parallel strategies (docs/design.md §5) as policy tags; the degrees (MoeConfig::tp, ep, dp) are set at run
 // time and each policy says which of them may exceed 1:
 //   None    one rank.
 //   Data    dp: everything replicated, gradients averaged over the ranks.

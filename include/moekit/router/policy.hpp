@@ -1,5 +1,5 @@
 #pragma once
-// Router policies (DESIGN §2). A router type carries its behaviour, so the backends never test which
+// Router policies (docs/design.md §2). A router type carries its behaviour, so the backends never test which
 // router they run:
 //   score                      the score function (router/score.hpp)
 //   kind, residual, biased     what MoeConfig must say for it (router, gating_residual, expert_bias)

@@ -1,5 +1,5 @@
 #pragma once
-// Router math for one token, written once for g++ and nvcc (DESIGN §2). S is the accumulation type
+// Router math for one token, written once for g++ and nvcc (docs/design.md §2). S is the accumulation type
 // (float, or double in the tests). n = N_E experts, k = top_k.
 #include <cmath>
 

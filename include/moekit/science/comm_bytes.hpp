@@ -1,6 +1,6 @@
 #pragma once
 // Bytes each rank sends for one MoE layer in one training step (forward, backward and the gradient
-// synchronisation), per collective, for every parallel strategy (DESIGN §5): the formula that
+// synchronisation), per collective, for every parallel strategy (docs/design.md §5): the formula that
 // bench_comm_volume sets beside the communicators' own counters.
 //
 // Per rank, with R FFN slots per shard (T·k rows without MoE++ experts or a capacity limit; a slot

@@ -1,5 +1,5 @@
 #pragma once
-// FLOPs of a training step, counted per layer from the shapes (DESIGN §8): the matrix products only
+// FLOPs of a training step, counted per layer from the shapes (docs/design.md §8): the matrix products only
 // (2 FLOPs per multiply-add; norms, softmax, activations and the optimizer are left out, as in the
 // model-FLOPs utilisation of PaLM and Megatron), forward and backward apart. A product with a weight
 // costs 2·m·n·k forward and twice that backward (the input's gradient and the weight's); without an
@@ -74,7 +74,7 @@ struct MoeSlots {
   std::int64_t ffn = 0, constant = 0;
 };
 
-// A MoE layer over `tokens` tokens (DESIGN §8): the router (a product with [num_experts, d_model];
+// A MoE layer over `tokens` tokens (docs/design.md §8): the router (a product with [num_experts, d_model];
 // with the gating residual also W_g [num_experts, num_experts] on the previous layer's logits, whose
 // gradient flows back), `slots.ffn` rows through FFN experts of d_model -> d_expert -> d_model (6
 // d·d_expert per slot forward when gated, 4 otherwise) and `slots.constant` constant-expert mixes.

@@ -1,6 +1,6 @@
 #pragma once
 // The compute-optimal fine-grained MoE for a FLOP budget (Krajewski et al., arXiv 2402.07871, §6;
-// DESIGN §8): for each granularity G = 1, 2, 4, ... up to a limit, the depth n_blocks whose model
+// docs/design.md §8): for each granularity G = 1, 2, 4, ... up to a limit, the depth n_blocks whose model
 // (d_model = 64 n_blocks, scaling_law.hpp) trained on the tokens the budget buys (Eq. 10) has the
 // lowest predicted loss (Eq. 9). With the shape tied to the depth the search is one-dimensional, as in
 // the paper; NLopt's BOBYQA minimises it over log n_blocks from a grid of starting points (the paper

@@ -1,6 +1,6 @@
 #pragma once
 // The fine-grained MoE scaling law of Krajewski et al., "Scaling Laws for Fine-Grained Mixture of
-// Experts" (arXiv 2402.07871), DESIGN §8:
+// Experts" (arXiv 2402.07871), docs/design.md §8:
 //
 //   Eq. 9    L(N, D, G) = c + (g / G^γ + a) / N^α + b / D^β
 //   dense    L(N, D)    = c + a / N^α + b / D^β

@@ -1,5 +1,5 @@
 #pragma once
-// train::Trainer: the training loop of a MoE model as a library piece (DESIGN §7). One optimizer step:
+// train::Trainer: the training loop of a MoE model as a library piece (docs/design.md §7). One optimizer step:
 //
 //   lr = schedule(step); model.zero_grad(); each parameter group's zero_grad()
 //   for each of `accum` micro-batches: model.train_micro_batch(step, micro, 1 / accum)   (forward + backward)

@@ -1,5 +1,5 @@
 #pragma once
-// Fused expert activations (DESIGN §6) over expert rows [rows, d_expert]: a = act(h1[, h3]) and its
+// Fused expert activations (docs/design.md §6) over expert rows [rows, d_expert]: a = act(h1[, h3]) and its
 // backward (dh1[, dh3] from da). Storage is float or __nv_bfloat16; the math is fp32 and is
 // experts/activation.hpp's, shared with the host backend.
 //

@@ -1,5 +1,5 @@
 #pragma once
-// Un-permute + gate-weighted combine by gather (DESIGN §3, §6). For token t with slots s of the plan's
+// Un-permute + gate-weighted combine by gather (docs/design.md §3, §6). For token t with slots s of the plan's
 // SlotLayout (layer/routing_plan.hpp: t·k + j for the token-choice routers):
 //   out[t, :] = Σ_s gate[s] · y[row_of_slot[s], :]                  (FFN slots that kept a row, in slot order)
 //             + Σ_s gate[s] · E_{idx[s]}(x[t, :])                     (kept zero-computation slots, in slot order)

@@ -1,5 +1,5 @@
 #pragma once
-// Permutation (DESIGN §4, §6): the S slots of a routing plan (layer/routing_plan.hpp's SlotLayout: T·k
+// Permutation (docs/design.md §4, §6): the S slots of a routing plan (layer/routing_plan.hpp's SlotLayout: T·k
 // (token, pick) pairs for the token-choice routers) ordered stably by expert, so FFN expert e's rows
 // are [offsets[e], offsets[e+1]) in slot order (token-major, as the host backend). A stable LSD
 // radix sort (CUB DeviceRadixSort::SortPairs, keys = expert id, values = slot index) is the stable

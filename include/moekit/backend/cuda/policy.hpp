@@ -1,5 +1,5 @@
 #pragma once
-// backend::Cuda<T>: the CUDA backend tag (DESIGN §6). T is the storage type of activations and expert
+// backend::Cuda<T>: the CUDA backend tag (docs/design.md §6). T is the storage type of activations and expert
 // weights: float, or moekit::bf16 (stored as __nv_bfloat16, same bits). Router logits, probabilities,
 // aux losses and every gradient of a parameter are fp32 whatever T is; GEMMs accumulate in fp32.
 // Plain C++ (no CUDA headers): code that only names the policy does not need nvcc.

@@ -1,5 +1,5 @@
 #pragma once
-// Fused router kernels (DESIGN §6): from fp32 logits [T, N_E] (the router GEMM, and the gating
+// Fused router kernels (docs/design.md §6): from fp32 logits [T, N_E] (the router GEMM, and the gating
 // residual's prev·W_g^T, are cuBLAS GEMMs before this) to softmax or sigmoid, top-k (ties to the
 // lower index), gates, probabilities for the LBL, the logsumexp for the z-loss and per-expert routed
 // counts, in one pass over the logits. The math is router/topk.hpp's, shared with the host backend,

@@ -1,6 +1,6 @@
 #pragma once
 // bf16 on the host: conversions, and the GEMM C (fp32) = alpha op(A) op(B) + beta C with bf16 A and B
-// accumulated in fp32 (backend::Host<bf16>, DESIGN §6's numerics as on the CUDA backend).
+// accumulated in fp32 (backend::Host<bf16>, docs/design.md §6's numerics as on the CUDA backend).
 //
 // Where it runs (bf16_gemm(), chosen once per process):
 //   oneDNN's gemm_bf16bf16f32 (libdnnl.so.2, Debian libdnnl2, loaded at run time: no build dependency),

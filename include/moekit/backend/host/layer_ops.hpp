@@ -1,6 +1,6 @@
 #pragma once
 // The host backend's stage bodies for MoeLayer (layer/pipeline.hpp): CBLAS GEMMs per expert, OpenMP
-// loops over tokens, buffers that grow on demand (DESIGN §1-§5). This is the oracle of the CUDA
+// loops over tokens, buffers that grow on demand (docs/design.md §1-§5). This is the oracle of the CUDA
 // backend and the way everything runs without a GPU. Every loop that adds into a shared value runs in
 // one fixed order (gathers, not scatters), so results are deterministic for any thread count.
 //

@@ -1,5 +1,5 @@
 #pragma once
-// Communicators (DESIGN §5): one interface for a group of ranks: rank, size, split into sub-groups,
+// Communicators (docs/design.md §5): one interface for a group of ranks: rank, size, split into sub-groups,
 // all-reduce (sum), all-gather(-v), reduce-scatter(-v), all-to-all-v, broadcast, barrier. Host
 // communicators (comm::Single, comm::Mpi) take host buffers; comm::Nccl (nccl.cuh) takes device buffers
 // and a stream and has the same operations. Every communicator counts the bytes this rank sends to

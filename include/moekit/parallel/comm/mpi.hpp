@@ -1,5 +1,5 @@
 #pragma once
-// comm::Mpi: the host communicator over MPI (OpenMPI under mpirun; DESIGN §5). Opt-in header: it needs
+// comm::Mpi: the host communicator over MPI (OpenMPI under mpirun; docs/design.md §5). Opt-in header: it needs
 // <mpi.h> and linking MPI::MPI_CXX (target moekit::mpi). MPI errors are returned, not fatal
 // (MPI_ERRORS_RETURN), and thrown as CommError naming the collective and MPI's message.
 //
