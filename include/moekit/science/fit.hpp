@@ -6,7 +6,8 @@
 //
 // With runs at a single granularity g and a are not separable (only g/G^γ + a is seen) and γ has no
 // data: the fit then takes the dense form (g = γ = 0) and says so (FitResult::dense). Needs NLopt
-// (Debian libnlopt-cxx-dev, -lnlopt), like science/planner.hpp.
+// (Debian libnlopt-cxx-dev), like science/planner.hpp: link the CMake target moekit::science (moekit::moekit
+// + NLopt), not moekit::moekit alone.
 #include <algorithm>
 #include <array>
 #include <cmath>

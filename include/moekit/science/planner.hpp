@@ -10,8 +10,8 @@
 // Fig. 1b), under a dense law of its own (the paper's dense fit by default): the dense optimum of L = c + a/N^α + b/D^β under F = 6 N D has the closed form
 // N* = (α a / (β b))^(1/(α+β)) (F/6)^(β/(α+β)), so its loss is c + K F^(-αβ/(α+β)) and inverts exactly.
 //
-// Needs NLopt (Debian libnlopt-cxx-dev, link -lnlopt): an optional dependency of moekit, used only by
-// moekit-plan and its tests.
+// Needs NLopt (Debian libnlopt-cxx-dev), an optional dependency of moekit, like science/fit.hpp: link the
+// CMake target moekit::science (moekit::moekit + NLopt), not moekit::moekit alone.
 #include <cmath>
 #include <cstdint>
 #include <limits>

@@ -14,7 +14,7 @@
 // A dense model of that shape has N = 12 d_model² n_blocks and F = 6 N D (no router).
 //
 // Host only, no dependency. Fitting the coefficients (science/fit.hpp) and the compute-optimal planner
-// (science/planner.hpp) use NLopt.
+// (science/planner.hpp) use NLopt (CMake target moekit::science).
 #include <cmath>
 #include <string>
 
