@@ -9,10 +9,11 @@ set -euo pipefail
 # time); libblis4 and it: the other CPU GEMM libraries bench_gemm_libraries measures; libxxhash-dev: the
 # checksums of checkpoints (train/checkpoint.hpp, header only); clang-16, libfuzzer-16-dev and
 # libclang-rt-16-dev: the fuzz targets of tests/fuzz (tools/fuzz/run.sh, run by .ci/run); libnlopt-cxx-dev:
-# NLopt, the optimiser of the scaling-law fit and the planner (science/fit.hpp, planner.hpp, moekit-plan).
+# NLopt, the optimiser of the scaling-law fit and the planner (science/fit.hpp, planner.hpp, moekit-plan);
+# ccache: the compiler launcher of moekit's own builds (CMakeLists.txt), so CI's second build is mostly hits.
 packages=(cmake make g++ doctest-dev libopenblas-dev nlohmann-json3-dev libcli11-dev libopenmpi-dev openmpi-bin gnuplot-nox
           libopenblas0-openmp libblis4 libdnnl2 libxxhash-dev
-          clang-16 libfuzzer-16-dev libclang-rt-16-dev libnlopt-cxx-dev)
+          clang-16 libfuzzer-16-dev libclang-rt-16-dev libnlopt-cxx-dev ccache)
 missing=()
 for p in "${packages[@]}"; do
   # "install ok installed", not merely known to dpkg (a removed package keeps its config files).

@@ -11,12 +11,17 @@ seconds=${1:-60}
 shift || true
 targets=("$@")
 if ((${#targets[@]} == 0)); then targets=(safetensors checkpoint config); fi
-cxx=${FUZZ_CXX:-clang++-16}
+cxx=(${FUZZ_CXX:-clang++-16})
+# Through ccache when it is installed, as the CMake builds (CMakeLists.txt): paths here are relative to the
+# repository root, and the working directory is left out of the hash, so another clone hits the cache.
+if command -v ccache >/dev/null 2>&1 && [[ "${MOEKIT_CCACHE:-ON}" != OFF ]]; then
+  cxx=(env CCACHE_NOHASHDIR=1 "CCACHE_BASEDIR=$PWD" ccache "${cxx[@]}")
+fi
 out=build/fuzz
 mkdir -p "$out"
 for t in "${targets[@]}"; do
   echo "fuzz: building $t"
-  "$cxx" -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Iinclude \
+  "${cxx[@]}" -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Iinclude \
     "tests/fuzz/fuzz_$t.cpp" -o "$out/fuzz_$t"
 done
 for t in "${targets[@]}"; do
