@@ -17,6 +17,17 @@ set -e
 if [ $rc -ne 0 ]; then
   if grep -q -e "no usable CUDA device" -e "no CUDA device found" -e "built without CUDA" "$dir/cuda.txt"; then
     grep "error:" "$dir/cuda.txt" | head -1
+    # A skip only where there is no GPU driver and no GPU is demanded (tests/common/gpu_probe.hpp's rule):
+    # a driver that cannot serve the runtime on a GPU machine, or MOEKIT_REQUIRE_GPU (tools/device/run.sh),
+    # makes it a failure.
+    if [[ -n "${MOEKIT_REQUIRE_GPU:-}" && "${MOEKIT_REQUIRE_GPU}" != 0 ]]; then
+      echo "cuda_test.sh: failed: no usable CUDA device, and MOEKIT_REQUIRE_GPU demands one"
+      exit 1
+    fi
+    if [[ -e /dev/nvidiactl ]] && grep -q "no usable CUDA device" "$dir/cuda.txt"; then
+      echo "cuda_test.sh: failed: a GPU driver is present (/dev/nvidiactl) but CUDA cannot use it"
+      exit 1
+    fi
     echo "cuda_test.sh: skipped (no CUDA device here)"
     exit 77
   fi

@@ -43,8 +43,7 @@ std::vector<float> rounded(std::vector<float> v) {
 
 template <class S>
 std::vector<float> download(const DeviceBuffer<S>& b, cudaStream_t stream) {
-  MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
-  const auto h = b.download();
+  const auto h = b.download(stream);
   std::vector<float> f(h.size());
   for (std::size_t i = 0; i < h.size(); ++i) f[i] = mc::storage_to_float(h[i]);
   return f;
@@ -57,6 +56,44 @@ struct Stream {
   Stream() { MOEKIT_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
   ~Stream() { cudaStreamDestroy(s); }
 };
+
+// How the expert GEMM phases ran (backend/cuda/grouped_gemm.cuh, GemmPathCounts), so that a "grouped"
+// case cannot silently test the streams path: cuBLAS never refuses a phase that passed the host's checks;
+// kGrouped in fp32 runs every phase grouped; in bf16 the weight gradients (bf16 x bf16 -> fp32) go to the
+// streams path by type, and phases go there by alignment exactly when d_model or d_expert is not a
+// multiple of 8 (bf16 rows of 16-byte multiples); kStreams never tries the grouped call.
+template <class S>
+void check_gemm_paths(const Case& c, mc::GemmStrategy used, const mc::GemmPathCounts& p, bool any_ffn_rows) {
+  constexpr bool kBf16 = !std::is_same_v<S, float>;
+  INFO("gemm paths: grouped " << p.grouped << ", by_type " << p.by_type << ", by_alignment " << p.by_alignment << ", refused "
+                              << p.refused << ", lt_no_algo " << p.lt_no_algo);
+  CHECK(p.refused == 0);
+  if (used != mc::GemmStrategy::kGrouped) {
+    CHECK(p.grouped == 0);
+    CHECK(p.by_type == 0);
+    CHECK(p.by_alignment == 0);
+    if (used == mc::GemmStrategy::kStreams) CHECK(p.lt_no_algo == 0);
+    else if (p.lt_no_algo > 0) MESSAGE("kLt: " << p.lt_no_algo << " problems had no Lt algorithm (cublasGemmEx ran them)");
+    return;
+  }
+  CHECK(p.lt_no_algo == 0);
+  if (!any_ffn_rows) {
+    CHECK(p.grouped + p.by_type + p.by_alignment == 0);
+    return;
+  }
+  const bool aligned = !kBf16 || (c.cfg.d_model % 8 == 0 && c.cfg.d_expert % 8 == 0);
+  if (!kBf16) {
+    CHECK(p.grouped > 0);
+    CHECK(p.by_type == 0);
+    CHECK(p.by_alignment == 0);
+  } else if (aligned) {
+    CHECK(p.grouped > 0);
+    CHECK(p.by_type > 0);
+    CHECK(p.by_alignment == 0);
+  } else {
+    CHECK(p.by_alignment > 0);
+  }
+}
 
 // HostLayer: MoeLayer<Host<float>, R, E, B>; CudaLayer: MoeLayer<Cuda<T>, R, E, B>.
 // Two micro-batches (the second smaller than the reserved tokens), gradients accumulating over both,
@@ -94,6 +131,7 @@ void check(const Case& c) {
     host.set_expert_bias(b), dev.set_expert_bias(b);
   }
 
+  bool any_ffn_rows = false;
   for (int step = 0; step < 2; ++step) {
     CAPTURE(step);
     const std::int64_t T = step == 0 ? c.tokens : c.tokens / 2;
@@ -149,6 +187,7 @@ void check(const Case& c) {
     const auto kept_dev = dev.expert_counts();
     CHECK(std::vector<std::int32_t>(kept_dev.data, kept_dev.data + N) == std::vector<std::int32_t>(kept_ref.data, kept_ref.data + N));
     CHECK(dev.ffn_rows() == host.ffn_rows());
+    any_ffn_rows = any_ffn_rows || host.ffn_rows() > 0;
     CHECK(dev.expert_gemm_flops() == host.expert_gemm_flops());
 
     dev.backward(MatrixView<const S>(ddy.p, {T, D}), MatrixView<S>(ddx.p, {T, D}), c.aux_scale,
@@ -157,7 +196,7 @@ void check(const Case& c) {
 
     CHECK(moekit_test::rel_err(download(dy_out, stream.s), y_ref) <= tol);
     CHECK(moekit_test::rel_err(download(ddx, stream.s), dx_ref) <= tol);
-    if (residual) CHECK(moekit_test::rel_err(ddprev.download(), dprev_ref) <= tol);
+    if (residual) CHECK(moekit_test::rel_err(ddprev.download(stream.s), dprev_ref) <= tol);
     CHECK(std::abs(aux.lbl - aux_ref.lbl) <= tol * std::max(1.0, std::abs(aux_ref.lbl)));
     CHECK(std::abs(aux.zloss - aux_ref.zloss) <= tol * std::max(1.0, std::abs(aux_ref.zloss)));
   }
@@ -168,6 +207,7 @@ void check(const Case& c) {
     const auto db = dev.expert_bias();
     CHECK(std::vector<float>(hb.begin(), hb.end()) == std::vector<float>(db.begin(), db.end()));
   }
+  check_gemm_paths<S>(c, dev.gemm_strategy(), dev.gemm_paths(), any_ffn_rows);
   // Gradients accumulated over both micro-batches.
   const moekit::MoeWeights<float> grads = dev.gradients();
   const moekit::MoeWeights<float> gr = host.gradients();

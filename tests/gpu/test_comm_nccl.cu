@@ -44,7 +44,7 @@ bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 
-// A stream that, like the legacy default stream the buffers' memset/memcpy use, orders with it.
+// A stream that orders with the legacy default stream (DeviceBuffer's upload and poison also wait).
 struct Stream {
   cudaStream_t s = nullptr;
   Stream() { MOEKIT_CUDA_CHECK(cudaStreamCreate(&s)); }
@@ -232,6 +232,24 @@ TEST_CASE("comm::Nccl one rank: wait times out, aborts and names the last collec
   CHECK(what.find("rank 0 of 1") != std::string::npos);
   MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream.s));
   CHECK_THROWS_AS(comm.barrier(), CommError);  // aborted
+}
+
+// wait polls the stream; the "not ready" answers it saw must not stay behind as the thread's last error,
+// or the first launch after a wait that waited reports cudaErrorNotReady (backend/cuda/status.cuh).
+TEST_CASE("comm::Nccl one rank: a wait that waited leaves no error for the next launch") {
+  Nccl comm = Nccl::single();
+  Stream stream;
+  DeviceBuffer<float> a(1024);
+  a.upload(values<float>(1024, 1));
+  busy_kernel<<<1, 1, 0, stream.s>>>(20);  // about 20 ms: wait polls it many times
+  MOEKIT_CUDA_CHECK(cudaGetLastError());
+  comm.all_reduce_sum(a.p, 1024, stream.s);
+  comm.wait(stream.s);
+  CHECK(cudaPeekAtLastError() == cudaSuccess);
+  busy_kernel<<<1, 1, 0, stream.s>>>(0);
+  CHECK(cudaGetLastError() == cudaSuccess);
+  comm.barrier(stream.s);
+  CHECK(same_bits(a.download(stream.s), values<float>(1024, 1)));
 }
 
 #endif  // MOEKIT_HAS_NCCL

@@ -264,19 +264,77 @@ TEST_CASE("cuda combine and its backward (dropless, FFN experts) match a host lo
 
 #include <moekit/backend/cuda/grouped_gemm.cuh>
 
-// A construction that fails part-way (pinned pointer arrays far beyond any host's memory) throws and
-// leaves no stream, event or handle behind.
+// Sets backend/cuda/memory.cuh's allocation-failure hook for one scope.
+struct FailAllocationAfter {
+  explicit FailAllocationAfter(int n) { mc::testing::allocations_before_failure() = n; }
+  ~FailAllocationAfter() { mc::testing::allocations_before_failure() = -1; }
+};
+
+// A construction that fails part-way throws and leaves no stream, event or handle behind, nor a stale
+// error for the next launch. The failure is injected at each of its allocations in turn (the pinned and
+// device pointer arrays; for kLt also the four Lt workspaces): asking CUDA for hundreds of GiB of pinned
+// memory to make it fail could stall the machine instead.
 TEST_CASE("cuda ExpertGemm: a failed construction releases what it made") {
   const int before = mc::ExpertGemm::live_objects();
   for (auto s : {mc::GemmStrategy::kGrouped, mc::GemmStrategy::kLt}) {
-    CHECK_THROWS(mc::ExpertGemm(s, 1 << 30));
-    CHECK(mc::ExpertGemm::live_objects() == before);
+    const int allocations = s == mc::GemmStrategy::kLt ? 2 + mc::ExpertGemm::kSideStreams : 2;
+    for (int at = 0; at < allocations; ++at) {
+      CAPTURE(at);
+      {
+        FailAllocationAfter fail(at);
+        CHECK_THROWS_AS(mc::ExpertGemm(s, 64), moekit::CudaError);
+      }
+      CHECK(mc::ExpertGemm::live_objects() == before);
+      CHECK(cudaPeekAtLastError() == cudaSuccess);
+    }
   }
   {
     mc::ExpertGemm ok(mc::GemmStrategy::kGrouped, 4);
     CHECK(mc::ExpertGemm::live_objects() > before);
   }
   CHECK(mc::ExpertGemm::live_objects() == before);
+}
+
+__global__ void write_index_kernel(int* out, int n) {
+  const int i = int(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < n) out[i] = i;
+}
+
+// A real, non-sticky CUDA error (a device allocation no GPU can hold fails at once, unlike pinned host
+// memory) reported as a CudaError must not stay behind as the thread's last error: launchers end with
+// `return cudaGetLastError()`, so the next one would report it as its own.
+TEST_CASE("cuda errors: a thrown error is cleared, the next launch succeeds") {
+  CHECK_THROWS_AS(mc::DeviceArray<char>(std::size_t(1) << 52), moekit::CudaError);  // 4 PiB
+  CHECK(cudaPeekAtLastError() == cudaSuccess);
+  {
+    FailAllocationAfter fail(0);  // the injected kind reports the same way
+    CHECK_THROWS_AS(mc::DeviceArray<float>(16), moekit::CudaError);
+  }
+  DeviceBuffer<int> out(1000);
+  out.poison();
+  write_index_kernel<<<4, 256>>>(out.p, 1000);
+  CHECK(cudaGetLastError() == cudaSuccess);
+  const auto h = out.download();
+  int wrong = 0;
+  for (int i = 0; i < 1000; ++i) wrong += h[std::size_t(i)] != i;
+  CHECK(wrong == 0);
+  // stream_query on a busy stream: "not ready" is not left behind either.
+  cudaStream_t s = nullptr;
+  MOEKIT_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  DeviceBuffer<int> big(std::size_t(1) << 26);
+  for (int r = 0; r < 20; ++r) MOEKIT_CUDA_CHECK(cudaMemsetAsync(big.p, r, big.n * sizeof(int), s));
+  int not_ready = 0;
+  for (cudaError_t q; (q = mc::stream_query(s)) != cudaSuccess;) {
+    REQUIRE(q == cudaErrorNotReady);
+    ++not_ready;
+    CHECK(cudaPeekAtLastError() == cudaSuccess);
+  }
+  MESSAGE("stream_query answered not-ready " << not_ready << " times");
+  CHECK(not_ready > 0);  // 5 GB of memsets take milliseconds: the loop must have seen the stream busy
+  write_index_kernel<<<4, 256, 0, s>>>(out.p, 1000);
+  CHECK(cudaGetLastError() == cudaSuccess);
+  MOEKIT_CUDA_CHECK(cudaStreamSynchronize(s));
+  MOEKIT_CUDA_CHECK(cudaStreamDestroy(s));
 }
 
 TEST_CASE("cuda AdamWGroup: norm sums, clipping factor and AdamW steps match the host group (fp32)") {

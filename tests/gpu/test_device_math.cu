@@ -1,8 +1,8 @@
 // Device math = host math: the MOEKIT_HD router and activation functions run in a __global__ kernel and
 // on the host (the same functor, compiled once by nvcc for both), on the same random inputs.
 // fp32; values agree to 1e-5 relative (see `close`), top-k indices exactly.
-// Without a CUDA device (any cudaGetDeviceCount error counts as none) main returns kSkipReturnCode,
-// which ctest reports as skipped (SKIP_RETURN_CODE in tests/gpu/CMakeLists.txt).
+// Without a CUDA device main returns 77, which ctest reports as skipped (SKIP_RETURN_CODE in
+// tests/gpu/CMakeLists.txt); tests/common/gpu_probe.hpp says when it fails instead.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
@@ -17,12 +17,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/gpu_probe.hpp"
 #include <moekit/experts/activation.hpp>
 #include <moekit/router/topk.hpp>
 
 namespace {
 
-constexpr int kSkipReturnCode = 77;
 
 #define MOEKIT_TEST_CUDA(call)                                                                    \
   do {                                                                                            \
@@ -243,18 +243,20 @@ TEST_CASE("act::apply and act::backward: device matches host") {
 }
 
 int main(int argc, char** argv) {
-  int devices = 0;
+  // Run, skip (77) or fail: tests/common/gpu_probe.hpp (MOEKIT_REQUIRE_GPU=1, set by tools/device/run.sh,
+  // makes "no device" a failure; a driver that cannot serve this runtime always is one).
+  int driver = 0, runtime = 0, devices = 0;
+  cudaDriverGetVersion(&driver);
+  cudaRuntimeGetVersion(&runtime);
   const cudaError_t err = cudaGetDeviceCount(&devices);
-  if (err != cudaSuccess || devices == 0) {
-    // "driver version is insufficient" without a GPU driver, "no CUDA-capable device" without a GPU.
-    std::printf("moekit_gpu_tests: no CUDA device (%s); skipping\n",
-                err != cudaSuccess ? cudaGetErrorString(err) : "device count is 0");
-    return kSkipReturnCode;
-  }
+  (void)cudaGetLastError();
+  const moekit_test::GpuProbe probe = moekit_test::probe_gpu(driver, runtime, err == cudaSuccess, cudaGetErrorName(err), devices,
+                                                             moekit_test::require_gpu());
+  std::printf("moekit_gpu_tests: %s\n", probe.why.c_str());
+  if (probe.action != moekit_test::GpuProbe::kRun) return probe.exit_code();
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess)
-    std::printf("moekit_gpu_tests: %d device(s); device 0: %s (sm_%d%d)\n", devices, prop.name, prop.major,
-                prop.minor);
+    std::printf("moekit_gpu_tests: device 0: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
   doctest::Context context(argc, argv);
   return context.run();
 }

@@ -416,6 +416,12 @@ class MoeLayer {
   {
     return ops_.gemm_fallbacks();
   }
+  // CUDA: how the expert GEMM phases ran, by path and by reason (backend/cuda/grouped_gemm.cuh).
+  decltype(auto) gemm_paths() const
+    requires requires(const Ops& o) { o.gemm_paths(); }
+  {
+    return ops_.gemm_paths();
+  }
   std::size_t flat_value_bytes() const
     requires requires(const Ops& o) { o.flat_value_bytes(); }
   {

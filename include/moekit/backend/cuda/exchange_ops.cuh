@@ -101,7 +101,7 @@ struct ExchangeOps {
   template <class W>
   static void gather_config(W& world, const std::int64_t* mine, std::size_t n, std::int64_t* all) {
     DeviceArray<std::int64_t> a(n), b(n * std::size_t(world.size()));
-    MOEKIT_CUDA_CHECK(cudaMemcpy(a.data(), mine, n * sizeof(std::int64_t), cudaMemcpyHostToDevice));
+    copy_to_device(a.data(), mine, n * sizeof(std::int64_t));
     world.all_gather(a.data(), n, b.data());
     world.wait();
     MOEKIT_CUDA_CHECK(cudaMemcpy(all, b.data(), b.size() * sizeof(std::int64_t), cudaMemcpyDeviceToHost));

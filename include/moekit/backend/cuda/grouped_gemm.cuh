@@ -1,5 +1,5 @@
 #pragma once
-// Expert GEMMs through cuBLAS (DESIGN §6): one "phase" is a list of row-major problems
+// Expert GEMMs through cuBLAS (docs/design.md §6): one "phase" is a list of row-major problems
 //   C_i = alpha · op(A_i) · op(B_i) + beta · C_i,   i over the experts that have rows,
 // sharing transposes, types and scalars, differing in sizes and pointers. Three ways to run a phase:
 //   kGrouped  one cublasGemmGroupedBatchedEx call (one group per expert; pointer arrays copied to the
@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "moekit/backend/cuda/memory.cuh"  // device_malloc, pinned_malloc
 #include "moekit/backend/cuda/status.cuh"
 #include "moekit/core/error.hpp"
 
@@ -97,6 +98,43 @@ struct GemmProblem {
   int ldc = 0;
 };
 
+// How the phases of an ExpertGemm ran. Under kGrouped a phase goes to the per-expert streams path when
+// the grouped call cannot take it, decided on the host before any pointer is copied:
+//   by_type       A, B and C are not one of the grouped call's type combinations (cuBLAS documents
+//                 fp32, fp16 and bf16 with C of the same type and fp32 compute: a bf16 x bf16 -> fp32
+//                 weight gradient is not one), so every bf16 backward sends its dW phases here;
+//   by_alignment  16-bit operands whose pointers or row pitch are not 16-byte aligned (expert rows start
+//                 at any row offset): cuBLAS's pointer-array GEMMs document 16 bytes as the alignment
+//                 that avoids misaligned accesses for 16-bit types;
+//   refused       the grouped call returned NOT_SUPPORTED or INVALID_VALUE for a phase that passed both
+//                 checks: not expected, so tests assert it stays 0.
+// lt_no_algo counts kLt problems for which Lt's heuristic found no algorithm (run by cublasGemmEx).
+struct GemmPathCounts {
+  int grouped = 0;
+  int by_type = 0;
+  int by_alignment = 0;
+  int refused = 0;
+  int lt_no_algo = 0;
+  int fallbacks() const { return by_type + by_alignment + refused + lt_no_algo; }
+};
+
+// The grouped call's type combinations (cublasGemmGroupedBatchedEx, CUBLAS_COMPUTE_32F).
+inline bool grouped_supports_types(cudaDataType_t ab, cudaDataType_t c) {
+  return ab == c && (ab == CUDA_R_32F || ab == CUDA_R_16F || ab == CUDA_R_16BF);
+}
+inline std::size_t type_bytes(cudaDataType_t t) { return t == CUDA_R_32F ? 4 : t == CUDA_R_64F ? 8 : 2; }
+// Every operand of a 16-bit phase starts on a 16-byte boundary and keeps it from row to row.
+inline bool grouped_aligned(const GemmSpec& spec, const std::vector<GemmProblem>& ps) {
+  const auto ok = [](const void* p, int ld, std::size_t bytes) {
+    return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (std::size_t(ld) * bytes) % 16 == 0;
+  };
+  const std::size_t ab = type_bytes(spec.ab), c = type_bytes(spec.c);
+  if (ab != 2 && c != 2) return true;
+  for (const GemmProblem& p : ps)
+    if (!ok(p.a, p.lda, ab) || !ok(p.b, p.ldb, ab) || !ok(p.c, p.ldc, c)) return false;
+  return true;
+}
+
 // One row-major GEMM on the handle's stream (fp32 compute). For the dense GEMMs around the experts.
 inline cublasStatus_t gemm_row_major(cublasHandle_t h, const GemmSpec& s, const GemmProblem& p) {
   if (p.m == 0 || p.n == 0) return CUBLAS_STATUS_SUCCESS;
@@ -164,12 +202,15 @@ class ExpertGemm {
       ++live_;
     }
     const std::size_t ptrs = std::size_t(kSlots) * 3 * std::size_t(max_problems_);
-    MOEKIT_CUDA_CHECK(cudaMallocHost(&host_ptrs_, ptrs * sizeof(void*)));
-    MOEKIT_CUDA_CHECK(cudaMalloc(&dev_ptrs_, ptrs * sizeof(void*)));
+    void* q = nullptr;
+    MOEKIT_CUDA_CHECK(pinned_malloc(&q, ptrs * sizeof(void*)));
+    host_ptrs_ = static_cast<void**>(q);
+    MOEKIT_CUDA_CHECK(device_malloc(&q, ptrs * sizeof(void*)));
+    dev_ptrs_ = static_cast<void**>(q);
     if (strategy_ == GemmStrategy::kLt) {
       MOEKIT_CUBLAS_CHECK(cublasLtCreate(&lt_));
       ++live_;
-      for (auto& w : lt_workspace_) MOEKIT_CUDA_CHECK(cudaMalloc(&w, kLtWorkspace));
+      for (auto& w : lt_workspace_) MOEKIT_CUDA_CHECK(device_malloc(&w, kLtWorkspace));
     }
   }
   // Never throws (statuses are ignored); safe on a partly made object: every member starts null.
@@ -200,9 +241,9 @@ class ExpertGemm {
     MOEKIT_CUBLAS_CHECK(cublasSetStream(main_, stream));
     return main_;
   }
-  // Grouped phases that cuBLAS refused (a type combination it lacks) and ran as kStreams instead, or
-  // Lt problems with no Lt algorithm that ran through cublasGemmEx; the benchmark reports it.
-  int grouped_fallbacks() const { return fallbacks_; }
+  // How the phases ran (GemmPathCounts above); grouped_fallbacks() is their sum of the other paths.
+  const GemmPathCounts& path_counts() const { return paths_; }
+  int grouped_fallbacks() const { return paths_.fallbacks(); }
 
   // Runs one phase on `stream`. Problems with m == 0 or n == 0 must already be left out; k == 0
   // problems are valid (C = beta C). Needs no host synchronisation between phases (see kSlots).
@@ -212,13 +253,22 @@ class ExpertGemm {
       throw std::logic_error("ExpertGemm::run: " + std::to_string(problems.size()) + " problems, more than the " +
                              std::to_string(max_problems_) + " experts it was made for");
     if (strategy_ == GemmStrategy::kGrouped) {
-      const cublasStatus_t s = run_grouped(spec, problems, stream);
-      if (s == CUBLAS_STATUS_SUCCESS) return;
-      // A type combination the grouped call lacks (e.g. bf16 inputs with an fp32 C) is refused with
-      // NOT_SUPPORTED or INVALID_VALUE; the per-expert path below then runs it, or reports a real error.
-      if (s != CUBLAS_STATUS_NOT_SUPPORTED && s != CUBLAS_STATUS_INVALID_VALUE)
-        throw_on_cublas(s, "cublasGemmGroupedBatchedEx", __FILE__, __LINE__);
-      ++fallbacks_;
+      if (!grouped_supports_types(spec.ab, spec.c)) {
+        ++paths_.by_type;
+      } else if (!grouped_aligned(spec, problems)) {
+        ++paths_.by_alignment;
+      } else {
+        const cublasStatus_t s = run_grouped(spec, problems, stream);
+        if (s == CUBLAS_STATUS_SUCCESS) {
+          ++paths_.grouped;
+          return;
+        }
+        // Refused although the checks above passed: the per-expert path runs it (counted, and the
+        // tests fail on it), or a real error is reported.
+        if (s != CUBLAS_STATUS_NOT_SUPPORTED && s != CUBLAS_STATUS_INVALID_VALUE)
+          throw_on_cublas(s, "cublasGemmGroupedBatchedEx", __FILE__, __LINE__);
+        ++paths_.refused;
+      }
     }
     run_on_streams(spec, problems, stream, strategy_ == GemmStrategy::kLt);
   }
@@ -348,7 +398,7 @@ class ExpertGemm {
     if (p.m == 0 || p.n == 0) return;
     const LtPlan* plan = lt_plan(s, p);
     if (!plan) {  // no Lt algorithm for this shape and alignment
-      ++fallbacks_;
+      ++paths_.lt_no_algo;
       MOEKIT_CUBLAS_CHECK(gemm_row_major(side_handle_[sidx], s, p));
       return;
     }
@@ -358,7 +408,7 @@ class ExpertGemm {
 
   GemmStrategy strategy_;
   int max_problems_;
-  int fallbacks_ = 0;
+  GemmPathCounts paths_;
   cublasHandle_t main_ = nullptr;
   cudaStream_t side_[kSideStreams] = {};
   cublasHandle_t side_handle_[kSideStreams] = {};

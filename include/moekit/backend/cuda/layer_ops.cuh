@@ -1,5 +1,5 @@
 #pragma once
-// The CUDA backend's stage bodies for MoeLayer (layer/pipeline.hpp, DESIGN §6): the same function as the
+// The CUDA backend's stage bodies for MoeLayer (layer/pipeline.hpp, docs/design.md §6): the same function as the
 // host backend's (backend/host/layer_ops.hpp), for every router, expert set, capacity mode and strategy,
 // forward and exact backward, on the caller's stream. Include it (through backend/cuda/moe_layer.cuh)
 // from a .cu file built by nvcc; the kernels are instantiated in the including translation unit.
@@ -74,7 +74,7 @@ class MoeOps {
       : cfg_(cfg), layout_(layout), params_(checked_store(cfg, std::move(table))) {
     if constexpr (kStateful) {
       state_dev_.resize(std::size_t(cfg_.num_experts()));
-      MOEKIT_CUDA_CHECK(cudaMemset(state_dev_.data(), 0, std::size_t(cfg_.num_experts()) * sizeof(float)));
+      fill_device(state_dev_.data(), 0, std::size_t(cfg_.num_experts()) * sizeof(float));
     }
     gemm_ = std::make_unique<ExpertGemm>(gemm, int(params_.table().local_experts()));
     host_stats_.resize(std::size_t(layout_.ints + layout_.floats));  // pinned, sized once: the GlobalBatch hook points into it
@@ -84,6 +84,7 @@ class MoeOps {
 
   GemmStrategy gemm_strategy() const { return gemm_->strategy(); }
   int gemm_fallbacks() const { return gemm_->grouped_fallbacks(); }
+  const GemmPathCounts& gemm_paths() const { return gemm_->path_counts(); }
 
   // ---- parameters (backend/cuda/parameter_store.cuh) ----------------------------------------------
   const ParameterTable& table() const { return params_.table(); }
@@ -99,7 +100,7 @@ class MoeOps {
   std::vector<DeviceParameter> parameters(const std::string& prefix) const { return params_.parameters(prefix); }
   // The router state's values (router/state.hpp), mirrored on the device for route_tokens.
   void set_router_state(std::span<const float> v) {
-    if (!v.empty()) MOEKIT_CUDA_CHECK(cudaMemcpy(state_dev_.data(), v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice));
+    copy_to_device(state_dev_.data(), v.data(), v.size() * sizeof(float));
   }
 
   // ---- workspace --------------------------------------------------------------------------------
@@ -114,12 +115,14 @@ class MoeOps {
     Buffers b;
     return carve(b, nullptr, tokens);
   }
+  // The new workspace is allocated before the old one is freed: an allocation that fails (a Status
+  // kBackendError from initialize()) leaves the layer as it was, still able to run what it could before.
   void reserve(I64 tokens) {
     if (reserved_ >= 0 && tokens <= reserved_ && !external_) return;
-    owned_.resize(0);
-    owned_.resize(workspace_bytes(tokens));
-    bind(owned_.data(), tokens);
+    DeviceArray<char> fresh(workspace_bytes(tokens));
+    owned_ = std::move(fresh);
     external_ = false;
+    bind(owned_.data(), tokens);
   }
   void attach_workspace(void* p, std::size_t bytes, I64 tokens)
     requires(!kDistributed)
@@ -421,11 +424,12 @@ class MoeOps {
   }
   void bind(char* base, I64 tokens) {
     check_token_limits(tokens);
+    reserved_ = -1;  // until the buffers are carved and written: a failure below leaves no workspace
     carve(b_, base, tokens);
     perm_bytes_ = permute_temp_bytes(tokens);
     if (tokens > 0) {
       const std::vector<float> ones(std::size_t(tokens), 1.f);
-      MOEKIT_CUDA_CHECK(cudaMemcpy(b_.ones, ones.data(), ones.size() * sizeof(float), cudaMemcpyHostToDevice));
+      copy_to_device(b_.ones, ones.data(), ones.size() * sizeof(float));
     }
     reserved_ = tokens;
   }

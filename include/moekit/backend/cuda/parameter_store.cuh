@@ -39,8 +39,8 @@ class ParameterStore {
   explicit ParameterStore(ParameterTable table) : table_(std::move(table)) {
     values_.resize(table_.value_bytes(sizeof(S)));
     grads_.resize(std::size_t(table_.size()));
-    if (values_.size()) MOEKIT_CUDA_CHECK(cudaMemset(values_.data(), 0, values_.size()));
-    if (grads_.size()) MOEKIT_CUDA_CHECK(cudaMemset(grads_.data(), 0, grads_.size() * sizeof(float)));
+    fill_device(values_.data(), 0, values_.size());
+    fill_device(grads_.data(), 0, grads_.size() * sizeof(float));
   }
 
   const ParameterTable& table() const { return table_; }
@@ -63,7 +63,8 @@ class ParameterStore {
   }
   float* grad_at(std::int64_t element) const { return grads_.data() + element; }
 
-  // Full-size host fp32 weights to the device (this layer's part, rounded to S).
+  // Full-size host fp32 weights to the device (this layer's part, rounded to S); synchronises (work in
+  // flight on any stream finishes first, and work enqueued after it sees the new values).
   void load(const MoeWeights<float>& full) {
     std::vector<float> flat(std::size_t(table_.size()));
     table_.pack(full, flat.data());
@@ -73,7 +74,8 @@ class ParameterStore {
       if (i < table_.offsets().gate_residual) *reinterpret_cast<S*>(at) = storage_from_float<S>(flat[std::size_t(i)]);
       else *reinterpret_cast<float*>(at) = flat[std::size_t(i)];
     }
-    if (!bytes.empty()) MOEKIT_CUDA_CHECK(cudaMemcpy(values_.data(), bytes.data(), bytes.size(), cudaMemcpyHostToDevice));
+    MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+    copy_to_device(values_.data(), bytes.data(), bytes.size());
   }
   // This layer's weights (full-size; what other ranks hold reads 0) and fp32 gradients; both synchronise.
   MoeWeights<float> weights() const {

@@ -42,8 +42,8 @@ class CausalSelfAttention {
         o_proj_(heads * hd_, d_model) {
     const moekit::nn::Rotary<float> rope(hd_, max_seq, rope_theta);  // the host tables (computed in double)
     cos_.resize(rope.cos_table().size()), sin_.resize(rope.sin_table().size());
-    MOEKIT_CUDA_CHECK(cudaMemcpy(cos_.data(), rope.cos_table().data(), cos_.size() * sizeof(float), cudaMemcpyHostToDevice));
-    MOEKIT_CUDA_CHECK(cudaMemcpy(sin_.data(), rope.sin_table().data(), sin_.size() * sizeof(float), cudaMemcpyHostToDevice));
+    bc::copy_to_device(cos_.data(), rope.cos_table().data(), cos_.size() * sizeof(float));
+    bc::copy_to_device(sin_.data(), rope.sin_table().data(), sin_.size() * sizeof(float));
   }
 
   std::int64_t d_model() const { return d_; }

@@ -58,7 +58,7 @@ class DeviceTensor {
   explicit DeviceTensor(std::vector<std::int64_t> shape) : shape_(std::move(shape)), n_(numel_of(shape_)) {
     value_.resize(std::size_t(n_));
     grad_.resize(std::size_t(n_));
-    if (n_) MOEKIT_CUDA_CHECK(cudaMemset(grad_.data(), 0, std::size_t(n_) * sizeof(float)));
+    bc::fill_device(grad_.data(), 0, std::size_t(n_) * sizeof(float));
   }
   S* value() const { return value_.data(); }
   float* grad() const { return grad_.data(); }

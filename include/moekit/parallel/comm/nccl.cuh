@@ -1,5 +1,5 @@
 #pragma once
-// comm::Nccl: the device-buffer communicator over NCCL (DESIGN §5). The operations of HostCommunicator
+// comm::Nccl: the device-buffer communicator over NCCL (docs/design.md §5). The operations of HostCommunicator
 // (communicator.hpp) on device pointers, each with a trailing stream; bytes counted exactly as comm::Mpi
 // counts them. Opt-in header: it needs <nccl.h> and linking NCCL (moekit::cuda links it and defines
 // MOEKIT_HAS_NCCL=1 when NCCL was found). It holds no kernels: a .cpp built by the host compiler may include it.
@@ -35,6 +35,7 @@
 #include <utility>
 #include <vector>
 
+#include "moekit/backend/cuda/status.cuh"
 #include "moekit/parallel/comm/communicator.hpp"
 
 static_assert(NCCL_VERSION_CODE >= NCCL_VERSION(2, 18, 0),
@@ -161,15 +162,16 @@ class Nccl {
     const auto start = Clock::now();
     auto pause = std::chrono::microseconds(0);
     for (;;) {
-      const cudaError_t q = cudaStreamQuery(stream);
+      // Not cudaStreamQuery: its "not ready" would stay behind as the thread's last error and fail the
+      // next launch (backend/cuda/status.cuh).
+      const cudaError_t q = backend::cuda::stream_query(stream);
       ncclResult_t async = ncclSuccess;
       const ncclResult_t r = ncclCommGetAsyncError(comm_, &async);
       if (r != ncclSuccess) fail(std::string("ncclCommGetAsyncError failed: ") + ncclGetErrorString(r) + last_error(comm_));
       if (async != ncclSuccess && async != ncclInProgress)
         fail("asynchronous NCCL error after " + last_op() + ": " + ncclGetErrorString(async) + last_error(comm_));
       if (q == cudaSuccess) return;
-      if (q != cudaErrorNotReady) {
-        (void)cudaGetLastError();  // clear it if it is not sticky; the message carries it
+      if (q != cudaErrorNotReady) {  // stream_query cleared it if it is not sticky; the message carries it
         fail("stream " + stream_name(stream) + " failed after " + last_op() + ": " + cudaGetErrorName(q) + " (" +
              cudaGetErrorString(q) + ")");
       }
@@ -442,6 +444,7 @@ class Nccl {
   }
   void check_cuda(cudaError_t e, const char* call) const {
     if (e == cudaSuccess) return;
+    backend::cuda::clear_last_error();  // the exception carries it (status.cuh)
     throw CommError(where() + call + " failed: " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
   }
   // Aborts the communicator (so that nothing waits on it) and throws `why`.
@@ -517,7 +520,7 @@ class Nccl {
     cudaPointerAttributes a{};
     const cudaError_t e = cudaPointerGetAttributes(&a, p);
     if (e != cudaSuccess) {
-      (void)cudaGetLastError();
+      backend::cuda::clear_last_error();
       check_cuda(e, "cudaPointerGetAttributes");
     }
     if (a.type == cudaMemoryTypeUnregistered)
