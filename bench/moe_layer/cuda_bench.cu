@@ -7,11 +7,18 @@
 //   MoE++ rows (N FFN + zero/copy/constant at tau 1.0, 0.75, 0.1, gamma 1) against the vanilla layer
 //   of the same FFN experts (whole-layer forward+backward time; the speed-up column).
 // --gemm all times every expert-GEMM strategy (grouped, streams, lt) and marks the fastest per shape.
-// Exit code 77 when there is no CUDA device (ctest: skipped).
+// --json: the file is rewritten whole (valid JSON, "complete": false until the end) after every row, so a
+// run killed at a time cap still leaves the rows it measured.
+// --max-gib G / free device memory: a shape whose estimated device memory (estimate_bytes) exceeds G GiB
+// or the GPU's free memory is skipped, and listed under "skipped" with the reason.
+// --time-budget S: no row starts after S seconds, or when the previous row's time (scaled by FLOPs) would
+// carry it past S; the rows left are listed under "skipped". The run still exits 0 and writes its JSON.
+// Exit code 77 when there is no CUDA device (ctest: skipped); 1 instead when MOEKIT_REQUIRE_GPU=1.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -99,9 +106,40 @@ double time_ms(const std::function<void()>& fn, int reps) {
 struct Options {
   bool quick = false, bf16 = true;
   int reps = 10;
+  double max_gib = 0, time_budget_s = 0;  // 0: no limit
   std::string json, gemm = "auto";
   std::vector<std::string> only;
 };
+
+// Device memory the rows of one shape need at most, in bytes (an upper estimate, from the layer's
+// parameter store and its workspace, layer_ops.cuh carve(), at T tokens): parameters in the storage type,
+// fp32 gradients, the workspace (x; fp32 logits, probabilities, their gradients and scratch per token and
+// expert; per routed row x, [h1|h3], a, y and dy), the bench's x0, x1, y, dy, dx, and 512 MiB for cuBLAS
+// and the allocator's rounding; or the dense ceiling's three matrices if that is more.
+std::size_t estimate_bytes(const Shape& s, std::size_t storage) {
+  const double T = double(s.tokens), d = double(s.d), f = double(s.f), E = double(s.experts), rows = T * double(s.k),
+               S = double(storage), N = 2 * E;  // N: room for MoE++'s zero/copy/constant experts in the router
+  const double weights = E * 3 * d * f + N * d;
+  const double params = weights * S + N * d * 4, grads = weights * 4;
+  const double workspace = T * d * (S + 4) + 5 * T * N * 4 + rows * 48 + rows * (3 * d + 3 * f) * S;
+  const double bench = 5 * T * d * S;
+  const double ceiling = (rows * d + d * 3 * f + rows * 3 * f) * S;
+  return std::size_t(std::max(params + grads + workspace + bench, ceiling)) + (std::size_t(512) << 20);
+}
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+// The JSON file, rewritten whole after each row (to a temporary file, then renamed over the old one).
+void write_json(const nlohmann::ordered_json& out, const std::string& path) {
+  if (path.empty()) return;
+  const std::string tmp = path + ".part";
+  {
+    std::ofstream f(tmp);
+    f << out.dump(2) << "\n";
+    if (!f) throw std::runtime_error("cannot write " + tmp);
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw std::runtime_error("cannot rename " + tmp + " to " + path);
+}
 
 template <class S>
 struct Ceiling {
@@ -262,8 +300,14 @@ int run(const Options& o, const std::string& command) {
   int runtime = 0;
   cudaRuntimeGetVersion(&runtime);
   const int reps = o.quick ? 2 : o.reps;
-  std::printf("bench_moe_layer: backend cuda %s SwiGLU | %s | CUDA runtime %d | reps %d | gemm %s\n",
-              std::is_same_v<V, float> ? "fp32" : "bf16", prop.name, runtime, reps, o.gemm.c_str());
+  const auto t_start = std::chrono::steady_clock::now();
+  auto elapsed_s = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count(); };
+  std::printf("bench_moe_layer: backend cuda %s SwiGLU | %s (%.1f GiB) | CUDA runtime %d | reps %d | gemm %s", std::is_same_v<V, float> ? "fp32" : "bf16",
+              prop.name, double(prop.totalGlobalMem) / kGiB, runtime, reps, o.gemm.c_str());
+  if (o.max_gib > 0) std::printf(" | max %.1f GiB", o.max_gib);
+  if (o.time_budget_s > 0) std::printf(" | time budget %.0f s", o.time_budget_s);
+  std::printf("\n");
+  std::fflush(stdout);
   const double copy = copy_gbps(o.quick, reps);
   std::vector<mc::GemmStrategy> strategies;
   if (o.gemm == "all") strategies = {mc::GemmStrategy::kGrouped, mc::GemmStrategy::kStreams, mc::GemmStrategy::kLt};
@@ -275,9 +319,14 @@ int run(const Options& o, const std::string& command) {
   std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
   out["date"] = date, out["device"] = prop.name, out["cuda_runtime"] = runtime, out["command"] = command;
   out["dtype"] = std::is_same_v<V, float> ? "fp32" : "bf16";
+  out["device_memory_gib"] = double(prop.totalGlobalMem) / kGiB;
+  out["max_gib"] = o.max_gib, out["time_budget_s"] = o.time_budget_s;
+  out["complete"] = false;  // true once the last row is written
   out["copy_gbps"] = copy;
   out["rows"] = nlohmann::json::array();
   out["kernels"] = nlohmann::json::array();
+  out["skipped"] = nlohmann::json::array();  // {shape, what, reason}: shapes over the memory limit, rows past the time budget
+  write_json(out, o.json);
 
   std::printf("\ndevice-to-device copy: %.0f GB/s (read + write)\n", copy);
   std::printf("\n%-19s %-8s %-14s %5s %5s %-8s | %8s %7s %5s | %8s %7s %5s | %7s %5s %5s\n", "shape", "routing", "experts", "gamma",
@@ -300,9 +349,65 @@ int run(const Options& o, const std::string& command) {
                            {"fwd_bwd_ratio", tfb / r.ceiling}, {"dense_gemm_tflops", r.ceiling}, {"hot_expert_share", r.hot},
                            {"zc_slot_share", r.zc}, {"expert_gemm_flops", r.expert_flops}, {"ffn_rows", r.ffn_rows},
                            {"grouped_fallbacks", r.fallbacks}, {"error", r.error}});
+    write_json(out, o.json);
+    std::fflush(stdout);
+  };
+  auto skip = [&](const Shape& s, const std::string& what, const std::string& reason) {
+    std::printf("%-19s %s skipped: %s\n", s.name, what.c_str(), reason.c_str());
+    out["skipped"].push_back({{"shape", s.name}, {"what", what}, {"reason", reason}});
+    write_json(out, o.json);
+    std::fflush(stdout);
+  };
+  // --time-budget: a row starts only if the budget is not spent and the last row's time, scaled by the
+  // FLOPs of the new shape, still fits in it.
+  double last_row_s = 0, last_row_flops = 0;
+  auto fits_budget = [&](const Shape& s, std::string& reason) {
+    if (o.time_budget_s <= 0) return true;
+    const double now = elapsed_s(), flops = 6.0 * double(s.tokens) * double(s.k) * double(s.d) * double(s.f);
+    const double predicted = last_row_flops > 0 ? last_row_s * flops / last_row_flops : 0;
+    if (now + predicted <= o.time_budget_s) return true;
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "time budget: %.0f s of %.0f spent, a row is predicted to take %.0f s", now, o.time_budget_s, predicted);
+    reason = buf;
+    return false;
+  };
+  // A timed row, unless the time budget says no; returns false when skipped.
+  auto timed_row = [&](const Shape& s, const std::string& what, const std::function<void()>& row) {
+    std::string reason;
+    if (!fits_budget(s, reason)) {
+      skip(s, what, reason);
+      return false;
+    }
+    const double t0 = elapsed_s();
+    row();
+    last_row_s = elapsed_s() - t0;
+    last_row_flops = 6.0 * double(s.tokens) * double(s.k) * double(s.d) * double(s.f);
+    return true;
   };
   for (const Shape* s = begin; s != end; ++s) {
     if (!o.only.empty() && std::find(o.only.begin(), o.only.end(), s->name) == o.only.end()) continue;
+    {  // memory: the estimate against --max-gib and the free device memory now (earlier shapes' buffers are freed)
+      std::size_t free_b = 0, total_b = 0;
+      MOEKIT_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+      const double need = double(estimate_bytes(*s, sizeof(S))) / kGiB, free_gib = double(free_b) / kGiB;
+      char buf[200];
+      if (o.max_gib > 0 && need > o.max_gib) {
+        std::snprintf(buf, sizeof buf, "needs about %.1f GiB of device memory, over --max-gib %.1f", need, o.max_gib);
+        skip(*s, "shape", buf);
+        continue;
+      }
+      if (need > free_gib) {
+        std::snprintf(buf, sizeof buf, "needs about %.1f GiB of device memory, %.1f GiB free", need, free_gib);
+        skip(*s, "shape", buf);
+        continue;
+      }
+      std::printf("%-19s estimated device memory %.1f GiB (%.1f GiB free)\n", s->name, need, free_gib);
+    }
+    std::string reason;
+    if (!fits_budget(*s, reason)) {
+      skip(*s, "shape", reason);
+      continue;
+    }
     double ceiling = 0;
     try {
       ceiling = dense_ceiling_tflops<S>(*s, reps);
@@ -311,18 +416,22 @@ int run(const Options& o, const std::string& command) {
       cudaGetLastError();
     }
     for (bool skewed : {false, true})
-      for (auto g : strategies) {
-        Row r = run_layer<Vanilla>(*s, base_config(*s), skewed, g, reps, "ffn");
-        r.ceiling = ceiling;
-        emit(r);
-      }
-    try {
+      for (auto g : strategies)
+        timed_row(*s, std::string(skewed ? "skewed" : "uniform") + " " + mc::to_string(g), [&] {
+          Row r = run_layer<Vanilla>(*s, base_config(*s), skewed, g, reps, "ffn");
+          r.ceiling = ceiling;
+          emit(r);
+        });
+    if (!fits_budget(*s, reason)) {
+      skip(*s, "permute/combine rates", reason);
+    } else try {
       const KernelRates k = permute_combine_rates<S>(*s, reps);
       std::printf("%-19s permute (sort + gather) %.3f ms = %.0f GB/s (%.2f of copy); combine %.3f ms = %.0f GB/s (%.2f of copy)\n",
                   s->name, k.permute_ms, k.permute_gbps, k.permute_gbps / copy, k.combine_ms, k.combine_gbps, k.combine_gbps / copy);
       out["kernels"].push_back({{"shape", s->name}, {"permute_ms", k.permute_ms}, {"permute_gbps", k.permute_gbps},
                                 {"permute_ratio_to_copy", k.permute_gbps / copy}, {"combine_ms", k.combine_ms},
                                 {"combine_gbps", k.combine_gbps}, {"combine_ratio_to_copy", k.combine_gbps / copy}});
+      write_json(out, o.json);
     } catch (const std::exception& e) {
       std::printf("%s: permute/combine timing failed: %s\n", s->name, e.what());
     }
@@ -331,32 +440,38 @@ int run(const Options& o, const std::string& command) {
     if (std::string(s->name) != "olmoe" && !o.quick) continue;
     MoeConfig v = base_config(*s);
     v.capacity_factor = 1.0;
-    Row van = run_layer<Vanilla>(*s, v, false, strategies.front(), reps, "ffn");
-    van.ceiling = ceiling;
-    emit(van);
+    Row van;
+    if (!timed_row(*s, "MoE++ vanilla gamma 1", [&] {
+          van = run_layer<Vanilla>(*s, v, false, strategies.front(), reps, "ffn");
+          van.ceiling = ceiling;
+          emit(van);
+        }))
+      continue;
     for (double tau : {1.0, 0.75, 0.1}) {
       MoeConfig c = v;
       c.num_zero_experts = std::max<std::int64_t>(1, s->experts / 8), c.num_copy_experts = c.num_zero_experts;
       c.num_constant_experts = 2 * c.num_zero_experts, c.tau = tau;
-      Row r = run_layer<MoePP>(*s, c, false, strategies.front(), reps, "ffn+zc(8:1:1:2)");
-      r.ceiling = ceiling;
-      emit(r);
-      if (r.error.empty() && van.error.empty()) {
-        std::printf("%-19s MoE++ tau %.2f: forward+backward speed-up over vanilla %.2fx\n", s->name, tau, van.fb_ms / r.fb_ms);
-        out["rows"].back()["speedup_over_vanilla_fwd_bwd"] = van.fb_ms / r.fb_ms;
-      }
+      char what[48];
+      std::snprintf(what, sizeof what, "MoE++ tau %.2f", tau);
+      timed_row(*s, what, [&] {
+        Row r = run_layer<MoePP>(*s, c, false, strategies.front(), reps, "ffn+zc(8:1:1:2)");
+        r.ceiling = ceiling;
+        emit(r);
+        if (r.error.empty() && van.error.empty()) {
+          std::printf("%-19s MoE++ tau %.2f: forward+backward speed-up over vanilla %.2fx\n", s->name, tau, van.fb_ms / r.fb_ms);
+          out["rows"].back()["speedup_over_vanilla_fwd_bwd"] = van.fb_ms / r.fb_ms;
+          write_json(out, o.json);
+        }
+      });
     }
   }
   std::printf("\nTFLOP/s are nominal (6·T·k·d·d_expert forward, 18·T·k·d·d_expert forward+backward over the time);\n"
               "dense: one cuBLAS GEMM [T·k, d] x [d, 3·d_expert] in the same dtype; ratio = TFLOP/s / dense.\n");
-  if (!o.json.empty()) {
-    std::ofstream f(o.json);
-    f << out.dump(2) << "\n";
-    if (!f) {
-      std::fprintf(stderr, "bench_moe_layer: cannot write %s\n", o.json.c_str());
-      return 2;
-    }
-  }
+  if (!out["skipped"].empty())
+    std::printf("skipped: %zu shape(s) or row(s), listed above and under \"skipped\" in the JSON\n", out["skipped"].size());
+  out["complete"] = true;
+  out["seconds"] = elapsed_s();
+  write_json(out, o.json);
   return 0;
 }
 
@@ -382,12 +497,20 @@ int run_cuda_bench(int argc, char** argv) {
       if (d != "bf16" && d != "fp32") throw std::runtime_error("--dtype must be bf16 or fp32, not " + d);
       o.bf16 = d == "bf16";
     } else if (a == "--shape") o.only.push_back(next());
+    else if (a == "--max-gib") o.max_gib = std::atof(next().c_str());
+    else if (a == "--time-budget") o.time_budget_s = std::atof(next().c_str());
     else throw std::runtime_error("unknown argument " + a);
   }
   if (o.gemm != "all") mc::parse_gemm_strategy(o.gemm);  // a clear error before any device work
   int devices = 0;
   const cudaError_t e = cudaGetDeviceCount(&devices);
   if (e != cudaSuccess || devices == 0) {
+    const char* require = std::getenv("MOEKIT_REQUIRE_GPU");
+    if (require && *require && std::string(require) != "0") {  // run on a lent GPU: no device is a failure
+      std::printf("bench_moe_layer: no CUDA device (%s), and MOEKIT_REQUIRE_GPU=%s demands one\n",
+                  e != cudaSuccess ? cudaGetErrorString(e) : "0 devices", require);
+      return 1;
+    }
     std::printf("bench_moe_layer: no CUDA device (%s); skipping\n", e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
     return kNoCudaDevice;
   }

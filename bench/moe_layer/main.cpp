@@ -5,6 +5,7 @@
 //   bench_moe_layer --rss train|eval   (peak RSS of a training or an evaluation-mode run)
 //   bench_moe_layer --backend cuda [--quick] [--reps N] [--json out.json] [--gemm auto|grouped|streams|lt|all]
 //                   [--dtype bf16|fp32] [--shape mixtral|olmoe|qwen3-30b-a3b|deepseek-v3-routed ...]
+//                   [--max-gib G] [--time-budget S]   (cuda: the JSON is rewritten after every row; see cuda_bench.cu)
 //
 // Host rows: fp32 and bf16 (backend::Host<bf16>, against a bf16 GEMM's ceiling), SwiGLU, softmax top-k; then decode rows (T = 1, 8, 64 tokens, evaluation mode): µs
 // per layer call and the expert weights it must read against the machine's read bandwidth. CUDA rows: cuda_bench.cu (built when CUDA is enabled).
@@ -322,7 +323,7 @@ int main(int argc, char** argv) {
     else {
       std::fprintf(stderr, "usage: bench_moe_layer [--backend host|cuda] [--quick] [--reps N] [--json out.json] [--rss train|eval] "
                            "[--dtype fp32|bf16|all] [--uniform-only] [--decode-only] [--shape cpu-mixtral-mini|cpu-fine] "
-                           "(cuda: [--gemm auto|grouped|streams|lt|all] [--dtype bf16|fp32] [--shape NAME])\n");
+                           "(cuda: [--gemm auto|grouped|streams|lt|all] [--dtype bf16|fp32] [--shape NAME] [--max-gib G] [--time-budget S])\n");
       return 2;
     }
   }
