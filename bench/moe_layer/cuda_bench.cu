@@ -220,7 +220,18 @@ struct Row {
   double tau = 1, gamma = 0, fwd_ms = 0, fb_ms = 0, ceiling = 0, hot = 0, zc = 0, flops_fwd = 0;
   std::int64_t expert_flops = 0, ffn_rows = 0;
   int fallbacks = 0;
+  GemmStats paths;  // the phases by path (grouped, by_type, by_alignment, refused, lt_no_algo)
 };
+
+// What did not run as the strategy says, for the table: bf16 weight gradients go to the streams path by
+// type under "grouped" by design (not noted); alignment, refusals and Lt shapes without an algorithm are.
+inline std::string path_note(const GemmStats& p) {
+  std::string s;
+  if (p.by_alignment) s += " by-alignment " + std::to_string(p.by_alignment);
+  if (p.refused) s += " REFUSED " + std::to_string(p.refused);
+  if (p.lt_no_algo) s += " lt-no-algo " + std::to_string(p.lt_no_algo);
+  return s.empty() ? s : " (" + s.substr(1) + ")";
+}
 
 // Each layer runs through the erased interface (layer/any_layer.hpp), as the harness and the examples
 // do; erase<Layer> instantiates only the two layer types measured here (make_moe_layer would compile
@@ -273,7 +284,8 @@ Row run_layer(const Shape& s, const MoeConfig& cfg, bool skewed, mc::GemmStrateg
     }, reps);
     r.expert_flops = layer.expert_gemm_flops();
     r.ffn_rows = layer.ffn_rows();
-    r.fallbacks = layer.gemm_stats().fallbacks;
+    r.paths = layer.gemm_stats();
+    r.fallbacks = r.paths.fallbacks;
     const RoutingShares shares = routing_shares(layer.routed_counts(), cfg.num_ffn_experts);
     r.hot = shares.hot, r.zc = shares.zc;
   } catch (const std::exception& e) {  // e.g. out of memory on the largest shapes: say so in the row
@@ -341,14 +353,18 @@ int run(const Options& o, const std::string& command) {
     } else {
       std::printf("%-19s %-8s %-14s %5.2f %5.2f %-8s | %8.3f %7.1f %5.2f | %8.3f %7.1f %5.2f | %7.1f %5.2f %5.2f%s\n",
                   r.shape.c_str(), r.routing.c_str(), r.experts.c_str(), r.gamma, r.tau, r.gemm.c_str(), r.fwd_ms, tf,
-                  tf / r.ceiling, r.fb_ms, tfb, tfb / r.ceiling, r.ceiling, r.hot, r.zc, r.fallbacks ? " (grouped fell back)" : "");
+                  tf / r.ceiling, r.fb_ms, tfb, tfb / r.ceiling, r.ceiling, r.hot, r.zc, path_note(r.paths).c_str());
     }
     out["rows"].push_back({{"shape", r.shape}, {"routing", r.routing}, {"experts", r.experts}, {"gemm", r.gemm},
                            {"capacity_factor", r.gamma}, {"tau", r.tau}, {"fwd_ms", r.fwd_ms}, {"fwd_tflops", tf},
                            {"fwd_ratio", tf / r.ceiling}, {"fwd_bwd_ms", r.fb_ms}, {"fwd_bwd_tflops", tfb},
                            {"fwd_bwd_ratio", tfb / r.ceiling}, {"dense_gemm_tflops", r.ceiling}, {"hot_expert_share", r.hot},
                            {"zc_slot_share", r.zc}, {"expert_gemm_flops", r.expert_flops}, {"ffn_rows", r.ffn_rows},
-                           {"grouped_fallbacks", r.fallbacks}, {"error", r.error}});
+                           {"grouped_fallbacks", r.fallbacks},
+                           {"gemm_paths", {{"grouped", r.paths.grouped}, {"by_type", r.paths.by_type},
+                                           {"by_alignment", r.paths.by_alignment}, {"refused", r.paths.refused},
+                                           {"lt_no_algo", r.paths.lt_no_algo}}},
+                           {"error", r.error}});
     write_json(out, o.json);
     std::fflush(stdout);
   };

@@ -272,7 +272,7 @@ class CudaLm final : public Lm {
     for (auto* b : {&hf_, &dhf_, &dh_, &dx_, &tmp_}) b->resize(std::size_t(n));
     if (mc_.gating_residual) {
       dlog_.resize(std::size_t(L * rows * mc_.num_experts()));
-      bc::fill_device(dlog_.data(), 0, dlog_.size() * sizeof(float));  // waited for: the model's stream is non-blocking
+      bc::fill_device(dlog_.data(), 0, dlog_.size() * sizeof(float));  // finished before the model's stream reads it
     }
     logits_.resize(std::size_t(rows * LmConfig::kVocab));
     dlogits_.resize(std::size_t(rows * LmConfig::kVocab));

@@ -52,6 +52,13 @@ TEST_CASE("throw_on_error clears the error it throws") {
     CHECK(e.code() == cudaErrorMemoryAllocation);
     CHECK(std::string(e.what()).find("cudaErrorMemoryAllocation") != std::string::npos);
   }
+  // An out-of-memory is a CudaError the launch layer reports as kOutOfMemory; other errors as kBackendError.
+  std::string message;
+  CHECK(moekit::status_of([] { MOEKIT_CUDA_CHECK(fails_with(cudaErrorMemoryAllocation)); }, message) ==
+        moekit::Status::kOutOfMemory);
+  CHECK(message.find("cudaErrorMemoryAllocation") != std::string::npos);
+  CHECK(moekit::status_of([] { MOEKIT_CUDA_CHECK(fails_with(cudaErrorNotReady)); }, message) == moekit::Status::kBackendError);
+  CHECK(cudaPeekAtLastError() == cudaSuccess);
   MOEKIT_CUDA_CHECK(cudaSuccess);  // success touches nothing
   CHECK(cudaPeekAtLastError() == cudaSuccess);
 }

@@ -102,9 +102,9 @@ TEST_CASE("cuda layer: the launch layer returns a Status for each failure and th
   CHECK(op.run_forward(MatrixView<const float>(x.p, {T, D}), MatrixView<float>(y2.p, {T, D})) == Status::kNumericError);
 }
 
-// An out-of-memory that initialize() reports (injected: backend/cuda/memory.cuh's hook) is a Status, is
-// cleared from CUDA's last error, and leaves the layer as it was: the next forward runs on the old
-// workspace and gives the same bits as before.
+// An out-of-memory that initialize() reports (injected: backend/cuda/memory.cuh's hook) is
+// Status::kOutOfMemory, is cleared from CUDA's last error, and leaves the layer as it was: the saved
+// forward still backs a backward, and the next forward runs on the old workspace with the same bits.
 TEST_CASE("cuda layer: an allocation failure in initialize() spoils nothing") {
   using namespace moekit;
   using Layer = MoeLayer<backend::Cuda<float>, router::TopK<router::Softmax>, experts::Ffn<act::SwiGLU>>;
@@ -115,17 +115,18 @@ TEST_CASE("cuda layer: an allocation failure in initialize() spoils nothing") {
   REQUIRE(layer.initialize(nullptr, 0, T) == Status::kSuccess);
   std::vector<float> hx(std::size_t(T * D));
   for (std::size_t i = 0; i < hx.size(); ++i) hx[i] = float(std::cos(0.21 * double(i)));
-  DeviceBuffer<float> x(T * D), y1(T * D), y2(T * D);
+  DeviceBuffer<float> x(T * D), y1(T * D), y2(T * D), dx(T * D);
   x.upload(hx);
   y1.poison(), y2.poison();
   REQUIRE(layer.run_forward(MatrixView<const float>(x.p, {T, D}), MatrixView<float>(y1.p, {T, D})) == Status::kSuccess);
   backend::cuda::testing::allocations_before_failure() = 0;
   const Status s = layer.initialize(nullptr, 0, 4 * T);  // a larger workspace: its allocation fails
   backend::cuda::testing::allocations_before_failure() = -1;
-  CHECK(s == Status::kBackendError);
+  CHECK(s == Status::kOutOfMemory);
   CHECK(layer.last_error().find("cudaErrorMemoryAllocation") != std::string::npos);
   CHECK(cudaPeekAtLastError() == cudaSuccess);
   CHECK(layer.reserved_tokens() == T);
+  CHECK(layer.run_backward(MatrixView<const float>(x.p, {T, D}), MatrixView<float>(dx.p, {T, D})) == Status::kSuccess);
   REQUIRE(layer.run_forward(MatrixView<const float>(x.p, {T, D}), MatrixView<float>(y2.p, {T, D})) == Status::kSuccess);
   const auto a = y1.download(), b = y2.download();
   CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);

@@ -24,6 +24,14 @@ class ShapeError : public std::invalid_argument {
   explicit ShapeError(const std::string& what) : std::invalid_argument("moekit::ShapeError: " + what) {}
 };
 
+// Marks an exception that reports an allocation that failed without being a std::bad_alloc (a device
+// allocation: backend/cuda/status.cuh's CudaOutOfMemory), so that status_of reports Status::kOutOfMemory
+// and a caller can retry smaller. Catch such errors by their own type; this is only a tag.
+class OutOfMemoryTag {
+ public:
+  virtual ~OutOfMemoryTag() = default;
+};
+
 // A loss or value that became NaN/Inf.
 class NumericError : public std::runtime_error {
  public:
@@ -91,7 +99,7 @@ Status status_of(F&& f, std::string& message) noexcept {
     return Status::kInvalidState;
   } catch (const std::exception& e) {
     message = e.what();
-    return Status::kBackendError;
+    return dynamic_cast<const OutOfMemoryTag*>(&e) ? Status::kOutOfMemory : Status::kBackendError;
   } catch (...) {
     message = "unknown exception";
     return Status::kBackendError;

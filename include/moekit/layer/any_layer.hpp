@@ -39,11 +39,14 @@ struct layer_types {
   using parameter_type = typename decltype(std::declval<probe&>().parameters())::value_type;
 };
 
-// How the expert GEMMs ran: the strategy ("cblas" on the host; grouped / streams / lt on CUDA) and how
-// often a CUDA grouped GEMM fell back to another strategy.
+// How the expert GEMMs ran: the strategy ("cblas" on the host; grouped / streams / lt on CUDA) and, on
+// CUDA, the phases by path (backend/cuda/grouped_gemm.cuh, GemmPathCounts): grouped; sent to the streams
+// path by type or by alignment; refused by cuBLAS; Lt problems without an algorithm. fallbacks: the sum
+// of all but grouped.
 struct GemmStats {
   std::string strategy;
   int fallbacks = 0;
+  int grouped = 0, by_type = 0, by_alignment = 0, refused = 0, lt_no_algo = 0;
 };
 
 // Pointers to what the last forward left (valid until the next forward): host or device memory.
@@ -181,8 +184,15 @@ class ErasedMoeLayer final : public AnyMoeLayer<typename Layer::backend_type> {
   std::int64_t expert_gemm_flops() const override { return layer_.expert_gemm_flops(); }
   std::int64_t ffn_rows() const override { return layer_.ffn_rows(); }
   GemmStats gemm_stats() const override {
-    if constexpr (requires { layer_.gemm_strategy(); }) return {std::string(to_string(layer_.gemm_strategy())), layer_.gemm_fallbacks()};
-    else return {"cblas", 0};
+    if constexpr (requires { layer_.gemm_paths(); }) {
+      const auto& p = layer_.gemm_paths();
+      return {std::string(to_string(layer_.gemm_strategy())), layer_.gemm_fallbacks(), p.grouped, p.by_type, p.by_alignment,
+              p.refused, p.lt_no_algo};
+    } else if constexpr (requires { layer_.gemm_strategy(); }) {
+      return {std::string(to_string(layer_.gemm_strategy())), layer_.gemm_fallbacks()};
+    } else {
+      return {"cblas", 0};
+    }
   }
   ForwardViews<L> views() const override {
     if constexpr (requires { layer_.logits_device(); })

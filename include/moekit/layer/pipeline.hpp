@@ -158,9 +158,11 @@ class MoeLayer {
   // allocates in forward. A distributed CUDA layer also sizes its expert side for ep·T·k rows (every
   // row of every source could come to its experts): every rank must reserve the same number of tokens.
   void reserve(std::int64_t tokens) {
-    if constexpr (!Ops::kGrows)  // new device memory: what the last forward saved is gone
-      if (tokens > ops_.reserved_tokens()) has_forward_ = false;
-    ops_.reserve(tokens);
+    if constexpr (!Ops::kGrows) {  // new device memory: what the last forward saved is gone
+      if (ops_.reserve(tokens)) has_forward_ = false;  // a failure changes nothing (CUDA ops: strong guarantee)
+    } else {
+      ops_.reserve(tokens);
+    }
     if constexpr (kDistributed && !Ops::kGrows) {
       const std::int64_t t = ops_.reserved_tokens(), rows = std::int64_t(cfg_.ep) * t * cfg_.top_k;
       if (rows > std::int64_t(INT32_MAX)) throw ShapeError("ep * tokens * top_k = " + std::to_string(rows) + " exceeds 2^31 - 1");
@@ -270,7 +272,7 @@ class MoeLayer {
     return s;
   }
   Status initialize(void* workspace, std::size_t bytes, std::int64_t tokens, Context ctx = {}) noexcept {
-    (void)ctx;  // buffers are bound, not written: nothing runs on the stream
+    (void)ctx;  // binding waits for the device, then writes the workspace's constants (backend/cuda/layer_ops.cuh)
     if (!workspace) return status_of([&] { reserve(tokens); }, last_error_);
     if constexpr (requires(Ops& o, void* p, std::size_t b, std::int64_t t) { o.attach_workspace(p, b, t); }) {
       std::size_t need = 0;

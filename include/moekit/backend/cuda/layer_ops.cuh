@@ -115,14 +115,17 @@ class MoeOps {
     Buffers b;
     return carve(b, nullptr, tokens);
   }
-  // The new workspace is allocated before the old one is freed: an allocation that fails (a Status
-  // kBackendError from initialize()) leaves the layer as it was, still able to run what it could before.
-  void reserve(I64 tokens) {
-    if (reserved_ >= 0 && tokens <= reserved_ && !external_) return;
+  // Returns whether the layer now has another workspace (what the last forward saved is gone). The new
+  // workspace is allocated before the old one is freed: an allocation that fails (Status::kOutOfMemory from
+  // initialize()) leaves the layer as it was, its saved forward included. So growing needs the old and
+  // the new size at once; near the memory limit, give the layer caller-owned memory instead.
+  bool reserve(I64 tokens) {
+    if (reserved_ >= 0 && tokens <= reserved_ && !external_) return false;
     DeviceArray<char> fresh(workspace_bytes(tokens));
     owned_ = std::move(fresh);
     external_ = false;
     bind(owned_.data(), tokens);
+    return true;
   }
   void attach_workspace(void* p, std::size_t bytes, I64 tokens)
     requires(!kDistributed)
@@ -144,10 +147,12 @@ class MoeOps {
                        " (call reserve(" + std::to_string(tokens) + ") first: forward never allocates)");
   }
   // The expert side of a distributed layer: `rows` rows and their activations.
+  // All five arrays are allocated before any is replaced: a failure leaves the old ones in place.
   void reserve_expert_side(I64 rows) {
     if (rows <= capacity_rows_ && xe_.size()) return;
-    for (auto* a : {&xe_, &ye_, &dye_}) a->resize(std::size_t(rows * cfg_.d_model));
-    h13e_.resize(std::size_t(rows * table().w13_rows())), ae_.resize(std::size_t(rows * table().local_d_expert()));
+    DeviceArray<S> xe(std::size_t(rows * cfg_.d_model)), ye(xe.size()), dye(xe.size());
+    DeviceArray<S> h13e(std::size_t(rows * table().w13_rows())), ae(std::size_t(rows * table().local_d_expert()));
+    xe_ = std::move(xe), ye_ = std::move(ye), dye_ = std::move(dye), h13e_ = std::move(h13e), ae_ = std::move(ae);
     capacity_rows_ = rows;
   }
   I64 capacity_rows() const { return capacity_rows_; }

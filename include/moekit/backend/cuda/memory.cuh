@@ -115,18 +115,20 @@ float storage_to_float(S v) {
   }
 }
 
-// Setup writes (constructors, load_weights, reserve, uploads; not the hot path), finished before they
-// return: on the default stream, then waited for. A layer runs on the caller's stream, often created
+// Setup writes (constructors, load_weights, reserve, uploads; not the hot path), ordered with every
+// stream: the device is idle first (work in flight on the caller's stream may still read the memory),
+// the write is then finished before they return. A layer runs on the caller's stream, often created
 // cudaStreamNonBlocking, which does not wait for the legacy default stream; and a plain cudaMemcpy from
-// pageable memory may return before its DMA lands, a plain cudaMemset before it runs. Waiting makes
-// them visible to work enqueued afterwards on any stream.
+// pageable memory may return before its DMA lands, a plain cudaMemset before it runs.
 inline void copy_to_device(void* dst, const void* src, std::size_t bytes) {
   if (bytes == 0) return;
+  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
   MOEKIT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cudaStreamPerThread));
   MOEKIT_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
 }
 inline void fill_device(void* dst, int byte, std::size_t bytes) {
   if (bytes == 0) return;
+  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
   MOEKIT_CUDA_CHECK(cudaMemsetAsync(dst, byte, bytes, cudaStreamPerThread));
   MOEKIT_CUDA_CHECK(cudaStreamSynchronize(cudaStreamPerThread));
 }
@@ -140,9 +142,10 @@ void upload_as(const float* src, std::size_t n, S* dst) {
   copy_to_device(dst, h.data(), n * sizeof(S));
 }
 template <class S>
-void download_as(const S* src, std::size_t n, float* dst) {
+void download_as(const S* src, std::size_t n, float* dst) {  // after the device is idle (any stream)
   if (n == 0) return;
   std::vector<S> h(n);
+  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
   MOEKIT_CUDA_CHECK(cudaMemcpy(h.data(), src, n * sizeof(S), cudaMemcpyDeviceToHost));
   for (std::size_t i = 0; i < n; ++i) dst[i] = storage_to_float(h[i]);
 }

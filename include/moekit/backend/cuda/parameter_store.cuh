@@ -74,8 +74,7 @@ class ParameterStore {
       if (i < table_.offsets().gate_residual) *reinterpret_cast<S*>(at) = storage_from_float<S>(flat[std::size_t(i)]);
       else *reinterpret_cast<float*>(at) = flat[std::size_t(i)];
     }
-    MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
-    copy_to_device(values_.data(), bytes.data(), bytes.size());
+    copy_to_device(values_.data(), bytes.data(), bytes.size());  // waits for the device first
   }
   // This layer's weights (full-size; what other ranks hold reads 0) and fp32 gradients; both synchronise.
   MoeWeights<float> weights() const {

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "moekit/backend/cuda/abi.hpp"
+#include "moekit/core/error.hpp"  // OutOfMemoryTag
 
 #include <stdexcept>
 #include <string>
@@ -19,6 +20,11 @@ class CudaError : public std::runtime_error {
  private:
   cudaError_t code_;
 };
+// cudaErrorMemoryAllocation: still a CudaError; the launch layer reports it as Status::kOutOfMemory.
+class CudaOutOfMemory : public CudaError, public OutOfMemoryTag {
+ public:
+  using CudaError::CudaError;
+};
 
 namespace backend::cuda {
 // An error that is reported (thrown, or returned to the caller) is also cleared from the thread's last
@@ -30,8 +36,10 @@ inline void clear_last_error() noexcept { (void)cudaGetLastError(); }
 inline void throw_on_error(cudaError_t e, const char* call, const char* file, int line) {
   if (e != cudaSuccess) {
     clear_last_error();
-    throw CudaError(e, std::string(call) + " failed at " + file + ":" + std::to_string(line) + ": " +
-                           cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
+    const std::string what = std::string(call) + " failed at " + file + ":" + std::to_string(line) + ": " +
+                             cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
+    if (e == cudaErrorMemoryAllocation) throw CudaOutOfMemory(e, what);
+    throw CudaError(e, what);
   }
 }
 

@@ -35,6 +35,7 @@
 #include <utility>
 #include <vector>
 
+#include "moekit/backend/cuda/memory.cuh"  // device_malloc
 #include "moekit/backend/cuda/status.cuh"
 #include "moekit/parallel/comm/communicator.hpp"
 
@@ -396,8 +397,12 @@ class Nccl {
       int current = 0;
       check_cuda(cudaGetDevice(&current), "cudaGetDevice");
       if (current != device_) check_cuda(cudaSetDevice(device_), "cudaSetDevice");
-      cudaError_t e = cudaMalloc(&scratch_, sizeof(std::int32_t));
-      if (e == cudaSuccess) e = cudaMemset(scratch_, 0, sizeof(std::int32_t));
+      void* p = nullptr;
+      cudaError_t e = backend::cuda::device_malloc(&p, sizeof(std::int32_t));
+      scratch_ = static_cast<std::int32_t*>(p);
+      // Finished before any stream (the caller's may be non-blocking) reads it (backend/cuda/memory.cuh).
+      if (e == cudaSuccess) e = cudaMemsetAsync(scratch_, 0, sizeof(std::int32_t), cudaStreamPerThread);
+      if (e == cudaSuccess) e = cudaStreamSynchronize(cudaStreamPerThread);
       if (current != device_) (void)cudaSetDevice(current);
       check_cuda(e, "cudaMalloc/cudaMemset (barrier scratch)");
     } catch (...) {
