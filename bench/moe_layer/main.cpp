@@ -129,7 +129,7 @@ Row run(const Shape& s, const MoeConfig& cfg, bool skewed, int reps, const char*
   for (auto& v : x) {
     std::vector<float> f(s.tokens * s.d);
     for (auto& e : f) e = float(rng.uniform(-1, 1));
-    set_routing(w.router, f, s, skewed);
+    set_routing(w["router"], f, s, skewed);
     v.resize(f.size());
     backend::host::convert(f.data(), v.data(), std::int64_t(f.size()));
   }

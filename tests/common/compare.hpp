@@ -3,6 +3,8 @@
 // its oracle. A non-finite element, or a size mismatch, counts as a huge error (never passes).
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <moekit/layer/parameter_table.hpp>
@@ -20,16 +22,13 @@ inline double rel_err(const std::vector<float>& got, const std::vector<float>& r
   return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
 }
 
-// Calls check(name, got, ref) for each tensor of two MoeWeights (every parameter's gradient, say).
+// Calls check(name, got, ref) for each family of two MoeWeights (every parameter's gradient, say); both
+// must hold the same families in the same order.
 template <class F>
 void for_each_weight(const moekit::MoeWeights<float>& got, const moekit::MoeWeights<float>& ref, F&& check) {
-  check("router", got.router, ref.router);
-  check("w1", got.w1, ref.w1);
-  check("w2", got.w2, ref.w2);
-  check("w3", got.w3, ref.w3);
-  check("const_wc", got.const_wc, ref.const_wc);
-  check("const_v", got.const_v, ref.const_v);
-  check("gate_residual", got.gate_residual, ref.gate_residual);
+  if (got.keys() != ref.keys())
+    throw std::logic_error("for_each_weight: families " + got.keys() + " against " + ref.keys());
+  for (std::size_t i = 0; i < got.families.size(); ++i) check(got.families[i].key.c_str(), got.families[i].values, ref.families[i].values);
 }
 
 // The part of full-size weights that a layer with table t holds (the rest 0), in the same full-size form

@@ -110,13 +110,11 @@ void check(const Case& c) {
   const bool residual = cfg.gating_residual, with_dnext = residual || c.dlogits_next;
 
   // Weights: the shared initialisation, rounded to the storage type (gate_residual stays fp32).
-  moekit::MoeWeights<float> w;
-  w.resize(cfg, cfg.activation == moekit::Activation::kSwiGLU, residual);
-  moekit::init_moe_weights(w, cfg, c.seed);
-  if (c.skew_to_expert0) w.router[0] = 8.f;
-  for (auto* v : {&w.router, &w.w1, &w.w2, &w.w3, &w.const_wc, &w.const_v}) *v = rounded<S>(*v);
-
   HostLayer host(cfg);
+  moekit::MoeWeights<float> w = host.parameter_table().template initial<float>(c.seed);
+  if (c.skew_to_expert0) w["router"][0] = 8.f;
+  for (const auto& f : host.parameter_table().families())
+    if (!f.fp32) w[f.key] = rounded<S>(w[f.key]);
   host.load_weights(w);
   host.zero_grad();
   Stream stream;

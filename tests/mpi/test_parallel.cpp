@@ -57,9 +57,7 @@ void check_equivalence(MoeConfig cfg, std::int64_t T = 13, bool dtd = true, bool
   layer.set_activation_checkpointing(recompute);
   MoeConfig one = cfg;
   one.tp = one.ep = one.dp = 1;
-  MoeWeights<float> full;
-  full.resize(one, Experts::activation::gated, kResidual);
-  init_moe_weights(full, one, 42);
+  const MoeWeights<float> full = ParameterTable::of<Router, Experts>(one).template initial<float>(42);
   layer.load_weights(full);
   layer.zero_grad();
 

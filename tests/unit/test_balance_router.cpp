@@ -26,10 +26,10 @@ struct TinyCase {
   template <class Layer>
   void setup(Layer& l) const {
     auto w = l.weights();
-    w.router = {1, 0, 0, 1};
+    w["router"] = {1, 0, 0, 1};
     // Expert e maps x to a positive vector so a dropped token (y = 0) is visible.
-    for (auto& v : w.w1) v = 0.5;
-    for (auto& v : w.w2) v = 1.0;
+    for (auto& v : w["w1"]) v = 0.5;
+    for (auto& v : w["w2"]) v = 1.0;
     l.load_weights(w);
   }
 };
@@ -138,7 +138,7 @@ TEST_CASE("top-k: ties break towards the lower expert index") {
       L layer(c);
       layer.init_params(3);
       auto w = layer.weights();
-      std::fill(w.router.begin(), w.router.end(), 0.0f);
+      std::fill(w["router"].begin(), w["router"].end(), 0.0f);
       layer.load_weights(w);
       std::vector<float> x(7 * 4, 1.0f), y(7 * 4);
       layer.forward(MatrixView<const float>(x.data(), {7, 4}), MatrixView<float>(y.data(), {7, 4}));
@@ -168,16 +168,16 @@ TEST_CASE("backward accumulates gradients and aux_scale scales only the aux term
   layer.forward(xv, yv);
   layer.zero_grad();
   layer.backward(dyv, dxv, 1.0);
-  const std::vector<double> g1 = layer.gradients().router;
+  const std::vector<double> g1 = layer.gradients()["router"];
   layer.zero_grad();
   layer.backward(dyv, dxv, 0.25);
-  for (size_t i = 0; i < g1.size(); ++i) CHECK(layer.gradients().router[i] == doctest::Approx(0.25 * g1[i]));
+  for (size_t i = 0; i < g1.size(); ++i) CHECK(layer.gradients()["router"][i] == doctest::Approx(0.25 * g1[i]));
   layer.backward(dyv, dxv, 0.75);  // accumulates: 0.25 + 0.75
-  for (size_t i = 0; i < g1.size(); ++i) CHECK(layer.gradients().router[i] == doctest::Approx(g1[i]));
+  for (size_t i = 0; i < g1.size(); ++i) CHECK(layer.gradients()["router"][i] == doctest::Approx(g1[i]));
   bool any = false;
   for (double v : g1) any = any || v != 0.0;
   CHECK(any);
-  for (double v : layer.gradients().w1) CHECK(v == 0.0);  // dy = 0: no expert gradient
+  for (double v : layer.gradients()["w1"]) CHECK(v == 0.0);  // dy = 0: no expert gradient
 }
 
 TEST_CASE("zero tokens: forward and backward are no-ops with zero losses") {
@@ -193,5 +193,5 @@ TEST_CASE("zero tokens: forward and backward are no-ops with zero losses") {
   CHECK(a.lbl == 0.0);
   CHECK(a.zloss == 0.0);
   layer.backward(MatrixView<const float>(none.data(), {0, 4}), MatrixView<float>(none.data(), {0, 4}));
-  for (float v : layer.gradients().router) CHECK(v == 0.0f);
+  for (float v : layer.gradients()["router"]) CHECK(v == 0.0f);
 }

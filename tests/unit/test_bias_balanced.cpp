@@ -42,7 +42,7 @@ template <class Layer>
 std::vector<float> skew(Layer& layer, std::int64_t tokens) {
   auto w = layer.weights();
   const std::int64_t d = layer.config().d_model;
-  for (std::int64_t e = 0; e < 2; ++e) w.router[e * d] = 0.5f;
+  for (std::int64_t e = 0; e < 2; ++e) w["router"][e * d] = 0.5f;
   layer.load_weights(w);
   SplitMix64 rng(5);
   std::vector<float> x(tokens * d);

@@ -37,19 +37,6 @@ std::vector<float> to_float(const std::vector<T>& v) {
   for (std::size_t i = 0; i < v.size(); ++i) f[i] = float(v[i]);
   return f;
 }
-MoeWeights<double> to_double(const MoeWeights<float>& w) {
-  MoeWeights<double> d;
-  auto cp = [](const std::vector<float>& s) { return std::vector<double>(s.begin(), s.end()); };
-  d.router = cp(w.router), d.w1 = cp(w.w1), d.w2 = cp(w.w2), d.w3 = cp(w.w3);
-  d.const_wc = cp(w.const_wc), d.const_v = cp(w.const_v), d.gate_residual = cp(w.gate_residual);
-  return d;
-}
-MoeWeights<float> to_float(const MoeWeights<double>& w) {
-  MoeWeights<float> f;
-  f.router = to_float(w.router), f.w1 = to_float(w.w1), f.w2 = to_float(w.w2), f.w3 = to_float(w.w3);
-  f.const_wc = to_float(w.const_wc), f.const_v = to_float(w.const_v), f.gate_residual = to_float(w.gate_residual);
-  return f;
-}
 
 struct Case {
   std::string name;
@@ -82,15 +69,13 @@ void check(const Case& c) {
   const std::int64_t D = cfg.d_model, N = cfg.num_experts(), K = cfg.top_k;
   const bool residual = cfg.gating_residual;
 
-  MoeWeights<float> w;
-  w.resize(cfg, cfg.activation == Activation::kSwiGLU, residual);
-  init_moe_weights(w, cfg, c.seed);
-  for (auto* v : {&w.router, &w.w1, &w.w2, &w.w3, &w.const_wc, &w.const_v, &w.gate_residual}) *v = rounded(*v);
   Oracle host(cfg);
-  host.load_weights(to_double(w));
+  MoeWeights<float> w = host.parameter_table().template initial<float>(c.seed);
+  for (auto& f : w.families) f.values = rounded(f.values);
+  host.load_weights(w.as<double>());
   Layer layer(cfg);
   layer.load_weights(w);
-  CHECK(moekit_test::rel_err(layer.weights().w1, w.w1) == 0.0);  // bf16 values round-trip exactly
+  CHECK(moekit_test::rel_err(layer.weights()["w1"], w["w1"]) == 0.0);  // bf16 values round-trip exactly
   std::mt19937 g(c.seed * 7919u + 1);
   std::normal_distribution<float> nd(0.f, 1.f);
   if constexpr (R::biased) {
@@ -138,7 +123,7 @@ void check(const Case& c) {
     CHECK(std::abs(aux.lbl - aux_ref.lbl) <= kTol * std::max(1.0, std::abs(aux_ref.lbl)));
     CHECK(std::abs(aux.zloss - aux_ref.zloss) <= kTol * std::max(1.0, std::abs(aux_ref.zloss)));
   }
-  const MoeWeights<float> got = layer.gradients(), ref = to_float(host.gradients());
+  const MoeWeights<float> got = layer.gradients(), ref = host.gradients().template as<float>();
   moekit_test::for_each_weight(got, ref, [&](const char* name, const std::vector<float>& a, const std::vector<float>& b) {
     CAPTURE(name);
     CHECK(a.size() == b.size());

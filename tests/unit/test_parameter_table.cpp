@@ -20,7 +20,7 @@ MoeConfig config() {
   return c;
 }
 struct NoWeightRouter : router::TopK<router::Softmax> {
-  static constexpr void declare_parameters(ParameterFamilies&) {}
+  static void declare_parameters(ParamDecls&, const MoeConfig&) {}
 };
 }  // namespace
 

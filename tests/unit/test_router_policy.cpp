@@ -23,7 +23,9 @@ struct SkipBusiest {
   static constexpr bool residual = false, biased = false, stateful = true;
   static inline int hook_calls = 0;
 
-  static constexpr void declare_parameters(ParameterFamilies& f) { f.router = true; }  // W_r, as TopK
+  static void declare_parameters(ParamDecls& d, const MoeConfig& c) {  // W_r, as TopK
+    router::TopK<router::Softmax>::declare_parameters(d, c);
+  }
 
   template <class S>
   MOEKIT_HD static S route(const S* logit, int n, int k, bool renormalize, S* prob, int* idx, S* gate, const S* state) {

@@ -7,20 +7,46 @@ namespace moekit {
 
 // How a parameter is split over the parallel grid (layer/parameter_table.hpp):
 //   kReplicated  whole on every rank (router, gating residual, constant experts, every dense layer);
-//   kExpertRows  an FFN expert held by one ep rank, its rows split over tp (w1, w3);
-//   kExpertCols  the same, its columns split over tp (w2).
+//   kExpertRows  an FFN expert held by one ep rank, its rows (first dimension) split over tp (w1, w3);
+//   kExpertCols  the same, its columns (last dimension) split over tp (w2).
 // Distributed clipping and gradient reduction go by this, never by names.
 enum class ParamShard { kReplicated, kExpertRows, kExpertCols };
 
-// The tensor families of an MoE layer. The policies declare theirs (a router policy its router
-// tensors, an expert set its experts'), and the parameter table (layer/parameter_table.hpp) names, shards
-// and lays them out, once for every backend.
-struct ParameterFamilies {
-  bool router = false;         // gate.weight [N_E, D]
-  bool ffn = false;            // experts.{e}.w1.weight [f, D], .w2.weight [D, f]
-  bool ffn_gated = false;      // experts.{e}.w3.weight [f, D] (gated activations)
-  bool constant = false;       // constant.{j}.wc.weight [2, D], .v [D] (MoE++ constant experts)
-  bool gate_residual = false;  // gate_residual.weight [N_E, N_E] (MoE++ gating residual)
+// One family of trainable tensors, as a policy declares it (router/policy.hpp, experts/policy.hpp):
+// `count` tensors of `shape` (full size), named by `name` with "{}" replaced by the tensor's index. The
+// parameter table (layer/parameter_table.hpp) names, shards and lays out whatever families the policies
+// declare, once for every backend; MoeWeights holds them by `key`.
+struct ParamFamily {
+  std::string key;                  // the family's name in MoeWeights ("w1")
+  std::string name;                 // each tensor's name: "experts.{}.w1.weight", or "gate.weight" when count is 1
+  std::int64_t count = 1;           // tensors (an expert kind's: one per expert; kExpert* families: N_FFN)
+  std::vector<std::int64_t> shape;  // one tensor, full size, torch Linear layout [out, in]
+  ParamShard shard = ParamShard::kReplicated;
+  std::string region;  // the flat-buffer region (default: key). The families of one region lie interleaved,
+                       // tensor-major: expert e's w1 rows, then its w3 rows ("w13": one GEMM for both)
+  std::string group;   // the listing group (default: key): parameters() lists a group tensor-major
+  double init_bound = 0.0;  // torch.nn.Linear's default init: U(-init_bound, init_bound)
+  bool fp32 = false;        // the CUDA backend keeps it in fp32 whatever the storage type (it meets the fp32
+                            // logits); the table places fp32 families after the others
+};
+
+// What a layer's policies declare, in declaration order (router first, then the experts).
+class ParamDecls {
+ public:
+  void add(ParamFamily f) {
+    if (f.region.empty()) f.region = f.key;
+    if (f.group.empty()) f.group = f.key;
+    families_.push_back(std::move(f));
+  }
+  const std::vector<ParamFamily>& families() const { return families_; }
+  bool has(const std::string& key) const {
+    for (const auto& f : families_)
+      if (f.key == key) return true;
+    return false;
+  }
+
+ private:
+  std::vector<ParamFamily> families_;
 };
 
 // Elements of a tensor of this shape (1 for a scalar's empty shape).

@@ -1,5 +1,7 @@
 #pragma once
+#include <cmath>
 #include <concepts>
+#include <cstdint>
 
 #include "moekit/core/config.hpp"
 #include "moekit/core/parameter.hpp"
@@ -29,9 +31,13 @@ template <class Act>
 struct Ffn {
   static_assert(act::ActivationPolicy<Act>, "experts::Ffn<Act>: Act must be act::SwiGLU, act::GeLU or act::ReLU");
   using activation = Act;
-  static constexpr void declare_parameters(ParameterFamilies& f) {
-    f.ffn = true;
-    f.ffn_gated = Act::gated;
+  // w1 and w3 share a region (one GEMM computes both), listed per expert with w2.
+  static void declare_parameters(ParamDecls& d, const MoeConfig& c) {
+    const std::int64_t e = c.num_ffn_experts, f = c.d_expert, m = c.d_model;
+    const double bd = 1.0 / std::sqrt(double(m)), bf = 1.0 / std::sqrt(double(f));
+    d.add({"w1", "experts.{}.w1.weight", e, {f, m}, ParamShard::kExpertRows, "w13", "experts", bd, false});
+    d.add({"w2", "experts.{}.w2.weight", e, {m, f}, ParamShard::kExpertCols, "w2", "experts", bf, false});
+    if (Act::gated) d.add({"w3", "experts.{}.w3.weight", e, {f, m}, ParamShard::kExpertRows, "w13", "experts", bd, false});
   }
 };
 
@@ -59,16 +65,21 @@ struct Set {
   static constexpr bool has_copy = detail::contains<Copy, ZeroComputation...>;
   static constexpr bool has_constant = detail::contains<Constant, ZeroComputation...>;
   // The FFN experts' tensors, and the constant experts' Wc and v (zero and copy experts have none).
-  static constexpr void declare_parameters(ParameterFamilies& f) {
-    FfnExpert::declare_parameters(f);
-    f.constant = f.constant || has_constant;
+  static void declare_parameters(ParamDecls& d, const MoeConfig& c) {
+    FfnExpert::declare_parameters(d, c);
+    if constexpr (has_constant) {
+      const std::int64_t n = c.num_constant_experts, m = c.d_model;
+      const double bd = 1.0 / std::sqrt(double(m));
+      d.add({"const_wc", "constant.{}.wc.weight", n, {2, m}, ParamShard::kReplicated, "", "constant", bd, false});
+      d.add({"const_v", "constant.{}.v", n, {m}, ParamShard::kReplicated, "", "constant", bd, false});
+    }
   }
 };
 
 template <class E>
-concept ExpertPolicy = requires(ParameterFamilies& f) {
+concept ExpertPolicy = requires(ParamDecls& d, const MoeConfig& c) {
   typename E::activation;
-  E::declare_parameters(f);
+  E::declare_parameters(d, c);
 };
 
 // Which zero-computation kinds a policy admits (none for a bare Ffn<Act>).

@@ -1,23 +1,26 @@
 #pragma once
 // The parameters of one MoE layer, named once: every backend (host, CUDA) and every strategy (single
 // rank, distributed) keeps its parameters in one flat buffer laid out by this table and lists them from
-// it, so they all name the same tensors in the same order with the same shard layout.
+// it, so they all name the same tensors in the same order with the same shard layout. The table takes
+// whatever families the layer's policies declare (core/parameter.hpp's ParamFamily), in this order: the
+// families the CUDA backend keeps in its storage type in declaration order, then the fp32 ones.
 //
-// Names (Mixtral / MoE++ checkpoints), in this order:
+// With today's policies (names as Mixtral / MoE++ checkpoints):
 //   gate.weight [N_E, D]; experts.{e}.w1.weight [f, D], .w2.weight [D, f], .w3.weight [f, D] (gated only)
 //   for each FFN expert e this rank holds (global index); constant.{j}.wc.weight [2, D], .v [D];
-//   gate_residual.weight [N_E, N_E] (router::GatingResidual only).
-// Flat layout (elements), the same on every backend so a buffer moves between them in one copy:
+//   gate_residual.weight [N_E, N_E] (router::GatingResidual only, fp32).
+// Flat layout (elements): regions in order, each tensor-major with its families interleaved:
 //   router | w13 [el][wf][D] (expert le: its w1 rows, then its w3 rows) | w2 [el][D][fl] |
 //   const_wc [Nc][2][D] | const_v [Nc][D] | gate_residual [N_E][N_E]
 // el = N_FFN / ep experts, each the t-th 1/tp slice of d_expert (fl = d_expert / tp rows of w1/w3 and
-// columns of w2), wf = fl (ungated) or 2·fl. The gating residual is last: the CUDA backend keeps it in
-// fp32 whatever the storage type (it multiplies the fp32 logits), after the storage-typed part.
+// columns of w2), wf = fl (ungated) or 2·fl. The fp32 families come last: the CUDA backend keeps them in
+// fp32 whatever the storage type, after the storage-typed part (value_byte_offset).
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -28,146 +31,146 @@
 
 namespace moekit {
 
-// Weights (or their gradients) of one whole MoE layer as separate full-size tensors, torch Linear
-// layout [out, in], experts contiguous: the interchange form (initialisation, the tests' references,
-// moekit-layer's files). Layers hold their own shard in a flat buffer and copy from and to this.
+// Weights (or their gradients) of one whole MoE layer as full-size tensors by family, torch Linear
+// layout [out, in], a family's tensors contiguous (w1: [N_FFN, d_expert, D]): the interchange form
+// (initialisation, the tests' references, moekit-layer's files). Layers hold their own shard in a flat
+// buffer and copy from and to this. ParameterTable::full() makes one of the right families and sizes.
 template <class T>
 struct MoeWeights {
-  std::vector<T> router;         // [N_E, D]              gate.weight
-  std::vector<T> w1;             // [N_FFN, d_expert, D]  experts.{i}.w1.weight
-  std::vector<T> w2;             // [N_FFN, D, d_expert]  experts.{i}.w2.weight
-  std::vector<T> w3;             // [N_FFN, d_expert, D]  experts.{i}.w3.weight (gated activations only)
-  std::vector<T> const_wc;       // [N_const, 2, D]       constant.{j}.wc.weight
-  std::vector<T> const_v;        // [N_const, D]          constant.{j}.v
-  std::vector<T> gate_residual;  // [N_E, N_E]            gate_residual.weight (router::GatingResidual only)
+  struct Family {
+    std::string key;
+    std::vector<T> values;
+  };
+  std::vector<Family> families;  // in the table's order
 
-  void resize(const MoeConfig& c, bool gated, bool residual) {
-    const auto e = c.num_ffn_experts, d = c.d_model, f = c.d_expert, n = c.num_experts();
-    router.assign(n * d, T(0));
-    w1.assign(e * f * d, T(0));
-    w2.assign(e * d * f, T(0));
-    w3.assign(gated ? e * f * d : 0, T(0));
-    const_wc.assign(c.num_constant_experts * 2 * d, T(0));
-    const_v.assign(c.num_constant_experts * d, T(0));
-    gate_residual.assign(residual ? n * n : 0, T(0));
+  bool has(std::string_view key) const { return find(key) != nullptr; }
+  std::vector<T>& operator[](std::string_view key) & { return at(key); }
+  const std::vector<T>& operator[](std::string_view key) const& { return at(key); }
+  // Of a temporary (layer.gradients()["w1"]): the values themselves, so a range-for over them does
+  // not outlive the weights they came from.
+  std::vector<T> operator[](std::string_view key) && { return std::move(at(key)); }
+  std::vector<T>& at(std::string_view key) {
+    if (Family* f = find(key)) return f->values;
+    throw ShapeError("MoeWeights: no family '" + std::string(key) + "' (families: " + keys() + ")");
   }
+  const std::vector<T>& at(std::string_view key) const { return const_cast<MoeWeights&>(*this).at(key); }
   void zero() {
-    for (auto* v : {&router, &w1, &w2, &w3, &const_wc, &const_v, &gate_residual}) std::fill(v->begin(), v->end(), T(0));
+    for (auto& f : families) std::fill(f.values.begin(), f.values.end(), T(0));
   }
-};
+  std::string keys() const {
+    std::string s;
+    for (const auto& f : families) s += (s.empty() ? "" : ", ") + f.key;
+    return s.empty() ? "none" : s;
+  }
+  // The same families converted element by element.
+  template <class U>
+  MoeWeights<U> as() const {
+    MoeWeights<U> w;
+    for (const auto& f : families) w.families.push_back({f.key, std::vector<U>(f.values.begin(), f.values.end())});
+    return w;
+  }
 
-// torch.nn.Linear's default initialisation, deterministic for a seed: every backend and strategy
-// initialised with a seed holds the same values (a distributed layer: its shard of them).
-template <class T>
-void init_moe_weights(MoeWeights<T>& w, const MoeConfig& cfg, std::uint64_t seed) {
-  SplitMix64 rng(seed);
-  const double bd = 1.0 / std::sqrt(double(cfg.d_model)), bf = 1.0 / std::sqrt(double(cfg.d_expert));
-  auto init = [&](std::vector<T>& v, double bound) { init_uniform(v.data(), std::int64_t(v.size()), bound, rng); };
-  init(w.router, bd);
-  init(w.w1, bd);
-  init(w.w2, bf);
-  init(w.w3, bd);
-  init(w.const_wc, bd);
-  init(w.const_v, bd);
-  init(w.gate_residual, 1.0 / std::sqrt(double(cfg.num_experts())));
-}
+ private:
+  Family* find(std::string_view key) {
+    for (auto& f : families)
+      if (f.key == key) return &f;
+    return nullptr;
+  }
+  const Family* find(std::string_view key) const { return const_cast<MoeWeights*>(this)->find(key); }
+};
 
 // One tensor of the table.
 struct ParamSpec {
-  enum class Family { kRouter, kW1, kW2, kW3, kConstWc, kConstV, kGateResidual };
   std::string name;                       // without the caller's prefix
-  Family family = Family::kRouter;
-  std::int64_t index = 0;                 // global expert (w1/w2/w3) or constant expert (wc/v) index
+  std::string family;                     // its family's key
+  std::int64_t index = 0;                 // its index in the family (global: the FFN expert, the constant expert)
   std::vector<std::int64_t> shape;        // the full tensor
   std::vector<std::int64_t> local_shape;  // this rank's slice of it
   ParamShard shard = ParamShard::kReplicated;
   std::int64_t offset = 0;                // of the local slice in the flat buffer, in elements
+  bool fp32 = false;                      // kept in fp32 on the CUDA backend
   std::int64_t numel() const { return numel_of(local_shape); }
+  bool expert_slice() const { return shard != ParamShard::kReplicated; }
 };
 
 class ParameterTable {
  public:
   using I64 = std::int64_t;
-  using Family = ParamSpec::Family;
+
+  // Where one region of the flat buffer lies: `count` local tensors of `stride` elements each.
+  struct Region {
+    std::string key;
+    I64 offset = 0, count = 0, stride = 0;
+    I64 size() const { return count * stride; }
+  };
 
   ParameterTable() = default;
-  // The table of a layer whose policies declare these families (core/parameter.hpp), with this config,
-  // on the rank of `g` (the default grid: one rank holding everything). cfg must be valid for the grid.
-  ParameterTable(const MoeConfig& cfg, const ParameterFamilies& fam, const ParallelGrid& g = {})
-      : cfg_(cfg), grid_(g), gated_(fam.ffn_gated), residual_(fam.gate_residual) {
-    if (!fam.router || !fam.ffn)
-      throw ConfigError("policies", "router " + std::string(fam.router ? "yes" : "no") + ", ffn " + (fam.ffn ? "yes" : "no"),
-                        "a layer's router must declare its router weight and its experts the FFN weights");
-    if (!fam.constant && cfg.num_constant_experts > 0)
+  // The table of a layer whose policies declare these families, with this config, on the rank of `g`
+  // (the default grid: one rank holding everything). cfg must be valid for the grid.
+  ParameterTable(const MoeConfig& cfg, const ParamDecls& decls, const ParallelGrid& g = {}) : cfg_(cfg), grid_(g) {
+    for (bool fp32 : {false, true})
+      for (const auto& f : decls.families())
+        if (f.fp32 == fp32) add_family(f);
+    if (!has_family("router") || !has_family("w1") || !has_family("w2"))
+      throw ConfigError("policies", "families " + family_keys(),
+                        "a layer's router must declare its router weight and its experts the FFN weights (router, w1, w2)");
+    if (!has_family("const_wc") && cfg.num_constant_experts > 0)
       throw ConfigError("num_constant_experts", std::to_string(cfg.num_constant_experts),
                         "needs an expert set that declares the constant experts' tensors");
-    const bool gated = gated_, residual = residual_;
-    const I64 d = cfg.d_model, n = cfg.num_experts(), f = cfg.d_expert, nc = cfg.num_constant_experts;
-    el_ = cfg.num_ffn_experts / g.ep, fl_ = f / g.tp, wf_ = gated ? 2 * fl_ : fl_;
-    off_.router = 0;
-    off_.w13 = off_.router + n * d;
-    off_.w2 = off_.w13 + el_ * wf_ * d;
-    off_.const_wc = off_.w2 + el_ * d * fl_;
-    off_.const_v = off_.const_wc + nc * 2 * d;
-    off_.gate_residual = off_.const_v + nc * d;
-    off_.end = off_.gate_residual + (residual ? n * n : 0);
-    auto add = [&](std::string name, Family fam, I64 index, std::vector<I64> shape, std::vector<I64> local, ParamShard sh,
-                   I64 offset) { specs_.push_back({std::move(name), fam, index, std::move(shape), std::move(local), sh, offset}); };
-    add("gate.weight", Family::kRouter, 0, {n, d}, {n, d}, ParamShard::kReplicated, off_.router);
-    for (I64 le = 0; le < el_; ++le) {
-      const I64 e = first_expert() + le;
-      const std::string p = "experts." + std::to_string(e) + ".";
-      add(p + "w1.weight", Family::kW1, e, {f, d}, {fl_, d}, ParamShard::kExpertRows, w1_offset(le));
-      add(p + "w2.weight", Family::kW2, e, {d, f}, {d, fl_}, ParamShard::kExpertCols, w2_offset(le));
-      if (gated) add(p + "w3.weight", Family::kW3, e, {f, d}, {fl_, d}, ParamShard::kExpertRows, w3_offset(le));
-    }
-    for (I64 j = 0; j < nc; ++j) {
-      const std::string p = "constant." + std::to_string(j) + ".";
-      add(p + "wc.weight", Family::kConstWc, j, {2, d}, {2, d}, ParamShard::kReplicated, off_.const_wc + j * 2 * d);
-      add(p + "v", Family::kConstV, j, {d}, {d}, ParamShard::kReplicated, off_.const_v + j * d);
-    }
-    if (residual)
-      add("gate_residual.weight", Family::kGateResidual, 0, {n, n}, {n, n}, ParamShard::kReplicated, off_.gate_residual);
+    lay_out();
   }
 
   // The table of the layer MoeLayer<Backend, Router, Experts, ...> on this grid: the families its
   // policies declare.
   template <class Router, class Experts>
   static ParameterTable of(const MoeConfig& cfg, const ParallelGrid& g = {}) {
-    ParameterFamilies f;
-    Router::declare_parameters(f);
-    Experts::declare_parameters(f);
-    return ParameterTable(cfg, f, g);
+    ParamDecls d;
+    Router::declare_parameters(d, cfg);
+    Experts::declare_parameters(d, cfg);
+    return ParameterTable(cfg, d, g);
   }
 
   const MoeConfig& config() const { return cfg_; }
   const ParallelGrid& grid() const { return grid_; }
   const std::vector<ParamSpec>& specs() const { return specs_; }
+  const std::vector<ParamFamily>& families() const { return families_; }
+  bool has_family(std::string_view key) const { return family_index(key) >= 0; }
   // Elements of the flat buffer.
-  I64 size() const { return off_.end; }
-  // Where each family starts in the flat buffer (elements).
-  struct Offsets {
-    I64 router = 0, w13 = 0, w2 = 0, const_wc = 0, const_v = 0, gate_residual = 0, end = 0;
-  };
-  const Offsets& offsets() const { return off_; }
+  I64 size() const { return end_; }
+  // A region of the flat buffer (ShapeError if the policies declared none), and where it starts, or the
+  // end of the buffer when they did not declare it (an empty range: a pointer that is never read).
+  const Region& region(std::string_view key) const {
+    for (const auto& r : regions_)
+      if (r.key == key) return r;
+    throw ShapeError("no parameter region '" + std::string(key) + "' in this layer (families: " + family_keys() + ")");
+  }
+  I64 offset_or_end(std::string_view key) const {
+    for (const auto& r : regions_)
+      if (r.key == key) return r.offset;
+    return end_;
+  }
+  I64 size_or_zero(std::string_view key) const {
+    for (const auto& r : regions_)
+      if (r.key == key) return r.size();
+    return 0;
+  }
+  // Where the fp32 families start (the end of the buffer when there are none).
+  I64 fp32_begin() const { return fp32_begin_; }
   // The experts this rank holds, [first_expert(), first_expert() + local_experts()), and their shape.
-  I64 first_expert() const { return I64(grid_.e) * el_; }
-  I64 local_experts() const { return el_; }
-  I64 local_d_expert() const { return fl_; }
-  I64 w13_rows() const { return wf_; }  // rows of one expert's [w1; w3] block
-  I64 w1_offset(I64 le) const { return off_.w13 + le * wf_ * cfg_.d_model; }
-  I64 w3_offset(I64 le) const { return w1_offset(le) + fl_ * cfg_.d_model; }
-  I64 w2_offset(I64 le) const { return off_.w2 + le * cfg_.d_model * fl_; }
+  I64 first_expert() const { return I64(grid_.e) * local_experts(); }
+  I64 local_experts() const { return cfg_.num_ffn_experts / grid_.ep; }
+  I64 local_d_expert() const { return cfg_.d_expert / grid_.tp; }
+  I64 w13_rows() const { return region("w13").stride / cfg_.d_model; }  // rows of one expert's [w1; w3] block
 
-  // Byte layout of a values buffer in a storage type of `storage` bytes: the elements before the gating
-  // residual in the storage type, the gating residual in fp32 (from the next 256-byte boundary when the
-  // storage type is not 4 bytes wide; an fp32 buffer is plain elements, the same bytes as the host's).
+  // Byte layout of a values buffer in a storage type of `storage` bytes: the elements before the fp32
+  // families in the storage type, the fp32 ones from the next 256-byte boundary when the storage type is
+  // not 4 bytes wide (an fp32 buffer is plain elements, the same bytes as the host's).
   std::size_t value_byte_offset(I64 element, std::size_t storage) const {
-    const auto gr = std::size_t(off_.gate_residual), e = std::size_t(element);
+    const auto gr = std::size_t(fp32_begin_), e = std::size_t(element);
     if (e < gr || storage == 4) return e * storage;
     return (gr * storage + 255) / 256 * 256 + (e - gr) * 4;
   }
-  std::size_t value_bytes(std::size_t storage) const { return value_byte_offset(off_.end, storage); }
+  std::size_t value_bytes(std::size_t storage) const { return value_byte_offset(end_, storage); }
 
   // The spec named `name` (without prefix); ShapeError if there is none.
   const ParamSpec& find(const std::string& name) const {
@@ -187,21 +190,44 @@ class ParameterTable {
     return ps;
   }
 
+  // Full-size zero weights of every family this table lays out (a distributed layer's too: all of them).
+  template <class T>
+  MoeWeights<T> full() const {
+    MoeWeights<T> w;
+    for (const auto& f : families_) w.families.push_back({f.key, std::vector<T>(std::size_t(f.count * numel_of(f.shape)), T(0))});
+    return w;
+  }
+  // torch.nn.Linear's default initialisation, deterministic for a seed: each family in table order from
+  // one splitmix64 stream, so every backend and strategy initialised with a seed holds the same values (a
+  // distributed layer: its shard of them).
+  template <class T>
+  MoeWeights<T> initial(std::uint64_t seed) const {
+    MoeWeights<T> w = full<T>();
+    SplitMix64 rng(seed);
+    for (std::size_t i = 0; i < families_.size(); ++i) {
+      auto& v = w.families[i].values;
+      init_uniform(v.data(), std::int64_t(v.size()), families_[i].init_bound, rng);
+    }
+    return w;
+  }
+
   // Calls copy(full_offset, flat_offset, count) for each contiguous run of spec s: where its local slice
-  // sits in the full tensor family of MoeWeights and in the flat buffer.
+  // sits in its family's full tensor and in the flat buffer.
   template <class F>
   void for_each_run(const ParamSpec& s, F&& copy) const {
-    const I64 d = cfg_.d_model, f = cfg_.d_expert, off = I64(grid_.t) * fl_;
-    switch (s.family) {
-      case Family::kW1:
-      case Family::kW3: copy((s.index * f + off) * d, s.offset, fl_ * d); return;
-      case Family::kW2:
-        for (I64 c = 0; c < d; ++c) copy((s.index * d + c) * f + off, s.offset + c * fl_, fl_);
+    const I64 numel = numel_of(s.shape), base = s.index * numel;
+    switch (s.shard) {
+      case ParamShard::kReplicated: copy(base, s.offset, numel); return;
+      case ParamShard::kExpertRows: {  // rows [t·r, (t+1)·r) of the first dimension
+        const I64 per_row = numel / s.shape.front(), rows = s.local_shape.front();
+        copy(base + I64(grid_.t) * rows * per_row, s.offset, rows * per_row);
         return;
-      case Family::kConstWc: copy(s.index * 2 * d, s.offset, 2 * d); return;
-      case Family::kConstV: copy(s.index * d, s.offset, d); return;
-      case Family::kRouter:
-      case Family::kGateResidual: copy(0, s.offset, s.numel()); return;
+      }
+      case ParamShard::kExpertCols: {  // columns [t·c, (t+1)·c) of the last dimension
+        const I64 cols = s.shape.back(), local = s.local_shape.back(), outer = numel / cols;
+        for (I64 o = 0; o < outer; ++o) copy(base + o * cols + I64(grid_.t) * local, s.offset + o * local, local);
+        return;
+      }
     }
   }
 
@@ -210,7 +236,7 @@ class ParameterTable {
   void pack(const MoeWeights<A>& full, B* flat) const {
     check_full(full, "pack");
     for (const auto& s : specs_) {
-      const A* src = family(full, s.family).data();
+      const A* src = full[s.family].data();
       for_each_run(s, [&](I64 from, I64 to, I64 n) {
         for (I64 i = 0; i < n; ++i) flat[to + i] = B(src[from + i]);
       });
@@ -220,9 +246,9 @@ class ParameterTable {
   // hold stays 0).
   template <class B, class A>
   void unpack(const B* flat, MoeWeights<A>& full) const {
-    full.resize(cfg_, gated_, residual_);
+    full = this->full<A>();
     for (const auto& s : specs_) {
-      A* dst = family(full, s.family).data();
+      A* dst = full[s.family].data();
       for_each_run(s, [&](I64 from, I64 to, I64 n) {
         for (I64 i = 0; i < n; ++i) dst[from + i] = A(flat[to + i]);
       });
@@ -230,43 +256,113 @@ class ParameterTable {
   }
 
  private:
-  template <class W>
-  static auto& family(W& w, Family f) {
-    switch (f) {
-      case Family::kRouter: return w.router;
-      case Family::kW1: return w.w1;
-      case Family::kW2: return w.w2;
-      case Family::kW3: return w.w3;
-      case Family::kConstWc: return w.const_wc;
-      case Family::kConstV: return w.const_v;
-      case Family::kGateResidual: break;
+  int family_index(std::string_view key) const {
+    for (std::size_t i = 0; i < families_.size(); ++i)
+      if (families_[i].key == key) return int(i);
+    return -1;
+  }
+  std::string family_keys() const {
+    std::string s;
+    for (const auto& f : families_) s += (s.empty() ? "" : ", ") + f.key;
+    return s.empty() ? "none" : s;
+  }
+  void add_family(const ParamFamily& f) {
+    auto bad = [&](const std::string& rule) { throw ConfigError("parameter family " + f.key, f.name, rule); };
+    if (has_family(f.key)) bad("is declared twice");
+    if (f.count < 0 || f.shape.empty()) bad("needs a count >= 0 and a shape");
+    if (f.shard != ParamShard::kReplicated) {
+      if (f.count % grid_.ep != 0) bad("has " + std::to_string(f.count) + " tensors, not divisible by ep = " + std::to_string(grid_.ep));
+      const I64 split = f.shard == ParamShard::kExpertRows ? f.shape.front() : f.shape.back();
+      if (split % grid_.tp != 0) bad("splits " + std::to_string(split) + " over tp = " + std::to_string(grid_.tp));
     }
-    return w.gate_residual;
+    families_.push_back(f);
+  }
+  // The tensors of family f this rank holds: [first, first + count), each of local shape.
+  std::pair<I64, I64> local_range(const ParamFamily& f) const {
+    if (f.shard == ParamShard::kReplicated) return {0, f.count};
+    const I64 n = f.count / grid_.ep;
+    return {I64(grid_.e) * n, n};
+  }
+  std::vector<I64> local_shape(const ParamFamily& f) const {
+    std::vector<I64> s = f.shape;
+    if (f.shard == ParamShard::kExpertRows) s.front() /= grid_.tp;
+    if (f.shard == ParamShard::kExpertCols) s.back() /= grid_.tp;
+    return s;
+  }
+  // Regions in order of first appearance, each tensor-major over its families; then the listing.
+  void lay_out() {
+    I64 at = 0;
+    fp32_begin_ = -1;
+    std::vector<I64> family_offset(families_.size()), family_stride(families_.size());
+    for (std::size_t i = 0; i < families_.size(); ++i) {
+      const ParamFamily& f = families_[i];
+      bool seen = false;
+      for (const auto& r : regions_) seen = seen || r.key == f.region;
+      if (seen) continue;
+      if (f.fp32 && fp32_begin_ < 0) fp32_begin_ = at;
+      Region r{f.region, at, local_range(f).second, 0};
+      for (std::size_t j = i; j < families_.size(); ++j) {
+        const ParamFamily& m = families_[j];
+        if (m.region != f.region) continue;
+        if (local_range(m).second != r.count || m.fp32 != f.fp32 ||
+            (m.shard == ParamShard::kReplicated) != (f.shard == ParamShard::kReplicated))
+          throw ConfigError("parameter family " + m.key, m.region,
+                            "shares a region with " + f.key + " but not its count, sharding or precision");
+        family_offset[j] = r.stride;  // within one tensor-major block, for now
+        r.stride += numel_of(local_shape(m));
+      }
+      for (std::size_t j = i; j < families_.size(); ++j)
+        if (families_[j].region == f.region) family_offset[j] += at, family_stride[j] = r.stride;
+      at += r.size();
+      regions_.push_back(r);
+    }
+    end_ = at;
+    if (fp32_begin_ < 0) fp32_begin_ = end_;
+    // The listing: groups in order of first appearance, each tensor-major over its families.
+    std::vector<bool> listed(families_.size(), false);
+    for (std::size_t i = 0; i < families_.size(); ++i) {
+      if (listed[i]) continue;
+      std::vector<std::size_t> members;
+      for (std::size_t j = i; j < families_.size(); ++j)
+        if (families_[j].group == families_[i].group) members.push_back(j), listed[j] = true;
+      const auto [first, count] = local_range(families_[i]);
+      for (I64 le = 0; le < count; ++le)
+        for (std::size_t j : members) {
+          const ParamFamily& f = families_[j];
+          const auto [fj, cj] = local_range(f);
+          if (cj != count)
+            throw ConfigError("parameter family " + f.key, f.group, "shares a listing group with " + families_[i].key + " but not its count");
+          const I64 index = fj + le;
+          specs_.push_back({tensor_name(f, index), f.key, index, f.shape, local_shape(f), f.shard,
+                            family_offset[j] + le * family_stride[j], f.fp32});
+        }
+      (void)first;
+    }
+  }
+  static std::string tensor_name(const ParamFamily& f, I64 index) {
+    std::string n = f.name;
+    const auto at = n.find("{}");
+    if (at != std::string::npos) n.replace(at, 2, std::to_string(index));
+    return n;
   }
   template <class A>
   void check_full(const MoeWeights<A>& w, const char* what) const {
-    MoeWeights<char> want;
-    want.resize(cfg_, gated_, residual_);
-    auto same = [&](std::size_t got, std::size_t need, const char* name) {
+    for (const auto& f : families_) {
+      if (!w.has(f.key)) throw ShapeError(std::string(what) + ": the weights have no '" + f.key + "' (they have: " + w.keys() + ")");
+      const std::size_t need = std::size_t(f.count * numel_of(f.shape)), got = w[f.key].size();
       if (got != need)
-        throw ShapeError(std::string(what) + ": " + name + " has " + std::to_string(got) + " values, expected " +
-                         std::to_string(need));
-    };
-    same(w.router.size(), want.router.size(), "router");
-    same(w.w1.size(), want.w1.size(), "w1");
-    same(w.w2.size(), want.w2.size(), "w2");
-    same(w.w3.size(), want.w3.size(), "w3");
-    same(w.const_wc.size(), want.const_wc.size(), "const_wc");
-    same(w.const_v.size(), want.const_v.size(), "const_v");
-    same(w.gate_residual.size(), want.gate_residual.size(), "gate_residual");
+        throw ShapeError(std::string(what) + ": " + f.key + " has " + std::to_string(got) + " values, expected " + std::to_string(need));
+    }
+    for (const auto& f : w.families)
+      if (!has_family(f.key)) throw ShapeError(std::string(what) + ": '" + f.key + "' is not a parameter family of this layer (" + family_keys() + ")");
   }
 
   MoeConfig cfg_;
   ParallelGrid grid_;
-  bool gated_ = false, residual_ = false;
-  I64 el_ = 0, fl_ = 0, wf_ = 0;
-  Offsets off_;
+  std::vector<ParamFamily> families_;  // in table order: storage-typed, then fp32
+  std::vector<Region> regions_;
   std::vector<ParamSpec> specs_;
+  I64 end_ = 0, fp32_begin_ = 0;
 };
 
 }  // namespace moekit

@@ -62,7 +62,6 @@ class MoeLayer {
   static constexpr bool kResidual = Router::residual;
   static constexpr bool kBiased = Router::biased;
   static constexpr bool kStateful = Router::stateful;
-  static constexpr bool kGated = Experts::activation::gated;
   using Exchange = parallel::ExpertExchange<X>;
   struct NoExchange {};
 
@@ -140,12 +139,7 @@ class MoeLayer {
   MoeWeights<weight_type> gradients() const { return ops_.gradients(); }
   void zero_grad(Context ctx = {}) { ops_.zero_grad(ctx); }
   // torch.nn.Linear's default initialisation, deterministic for a seed (a distributed layer: its shard).
-  void init_params(std::uint64_t seed) {
-    MoeWeights<weight_type> full;
-    full.resize(cfg_, kGated, kResidual);
-    init_moe_weights(full, cfg_, seed);
-    load_weights(full);
-  }
+  void init_params(std::uint64_t seed) { load_weights(ops_.table().template initial<weight_type>(seed)); }
   // Every parameter with its gradient, named as Mixtral (and MoE++) checkpoints name them, in the
   // table's order (the same on every backend and strategy): views into the flat buffers.
   auto parameters(const std::string& prefix = "") { return ops_.parameters(prefix); }

@@ -18,9 +18,11 @@
 // (grow on the host; on the device a check against what reserve() made), data(buffer),
 // copy(dst, src, n, ctx), and the collectives a2a / all_gather_v / reduce_scatter_v / all_reduce with
 // the communicator's argument order plus ctx, and scale(values, n, factor, ctx).
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <utility>
+#include <vector>
 
 #include "moekit/layer/parameter_table.hpp"
 #include "moekit/parallel/comm/communicator.hpp"
@@ -100,21 +102,33 @@ class ExpertExchange {
   }
 
   // Once per optimizer step, before it: the data-parallel reduction of a flat gradient buffer laid out
-  // by `t`. Expert slices [w13, const_wc) summed over dp; the replicated tensors around them summed over
-  // the whole world (tp replicas hold equal gradients: one communicator gives every replica the same
-  // bits, so they never drift apart); both divided to the mean over the ep·dp shards.
+  // by `t`, by each tensor's shard kind (never by where it lies): expert slices summed over dp; the
+  // replicated tensors summed over the whole world (tp replicas hold equal gradients: one communicator
+  // gives every replica the same bits, so they never drift apart); both divided to the mean over the
+  // ep·dp shards. Neighbouring tensors of one kind go in one collective: the expert ones first, then the
+  // replicated ones, each in buffer order.
   template <class G>
   void sync_gradients(const ParameterTable& t, G* grads, Ctx ctx) {
-    const auto& o = t.offsets();
     const double expert = 1.0 / double(g_.shards()), dense = 1.0 / double(g_.shards() * g_.tp);
-    auto reduce = [&](RankGroup r, G* v, I64 n, double scale) {
-      if (n == 0) return;
-      Ops::all_reduce(group(r), v, std::size_t(n), ctx);
-      Ops::scale(v, n, scale, ctx);
+    struct Run {
+      bool expert;
+      I64 begin, end;
     };
-    reduce(RankGroup::kDp, grads + o.w13, o.const_wc - o.w13, expert);
-    reduce(RankGroup::kWorld, grads + o.router, o.w13 - o.router, dense);
-    reduce(RankGroup::kWorld, grads + o.const_wc, o.end - o.const_wc, dense);
+    std::vector<const ParamSpec*> by_offset;
+    for (const auto& s : t.specs()) by_offset.push_back(&s);
+    std::sort(by_offset.begin(), by_offset.end(), [](const ParamSpec* a, const ParamSpec* b) { return a->offset < b->offset; });
+    std::vector<Run> runs;
+    for (const ParamSpec* s : by_offset) {
+      const bool e = s->expert_slice();
+      if (!runs.empty() && runs.back().expert == e && runs.back().end == s->offset) runs.back().end += s->numel();
+      else runs.push_back({e, s->offset, s->offset + s->numel()});
+    }
+    for (bool pass_expert : {true, false})
+      for (const Run& r : runs) {
+        if (r.expert != pass_expert || r.end == r.begin) continue;
+        Ops::all_reduce(group(r.expert ? RankGroup::kDp : RankGroup::kWorld), grads + r.begin, std::size_t(r.end - r.begin), ctx);
+        Ops::scale(grads + r.begin, r.end - r.begin, r.expert ? expert : dense, ctx);
+      }
   }
 
   // Bytes and calls of every collective, summed over the groups; the all-to-all alone.

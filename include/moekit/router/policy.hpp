@@ -8,13 +8,15 @@
 //                              state's values (null for a stateless router)
 //   route_backward(...)        its backward
 //   capacity_score(l, p)       the score capacity drops by (lowest first)
-//   declare_parameters(f)      its trainable tensors (core/parameter.hpp's ParameterFamilies), which
+//   declare_parameters(d, cfg) its trainable tensors (core/parameter.hpp's ParamFamily), which
 //                              the parameter table names and lays out
 // and, when stateful, end_step(values, step_counts, cfg) (the hook after each optimizer step) and
 // step_update(step_counts, cfg) (what the hook would add). Adding a router is one header like
 // router/bias_balanced.hpp; MoeConfig's fields and the one runtime switch (with_layer_type) only name
 // it where it is to be chosen at run time.
+#include <cmath>
 #include <concepts>
+#include <cstdint>
 #include <utility>
 #include <type_traits>
 
@@ -37,7 +39,10 @@ struct TopK {
   static constexpr bool stateful = false;
 
   // The router weight W_r (logits = x W_r^T).
-  static constexpr void declare_parameters(ParameterFamilies& f) { f.router = true; }
+  static void declare_parameters(ParamDecls& d, const MoeConfig& c) {
+    d.add({"router", "gate.weight", 1, {c.num_experts(), c.d_model}, ParamShard::kReplicated, "", "router",
+           1.0 / std::sqrt(double(c.d_model)), false});
+  }
   // One token: prob[n] (P of the balance loss), idx[k], gate[k]; returns the logsumexp (z-loss).
   template <class S>
   MOEKIT_HD static S route(const S* logit, int n, int k, bool renormalize, S* prob, int* idx, S* gate, const S* /*state*/) {
@@ -63,7 +68,7 @@ concept RouterPolicy = requires {
   { R::biased } -> std::convertible_to<bool>;
   { R::stateful } -> std::convertible_to<bool>;
   { R::template capacity_score<float>(0.f, 0.f) } -> std::convertible_to<float>;
-  R::declare_parameters(std::declval<ParameterFamilies&>());
+  R::declare_parameters(std::declval<ParamDecls&>(), std::declval<const MoeConfig&>());
 };
 
 // The backward and the capacity score of a router that wraps Inner and routes a token as Inner does
@@ -79,7 +84,7 @@ struct InnerRouting {
   MOEKIT_HD static S capacity_score(S logit, S prob) {
     return Inner::capacity_score(logit, prob);
   }
-  static constexpr void declare_parameters(ParameterFamilies& f) { Inner::declare_parameters(f); }
+  static void declare_parameters(ParamDecls& d, const MoeConfig& c) { Inner::declare_parameters(d, c); }
 };
 
 // MoE++ gating residual (arXiv 2410.07348): logits^j = W^j x^j + W_g^j logits^{j-1}, W_g^j [N_E, N_E].
@@ -98,9 +103,10 @@ struct GatingResidual : InnerRouting<Inner> {
   static constexpr bool stateful = false;
 
   // The inner router's tensors and W_g.
-  static constexpr void declare_parameters(ParameterFamilies& f) {
-    Inner::declare_parameters(f);
-    f.gate_residual = true;
+  static void declare_parameters(ParamDecls& d, const MoeConfig& c) {
+    Inner::declare_parameters(d, c);
+    const std::int64_t n = c.num_experts();
+    d.add({"gate_residual", "gate_residual.weight", 1, {n, n}, ParamShard::kReplicated, "", "", 1.0 / std::sqrt(double(n)), true});
   }
   template <class S>
   MOEKIT_HD static S route(const S* logit, int n, int k, bool renormalize, S* prob, int* idx, S* gate, const S* state) {

@@ -258,7 +258,7 @@ class MoeOps {
     const I64 d = cfg_.d_model, rows = offsets.empty() ? 0 : offsets.back();
     const GemmSpec wgrad{true, false, st, CUDA_R_32F, 1.f, 1.f}, dgrad{false, false, st, st, 1.f, 0.f};
     const S *w13 = params_.w13(), *w2 = params_.w2();
-    float *g13 = params_.grad_at(table().offsets().w13), *g2 = params_.grad_at(table().offsets().w2);
+    float *g13 = params_.grad_at(table().offset_or_end("w13")), *g2 = params_.grad_at(table().offset_or_end("w2"));
     gemm_->run(wgrad, expert_problems(offsets, [&](int e, I64 off, int m) {
                  return GemmProblem{D, F, m, r.dy + off * D, D, r.a + off * F, F, g2 + std::size_t(e) * d * f(), F};
                }), stream);
@@ -298,10 +298,11 @@ class MoeOps {
     float* dx32 = b_.dx32 ? b_.dx32 : reinterpret_cast<float*>(dx);
     MOEKIT_CUDA_CHECK(backend::cuda::token_backward(combine_params(), b_.dyp, dy, b_.dz, dx32, stream));
     if (NC > 0) {
-      const auto& o = table().offsets();
-      MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f}, {NC, D, T, b_.coef_v, NC, dy, D, params_.grad_at(o.const_v), D}));
+      const ParameterTable& t = table();
       MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f},
-                                         {2 * NC, D, T, b_.coef_z, 2 * NC, b_.x, D, params_.grad_at(o.const_wc), D}));
+                                         {NC, D, T, b_.coef_v, NC, dy, D, params_.grad_at(t.offset_or_end("const_v")), D}));
+      MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f},
+                                         {2 * NC, D, T, b_.coef_z, 2 * NC, b_.x, D, params_.grad_at(t.offset_or_end("const_wc")), D}));
     }
   }
   // dlogits (route_tokens_backward with the balance loss's dprob and the z-loss), + dlogits_next; the
@@ -330,13 +331,14 @@ class MoeOps {
       MOEKIT_CUDA_CHECK(convert(b_.dlogits, b_.dlogits_s, std::size_t(T) * N, stream));
       dl = b_.dlogits_s;
     }
-    const auto& o = table().offsets();
-    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f}, {N, D, T, dl, N, b_.x, D, params_.grad_at(o.router), D}));
+    const ParameterTable& t = table();
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f},
+                                       {N, D, T, dl, N, b_.x, D, params_.grad_at(t.offset_or_end("router")), D}));
     MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, false, st, CUDA_R_32F, 1.f, 1.f}, {T, D, N, dl, N, params_.router(), D, dx32, D}));
     if constexpr (kResidual)
       if (has_prev) {
         MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, CUDA_R_32F, CUDA_R_32F, 1.f, 1.f},
-                                           {N, N, T, b_.dlogits, N, b_.prev, N, params_.grad_at(o.gate_residual), N}));
+                                           {N, N, T, b_.dlogits, N, b_.prev, N, params_.grad_at(t.offset_or_end("gate_residual")), N}));
         if (dprev)
           MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, false, CUDA_R_32F, CUDA_R_32F, 1.f, 0.f},
                                              {T, N, N, b_.dlogits, N, params_.gate_residual(), N, dprev, N}));

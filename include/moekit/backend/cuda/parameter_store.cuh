@@ -1,6 +1,6 @@
 #pragma once
-// A CUDA layer's parameters: one flat value buffer (storage type S; the gating residual fp32, at a
-// 256-byte boundary) and one flat fp32 gradient buffer on the device, both laid out and named by the
+// A CUDA layer's parameters: one flat value buffer (storage type S; the fp32 families, such as the
+// gating residual, after the rest at a 256-byte boundary) and one flat fp32 gradient buffer on the device, both laid out and named by the
 // parameter table (layer/parameter_table.hpp), as the host layer's; conversion from and to full-size
 // host MoeWeights<float>; the named views an optimizer or a checkpoint walks.
 #include <cuda_runtime.h>
@@ -53,14 +53,17 @@ class ParameterStore {
   S* value_at(std::int64_t element) const {
     return reinterpret_cast<S*>(values_.data() + table_.value_byte_offset(element, sizeof(S)));
   }
-  S* router() const { return value_at(table_.offsets().router); }
-  S* w13() const { return value_at(table_.offsets().w13); }
-  S* w2() const { return value_at(table_.offsets().w2); }
-  S* const_wc() const { return value_at(table_.offsets().const_wc); }
-  S* const_v() const { return value_at(table_.offsets().const_v); }
-  float* gate_residual() const {
-    return reinterpret_cast<float*>(values_.data() + table_.value_byte_offset(table_.offsets().gate_residual, sizeof(S)));
+  S* region(const char* key) const { return value_at(table_.offset_or_end(key)); }
+  S* router() const { return region("router"); }
+  S* w13() const { return region("w13"); }
+  S* w2() const { return region("w2"); }
+  S* const_wc() const { return region("const_wc"); }
+  S* const_v() const { return region("const_v"); }
+  // An fp32 family's values (router::GatingResidual's W_g).
+  float* fp32_region(const char* key) const {
+    return reinterpret_cast<float*>(values_.data() + table_.value_byte_offset(table_.offset_or_end(key), sizeof(S)));
   }
+  float* gate_residual() const { return fp32_region("gate_residual"); }
   float* grad_at(std::int64_t element) const { return grads_.data() + element; }
 
   // Full-size host fp32 weights to the device (this layer's part, rounded to S); synchronises (work in
@@ -71,7 +74,7 @@ class ParameterStore {
     std::vector<char> bytes(values_.size());
     for (std::int64_t i = 0; i < table_.size(); ++i) {
       char* at = bytes.data() + table_.value_byte_offset(i, sizeof(S));
-      if (i < table_.offsets().gate_residual) *reinterpret_cast<S*>(at) = storage_from_float<S>(flat[std::size_t(i)]);
+      if (i < table_.fp32_begin()) *reinterpret_cast<S*>(at) = storage_from_float<S>(flat[std::size_t(i)]);
       else *reinterpret_cast<float*>(at) = flat[std::size_t(i)];
     }
     copy_to_device(values_.data(), bytes.data(), bytes.size());  // waits for the device first
@@ -84,7 +87,7 @@ class ParameterStore {
     std::vector<float> flat(std::size_t(table_.size()));
     for (std::int64_t i = 0; i < table_.size(); ++i) {
       const char* at = bytes.data() + table_.value_byte_offset(i, sizeof(S));
-      flat[std::size_t(i)] = i < table_.offsets().gate_residual ? storage_to_float(*reinterpret_cast<const S*>(at))
+      flat[std::size_t(i)] = i < table_.fp32_begin() ? storage_to_float(*reinterpret_cast<const S*>(at))
                                                                 : *reinterpret_cast<const float*>(at);
     }
     MoeWeights<float> w;
@@ -106,7 +109,7 @@ class ParameterStore {
   std::vector<DeviceParameter> parameters(const std::string& prefix) const {
     std::vector<DeviceParameter> ps;
     for (const ParamSpec& s : table_.specs()) {
-      const bool f32 = s.family == ParamSpec::Family::kGateResidual;
+      const bool f32 = s.fp32;
       ps.push_back({prefix + s.name, values_.data() + table_.value_byte_offset(s.offset, sizeof(S)), grads_.data() + s.offset,
                     s.local_shape, f32 ? CUDA_R_32F : data_type<S>(), s.shard});
     }

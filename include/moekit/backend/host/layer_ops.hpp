@@ -191,9 +191,10 @@ class MoeOps {
     if constexpr (kMixed) {  // fp32 x for the zero-computation experts and the router's weight gradient
       convert(x, x32_.data(), tokens * cfg_.d_model);
       if constexpr (Kinds::constant) {  // the constant experts' weights in fp32 (small)
-        const auto& o = table_.offsets();
-        zc32_.resize(std::size_t(o.gate_residual - o.const_wc));
-        convert(&value_[std::size_t(o.const_wc)], zc32_.data(), I64(zc32_.size()));
+        const auto &wc = table_.region("const_wc"), &v = table_.region("const_v");
+        zc32_.resize(std::size_t(wc.size() + v.size()));
+        convert(&value_[std::size_t(wc.offset)], zc32_.data(), wc.size());
+        convert(&value_[std::size_t(v.offset)], zc32_.data() + wc.size(), v.size());
       }
     }
     if constexpr (kResidual)
@@ -393,9 +394,10 @@ class MoeOps {
   using Grads = Families<C>;
   template <class E>
   Families<E> families_in(std::vector<E>& flat) {
-    const auto& o = table_.offsets();
+    const ParameterTable& t = table_;
     E* b = flat.data();
-    return {b + o.router, b + o.w13, b + o.w2, b + o.const_wc, b + o.const_v, b + o.gate_residual};
+    return {b + t.offset_or_end("router"),   b + t.offset_or_end("w13"),     b + t.offset_or_end("w2"),
+            b + t.offset_or_end("const_wc"), b + t.offset_or_end("const_v"), b + t.offset_or_end("gate_residual")};
   }
   Weights W() { return families_in(value_); }
   Grads G() { return families_in(grads()); }
@@ -405,8 +407,7 @@ class MoeOps {
   };
   ZcWeights zc_weights() {
     if constexpr (kMixed) {
-      const auto& o = table_.offsets();
-      return {zc32_.data(), zc32_.data() + (o.const_v - o.const_wc)};
+      return {zc32_.data(), zc32_.data() + table_.size_or_zero("const_wc")};
     } else {
       const Weights w = W();
       return {w.const_wc, w.const_v};
