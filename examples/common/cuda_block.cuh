@@ -249,10 +249,10 @@ class CudaMoeBlock final : public DeviceMoeBlock<host_storage_t<typename Layer::
   mutable bool have_logits_ = false, have_probs_ = false, have_idx_ = false;
 };
 
-// The flags' layer type on the CUDA backend, behind MoeBlock<float> (one half of the routers: kBias).
-template <class Parallel, mk::BiasVariants kBias, class T = float, class... Args>
+// The flags' layer type on the CUDA backend, behind MoeBlock<float> (one half of the routers: Half).
+template <class Parallel, class Half, class T = float, class... Args>
 std::unique_ptr<DeviceMoeBlock<T>> make_cuda_block(const mk::MoeConfig& mc, bool global_balance, void* stream, Args&... args) {
-  return with_moe_layer_type<mk::backend::Cuda<T>, Parallel, kBias>(
+  return with_moe_layer_type<mk::backend::Cuda<T>, Parallel, Half>(
       mc, global_balance, [&]<class Layer>(std::type_identity<Layer>) -> std::unique_ptr<DeviceMoeBlock<T>> {
         return std::make_unique<CudaMoeBlock<Layer>>(mc, stream, args...);
       });

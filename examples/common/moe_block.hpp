@@ -5,7 +5,8 @@
 // A trainer's model holds its MoE layers as MoeBlock<T>: whichever of the library's layer types the
 // run-time flags pick (router x experts x balance scope), on the host (HostMoeBlock over
 // moekit::AnyMoeLayer, fp32 or bf16 storage), distributed over ranks (ranks.hpp), or on a GPU (a
-// trainer's own CUDA factory). with_moe_layer_type turns the flags into one of 8 layer types.
+// trainer's own CUDA factory). with_moe_layer_type turns the flags into one of 8 layer types through
+// the library's runtime switch.
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -160,43 +161,40 @@ class HostMoeBlock final : public MoeBlock<T> {
   std::vector<V> in_, out_;                                    // kConverts only
 };
 
-// The trainer's model is always softmax top-k + SwiGLU, so it instantiates only the 8 layer types the
-// flags can reach (gating residual x zero-computation experts x balance scope) rather than
-// moekit::with_layer_type's full router x activation grid, which would compile 6x as many.
-// with_moe_layer_type calls make(std::type_identity<MoeLayer<Backend, R, E, B, Parallel>>{}) for the
-// flags' type and returns what it returns (the same type for all 8): make_moe_block below for the host
-// layers, cuda_blocks.cu for the CUDA ones.
-// kBias: both router families (the default), or one half (cuda_blocks.cu and cuda_blocks_bias.cu each
-// instantiate one, to bound nvcc's time per translation unit).
-template <class Backend, class Parallel, moekit::BiasVariants kBias = moekit::BiasVariants::kBoth, class Make>
+// The layer types the trainers' flags reach, as a filter of the library's one runtime switch
+// (moekit/layer/policy_switch.hpp): softmax top-k routers (plain, gating residual, expert bias, both)
+// and SwiGLU experts, with or without MoE++'s zero-computation experts; the rest of the switch's rows
+// (other activations, sigmoid, groups, router bias) would multiply what every trainer compiles. Half:
+// which rows of those (moekit::BiasVariants::kUnbiased / kBiased: cuda_blocks.cu and cuda_blocks_bias.cu
+// each instantiate one, to bound nvcc's time per translation unit).
+template <class Half = moekit::AllRows>
+struct TrainerRows {
+  template <std::size_t Row, class R, class E>
+  static constexpr bool keep = [] {
+    namespace mk = moekit;
+    using Plain = mk::router::TopK<mk::router::Softmax>;
+    using Residual = mk::router::GatingResidual<Plain>;
+    constexpr bool router_ok = std::is_same_v<R, Plain> || std::is_same_v<R, Residual> ||
+                               std::is_same_v<R, mk::router::BiasBalanced<Plain>> || std::is_same_v<R, mk::router::BiasBalanced<Residual>>;
+    return router_ok && std::is_same_v<typename E::activation, mk::act::SwiGLU> && Half::template keep<Row, R, E>;
+  }();
+};
+
+// Calls make(std::type_identity<MoeLayer<Backend, R, E, B, Parallel>>{}) for the flags' type (B: the
+// balance scope) and returns what it returns (the same type for all): make_moe_block below for the
+// host layers, cuda_blocks.cu for the CUDA ones. A config outside TrainerRows is a ConfigError.
+template <class Backend, class Parallel, class Half = moekit::AllRows, class Make>
 auto with_moe_layer_type(const moekit::MoeConfig& mc, bool global_balance, Make&& make) {
   namespace mk = moekit;
-  using Plain = mk::router::TopK<mk::router::Softmax>;
-  using Ffn = mk::experts::Ffn<mk::act::SwiGLU>;
-  using Mixed = mk::experts::Set<Ffn, mk::experts::Zero, mk::experts::Copy, mk::experts::Constant>;
-  auto by_balance = [&]<class R, class E>(std::type_identity<R>, std::type_identity<E>) {
+  const auto [r, e] = mk::policy_row(mc);  // a ConfigError for a config no row builds
+  (void)r, (void)e;
+  if (!mk::keeps<TrainerRows<>>(mc))
+    throw mk::ConfigError("router", mk::detail::asked_text(mc),
+                          "is not one of the layers the example trainers build (softmax top-k, SwiGLU experts)");
+  return mk::with_policies<TrainerRows<Half>>(mc, [&]<class R, class E>(std::type_identity<R>, std::type_identity<E>) {
     if (global_balance) return make(std::type_identity<mk::MoeLayer<Backend, R, E, mk::balance::GlobalBatch, Parallel>>{});
     return make(std::type_identity<mk::MoeLayer<Backend, R, E, mk::balance::MicroBatch, Parallel>>{});
-  };
-  auto by_experts = [&]<class R>(std::type_identity<R> r) {
-    if (mc.num_zc_experts() > 0) return by_balance(r, std::type_identity<Mixed>{});
-    return by_balance(r, std::type_identity<Ffn>{});
-  };
-  using Residual = mk::router::GatingResidual<Plain>;
-  if (kBias != mk::BiasVariants::kBoth && mc.expert_bias != (kBias == mk::BiasVariants::kBiased))
-    throw std::logic_error("with_moe_layer_type: this call instantiates only the other half of the routers (expert bias)");
-  if constexpr (kBias == mk::BiasVariants::kBiased) {
-    if (mc.gating_residual) return by_experts(std::type_identity<mk::router::BiasBalanced<Residual>>{});
-    return by_experts(std::type_identity<mk::router::BiasBalanced<Plain>>{});
-  } else if constexpr (kBias == mk::BiasVariants::kUnbiased) {
-    if (mc.gating_residual) return by_experts(std::type_identity<Residual>{});
-    return by_experts(std::type_identity<Plain>{});
-  } else {
-    if (mc.expert_bias && mc.gating_residual) return by_experts(std::type_identity<mk::router::BiasBalanced<Residual>>{});
-    if (mc.expert_bias) return by_experts(std::type_identity<mk::router::BiasBalanced<Plain>>{});
-    if (mc.gating_residual) return by_experts(std::type_identity<Residual>{});
-    return by_experts(std::type_identity<Plain>{});
-  }
+  });
 }
 
 // The host layers. Parallel = parallel::None (args: none) or a distributed policy (args: the communicator).

@@ -42,7 +42,7 @@ void download_raw(const S* src, std::size_t n, std::vector<S>& dst) {
   if (n) MOEKIT_CUDA_CHECK(cudaMemcpy(dst.data(), src, n * sizeof(S), cudaMemcpyDeviceToHost));
 }
 
-template <class V, moekit::BiasVariants kBias>
+template <class V, class Filter>
 LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
   namespace mc = moekit::backend::cuda;
   using moekit::MatrixView;
@@ -50,7 +50,7 @@ LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
   const std::int64_t T = in.tokens, d = cfg.d_model, n = cfg.num_experts(), k = cfg.top_k;
   const bool residual = cfg.gating_residual;
   using S = mc::storage_t<V>;
-  const auto layer = moekit::make_moe_layer<moekit::backend::Cuda<V>, moekit::balance::MicroBatch, kBias>(cfg);
+  const auto layer = moekit::make_moe_layer<moekit::backend::Cuda<V>, moekit::balance::MicroBatch, Filter>(cfg);
 
   // The weights by name into the flat layout of the parameter table every backend shares.
   const moekit::ParameterTable& table = layer->parameter_table();

@@ -27,6 +27,8 @@
 #include "moekit/io/config_json.hpp"
 #include "moekit/io/safetensors.hpp"
 #include "moekit/layer/any_layer.hpp"
+#include "moekit/layer/parameter_table.hpp"
+#include "moekit/layer/policy_switch.hpp"
 #include "moekit/moe_layer.hpp"
 
 namespace moekit_layer {
@@ -102,8 +104,11 @@ struct HarnessConfig {
 // ConfigError naming the key.
 inline HarnessConfig parse_config(const nlohmann::json& j) {
   using moekit::ConfigError;
-  // The layer's keys come from MoeConfig's field table (io/config_json.hpp); the harness adds two.
+  // The layer's keys come from MoeConfig's field table (io/config_json.hpp) and the policies' options
+  // (layer/policy_switch.hpp); the harness adds two.
   std::vector<std::string> known = moekit::config_keys(moekit::FieldScope::kLayer);
+  const std::vector<std::string> option_keys = moekit::policy_option_keys();
+  known.insert(known.end(), option_keys.begin(), option_keys.end());
   known.insert(known.end(), {"backend", "dtype"});
   if (!j.is_object()) throw ConfigError("config", j.dump(), "must be a JSON object");
   for (const auto& [key, value] : j.items()) {
@@ -119,6 +124,7 @@ inline HarnessConfig parse_config(const nlohmann::json& j) {
   };
   moekit::MoeConfig c;
   moekit::read_config_fields(j, c, moekit::FieldScope::kLayer);
+  moekit::read_policy_options(j, c, option_keys);
   HarnessConfig h;
   const auto backend = string("backend", "host"), dtype = string("dtype", "fp32");
   if (backend == "cuda") h.backend = Backend::kCuda;
@@ -131,6 +137,8 @@ inline HarnessConfig parse_config(const nlohmann::json& j) {
                       "cmake --preset cuda, for a CUDA build; or use \"host\")");
 
   c.validate();
+  // The switch's row for the config and its policies' checks (their options' types and rules).
+  moekit::with_policies(c, [&]<class R, class E>(std::type_identity<R>, std::type_identity<E>) { moekit::check_policies<R, E>(c); });
   h.layer = c;
   return h;
 }
@@ -139,6 +147,7 @@ inline HarnessConfig parse_config(const nlohmann::json& j) {
 inline nlohmann::json config_json(const HarnessConfig& h) {
   nlohmann::json j = nlohmann::json::object();
   moekit::write_config_fields(h.layer, j, moekit::FieldScope::kLayer);
+  moekit::write_policy_options(h.layer, j);
   j["backend"] = to_string(h.backend);
   j["dtype"] = to_string(h.dtype);
   return j;
@@ -162,23 +171,15 @@ inline HarnessConfig read_config(const std::string& path) {
 
 using Shape = std::vector<std::int64_t>;
 
-// The parameters of a layer with this config, in Mixtral's (and MoE++'s) names and torch Linear layout
-// [out, in]; the same list as MoeLayer::parameters().
+// The parameters of a layer with this config, in Mixtral's (and MoE++'s, GPT-OSS's) names and torch
+// Linear layout [out, in]: the parameter table of the layer type the runtime switch picks, so the same
+// list as MoeLayer::parameters().
 inline std::vector<std::pair<std::string, Shape>> parameter_shapes(const moekit::MoeConfig& c) {
-  const std::int64_t d = c.d_model, n = c.num_experts();
-  std::vector<std::pair<std::string, Shape>> p{{"gate.weight", {n, d}}};
-  for (std::int64_t e = 0; e < c.num_ffn_experts; ++e) {
-    const std::string pre = "experts." + std::to_string(e) + ".";
-    p.push_back({pre + "w1.weight", {c.d_expert, d}});
-    p.push_back({pre + "w2.weight", {d, c.d_expert}});
-    if (c.activation == moekit::Activation::kSwiGLU) p.push_back({pre + "w3.weight", {c.d_expert, d}});
-  }
-  for (std::int64_t j = 0; j < c.num_constant_experts; ++j) {
-    const std::string pre = "constant." + std::to_string(j) + ".";
-    p.push_back({pre + "wc.weight", {2, d}});
-    p.push_back({pre + "v", {d}});
-  }
-  if (c.gating_residual) p.push_back({"gate_residual.weight", {n, n}});
+  const moekit::ParameterTable t = moekit::with_policies(c, [&]<class R, class E>(std::type_identity<R>, std::type_identity<E>) {
+    return moekit::ParameterTable::of<R, E>(c);
+  });
+  std::vector<std::pair<std::string, Shape>> p;
+  for (const auto& s : t.specs()) p.push_back({s.name, s.shape});
   return p;
 }
 
@@ -192,6 +193,7 @@ inline std::string describe_inputs(const moekit::MoeConfig& c) {
                   (c.activation == moekit::Activation::kSwiGLU ? "/w3" : "") + ".weight";
   if (c.num_constant_experts > 0) s += ", " + range("constant.", c.num_constant_experts) + ".wc.weight/v";
   if (c.gating_residual) s += ", gate_residual.weight";
+  if (moekit::option_flag(c, "router_bias")) s += ", gate.bias";
   if (c.expert_bias) s += std::string(", ") + kExpertBiasInput;
   return s + " for activation \"" + moekit::to_string(c.activation) + "\", " + std::to_string(c.num_constant_experts) +
          " constant experts, gating_residual " + (c.gating_residual ? "true" : "false");

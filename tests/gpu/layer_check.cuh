@@ -123,7 +123,7 @@ void check(const Case& c) {
   dev.reserve(c.tokens);
   std::mt19937 g(c.seed * 7919u + 1);
   std::normal_distribution<float> nd(0.f, 1.f);
-  if constexpr (HostLayer::router_type::biased) {  // router::BiasBalanced: the same biases on both
+  if constexpr (moekit::router::router_traits<typename HostLayer::router_type>::selection_bias) {  // router::BiasBalanced: the same biases on both
     std::vector<float> b(static_cast<std::size_t>(N));
     for (auto& v : b) v = 0.2f * nd(g);
     host.set_expert_bias(b), dev.set_expert_bias(b);
@@ -198,7 +198,7 @@ void check(const Case& c) {
     CHECK(std::abs(aux.lbl - aux_ref.lbl) <= tol * std::max(1.0, std::abs(aux_ref.lbl)));
     CHECK(std::abs(aux.zloss - aux_ref.zloss) <= tol * std::max(1.0, std::abs(aux_ref.zloss)));
   }
-  if constexpr (HostLayer::router_type::biased) {  // the step's counts and the bias update agree
+  if constexpr (moekit::router::router_traits<typename HostLayer::router_type>::selection_bias) {  // the step's counts and the bias update agree
     CHECK(dev.step_counts() == host.step_counts());
     host.end_step(), dev.end_step(stream.s);
     const auto hb = host.expert_bias();

@@ -44,7 +44,7 @@ void check_router(int T, int E, int K, bool renorm, unsigned seed) {
                                          &dgate[t * K], dprob.data(), zscale * lse[t], ds.data(), &dlog[t * E]);
   }
 
-  DeviceBuffer<float> d_logits(logits.size()), d_prob(prob.size()), d_gate(gate.size()), d_lse(T), d_dgate(dgate.size()),
+  DeviceBuffer<float> d_logits(logits.size()), d_sel(logits.size()), d_prob(prob.size()), d_gate(gate.size()), d_lse(T), d_dgate(dgate.size()),
       d_dprob(E), d_scratch(mc::route_tokens_backward_workspace(T, E) / sizeof(float)), d_dlogits(logits.size());
   DeviceBuffer<int> d_idx(idx.size()), d_counts(E);
   d_logits.upload(logits);
@@ -54,18 +54,22 @@ void check_router(int T, int E, int K, bool renorm, unsigned seed) {
   d_idx.poison();
   d_counts.poison();
 
+  // The router object: top-k with the rule route_token uses (the sigmoid router always renormalises).
+  moekit::router::TopK<Score> router;
+  router.k = K;
+  router.rule = {Score::kind == moekit::RouterKind::kSigmoid || renorm, 1.0};
   mc::RouteParams fp;
   fp.logits = d_logits.p;
   fp.tokens = T;
   fp.experts = E;
   fp.top_k = K;
-  fp.renormalize = renorm;
+  fp.sel = d_sel.p;
   fp.prob = d_prob.p;
   fp.idx = d_idx.p;
   fp.gate = d_gate.p;
   fp.lse = d_lse.p;
   fp.counts = d_counts.p;
-  MOEKIT_CUDA_CHECK(mc::route_tokens<moekit::router::TopK<Score>>(fp, nullptr));
+  MOEKIT_CUDA_CHECK(mc::route_tokens(router, fp, nullptr));
   mc::RouteBackwardParams bp;
   bp.logits = d_logits.p;
   bp.prob = d_prob.p;
@@ -78,10 +82,9 @@ void check_router(int T, int E, int K, bool renorm, unsigned seed) {
   bp.tokens = T;
   bp.experts = E;
   bp.top_k = K;
-  bp.renormalize = renorm;
   bp.scratch = d_scratch.p;
   bp.dlogits = d_dlogits.p;
-  MOEKIT_CUDA_CHECK(mc::route_tokens_backward<moekit::router::TopK<Score>>(bp, nullptr));
+  MOEKIT_CUDA_CHECK(mc::route_tokens_backward(router, bp, nullptr));
   MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
 
   CHECK(d_idx.download() == idx);
@@ -104,11 +107,12 @@ TEST_CASE("cuda router: fused softmax/sigmoid top-k forward and backward match t
 }
 
 TEST_CASE("cuda router: invalid shapes are rejected with cudaErrorInvalidValue, not launched") {
+  moekit::router::TopK<moekit::router::Softmax> router;
   mc::RouteParams p;
   p.tokens = 4;
   p.experts = 8;
-  p.top_k = 9;  // > experts
-  CHECK(mc::route_tokens<moekit::router::TopK<moekit::router::Softmax>>(p, nullptr) == cudaErrorInvalidValue);
-  p.top_k = 2;  // null buffers
-  CHECK(mc::route_tokens<moekit::router::TopK<moekit::router::Softmax>>(p, nullptr) == cudaErrorInvalidValue);
+  p.top_k = router.k = 9;  // > experts
+  CHECK(mc::route_tokens(router, p, nullptr) == cudaErrorInvalidValue);
+  p.top_k = router.k = 2;  // null buffers
+  CHECK(mc::route_tokens(router, p, nullptr) == cudaErrorInvalidValue);
 }

@@ -44,7 +44,7 @@ template <class P, class Router, class Experts, class Balance>
 void check_equivalence(MoeConfig cfg, std::int64_t T = 13, bool dtd = true, bool recompute = false) {
   using Dist = MoeLayer<backend::Host<float>, Router, Experts, Balance, P>;
   using Ref = MoeLayer<backend::Host<float>, Router, Experts, Balance>;
-  constexpr bool kResidual = Router::residual;
+  constexpr bool kResidual = router::router_traits<Router>::reads_prev_logits;
   const std::string policy = P::name;
   CAPTURE(policy);
   CAPTURE(cfg.tp);

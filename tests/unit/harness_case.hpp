@@ -35,19 +35,33 @@ struct Case {
   int Z = 0, C = 0, Q = 0;                // MoE++ zero, copy and constant experts
   std::string router = "softmax", act = "swiglu";
   bool renorm = false, residual = false, bias = false;  // bias: router::BiasBalanced ("expert_bias")
+  bool no_renorm = false;     // "renormalize": false written out (the sigmoid router's gates unnormalised)
+  double scale = 1.0;         // routed_scaling_factor (written when not 1)
+  bool router_bias = false;   // router::LinearBias: gate.bias
+  int n_group = 0, topk_group = 1;  // router::GroupLimited when n_group > 0
+  std::string group_score = "top2_sum";
   double capacity = 0.0, lbl = 0.01, z = 0.001, tau = 1.0, rate = 1e-3;
   std::uint64_t seed = 7;
 
   int NE() const { return N + Z + C + Q; }  // logits, indices and counts: FFN, zero, copy, constant
   nlohmann::json config() const {
+    nlohmann::json j = base_config();
+    if (no_renorm) j["renormalize"] = false;
+    if (scale != 1.0) j["routed_scaling_factor"] = scale;
+    if (router_bias) j["router_bias"] = true;
+    if (n_group > 0) j["n_group"] = n_group, j["topk_group"] = topk_group, j["group_score"] = group_score;
+    return j;
+  }
+  nlohmann::json base_config() const {
     return {{"d_model", D},         {"d_expert", F},           {"num_ffn_experts", N},  {"num_zero_experts", Z},
             {"num_copy_experts", C}, {"num_constant_experts", Q}, {"top_k", K},        {"router", router},
-            {"gating_residual", residual}, {"renormalize", renorm}, {"activation", act}, {"capacity_factor", capacity},
+            {"gating_residual", residual}, {"renormalize", renorm ? nlohmann::json(true) : nlohmann::json()}, {"activation", act}, {"capacity_factor", capacity},
             {"lbl_coef", lbl},      {"zloss_coef", z},         {"tau", tau},            {"backend", "host"},
             {"dtype", "fp32"},      {"expert_bias", bias},     {"bias_update_rate", rate}};
   }
   std::vector<std::string> params() const {
     std::vector<std::string> p{"gate.weight"};
+    if (router_bias) p.push_back("gate.bias");
     for (int e = 0; e < N; ++e)
       for (const char* w : {"w1", "w2", "w3"})
         if (w[1] != '3' || act == "swiglu") p.push_back("experts." + std::to_string(e) + "." + w + ".weight");
@@ -62,6 +76,7 @@ struct Case {
     if (bias) s["gate.e_score_correction_bias"] = {NE()};
     for (const auto& p : params()) {
       if (p == "gate.weight") s[p] = {NE(), D};
+      else if (p == "gate.bias") s[p] = {NE()};
       else if (p == "gate_residual.weight") s[p] = {NE(), NE()};
       else if (p.find("wc.weight") != std::string::npos) s[p] = {2, D};
       else if (p.find(".v") != std::string::npos) s[p] = {D};

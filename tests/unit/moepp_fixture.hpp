@@ -54,7 +54,7 @@ MoeConfig to_config(const refpp::Cfg& r, bool residual) {
   c.top_k = r.K;
   c.router = r.sigmoid ? RouterKind::kSigmoid : RouterKind::kSoftmax;
   c.gating_residual = residual;
-  c.renormalize = r.renorm;
+  if (r.renorm) c.renormalize = true;  // unset: the router's default (the sigmoid router normalises)
   c.activation = r.act == 0 ? Activation::kSwiGLU : r.act == 1 ? Activation::kGeLU : Activation::kReLU;
   c.capacity_factor = r.gamma;
   c.tau = r.tau;

@@ -141,16 +141,19 @@ TEST_CASE("bias balancing: a config with expert_bias needs the BiasBalanced poli
 TEST_CASE("with_layer_type picks router::BiasBalanced for expert_bias, and a half switch refuses the other half") {
   MoeConfig c = skewed_config(1e-3);
   bool biased = false;
-  with_layer_type<backend::Host<float>>(c, [&]<class L>(std::type_identity<L>) { biased = L::router_type::biased; });
+  with_layer_type<backend::Host<float>>(c, [&]<class L>(std::type_identity<L>) {
+    biased = router::router_traits<typename L::router_type>::selection_bias;
+  });
   CHECK(biased);
   c.gating_residual = true;
   with_layer_type<backend::Host<float>>(c, [&]<class L>(std::type_identity<L>) {
-    biased = L::router_type::biased && L::router_type::residual;
+    biased = router::router_traits<typename L::router_type>::selection_bias &&
+             router::router_traits<typename L::router_type>::reads_prev_logits;
   });
   CHECK(biased);
   auto unbiased_only = [](const MoeConfig& cfg) {
     return with_layer_type<backend::Host<float>, balance::MicroBatch, BiasVariants::kUnbiased>(
-        cfg, []<class L>(std::type_identity<L>) { return L::router_type::biased; });
+        cfg, []<class L>(std::type_identity<L>) { return router::router_traits<typename L::router_type>::selection_bias; });
   };
   CHECK_THROWS_AS(unbiased_only(c), std::logic_error);
   c.expert_bias = false;

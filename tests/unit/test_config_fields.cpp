@@ -24,7 +24,12 @@ M other(const M& v) {
   if constexpr (std::is_same_v<M, bool>) return !v;
   else if constexpr (std::is_same_v<M, RouterKind>) return v == RouterKind::kSoftmax ? RouterKind::kSigmoid : RouterKind::kSoftmax;
   else if constexpr (std::is_same_v<M, Activation>) return v == Activation::kSwiGLU ? Activation::kGeLU : Activation::kSwiGLU;
-  else return v + M(1);
+  else if constexpr (std::is_same_v<M, std::optional<bool>>) return v ? std::optional<bool>() : std::optional<bool>(true);
+  else if constexpr (std::is_same_v<M, PolicyOptions>) {
+    PolicyOptions o = v;
+    o.set("routed_scaling_factor", 2.5);
+    return o;
+  } else return v + M(1);
 }
 using Policy = parallel::Data;
 using R = router::TopK<router::Softmax>;
@@ -35,10 +40,11 @@ TEST_CASE("config table: one row per member, distinct names, keys by scope") {
   std::set<std::string> names;
   int rows = 0;
   for_each_config_field([&](const auto& f) { names.insert(f.name), ++rows; });
-  CHECK(rows == 20);  // MoeConfig has 20 members today (counted again by a static_assert in config.hpp)
+  CHECK(rows == 21);  // MoeConfig has 21 members today (counted again by a static_assert in config.hpp)
   CHECK(names.size() == std::size_t(rows));
   const auto layer = config_keys(FieldScope::kLayer), par = config_keys(FieldScope::kParallel);
-  CHECK(layer.size() + par.size() == std::size_t(rows));
+  CHECK(layer.size() + par.size() + config_keys(FieldScope::kPolicy).size() == std::size_t(rows));
+  CHECK(config_keys(FieldScope::kPolicy) == std::vector<std::string>{"options"});  // the policies' own keys
   CHECK(par == std::vector<std::string>{"tp", "ep", "dp"});
   CHECK(layer.front() == "d_model");
 }
@@ -125,5 +131,5 @@ TEST_CASE("config table: the cross-rank agreement catches a difference in every 
     }
     ++checked;
   });
-  CHECK(checked == 13);
+  CHECK(checked == 14);  // 13 fields and the policies' options
 }

@@ -39,6 +39,7 @@ Ref reference(const Case& c, const Tensors& t) {
       for (int d = 0; d < D; ++d) l[i] += wg[i * D + d] * x[tk * D + d];
       if (c.residual)  // MoE++ gating residual: + W_g prev_logits
         for (int j = 0; j < NE; ++j) l[i] += t.at("gate_residual.weight")[i * NE + j] * t.at("prev_logits")[tk * NE + j];
+      if (c.router_bias) l[i] += t.at("gate.bias")[i];  // GPT-OSS: + b
     }
     const double m = *std::max_element(l, l + NE);
     double sum = 0, ssum = 0;
@@ -52,18 +53,38 @@ Ref reference(const Case& c, const Tensors& t) {
     for (int i = 0; i < NE; ++i) P[tk * NE + i] = c.router == "softmax" ? score[tk * NE + i] : score[tk * NE + i] / ssum;
     // The selection ranks score + bias (router::BiasBalanced); the gates below use the score alone.
     auto chosen = [&](int i) { return score[tk * NE + i] + (c.bias ? t.at("gate.e_score_correction_bias")[i] : 0.0); };
-    std::vector<int> order(NE);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return chosen(a) > chosen(b); });
-    if (K < NE) r.min_gap = std::min(r.min_gap, chosen(order[K - 1]) - chosen(order[K]));
+    std::vector<int> order;  // the candidates: every expert, or those of the topk_group best groups
+    if (c.n_group > 0) {
+      const int size = NE / c.n_group;
+      std::vector<double> gscore(c.n_group);
+      for (int g = 0; g < c.n_group; ++g) {
+        std::vector<double> v;
+        for (int i = g * size; i < (g + 1) * size; ++i) v.push_back(chosen(i));
+        std::sort(v.rbegin(), v.rend());
+        gscore[g] = c.group_score == "max" ? v[0] : v[0] + v[1];
+      }
+      std::vector<int> groups(c.n_group);
+      std::iota(groups.begin(), groups.end(), 0);
+      std::stable_sort(groups.begin(), groups.end(), [&](int a, int b) { return gscore[a] > gscore[b]; });
+      r.min_gap = std::min(r.min_gap, gscore[groups[c.topk_group - 1]] - gscore[groups[c.topk_group]]);
+      for (int j = 0; j < c.topk_group; ++j)
+        for (int i = groups[j] * size; i < (groups[j] + 1) * size; ++i) order.push_back(i);
+    } else {
+      order.resize(NE);
+      std::iota(order.begin(), order.end(), 0);
+    }
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return chosen(a) > chosen(b) || (chosen(a) == chosen(b) && a < b); });
+    if (K < int(order.size())) r.min_gap = std::min(r.min_gap, chosen(order[K - 1]) - chosen(order[K]));
     double picked = 0;
     for (int j = 0; j < K; ++j) {
       r.idx[tk * K + j] = order[j];
       picked += (r.gates[tk * K + j] = score[tk * NE + order[j]]);
       ++r.routed[order[j]];
     }
-    if (c.router == "sigmoid" || c.renorm)
+    // Renormalised: softmax when asked, sigmoid unless told not to; then the routed scaling factor.
+    if (c.renorm || (c.router == "sigmoid" && !c.no_renorm))
       for (int j = 0; j < K; ++j) r.gates[tk * K + j] /= picked;
+    for (int j = 0; j < K; ++j) r.gates[tk * K + j] *= c.scale;
   }
   // Capacity: each expert keeps its C highest-scoring slots (earlier token first on ties), with MoE++'s
   // C_FFN and C_ZC when there are zero-computation experts.
@@ -166,7 +187,20 @@ std::vector<Case> cases() {
   Case j;
   j.name = "expert bias: sigmoid top-2 gelu with gating residual";
   j.bias = true, j.router = "sigmoid", j.act = "gelu", j.residual = true, j.seed = 5;
-  return {a, b, c, d, e, f, g, h, i, j};
+  // The routers of today's open models (docs/design.md §2).
+  Case k;
+  k.name = "sigmoid top-2 swiglu, gates not renormalised, routed scaling 1.5";
+  k.router = "sigmoid", k.no_renorm = true, k.scale = 1.5;
+  Case l;
+  l.name = "DeepSeek-V3 router: sigmoid, expert bias, 4 groups by top-2 sum, 2 kept, top-3, scaling 2.5";
+  l.router = "sigmoid", l.bias = true, l.N = 8, l.K = 3, l.n_group = 4, l.topk_group = 2, l.scale = 2.5, l.lbl = 0.0, l.T = 8;
+  Case m;
+  m.name = "DeepSeek-V2 router: softmax renormalised, 4 groups by max, 2 kept";
+  m.N = 8, m.n_group = 4, m.topk_group = 2, m.group_score = "max", m.renorm = true, m.T = 8;
+  Case n;
+  n.name = "GPT-OSS router: softmax with gate.bias, renormalised";
+  n.router_bias = true, n.renorm = true;
+  return {a, b, c, d, e, f, g, h, i, j, k, l, m, n};
 }
 
 }  // namespace

@@ -78,7 +78,7 @@ void check(const Case& c) {
   CHECK(moekit_test::rel_err(layer.weights()["w1"], w["w1"]) == 0.0);  // bf16 values round-trip exactly
   std::mt19937 g(c.seed * 7919u + 1);
   std::normal_distribution<float> nd(0.f, 1.f);
-  if constexpr (R::biased) {
+  if constexpr (router::router_traits<R>::selection_bias) {
     std::vector<float> b(static_cast<std::size_t>(N));
     for (auto& v : b) v = 0.2f * nd(g);
     host.set_expert_bias(std::vector<double>(b.begin(), b.end()));

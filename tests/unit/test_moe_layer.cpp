@@ -20,8 +20,8 @@ template <class Layer>
 struct Traits;
 template <class T, class R, class A>
 struct Traits<MoeLayer<backend::Host<T>, R, experts::Ffn<A>>> {
-  static constexpr RouterKind router = R::kind;
-  static constexpr bool biased = R::biased;
+  static constexpr RouterKind router = R::score::kind;
+  static constexpr bool biased = router::router_traits<R>::selection_bias;
   static constexpr Activation activation = A::kind;
   static constexpr int act_index = A::kind == Activation::kSwiGLU ? 0 : A::kind == Activation::kGeLU ? 1 : 2;
 };
@@ -35,7 +35,7 @@ MoeConfig make_config(RouterKind r, Activation a, bool renorm, double gamma, boo
   c.top_k = 2;
   c.router = r;
   c.activation = a;
-  c.renormalize = renorm;
+  if (renorm) c.renormalize = true;  // unset: the router's default (the sigmoid router normalises)
   c.capacity_factor = gamma;
   c.lbl_coef = 0.3;
   c.zloss_coef = 0.05;
@@ -82,7 +82,7 @@ double rel_err(const std::vector<double>& ref, const auto* got, size_t n) {
 // router::BiasBalanced: a bias of the size of the scores' spread, so it changes the selection.
 template <class Layer>
 std::vector<double> maybe_set_bias(Layer& layer, std::mt19937_64& g) {
-  if constexpr (Layer::router_type::biased) {
+  if constexpr (router::router_traits<typename Layer::router_type>::selection_bias) {
     const std::vector<double> b = random_vec(size_t(layer.config().num_experts()), g, 0.3);
     std::vector<typename Layer::value_type> bt(b.begin(), b.end());
     layer.set_expert_bias(bt);
@@ -99,7 +99,7 @@ ref::Cfg ref_cfg(const MoeConfig& c, int act_index) {
   r.E = int(c.num_ffn_experts);
   r.K = int(c.top_k);
   r.sigmoid = c.router == RouterKind::kSigmoid;
-  r.renorm = c.renormalize;
+  r.renorm = c.renormalize.value_or(false);
   r.act = act_index;
   r.gamma = c.capacity_factor;
   return r;

@@ -17,28 +17,19 @@ using namespace moekit;
 
 namespace {
 
-struct SkipBusiest {
-  using score = router::Softmax;
-  static constexpr RouterKind kind = RouterKind::kSoftmax;
-  static constexpr bool residual = false, biased = false, stateful = true;
+struct SkipBusiest : router::TopK<router::Softmax> {
+  using Base = router::TopK<router::Softmax>;
+  using options = NoOptions;
+  static constexpr bool stateful = true;
   static inline int hook_calls = 0;
 
-  static void declare_parameters(ParamDecls& d, const MoeConfig& c) {  // W_r, as TopK
-    router::TopK<router::Softmax>::declare_parameters(d, c);
-  }
-
+  SkipBusiest() = default;
+  explicit SkipBusiest(const MoeConfig& c) : Base(c) {}
+  // The selection: the scores plus the state (the selection bias), then TopK's own.
   template <class S>
-  MOEKIT_HD static S route(const S* logit, int n, int k, bool renormalize, S* prob, int* idx, S* gate, const S* state) {
-    return router::route_token(score{}, logit, n, k, renormalize, prob, idx, gate, state);  // state: the selection bias
-  }
-  template <class S>
-  MOEKIT_HD static void route_backward(const S* logit, int n, int k, bool renormalize, const S* prob, const int* idx,
-                                       const S* gate, const S* dgate, const S* dprob, S zcoef, S* scratch, S* dlogit) {
-    router::route_token_backward(score{}, logit, n, k, renormalize, prob, idx, gate, dgate, dprob, zcoef, scratch, dlogit);
-  }
-  template <class S>
-  MOEKIT_HD static S capacity_score(S /*logit*/, S prob) {
-    return prob;
+  MOEKIT_HD void select(S* sel, int n, int* idx, const S* state) const {
+    for (int i = 0; i < n; ++i) sel[i] += state[i];
+    Base::select(sel, n, idx, state);
   }
   template <class S>
   static void end_step(std::span<S> state, const std::vector<std::int64_t>& counts, const MoeConfig&) {

@@ -3,12 +3,17 @@
 // fields. Validation (ConfigError messages), the JSON readers and writers (io/config_json.hpp) and the
 // cross-rank agreement check (parallel/sharding.hpp) all walk that table, so a new field cannot be
 // forgotten by one of them: a static_assert below counts MoeConfig's members against the table.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
+#include <variant>
+#include <vector>
 
 #include "moekit/core/error.hpp"
 
@@ -52,6 +57,42 @@ E parse_enum(const char* field, const std::string& s) {
 inline Activation parse_activation(const std::string& s) { return parse_enum<Activation>("activation", s); }
 inline RouterKind parse_router(const std::string& s) { return parse_enum<RouterKind>("router", s); }
 
+// The options of the layer's policies by key (router::GroupLimited's n_group, ...): each policy reads
+// its own options struct from them through that struct's field table (core/options.hpp), so a new
+// policy brings its options without a new MoeConfig field. Values as JSON gives them; kept sorted by key.
+class PolicyOptions {
+ public:
+  using Value = std::variant<bool, std::int64_t, double, std::string>;
+  void set(const std::string& key, Value v) {
+    auto it = std::lower_bound(entries_.begin(), entries_.end(), key, [](const auto& e, const std::string& k) { return e.first < k; });
+    if (it != entries_.end() && it->first == key) it->second = std::move(v);
+    else entries_.insert(it, {key, std::move(v)});
+  }
+  // One per type: without them a bool would promote to int, a double convert to it, and a string
+  // literal become a bool.
+  void set(const std::string& key, bool v) { set(key, Value(v)); }
+  void set(const std::string& key, int v) { set(key, Value(std::int64_t(v))); }
+  void set(const std::string& key, std::int64_t v) { set(key, Value(v)); }
+  void set(const std::string& key, double v) { set(key, Value(v)); }
+  void set(const std::string& key, const char* v) { set(key, Value(std::string(v))); }
+  void set(const std::string& key, std::string v) { set(key, Value(std::move(v))); }
+  const Value* find(const std::string& key) const {
+    for (const auto& e : entries_)
+      if (e.first == key) return &e.second;
+    return nullptr;
+  }
+  bool has(const std::string& key) const { return find(key) != nullptr; }
+  void erase(const std::string& key) {
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [&](const auto& e) { return e.first == key; }), entries_.end());
+  }
+  bool empty() const { return entries_.empty(); }
+  const std::vector<std::pair<std::string, Value>>& entries() const { return entries_; }
+  friend bool operator==(const PolicyOptions&, const PolicyOptions&) = default;
+
+ private:
+  std::vector<std::pair<std::string, Value>> entries_;
+};
+
 // Runtime shapes and coefficients of one MoE layer. The compile-time policies of MoeLayer must agree
 // with `router`, `activation` and `gating_residual` (checked when a layer is built). Add a field here
 // and a row to config_fields() below; the static_assert after the table fails until both agree.
@@ -65,7 +106,9 @@ struct MoeConfig {
   std::int64_t top_k = 1;
   RouterKind router = RouterKind::kSoftmax;
   bool gating_residual = false;      // logits += W_g prev_logits (router::GatingResidual)
-  bool renormalize = false;          // softmax router: renormalise the picked gates to sum to 1
+  // Renormalise the picked gates to sum to 1; unset: the score function's default (softmax no,
+  // sigmoid yes, as DeepSeek-V3).
+  std::optional<bool> renormalize;
   Activation activation = Activation::kSwiGLU;
   double capacity_factor = 0.0;      // gamma; 0 = dropless
   double lbl_coef = 0.0;
@@ -76,6 +119,8 @@ struct MoeConfig {
   // Parallel degrees (docs/design.md §5): world = tp * ep * dp ranks, tp varying fastest. Checked against the
   // communicator and the parallel policy when a distributed layer is built.
   std::int64_t tp = 1, ep = 1, dp = 1;
+  // The policies' own options by key (core/options.hpp): router::GroupLimited's n_group, ...
+  PolicyOptions options;
 
   // N_E: all experts, in the order FFN, zero, copy, constant (logits, indices, counts).
   std::int64_t num_experts() const {
@@ -96,16 +141,18 @@ enum class FieldRule {
   kFiniteNonNeg,    // finite and >= 0
   kFinitePositive,  // finite and > 0
 };
-// Where a field is set: the layer itself, or the parallel layout (not a key of moekit-layer's JSON,
-// which runs one process).
-enum class FieldScope { kLayer, kParallel };
+// Where a field is set: the layer itself, the parallel layout (not a key of moekit-layer's JSON,
+// which runs one process), or the policies' options (their keys are the policies' own: core/options.hpp).
+enum class FieldScope { kLayer, kParallel, kPolicy };
 
-// One row of the table: the JSON key (also the name in every message), the member, its rule, whether a
-// JSON config must give it, and its scope.
-template <class M>
+// One row of a field table: the JSON key (also the name in every message), the member, its rule,
+// whether a JSON config must give it, and its scope. Owner: MoeConfig, or a policy's options struct
+// (core/options.hpp).
+template <class M, class Owner = MoeConfig>
 struct ConfigField {
   using type = M;
-  using Member = M MoeConfig::*;  // (an alias: nvcc's host output of the plain declarator trips -Wparentheses)
+  using owner = Owner;
+  using Member = M Owner::*;  // (an alias: nvcc's host output of the plain declarator trips -Wparentheses)
   const char* name;
   Member member;
   FieldRule rule = FieldRule::kNone;
@@ -127,7 +174,7 @@ inline constexpr auto config_fields() {
       ConfigField<I>{"top_k", &MoeConfig::top_k, R::kTopK, true},
       ConfigField<RouterKind>{"router", &MoeConfig::router},
       ConfigField<bool>{"gating_residual", &MoeConfig::gating_residual},
-      ConfigField<bool>{"renormalize", &MoeConfig::renormalize},
+      ConfigField<std::optional<bool>>{"renormalize", &MoeConfig::renormalize},
       ConfigField<Activation>{"activation", &MoeConfig::activation},
       ConfigField<double>{"capacity_factor", &MoeConfig::capacity_factor, R::kFiniteNonNeg},
       ConfigField<double>{"lbl_coef", &MoeConfig::lbl_coef, R::kFiniteNonNeg},
@@ -137,7 +184,8 @@ inline constexpr auto config_fields() {
       ConfigField<double>{"bias_update_rate", &MoeConfig::bias_update_rate, R::kFiniteNonNeg},
       ConfigField<I>{"tp", &MoeConfig::tp, R::kPositive, false, FieldScope::kParallel},
       ConfigField<I>{"ep", &MoeConfig::ep, R::kPositive, false, FieldScope::kParallel},
-      ConfigField<I>{"dp", &MoeConfig::dp, R::kPositive, false, FieldScope::kParallel});
+      ConfigField<I>{"dp", &MoeConfig::dp, R::kPositive, false, FieldScope::kParallel},
+      ConfigField<PolicyOptions>{"options", &MoeConfig::options, R::kNone, false, FieldScope::kPolicy});
 }
 
 // Calls f(field) for every row of the table, in order.
@@ -151,7 +199,9 @@ namespace detail {
 // of members, false above it.
 struct AnyField {
   template <class T>
-  constexpr operator T() const noexcept;
+  constexpr operator T() const noexcept {
+    return T{};
+  }
 };
 template <class A, std::size_t... I>
 constexpr bool brace_initialisable(std::index_sequence<I...>) {
@@ -168,19 +218,47 @@ static_assert(detail::brace_initialisable<MoeConfig>(std::make_index_sequence<st
               "agreement all come from that table)");
 #endif
 
-// The value of a field as text, for messages ("swiglu", "true", "0.5", "8").
+std::string field_text(const PolicyOptions& o);
+
+// The value of a field as text, for messages ("swiglu", "true", "0.5", "8"; "default" for an unset
+// optional).
 template <class M>
 std::string field_text(const M& v) {
-  if constexpr (std::is_same_v<M, bool>) return v ? "true" : "false";
+  if constexpr (std::is_same_v<M, std::optional<bool>>) return v ? (*v ? "true" : "false") : "default";
+  else if constexpr (std::is_same_v<M, bool>) return v ? "true" : "false";
   else if constexpr (std::is_enum_v<M>) return std::string("\"") + to_string(v) + "\"";
   else if constexpr (std::is_floating_point_v<M>) return detail::str(v);
   else return std::to_string(v);
 }
 
-// A field's value as 64 bits (doubles bit for bit), for the cross-rank agreement check.
+// The value of one option as text ("true", "8", "0.5", "\"max\"").
+inline std::string option_text(const PolicyOptions::Value& v) {
+  return std::visit(
+      [](const auto& x) -> std::string {
+        using X = std::decay_t<decltype(x)>;
+        if constexpr (std::is_same_v<X, std::string>) return "\"" + x + "\"";
+        else return field_text(x);
+      },
+      v);
+}
+// Every option, "key value, ..." ("none").
+inline std::string field_text(const PolicyOptions& o) {
+  std::string s;
+  for (const auto& [k, v] : o.entries()) s += (s.empty() ? "" : ", ") + k + " " + option_text(v);
+  return s.empty() ? "none" : s;
+}
+
+// A field's value as 64 bits (doubles bit for bit; an unset optional -1; the options an FNV-1a hash of
+// their text), for the cross-rank agreement check.
 template <class M>
 std::int64_t field_bits(const M& v) {
-  if constexpr (std::is_floating_point_v<M>) {
+  if constexpr (std::is_same_v<M, std::optional<bool>>) {
+    return v ? std::int64_t(*v) : -1;
+  } else if constexpr (std::is_same_v<M, PolicyOptions>) {
+    std::uint64_t h = 1469598103934665603ull;
+    for (char ch : field_text(v)) h = (h ^ std::uint64_t(static_cast<unsigned char>(ch))) * 1099511628211ull;
+    return std::int64_t(h);
+  } else if constexpr (std::is_floating_point_v<M>) {
     const double d = double(v);
     std::int64_t b;
     std::memcpy(&b, &d, sizeof b);
@@ -190,10 +268,11 @@ std::int64_t field_bits(const M& v) {
   }
 }
 
-// Checks one field's rule; throws ConfigError(name, value, rule).
-template <class M>
-void check_field(const ConfigField<M>& f, const MoeConfig& c) {
-  const M& v = c.*f.member;
+// Checks one field's rule; throws ConfigError(name, value, rule). o: the field's owner (c itself, or a
+// policy's options struct); c: the layer's config (kTopK's bound).
+template <class M, class Owner>
+void check_field(const ConfigField<M, Owner>& f, const Owner& o, const MoeConfig& c) {
+  const M& v = o.*f.member;
   auto fail = [&](const std::string& rule) { throw ConfigError(f.name, field_text(v), rule); };
   if constexpr (std::is_same_v<M, std::int64_t>) {
     if (f.rule == FieldRule::kPositive && v <= 0) fail("must be > 0");
@@ -205,8 +284,11 @@ void check_field(const ConfigField<M>& f, const MoeConfig& c) {
     if (f.rule == FieldRule::kFinitePositive && (!std::isfinite(v) || v <= 0.0)) fail("must be finite and > 0");
   }
 }
+template <class M>
+void check_field(const ConfigField<M>& f, const MoeConfig& c) {
+  check_field(f, c, c);
+}
 
-// The sigmoid router always normalises its picked gates (DeepSeek-V3); `renormalize` is for softmax.
 inline void MoeConfig::validate() const {
   for_each_config_field([&](const auto& f) { check_field(f, *this); });
 }

@@ -3,7 +3,9 @@
 // messages come from that table. Needs nlohmann_json (link nlohmann_json::nlohmann_json).
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
+#include <variant>
 #include <type_traits>
 #include <vector>
 
@@ -44,6 +46,12 @@ inline void read_config_fields(const nlohmann::json& j, MoeConfig& c, FieldScope
     } else if constexpr (std::is_same_v<M, double>) {
       if (!v.is_number()) throw ConfigError(f.name, v.dump(), "must be a JSON number");
       out = v.get<double>();
+    } else if constexpr (std::is_same_v<M, std::optional<bool>>) {  // null: the default
+      if (v.is_null()) out.reset();
+      else if (v.is_boolean()) out = v.get<bool>();
+      else throw ConfigError(f.name, v.dump(), "must be true or false (or null: the router's default)");
+    } else if constexpr (std::is_same_v<M, PolicyOptions>) {
+      // the policies' keys are read by read_policy_options
     } else {
       if (!v.is_number_integer()) throw ConfigError(f.name, v.dump(), "must be a JSON integer");
       if (v.is_number_unsigned() && v.get<std::uint64_t>() > std::uint64_t(std::numeric_limits<std::int64_t>::max()))
@@ -59,8 +67,29 @@ inline void write_config_fields(const MoeConfig& c, nlohmann::json& j, FieldScop
     if (f.scope != scope) return;
     using M = typename std::decay_t<decltype(f)>::type;
     if constexpr (std::is_enum_v<M>) j[f.name] = to_string(c.*f.member);
-    else j[f.name] = c.*f.member;
+    else if constexpr (std::is_same_v<M, std::optional<bool>>) j[f.name] = c.*f.member ? nlohmann::json(*(c.*f.member)) : nlohmann::json();
+    else if constexpr (!std::is_same_v<M, PolicyOptions>) j[f.name] = c.*f.member;
   });
+}
+
+// The policies' options (MoeConfig::options): every key of `keys` that j has, as JSON gives it (a
+// bool, an integer, a number or a string; anything else is a ConfigError naming the key). The values'
+// types and rules are each policy's to check (core/options.hpp's read_options).
+inline void read_policy_options(const nlohmann::json& j, MoeConfig& c, const std::vector<std::string>& keys) {
+  for (const auto& key : keys) {
+    if (!j.contains(key)) continue;
+    const nlohmann::json& v = j[key];
+    if (v.is_boolean()) c.options.set(key, v.get<bool>());
+    else if (v.is_number_integer() && !v.is_number_unsigned()) c.options.set(key, v.get<std::int64_t>());
+    else if (v.is_number_unsigned() && v.get<std::uint64_t>() <= std::uint64_t(std::numeric_limits<std::int64_t>::max()))
+      c.options.set(key, std::int64_t(v.get<std::uint64_t>()));
+    else if (v.is_number_float()) c.options.set(key, v.get<double>());
+    else if (v.is_string()) c.options.set(key, v.get<std::string>());
+    else throw ConfigError(key, v.dump(), "must be a JSON boolean, number or string");
+  }
+}
+inline void write_policy_options(const MoeConfig& c, nlohmann::json& j) {
+  for (const auto& [key, value] : c.options.entries()) std::visit([&](const auto& x) { j[key] = x; }, value);
 }
 
 }  // namespace moekit

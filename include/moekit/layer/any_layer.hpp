@@ -120,7 +120,7 @@ class ErasedMoeLayer final : public AnyMoeLayer<typename Layer::backend_type> {
   using typename Base::L;
   using typename Base::S;
   using typename Base::W;
-  static constexpr bool kBiased = Layer::router_type::biased;
+  static constexpr bool kBiased = router::router_traits<typename Layer::router_type>::selection_bias;
   static constexpr bool kDistributed = Layer::parallel_type::distributed;
 
  public:
@@ -217,15 +217,15 @@ std::unique_ptr<AnyMoeLayer<typename Layer::backend_type>> erase(Args&&... args)
 // The layer the config describes (router, gating residual, expert bias, activation, expert set; the
 // balance scope and which router families to instantiate as with_layer_type's), on one rank, or with
 // `world` (and the further constructor arguments) under a distributed strategy P.
-template <class Backend, class Balance = balance::MicroBatch, BiasVariants kBias = BiasVariants::kBoth, class... Args>
+template <class Backend, class Balance = balance::MicroBatch, class Filter = AllRows, class... Args>
 std::unique_ptr<AnyMoeLayer<Backend>> make_moe_layer(const MoeConfig& cfg, Args&&... args) {
-  return with_layer_type<Backend, Balance, kBias>(cfg, [&]<class Layer>(std::type_identity<Layer>) {
+  return with_layer_type<Backend, Balance, Filter>(cfg, [&]<class Layer>(std::type_identity<Layer>) {
     return std::unique_ptr<AnyMoeLayer<Backend>>(std::make_unique<ErasedMoeLayer<Layer>>(cfg, std::forward<Args>(args)...));
   });
 }
-template <class Backend, class Balance, class P, BiasVariants kBias = BiasVariants::kBoth, class World, class... Args>
+template <class Backend, class Balance, class P, class Filter = AllRows, class World, class... Args>
 std::unique_ptr<AnyMoeLayer<Backend>> make_distributed_moe_layer(const MoeConfig& cfg, World& world, Args&&... args) {
-  return with_layer_type<Backend, Balance, kBias>(cfg, [&]<class Single>(std::type_identity<Single>) {
+  return with_layer_type<Backend, Balance, Filter>(cfg, [&]<class Single>(std::type_identity<Single>) {
     using Layer = MoeLayer<Backend, typename Single::router_type, typename Single::experts_type, Balance, P>;
     return std::unique_ptr<AnyMoeLayer<Backend>>(std::make_unique<ErasedMoeLayer<Layer>>(cfg, world, std::forward<Args>(args)...));
   });

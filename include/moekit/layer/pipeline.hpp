@@ -59,9 +59,9 @@ class MoeLayer {
   using Ops = typename layer_ops<Backend, Router, Experts, Balance, P>::type;
   using X = typename Ops::Exchange;
   static constexpr bool kDistributed = P::distributed;
-  static constexpr bool kResidual = Router::residual;
-  static constexpr bool kBiased = Router::biased;
-  static constexpr bool kStateful = Router::stateful;
+  static constexpr bool kResidual = router::router_traits<Router>::reads_prev_logits;
+  static constexpr bool kBiased = router::router_traits<Router>::selection_bias;
+  static constexpr bool kStateful = router::router_traits<Router>::stateful;
   using Exchange = parallel::ExpertExchange<X>;
   struct NoExchange {};
 

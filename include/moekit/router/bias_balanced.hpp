@@ -1,18 +1,18 @@
 #pragma once
 // router::BiasBalanced<Inner>: aux-loss-free load balancing (DeepSeek-V3, arXiv 2412.19437 §2.1.2).
-// Each expert has a bias b_i: state, not a trainable parameter. The top-k selection ranks
-// score_i + b_i (score = the inner router's softmax p or sigmoid s); the gate weights use the unbiased
-// scores, normalised as the inner router does, and the balance loss's P_i never sees the bias. After
-// each optimizer step (the layer's end_step()):
+// Each expert has a bias b_i: state, not a trainable parameter. The selection ranks score_i + b_i
+// (score = the inner router's softmax p or sigmoid s), then hands the biased scores to the inner
+// router's selection (so BiasBalanced<GroupLimited<...>> scores its groups on s + b, as DeepSeek-V3's
+// router does); the gate weights use the unbiased scores, and the balance loss's P_i never sees the
+// bias. After each optimizer step (the layer's end_step()):
 //   b_i += u · sign(mean_j c_j − c_i),   sign(0) = 0,
 // with c the routed (pre-capacity) counts of the whole step, summed over the micro-batches and over
 // every rank that holds different tokens, and u = MoeConfig::bias_update_rate. Overloaded experts lose
 // bias, idle ones gain it, so the load evens out without an auxiliary loss in the gradient.
 //
-// Inner: router::TopK<Softmax|Sigmoid>, or router::GatingResidual<TopK<...>>. This header is the whole
-// router: its functors (route_token with the bias, the inner router's backward and capacity score) and
-// its step hook; the backends call them through the policy (router/policy.hpp) and keep the biases in
-// the layer's router::RouterState (router/state.hpp).
+// Inner: any stateless router (router::TopK<...>, GatingResidual<...>, GroupLimited<...>, LinearBias<...>).
+// The backends keep the biases in the layer's router::RouterState (router/state.hpp) and hand them to
+// select() as `state`.
 #include <algorithm>
 #include <cstdint>
 #include <span>
@@ -20,7 +20,6 @@
 #include <vector>
 
 #include "moekit/core/error.hpp"
-
 #include "moekit/router/policy.hpp"
 
 namespace moekit::router {
@@ -30,23 +29,33 @@ namespace moekit::router {
 inline std::vector<double> bias_update(const std::vector<std::int64_t>& counts, double rate);
 
 template <class Inner>
-struct BiasBalanced : InnerRouting<Inner> {
-  static_assert(RouterPolicy<Inner> && !Inner::stateful,
-                "router::BiasBalanced<Inner>: Inner must be router::TopK<...> or router::GatingResidual<TopK<...>>");
-  using score = typename Inner::score;
+struct BiasBalanced : Inner {
+  static_assert(RouterPolicy<Inner> && !router_traits<Inner>::stateful,
+                "router::BiasBalanced<Inner>: Inner must be a stateless router such as router::TopK<...>, "
+                "router::GatingResidual<TopK<...>> or router::GroupLimited<TopK<...>>");
   using inner = Inner;
-  static constexpr RouterKind kind = Inner::kind;
-  static constexpr bool residual = Inner::residual;
-  static constexpr bool biased = true;
-  static constexpr bool stateful = true;  // the values of its RouterState are the biases b [N_E]
+  using options = NoOptions;  // its rate is MoeConfig::bias_update_rate
+  static constexpr bool stateful = true;        // the values of its RouterState are the biases b [N_E]
+  static constexpr bool selection_bias = true;
+  static constexpr const char* choice = "expert_bias";
 
-  // Biased selection, unbiased gates and P: route_token with the biases (router/topk.hpp).
-  template <class S>
-  MOEKIT_HD static S route(const S* logit, int n, int k, bool renormalize, S* prob, int* idx, S* gate, const S* bias) {
-    return route_token(score{}, logit, n, k, renormalize, prob, idx, gate, bias);
+  BiasBalanced() = default;
+  explicit BiasBalanced(const MoeConfig& c) : Inner(c) {}
+  static void check(const MoeConfig& c) {
+    Inner::check(c);
+    if (!c.expert_bias) throw ConfigError("expert_bias", "false", "must match the layer's compile-time policy (true)");
   }
-  // route_backward and capacity_score: the inner router's (InnerRouting): the selection is a constant of
-  // the forward and the gates depend on the unbiased scores only.
+  static void list_choices(std::vector<std::string>& keys) {
+    Inner::list_choices(keys);
+    keys.push_back(choice);
+  }
+
+  // sel_i += b_i, then the inner router's selection.
+  template <class S>
+  MOEKIT_HD void select(S* sel, int n, int* idx, const S* bias) const {
+    for (int i = 0; i < n; ++i) sel[i] += bias[i];
+    Inner::select(sel, n, idx, bias);
+  }
 
   // After each optimizer step: b += u · sign(mean c − c), c the step's counts summed over the ranks.
   template <class S>

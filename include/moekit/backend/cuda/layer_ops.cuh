@@ -49,8 +49,8 @@ template <class V, class Router, class Experts, bool kDistributed>
 class MoeOps {
   using Act = typename Experts::activation;
   static constexpr bool kGated = Act::gated;
-  static constexpr bool kResidual = Router::residual;
-  static constexpr bool kStateful = Router::stateful;
+  static constexpr bool kResidual = router::router_traits<Router>::reads_prev_logits;
+  static constexpr bool kStateful = router::router_traits<Router>::stateful;
   using S = storage_t<V>;
   using I64 = std::int64_t;
 
@@ -71,7 +71,16 @@ class MoeOps {
   };
 
   MoeOps(const MoeConfig& cfg, ParameterTable table, const StatsLayout& layout, GemmStrategy gemm)
-      : cfg_(cfg), layout_(layout), params_(checked_store(cfg, std::move(table))) {
+      : cfg_(cfg), layout_(layout), params_(checked_store(cfg, std::move(table))), router_(cfg) {
+    Router::declare_logits(terms_);
+    for (const router::LogitTerm& t : terms_) {  // x meets a storage-typed weight, fp32 logits an fp32 one
+      const bool want_fp32 = t.input != router::LogitInput::kX;
+      for (const auto& f : params_.table().families())
+        if (f.key == t.family && f.fp32 != want_fp32)
+          throw ConfigError("parameter family " + f.key, f.fp32 ? "fp32" : "storage type",
+                            want_fp32 ? "must be fp32 on the CUDA backend (it meets the fp32 logits)"
+                                      : "must be in the storage type on the CUDA backend (it meets x)");
+    }
     if constexpr (kStateful) {
       state_dev_.resize(std::size_t(cfg_.num_experts()));
       fill_device(state_dev_.data(), 0, std::size_t(cfg_.num_experts()) * sizeof(float));
@@ -177,23 +186,33 @@ class MoeOps {
                                           cudaMemcpyDeviceToDevice, stream));
   }
 
-  // Router logits in fp32 (x W_r^T, + prev W_g^T); route_tokens; the aux sums P_i = Σ_t prob[t, i]
-  // (prob^T · 1) and Σ_t lse_t².
+  // Router logits in fp32 (the router's terms: x W_r^T, + prev W_g^T, + b as ones · b); route_tokens;
+  // the aux sums P_i = Σ_t prob[t, i] (prob^T · 1) and Σ_t lse_t².
   void route(bool has_prev, cudaStream_t stream) {
     const int T = int(tokens_), N = int(cfg_.num_experts()), D = int(cfg_.d_model);
     const cudaDataType_t st = data_type<S>();
     cublasHandle_t h = gemm_->handle(stream);
-    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, true, st, CUDA_R_32F, 1.f, 0.f}, {T, N, D, b_.x, D, params_.router(), D, b_.logits, N}));
-    if constexpr (kResidual)
-      if (has_prev)
-        MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, true, CUDA_R_32F, CUDA_R_32F, 1.f, 1.f},
-                                           {T, N, N, b_.prev, N, params_.gate_residual(), N, b_.logits, N}));
+    float beta = 0.f;  // the first term writes the logits, the others add
+    for (const router::LogitTerm& term : terms_) {
+      if (term.input == router::LogitInput::kX) {
+        MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, true, st, CUDA_R_32F, 1.f, beta},
+                                           {T, N, D, b_.x, D, params_.region(term.family), D, b_.logits, N}));
+      } else if (term.input == router::LogitInput::kPrevLogits) {
+        if (!kResidual || !has_prev) continue;  // the first MoE layer: no previous logits
+        MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, true, CUDA_R_32F, CUDA_R_32F, 1.f, beta},
+                                           {T, N, N, b_.prev, N, params_.fp32_region(term.family), N, b_.logits, N}));
+      } else {
+        MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, false, CUDA_R_32F, CUDA_R_32F, 1.f, beta},
+                                           {T, N, 1, b_.ones, 1, params_.fp32_region(term.family), N, b_.logits, N}));
+      }
+      beta = 1.f;
+    }
     RouteParams rp;
-    rp.logits = b_.logits, rp.tokens = T, rp.experts = N, rp.top_k = int(cfg_.top_k), rp.renormalize = cfg_.renormalize;
+    rp.logits = b_.logits, rp.tokens = T, rp.experts = N, rp.top_k = int(cfg_.top_k), rp.sel = b_.scratch;
     rp.prob = b_.prob, rp.idx = b_.idx, rp.gate = b_.gate, rp.lse = b_.lse;
     rp.counts = stats_ints() + layout_.routed, rp.bad_token = stats_ints() + layout_.bad;
     if constexpr (kStateful) rp.state = state_dev_.data();
-    MOEKIT_CUDA_CHECK(route_tokens<Router>(rp, stream));
+    MOEKIT_CUDA_CHECK(route_tokens(router_, rp, stream));
     float* prob_sum = stats_floats() + layout_.prob_sum;
     if (T > 0) {
       const float one = 1.f, zero = 0.f;
@@ -213,7 +232,7 @@ class MoeOps {
     pp.idx = b_.idx, pp.slots = slots(), pp.experts = N, pp.ffn_experts = int(cfg_.num_ffn_experts), pp.chunks = chunks;
     pp.cap_ffn = int(std::min<I64>(caps.ffn, INT32_MAX)), pp.cap_zc = int(std::min<I64>(caps.zc, INT32_MAX));
     if (caps.ffn >= 0) {
-      MOEKIT_CUDA_CHECK(slot_scores<Router>(b_.logits, b_.prob, b_.idx, slots(), N, b_.score, stream));
+      MOEKIT_CUDA_CHECK(slot_scores(router_, b_.logits, b_.prob, b_.idx, slots(), N, b_.score, stream));
       pp.score = b_.score;
     }
     pp.slot_of_row = b_.slot_of_row, pp.row_of_slot = b_.row_of_slot;
@@ -318,9 +337,9 @@ class MoeOps {
     RouteBackwardParams rb;
     rb.logits = b_.logits, rb.prob = b_.prob, rb.idx = b_.idx, rb.gate = b_.gate, rb.dgate = b_.dgate, rb.dprob = b_.dprob;
     rb.lse = b_.lse, rb.zscale = zscale;
-    rb.tokens = T, rb.experts = N, rb.top_k = int(cfg_.top_k), rb.renormalize = cfg_.renormalize;
+    rb.tokens = T, rb.experts = N, rb.top_k = int(cfg_.top_k);
     rb.scratch = b_.scratch, rb.dlogits = b_.dlogits;
-    MOEKIT_CUDA_CHECK(route_tokens_backward<Router>(rb, stream));
+    MOEKIT_CUDA_CHECK(route_tokens_backward(router_, rb, stream));
     if (dlogits_next) {
       const float one = 1.f;
       MOEKIT_CUBLAS_CHECK(cublasSaxpy(h, T * N, &one, dlogits_next, 1, b_.dlogits, 1));
@@ -332,17 +351,23 @@ class MoeOps {
       dl = b_.dlogits_s;
     }
     const ParameterTable& t = table();
-    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f},
-                                       {N, D, T, dl, N, b_.x, D, params_.grad_at(t.offset_or_end("router")), D}));
-    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, false, st, CUDA_R_32F, 1.f, 1.f}, {T, D, N, dl, N, params_.router(), D, dx32, D}));
-    if constexpr (kResidual)
-      if (has_prev) {
-        MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, CUDA_R_32F, CUDA_R_32F, 1.f, 1.f},
-                                           {N, N, T, b_.dlogits, N, b_.prev, N, params_.grad_at(t.offset_or_end("gate_residual")), N}));
+    for (const router::LogitTerm& term : terms_) {  // each term's weight gradient and input gradient
+      float* g = params_.grad_at(t.offset_or_end(term.family));
+      if (term.input == router::LogitInput::kX) {
+        MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f}, {N, D, T, dl, N, b_.x, D, g, D}));
+        MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, false, st, CUDA_R_32F, 1.f, 1.f},
+                                           {T, D, N, dl, N, params_.region(term.family), D, dx32, D}));
+      } else if (term.input == router::LogitInput::kPrevLogits) {
+        if (!kResidual || !has_prev) continue;
+        MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, CUDA_R_32F, CUDA_R_32F, 1.f, 1.f}, {N, N, T, b_.dlogits, N, b_.prev, N, g, N}));
         if (dprev)
           MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {false, false, CUDA_R_32F, CUDA_R_32F, 1.f, 0.f},
-                                             {T, N, N, b_.dlogits, N, params_.gate_residual(), N, dprev, N}));
+                                             {T, N, N, b_.dlogits, N, params_.fp32_region(term.family), N, dprev, N}));
+      } else {  // db += dlogits^T · 1
+        const float one = 1.f;
+        MOEKIT_CUBLAS_CHECK(cublasSgemv(h, CUBLAS_OP_N, N, T, &one, b_.dlogits, N, b_.ones, 1, &one, g, 1));
       }
+    }
     if (b_.dx32) MOEKIT_CUDA_CHECK(convert(b_.dx32, dx, std::size_t(T) * std::size_t(D), stream));
   }
 
@@ -465,6 +490,8 @@ class MoeOps {
   MoeConfig cfg_;
   StatsLayout layout_;
   ParameterStore<S> params_;
+  Router router_;             // the router policy with its options (the kernels take it by value)
+  router::LogitTerms terms_;  // how its logits are made
   DeviceArray<float> state_dev_;  // a stateful router's values (router::BiasBalanced: b), read by route_tokens
   std::unique_ptr<ExpertGemm> gemm_;
   DeviceArray<char> owned_;

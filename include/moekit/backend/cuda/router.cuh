@@ -20,8 +20,8 @@ inline namespace MOEKIT_CUDA_ABI {
 
 struct RouteParams {
   const float* logits = nullptr;  // [T, N_E]
-  int tokens = 0, experts = 0, top_k = 0;
-  bool renormalize = false;
+  int tokens = 0, experts = 0, top_k = 0;  // top_k: the router's k
+  float* sel = nullptr;    // [T, N_E] scratch: the selection scores
   float* prob = nullptr;   // [T, N_E] out: P of the balance loss
   int* idx = nullptr;      // [T, k]   out
   float* gate = nullptr;   // [T, k]   out
@@ -43,13 +43,15 @@ struct RouteBackwardParams {
   const float* lse = nullptr;     // [T]
   float zscale = 0.f;             // zloss_coef * 2 / T (times aux_scale); d/d(lse_t) = zscale * lse_t
   int tokens = 0, experts = 0, top_k = 0;
-  bool renormalize = false;
   float* scratch = nullptr;  // [T, N_E] workspace
   float* dlogits = nullptr;  // [T, N_E] out
 };
 
+// The router policy object (its options by value) runs in the kernels: route_token_choice calls its
+// selection, outermost wrapper first (router/policy.hpp).
 template <class Router>
 struct RouteTokenOp {
+  Router router;
   __device__ void operator()(const RouteParams& p, int t) const {
     const std::size_t n = std::size_t(p.experts), k = std::size_t(p.top_k);
     int* idx = p.idx + t * k;
@@ -58,8 +60,8 @@ struct RouteTokenOp {
       for (std::size_t i = 0; i < n; ++i) finite = finite && isfinite(p.logits[t * n + i]);
       if (!finite) atomicMin(p.bad_token, t);
     }
-    p.lse[t] = Router::route(p.logits + t * n, p.experts, p.top_k, p.renormalize, p.prob + t * n, idx, p.gate + t * k,
-                             p.state);
+    p.lse[t] = router::route_token_choice(router, p.logits + t * n, p.experts, p.prob + t * n, p.sel + t * n, idx,
+                                          p.gate + t * k, p.state);
     // Integer atomics: exact and order-free, so counts are deterministic.
     for (int j = 0; j < p.top_k; ++j) atomicAdd(&p.counts[idx[j]], 1);
   }
@@ -67,18 +69,18 @@ struct RouteTokenOp {
 
 template <class Router>
 struct RouteTokenBackwardOp {
+  Router router;
   __device__ void operator()(const RouteBackwardParams& p, int t) const {
     const std::size_t n = std::size_t(p.experts), k = std::size_t(p.top_k);
-    Router::route_backward(p.logits + t * n, p.experts, p.top_k, p.renormalize, p.prob + t * n, p.idx + t * k,
-                           p.gate + t * k, p.dgate + t * k, p.dprob, p.zscale * p.lse[t], p.scratch + t * n,
-                           p.dlogits + t * n);
+    router::route_token_choice_backward(router, p.logits + t * n, p.experts, p.prob + t * n, p.idx + t * k, p.gate + t * k,
+                                        p.dgate + t * k, p.dprob, p.zscale * p.lse[t], p.scratch + t * n, p.dlogits + t * n);
   }
 };
 
 template <class Op, class Params>
-MOEKIT_KERNEL void token_kernel(Params p) {
+MOEKIT_KERNEL void token_kernel(Op op, Params p) {
   const int t = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
-  if (t < p.tokens) Op{}(p, t);
+  if (t < p.tokens) op(p, t);
 }
 
 inline bool valid_shape(int tokens, int experts, int top_k) {
@@ -86,23 +88,24 @@ inline bool valid_shape(int tokens, int experts, int top_k) {
 }
 
 template <class Op, class Params>
-cudaError_t launch_per_token(const Params& p, cudaStream_t stream) {
+cudaError_t launch_per_token(const Op& op, const Params& p, cudaStream_t stream) {
   if (p.tokens == 0) return cudaSuccess;
   constexpr int kBlock = 128;
-  token_kernel<Op><<<(p.tokens + kBlock - 1) / kBlock, kBlock, 0, stream>>>(p);
+  token_kernel<Op, Params><<<(p.tokens + kBlock - 1) / kBlock, kBlock, 0, stream>>>(op, p);
   return cudaGetLastError();
 }
 
-// Forward: zeroes counts (and sets bad_token to kNoBadToken), then one pass over the logits. Router is
-// a router policy (router/policy.hpp: router::TopK<Softmax|Sigmoid>, GatingResidual<...>, BiasBalanced<...>),
-// whose route / route_backward / capacity_score functors the kernels call.
+// Forward: zeroes counts (and sets bad_token to kNoBadToken), then one pass over the logits. router: a
+// router policy object (router/policy.hpp: router::TopK<Softmax|Sigmoid> and its wrappers) whose k is
+// p.top_k; the kernels call its selection, gates and capacity score.
 template <class Router>
-cudaError_t route_tokens(const RouteParams& p, cudaStream_t stream) {
-  if (!valid_shape(p.tokens, p.experts, p.top_k) || !p.logits || !p.prob || !p.idx || !p.gate || !p.lse || !p.counts)
+cudaError_t route_tokens(const Router& router, const RouteParams& p, cudaStream_t stream) {
+  if (!valid_shape(p.tokens, p.experts, p.top_k) || router.k != p.top_k || !p.logits || !p.sel || !p.prob || !p.idx ||
+      !p.gate || !p.lse || !p.counts)
     return cudaErrorInvalidValue;
   MOEKIT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p.counts, 0, sizeof(int) * std::size_t(p.experts), stream));
   if (p.bad_token) MOEKIT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p.bad_token, 0x7F, sizeof(int), stream));
-  return launch_per_token<RouteTokenOp<Router>>(p, stream);
+  return launch_per_token(RouteTokenOp<Router>{router}, p, stream);
 }
 
 // Workspace of the backward: scratch [T, N_E] floats.
@@ -111,32 +114,32 @@ inline std::size_t route_tokens_backward_workspace(int tokens, int experts) {
 }
 
 template <class Router>
-cudaError_t route_tokens_backward(const RouteBackwardParams& p, cudaStream_t stream) {
-  if (!valid_shape(p.tokens, p.experts, p.top_k) || !p.logits || !p.prob || !p.idx || !p.gate || !p.dgate ||
-      !p.dprob || !p.lse || !p.scratch || !p.dlogits)
+cudaError_t route_tokens_backward(const Router& router, const RouteBackwardParams& p, cudaStream_t stream) {
+  if (!valid_shape(p.tokens, p.experts, p.top_k) || router.k != p.top_k || !p.logits || !p.prob || !p.idx || !p.gate ||
+      !p.dgate || !p.dprob || !p.lse || !p.scratch || !p.dlogits)
     return cudaErrorInvalidValue;
-  return launch_per_token<RouteTokenBackwardOp<Router>>(p, stream);
+  return launch_per_token(RouteTokenBackwardOp<Router>{router}, p, stream);
 }
 
 // The score a slot was picked by, for capacity drops: p for softmax, s = sigmoid(logit) for sigmoid
 // (as the host backend's score_of).
 template <class Router>
-MOEKIT_KERNEL void slot_scores_kernel(const float* logits, const float* prob, const int* idx, SlotLayout slots, int experts,
-                                      float* score) {
+MOEKIT_KERNEL void slot_scores_kernel(Router router, const float* logits, const float* prob, const int* idx, SlotLayout slots,
+                                      int experts, float* score) {
   const int s = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
   if (s >= slots.slots) return;
   const std::size_t at = std::size_t(slots.token(s)) * std::size_t(experts) + std::size_t(idx[s]);
-  score[s] = Router::capacity_score(logits[at], prob[at]);
+  score[s] = router.capacity_score(logits[at], prob[at]);
 }
 
 template <class Router>
-cudaError_t slot_scores(const float* logits, const float* prob, const int* idx, const SlotLayout& slots, int experts,
-                        float* score, cudaStream_t stream) {
+cudaError_t slot_scores(const Router& router, const float* logits, const float* prob, const int* idx, const SlotLayout& slots,
+                        int experts, float* score, cudaStream_t stream) {
   if (!slots.valid() || experts < 1 || (slots.per_token > experts) || (slots.slots && (!logits || !prob || !idx || !score)))
     return cudaErrorInvalidValue;
   const int n = slots.slots;
   if (n == 0) return cudaSuccess;
-  slot_scores_kernel<Router><<<unsigned((n + 255) / 256), 256, 0, stream>>>(logits, prob, idx, slots, experts, score);
+  slot_scores_kernel<Router><<<unsigned((n + 255) / 256), 256, 0, stream>>>(router, logits, prob, idx, slots, experts, score);
   return cudaGetLastError();
 }
 

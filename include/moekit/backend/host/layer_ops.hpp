@@ -43,7 +43,7 @@ class MoeOps {
   using Act = typename Experts::activation;
   using Kinds = experts::zc_kinds<Experts>;
   static constexpr bool kGated = Act::gated;
-  static constexpr bool kResidual = Router::residual;
+  static constexpr bool kResidual = router::router_traits<Router>::reads_prev_logits;
   static constexpr bool kAnyZc = Kinds::zero || Kinds::copy || Kinds::constant;
   using I32 = std::int32_t;
   using I64 = std::int64_t;
@@ -71,7 +71,8 @@ class MoeOps {
   };
 
   MoeOps(const MoeConfig& cfg, ParameterTable table, const StatsLayout& layout, Options)
-      : cfg_(cfg), table_(std::move(table)), layout_(layout) {
+      : cfg_(cfg), table_(std::move(table)), layout_(layout), router_(cfg) {
+    Router::declare_logits(terms_);
     value_.assign(std::size_t(table_.size()), S(0));
     ints_.assign(std::size_t(layout_.ints), 0);  // sized once: the GlobalBatch hook points into it
     floats_.assign(std::size_t(layout_.floats), C(0));
@@ -201,33 +202,50 @@ class MoeOps {
       if (prev) std::copy_n(prev, tokens * cfg_.num_experts(), prev_.data());
   }
 
-  // Logits (x W_r^T, + prev W_g^T), routing per token (the router policy's functor, with its state),
-  // routed counts, the lowest non-finite token, and the aux sums Σ_t p[t, :] and Σ_t lse².
-  // A non-finite token routes to experts 0..k-1 with zero gates: the forward stops after the
-  // statistics anyway, and its rows stay in range until then.
+  // Logits (the router's terms: x W_r^T, + prev W_g^T, + b), routing per token (the router policy,
+  // outermost wrapper first, with its state), routed counts, the lowest non-finite token, and the aux
+  // sums Σ_t p[t, :] and Σ_t lse². A non-finite token routes to experts 0..k-1 with zero gates: the
+  // forward stops after the statistics anyway, and its rows stay in range until then.
   void route(bool has_prev, Context) {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model;
     has_prev_ = has_prev;
-    const Weights w = W();
-    gemm(false, true, tokens_, n, d, C(1), x_.data(), w.router, C(0), logits_.data());
-    if constexpr (kResidual)
-      if (has_prev_) gemm(false, true, tokens_, n, n, C(1), prev_.data(), w.gate_residual, C(1), logits_.data());
-    int bad = kNoBadToken;
-#pragma omp parallel for schedule(static) if (tokens_ * n >= MOEKIT_OMP_MIN_WORK)
-    for (I64 t = 0; t < tokens_; ++t) {
-      const C* l = &logits_[t * n];
-      bool finite = true;
-      for (I64 i = 0; i < n; ++i) finite = finite && std::isfinite(l[i]);
-      if (!finite) {
-#pragma omp critical
-        bad = std::min(bad, int(t));
-        for (I64 j = 0; j < k; ++j) idx_[t * k + j] = int(j), gate_[t * k + j] = C(0);
-        std::fill_n(&prob_[t * n], n, C(0));
-        lse_[t] = C(0);
-        continue;
+    bool first = true;  // the first term writes the logits, the others add
+    for (const router::LogitTerm& term : terms_) {
+      const S* w = &value_[std::size_t(table_.offset_or_end(term.family))];
+      const C beta = first ? C(0) : C(1);
+      if (term.input == router::LogitInput::kX) {
+        gemm(false, true, tokens_, n, d, C(1), x_.data(), w, beta, logits_.data());
+      } else if (term.input == router::LogitInput::kPrevLogits) {
+        if constexpr (kResidual) {
+          if (!has_prev_) continue;  // the first MoE layer: no previous logits
+          gemm(false, true, tokens_, n, n, C(1), prev_.data(), w, beta, logits_.data());
+        }
+      } else {
+        for (I64 t = 0; t < tokens_; ++t)
+          for (I64 i = 0; i < n; ++i) logits_[t * n + i] = beta * logits_[t * n + i] + to_compute<C>(w[i]);
       }
-      lse_[t] = Router::route(l, int(n), int(k), cfg_.renormalize, &prob_[t * n], &idx_[t * k], &gate_[t * k],
-                              state_.empty() ? nullptr : state_.data());
+      first = false;
+    }
+    int bad = kNoBadToken;
+#pragma omp parallel if (tokens_ * n >= MOEKIT_OMP_MIN_WORK)
+    {
+      std::vector<C> sel(std::size_t(n), C(0));  // the selection's scratch
+#pragma omp for schedule(static)
+      for (I64 t = 0; t < tokens_; ++t) {
+        const C* l = &logits_[t * n];
+        bool finite = true;
+        for (I64 i = 0; i < n; ++i) finite = finite && std::isfinite(l[i]);
+        if (!finite) {
+#pragma omp critical
+          bad = std::min(bad, int(t));
+          for (I64 j = 0; j < k; ++j) idx_[t * k + j] = int(j), gate_[t * k + j] = C(0);
+          std::fill_n(&prob_[t * n], n, C(0));
+          lse_[t] = C(0);
+          continue;
+        }
+        lse_[t] = router::route_token_choice(router_, l, int(n), &prob_[t * n], sel.data(), &idx_[t * k], &gate_[t * k],
+                                             state_.empty() ? nullptr : state_.data());
+      }
     }
     I32* routed = &ints_[layout_.routed];
     std::fill_n(routed, n, 0);
@@ -358,22 +376,31 @@ class MoeOps {
 #pragma omp for schedule(static)
       for (I64 t = 0; t < tokens_; ++t) {
         C* dl = &dlogits_[t * n];
-        Router::route_backward(&logits_[t * n], int(n), int(k), cfg_.renormalize, &prob_[t * n], &idx_[t * k], &gate_[t * k],
-                               &dgate_[t * k], dprob, zscale * lse_[t], scratch.data(), dl);
+        router::route_token_choice_backward(router_, &logits_[t * n], int(n), &prob_[t * n], &idx_[t * k], &gate_[t * k],
+                                            &dgate_[t * k], dprob, zscale * lse_[t], scratch.data(), dl);
         if (dlogits_next)
           for (I64 i = 0; i < n; ++i) dl[i] += dlogits_next[t * n + i];
       }
     }
-    const Weights w = W();
-    const Grads g = G();
     C* dxc = compute_rows(dx);
-    gemm(true, false, n, d, tokens_, C(1), dlogits_.data(), x_compute(), C(1), g.router);
-    gemm(false, false, tokens_, d, n, C(1), dlogits_.data(), w.router, C(1), dxc);
-    if constexpr (kResidual)
-      if (has_prev) {
-        gemm(true, false, n, n, tokens_, C(1), dlogits_.data(), prev_.data(), C(1), g.gate_residual);
-        if (dprev) gemm(false, false, tokens_, n, n, C(1), dlogits_.data(), w.gate_residual, C(0), dprev);
+    for (const router::LogitTerm& term : terms_) {  // each term's weight gradient and input gradient
+      const I64 at = table_.offset_or_end(term.family);
+      const S* w = &value_[std::size_t(at)];
+      C* g = &grads()[std::size_t(at)];
+      if (term.input == router::LogitInput::kX) {
+        gemm(true, false, n, d, tokens_, C(1), dlogits_.data(), x_compute(), C(1), g);
+        gemm(false, false, tokens_, d, n, C(1), dlogits_.data(), w, C(1), dxc);
+      } else if (term.input == router::LogitInput::kPrevLogits) {
+        if constexpr (kResidual)
+          if (has_prev) {
+            gemm(true, false, n, n, tokens_, C(1), dlogits_.data(), prev_.data(), C(1), g);
+            if (dprev) gemm(false, false, tokens_, n, n, C(1), dlogits_.data(), w, C(0), dprev);
+          }
+      } else {
+        for (I64 t = 0; t < tokens_; ++t)  // token order: deterministic
+          for (I64 i = 0; i < n; ++i) g[i] += dlogits_[t * n + i];
       }
+    }
     if constexpr (kMixed) convert(dxc, dx, tokens_ * d);
   }
 
@@ -434,7 +461,7 @@ class MoeOps {
   // The router score a slot was picked by (capacity drops go lowest first).
   C score_of(int s) const {
     const I64 at = I64(slots_.token(s)) * cfg_.num_experts() + idx_[s];
-    return Router::capacity_score(logits_[at], prob_[at]);
+    return router_.capacity_score(logits_[at], prob_[at]);
   }
   RoutingPlan<C> plan_view() const { return {slots_, idx_.data(), gate_.data(), slot_row_.data(), row_slot_.data()}; }
   // Calls fn(slot, kind, constant index) for each kept zero-computation slot of token t.
@@ -499,6 +526,8 @@ class MoeOps {
   MoeConfig cfg_;
   ParameterTable table_;
   StatsLayout layout_;
+  Router router_;             // the router policy with its options
+  router::LogitTerms terms_;  // how its logits are made
   std::vector<S> value_;  // flat, laid out by table_
   std::vector<C>& grads() const {
     if (grad_.empty()) grad_.assign(std::size_t(table_.size()), C(0));
