@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 REQUIRED = ("d_model", "d_expert", "num_ffn_experts", "top_k")
 DEFAULTS = {"num_zero_experts": 0, "num_copy_experts": 0, "num_constant_experts": 0, "router": "softmax",
-            "gating_residual": False, "renormalize": False, "activation": "swiglu", "capacity_factor": 0.0,
+            "gating_residual": False, "renormalize": None, "activation": "swiglu", "capacity_factor": 0.0,
             "lbl_coef": 0.0, "zloss_coef": 0.0, "tau": 1.0, "backend": "host", "dtype": "fp32",
             "expert_bias": False, "bias_update_rate": 1e-3}
 BIAS = "gate.e_score_correction_bias"  # router::BiasBalanced's selection biases (an input, not a parameter)
@@ -63,6 +63,8 @@ def load_config(path):
     for key in ("gating_residual", "expert_bias"):
         if not isinstance(cfg[key], bool):
             raise InputError(f"{path}: {key} must be true or false")
+    if cfg["renormalize"] is not None and not isinstance(cfg["renormalize"], bool):
+        raise InputError(f"{path}: renormalize must be true, false or null")
     rate = cfg["bias_update_rate"]
     if not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
         raise InputError(f"{path}: bias_update_rate must be a finite number >= 0")
@@ -160,7 +162,9 @@ class MoeLayer(torch.nn.Module):
         chosen = score.detach() if bias is None else score.detach() + bias
         idx = torch.sort(chosen, dim=-1, descending=True, stable=True).indices[:, :k]
         gates = score.gather(1, idx)
-        if cfg["router"] == "sigmoid" or cfg["renormalize"]:
+        # renormalize null / absent: the router's default (sigmoid yes, softmax no), as moekit's.
+        renorm = cfg["router"] == "sigmoid" if cfg["renormalize"] is None else cfg["renormalize"]
+        if renorm:
             gates = gates / gates.sum(dim=-1, keepdim=True)
         routed = torch.bincount(idx.flatten(), minlength=n)
 

@@ -303,6 +303,25 @@ void run_all() {
     check<MoeLayer<backend::Host<float>, BG, experts::Ffn<act::GeLU>, balance::GlobalBatch>,
           MoeLayer<backend::Cuda<V>, BG, experts::Ffn<act::GeLU>, balance::GlobalBatch>>(s);
   }
+  SUBCASE("the open models' routers: groups (DeepSeek-V2/V3), router bias (GPT-OSS), gate rule") {
+    using V3 = router::BiasBalanced<router::GroupLimited<Sig>>;
+    Case v3{"deepseek-v3-router", small_config(8, 3, RouterKind::kSigmoid, Activation::kSwiGLU), 97, 31};
+    v3.cfg.expert_bias = true;
+    v3.cfg.options.set("n_group", 4), v3.cfg.options.set("topk_group", 2), v3.cfg.options.set("routed_scaling_factor", 2.5);
+    check<MoeLayer<backend::Host<float>, V3, experts::Ffn<act::SwiGLU>>, MoeLayer<backend::Cuda<V>, V3, experts::Ffn<act::SwiGLU>>>(v3);
+    using V2 = router::GroupLimited<Soft>;
+    Case v2{"deepseek-v2-router", small_config(8, 2, RouterKind::kSoftmax, Activation::kSwiGLU), 61, 33};
+    v2.cfg.options.set("n_group", 4), v2.cfg.options.set("topk_group", 2), v2.cfg.options.set("group_score", "max");
+    v2.cfg.capacity_factor = 1.0;
+    check<MoeLayer<backend::Host<float>, V2, experts::Ffn<act::SwiGLU>>, MoeLayer<backend::Cuda<V>, V2, experts::Ffn<act::SwiGLU>>>(v2);
+    using Oss = router::LinearBias<Soft>;
+    Case oss{"gpt-oss-router-bias", small_config(8, 2, RouterKind::kSoftmax, Activation::kSwiGLU), 37, 35};
+    oss.cfg.renormalize = true, oss.cfg.options.set("router_bias", true);
+    check<MoeLayer<backend::Host<float>, Oss, experts::Ffn<act::SwiGLU>>, MoeLayer<backend::Cuda<V>, Oss, experts::Ffn<act::SwiGLU>>>(oss);
+    Case unnorm{"sigmoid-unnormalised-scaled", small_config(8, 2, RouterKind::kSigmoid, Activation::kSwiGLU), 37, 37};
+    unnorm.cfg.renormalize = false, unnorm.cfg.options.set("routed_scaling_factor", 1.5);
+    check<MoeLayer<backend::Host<float>, Sig, experts::Ffn<act::SwiGLU>>, MoeLayer<backend::Cuda<V>, Sig, experts::Ffn<act::SwiGLU>>>(unnorm);
+  }
   SUBCASE("MoE++ with sigmoid routing and GlobalBatch balance") {
     Case c{"moepp-sigmoid-global", small_config(6, 2, RouterKind::kSigmoid, Activation::kGeLU), 64, 13};
     c.cfg.num_zero_experts = 2, c.cfg.num_copy_experts = 1, c.cfg.num_constant_experts = 1, c.cfg.tau = 0.1;

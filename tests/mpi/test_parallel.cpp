@@ -223,6 +223,21 @@ TEST_CASE("every split equals parallel::None (MoE++ experts, gating residual; Mi
   }
 }
 
+TEST_CASE("the open models' routers: every split equals parallel::None (groups, router bias, scaling)") {
+  for (auto s : splits()) {
+    // DeepSeek-V3's router: sigmoid, biased groups, scaled gates (the biases start at 0 on every rank).
+    MoeConfig v3 = base_config(s.tp, s.ep, s.dp, false);
+    v3.router = RouterKind::kSigmoid, v3.expert_bias = true;
+    v3.options.set("n_group", 4), v3.options.set("topk_group", 2), v3.options.set("routed_scaling_factor", 2.5);
+    check_equivalence<parallel::Hybrid, router::BiasBalanced<router::GroupLimited<router::TopK<router::Sigmoid>>>, Ffn,
+                      balance::MicroBatch>(v3);
+    // GPT-OSS's router bias: a replicated parameter, its gradient averaged as the router weight's.
+    MoeConfig oss = base_config(s.tp, s.ep, s.dp, false);
+    oss.renormalize = true, oss.options.set("router_bias", true);
+    check_equivalence<parallel::Hybrid, router::LinearBias<Soft>, Ffn, balance::GlobalBatch>(oss);
+  }
+}
+
 // router::BiasBalanced: each rank routes its own shard; end_step sums the step's counts over the shards,
 // so after every step the biases are the same bits on every rank and equal a single-rank layer's that saw
 // the concatenated batch (sums of ±u in the same order), and so are the next step's routing decisions.
