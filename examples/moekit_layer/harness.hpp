@@ -190,10 +190,12 @@ inline std::string describe_inputs(const moekit::MoeConfig& c) {
   };
   std::string s = std::string("x, dy") + (c.gating_residual ? ", prev_logits" : "") + ", gate.weight, " +
                   range("experts.", c.num_ffn_experts) + ".w1/w2" +
-                  (c.activation == moekit::Activation::kSwiGLU ? "/w3" : "") + ".weight";
+                  (moekit::is_gated(c.activation) ? "/w3" : "") + ".weight";
   if (c.num_constant_experts > 0) s += ", " + range("constant.", c.num_constant_experts) + ".wc.weight/v";
   if (c.gating_residual) s += ", gate_residual.weight";
   if (moekit::option_flag(c, "router_bias")) s += ", gate.bias";
+  if (moekit::option_flag(c, "ffn_bias"))
+    s += ", " + range("experts.", c.num_ffn_experts) + ".w1/w2" + (moekit::is_gated(c.activation) ? "/w3" : "") + ".bias";
   if (c.expert_bias) s += std::string(", ") + kExpertBiasInput;
   return s + " for activation \"" + moekit::to_string(c.activation) + "\", " + std::to_string(c.num_constant_experts) +
          " constant experts, gating_residual " + (c.gating_residual ? "true" : "false");

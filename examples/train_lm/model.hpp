@@ -70,7 +70,7 @@ struct LmConfig {
     sc::Flops f;
     for (std::int64_t l = 0; l < blocks; ++l)
       f += sc::attention_flops(batch, seq, d_model, heads, kv_heads) +
-           sc::moe_flops(rows, d_model, mc.d_expert, mc.num_experts(), rows * mc.top_k, mc.activation == moekit::Activation::kSwiGLU);
+           sc::moe_flops(rows, d_model, mc.d_expert, mc.num_experts(), rows * mc.top_k, moekit::is_gated(mc.activation));
     return f + sc::linear_flops(rows, d_model, kVocab);
   }
 };

@@ -322,6 +322,18 @@ void run_all() {
     unnorm.cfg.renormalize = false, unnorm.cfg.options.set("routed_scaling_factor", 1.5);
     check<MoeLayer<backend::Host<float>, Sig, experts::Ffn<act::SwiGLU>>, MoeLayer<backend::Cuda<V>, Sig, experts::Ffn<act::SwiGLU>>>(unnorm);
   }
+  SUBCASE("the open models' experts: GPT-OSS's clamped SwiGLU with biases, biased GeLU beside MoE++") {
+    using Oss = router::LinearBias<Soft>;
+    using Oai = experts::Ffn<act::SwiGLUOai>;
+    Case oss{"gpt-oss-experts", small_config(8, 2, RouterKind::kSoftmax, Activation::kSwiGLUOai), 61, 39};
+    oss.cfg.renormalize = true, oss.cfg.options.set("router_bias", true), oss.cfg.options.set("ffn_bias", true);
+    oss.cfg.options.set("swiglu_limit", 0.5);  // the clamps bite at this scale
+    check<MoeLayer<backend::Host<float>, Oss, Oai>, MoeLayer<backend::Cuda<V>, Oss, Oai>>(oss);
+    Case gelu{"gelu-biases-moepp", small_config(6, 2, RouterKind::kSoftmax, Activation::kGeLU), 45, 41};
+    gelu.cfg.num_zero_experts = 1, gelu.cfg.num_copy_experts = 1, gelu.cfg.num_constant_experts = 1;
+    gelu.cfg.options.set("ffn_bias", true), gelu.cfg.capacity_factor = 1.0;
+    check<MoeLayer<backend::Host<float>, Soft, MixedGelu>, MoeLayer<backend::Cuda<V>, Soft, MixedGelu>>(gelu);
+  }
   SUBCASE("MoE++ with sigmoid routing and GlobalBatch balance") {
     Case c{"moepp-sigmoid-global", small_config(6, 2, RouterKind::kSigmoid, Activation::kGeLU), 64, 13};
     c.cfg.num_zero_experts = 2, c.cfg.num_copy_experts = 1, c.cfg.num_constant_experts = 1, c.cfg.tau = 0.1;

@@ -34,7 +34,7 @@ T from_f(float v) {
 
 
 template <class Act, class T>
-void check_activation(int rows, int d, unsigned seed) {
+void check_activation(int rows, int d, unsigned seed, const Act& act = Act{}) {
   CAPTURE(rows);
   CAPTURE(d);
   constexpr bool gated = mc::is_gated_v<Act>;
@@ -49,18 +49,18 @@ void check_activation(int rows, int d, unsigned seed) {
   std::vector<float> a_ref(n), dh1_ref(n), dh3_ref(n, 0.f);
   for (std::size_t i = 0; i < n; ++i) {
     const float x1 = to_f(h1[i]), x3 = gated ? to_f(h3[i]) : 0.f;
-    a_ref[i] = moekit::act::apply(Act{}, x1, x3);
+    a_ref[i] = act.apply(x1, x3);
     float g1 = 0.f, g3 = 0.f;
-    moekit::act::backward(Act{}, x1, x3, to_f(da[i]), g1, g3);
+    act.backward(x1, x3, to_f(da[i]), g1, g3);
     dh1_ref[i] = g1, dh3_ref[i] = g3;
   }
 
   DeviceBuffer<T> dh1v(n), dh3v(n), dda(n), da_out(n), ddh1(n), ddh3(n);
   dh1v.upload(h1), dh3v.upload(h3), dda.upload(da);
   da_out.poison(), ddh1.poison(), ddh3.poison();
-  REQUIRE(mc::activation_forward<Act>(dh1v.p, gated ? dh3v.p : nullptr, da_out.p, rows, d, nullptr) == cudaSuccess);
+  REQUIRE(mc::activation_forward<Act>(dh1v.p, gated ? dh3v.p : nullptr, da_out.p, rows, d, nullptr, 0, act) == cudaSuccess);
   REQUIRE(mc::activation_backward<Act>(dh1v.p, gated ? dh3v.p : nullptr, dda.p, ddh1.p, gated ? ddh3.p : nullptr, rows,
-                                       d, nullptr) == cudaSuccess);
+                                       d, nullptr, 0, act) == cudaSuccess);
   MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
 
   auto as_f = [](const std::vector<T>& v) {
@@ -81,6 +81,10 @@ void check_all_activations() {
       check_activation<moekit::act::SwiGLU, T>(rows, d, 11u + unsigned(rows * 7 + d));
       check_activation<moekit::act::GeLU, T>(rows, d, 23u + unsigned(rows * 7 + d));
       check_activation<moekit::act::ReLU, T>(rows, d, 31u + unsigned(rows * 7 + d));
+      // GPT-OSS's clamped SwiGLU with options the kernel must receive (limit 1: the clamps bite).
+      moekit::act::SwigluOaiOptions o;
+      o.swiglu_alpha = 1.3, o.swiglu_limit = 1.0;
+      check_activation<moekit::act::SwiGLUOai, T>(rows, d, 41u + unsigned(rows * 7 + d), moekit::act::SwiGLUOai(o));
     }
 }
 
@@ -98,6 +102,61 @@ TEST_CASE("cuda activation rejects a gated call without h3") {
   CHECK(mc::activation_forward<moekit::act::SwiGLU>(dummy, static_cast<const float*>(nullptr), dummy, 2, 2, nullptr) ==
         cudaErrorInvalidValue);
   cudaFree(dummy);
+}
+
+// ---------------------------------------------------------------- FFN biases (ffn_bias)
+#include <moekit/backend/cuda/expert_bias.cuh>
+
+namespace {
+
+// add_expert_bias and expert_bias_grad against loops here, over ragged experts (one empty) and a column
+// slice [col0, col0 + n) of wider rows, as b2's tp slice is.
+template <class T>
+void check_expert_bias(unsigned seed) {
+  const std::vector<std::int64_t> off = {0, 5, 5, 37, 38, 300};  // 5 experts, the second empty
+  const int experts = 5, ld = 70, col0 = 16, n = 33, rows = int(off.back());
+  std::mt19937 g(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<T> y(std::size_t(rows) * ld), b(std::size_t(experts) * n);
+  for (auto& v : y) v = from_f<T>(nd(g));
+  for (auto& v : b) v = from_f<T>(nd(g));
+  std::vector<float> g0(std::size_t(experts) * n);
+  for (auto& v : g0) v = nd(g);
+  std::vector<float> y_ref(y.size()), g_ref = g0;
+  for (std::size_t i = 0; i < y.size(); ++i) y_ref[i] = to_f(y[i]);
+  for (int e = 0; e < experts; ++e)
+    for (std::int64_t r = off[std::size_t(e)]; r < off[std::size_t(e) + 1]; ++r)
+      for (int j = 0; j < n; ++j) {
+        g_ref[std::size_t(e * n + j)] += to_f(y[std::size_t(r * ld + col0 + j)]);
+        y_ref[std::size_t(r * ld + col0 + j)] += to_f(b[std::size_t(e * n + j)]);
+      }
+  DeviceBuffer<T> dy(y.size()), db(b.size());
+  DeviceBuffer<float> dg(g0.size());
+  DeviceBuffer<std::int64_t> doff(off.size());
+  dy.upload(y), db.upload(b), dg.upload(g0), doff.upload(off);
+  REQUIRE(mc::expert_bias_grad(dy.p, ld, col0, n, doff.p, experts, dg.p, n, nullptr) == cudaSuccess);
+  REQUIRE(mc::add_expert_bias(dy.p, ld, col0, n, doff.p, experts, 262, db.p, n, nullptr) == cudaSuccess);
+  MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto yo = dy.download();
+  std::vector<float> y_out(yo.size());
+  for (std::size_t i = 0; i < yo.size(); ++i) y_out[i] = to_f(yo[i]);
+  const double tol = std::is_same_v<T, float> ? 1e-6 : 1e-2;
+  CHECK(moekit_test::rel_err(y_out, y_ref) <= tol);
+  CHECK(moekit_test::rel_err(dg.download(), g_ref) <= 1e-5);  // fp32 sums of the stored values
+  // Columns outside the slice are untouched, bit for bit.
+  bool untouched = true;
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < ld; ++c)
+      if (c < col0 || c >= col0 + n) untouched = untouched && to_f(yo[std::size_t(r * ld + c)]) == to_f(y[std::size_t(r * ld + c)]);
+  CHECK(untouched);
+  CHECK(mc::add_expert_bias(dy.p, ld, 50, n, doff.p, experts, 262, db.p, n, nullptr) == cudaErrorInvalidValue);  // past ld
+}
+
+}  // namespace
+
+TEST_CASE("cuda FFN biases: add per expert and the per-expert column sums (fp32 and bf16 storage)") {
+  check_expert_bias<float>(3u);
+  check_expert_bias<__nv_bfloat16>(5u);
 }
 
 // ---------------------------------------------------------------- permute (dropless)

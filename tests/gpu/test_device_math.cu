@@ -240,6 +240,7 @@ TEST_CASE("act::apply and act::backward: device matches host") {
   SUBCASE("swiglu") { check_activation<moekit::act::SwiGLU>(kCount, 11u); }
   SUBCASE("gelu") { check_activation<moekit::act::GeLU>(kCount, 12u); }
   SUBCASE("relu") { check_activation<moekit::act::ReLU>(kCount, 13u); }
+  SUBCASE("swiglu_oai") { check_activation<moekit::act::SwiGLUOai>(kCount, 14u); }
 }
 
 int main(int argc, char** argv) {

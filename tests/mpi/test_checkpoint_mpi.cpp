@@ -48,6 +48,9 @@ std::vector<Spec> full_specs() {
   for (std::int64_t e = 0; e < kE; ++e) {
     s.push_back({"experts." + std::to_string(e) + ".w1.weight", {kF, kD}, ParamShard::kExpertRows, e});
     s.push_back({"experts." + std::to_string(e) + ".w2.weight", {kD, kF}, ParamShard::kExpertCols, e});
+    // 1-D expert tensors (the FFN biases, ffn_bias): split along their one dimension, by rows or columns.
+    s.push_back({"experts." + std::to_string(e) + ".w1.bias", {kF}, ParamShard::kExpertRows, e});
+    s.push_back({"experts." + std::to_string(e) + ".cols.bias", {kF}, ParamShard::kExpertCols, e});
   }
   return s;
 }
@@ -66,15 +69,18 @@ struct Holding {
       if (s.expert >= 0 && (s.expert < g.e * el || s.expert >= (g.e + 1) * el)) continue;
       std::vector<float> part;
       std::vector<std::int64_t> local = s.shape;
+      const std::int64_t numel = s.shape.size() == 1 ? s.shape[0] : s.shape[0] * s.shape[1];
       if (s.shard == ParamShard::kReplicated) {
-        for (std::int64_t i = 0; i < s.shape[0] * s.shape[1]; ++i) part.push_back(value(k, i));
-      } else if (s.shard == ParamShard::kExpertRows) {  // rows [t fl, (t+1) fl) of [F, D]
+        for (std::int64_t i = 0; i < numel; ++i) part.push_back(value(k, i));
+      } else if (s.shard == ParamShard::kExpertRows) {  // rows [t fl, (t+1) fl) of [F, D] (or of [F])
+        const std::int64_t per_row = numel / s.shape[0];
         local[0] = fl;
         for (std::int64_t r = g.t * fl; r < (g.t + 1) * fl; ++r)
-          for (std::int64_t c = 0; c < kD; ++c) part.push_back(value(k, r * kD + c));
-      } else {  // columns [t fl, (t+1) fl) of [D, F]
-        local[1] = fl;
-        for (std::int64_t r = 0; r < kD; ++r)
+          for (std::int64_t c = 0; c < per_row; ++c) part.push_back(value(k, r * per_row + c));
+      } else {  // columns [t fl, (t+1) fl) of [D, F] (or of [F]): the last dimension
+        const std::int64_t outer = numel / kF;
+        local.back() = fl;
+        for (std::int64_t r = 0; r < outer; ++r)
           for (std::int64_t c = g.t * fl; c < (g.t + 1) * fl; ++c) part.push_back(value(k, r * kF + c));
       }
       want.push_back(part);

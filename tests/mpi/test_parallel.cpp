@@ -238,6 +238,21 @@ TEST_CASE("the open models' routers: every split equals parallel::None (groups, 
   }
 }
 
+TEST_CASE("the open models' experts: every split equals parallel::None (GPT-OSS's clamped SwiGLU and FFN biases)") {
+  using Oai = experts::Ffn<act::SwiGLUOai>;
+  for (auto s : splits()) {
+    // b1 and b3 split over tp with their rows, b2 [D] by columns: each tp rank adds its columns once.
+    MoeConfig oss = base_config(s.tp, s.ep, s.dp, false);
+    oss.activation = Activation::kSwiGLUOai, oss.renormalize = true;
+    oss.options.set("router_bias", true), oss.options.set("ffn_bias", true), oss.options.set("swiglu_limit", 1.0);
+    check_equivalence<parallel::Hybrid, router::LinearBias<Soft>, Oai, balance::GlobalBatch>(oss);
+    if (s.ep == 1) check_equivalence<parallel::Tensor, router::LinearBias<Soft>, Oai, balance::GlobalBatch>(oss);
+    MoeConfig gelu = base_config(s.tp, s.ep, s.dp, true);  // biased ungated experts beside MoE++'s
+    gelu.activation = Activation::kGeLU, gelu.options.set("ffn_bias", true);
+    check_equivalence<parallel::Hybrid, Soft, Mixed, balance::MicroBatch>(gelu, 19);
+  }
+}
+
 // router::BiasBalanced: each rank routes its own shard; end_step sums the step's counts over the shards,
 // so after every step the biases are the same bits on every rank and equal a single-rank layer's that saw
 // the concatenated batch (sums of ±u in the same order), and so are the next step's routing decisions.

@@ -40,16 +40,22 @@ struct Case {
   bool router_bias = false;   // router::LinearBias: gate.bias
   int n_group = 0, topk_group = 1;  // router::GroupLimited when n_group > 0
   std::string group_score = "top2_sum";
+  bool ffn_bias = false;                    // experts.{e}.w1/w3/w2.bias
+  double swiglu_alpha = 0, swiglu_limit = 0;  // written when set (activation "swiglu_oai")
   double capacity = 0.0, lbl = 0.01, z = 0.001, tau = 1.0, rate = 1e-3;
   std::uint64_t seed = 7;
 
   int NE() const { return N + Z + C + Q; }  // logits, indices and counts: FFN, zero, copy, constant
+  bool gated() const { return act == "swiglu" || act == "swiglu_oai"; }
   nlohmann::json config() const {
     nlohmann::json j = base_config();
     if (no_renorm) j["renormalize"] = false;
     if (scale != 1.0) j["routed_scaling_factor"] = scale;
     if (router_bias) j["router_bias"] = true;
     if (n_group > 0) j["n_group"] = n_group, j["topk_group"] = topk_group, j["group_score"] = group_score;
+    if (ffn_bias) j["ffn_bias"] = true;
+    if (swiglu_alpha > 0) j["swiglu_alpha"] = swiglu_alpha;
+    if (swiglu_limit > 0) j["swiglu_limit"] = swiglu_limit;
     return j;
   }
   nlohmann::json base_config() const {
@@ -62,9 +68,13 @@ struct Case {
   std::vector<std::string> params() const {
     std::vector<std::string> p{"gate.weight"};
     if (router_bias) p.push_back("gate.bias");
-    for (int e = 0; e < N; ++e)
+    for (int e = 0; e < N; ++e) {
       for (const char* w : {"w1", "w2", "w3"})
-        if (w[1] != '3' || act == "swiglu") p.push_back("experts." + std::to_string(e) + "." + w + ".weight");
+        if (w[1] != '3' || gated()) p.push_back("experts." + std::to_string(e) + "." + w + ".weight");
+      if (ffn_bias)
+        for (const char* w : {"w1", "w3", "w2"})
+          if (w[1] != '3' || gated()) p.push_back("experts." + std::to_string(e) + "." + w + ".bias");
+    }
     for (int j = 0; j < Q; ++j)
       for (const char* w : {"wc.weight", "v"}) p.push_back("constant." + std::to_string(j) + "." + w);
     if (residual) p.push_back("gate_residual.weight");
@@ -80,6 +90,8 @@ struct Case {
       else if (p == "gate_residual.weight") s[p] = {NE(), NE()};
       else if (p.find("wc.weight") != std::string::npos) s[p] = {2, D};
       else if (p.find(".v") != std::string::npos) s[p] = {D};
+      else if (p.find("w2.bias") != std::string::npos) s[p] = {D};
+      else if (p.find(".bias") != std::string::npos) s[p] = {F};
       else if (p.find("w2") != std::string::npos) s[p] = {D, F};
       else s[p] = {F, D};
     }

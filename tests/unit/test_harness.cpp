@@ -112,22 +112,31 @@ Ref reference(const Case& c, const Tensors& t) {
     if (e < N) {
       const auto& w1 = t.at("experts." + std::to_string(e) + ".w1.weight");
       const auto& w2 = t.at("experts." + std::to_string(e) + ".w2.weight");
+      const std::string pre = "experts." + std::to_string(e) + ".";
       std::vector<double> a(F);
       for (int f = 0; f < F; ++f) {
-        double h1 = 0, h3 = 0;
+        double h1 = c.ffn_bias ? t.at(pre + "w1.bias")[f] : 0.0, h3 = c.ffn_bias && c.gated() ? t.at(pre + "w3.bias")[f] : 0.0;
         for (int d = 0; d < D; ++d) h1 += w1[f * D + d] * xt[d];
-        if (c.act == "swiglu") {
-          const auto& w3 = t.at("experts." + std::to_string(e) + ".w3.weight");
+        if (c.gated()) {
+          const auto& w3 = t.at(pre + "w3.weight");
           for (int d = 0; d < D; ++d) h3 += w3[f * D + d] * xt[d];
+        }
+        if (c.act == "swiglu") {
           a[f] = h1 / (1.0 + std::exp(-h1)) * h3;
+        } else if (c.act == "swiglu_oai") {  // GPT-OSS: (clamp(up) + 1) · g · sigmoid(alpha g), g = min(gate, limit)
+          const double alpha = c.swiglu_alpha > 0 ? c.swiglu_alpha : 1.702, lim = c.swiglu_limit > 0 ? c.swiglu_limit : 7.0;
+          const double g = std::min(h1, lim), u = std::max(-lim, std::min(h3, lim));
+          a[f] = (u + 1.0) * g / (1.0 + std::exp(-alpha * g));
         } else if (c.act == "gelu") {
           a[f] = 0.5 * h1 * (1.0 + std::erf(h1 / std::sqrt(2.0)));
         } else {
           a[f] = std::max(h1, 0.0);
         }
       }
-      for (int d = 0; d < D; ++d)
+      for (int d = 0; d < D; ++d) {
+        if (c.ffn_bias) o[d] = t.at(pre + "w2.bias")[d];
         for (int f = 0; f < F; ++f) o[d] += w2[d * F + f] * a[f];
+      }
     } else if (e < N + c.Z) {
       // zero expert: E(x) = 0
     } else if (e < N + c.Z + c.C) {
@@ -200,7 +209,17 @@ std::vector<Case> cases() {
   Case n;
   n.name = "GPT-OSS router: softmax with gate.bias, renormalised";
   n.router_bias = true, n.renorm = true;
-  return {a, b, c, d, e, f, g, h, i, j, k, l, m, n};
+  // The experts of today's open models (docs/design.md §3).
+  Case o;
+  o.name = "GPT-OSS: softmax with gate.bias, renormalised; clamped SwiGLU with biases (alpha 1.5, limit 0.4)";
+  o.router_bias = true, o.renorm = true, o.act = "swiglu_oai", o.ffn_bias = true, o.swiglu_alpha = 1.5, o.swiglu_limit = 0.4;
+  Case p;
+  p.name = "clamped SwiGLU at GPT-OSS's defaults, sigmoid top-2 with capacity 1.0";
+  p.router = "sigmoid", p.act = "swiglu_oai", p.capacity = 1.0;
+  Case q;
+  q.name = "MoE++ gelu with FFN biases: 3 FFN + zero + copy + constant";
+  q.act = "gelu", q.ffn_bias = true, q.N = 3, q.Z = q.C = q.Q = 1, q.T = 9;
+  return {a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q};
 }
 
 }  // namespace

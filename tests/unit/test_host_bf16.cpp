@@ -181,6 +181,12 @@ void run_all() {
     s.cfg.expert_bias = true;
     check<router::BiasBalanced<Sig>, experts::Ffn<act::GeLU>>(s);
   }
+  SUBCASE("GPT-OSS: router bias, clamped SwiGLU with FFN biases") {
+    Case c{"gpt-oss", small_config(8, 2, RouterKind::kSoftmax, Activation::kSwiGLUOai), 61, 33};
+    c.cfg.renormalize = true, c.cfg.options.set("router_bias", true), c.cfg.options.set("ffn_bias", true);
+    c.cfg.options.set("swiglu_limit", 0.5);
+    check<router::LinearBias<Soft>, experts::Ffn<act::SwiGLUOai>>(c);
+  }
   SUBCASE("global-batch balance") {
     Case c{"global-batch", small_config(8, 2, RouterKind::kSoftmax, Activation::kSwiGLU), 45, 31};
     check<Soft, experts::Ffn<act::SwiGLU>, balance::GlobalBatch>(c);

@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "layer_fd.hpp"
+
 using namespace moekit;
 
 namespace {
@@ -101,22 +103,8 @@ void check_functor(const MoeConfig& c, const RefRouter& ref, bool with_bias, uns
   }
 }
 
-// L = Σ y·dy + lbl_coef·LBL + zloss_coef·zloss of one forward (idx: the routing it took).
-template <class Layer>
-double loss_of(Layer& layer, const std::vector<double>& x, const std::vector<double>& dy, std::vector<int>* idx) {
-  const MoeConfig& c = layer.config();
-  const std::int64_t tokens = std::int64_t(x.size()) / c.d_model;
-  std::vector<double> y(x.size());
-  const AuxLosses aux = layer.forward(MatrixView<const double>(x.data(), {tokens, c.d_model}), MatrixView<double>(y.data(), {tokens, c.d_model}));
-  double l = c.lbl_coef * aux.lbl + c.zloss_coef * aux.zloss;
-  for (std::size_t i = 0; i < y.size(); ++i) l += y[i] * dy[i];
-  idx->assign(layer.topk_indices().data, layer.topk_indices().data + tokens * c.top_k);
-  return l;
-}
-
-// Central differences in double (eps 1e-6) on every input and parameter element; a coordinate whose
-// perturbation changes the routing is skipped and counted. |analytic − numeric| <= 1e-6 + 1e-5·|numeric|.
-// Also checks the layer's routing against the reference, token by token, from its own logits.
+// Central differences in double on every input and parameter element (layer_fd.hpp); and the layer's
+// routing against the reference, token by token, from its own logits.
 template <class Layer>
 void check_layer(const MoeConfig& c, const RefRouter& ref, unsigned seed) {
   std::mt19937_64 g(seed);
@@ -130,11 +118,11 @@ void check_layer(const MoeConfig& c, const RefRouter& ref, unsigned seed) {
     layer.set_expert_bias(bias);
   }
   const int tokens = 11;
-  std::vector<double> x(std::size_t(tokens * c.d_model)), dy(x.size()), dx(x.size());
+  std::vector<double> x(std::size_t(tokens * c.d_model)), dy(x.size());
   for (auto& v : x) v = nd(g);
   for (auto& v : dy) v = nd(g);
   std::vector<int> idx0;
-  loss_of(layer, x, dy, &idx0);
+  testing::layer_loss(layer, x, dy, &idx0);
 
   // The routing from the layer's own logits (the logits themselves: W_r x (+ b) by hand below).
   const auto weights = layer.weights();
@@ -153,34 +141,9 @@ void check_layer(const MoeConfig& c, const RefRouter& ref, unsigned seed) {
     }
   }
 
-  layer.zero_grad();
-  layer.backward(MatrixView<const double>(dy.data(), {tokens, c.d_model}), MatrixView<double>(dx.data(), {tokens, c.d_model}));
-  const double eps = 1e-6;
-  int checked = 0, skipped = 0;
-  auto probe = [&](double* v, double analytic, const std::string& what, std::size_t i) {
-    const double keep = *v;
-    std::vector<int> ia, ib;
-    *v = keep + eps;
-    const double lp = loss_of(layer, x, dy, &ia);
-    *v = keep - eps;
-    const double lm = loss_of(layer, x, dy, &ib);
-    *v = keep;
-    if (ia != idx0 || ib != idx0) {
-      ++skipped;
-      return;
-    }
-    const double numeric = (lp - lm) / (2 * eps);
-    INFO(what << "[" << i << "] analytic " << analytic << " numeric " << numeric);
-    CHECK(std::abs(analytic - numeric) <= 1e-6 + 1e-5 * std::abs(numeric));
-    ++checked;
-  };
-  for (std::size_t i = 0; i < x.size(); ++i) probe(&x[i], dx[i], "x", i);
-  for (auto& p : layer.parameters()) {
-    const std::vector<double> grad(p.grad, p.grad + p.numel());
-    for (std::int64_t i = 0; i < p.numel(); ++i) probe(&p.value[i], grad[std::size_t(i)], p.name, std::size_t(i));
-  }
-  CHECK(checked > 20 * skipped);
-  CHECK(checked > 300);
+  const testing::FdCount fd = testing::check_layer_gradients(layer, x, dy);
+  CHECK(fd.checked > 20 * fd.skipped);
+  CHECK(fd.checked > 300);
 }
 
 using SoftmaxTopK = router::TopK<router::Softmax>;

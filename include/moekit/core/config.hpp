@@ -19,7 +19,7 @@
 
 namespace moekit {
 
-enum class Activation { kSwiGLU, kGeLU, kReLU };
+enum class Activation { kSwiGLU, kGeLU, kReLU, kSwiGLUOai };
 enum class RouterKind { kSoftmax, kSigmoid };
 
 inline const char* to_string(Activation a) {
@@ -27,9 +27,12 @@ inline const char* to_string(Activation a) {
     case Activation::kSwiGLU: return "swiglu";
     case Activation::kGeLU: return "gelu";
     case Activation::kReLU: return "relu";
+    case Activation::kSwiGLUOai: return "swiglu_oai";
   }
   return "?";
 }
+// Whether an activation multiplies two projections (w1 and w3: SwiGLU and GPT-OSS's clamped SwiGLU).
+inline bool is_gated(Activation a) { return a == Activation::kSwiGLU || a == Activation::kSwiGLUOai; }
 inline const char* to_string(RouterKind r) { return r == RouterKind::kSoftmax ? "softmax" : "sigmoid"; }
 
 // Every value of an enum field, in order (for parsing and for the messages that list the options).
@@ -37,7 +40,7 @@ template <class E>
 struct EnumValues;
 template <>
 struct EnumValues<Activation> {
-  static constexpr Activation all[] = {Activation::kSwiGLU, Activation::kGeLU, Activation::kReLU};
+  static constexpr Activation all[] = {Activation::kSwiGLU, Activation::kGeLU, Activation::kReLU, Activation::kSwiGLUOai};
 };
 template <>
 struct EnumValues<RouterKind> {

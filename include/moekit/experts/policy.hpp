@@ -2,42 +2,43 @@
 #include <cmath>
 #include <concepts>
 #include <cstdint>
+#include <tuple>
+#include <type_traits>
 
 #include "moekit/core/config.hpp"
+#include "moekit/core/options.hpp"
 #include "moekit/core/parameter.hpp"
+#include "moekit/experts/activation.hpp"
 #include "moekit/experts/zero_computation.hpp"
 
-namespace moekit::act {
-// Activation tags. `gated` activations (SwiGLU) use a third weight W3.
-struct SwiGLU {
-  static constexpr Activation kind = Activation::kSwiGLU;
-  static constexpr bool gated = true;
-};
-struct GeLU {  // exact erf form, as torch.nn.GELU()
-  static constexpr Activation kind = Activation::kGeLU;
-  static constexpr bool gated = false;
-};
-struct ReLU {
-  static constexpr Activation kind = Activation::kReLU;
-  static constexpr bool gated = false;
-};
-template <class A>
-concept ActivationPolicy = std::same_as<A, SwiGLU> || std::same_as<A, GeLU> || std::same_as<A, ReLU>;
-}  // namespace moekit::act
-
 namespace moekit::experts {
-// FFN expert: y = W2 act(W1 x), or W2 (silu(W1 x) * W3 x) for SwiGLU.
+// The FFN experts' options: biases on both projections (GPT-OSS), h = W1 x + b1, y = W2 a + b2.
+struct FfnOptions {
+  bool ffn_bias = false;
+  static constexpr auto fields() { return std::make_tuple(ConfigField<bool, FfnOptions>{"ffn_bias", &FfnOptions::ffn_bias}); }
+};
+
+// FFN expert: y = W2 act(W1 x [+ b1]) [+ b2], or W2 act(W1 x, W3 x) for gated activations (SwiGLU:
+// silu(W1 x) * W3 x). Act is any act::ActivationPolicy (experts/activation.hpp).
 template <class Act>
 struct Ffn {
-  static_assert(act::ActivationPolicy<Act>, "experts::Ffn<Act>: Act must be act::SwiGLU, act::GeLU or act::ReLU");
+  static_assert(act::ActivationPolicy<Act>, "experts::Ffn<Act>: Act must be an activation (act::ActivationPolicy, experts/activation.hpp)");
   using activation = Act;
-  // w1 and w3 share a region (one GEMM computes both), listed per expert with w2.
+  using options = FfnOptions;
+  // w1 and w3 share a region (one GEMM computes both), listed per expert with w2; their biases b1 and b3
+  // share one too, laid out as a row of [h1 | h3]. b2 [D] is split over tp by columns like w2: each tp
+  // rank adds its columns of it to its partial rows, so the tp reduction adds it once.
   static void declare_parameters(ParamDecls& d, const MoeConfig& c) {
     const std::int64_t e = c.num_ffn_experts, f = c.d_expert, m = c.d_model;
     const double bd = 1.0 / std::sqrt(double(m)), bf = 1.0 / std::sqrt(double(f));
     d.add({"w1", "experts.{}.w1.weight", e, {f, m}, ParamShard::kExpertRows, "w13", "experts", bd, false});
     d.add({"w2", "experts.{}.w2.weight", e, {m, f}, ParamShard::kExpertCols, "w2", "experts", bf, false});
     if (Act::gated) d.add({"w3", "experts.{}.w3.weight", e, {f, m}, ParamShard::kExpertRows, "w13", "experts", bd, false});
+    if (read_options<FfnOptions>(c).ffn_bias) {
+      d.add({"b1", "experts.{}.w1.bias", e, {f}, ParamShard::kExpertRows, "b13", "experts", bd, false});
+      if (Act::gated) d.add({"b3", "experts.{}.w3.bias", e, {f}, ParamShard::kExpertRows, "b13", "experts", bd, false});
+      d.add({"b2", "experts.{}.w2.bias", e, {m}, ParamShard::kExpertCols, "b2", "experts", bf, false});
+    }
   }
 };
 
@@ -61,6 +62,7 @@ struct Set {
                   std::same_as<ZeroComputation, Constant>) && ...),
                 "experts::Set<Ffn<Act>, ...>: the other members must be experts::Zero, experts::Copy or experts::Constant");
   using activation = typename FfnExpert::activation;
+  using members = std::tuple<FfnExpert, ZeroComputation...>;
   static constexpr bool has_zero = detail::contains<Zero, ZeroComputation...>;
   static constexpr bool has_copy = detail::contains<Copy, ZeroComputation...>;
   static constexpr bool has_constant = detail::contains<Constant, ZeroComputation...>;
@@ -81,6 +83,26 @@ concept ExpertPolicy = requires(ParamDecls& d, const MoeConfig& c) {
   typename E::activation;
   E::declare_parameters(d, c);
 };
+
+// Calls f(std::type_identity<P>{}) for every policy an expert policy is made of: an Ffn<Act>, then its
+// activation; a Set's members in order. Their options are the expert policy's (check_policies, the
+// runtime switch's option keys).
+template <class E, class F>
+void for_each_expert_part(F&& f) {
+  if constexpr (detail::is_ffn<E>) {
+    f(std::type_identity<E>{});
+    f(std::type_identity<typename E::activation>{});
+  } else if constexpr (requires { typename E::members; }) {
+    [&]<class... P>(std::tuple<P...>*) { (for_each_expert_part<P>(f), ...); }(static_cast<typename E::members*>(nullptr));
+  } else {
+    f(std::type_identity<E>{});
+  }
+}
+// Reads and validates the options of every part (a ConfigError names the key).
+template <class E>
+void read_expert_options(const MoeConfig& c) {
+  for_each_expert_part<E>([&]<class P>(std::type_identity<P>) { (void)read_options<options_t<P>>(c); });
+}
 
 // Which zero-computation kinds a policy admits (none for a bare Ffn<Act>).
 template <class E>

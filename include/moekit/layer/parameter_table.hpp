@@ -7,11 +7,13 @@
 //
 // With today's policies (names as Mixtral / MoE++ checkpoints):
 //   gate.weight [N_E, D]; experts.{e}.w1.weight [f, D], .w2.weight [D, f], .w3.weight [f, D] (gated only)
-//   for each FFN expert e this rank holds (global index); constant.{j}.wc.weight [2, D], .v [D];
-//   gate_residual.weight [N_E, N_E] (router::GatingResidual only, fp32).
+//   for each FFN expert e this rank holds (global index); with ffn_bias (GPT-OSS) experts.{e}.w1.bias
+//   [f], .w3.bias [f], .w2.bias [D]; constant.{j}.wc.weight [2, D], .v [D]; gate.bias [N_E]
+//   (router::LinearBias, fp32); gate_residual.weight [N_E, N_E] (router::GatingResidual, fp32).
 // Flat layout (elements): regions in order, each tensor-major with its families interleaved:
 //   router | w13 [el][wf][D] (expert le: its w1 rows, then its w3 rows) | w2 [el][D][fl] |
-//   const_wc [Nc][2][D] | const_v [Nc][D] | gate_residual [N_E][N_E]
+//   b13 [el][wf] | b2 [el][D/tp] | const_wc [Nc][2][D] | const_v [Nc][D] | router_bias [N_E] |
+//   gate_residual [N_E][N_E]   (a region is there when a policy declares it)
 // el = N_FFN / ep experts, each the t-th 1/tp slice of d_expert (fl = d_expert / tp rows of w1/w3 and
 // columns of w2), wf = fl (ungated) or 2·fl. The fp32 families come last: the CUDA backend keeps them in
 // fp32 whatever the storage type, after the storage-typed part (value_byte_offset).
@@ -143,6 +145,11 @@ class ParameterTable {
     for (const auto& r : regions_)
       if (r.key == key) return r;
     throw ShapeError("no parameter region '" + std::string(key) + "' in this layer (families: " + family_keys() + ")");
+  }
+  bool has_region(std::string_view key) const {
+    for (const auto& r : regions_)
+      if (r.key == key) return true;
+    return false;
   }
   I64 offset_or_end(std::string_view key) const {
     for (const auto& r : regions_)

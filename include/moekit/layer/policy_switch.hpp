@@ -69,11 +69,12 @@ using RouterRows = type_list<
     router::LinearBias<router::TopK<router::Softmax>>>;                                 // GPT-OSS
 
 // Every expert set: the activation (MoeConfig::activation), with MoE++'s zero-computation experts
-// when the config has any.
+// when the config has any. (The FFN experts' biases, ffn_bias, are a run-time option of every row.)
 template <class A>
 using ZcSet = experts::Set<experts::Ffn<A>, experts::Zero, experts::Copy, experts::Constant>;
 using ExpertRows = type_list<experts::Ffn<act::SwiGLU>, experts::Ffn<act::GeLU>, experts::Ffn<act::ReLU>, ZcSet<act::SwiGLU>,
-                             ZcSet<act::GeLU>, ZcSet<act::ReLU>>;
+                             ZcSet<act::GeLU>, ZcSet<act::ReLU>,
+                             experts::Ffn<act::SwiGLUOai>>;  // GPT-OSS
 
 // The runtime choices of a router chain (its wrappers' keys).
 template <class R>
@@ -113,6 +114,13 @@ void router_option_keys(std::vector<std::string>& keys) {
   });
 }
 
+template <class E>
+void expert_option_keys(std::vector<std::string>& keys) {
+  experts::for_each_expert_part<E>([&]<class P>(std::type_identity<P>) {
+    for (auto& k : option_keys<options_t<P>>()) keys.push_back(k);
+  });
+}
+
 // What a config asks for, in words (for the messages).
 inline std::string asked_text(const MoeConfig& c) {
   std::string s = std::string("router \"") + to_string(c.router) + "\"";
@@ -143,7 +151,13 @@ inline std::vector<std::string> policy_option_keys() {
       for (auto& x : k) add(x);
     }());
   }(RouterRows{});
-  [&]<class... E>(type_list<E...>) { (..., [&] { for (auto& x : option_keys<options_t<E>>()) add(x); }()); }(ExpertRows{});
+  [&]<class... E>(type_list<E...>) {
+    (..., [&] {
+      std::vector<std::string> k;
+      detail::expert_option_keys<E>(k);
+      for (auto& x : k) add(x);
+    }());
+  }(ExpertRows{});
   return keys;
 }
 
@@ -270,7 +284,7 @@ void check_policies(const MoeConfig& cfg) {
   }
   std::vector<std::string> known;
   detail::router_option_keys<Router>(known);
-  for (auto& k : option_keys<options_t<Experts>>()) known.push_back(k);
+  detail::expert_option_keys<Experts>(known);
   for (const RouterChoice& ch : kRouterChoices) known.push_back(ch.key);
   for (const auto& [key, value] : cfg.options.entries()) {
     bool ok = false;
@@ -282,6 +296,7 @@ void check_policies(const MoeConfig& cfg) {
     }
   }
   (void)Router(cfg);  // reads and validates every router option
+  experts::read_expert_options<Experts>(cfg);
 }
 
 }  // namespace moekit

@@ -63,8 +63,8 @@ inline TrainerState trainer_state_from_json(const nlohmann::json& j) {
 }
 
 // A parameter (or its moment) of this rank as a checkpoint tensor: its full shape, this rank's slice
-// (layer/parameter_table.hpp's layout: an FFN expert's w1/w3 rows and w2 columns split over tp, slice
-// t), and whether this rank writes it.
+// (layer/parameter_table.hpp's layout: an FFN expert's w1/w3 rows (and biases) and w2 columns (and its
+// [D] bias) split over tp, slice t), and whether this rank writes it.
 inline CheckpointTensor checkpoint_tensor(std::string name, const std::vector<std::int64_t>& local_shape, ParamShard shard,
                                           float* data, const ParallelGrid& g) {
   CheckpointTensor t{std::move(name), local_shape, data};
@@ -74,7 +74,7 @@ inline CheckpointTensor checkpoint_tensor(std::string name, const std::vector<st
   }
   t.writer = g.t == 0 && g.d == 0;
   if (g.tp > 1) {
-    const int dim = shard == ParamShard::kExpertRows ? 0 : 1;
+    const int dim = shard == ParamShard::kExpertRows ? 0 : int(local_shape.size()) - 1;  // columns: the last dimension
     const std::int64_t local = local_shape.at(std::size_t(dim));
     t.shape[std::size_t(dim)] = local * g.tp;
     t.slice_dim = dim, t.slice_begin = g.t * local, t.slice_size = local;

@@ -1,4 +1,4 @@
-// expect: experts::Ffn<Act>: Act must be act::SwiGLU, act::GeLU or act::ReLU
+// expect: experts::Ffn<Act>: Act must be an activation (act::ActivationPolicy
 // An expert whose activation is not an activation policy stops the build with a message naming it.
 #include <moekit/moe_layer.hpp>
 

@@ -85,7 +85,7 @@ cudaError_t convert(const S* src, D* dst, std::size_t n, cudaStream_t stream) {
 }
 
 template <class Act>
-inline constexpr bool is_gated_v = std::is_same_v<Act, act::SwiGLU>;
+inline constexpr bool is_gated_v = Act::gated;
 
 template <class T>
 struct ActParams {
@@ -105,24 +105,27 @@ __device__ __forceinline__ std::size_t h_index(const ActParams<T>& p, std::size_
   return p.ldh == p.d ? i : (i / p.d) * p.ldh + i % p.d;
 }
 
+// The activation is a value (its options: GPT-OSS's alpha and limit), copied into the kernel's parameters.
 template <class Act>
 struct ActForwardOp {
+  Act act;
   template <class T>
   __device__ void operator()(const ActParams<T>& p, std::size_t i) const {
     const std::size_t h = h_index(p, i);
     const float h3 = is_gated_v<Act> ? load_f32(p.h3, h) : 0.f;
-    store_f32(p.a, i, act::apply(Act{}, load_f32(p.h1, h), h3));
+    store_f32(p.a, i, act.apply(load_f32(p.h1, h), h3));
   }
 };
 
 template <class Act>
 struct ActBackwardOp {
+  Act act;
   template <class T>
   __device__ void operator()(const ActParams<T>& p, std::size_t i) const {
     const std::size_t h = h_index(p, i);
     const float h3 = is_gated_v<Act> ? load_f32(p.h3, h) : 0.f;
     float g1 = 0.f, g3 = 0.f;
-    act::backward(Act{}, load_f32(p.h1, h), h3, load_f32(p.da, i), g1, g3);
+    act.backward(load_f32(p.h1, h), h3, load_f32(p.da, i), g1, g3);
     store_f32(p.dh1, h, g1);
     if constexpr (is_gated_v<Act>) store_f32(p.dh3, h, g3);
   }
@@ -130,36 +133,36 @@ struct ActBackwardOp {
 
 // Grid-stride loop: any n with a bounded grid.
 template <class Op, class T>
-MOEKIT_KERNEL void elementwise_kernel(ActParams<T> p) {
+MOEKIT_KERNEL void elementwise_kernel(Op op, ActParams<T> p) {
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
-  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride) Op{}(p, i);
+  for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride) op(p, i);
 }
 
 template <class Op, class T>
-cudaError_t launch_elementwise(const ActParams<T>& p, cudaStream_t stream) {
+cudaError_t launch_elementwise(const Op& op, const ActParams<T>& p, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
   constexpr int kBlock = 256;
   const std::size_t want = (p.n + kBlock - 1) / kBlock;
   const unsigned grid = unsigned(want < 65535 * 8 ? want : 65535 * 8);
-  elementwise_kernel<Op><<<grid, kBlock, 0, stream>>>(p);
+  elementwise_kernel<Op><<<grid, kBlock, 0, stream>>>(op, p);
   return cudaGetLastError();
 }
 
 // a = act(h1, h3) over rows * d elements; ldh = 0 means d (contiguous h).
 template <class Act, class T>
-cudaError_t activation_forward(const T* h1, const T* h3, T* a, int rows, int d, cudaStream_t stream, int ldh = 0) {
+cudaError_t activation_forward(const T* h1, const T* h3, T* a, int rows, int d, cudaStream_t stream, int ldh = 0, const Act& act = Act{}) {
   if (ldh == 0) ldh = d;
   if (rows < 0 || d < 0 || ldh < d || (rows && d && (!h1 || !a || (is_gated_v<Act> && !h3)))) return cudaErrorInvalidValue;
   ActParams<T> p;
   p.h1 = h1, p.h3 = h3, p.a = a, p.n = std::size_t(rows) * std::size_t(d);
   p.d = std::size_t(d ? d : 1), p.ldh = std::size_t(ldh ? ldh : 1);
-  return launch_elementwise<ActForwardOp<Act>>(p, stream);
+  return launch_elementwise(ActForwardOp<Act>{act}, p, stream);
 }
 
 // dh1 (and dh3 if gated) from da. Recomputes from h1/h3 (the activation output is not needed).
 template <class Act, class T>
 cudaError_t activation_backward(const T* h1, const T* h3, const T* da, T* dh1, T* dh3, int rows, int d,
-                                cudaStream_t stream, int ldh = 0) {
+                                cudaStream_t stream, int ldh = 0, const Act& act = Act{}) {
   if (ldh == 0) ldh = d;
   if (rows < 0 || d < 0 || ldh < d ||
       (rows && d && (!h1 || !da || !dh1 || (is_gated_v<Act> && (!h3 || !dh3)))))
@@ -167,7 +170,7 @@ cudaError_t activation_backward(const T* h1, const T* h3, const T* da, T* dh1, T
   ActParams<T> p;
   p.h1 = h1, p.h3 = h3, p.da = da, p.dh1 = dh1, p.dh3 = dh3, p.n = std::size_t(rows) * std::size_t(d);
   p.d = std::size_t(d ? d : 1), p.ldh = std::size_t(ldh ? ldh : 1);
-  return launch_elementwise<ActBackwardOp<Act>>(p, stream);
+  return launch_elementwise(ActBackwardOp<Act>{act}, p, stream);
 }
 
 }  // inline namespace MOEKIT_CUDA_ABI

@@ -28,6 +28,7 @@
 #include "moekit/backend/cuda/activation.cuh"
 #include "moekit/backend/cuda/combine.cuh"
 #include "moekit/backend/cuda/exchange_ops.cuh"
+#include "moekit/backend/cuda/expert_bias.cuh"
 #include "moekit/backend/cuda/grouped_gemm.cuh"
 #include "moekit/backend/cuda/memory.cuh"
 #include "moekit/backend/cuda/parameter_store.cuh"
@@ -71,7 +72,7 @@ class MoeOps {
   };
 
   MoeOps(const MoeConfig& cfg, ParameterTable table, const StatsLayout& layout, GemmStrategy gemm)
-      : cfg_(cfg), layout_(layout), params_(checked_store(cfg, std::move(table))), router_(cfg) {
+      : cfg_(cfg), layout_(layout), params_(checked_store(cfg, std::move(table))), router_(cfg), act_(act::make_activation<Act>(cfg)) {
     Router::declare_logits(terms_);
     for (const router::LogitTerm& t : terms_) {  // x meets a storage-typed weight, fp32 logits an fp32 one
       const bool want_fp32 = t.input != router::LogitInput::kX;
@@ -86,6 +87,7 @@ class MoeOps {
       fill_device(state_dev_.data(), 0, std::size_t(cfg_.num_experts()) * sizeof(float));
     }
     gemm_ = std::make_unique<ExpertGemm>(gemm, int(params_.table().local_experts()));
+    if (has_bias()) offsets_dev_.resize(std::size_t(params_.table().local_experts() + 1));
     host_stats_.resize(std::size_t(layout_.ints + layout_.floats));  // pinned, sized once: the GlobalBatch hook points into it
     host_dprob_.resize(std::size_t(cfg_.num_experts()));
     MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
@@ -263,10 +265,13 @@ class MoeOps {
     gemm_->run(fwd, expert_problems(offsets, [&](int e, I64 off, int m) {
                  return GemmProblem{m, WF, D, r.x + off * D, D, w13 + std::size_t(e) * wf() * d, D, r.h13 + off * WF, WF};
                }), stream);
-    MOEKIT_CUDA_CHECK(activation_forward<Act>(r.h13, kGated ? r.h13 + F : nullptr, r.a, int(rows), F, stream, WF));
+    const BiasView b = bias(offsets, stream);
+    if (b.off) MOEKIT_CUDA_CHECK(add_expert_bias(r.h13, WF, 0, WF, b.off, b.experts, b.max_rows, params_.region("b13"), WF, stream));
+    MOEKIT_CUDA_CHECK(activation_forward<Act>(r.h13, kGated ? r.h13 + F : nullptr, r.a, int(rows), F, stream, WF, act_));
     gemm_->run(fwd, expert_problems(offsets, [&](int e, I64 off, int m) {
                  return GemmProblem{m, D, F, r.a + off * F, F, w2 + std::size_t(e) * d * f(), F, r.y + off * D, D};
                }), stream);
+    if (b.off) MOEKIT_CUDA_CHECK(add_expert_bias(r.y, D, b.col0, b.cols, b.off, b.experts, b.max_rows, params_.region("b2"), b.cols, stream));
     return rows * 2 * (wf() * d + d * f());
   }
   void drop_activations() {}  // the device buffers are fixed; the recomputation overwrites them
@@ -278,6 +283,9 @@ class MoeOps {
     const GemmSpec wgrad{true, false, st, CUDA_R_32F, 1.f, 1.f}, dgrad{false, false, st, st, 1.f, 0.f};
     const S *w13 = params_.w13(), *w2 = params_.w2();
     float *g13 = params_.grad_at(table().offset_or_end("w13")), *g2 = params_.grad_at(table().offset_or_end("w2"));
+    const BiasView b = bias(offsets, stream);
+    if (b.off)
+      MOEKIT_CUDA_CHECK(expert_bias_grad(r.dy, D, b.col0, b.cols, b.off, b.experts, params_.grad_at(table().offset_or_end("b2")), b.cols, stream));
     gemm_->run(wgrad, expert_problems(offsets, [&](int e, I64 off, int m) {
                  return GemmProblem{D, F, m, r.dy + off * D, D, r.a + off * F, F, g2 + std::size_t(e) * d * f(), F};
                }), stream);
@@ -285,7 +293,9 @@ class MoeOps {
                  return GemmProblem{m, F, D, r.dy + off * D, D, w2 + std::size_t(e) * d * f(), F, r.a + off * F, F};
                }), stream);
     MOEKIT_CUDA_CHECK(activation_backward<Act>(r.h13, kGated ? r.h13 + F : nullptr, r.a, r.h13, kGated ? r.h13 + F : nullptr,
-                                               int(rows), F, stream, WF));
+                                               int(rows), F, stream, WF, act_));
+    if (b.off)
+      MOEKIT_CUDA_CHECK(expert_bias_grad(r.h13, WF, 0, WF, b.off, b.experts, params_.grad_at(table().offset_or_end("b13")), WF, stream));
     gemm_->run(wgrad, expert_problems(offsets, [&](int e, I64 off, int m) {
                  return GemmProblem{WF, D, m, r.h13 + off * WF, WF, r.x + off * D, D, g13 + std::size_t(e) * wf() * d, D};
                }), stream);
@@ -385,6 +395,23 @@ class MoeOps {
   }
   I64 f() const { return table().local_d_expert(); }  // hidden units per tp rank
   I64 wf() const { return table().w13_rows(); }       // rows of a [W1|W3] block
+  bool has_bias() const { return table().has_region("b13"); }
+  // The FFN biases' launch arguments (off null without ffn_bias): the offsets on the device (a pageable
+  // copy: the host vector may change once the call returns), and b2's tp slice, this rank's columns.
+  struct BiasView {
+    const I64* off = nullptr;
+    int experts = 0, col0 = 0, cols = 0;
+    I64 max_rows = 0;
+  };
+  BiasView bias(std::span<const I64> offsets, cudaStream_t stream) {
+    if (!has_bias() || offsets.size() < 2) return {};
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(offsets_dev_.data(), offsets.data(), offsets.size() * sizeof(I64), cudaMemcpyHostToDevice, stream));
+    BiasView b;
+    b.off = offsets_dev_.data(), b.experts = int(offsets.size() - 1);
+    b.cols = int(table().region("b2").stride), b.col0 = table().grid().t * b.cols;
+    for (std::size_t e = 0; e + 1 < offsets.size(); ++e) b.max_rows = std::max(b.max_rows, offsets[e + 1] - offsets[e]);
+    return b;
+  }
   float* stats_floats() const { return reinterpret_cast<float*>(b_.stats + 4 * layout_.ints); }
   std::size_t stats_bytes() const { return std::size_t(4 * (layout_.ints + layout_.floats)); }
   const int* rows_dev() const { return stats_ints() + layout_.rows(chunks_); }  // FFN rows in all
@@ -493,6 +520,8 @@ class MoeOps {
   Router router_;             // the router policy with its options (the kernels take it by value)
   router::LogitTerms terms_;  // how its logits are made
   DeviceArray<float> state_dev_;  // a stateful router's values (router::BiasBalanced: b), read by route_tokens
+  Act act_;                       // the experts' activation with its options (copied into the kernels)
+  DeviceArray<I64> offsets_dev_;  // the FFN biases' expert offsets (ffn_bias only)
   std::unique_ptr<ExpertGemm> gemm_;
   DeviceArray<char> owned_;
   PinnedArray<std::int32_t> host_stats_;  // the statistics block: ints then floats (same 4-byte size)

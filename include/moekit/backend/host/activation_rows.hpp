@@ -74,23 +74,23 @@ __attribute__((target("avx512f"))) inline void swiglu_backward_avx512(const floa
 
 // One row: a[i] = act(h1[i], h3[i]) (h3 is read by gated activations only).
 template <class Act, class T>
-void activation_row(const T* h1, const T* h3, T* a, std::int64_t n) {
+void activation_row(const T* h1, const T* h3, T* a, std::int64_t n, const Act& act = Act{}) {
 #if defined(MOEKIT_HOST_SIMD_ACT)
   if constexpr (std::is_same_v<Act, act::SwiGLU> && std::is_same_v<T, float>)
     if (detail::vector_expf()) return detail::swiglu_forward_avx512(h1, h3, a, n);
 #endif
-  for (std::int64_t i = 0; i < n; ++i) a[i] = act::apply(Act{}, h1[i], h3[i]);
+  for (std::int64_t i = 0; i < n; ++i) a[i] = act.apply(h1[i], h3[i]);
 }
 // One row of the backward: g1 (and g3, gated) from da; g1 may alias h1, g3 h3.
 template <class Act, class T>
-void activation_backward_row(const T* h1, const T* h3, const T* da, T* g1, T* g3, std::int64_t n) {
+void activation_backward_row(const T* h1, const T* h3, const T* da, T* g1, T* g3, std::int64_t n, const Act& act = Act{}) {
 #if defined(MOEKIT_HOST_SIMD_ACT)
   if constexpr (std::is_same_v<Act, act::SwiGLU> && std::is_same_v<T, float>)
     if (detail::vector_expf()) return detail::swiglu_backward_avx512(h1, h3, da, g1, g3, n);
 #endif
   for (std::int64_t i = 0; i < n; ++i) {
     T a1, a3 = 0;
-    act::backward(Act{}, h1[i], h3[i], da[i], a1, a3);
+    act.backward(h1[i], h3[i], da[i], a1, a3);
     g1[i] = a1;
     if constexpr (Act::gated) g3[i] = a3;
   }

@@ -52,6 +52,30 @@ struct FfnShapes {
   }
 };
 
+// The FFN experts' biases (experts::FfnOptions::ffn_bias), or none (null): b13 holds each expert's
+// [b1 | b3] (wf values: a row of h13), b2 each expert's columns [b2_col0, b2_col0 + b2_cols) of its [d]
+// output bias (the tp slice this rank adds to its partial rows); g13 / g2 their gradients, alike.
+template <class T, class G = T>
+struct FfnBias {
+  const T *b13 = nullptr, *b2 = nullptr;
+  G *g13 = nullptr, *g2 = nullptr;
+  std::int64_t b2_col0 = 0, b2_cols = 0;
+};
+namespace detail {
+// y[r·ld + j] += b[j] for r < rows, j < n.
+template <class Y, class B>
+void add_bias_rows(Y* y, std::int64_t ld, std::int64_t rows, const B* b, std::int64_t n) {
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t j = 0; j < n; ++j) y[r * ld + j] += static_cast<Y>(b[j]);
+}
+// g[j] += Σ_r x[r·ld + j] for r < rows, j < n (the bias gradient of those rows).
+template <class G, class X>
+void add_column_sums(const X* x, std::int64_t ld, std::int64_t rows, std::int64_t n, G* g) {
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t j = 0; j < n; ++j) g[j] += static_cast<G>(x[r * ld + j]);
+}
+}  // namespace detail
+
 // Whether to spread the experts over the threads (FfnShapes::spread): MOEKIT_EXPERT_SPREAD=on|off, or
 // by default when there are at least 4 experts per thread.
 inline bool spread_experts(std::int64_t experts) {
@@ -63,24 +87,27 @@ inline bool spread_experts(std::int64_t experts) {
   return experts >= 4 * std::int64_t(omp_get_max_threads());
 }
 
-// h13 = xp W13^T ([h1 | h3] per row, one GEMM per expert: [w1; w3] is one block), a = act(h1, h3),
-// yp = a W2^T. a == nullptr (evaluation mode): a is written over h13's first f columns (leading
+// h13 = xp W13^T [+ b13] ([h1 | h3] per row, one GEMM per expert: [w1; w3] is one block), a = act(h1, h3),
+// yp = a W2^T [+ b2]. a == nullptr (evaluation mode): a is written over h13's first f columns (leading
 // dimension wf), so nothing beyond h13 is allocated. Returns the GEMM FLOPs issued.
 template <class Act, class T>
-std::int64_t ffn_forward(const FfnShapes<T>& s, const T* w13, const T* w2, const T* xp, T* h13, T* a, T* yp) {
+std::int64_t ffn_forward(const FfnShapes<T>& s, const T* w13, const T* w2, const T* xp, T* h13, T* a, T* yp, const Act& act = Act{},
+                         const FfnBias<T>& b = {}) {
   const std::int64_t d = s.d, f = s.f, wf = s.wf, rows = s.rows();
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
     gemm<T>(false, true, m, wf, d, T(1), &xp[r0 * d], &w13[s.w1(e)], T(0), &h13[r0 * wf]);
+    if (b.b13) detail::add_bias_rows(&h13[r0 * wf], wf, m, &b.b13[e * wf], wf);
   });
   T* av = a ? a : h13;
   const std::int64_t lda = a ? f : wf;
 #pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
   for (std::int64_t r = 0; r < rows; ++r) {
     const T* h = &h13[r * wf];
-    activation_row<Act>(h, Act::gated ? h + f : h, &av[r * lda], f);
+    activation_row<Act>(h, Act::gated ? h + f : h, &av[r * lda], f, act);
   }
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
     gemm<T>(false, true, m, d, f, T(1), &av[r0 * lda], lda, &w2[s.w2(e)], f, T(0), &yp[r0 * d], d);
+    if (b.b2) detail::add_bias_rows(&yp[r0 * d + b.b2_col0], d, m, &b.b2[e * b.b2_cols], b.b2_cols);
   });
   return 2 * rows * wf * d + 2 * rows * d * f;
 }
@@ -89,18 +116,21 @@ std::int64_t ffn_forward(const FfnShapes<T>& s, const T* w13, const T* w2, const
 // dA, h13 with dH13 ([dH1 | dH3]): the forward's buffers are consumed. The [w1; w3] block's gradient
 // and d(xp) are one GEMM each.
 template <class Act, class T>
-void ffn_backward(const FfnShapes<T>& s, const T* w13, const T* w2, const T* xp, T* h13, T* a, T* dyp, T* gw13, T* gw2) {
+void ffn_backward(const FfnShapes<T>& s, const T* w13, const T* w2, const T* xp, T* h13, T* a, T* dyp, T* gw13, T* gw2,
+                  const Act& act = Act{}, const FfnBias<T>& b = {}) {
   const std::int64_t d = s.d, f = s.f, wf = s.wf, rows = s.rows();
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+    if (b.g2) detail::add_column_sums(&dyp[r0 * d + b.b2_col0], d, m, b.b2_cols, &b.g2[e * b.b2_cols]);
     gemm<T>(true, false, d, f, m, T(1), &dyp[r0 * d], &a[r0 * f], T(1), &gw2[s.w2(e)]);
     gemm<T>(false, false, m, f, d, T(1), &dyp[r0 * d], &w2[s.w2(e)], T(0), &a[r0 * f]);
   });
 #pragma omp parallel for schedule(static) if (rows * f >= MOEKIT_OMP_MIN_WORK)
   for (std::int64_t r = 0; r < rows; ++r) {
     T* h = &h13[r * wf];
-    activation_backward_row<Act>(h, Act::gated ? h + f : h, &a[r * f], h, Act::gated ? h + f : nullptr, f);
+    activation_backward_row<Act>(h, Act::gated ? h + f : h, &a[r * f], h, Act::gated ? h + f : nullptr, f, act);
   }
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+    if (b.g13) detail::add_column_sums(&h13[r0 * wf], wf, m, wf, &b.g13[e * wf]);
     gemm<T>(true, false, wf, d, m, T(1), &h13[r0 * wf], &xp[r0 * d], T(1), &gw13[s.w1(e)]);
     gemm<T>(false, false, m, d, wf, T(1), &h13[r0 * wf], &w13[s.w1(e)], T(0), &dyp[r0 * d]);
   });
@@ -113,10 +143,11 @@ void ffn_backward(const FfnShapes<T>& s, const T* w13, const T* w2, const T* xp,
 // exchanges), after their fp32 GEMMs into `acc` (rows × max(d, f) fp32).
 template <class Act>
 std::int64_t ffn_forward(const FfnShapes<bf16>& s, const bf16* w13, const bf16* w2, const bf16* xp, float* h13, bf16* a, float* acc,
-                         bf16* yp) {
+                         bf16* yp, const Act& act = Act{}, const FfnBias<bf16, float>& b = {}) {
   const std::int64_t d = s.d, f = s.f, wf = s.wf, rows = s.rows();
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
     gemm(false, true, m, wf, d, 1.f, &xp[r0 * d], &w13[s.w1(e)], 0.f, &h13[r0 * wf]);
+    if (b.b13) detail::add_bias_rows(&h13[r0 * wf], wf, m, &b.b13[e * wf], wf);
   });
 #pragma omp parallel if (rows * f >= MOEKIT_OMP_MIN_WORK)
   {
@@ -124,12 +155,13 @@ std::int64_t ffn_forward(const FfnShapes<bf16>& s, const bf16* w13, const bf16* 
 #pragma omp for schedule(static)
     for (std::int64_t r = 0; r < rows; ++r) {
       const float* h = &h13[r * wf];
-      activation_row<Act>(h, Act::gated ? h + f : h, row.data(), f);
+      activation_row<Act>(h, Act::gated ? h + f : h, row.data(), f, act);
       convert(row.data(), &a[r * f], f);
     }
   }
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
     gemm(false, true, m, d, f, 1.f, &a[r0 * f], &w2[s.w2(e)], 0.f, &acc[r0 * d]);
+    if (b.b2) detail::add_bias_rows(&acc[r0 * d + b.b2_col0], d, m, &b.b2[e * b.b2_cols], b.b2_cols);
   });
   convert(acc, yp, rows * d);
   return 2 * rows * wf * d + 2 * rows * d * f;
@@ -139,9 +171,10 @@ std::int64_t ffn_forward(const FfnShapes<bf16>& s, const bf16* w13, const bf16* 
 // receives [dH1 | dH3] in bf16; acc holds dA, then d(xp) before rounding.
 template <class Act>
 void ffn_backward(const FfnShapes<bf16>& s, const bf16* w13, const bf16* w2, const bf16* xp, const float* h13, const bf16* a,
-                  bf16* dh13, float* acc, bf16* dyp, float* gw13, float* gw2) {
+                  bf16* dh13, float* acc, bf16* dyp, float* gw13, float* gw2, const Act& act = Act{}, const FfnBias<bf16, float>& b = {}) {
   const std::int64_t d = s.d, f = s.f, wf = s.wf, rows = s.rows();
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+    if (b.g2) detail::add_column_sums(&dyp[r0 * d + b.b2_col0], d, m, b.b2_cols, &b.g2[e * b.b2_cols]);
     gemm(true, false, d, f, m, 1.f, &dyp[r0 * d], &a[r0 * f], 1.f, &gw2[s.w2(e)]);
     gemm(false, false, m, f, d, 1.f, &dyp[r0 * d], &w2[s.w2(e)], 0.f, &acc[r0 * f]);
   });
@@ -151,11 +184,12 @@ void ffn_backward(const FfnShapes<bf16>& s, const bf16* w13, const bf16* w2, con
 #pragma omp for schedule(static)
     for (std::int64_t r = 0; r < rows; ++r) {
       const float* h = &h13[r * wf];
-      activation_backward_row<Act>(h, Act::gated ? h + f : h, &acc[r * f], g.data(), Act::gated ? g.data() + f : nullptr, f);
+      activation_backward_row<Act>(h, Act::gated ? h + f : h, &acc[r * f], g.data(), Act::gated ? g.data() + f : nullptr, f, act);
       convert(g.data(), &dh13[r * wf], wf);
     }
   }
   s.for_each_expert([&](std::int64_t e, std::int64_t r0, std::int64_t m) {
+    if (b.g13) detail::add_column_sums(&dh13[r0 * wf], wf, m, wf, &b.g13[e * wf]);
     gemm(true, false, wf, d, m, 1.f, &dh13[r0 * wf], &xp[r0 * d], 1.f, &gw13[s.w1(e)]);
     gemm(false, false, m, d, wf, 1.f, &dh13[r0 * wf], &w13[s.w1(e)], 0.f, &acc[r0 * d]);
   });

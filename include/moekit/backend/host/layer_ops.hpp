@@ -71,7 +71,7 @@ class MoeOps {
   };
 
   MoeOps(const MoeConfig& cfg, ParameterTable table, const StatsLayout& layout, Options)
-      : cfg_(cfg), table_(std::move(table)), layout_(layout), router_(cfg) {
+      : cfg_(cfg), table_(std::move(table)), layout_(layout), router_(cfg), act_(act::make_activation<Act>(cfg)) {
     Router::declare_logits(terms_);
     value_.assign(std::size_t(table_.size()), S(0));
     ints_.assign(std::size_t(layout_.ints), 0);  // sized once: the GlobalBatch hook points into it
@@ -289,9 +289,10 @@ class MoeOps {
     const Weights w = W();
     if constexpr (kMixed) {
       acc_.resize(std::max(acc_.size(), n * std::size_t(std::max(s.d, s.f))));
-      return backend::host::ffn_forward<Act>(s, w.w13, w.w2, rows.x, h13_.data(), a_.data(), acc_.data(), rows.y);
+      return backend::host::ffn_forward<Act>(s, w.w13, w.w2, rows.x, h13_.data(), a_.data(), acc_.data(), rows.y, act_, bias(w, nullptr));
     } else {
-      return backend::host::ffn_forward<Act>(s, w.w13, w.w2, rows.x, h13_.data(), training_ ? a_.data() : nullptr, rows.y);
+      return backend::host::ffn_forward<Act>(s, w.w13, w.w2, rows.x, h13_.data(), training_ ? a_.data() : nullptr, rows.y, act_,
+                                             bias(w, nullptr));
     }
   }
   void drop_activations() { h13_.clear(), a_.clear(); }
@@ -302,9 +303,11 @@ class MoeOps {
     if constexpr (kMixed) {
       const auto s = shapes(offsets);
       dh13_.resize(std::max(dh13_.size(), std::size_t(s.rows() * s.wf)));
-      backend::host::ffn_backward<Act>(s, w.w13, w.w2, rows.x, h13_.data(), a_.data(), dh13_.data(), acc_.data(), rows.dy, g.w13, g.w2);
+      backend::host::ffn_backward<Act>(s, w.w13, w.w2, rows.x, h13_.data(), a_.data(), dh13_.data(), acc_.data(), rows.dy, g.w13, g.w2,
+                                       act_, bias(w, &g));
     } else {
-      backend::host::ffn_backward<Act>(shapes(offsets), w.w13, w.w2, rows.x, h13_.data(), a_.data(), rows.dy, g.w13, g.w2);
+      backend::host::ffn_backward<Act>(shapes(offsets), w.w13, w.w2, rows.x, h13_.data(), a_.data(), rows.dy, g.w13, g.w2, act_,
+                                       bias(w, &g));
     }
   }
 
@@ -415,7 +418,7 @@ class MoeOps {
   // The families of a flat buffer (values: S; gradients: C).
   template <class E>
   struct Families {
-    E *router, *w13, *w2, *const_wc, *const_v, *gate_residual;
+    E *router, *w13, *w2, *b13, *b2, *const_wc, *const_v, *gate_residual;  // b13, b2: null without ffn_bias
   };
   using Weights = Families<S>;
   using Grads = Families<C>;
@@ -423,8 +426,15 @@ class MoeOps {
   Families<E> families_in(std::vector<E>& flat) {
     const ParameterTable& t = table_;
     E* b = flat.data();
-    return {b + t.offset_or_end("router"),   b + t.offset_or_end("w13"),     b + t.offset_or_end("w2"),
+    auto opt = [&](const char* key) { return t.has_region(key) ? b + t.region(key).offset : nullptr; };
+    return {b + t.offset_or_end("router"),   b + t.offset_or_end("w13"),     b + t.offset_or_end("w2"), opt("b13"), opt("b2"),
             b + t.offset_or_end("const_wc"), b + t.offset_or_end("const_v"), b + t.offset_or_end("gate_residual")};
+  }
+  // The FFN biases of w (and their gradients in g), or none: b2's tp slice is this rank's columns.
+  FfnBias<S, C> bias(const Weights& w, const Grads* g) const {
+    if (!w.b13) return {};
+    const I64 cols = table_.region("b2").stride;
+    return {w.b13, w.b2, g ? g->b13 : nullptr, g ? g->b2 : nullptr, I64(table_.grid().t) * cols, cols};
   }
   Weights W() { return families_in(value_); }
   Grads G() { return families_in(grads()); }
@@ -527,6 +537,7 @@ class MoeOps {
   ParameterTable table_;
   StatsLayout layout_;
   Router router_;             // the router policy with its options
+  Act act_;                   // the experts' activation with its options
   router::LogitTerms terms_;  // how its logits are made
   std::vector<S> value_;  // flat, laid out by table_
   std::vector<C>& grads() const {
