@@ -127,12 +127,18 @@ TEST_CASE("act::SwiGLUOai: GPT-OSS's clamped SwiGLU and its derivative, element 
     }
   CHECK(clamped_gate > 10);  // the grid reaches both clamps
   CHECK(clamped_up > 10);
-  // On a bound the gradient passes (torch.clamp's rule): the derivative from inside.
-  double g1 = 0, g3 = 0;
+  // On a bound no gradient passes: torch.clamp's rule with number bounds (torch 2.15: x.clamp(max=7)
+  // at x = 7 has gradient 0), which transformers' GPT-OSS experts use. Just inside, the derivative.
+  double g1 = -1, g3 = -1;
   a.backward(2.0, 2.0, 1.0, g1, g3);
-  const double s = ref_sigmoid(3.0);
-  CHECK(g1 == doctest::Approx(3.0 * (s + 2.0 * 1.5 * s * (1 - s))).epsilon(1e-12));
-  CHECK(g3 == doctest::Approx(2.0 * s).epsilon(1e-12));
+  CHECK(g1 == 0.0);
+  CHECK(g3 == 0.0);
+  a.backward(1.0, -2.0, 1.0, g1, g3);
+  CHECK(g3 == 0.0);
+  a.backward(1.0, 1.0, 1.0, g1, g3);
+  const double s = ref_sigmoid(1.5);
+  CHECK(g1 == doctest::Approx(2.0 * (s + 1.5 * s * (1 - s))).epsilon(1e-12));
+  CHECK(g3 == doctest::Approx(s).epsilon(1e-12));
 }
 
 TEST_CASE("ffn_bias and swiglu_oai through a whole host layer: reference forward and finite differences") {

@@ -74,7 +74,8 @@ struct ReLU {
 
 // GPT-OSS's clamped SwiGLU (openai/gpt-oss; transformers' GptOssExperts), w1 the gate, w3 the up:
 //   g = min(h1, limit), u = clamp(h3, -limit, limit), a = (u + 1) · g · sigmoid(α g).
-// The clamps pass the gradient where the input lies inside them, bounds included (torch.clamp's rule).
+// The clamps pass the gradient strictly inside them and none on a bound: torch.clamp's rule with number
+// bounds (torch 2.15), which transformers' GPT-OSS experts use, so that bf16 inputs on ±limit agree.
 struct SwigluOaiOptions {
   double swiglu_alpha = 1.702;
   double swiglu_limit = 7.0;
@@ -103,8 +104,8 @@ struct SwiGLUOai {
   MOEKIT_HD void backward(S h1, S h3, S da, S& dh1, S& dh3) const {
     const S L = S(limit), g = h1 < L ? h1 : L, u = h3 < -L ? -L : h3 > L ? L : h3;
     const S sg = sigmoid(S(alpha) * g), glu = g * sg;
-    dh1 = h1 <= L ? da * (u + S(1)) * sg * (S(1) + S(alpha) * g * (S(1) - sg)) : S(0);
-    dh3 = (h3 >= -L && h3 <= L) ? da * glu : S(0);
+    dh1 = h1 < L ? da * (u + S(1)) * sg * (S(1) + S(alpha) * g * (S(1) - sg)) : S(0);
+    dh3 = (h3 > -L && h3 < L) ? da * glu : S(0);
   }
 };
 
