@@ -6,11 +6,13 @@
     python tools/ref_layer.py compare --config cfg.json --input in.safetensors --output out.safetensors
 
 `compare` rebuilds the layer as an ordinary torch.nn.Module (Mixtral's parameter names, a loop over the
-experts; MoE++'s zero, copy and constant experts and gating residual, arXiv 2410.07348), runs it in
-float64 on the same inputs, backpropagates L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss, and
-compares every tensor of out.safetensors. With "dtype": "bf16" in the config (moekit-layer's
-"backend": "cuda") it first rounds the inputs the bf16 layer stores in bf16 (x, dy and every weight but
-gate_residual.weight) and compares with a looser default tolerance.
+experts; MoE++'s zero, copy and constant experts and gating residual, arXiv 2410.07348; GPT-OSS's router
+bias, expert biases and clamped SwiGLU; DeepSeek-V2/V3's group-limited routing and routed scaling
+factor), runs it in float64 on the same inputs, backpropagates
+L = sum(y * dy) + lbl_coef * LBL + zloss_coef * zloss, and compares every tensor of out.safetensors.
+With "dtype": "bf16" in the config (moekit-layer's "backend": "cuda") it first rounds the inputs the
+bf16 layer stores in bf16 (x, dy and every weight but gate_residual.weight and gate.bias) and compares
+with a looser default tolerance.
 Needs `pip install torch safetensors`. Exit code: 0 all match, 1 some differ, 2 bad arguments or files.
 """
 import argparse
@@ -26,19 +28,33 @@ REQUIRED = ("d_model", "d_expert", "num_ffn_experts", "top_k")
 DEFAULTS = {"num_zero_experts": 0, "num_copy_experts": 0, "num_constant_experts": 0, "router": "softmax",
             "gating_residual": False, "renormalize": None, "activation": "swiglu", "capacity_factor": 0.0,
             "lbl_coef": 0.0, "zloss_coef": 0.0, "tau": 1.0, "backend": "host", "dtype": "fp32",
-            "expert_bias": False, "bias_update_rate": 1e-3}
+            "expert_bias": False, "bias_update_rate": 1e-3, "router_bias": False, "routed_scaling_factor": 1.0,
+            "n_group": None, "topk_group": 1, "group_score": "top2_sum", "ffn_bias": False,
+            "swiglu_alpha": 1.702, "swiglu_limit": 7.0}
 BIAS = "gate.e_score_correction_bias"  # router::BiasBalanced's selection biases (an input, not a parameter)
 ZC_KINDS = ("num_zero_experts", "num_copy_experts", "num_constant_experts")  # after the FFN experts, in order
 BACKENDS, DTYPES = ("host", "cuda"), ("fp32", "bf16")
+ACTIVATIONS = ("swiglu", "gelu", "relu", "swiglu_oai")
+GATED = ("swiglu", "swiglu_oai")  # the activations with an up projection w3
+GROUP_SCORES = ("top2_sum", "max")
 # Default --rtol by the config's dtype: fp32 moekit agrees with float64 to a few 1e-7; bf16 keeps its
 # activations in bf16 (8-bit mantissa, 2^-9 = 2e-3 per rounding, several roundings deep).
 DEFAULT_RTOL = {"fp32": 1e-4, "bf16": 2e-2}
-# Inputs a bf16 moekit layer keeps in fp32 (everything else it stores rounded to bf16).
-FP32_IN_BF16_LAYER = ("prev_logits", "gate_residual.weight")
+# Inputs a bf16 moekit layer keeps in fp32 (everything else it stores rounded to bf16): the terms that
+# meet the fp32 logits.
+FP32_IN_BF16_LAYER = ("prev_logits", "gate_residual.weight", "gate.bias")
 
 
 class InputError(Exception):
     """A bad argument, config or file: reported with exit code 2."""
+
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not 1, as for moekit-layer
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def load_config(path):
@@ -52,15 +68,15 @@ def load_config(path):
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise InputError(f"{path}: missing keys {missing}")
-    cfg = {**DEFAULTS, **cfg}
+    given, cfg = set(cfg), {**DEFAULTS, **cfg}
     if cfg["router"] not in ("softmax", "sigmoid"):
         raise InputError(f"{path}: router must be softmax or sigmoid")
-    if cfg["activation"] not in ("swiglu", "gelu", "relu"):
-        raise InputError(f"{path}: activation must be swiglu, gelu or relu")
+    if cfg["activation"] not in ACTIVATIONS:
+        raise InputError(f"{path}: activation must be one of {', '.join(ACTIVATIONS)}")
     for key in ZC_KINDS:
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
             raise InputError(f"{path}: {key} must be an integer >= 0")
-    for key in ("gating_residual", "expert_bias"):
+    for key in ("gating_residual", "expert_bias", "router_bias", "ffn_bias"):
         if not isinstance(cfg[key], bool):
             raise InputError(f"{path}: {key} must be true or false")
     if cfg["renormalize"] is not None and not isinstance(cfg["renormalize"], bool):
@@ -78,7 +94,38 @@ def load_config(path):
         raise InputError(f"{path}: dtype bf16 needs backend cuda (the host backend computes in fp32)")
     if not 1 <= cfg["top_k"] <= num_experts(cfg):
         raise InputError(f"{path}: top_k must be in [1, number of experts = {num_experts(cfg)}]")
+    for key in ("routed_scaling_factor", "swiglu_alpha", "swiglu_limit"):
+        if not is_number(cfg[key]) or cfg[key] <= 0:
+            raise InputError(f"{path}: {key} must be a finite number > 0")
+    # Options of a policy the config does not ask for are an error, as in moekit-layer (not silently unused).
+    if cfg["activation"] != "swiglu_oai":
+        for key in ("swiglu_alpha", "swiglu_limit"):
+            if key in given:
+                raise InputError(f"{path}: {key} needs \"activation\": \"swiglu_oai\"")
+    if "n_group" not in given:
+        for key in ("topk_group", "group_score"):
+            if key in given:
+                raise InputError(f"{path}: {key} needs n_group (group-limited routing)")
+    else:
+        check_groups(path, cfg)
     return cfg
+
+
+def check_groups(path, cfg):
+    """Group-limited routing's rules, those of moekit's router::GroupLimited."""
+    n, n_group, topk_group = num_experts(cfg), cfg["n_group"], cfg["topk_group"]
+    if not is_int(n_group) or n_group < 1:
+        raise InputError(f"{path}: n_group must be an integer >= 1")
+    if not is_int(topk_group) or not 1 <= topk_group <= n_group:
+        raise InputError(f"{path}: topk_group must be an integer in [1, n_group = {n_group}]")
+    if cfg["group_score"] not in GROUP_SCORES:
+        raise InputError(f"{path}: group_score must be one of {', '.join(GROUP_SCORES)}")
+    if n % n_group:
+        raise InputError(f"{path}: n_group = {n_group} must divide the number of experts {n} (equal groups)")
+    if cfg["top_k"] > topk_group * (n // n_group):
+        raise InputError(f"{path}: top_k must be <= topk_group * experts per group = {topk_group * (n // n_group)}")
+    if cfg["group_score"] == "top2_sum" and n // n_group < 2:
+        raise InputError(f"{path}: group_score top2_sum needs at least 2 experts per group")
 
 
 def num_experts(cfg):
@@ -87,20 +134,29 @@ def num_experts(cfg):
 
 
 class Expert(torch.nn.Module):
-    """y = W2 act(W1 x), or W2 (silu(W1 x) * W3 x) for SwiGLU; torch Linear layout [out, in]."""
+    """y = W2 act(W1 x), or W2 (silu(W1 x) * W3 x) for SwiGLU; torch Linear layout [out, in].
+    With cfg["ffn_bias"] (GPT-OSS) every projection has a bias: w1.bias, w3.bias [d_expert], w2.bias [D]."""
 
-    def __init__(self, d_model, d_expert, activation):
+    def __init__(self, cfg):
         super().__init__()
-        self.activation = activation
-        self.w1 = torch.nn.Linear(d_model, d_expert, bias=False)
-        self.w2 = torch.nn.Linear(d_expert, d_model, bias=False)
-        if activation == "swiglu":
-            self.w3 = torch.nn.Linear(d_model, d_expert, bias=False)
+        self.activation, self.alpha, self.limit = cfg["activation"], cfg["swiglu_alpha"], cfg["swiglu_limit"]
+        d_model, d_expert, bias = cfg["d_model"], cfg["d_expert"], cfg["ffn_bias"]
+        self.w1 = torch.nn.Linear(d_model, d_expert, bias=bias)
+        self.w2 = torch.nn.Linear(d_expert, d_model, bias=bias)
+        if self.activation in GATED:
+            self.w3 = torch.nn.Linear(d_model, d_expert, bias=bias)
 
     def forward(self, x):
         h = self.w1(x)
         if self.activation == "swiglu":
             a = F.silu(h) * self.w3(x)
+        elif self.activation == "swiglu_oai":  # GPT-OSS: w1 the gate, w3 the up projection
+            # g = min(h1, limit), u = clamp(h3, -limit, limit), as transformers' GptOssExperts: torch.clamp
+            # with number bounds passes no gradient on a bound (torch 2.15), and neither does moekit.
+            lim, h3 = self.limit, self.w3(x)
+            g = h.clamp(max=lim)
+            u = h3.clamp(min=-lim, max=lim)
+            a = (u + 1) * g * torch.sigmoid(self.alpha * g)
         elif self.activation == "gelu":
             a = F.gelu(h)  # the exact (erf) form, as moekit
         else:
@@ -124,16 +180,16 @@ class ConstantExpert(torch.nn.Module):
 class MoeLayer(torch.nn.Module):
     """The layer moekit-layer computes. Parameter names match Mixtral's MoE block:
     gate.weight [N_E, D], experts.{i}.w1.weight [d_expert, D], .w2.weight [D, d_expert], .w3.weight;
-    and MoE++'s: constant.{j}.wc.weight [2, D], constant.{j}.v [D], gate_residual.weight [N_E, N_E].
+    MoE++'s: constant.{j}.wc.weight [2, D], constant.{j}.v [D], gate_residual.weight [N_E, N_E];
+    GPT-OSS's: gate.bias [N_E] (router_bias), experts.{i}.w1/w3.bias [d_expert], .w2.bias [D] (ffn_bias).
     Zero and copy experts have no parameters."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         d, n = cfg["d_model"], num_experts(cfg)
-        self.gate = torch.nn.Linear(d, n, bias=False)
-        self.experts = torch.nn.ModuleList(Expert(d, cfg["d_expert"], cfg["activation"])
-                                           for _ in range(cfg["num_ffn_experts"]))
+        self.gate = torch.nn.Linear(d, n, bias=cfg["router_bias"])  # GPT-OSS: logits = W x + b
+        self.experts = torch.nn.ModuleList(Expert(cfg) for _ in range(cfg["num_ffn_experts"]))
         self.constant = torch.nn.ModuleList(ConstantExpert(d) for _ in range(cfg["num_constant_experts"]))
         if cfg["gating_residual"]:  # logits = W x + W_g prev_logits
             self.gate_residual = torch.nn.Linear(n, n, bias=False)
@@ -154,18 +210,22 @@ class MoeLayer(torch.nn.Module):
         if cfg["router"] == "softmax":
             score = torch.softmax(logits, dim=-1)
             prob = score  # P of the balance loss
-        else:  # DeepSeek-V3: sigmoid scores, picked ones normalised; P uses s / sum(s)
+        else:  # DeepSeek-V3: sigmoid scores; P uses s / sum(s)
             score = torch.sigmoid(logits)
             prob = score / score.sum(dim=-1, keepdim=True)
         # Ties go to the lower expert index: a stable descending sort (torch.topk does not promise it).
         # With expert_bias (DeepSeek-V3) the selection ranks score + bias; the gates use the score alone.
         chosen = score.detach() if bias is None else score.detach() + bias
+        if cfg["n_group"] is not None:  # the groups are scored on the same selection scores (s + b)
+            chosen = best_groups_only(chosen, cfg["n_group"], cfg["topk_group"], cfg["group_score"])
         idx = torch.sort(chosen, dim=-1, descending=True, stable=True).indices[:, :k]
         gates = score.gather(1, idx)
-        # renormalize null / absent: the router's default (sigmoid yes, softmax no), as moekit's.
+        # renormalize null / absent: the router's default (sigmoid yes, softmax no), as moekit's; either
+        # way for either score function when given. The scaling factor comes after the normalisation.
         renorm = cfg["router"] == "sigmoid" if cfg["renormalize"] is None else cfg["renormalize"]
         if renorm:
             gates = gates / gates.sum(dim=-1, keepdim=True)
+        gates = gates * cfg["routed_scaling_factor"]
         routed = torch.bincount(idx.flatten(), minlength=n)
 
         # Capacity: each expert keeps its C highest-scoring slots, earlier tokens first on ties; a
@@ -212,6 +272,18 @@ class MoeLayer(torch.nn.Module):
         return out
 
 
+def best_groups_only(sel, n_group, topk_group, how):
+    """Group-limited routing (DeepSeek-V2 "max", V3 "top2_sum"): sel [T, N_E] with the experts outside
+    each token's topk_group best groups (contiguous, N_E / n_group each) set to -inf, so that the top-k
+    is taken inside them. Ties between groups go to the lower group, as moekit's router::GroupLimited."""
+    tokens, n = sel.shape
+    size = n // n_group
+    top = sel.reshape(tokens, n_group, size).topk(2 if how == "top2_sum" else 1, dim=-1).values  # values: ties moot
+    best = torch.sort(top.sum(dim=-1), dim=-1, descending=True, stable=True).indices[:, :topk_group]
+    kept = torch.zeros(tokens, n_group, dtype=torch.bool).scatter(1, best, True)
+    return sel.masked_fill(~kept.repeat_interleave(size, dim=1), -math.inf)
+
+
 def mixtral_tensors(block):
     """The weights of a Hugging Face MixtralSparseMoeBlock under moekit-layer's names, as fp32.
     Handles both layouts: per-expert Linear modules (transformers 4.x: experts.{i}.w1/w2/w3.weight) and
@@ -234,8 +306,11 @@ def make_input(args):
     layer = MoeLayer(cfg)  # torch's default Linear init
     g = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
-        for p in layer.parameters():
-            bound = 1.0 / math.sqrt(p.shape[-1])
+        for name, p in layer.named_parameters():
+            # U(-1/sqrt(fan_in), 1/sqrt(fan_in)); a Linear's bias by its weight's fan_in, as torch and moekit
+            owner = layer.get_submodule(name.rpartition(".")[0])
+            fan_in = owner.in_features if isinstance(owner, torch.nn.Linear) else p.shape[-1]
+            bound = 1.0 / math.sqrt(fan_in)
             p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
     tensors = {name: p.detach().float().contiguous() for name, p in layer.state_dict().items()}
     tensors["x"] = torch.randn(args.tokens, cfg["d_model"], generator=g)
@@ -270,7 +345,9 @@ def compare(args):
     ref = dict(r, dx=x.grad)
     if prev is not None:
         ref["grad.prev_logits"] = prev.grad
-    ref.update({"grad." + name: p.grad for name, p in layer.named_parameters()})
+    # An expert no token reached has no .grad in torch; moekit writes its zero gradient.
+    ref.update({"grad." + name: torch.zeros_like(p) if p.grad is None else p.grad
+                for name, p in layer.named_parameters()})
 
     ok = True
     for name in sorted(set(ref) - set(out)):
