@@ -249,10 +249,11 @@ class CudaMoeBlock final : public DeviceMoeBlock<host_storage_t<typename Layer::
   mutable bool have_logits_ = false, have_probs_ = false, have_idx_ = false;
 };
 
-// The flags' layer type on the CUDA backend, behind MoeBlock<float> (one half of the routers: Half).
-template <class Parallel, class Half, class T = float, class... Args>
+// The flags' layer type on the CUDA backend, behind MoeBlock<float> (the rows Part keeps: one
+// translation unit's share of TrainerRows).
+template <class Parallel, class Part, class T = float, class... Args>
 std::unique_ptr<DeviceMoeBlock<T>> make_cuda_block(const mk::MoeConfig& mc, bool global_balance, void* stream, Args&... args) {
-  return with_moe_layer_type<mk::backend::Cuda<T>, Parallel, Half>(
+  return with_moe_layer_type<mk::backend::Cuda<T>, Parallel, Part>(
       mc, global_balance, [&]<class Layer>(std::type_identity<Layer>) -> std::unique_ptr<DeviceMoeBlock<T>> {
         return std::make_unique<CudaMoeBlock<Layer>>(mc, stream, args...);
       });
@@ -260,11 +261,15 @@ std::unique_ptr<DeviceMoeBlock<T>> make_cuda_block(const mk::MoeConfig& mc, bool
 
 }  // namespace
 
-// The biased half (cuda_blocks_bias.cu).
+// The classic rows with an expert bias (cuda_blocks_bias.cu).
 std::unique_ptr<DeviceMoeBlock<float>> make_biased_cuda_block(const moekit::MoeConfig& mc, bool global_balance, void* stream);
-// The bf16 layers, both router families, one process (cuda_blocks_bf16.cu).
+// The open models' rows (cuda_blocks_open.cu).
+std::unique_ptr<DeviceMoeBlock<float>> make_open_cuda_block(const moekit::MoeConfig& mc, bool global_balance, void* stream);
+// The bf16 layers, the classic rows, one process (cuda_blocks_bf16.cu).
 std::unique_ptr<DeviceMoeBlock<moekit::bf16>> make_bf16_cuda_block(const moekit::MoeConfig& mc, bool global_balance, void* stream);
 #if defined(MOEKIT_EXAMPLE_CUDA_DISTRIBUTED)
 std::unique_ptr<DeviceMoeBlock<float>> make_biased_cuda_block(const moekit::MoeConfig& mc, bool global_balance, void* stream,
                                                        moekit::comm::Nccl& world);
+std::unique_ptr<DeviceMoeBlock<float>> make_open_cuda_block(const moekit::MoeConfig& mc, bool global_balance, void* stream,
+                                                     moekit::comm::Nccl& world);
 #endif

@@ -1,7 +1,7 @@
 // --backend cuda (cuda_blocks.hpp): the CUDA MoE layers behind DeviceMoeBlock, for both example
 // trainers (library moekit_example_cuda_blocks, compiled by nvcc only when the build has CUDA). It
-// instantiates the 8 unbiased layer types make_moe_block can reach (with_moe_layer_type;
-// the 8 with router::BiasBalanced are in cuda_blocks_bias.cu),
+// instantiates the 8 classic unbiased layer types make_moe_block can reach (with_moe_layer_type;
+// the 8 with router::BiasBalanced are in cuda_blocks_bias.cu, the open models' 16 in cuda_blocks_open.cu),
 // once single-process (parallel::None) and, with MPI and NCCL, once distributed (parallel::Hybrid, whose
 // code serves all four strategies as the host layer's does; main.cpp enforces --parallel's limits).
 //
@@ -26,8 +26,9 @@ class SingleGpu final : public CudaMoeBackend {
  public:
   SingleGpu() { MOEKIT_CUDA_CHECK(cudaGetDevice(&device_)); }
   std::unique_ptr<DeviceMoeBlock<float>> make_block(const mk::MoeConfig& mc, bool global_balance, void* stream) override {
+    if (!mk::keeps<TrainerRows<ClassicRows>>(mc)) return make_open_cuda_block(mc, global_balance, stream);
     if (mc.expert_bias) return make_biased_cuda_block(mc, global_balance, stream);
-    return make_cuda_block<mk::parallel::None, mk::BiasVariants::kUnbiased>(mc, global_balance, stream);
+    return make_cuda_block<mk::parallel::None, BothRows<ClassicRows, mk::BiasVariants::kUnbiased>>(mc, global_balance, stream);
   }
   std::unique_ptr<DeviceMoeBlock<mk::bf16>> make_bf16_block(const mk::MoeConfig& mc, bool global_balance, void* stream) override {
     return make_bf16_cuda_block(mc, global_balance, stream);
@@ -44,8 +45,9 @@ class GpuPerRank final : public CudaMoeBackend {
   GpuPerRank(mk::comm::Mpi& world, int local_rank)
       : device_(select_device(local_rank)), nccl_(mk::comm::Nccl::from_mpi(world)) {}
   std::unique_ptr<DeviceMoeBlock<float>> make_block(const mk::MoeConfig& mc, bool global_balance, void* stream) override {
+    if (!mk::keeps<TrainerRows<ClassicRows>>(mc)) return make_open_cuda_block(mc, global_balance, stream, nccl_);
     if (mc.expert_bias) return make_biased_cuda_block(mc, global_balance, stream, nccl_);
-    return make_cuda_block<mk::parallel::Hybrid, mk::BiasVariants::kUnbiased>(mc, global_balance, stream, nccl_);
+    return make_cuda_block<mk::parallel::Hybrid, BothRows<ClassicRows, mk::BiasVariants::kUnbiased>>(mc, global_balance, stream, nccl_);
   }
   std::unique_ptr<DeviceMoeBlock<mk::bf16>> make_bf16_block(const mk::MoeConfig&, bool, void*) override {
     throw mk::ConfigError("--dtype", "bf16", "with --backend cuda runs in one process only: the distributed bf16 CUDA blocks are not built");

@@ -58,7 +58,7 @@ class DeviceMoeBlock : public MoeBlock<float> {
 class CudaMoeBackend {
  public:
   virtual ~CudaMoeBackend() = default;
-  // One CUDA MoE layer, of the same 8 types as make_moe_block. Distributed: mc carries the run's degrees
+  // One CUDA MoE layer, of the same 16 types as make_moe_block (TrainerRows). Distributed: mc carries the run's degrees
   // (Ranks::with_degrees), and every rank makes its layers in the same order. stream: a cudaStream_t
   // the block runs on (its calls, its parameter group's), or null for a stream of its own.
   virtual std::unique_ptr<DeviceMoeBlock<float>> make_block(const moekit::MoeConfig& mc, bool global_balance, void* stream = nullptr) = 0;

@@ -5,7 +5,7 @@
 // A trainer's model holds its MoE layers as MoeBlock<T>: whichever of the library's layer types the
 // run-time flags pick (router x experts x balance scope), on the host (HostMoeBlock over
 // moekit::AnyMoeLayer, fp32 or bf16 storage), distributed over ranks (ranks.hpp), or on a GPU (a
-// trainer's own CUDA factory). with_moe_layer_type turns the flags into one of 8 layer types through
+// trainer's own CUDA factory). with_moe_layer_type turns the flags into one of 16 layer types through
 // the library's runtime switch.
 #include <cstdint>
 #include <functional>
@@ -161,37 +161,68 @@ class HostMoeBlock final : public MoeBlock<T> {
   std::vector<V> in_, out_;                                    // kConverts only
 };
 
-// The layer types the trainers' flags reach, as a filter of the library's one runtime switch
-// (moekit/layer/policy_switch.hpp): softmax top-k routers (plain, gating residual, expert bias, both)
-// and SwiGLU experts, with or without MoE++'s zero-computation experts; the rest of the switch's rows
-// (other activations, sigmoid, groups, router bias) would multiply what every trainer compiles. Half:
-// which rows of those (moekit::BiasVariants::kUnbiased / kBiased: cuda_blocks.cu and cuda_blocks_bias.cu
-// each instantiate one, to bound nvcc's time per translation unit).
-template <class Half = moekit::AllRows>
+// The layer types the trainers' flags reach, as filters of the library's one runtime switch
+// (moekit/layer/policy_switch.hpp), in two families:
+//   ClassicRows  softmax top-k routers (plain, gating residual, expert bias, both) with SwiGLU experts,
+//                with or without MoE++'s zero-computation experts (8 rows);
+//   OpenRows     the open models' routers with SwiGLU experts: sigmoid (with or without expert bias),
+//                groups (DeepSeek-V2 softmax, sigmoid, DeepSeek-V3 sigmoid with expert bias), router
+//                bias; and GPT-OSS's clamped SwiGLU experts, plain or with router bias (8 rows).
+// The rest of the switch (GeLU/ReLU, other chains) would multiply what every trainer compiles. A CUDA
+// program splits the rows over translation units with Part (ClassicRows + BiasVariants, OpenRows).
+namespace trainer_rows {
+namespace mk = moekit;
+using Softmax = mk::router::TopK<mk::router::Softmax>;
+using Sigmoid = mk::router::TopK<mk::router::Sigmoid>;
+using Residual = mk::router::GatingResidual<Softmax>;
+template <class R, class E>
+inline constexpr bool classic = (std::is_same_v<R, Softmax> || std::is_same_v<R, Residual> ||
+                                 std::is_same_v<R, mk::router::BiasBalanced<Softmax>> ||
+                                 std::is_same_v<R, mk::router::BiasBalanced<Residual>>) &&
+                                std::is_same_v<typename E::activation, mk::act::SwiGLU>;
+template <class R, class E>
+inline constexpr bool open =
+    (std::is_same_v<E, mk::experts::Ffn<mk::act::SwiGLU>> &&
+     (std::is_same_v<R, Sigmoid> || std::is_same_v<R, mk::router::BiasBalanced<Sigmoid>> ||
+      std::is_same_v<R, mk::router::GroupLimited<Softmax>> || std::is_same_v<R, mk::router::GroupLimited<Sigmoid>> ||
+      std::is_same_v<R, mk::router::BiasBalanced<mk::router::GroupLimited<Sigmoid>>> ||
+      std::is_same_v<R, mk::router::LinearBias<Softmax>>)) ||
+    (std::is_same_v<E, mk::experts::Ffn<mk::act::SwiGLUOai>> &&
+     (std::is_same_v<R, Softmax> || std::is_same_v<R, mk::router::LinearBias<Softmax>>));
+}  // namespace trainer_rows
+
+struct ClassicRows {
+  template <std::size_t Row, class R, class E>
+  static constexpr bool keep = trainer_rows::classic<R, E>;
+};
+struct OpenRows {
+  template <std::size_t Row, class R, class E>
+  static constexpr bool keep = trainer_rows::open<R, E>;
+};
+template <class A, class B>
+struct BothRows {  // the rows both filters keep
+  template <std::size_t Row, class R, class E>
+  static constexpr bool keep = A::template keep<Row, R, E> && B::template keep<Row, R, E>;
+};
+
+template <class Part = moekit::AllRows>
 struct TrainerRows {
   template <std::size_t Row, class R, class E>
-  static constexpr bool keep = [] {
-    namespace mk = moekit;
-    using Plain = mk::router::TopK<mk::router::Softmax>;
-    using Residual = mk::router::GatingResidual<Plain>;
-    constexpr bool router_ok = std::is_same_v<R, Plain> || std::is_same_v<R, Residual> ||
-                               std::is_same_v<R, mk::router::BiasBalanced<Plain>> || std::is_same_v<R, mk::router::BiasBalanced<Residual>>;
-    return router_ok && std::is_same_v<typename E::activation, mk::act::SwiGLU> && Half::template keep<Row, R, E>;
-  }();
+  static constexpr bool keep = (trainer_rows::classic<R, E> || trainer_rows::open<R, E>) && Part::template keep<Row, R, E>;
 };
 
 // Calls make(std::type_identity<MoeLayer<Backend, R, E, B, Parallel>>{}) for the flags' type (B: the
 // balance scope) and returns what it returns (the same type for all): make_moe_block below for the
-// host layers, cuda_blocks.cu for the CUDA ones. A config outside TrainerRows is a ConfigError.
-template <class Backend, class Parallel, class Half = moekit::AllRows, class Make>
+// host layers, cuda_blocks*.cu for the CUDA ones. A config outside TrainerRows is a ConfigError.
+template <class Backend, class Parallel, class Part = moekit::AllRows, class Make>
 auto with_moe_layer_type(const moekit::MoeConfig& mc, bool global_balance, Make&& make) {
   namespace mk = moekit;
   const auto [r, e] = mk::policy_row(mc);  // a ConfigError for a config no row builds
   (void)r, (void)e;
   if (!mk::keeps<TrainerRows<>>(mc))
     throw mk::ConfigError("router", mk::detail::asked_text(mc),
-                          "is not one of the layers the example trainers build (softmax top-k, SwiGLU experts)");
-  return mk::with_policies<TrainerRows<Half>>(mc, [&]<class R, class E>(std::type_identity<R>, std::type_identity<E>) {
+                          "is not one of the layers the example trainers build (examples/common/moe_block.hpp: TrainerRows)");
+  return mk::with_policies<TrainerRows<Part>>(mc, [&]<class R, class E>(std::type_identity<R>, std::type_identity<E>) {
     if (global_balance) return make(std::type_identity<mk::MoeLayer<Backend, R, E, mk::balance::GlobalBatch, Parallel>>{});
     return make(std::type_identity<mk::MoeLayer<Backend, R, E, mk::balance::MicroBatch, Parallel>>{});
   });

@@ -131,7 +131,7 @@ static nlohmann::json checkpoint_config(const Options& o) {
           {"global_balance", o.global_balance}, {"granularity", o.granularity}, {"zero_experts", o.zero_experts},
           {"copy_experts", o.copy_experts}, {"constant_experts", o.constant_experts}, {"tau", o.tau},
           {"gating_residual", o.gating_residual}, {"expert_bias", o.expert_bias}, {"bias_rate", o.bias_rate},
-          {"pack_by_domain", o.pack_by_domain}};
+          {"pack_by_domain", o.pack_by_domain}, {"moe_options", o.moe.changed()}};
 }
 
 // world: the communicator of a --parallel run (nullptr: one process, the single-rank layers).
@@ -176,6 +176,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
   mc.zero_experts = opt.zero_experts, mc.copy_experts = opt.copy_experts, mc.constant_experts = opt.constant_experts;
   mc.tau = opt.tau, mc.gating_residual = opt.gating_residual, mc.global_balance = opt.global_balance;
   mc.expert_bias = opt.expert_bias, mc.bias_update_rate = opt.bias_rate;
+  opt.moe.apply(mc.base);
   if (opt.granularity > 1) {  // --d-expert is the d_ff being split, --experts E, --top-k k_base
     const moekit::MoeConfig fine =
         moekit::fine_grained_config(mc.moe_config(), opt.d_expert, opt.experts, opt.granularity, opt.top_k);
@@ -216,6 +217,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
       (long long)mc.top_k, (long long)opt.d_model, (long long)mc.d_expert, (long long)n_params);
   out("%s\n", moekit::backend::host::gemm_library().line().c_str());  // which GEMM kernel the host runs (and any warning)
   if (opt.expert_bias) out("expert bias: on (router::BiasBalanced, u = %g after each step)\n", opt.bias_rate);
+  if (opt.moe.any()) out("router and experts: %s\n", opt.moe.changed().dump().c_str());
   const bool variant = opt.global_balance || opt.granularity > 1 || opt.gating_residual || opt.pack_by_domain ||
                        mc.zero_experts + mc.copy_experts + mc.constant_experts > 0;
   if (variant)  // the default run's output stays as it was

@@ -52,9 +52,13 @@ struct ModelConfig {
   bool expert_bias = false;
   double bias_update_rate = 1e-3;
 
-  // The config of each MoE layer (softmax top-k router, SwiGLU experts, dropless).
+  // What the fields above leave to MoeConfig's defaults: the router and experts of the open models
+  // (--router, --n-group, --activation, ...: MoeFlags::apply), which moe_config() starts from.
+  moekit::MoeConfig base;
+
+  // The config of each MoE layer (by default a softmax top-k router, SwiGLU experts, dropless).
   moekit::MoeConfig moe_config() const {
-    moekit::MoeConfig mc;
+    moekit::MoeConfig mc = base;
     mc.d_model = d_model;
     mc.d_expert = d_expert;
     mc.num_ffn_experts = experts;

@@ -7,6 +7,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "../common/moe_flags.hpp"
 #include "../common/ranks.hpp"
 
 struct Options {
@@ -36,6 +37,7 @@ struct Options {
   bool gating_residual = false;
   bool expert_bias = false;  // --expert-bias (router::BiasBalanced)
   double bias_rate = 1e-3;   // --bias-rate
+  MoeFlags moe;              // the open models' routers and experts (--router, --n-group, --activation, ...)
   bool pack_by_domain = false;
   Parallel parallel = Parallel::kNone;  // --parallel (needs mpirun for more than one rank)
   std::int64_t tp = 1, ep = 1;          // dp = ranks / (tp * ep)
@@ -95,6 +97,7 @@ inline Options parse_options(int argc, char** argv) {
                "aux-loss-free balancing (DeepSeek-V3): per-expert selection biases moved by --bias-rate * sign(mean load - load) "
                "after each step (try --lbl-coef 0)");
   app.add_option("--bias-rate", o.bias_rate, "u of the expert-bias update")->check(nonneg);
+  o.moe.add_to(app);
   app.add_flag("--pack-by-domain", o.pack_by_domain, "every micro-batch from one domain (drawn at random)");
   app.add_option("--parallel", parallel, "none, or under mpirun: data, expert, tensor or hybrid")
       ->check(CLI::IsMember({"none", "data", "expert", "tensor", "hybrid"}));

@@ -134,7 +134,7 @@ static nlohmann::json checkpoint_config(const Options& o) {
           {"constant_experts", o.constant_experts}, {"tau", o.tau}, {"capacity_factor", o.capacity_factor},
           {"gating_residual", o.gating_residual}, {"expert_bias", o.expert_bias}, {"global_balance", o.global_balance},
           {"bias_rate", o.bias_rate}, {"lbl_coef", o.lbl_coef}, {"zloss_coef", o.zloss_coef}, {"steps", o.steps}, {"time_budget", o.time_budget}, {"batch", o.batch},
-          {"accum", o.accum}, {"lr", o.lr}, {"weight_decay", o.weight_decay}, {"seed", o.seed}};
+          {"accum", o.accum}, {"lr", o.lr}, {"weight_decay", o.weight_decay}, {"seed", o.seed}, {"moe_options", o.moe.changed()}};
 }
 
 // The model's config from the flags: with --granularity G, --d-expert is the d_ff being split,
@@ -148,6 +148,7 @@ static LmConfig model_config(const Options& o) {
   m.num_zero_experts = o.zero_experts, m.num_copy_experts = o.copy_experts, m.num_constant_experts = o.constant_experts;
   m.tau = o.tau, m.capacity_factor = o.capacity_factor, m.gating_residual = o.gating_residual;
   m.expert_bias = o.expert_bias, m.bias_update_rate = o.bias_rate, m.lbl_coef = o.lbl_coef, m.zloss_coef = o.zloss_coef;
+  o.moe.apply(m);
   if (o.granularity > 1) {
     const moekit::MoeConfig fine = moekit::fine_grained_config(m, o.d_expert, o.experts, o.granularity, o.top_k);
     m.d_expert = fine.d_expert, m.num_ffn_experts = fine.num_ffn_experts, m.top_k = fine.top_k;
@@ -231,6 +232,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
                    std::to_string(mc.top_k) + (mc.num_zc_experts() > 0 ? " + " + std::to_string(mc.num_zc_experts()) + " MoE++" : std::string()))
                       .c_str(),
       (long long)lc.d_model, (long long)lc.seq, lc.tie_embeddings ? ", tied head" : "", double(n_params) / 1e6, double(n_active) / 1e6);
+  if (opt.moe.any()) out("router and experts: %s\n", opt.moe.changed().dump().c_str());
   if (cuda)
     out("backend: %s | the whole model and its AdamW on the GPU; the host sees token ids, the loss and the metrics\n",
         model.describe().c_str());

@@ -7,6 +7,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "../common/moe_flags.hpp"
 #include "../common/ranks.hpp"
 
 struct Options {
@@ -22,6 +23,7 @@ struct Options {
   double tau = 1.0, capacity_factor = 0.0;
   bool gating_residual = false, expert_bias = false, global_balance = false;
   double bias_rate = 1e-3, lbl_coef = 0.01, zloss_coef = 1e-3;
+  MoeFlags moe;  // the open models' routers and experts (--router, --n-group, --activation, ...)
   // Optimisation.
   std::int64_t steps = 1200, batch = 16, accum = 1;  // batch: sequences per micro-batch (all ranks together)
   double lr = 3e-3, weight_decay = 0.1;
@@ -80,6 +82,7 @@ inline Options parse_options(int argc, char** argv) {
   app.add_option("--balance", balance, "load-balance scope: micro or global")->check(CLI::IsMember({"micro", "global"}));
   app.add_option("--lbl-coef", o.lbl_coef, "load-balancing loss coefficient")->check(nonneg);
   app.add_option("--zloss-coef", o.zloss_coef, "router z-loss coefficient")->check(nonneg);
+  o.moe.add_to(app);
   app.add_option("--steps", o.steps, "optimizer steps (with --time-budget: the most, and the schedule's nominal length)")->check(positive);
   app.add_option("--time-budget", o.time_budget,
                  "seconds of training (evaluations excluded): stop there, the learning-rate schedule over time (0: off; one process)")
@@ -134,8 +137,9 @@ inline Options parse_options(int argc, char** argv) {
   if ((o.resume || o.checkpoint_interval > 0 || o.keep > 0) && o.checkpoint_dir.empty())
     fail(std::string("--") + (o.resume ? "resume" : o.keep > 0 ? "keep" : "checkpoint-interval") + " needs --checkpoint-dir");
   if (o.dense && (o.zero_experts + o.copy_experts + o.constant_experts > 0 || o.granularity > 1 || o.expert_bias || o.gating_residual ||
-                  o.ep > 1))
-    fail("--dense has one FFN per block: it takes none of --zero/--copy/--constant, --granularity, --expert-bias, --gating-residual, --ep");
+                  o.ep > 1 || o.moe.any()))
+    fail("--dense has one FFN per block: it takes none of --zero/--copy/--constant, --granularity, --expert-bias, --gating-residual, --ep, "
+         "nor the router and expert flags of the open models");
   const auto [tp_ok, ep_ok] = allowed_degrees(o.parallel);
   if ((o.tp > 1 && !tp_ok) || (o.ep > 1 && !ep_ok))
     fail(o.tp > 1 && !tp_ok ? "--tp " + std::to_string(o.tp) + " needs --parallel tensor or hybrid (got " + parallel + ")"

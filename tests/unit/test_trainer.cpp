@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "../../examples/common/moe_flags.hpp"
 #include "../../examples/train_domains/domains.hpp"
 #include "../../examples/train_domains/model.hpp"
 
@@ -117,6 +118,35 @@ TEST_CASE("train_domains model: gradient with gating residual and zero/copy/cons
   const auto [checked, zc_slots] = check_model_gradient(c, 5, 10);
   CHECK(checked > 400);
   CHECK(zc_slots > 0);  // the ZC experts' paths were exercised
+}
+
+TEST_CASE("train_domains model: gradient with the open models' routers and experts matches finite differences") {
+  // The trainers reach them through MoeFlags (examples/common/moe_flags.hpp) onto ModelConfig::base.
+  SUBCASE("GPT-OSS: router bias, clamped SwiGLU with a limit the activations reach, FFN biases") {
+    ModelConfig c = tiny_config();
+    MoeFlags f;
+    f.router_bias = true, f.renormalize = "true", f.activation = "swiglu_oai", f.swiglu_limit = 0.5, f.ffn_bias = true;
+    f.apply(c.base);
+    {
+      Model<double> probe(c, 7);
+      bool has_router_bias = false, has_w2_bias = false;
+      for (auto& p : probe.parameters()) {
+        has_router_bias = has_router_bias || p.name == "blocks.0.moe.gate.bias";
+        has_w2_bias = has_w2_bias || p.name == "blocks.1.moe.experts.2.w2.bias";
+      }
+      CHECK(has_router_bias);
+      CHECK(has_w2_bias);
+    }
+    CHECK(check_model_gradient(c, 7, 10).first > 400);
+  }
+  SUBCASE("DeepSeek-V3: sigmoid, groups, scaling") {
+    ModelConfig c = tiny_config();
+    c.experts = 4;
+    MoeFlags f;
+    f.router = "sigmoid", f.n_group = 2, f.topk_group = 1, f.group_score = "max", f.routed_scaling_factor = 2.5;
+    f.apply(c.base);
+    CHECK(check_model_gradient(c, 9, 10).first > 400);
+  }
 }
 
 namespace {
