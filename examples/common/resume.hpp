@@ -41,7 +41,7 @@ nlohmann::json resume(const moekit::train::CheckpointDir& dir, Trainer& trainer,
   const nlohmann::json run = moekit::train::restore_trainer(trainer, *loaded, grid);
   const nlohmann::json& saved = run.at("config");
   // A key the checkpoint lacks matches an empty object: options added since it was written, all at
-  // their defaults (train_lm's moe_options).
+  // their defaults (the trainers' moe_options, examples/common/moe_flags.hpp).
   for (const auto& [key, value] : config.items())
     if (saved.contains(key) ? saved[key] != value : !(value.is_object() && value.empty()))
       throw moekit::ConfigError(key, value.dump(), "differs from the checkpoint's " + (saved.contains(key) ? saved[key].dump() : "(none)") +
