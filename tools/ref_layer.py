@@ -30,7 +30,7 @@ DEFAULTS = {"num_zero_experts": 0, "num_copy_experts": 0, "num_constant_experts"
             "lbl_coef": 0.0, "zloss_coef": 0.0, "tau": 1.0, "backend": "host", "dtype": "fp32",
             "expert_bias": False, "bias_update_rate": 1e-3, "router_bias": False, "routed_scaling_factor": 1.0,
             "n_group": None, "topk_group": 1, "group_score": "top2_sum", "ffn_bias": False,
-            "swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+            "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "num_shared_experts": 0, "d_shared": 0, "shared_gate": False}
 BIAS = "gate.e_score_correction_bias"  # router::BiasBalanced's selection biases (an input, not a parameter)
 ZC_KINDS = ("num_zero_experts", "num_copy_experts", "num_constant_experts")  # after the FFN experts, in order
 BACKENDS, DTYPES = ("host", "cuda"), ("fp32", "bf16")
@@ -76,7 +76,7 @@ def load_config(path):
     for key in ZC_KINDS:
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
             raise InputError(f"{path}: {key} must be an integer >= 0")
-    for key in ("gating_residual", "expert_bias", "router_bias", "ffn_bias"):
+    for key in ("gating_residual", "expert_bias", "router_bias", "ffn_bias", "shared_gate"):
         if not isinstance(cfg[key], bool):
             raise InputError(f"{path}: {key} must be true or false")
     if cfg["renormalize"] is not None and not isinstance(cfg["renormalize"], bool):
@@ -100,6 +100,13 @@ def load_config(path):
         for key in ("swiglu_alpha", "swiglu_limit"):
             if key in given:
                 raise InputError(f"{path}: {key} needs \"activation\": \"swiglu_oai\"")
+    for key in ("num_shared_experts", "d_shared"):
+        if not is_int(cfg[key]) or cfg[key] < 0:
+            raise InputError(f"{path}: {key} must be an integer >= 0")
+    if cfg["num_shared_experts"] == 0:
+        for key in ("d_shared", "shared_gate"):
+            if cfg[key]:
+                raise InputError(f"{path}: {key} needs num_shared_experts > 0")
     if "n_group" not in given:
         for key in ("topk_group", "group_score"):
             if key in given:
@@ -162,6 +169,21 @@ class Expert(torch.nn.Module):
         return self.w2(a)
 
 
+class SharedExperts(torch.nn.Module):
+    """DeepSeek's / Qwen2-MoE's shared experts: n experts of width d_shared (0: d_expert) as one SwiGLU FFN,
+    w1, w3 [n d_shared, D], w2 [D, n d_shared], every token through it (as transformers' DeepseekV3MLP)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, width = cfg["d_model"], cfg["num_shared_experts"] * (cfg["d_shared"] or cfg["d_expert"])
+        self.w1 = torch.nn.Linear(d, width, bias=False)
+        self.w2 = torch.nn.Linear(width, d, bias=False)
+        self.w3 = torch.nn.Linear(d, width, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
 class ConstantExpert(torch.nn.Module):
     """MoE++ constant expert: E(x) = a1 x + a2 v with [a1, a2] = softmax(Wc x); wc.weight [2, D], v [D]."""
 
@@ -179,7 +201,8 @@ class MoeLayer(torch.nn.Module):
     """The layer moekit-layer computes. Parameter names match Mixtral's MoE block:
     gate.weight [N_E, D], experts.{i}.w1.weight [d_expert, D], .w2.weight [D, d_expert], .w3.weight;
     MoE++'s: constant.{j}.wc.weight [2, D], constant.{j}.v [D], gate_residual.weight [N_E, N_E];
-    GPT-OSS's: gate.bias [N_E] (router_bias), experts.{i}.w1/w3.bias [d_expert], .w2.bias [D] (ffn_bias).
+    GPT-OSS's: gate.bias [N_E] (router_bias), experts.{i}.w1/w3.bias [d_expert], .w2.bias [D] (ffn_bias);
+    shared experts': shared_experts.w1/w2/w3.weight, shared_expert_gate.weight [1, D] (shared_gate).
     Zero and copy experts have no parameters."""
 
     def __init__(self, cfg):
@@ -191,6 +214,10 @@ class MoeLayer(torch.nn.Module):
         self.constant = torch.nn.ModuleList(ConstantExpert(d) for _ in range(cfg["num_constant_experts"]))
         if cfg["gating_residual"]:  # logits = W x + W_g prev_logits
             self.gate_residual = torch.nn.Linear(n, n, bias=False)
+        if cfg["num_shared_experts"] > 0:  # y += sigma(w_sg x) * shared(x) (Qwen2-MoE), or shared(x) (DeepSeek)
+            self.shared_experts = SharedExperts(cfg)
+            if cfg["shared_gate"]:
+                self.shared_expert_gate = torch.nn.Linear(d, 1, bias=False)
 
     def expert_kinds(self):
         """(first index, kind) of each expert, in the order of the logits."""
@@ -255,6 +282,11 @@ class MoeLayer(torch.nn.Module):
             else:
                 out = self.constant[e - (n - cfg["num_constant_experts"])](x[t])
             y = y.index_add(0, t, gates[t, j].unsqueeze(-1) * out)
+        if cfg["num_shared_experts"] > 0:  # never scaled by routed_scaling_factor
+            shared = self.shared_experts(x)
+            if cfg["shared_gate"]:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            y = y + shared
 
         # MoE++'s heterogeneous LBL: eta_i = 1 for FFN experts, tau for the others (Switch's when tau = 1).
         f = routed.to(x.dtype) / (k * tokens)  # fraction of slots per expert: no gradient

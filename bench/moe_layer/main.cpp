@@ -162,7 +162,9 @@ Row run(const Shape& s, const MoeConfig& cfg, bool skewed, int reps, const char*
                                              cfg.num_constant_experts);
   const RoutingShares shares = routing_shares(layer.routed_counts(), cfg.num_ffn_experts);
   r.hot_share = shares.hot, r.zc_share = shares.zc;
-  r.flops_fwd = 6.0 * double(s.tokens) * double(s.k) * double(s.d) * double(s.f);
+  // Nominal: k FFN slots per token, plus the shared experts' FFN on every token.
+  const double shared = double(read_options<experts::SharedOptions>(cfg).width(cfg));
+  r.flops_fwd = 6.0 * double(s.tokens) * double(s.d) * (double(s.k) * double(s.f) + shared);
   return r;
 }
 
@@ -377,6 +379,12 @@ int main(int argc, char** argv) {
       c.tau = tau;
       rows.push_back(run<MoePP>(*s, c, false, reps, "ffn+1z+1c+2k"));
     }
+    // Shared experts (DeepSeek's: 2 of d_expert, every token, weight 1; Qwen2-MoE's gate on top): the
+    // same routed experts beside the dropless vanilla row.
+    MoeConfig sh = base_config(*s);
+    sh.options.set("num_shared_experts", std::int64_t(2)), sh.options.set("shared_gate", true);
+    rows.push_back(run<Vanilla>(*s, base_config(*s), false, reps, "ffn"));
+    rows.push_back(run<Vanilla>(*s, sh, false, reps, "ffn+2shared"));
   }
 
   // Decode: a few tokens per call, evaluation mode, many reps (each call is short).

@@ -23,6 +23,8 @@ struct MoeFlags {
   std::string activation = "swiglu";
   double swiglu_alpha = moekit::act::SwigluOaiOptions{}.swiglu_alpha, swiglu_limit = moekit::act::SwigluOaiOptions{}.swiglu_limit;
   bool ffn_bias = false;
+  std::int64_t shared_experts = 0, d_shared = 0;  // d_shared 0: d_expert
+  bool shared_gate = false;
 
   void add_to(CLI::App& app) {
     const std::string g = "Routers and experts of the open models";
@@ -44,6 +46,10 @@ struct MoeFlags {
     app.add_option("--swiglu-limit", swiglu_limit, "swiglu_oai: the clamp of the gate and up projections")
         ->check(CLI::PositiveNumber)->group(g);
     app.add_flag("--ffn-bias", ffn_bias, "biases on both expert projections (GPT-OSS)")->group(g);
+    app.add_option("--shared-experts", shared_experts, "shared experts every token passes through (DeepSeek, Qwen2-MoE; 0: none)")
+        ->check(CLI::NonNegativeNumber)->group(g);
+    app.add_option("--d-shared", d_shared, "each shared expert's width (0: --d-expert)")->check(CLI::NonNegativeNumber)->group(g);
+    app.add_flag("--shared-gate", shared_gate, "the shared experts' output times sigmoid(w x) (Qwen2-MoE)")->group(g);
   }
 
   // The flags given values other than their defaults, by their config keys (a checkpoint's record; empty
@@ -62,6 +68,9 @@ struct MoeFlags {
     if (swiglu_alpha != d.swiglu_alpha) j["swiglu_alpha"] = swiglu_alpha;
     if (swiglu_limit != d.swiglu_limit) j["swiglu_limit"] = swiglu_limit;
     if (ffn_bias) j["ffn_bias"] = true;
+    if (shared_experts != d.shared_experts) j["num_shared_experts"] = shared_experts;
+    if (d_shared != d.d_shared) j["d_shared"] = d_shared;
+    if (shared_gate) j["shared_gate"] = true;
     return j;
   }
   bool any() const { return !changed().empty(); }
@@ -87,5 +96,8 @@ struct MoeFlags {
     if (swiglu_alpha != d.swiglu_alpha) mc.options.set("swiglu_alpha", swiglu_alpha);
     if (swiglu_limit != d.swiglu_limit) mc.options.set("swiglu_limit", swiglu_limit);
     if (ffn_bias) mc.options.set("ffn_bias", true);
+    if (shared_experts != d.shared_experts) mc.options.set("num_shared_experts", shared_experts);
+    if (d_shared != d.d_shared) mc.options.set("d_shared", d_shared);
+    if (shared_gate) mc.options.set("shared_gate", true);
   }
 };

@@ -132,6 +132,7 @@ class Ranks {
     red.shards = g_.shards();
     red.sum_over_shards = [this](double* v, std::size_t n) { sum_over_shards(v, n); };
     red.sum_over_expert_slices = [this](double* v, std::size_t n) { sum_over_expert_slices(v, n); };
+    red.sum_over_tensor_slices = [this](double* v, std::size_t n) { tp_->all_reduce_sum(v, n); };
     return red;
   }
 
@@ -158,13 +159,15 @@ class Ranks {
   // expert slices' part of the global gradient norm (train::clip_grad_norm's distributed form).
   void sum_over_expert_slices(double* v, std::size_t n) { slices_->all_reduce_sum(v, n); }
 
-  // Parameters of the full model: replicated ones once, expert slices summed over a dp index.
+  // Parameters of the full model: replicated ones once, expert slices summed over a dp index, tensor
+  // slices over the tp ranks.
   template <class T>
   std::int64_t full_parameter_count(const std::vector<moekit::Parameter<T>>& params) {
-    double n[2] = {0, 0};
-    for (const auto& p : params) n[p.expert_slice() ? 1 : 0] += double(p.numel());
-    slices_->all_reduce_sum(&n[1], 1);
-    return std::int64_t(n[0] + n[1]);
+    moekit::NormSquares n;
+    for (const auto& p : params) n.add(p.shard, double(p.numel()));
+    slices_->all_reduce_sum(&n.expert_slices, 1);
+    tp_->all_reduce_sum(&n.tensor_slices, 1);
+    return std::int64_t(n.total());
   }
 
  private:

@@ -62,15 +62,18 @@ struct LmConfig {
 
   // The model FLOPs of one micro-batch of `batch` sequences (science/flops.hpp: matrix products only,
   // the causal pairs of attention, top_k slots per token through FFN experts: the nominal count, which
-  // MoE++ experts and a capacity limit lower in practice). The embedding is a lookup: no FLOPs.
+  // MoE++ experts and a capacity limit lower in practice; shared experts are a SwiGLU FFN on every
+  // token). The embedding is a lookup: no FLOPs.
   moekit::science::Flops flops(std::int64_t batch) const {
     namespace sc = moekit::science;
     const moekit::MoeConfig mc = layer_config();
-    const std::int64_t rows = batch * seq;
+    const std::int64_t rows = batch * seq, shared = moekit::read_options<moekit::experts::SharedOptions>(mc).width(mc);
     sc::Flops f;
-    for (std::int64_t l = 0; l < blocks; ++l)
+    for (std::int64_t l = 0; l < blocks; ++l) {
       f += sc::attention_flops(batch, seq, d_model, heads, kv_heads) +
            sc::moe_flops(rows, d_model, mc.d_expert, mc.num_experts(), rows * mc.top_k, moekit::is_gated(mc.activation));
+      if (shared > 0) f += sc::ffn_flops(rows, d_model, shared, /*gated=*/true);
+    }
     return f + sc::linear_flops(rows, d_model, kVocab);
   }
 };

@@ -334,6 +334,21 @@ void run_all() {
     gelu.cfg.options.set("ffn_bias", true), gelu.cfg.capacity_factor = 1.0;
     check<MoeLayer<backend::Host<float>, Soft, MixedGelu>, MoeLayer<backend::Cuda<V>, Soft, MixedGelu>>(gelu);
   }
+  SUBCASE("shared experts on the second stream: DeepSeek's (weight 1, scaled routed gates), Qwen2-MoE's (gated), beside MoE++") {
+    Case ds{"deepseek-shared", small_config(8, 2, RouterKind::kSigmoid, Activation::kSwiGLU), 97, 43};
+    ds.cfg.options.set("num_shared_experts", 2), ds.cfg.options.set("routed_scaling_factor", 2.5);
+    check<MoeLayer<backend::Host<float>, Sig, experts::Ffn<act::SwiGLU>>, MoeLayer<backend::Cuda<V>, Sig, experts::Ffn<act::SwiGLU>>>(ds);
+    for (auto gemm : {mc::GemmStrategy::kGrouped, mc::GemmStrategy::kStreams}) {
+      Case qw{"qwen2-shared-gate", small_config(8, 2, RouterKind::kSoftmax, Activation::kSwiGLU), 61, 45};
+      qw.cfg.options.set("num_shared_experts", 1), qw.cfg.options.set("d_shared", 24), qw.cfg.options.set("shared_gate", true);
+      qw.cfg.capacity_factor = 1.0, qw.gemm = gemm;
+      check<MoeLayer<backend::Host<float>, Soft, experts::Ffn<act::SwiGLU>>, MoeLayer<backend::Cuda<V>, Soft, experts::Ffn<act::SwiGLU>>>(qw);
+    }
+    Case mp{"moepp-shared", small_config(6, 2, RouterKind::kSoftmax, Activation::kGeLU), 45, 47};
+    mp.cfg.num_zero_experts = 1, mp.cfg.num_copy_experts = 1, mp.cfg.num_constant_experts = 1;
+    mp.cfg.options.set("num_shared_experts", 1), mp.cfg.options.set("shared_gate", true);
+    check<MoeLayer<backend::Host<float>, Soft, MixedGelu>, MoeLayer<backend::Cuda<V>, Soft, MixedGelu>>(mp);
+  }
   SUBCASE("MoE++ with sigmoid routing and GlobalBatch balance") {
     Case c{"moepp-sigmoid-global", small_config(6, 2, RouterKind::kSigmoid, Activation::kGeLU), 64, 13};
     c.cfg.num_zero_experts = 2, c.cfg.num_copy_experts = 1, c.cfg.num_constant_experts = 1, c.cfg.tau = 0.1;

@@ -84,5 +84,9 @@ TEST_CASE("cuda parallel::Hybrid on one rank equals the single-GPU layer") {
   m.num_zero_experts = 1, m.num_copy_experts = 1, m.num_constant_experts = 2, m.capacity_factor = 1.0;
   check_single_rank<experts::Set<experts::Ffn<act::GeLU>, experts::Zero, experts::Copy, experts::Constant>, balance::MicroBatch>(
       m, false);
+  // Shared experts (their second stream, the tensor-slice gradient reduction) with and without recomputation.
+  MoeConfig s = c;
+  s.options.set("num_shared_experts", 2), s.options.set("d_shared", 16), s.options.set("shared_gate", true);
+  for (bool recompute : {false, true}) check_single_rank<experts::Ffn<act::SwiGLU>, balance::MicroBatch>(s, recompute);
 }
 #endif

@@ -253,6 +253,24 @@ TEST_CASE("the open models' experts: every split equals parallel::None (GPT-OSS'
   }
 }
 
+TEST_CASE("shared experts: every strategy and split equals parallel::None (tp-sliced FFN_s, its gate, their gradients)") {
+  for (auto s : splits()) {
+    // Qwen2-MoE: one shared expert of its own width with its gate; its w1/w3 rows and w2 columns split
+    // over tp (the partial outputs and input gradients summed over the tp group), replicated over ep/dp.
+    MoeConfig qw = base_config(s.tp, s.ep, s.dp, false);
+    qw.options.set("num_shared_experts", 1), qw.options.set("d_shared", 12), qw.options.set("shared_gate", true);
+    check_equivalence<parallel::Hybrid, Soft, Ffn, balance::GlobalBatch>(qw);
+    check_equivalence<parallel::Hybrid, Soft, Ffn, balance::MicroBatch>(qw, 11, /*dtd=*/false, /*recompute=*/true);
+    if (s.tp == 1 && s.ep == 1) check_equivalence<parallel::Data, Soft, Ffn, balance::GlobalBatch>(qw);
+    if (s.tp == 1) check_equivalence<parallel::Expert, Soft, Ffn, balance::GlobalBatch>(qw);
+    if (s.ep == 1) check_equivalence<parallel::Tensor, Soft, Ffn, balance::GlobalBatch>(qw);
+    // DeepSeek: two shared experts of d_expert at weight 1, beside MoE++'s experts and capacity.
+    MoeConfig ds = base_config(s.tp, s.ep, s.dp, true);
+    ds.options.set("num_shared_experts", 2), ds.capacity_factor = 1.0;
+    check_equivalence<parallel::Hybrid, Soft, Mixed, balance::MicroBatch>(ds, 17);
+  }
+}
+
 // router::BiasBalanced: each rank routes its own shard; end_step sums the step's counts over the shards,
 // so after every step the biases are the same bits on every rank and equal a single-rank layer's that saw
 // the concatenated batch (sums of ±u in the same order), and so are the next step's routing decisions.

@@ -42,6 +42,9 @@ struct Case {
   std::string group_score = "top2_sum";
   bool ffn_bias = false;                    // experts.{e}.w1/w3/w2.bias
   double swiglu_alpha = 0, swiglu_limit = 0;  // written when set (activation "swiglu_oai")
+  int shared = 0, d_shared = 0;               // num_shared_experts, d_shared (0: not written, d_expert)
+  bool shared_gate = false;
+  int shared_width() const { return shared * (d_shared > 0 ? d_shared : F); }
   double capacity = 0.0, lbl = 0.01, z = 0.001, tau = 1.0, rate = 1e-3;
   std::uint64_t seed = 7;
 
@@ -56,6 +59,9 @@ struct Case {
     if (ffn_bias) j["ffn_bias"] = true;
     if (swiglu_alpha > 0) j["swiglu_alpha"] = swiglu_alpha;
     if (swiglu_limit > 0) j["swiglu_limit"] = swiglu_limit;
+    if (shared > 0) j["num_shared_experts"] = shared;
+    if (d_shared > 0) j["d_shared"] = d_shared;
+    if (shared_gate) j["shared_gate"] = true;
     return j;
   }
   nlohmann::json base_config() const {
@@ -77,6 +83,9 @@ struct Case {
     }
     for (int j = 0; j < Q; ++j)
       for (const char* w : {"wc.weight", "v"}) p.push_back("constant." + std::to_string(j) + "." + w);
+    if (shared > 0)
+      for (const char* w : {"w1", "w2", "w3"}) p.push_back(std::string("shared_experts.") + w + ".weight");
+    if (shared_gate) p.push_back("shared_expert_gate.weight");
     if (residual) p.push_back("gate_residual.weight");
     return p;
   }
@@ -88,6 +97,9 @@ struct Case {
       if (p == "gate.weight") s[p] = {NE(), D};
       else if (p == "gate.bias") s[p] = {NE()};
       else if (p == "gate_residual.weight") s[p] = {NE(), NE()};
+      else if (p == "shared_expert_gate.weight") s[p] = {1, D};
+      else if (p == "shared_experts.w2.weight") s[p] = {D, shared_width()};
+      else if (p.rfind("shared_experts.", 0) == 0) s[p] = {shared_width(), D};
       else if (p.find("wc.weight") != std::string::npos) s[p] = {2, D};
       else if (p.find(".v") != std::string::npos) s[p] = {D};
       else if (p.find("w2.bias") != std::string::npos) s[p] = {D};

@@ -151,6 +151,30 @@ Ref reference(const Case& c, const Tensors& t) {
     }
     for (int d = 0; d < D; ++d) r.y[tk * D + d] += r.gates[s] * o[d];
   }
+  // Shared experts: every token, + σ_t · W2s (silu(W1s x) ⊙ W3s x), σ_t = sigmoid(w_sg · x_t) or 1;
+  // never scaled by the routed scaling factor.
+  if (c.shared > 0) {
+    const int W = c.shared_width();
+    const auto &s1 = t.at("shared_experts.w1.weight"), &s2 = t.at("shared_experts.w2.weight"), &s3 = t.at("shared_experts.w3.weight");
+    for (int tk = 0; tk < T; ++tk) {
+      const double* xt = &x[tk * D];
+      double z = 0;
+      if (c.shared_gate)
+        for (int d = 0; d < D; ++d) z += t.at("shared_expert_gate.weight")[d] * xt[d];
+      const double sigma = c.shared_gate ? 1.0 / (1.0 + std::exp(-z)) : 1.0;
+      std::vector<double> a(W);
+      for (int f = 0; f < W; ++f) {
+        double h1 = 0, h3 = 0;
+        for (int d = 0; d < D; ++d) h1 += s1[f * D + d] * xt[d], h3 += s3[f * D + d] * xt[d];
+        a[f] = h1 / (1.0 + std::exp(-h1)) * h3;
+      }
+      for (int d = 0; d < D; ++d) {
+        double o = 0;
+        for (int f = 0; f < W; ++f) o += s2[d * W + f] * a[f];
+        r.y[tk * D + d] += sigma * o;
+      }
+    }
+  }
   // MoE++ LBL (Switch's when tau = 1): N_E sum eta_i f_i P_i, f from the routed (pre-capacity) counts,
   // P the mean router probability, eta_i = 1 for FFN experts and tau for the others.
   for (int i = 0; i < NE; ++i) {
@@ -219,7 +243,16 @@ std::vector<Case> cases() {
   Case q;
   q.name = "MoE++ gelu with FFN biases: 3 FFN + zero + copy + constant";
   q.act = "gelu", q.ffn_bias = true, q.N = 3, q.Z = q.C = q.Q = 1, q.T = 9;
-  return {a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q};
+  Case r;  // shared experts (docs/design.md §3)
+  r.name = "DeepSeek: sigmoid top-2 scaled 2.5, two shared experts of d_expert at weight 1";
+  r.router = "sigmoid", r.scale = 2.5, r.shared = 2;
+  Case s;
+  s.name = "Qwen2-MoE: softmax top-2 renormalised with capacity 0.5, one gated shared expert of width 7";
+  s.renorm = true, s.capacity = 0.5, s.shared = 1, s.d_shared = 7, s.shared_gate = true;
+  Case u;
+  u.name = "MoE++ relu with a gated shared expert: 3 FFN + zero + copy + constant";
+  u.act = "relu", u.N = 3, u.Z = u.C = u.Q = 1, u.T = 9, u.shared = 1, u.d_shared = 3, u.shared_gate = true;
+  return {a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r, s, u};
 }
 
 }  // namespace

@@ -151,10 +151,10 @@ TEST_CASE("train::Trainer: parameter groups are zeroed, clipped by the one globa
   CHECK(split.group->optimizer().steps_taken() == tc.steps);
   // A non-finite gradient inside a group is named.
   split.q.g[2] = std::nanf("");
-  double r = 0, e = 0;
+  NormSquares sq;
   std::string message;
   try {
-    split.group->grad_squares(r, e);
+    split.group->grad_squares(sq);
   } catch (const NumericError& err) {
     message = err.what();
   }

@@ -8,9 +8,26 @@ namespace moekit {
 // How a parameter is split over the parallel grid (layer/parameter_table.hpp):
 //   kReplicated  whole on every rank (router, gating residual, constant experts, every dense layer);
 //   kExpertRows  an FFN expert held by one ep rank, its rows (first dimension) split over tp (w1, w3);
-//   kExpertCols  the same, its columns (last dimension) split over tp (w2).
-// Distributed clipping and gradient reduction go by this, never by names.
-enum class ParamShard { kReplicated, kExpertRows, kExpertCols };
+//   kExpertCols  the same, its columns (last dimension) split over tp (w2);
+//   kTensorRows  on every ep and dp rank, its rows split over tp (the shared experts' w1, w3: a dense
+//                FFN under tensor parallelism);
+//   kTensorCols  the same, its columns split over tp (the shared experts' w2).
+// Distributed clipping, gradient reduction and checkpoints go by this, never by names.
+enum class ParamShard { kReplicated, kExpertRows, kExpertCols, kTensorRows, kTensorCols };
+// Held by one ep rank (an FFN expert's slice).
+constexpr bool expert_shard(ParamShard s) { return s == ParamShard::kExpertRows || s == ParamShard::kExpertCols; }
+// Split over tp (then rows or columns).
+constexpr bool tp_split(ParamShard s) { return s != ParamShard::kReplicated; }
+constexpr bool row_split(ParamShard s) { return s == ParamShard::kExpertRows || s == ParamShard::kTensorRows; }
+
+// A global gradient norm's squares by how the tensors are held: replicated ones count once; expert
+// slices differ over tp × ep (summed over those ranks); tensor slices differ over tp only (summed over
+// the tp group; the ep and dp ranks hold copies).
+struct NormSquares {
+  double replicated = 0, expert_slices = 0, tensor_slices = 0;
+  void add(ParamShard s, double v) { (expert_shard(s) ? expert_slices : tp_split(s) ? tensor_slices : replicated) += v; }
+  double total() const { return replicated + expert_slices + tensor_slices; }
+};
 
 // One family of trainable tensors, as a policy declares it (router/policy.hpp, experts/policy.hpp):
 // `count` tensors of `shape` (full size), named by `name` with "{}" replaced by the tensor's index. The
@@ -66,7 +83,7 @@ struct Parameter {
   G* grad = nullptr;
   std::vector<std::int64_t> shape;  // of this rank's slice
   ParamShard shard = ParamShard::kReplicated;
-  bool expert_slice() const { return shard != ParamShard::kReplicated; }
+  bool expert_slice() const { return expert_shard(shard); }
   std::int64_t numel() const { return numel_of(shape); }
 };
 

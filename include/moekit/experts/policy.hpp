@@ -9,6 +9,7 @@
 #include "moekit/core/options.hpp"
 #include "moekit/core/parameter.hpp"
 #include "moekit/experts/activation.hpp"
+#include "moekit/experts/shared.hpp"
 #include "moekit/experts/zero_computation.hpp"
 
 namespace moekit::experts {
@@ -84,19 +85,33 @@ concept ExpertPolicy = requires(ParamDecls& d, const MoeConfig& c) {
   E::declare_parameters(d, c);
 };
 
-// Calls f(std::type_identity<P>{}) for every policy an expert policy is made of: an Ffn<Act>, then its
-// activation; a Set's members in order. Their options are the expert policy's (check_policies, the
-// runtime switch's option keys).
+namespace detail {
 template <class E, class F>
-void for_each_expert_part(F&& f) {
-  if constexpr (detail::is_ffn<E>) {
+void for_each_part(F& f) {
+  if constexpr (is_ffn<E>) {
     f(std::type_identity<E>{});
     f(std::type_identity<typename E::activation>{});
   } else if constexpr (requires { typename E::members; }) {
-    [&]<class... P>(std::tuple<P...>*) { (for_each_expert_part<P>(f), ...); }(static_cast<typename E::members*>(nullptr));
+    [&]<class... P>(std::tuple<P...>*) { (for_each_part<P>(f), ...); }(static_cast<typename E::members*>(nullptr));
   } else {
     f(std::type_identity<E>{});
   }
+}
+}  // namespace detail
+
+// Calls f(std::type_identity<P>{}) for every policy an expert policy is made of: an Ffn<Act>, then its
+// activation; a Set's members in order; then the shared experts (every layer may have them). Their
+// options are the expert policy's (check_policies, the runtime switch's option keys).
+template <class E, class F>
+void for_each_expert_part(F&& f) {
+  detail::for_each_part<E>(f);
+  f(std::type_identity<SharedExperts>{});
+}
+// The tensors of a layer's experts: the expert policy's, then the shared experts' (none unless asked).
+template <class E>
+void declare_expert_parameters(ParamDecls& d, const MoeConfig& c) {
+  E::declare_parameters(d, c);
+  SharedExperts::declare_parameters(d, c);
 }
 // Reads and validates the options of every part (a ConfigError names the key).
 template <class E>

@@ -8,12 +8,14 @@
 // With today's policies (names as Mixtral / MoE++ checkpoints):
 //   gate.weight [N_E, D]; experts.{e}.w1.weight [f, D], .w2.weight [D, f], .w3.weight [f, D] (gated only)
 //   for each FFN expert e this rank holds (global index); with ffn_bias (GPT-OSS) experts.{e}.w1.bias
-//   [f], .w3.bias [f], .w2.bias [D]; constant.{j}.wc.weight [2, D], .v [D]; gate.bias [N_E]
-//   (router::LinearBias, fp32); gate_residual.weight [N_E, N_E] (router::GatingResidual, fp32).
+//   [f], .w3.bias [f], .w2.bias [D]; constant.{j}.wc.weight [2, D], .v [D]; shared_experts.w1.weight
+//   [s, D], .w2.weight [D, s], .w3.weight [s, D] and shared_expert_gate.weight [1, D] (experts/shared.hpp);
+//   gate.bias [N_E] (router::LinearBias, fp32); gate_residual.weight [N_E, N_E] (router::GatingResidual, fp32).
 // Flat layout (elements): regions in order, each tensor-major with its families interleaved:
 //   router | w13 [el][wf][D] (expert le: its w1 rows, then its w3 rows) | w2 [el][D][fl] |
-//   b13 [el][wf] | b2 [el][D/tp] | const_wc [Nc][2][D] | const_v [Nc][D] | router_bias [N_E] |
-//   gate_residual [N_E][N_E]   (a region is there when a policy declares it)
+//   b13 [el][wf] | b2 [el][D/tp] | const_wc [Nc][2][D] | const_v [Nc][D] | shared_w13 [2·s/tp][D] |
+//   shared_w2 [D][s/tp] | shared_gate [D] | router_bias [N_E] | gate_residual [N_E][N_E]
+//   (a region is there when a policy declares it)
 // el = N_FFN / ep experts, each the t-th 1/tp slice of d_expert (fl = d_expert / tp rows of w1/w3 and
 // columns of w2), wf = fl (ungated) or 2·fl. The fp32 families come last: the CUDA backend keeps them in
 // fp32 whatever the storage type, after the storage-typed part (value_byte_offset).
@@ -29,6 +31,7 @@
 #include "moekit/core/config.hpp"
 #include "moekit/core/error.hpp"
 #include "moekit/core/parameter.hpp"
+#include "moekit/experts/policy.hpp"
 #include "moekit/parallel/grid.hpp"
 
 namespace moekit {
@@ -92,7 +95,7 @@ struct ParamSpec {
   std::int64_t offset = 0;                // of the local slice in the flat buffer, in elements
   bool fp32 = false;                      // kept in fp32 on the CUDA backend
   std::int64_t numel() const { return numel_of(local_shape); }
-  bool expert_slice() const { return shard != ParamShard::kReplicated; }
+  bool expert_slice() const { return expert_shard(shard); }
 };
 
 class ParameterTable {
@@ -128,7 +131,7 @@ class ParameterTable {
   static ParameterTable of(const MoeConfig& cfg, const ParallelGrid& g = {}) {
     ParamDecls d;
     Router::declare_parameters(d, cfg);
-    Experts::declare_parameters(d, cfg);
+    experts::declare_expert_parameters<Experts>(d, cfg);
     return ParameterTable(cfg, d, g);
   }
 
@@ -223,18 +226,14 @@ class ParameterTable {
   template <class F>
   void for_each_run(const ParamSpec& s, F&& copy) const {
     const I64 numel = numel_of(s.shape), base = s.index * numel;
-    switch (s.shard) {
-      case ParamShard::kReplicated: copy(base, s.offset, numel); return;
-      case ParamShard::kExpertRows: {  // rows [t·r, (t+1)·r) of the first dimension
-        const I64 per_row = numel / s.shape.front(), rows = s.local_shape.front();
-        copy(base + I64(grid_.t) * rows * per_row, s.offset, rows * per_row);
-        return;
-      }
-      case ParamShard::kExpertCols: {  // columns [t·c, (t+1)·c) of the last dimension
-        const I64 cols = s.shape.back(), local = s.local_shape.back(), outer = numel / cols;
-        for (I64 o = 0; o < outer; ++o) copy(base + o * cols + I64(grid_.t) * local, s.offset + o * local, local);
-        return;
-      }
+    if (!tp_split(s.shard)) {
+      copy(base, s.offset, numel);
+    } else if (row_split(s.shard)) {  // rows [t·r, (t+1)·r) of the first dimension
+      const I64 per_row = numel / s.shape.front(), rows = s.local_shape.front();
+      copy(base + I64(grid_.t) * rows * per_row, s.offset, rows * per_row);
+    } else {  // columns [t·c, (t+1)·c) of the last dimension
+      const I64 cols = s.shape.back(), local = s.local_shape.back(), outer = numel / cols;
+      for (I64 o = 0; o < outer; ++o) copy(base + o * cols + I64(grid_.t) * local, s.offset + o * local, local);
     }
   }
 
@@ -277,23 +276,23 @@ class ParameterTable {
     auto bad = [&](const std::string& rule) { throw ConfigError("parameter family " + f.key, f.name, rule); };
     if (has_family(f.key)) bad("is declared twice");
     if (f.count < 0 || f.shape.empty()) bad("needs a count >= 0 and a shape");
-    if (f.shard != ParamShard::kReplicated) {
-      if (f.count % grid_.ep != 0) bad("has " + std::to_string(f.count) + " tensors, not divisible by ep = " + std::to_string(grid_.ep));
-      const I64 split = f.shard == ParamShard::kExpertRows ? f.shape.front() : f.shape.back();
+    if (tp_split(f.shard)) {
+      if (expert_shard(f.shard) && f.count % grid_.ep != 0)
+        bad("has " + std::to_string(f.count) + " tensors, not divisible by ep = " + std::to_string(grid_.ep));
+      const I64 split = row_split(f.shard) ? f.shape.front() : f.shape.back();
       if (split % grid_.tp != 0) bad("splits " + std::to_string(split) + " over tp = " + std::to_string(grid_.tp));
     }
     families_.push_back(f);
   }
   // The tensors of family f this rank holds: [first, first + count), each of local shape.
   std::pair<I64, I64> local_range(const ParamFamily& f) const {
-    if (f.shard == ParamShard::kReplicated) return {0, f.count};
+    if (!expert_shard(f.shard)) return {0, f.count};
     const I64 n = f.count / grid_.ep;
     return {I64(grid_.e) * n, n};
   }
   std::vector<I64> local_shape(const ParamFamily& f) const {
     std::vector<I64> s = f.shape;
-    if (f.shard == ParamShard::kExpertRows) s.front() /= grid_.tp;
-    if (f.shard == ParamShard::kExpertCols) s.back() /= grid_.tp;
+    if (tp_split(f.shard)) (row_split(f.shard) ? s.front() : s.back()) /= grid_.tp;
     return s;
   }
   // Regions in order of first appearance, each tensor-major over its families; then the listing.
@@ -311,8 +310,8 @@ class ParameterTable {
       for (std::size_t j = i; j < families_.size(); ++j) {
         const ParamFamily& m = families_[j];
         if (m.region != f.region) continue;
-        if (local_range(m).second != r.count || m.fp32 != f.fp32 ||
-            (m.shard == ParamShard::kReplicated) != (f.shard == ParamShard::kReplicated))
+        if (local_range(m).second != r.count || m.fp32 != f.fp32 || expert_shard(m.shard) != expert_shard(f.shard) ||
+            tp_split(m.shard) != tp_split(f.shard))
           throw ConfigError("parameter family " + m.key, m.region,
                             "shares a region with " + f.key + " but not its count, sharding or precision");
         family_offset[j] = r.stride;  // within one tensor-major block, for now

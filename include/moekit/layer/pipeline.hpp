@@ -5,13 +5,15 @@
 // the strategy is composed in as a parallel::ExpertExchange (parallel/exchange.hpp) between the token
 // side (the rows this rank routed) and the expert side (the rows of the experts it holds).
 //
-// Forward:  begin (save x) -> route (router GEMM, per-token routing, routed counts, aux sums) ->
-//           plan (capacity drops, rows per (chunk, expert), gather x rows) -> statistics to the host
-//           (distributed: first exchanged between the ranks, so a bad rank stops every rank) ->
-//           [dispatch plan, to_experts] -> FFN -> [from_experts] -> combine (with the zero-computation
-//           experts) -> aux losses.
-// Backward: combine backward (dgate, gate·dy rows) -> [to_experts] -> (recompute) FFN backward ->
-//           [from_experts] -> token backward (dx of the rows and the zero-computation experts) ->
+// Forward:  begin (save x) -> shared experts (CUDA: on a second stream, until the join) -> route
+//           (router GEMM, per-token routing, routed counts, aux sums) -> plan (capacity drops, rows
+//           per (chunk, expert), gather x rows) -> statistics to the host (distributed: first
+//           exchanged between the ranks, so a bad rank stops every rank) -> [dispatch plan,
+//           to_experts] -> FFN -> [from_experts] -> shared join [sum over tp] -> combine (with the
+//           zero-computation and shared experts) -> aux losses.
+// Backward: combine backward (dgate, gate·dy rows) -> shared experts' backward (CUDA: second stream)
+//           -> [to_experts] -> (recompute) FFN backward -> [from_experts] -> shared join [sum of its
+//           dx over tp] -> token backward (dx of the rows, the zero-computation and shared experts) ->
 //           router backward (LBL and z-loss through P and lse, the gating residual).
 //
 // Ops provides (CUDA: device memory and a stream; host: vectors and OpenMP loops):
@@ -24,7 +26,8 @@
 //   reserve_expert_side(rows), capacity_rows;
 //   the stages: begin, route, plan, stats_ints/stats_floats (where they are computed), sync_stats,
 //   stats_ints_host/stats_floats_host, token_rows, expert_rows, ffn_forward, drop_activations,
-//   ffn_backward, combine, combine_backward, token_backward, router_backward, set_router_state.
+//   ffn_backward, combine, combine_backward, token_backward, router_backward, set_router_state; the
+//   shared experts' has_shared, shared_forward, shared_backward, shared_join, shared_rows, shared_dx.
 // The router's behaviour (its per-token functors, capacity score, state hook) is the router policy's
 // (router/policy.hpp): the operations call Router::route / route_backward / capacity_score.
 #include <algorithm>
@@ -185,6 +188,7 @@ class MoeLayer {
     has_prev_ = prev_logits.data != nullptr;
     tokens_ = tokens;
     ops_.begin(x.data, prev_logits.data, tokens, ctx);
+    const std::int64_t shared_flops = ops_.shared_forward(ctx);  // overlaps what follows on CUDA
     ops_.route(has_prev_, ctx);  // a stateful router reads the values set_router_state() gave the ops
     const auto caps = balance::expert_capacities(cfg_.capacity_factor, cfg_.tau, cfg_.top_k, tokens, cfg_.num_ffn_experts,
                                                  cfg_.num_zc_experts());
@@ -206,6 +210,8 @@ class MoeLayer {
     } else {
       gemm_flops_ = ops_.ffn_forward(tok, expert_offsets(), ctx);
     }
+    gemm_flops_ += shared_flops;
+    join_shared(ops_.shared_rows(), ctx);
     ops_.combine(y.data, ctx);
     // f_i from the scope's routed (pre-capacity) counts; P_i and z from this micro-batch.
     aux_ = aux_losses<L>(cfg_, balance_, training_, routed_, tokens_, prob_sum_.data(), z_sum_, eta_.data(), f_counts_, f_tokens_);
@@ -225,6 +231,7 @@ class MoeLayer {
       throw std::logic_error("moekit::MoeLayer::backward after an evaluation-mode forward (it keeps no activations): "
                              "set_training(true) before the forward whose backward you need");
     ops_.combine_backward(dy.data, ctx);
+    ops_.shared_backward(dy.data, ctx);  // overlaps what follows on CUDA
     const auto tok = ops_.token_rows();
     if constexpr (kDistributed) {
       const auto ex = ops_.expert_rows(ex_.plan().expert_rows());
@@ -239,6 +246,7 @@ class MoeLayer {
     } else {
       ops_.ffn_backward(tok, expert_offsets(), ctx);
     }
+    join_shared(ops_.shared_dx(), ctx);
     ops_.token_backward(dy.data, dx.data, ctx);
     // The balance loss's dL/dp (the same for every token) and the z-loss's scale, on the host.
     const L scale = L(aux_scale);
@@ -396,8 +404,8 @@ class MoeLayer {
   // Slots each expert kept after capacity, and the slots routed to it before (the f_i of the LBL).
   VectorView<const std::int32_t> expert_counts() const { return {kept_.data(), {cfg_.num_experts()}}; }
   const std::vector<std::int64_t>& routed_counts() const { return routed_; }
-  // Work of the expert GEMMs in the last forward: FLOPs issued (2 m n k per GEMM) and the token side's
-  // FFN rows. Slots of zero-computation experts never enter them.
+  // Work of the expert GEMMs in the last forward (the shared experts' included): FLOPs issued (2 m n k
+  // per GEMM) and the token side's FFN rows. Slots of zero-computation experts never enter them.
   std::int64_t expert_gemm_flops() const { return gemm_flops_; }
   std::int64_t ffn_rows() const { return offsets_.empty() ? 0 : offsets_.back(); }
 
@@ -514,6 +522,15 @@ class MoeLayer {
   std::span<const I64> expert_offsets() const {
     if constexpr (kDistributed) return ex_.plan().expert_offsets();
     else return offsets_;
+  }
+
+  // Waits for the shared experts' stream (CUDA) and sums their partial rows [T, D] (output or input
+  // gradient) over the tp group: each tp rank holds a slice of their width.
+  void join_shared(S* rows, Context ctx) {
+    if (!ops_.has_shared()) return;
+    ops_.shared_join(ctx);
+    if constexpr (kDistributed)
+      if (cfg_.tp > 1) X::all_reduce(ex_.group(RankGroup::kTp), rows, std::size_t(tokens_ * cfg_.d_model), ctx);
   }
 
   // The statistics block on the host (after the synchronisation).

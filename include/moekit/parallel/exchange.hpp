@@ -11,8 +11,8 @@
 //
 // The bookkeeping (who sends how many rows where) is the DispatchPlan; the rank grid and the
 // sub-communicators are parallel/grid.hpp's. sync_gradients reduces a flat gradient buffer laid out by
-// the parameter table: the expert slices over dp, the replicated tensors over the world, both divided to
-// the mean over the ep·dp shards. parallel::None has no exchange (the token side is the expert side).
+// the parameter table: the expert slices over dp, the tensor slices (the shared experts') over the ep·dp
+// shards, the replicated tensors over the world, each divided to the mean over the ep·dp shards. parallel::None has no exchange (the token side is the expert side).
 //
 // Ops provides: value_type, Comm, Context (the stream, or an empty struct), Buffer, ensure(buffer, n)
 // (grow on the host; on the device a check against what reserve() made), data(buffer),
@@ -102,16 +102,19 @@ class ExpertExchange {
   }
 
   // Once per optimizer step, before it: the data-parallel reduction of a flat gradient buffer laid out
-  // by `t`, by each tensor's shard kind (never by where it lies): expert slices summed over dp; the
-  // replicated tensors summed over the whole world (tp replicas hold equal gradients: one communicator
-  // gives every replica the same bits, so they never drift apart); both divided to the mean over the
-  // ep·dp shards. Neighbouring tensors of one kind go in one collective: the expert ones first, then the
-  // replicated ones, each in buffer order.
+  // by `t`, by each tensor's shard kind (never by where it lies): expert slices summed over dp (their
+  // ep rank saw every token routed to them); tensor slices summed over the ep·dp shards (each saw its
+  // own tokens); the replicated tensors summed over the whole world (tp replicas hold equal gradients:
+  // one communicator gives every replica the same bits, so they never drift apart); each divided to the
+  // mean over the ep·dp shards. Neighbouring tensors of one kind go in one collective: the expert ones
+  // first, then the tensor slices, then the replicated ones, each in buffer order.
   template <class G>
   void sync_gradients(const ParameterTable& t, G* grads, Ctx ctx) {
-    const double expert = 1.0 / double(g_.shards()), dense = 1.0 / double(g_.shards() * g_.tp);
+    enum Kind { kExpert, kTensor, kDense };
+    const RankGroup over[] = {RankGroup::kDp, RankGroup::kShards, RankGroup::kWorld};
+    const double mean[] = {1.0 / double(g_.shards()), 1.0 / double(g_.shards()), 1.0 / double(g_.shards() * g_.tp)};
     struct Run {
-      bool expert;
+      Kind kind;
       I64 begin, end;
     };
     std::vector<const ParamSpec*> by_offset;
@@ -119,15 +122,15 @@ class ExpertExchange {
     std::sort(by_offset.begin(), by_offset.end(), [](const ParamSpec* a, const ParamSpec* b) { return a->offset < b->offset; });
     std::vector<Run> runs;
     for (const ParamSpec* s : by_offset) {
-      const bool e = s->expert_slice();
-      if (!runs.empty() && runs.back().expert == e && runs.back().end == s->offset) runs.back().end += s->numel();
-      else runs.push_back({e, s->offset, s->offset + s->numel()});
+      const Kind k = expert_shard(s->shard) ? kExpert : tp_split(s->shard) ? kTensor : kDense;
+      if (!runs.empty() && runs.back().kind == k && runs.back().end == s->offset) runs.back().end += s->numel();
+      else runs.push_back({k, s->offset, s->offset + s->numel()});
     }
-    for (bool pass_expert : {true, false})
+    for (Kind pass : {kExpert, kTensor, kDense})
       for (const Run& r : runs) {
-        if (r.expert != pass_expert || r.end == r.begin) continue;
-        Ops::all_reduce(group(r.expert ? RankGroup::kDp : RankGroup::kWorld), grads + r.begin, std::size_t(r.end - r.begin), ctx);
-        Ops::scale(grads + r.begin, r.end - r.begin, r.expert ? expert : dense, ctx);
+        if (r.kind != pass || r.end == r.begin) continue;
+        Ops::all_reduce(group(over[pass]), grads + r.begin, std::size_t(r.end - r.begin), ctx);
+        Ops::scale(grads + r.begin, r.end - r.begin, mean[pass], ctx);
       }
   }
 

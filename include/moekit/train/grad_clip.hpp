@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -71,18 +72,21 @@ double clip_grad_norm(std::vector<Parameter<T>>& params, double max_norm) {
 
 // The distributed form: this rank holds the replicated parameters whole and a slice of the experts
 // (Parameter::shard). The norm of the full model counts each replicated parameter once (this rank's copy,
-// the same bits on every rank) and sums the expert slices' squares over the ranks holding different
+// the same bits on every rank), sums the expert slices' squares over the ranks holding different
 // slices (sum_expert_slices: an all-reduce of one double over them, e.g. the tp x ep group of a dp
-// index). Every rank gets the same norm and clips by the same factor; a non-finite norm throws on
-// every rank alike. Returns the norm before clipping.
+// index) and the tensor slices' (the shared experts') over the tp ranks (sum_tensor_slices; needed
+// only when there are any and tp > 1). Every rank gets the same norm and clips by the same factor; a
+// non-finite norm throws on every rank alike. Returns the norm before clipping.
 template <class T, class SumExpertSlices>
-double clip_grad_norm(std::vector<Parameter<T>>& params, double max_norm, SumExpertSlices&& sum_expert_slices) {
+double clip_grad_norm(std::vector<Parameter<T>>& params, double max_norm, SumExpertSlices&& sum_expert_slices,
+                      const std::function<void(double*, std::size_t)>& sum_tensor_slices = {}) {
   if (!(max_norm > 0.0) || !std::isfinite(max_norm))
     throw ConfigError("max_norm", moekit::detail::str(max_norm), "must be finite and > 0");
-  double sq[2] = {0, 0};  // replicated, expert slices
-  for (const auto& p : params) sq[p.expert_slice() ? 1 : 0] += detail::sum_squares(p.grad, p.numel());
-  sum_expert_slices(&sq[1], std::size_t(1));
-  const double norm = std::sqrt(sq[0] + sq[1]);
+  NormSquares sq;
+  for (const auto& p : params) sq.add(p.shard, detail::sum_squares(p.grad, p.numel()));
+  sum_expert_slices(&sq.expert_slices, std::size_t(1));
+  if (sum_tensor_slices) sum_tensor_slices(&sq.tensor_slices, std::size_t(1));
+  const double norm = std::sqrt(sq.total());
   if (!std::isfinite(norm)) throw NumericError("the global gradient norm is not finite");
   detail::scale_to(params, max_norm, norm);
   return norm;

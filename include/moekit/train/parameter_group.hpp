@@ -25,9 +25,9 @@ namespace moekit::train {
 class ParameterGroup {
  public:
   virtual ~ParameterGroup() = default;
-  // Σ grad² of the replicated parameters and of the expert slices (Parameter::shard). Throws
-  // NumericError when a sum is not finite.
-  virtual void grad_squares(double& replicated, double& expert_slices) = 0;
+  // Σ grad² of the group's parameters by shard kind (core/parameter.hpp NormSquares: replicated, expert
+  // slices, tensor slices), added into sq. Throws NumericError when a sum is not finite.
+  virtual void grad_squares(NormSquares& sq) = 0;
   virtual void scale_grads(double factor) = 0;
   // One AdamW update with learning rate lr (after scale_grads); the group counts its own steps.
   virtual void step(double lr) = 0;
@@ -70,12 +70,11 @@ class HostParameterGroup final : public ParameterGroup {
   }
   // The fp32 master of bf16 parameter i (a bf16 group only).
   const std::vector<float>& master(std::size_t i) const { return masters_.at(i); }
-  void grad_squares(double& replicated, double& expert_slices) override {
-    replicated = expert_slices = 0.0;
+  void grad_squares(NormSquares& sq) override {
     for (const auto& p : opt_.parameters()) {
       const double s = detail::sum_squares(p.grad, p.numel());
       if (!std::isfinite(s)) throw NumericError("gradient of " + p.name + " is not finite");
-      (p.expert_slice() ? expert_slices : replicated) += s;
+      sq.add(p.shard, s);
     }
   }
   void scale_grads(double factor) override {

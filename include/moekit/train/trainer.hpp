@@ -119,6 +119,7 @@ struct Reductions {
   int shards = 1;                                                  // ranks holding different tokens
   std::function<void(double*, std::size_t)> sum_over_shards;       // interval statistics
   std::function<void(double*, std::size_t)> sum_over_expert_slices;  // the ranks holding different expert slices
+  std::function<void(double*, std::size_t)> sum_over_tensor_slices;  // the tp ranks (different tensor slices)
 };
 
 template <TrainableModel Model>
@@ -235,28 +236,27 @@ class Trainer {
   }
 
  private:
-  // The global norm over the host parameters and the groups (by shard kind, expert slices summed over
-  // the ranks that hold different ones); not finite when a gradient is not. One process without groups
-  // sums in parameter order (as clip_grad_norm).
+  // The global norm over the host parameters and the groups (by shard kind: expert slices summed over
+  // the ranks that hold different ones, tensor slices over the tp ranks); not finite when a gradient is
+  // not. One process without groups sums in parameter order (as clip_grad_norm).
   double grad_norm() {
     if (groups_.empty() && !red_.sum_over_expert_slices) {
       double total = 0;
       for (const auto& p : params_) total += detail::sum_squares(p.grad, p.numel());
       return std::sqrt(total);
     }
-    double sq[2] = {0, 0};  // replicated, expert slices
-    for (const auto& p : params_) sq[p.expert_slice() ? 1 : 0] += detail::sum_squares(p.grad, p.numel());
+    NormSquares sq;
+    for (const auto& p : params_) sq.add(p.shard, detail::sum_squares(p.grad, p.numel()));
     for (ParameterGroup* g : groups_) {
-      double r = 0, e = 0;
       try {
-        g->grad_squares(r, e);
+        g->grad_squares(sq);
       } catch (const NumericError&) {  // a group that refuses non-finite sums: the step is skipped, on every rank
-        r = std::numeric_limits<double>::quiet_NaN();
+        sq.replicated = std::numeric_limits<double>::quiet_NaN();
       }
-      sq[0] += r, sq[1] += e;
     }
-    if (red_.sum_over_expert_slices) red_.sum_over_expert_slices(&sq[1], std::size_t(1));
-    return std::sqrt(sq[0] + sq[1]);
+    if (red_.sum_over_expert_slices) red_.sum_over_expert_slices(&sq.expert_slices, std::size_t(1));
+    if (red_.sum_over_tensor_slices) red_.sum_over_tensor_slices(&sq.tensor_slices, std::size_t(1));
+    return std::sqrt(sq.total());
   }
 
   void add(const MicroBatchStats& m) {

@@ -64,7 +64,8 @@ inline TrainerState trainer_state_from_json(const nlohmann::json& j) {
 
 // A parameter (or its moment) of this rank as a checkpoint tensor: its full shape, this rank's slice
 // (layer/parameter_table.hpp's layout: an FFN expert's w1/w3 rows (and biases) and w2 columns (and its
-// [D] bias) split over tp, slice t), and whether this rank writes it.
+// [D] bias) split over tp, slice t; the shared experts' alike, held by every ep and dp rank), and
+// whether this rank writes it (one rank of each tp group that holds it: the tp slices are gathered).
 inline CheckpointTensor checkpoint_tensor(std::string name, const std::vector<std::int64_t>& local_shape, ParamShard shard,
                                           float* data, const ParallelGrid& g) {
   CheckpointTensor t{std::move(name), local_shape, data};
@@ -72,9 +73,9 @@ inline CheckpointTensor checkpoint_tensor(std::string name, const std::vector<st
     t.writer = g.rank() == 0;
     return t;
   }
-  t.writer = g.t == 0 && g.d == 0;
+  t.writer = g.t == 0 && g.d == 0 && (expert_shard(shard) || g.e == 0);
   if (g.tp > 1) {
-    const int dim = shard == ParamShard::kExpertRows ? 0 : int(local_shape.size()) - 1;  // columns: the last dimension
+    const int dim = row_split(shard) ? 0 : int(local_shape.size()) - 1;  // columns: the last dimension
     const std::int64_t local = local_shape.at(std::size_t(dim));
     t.shape[std::size_t(dim)] = local * g.tp;
     t.slice_dim = dim, t.slice_begin = g.t * local, t.slice_size = local;

@@ -8,7 +8,8 @@
 //   P, lse, routed counts, non-finite check) -> aux sums -> capacity + permutation (CUB radix sorts,
 //   chunk-major) -> gather x rows -> [the statistics block to pinned memory: the forward's one host
 //   synchronisation] -> expert GEMM (W1|W3 in one) -> fused activation -> expert GEMM (W2) -> combine by
-//   gather, with the zero/copy/constant experts.
+//   gather, with the zero/copy/constant experts and the shared experts (computed on a second stream
+//   from the start of the forward: backend/cuda/shared_expert.cuh).
 // Backward mirrors it; weight gradients are grouped GEMMs accumulating into fp32 gradients; no host
 // synchronisation.
 // Memory: parameters and gradients at construction (backend/cuda/parameter_store.cuh); the workspace
@@ -35,6 +36,7 @@
 #include "moekit/backend/cuda/permute.cuh"
 #include "moekit/backend/cuda/policy.hpp"
 #include "moekit/backend/cuda/router.cuh"
+#include "moekit/backend/cuda/shared_expert.cuh"
 #include "moekit/balance/loss.hpp"
 #include "moekit/core/tensor.hpp"
 #include "moekit/layer/moe_layer_decl.hpp"
@@ -87,6 +89,11 @@ class MoeOps {
       fill_device(state_dev_.data(), 0, std::size_t(cfg_.num_experts()) * sizeof(float));
     }
     gemm_ = std::make_unique<ExpertGemm>(gemm, int(params_.table().local_experts()));
+    if (params_.table().has_region("shared_w2")) {  // (the argument `table` was moved from)
+      shared_f_ = params_.table().region("shared_w2").stride / cfg_.d_model;
+      shared_gate_ = params_.table().has_region("shared_gate");
+      side_ = std::make_unique<SideStream>();
+    }
     if (has_bias()) offsets_dev_.resize(std::size_t(params_.table().local_experts() + 1));
     host_stats_.resize(std::size_t(layout_.ints + layout_.floats));  // pinned, sized once: the GlobalBatch hook points into it
     host_dprob_.resize(std::size_t(cfg_.num_experts()));
@@ -181,6 +188,7 @@ class MoeOps {
   // ---- forward ----------------------------------------------------------------------------------
   void begin(const S* x, const float* prev, I64 tokens, cudaStream_t stream) {
     tokens_ = tokens;
+    if (side_) side_->join(stream);  // a forward that stopped early may have left the shared experts running on x
     MOEKIT_CUDA_CHECK(cudaMemcpyAsync(b_.x, x, std::size_t(tokens * cfg_.d_model) * sizeof(S), cudaMemcpyDeviceToDevice, stream));
     if constexpr (kResidual)
       if (prev)
@@ -304,7 +312,60 @@ class MoeOps {
                }), stream);
   }
 
-  void combine(S* y, cudaStream_t stream) { MOEKIT_CUDA_CHECK(backend::cuda::combine(combine_params(), y, stream)); }
+  // ---- the shared experts (experts/shared.hpp) on the side stream: FFN_s on every token -----------
+  bool has_shared() const { return shared_f_ > 0; }
+  // ys = W2s (silu(W1s x) ⊙ W3s x) (this rank's tp slice: a partial sum over tp), σ = sigmoid(w_sg x).
+  // Runs on the side stream until shared_join(). Returns the GEMM FLOPs.
+  I64 shared_forward(cudaStream_t stream) {
+    if (!has_shared()) return 0;
+    const int T = int(tokens_), D = int(cfg_.d_model), FS = int(shared_f_), WFS = 2 * FS;
+    const cudaDataType_t st = data_type<S>();
+    side_->fork(stream);
+    const cudaStream_t s = side_->stream();
+    const cublasHandle_t h = side_->handle();
+    const GemmSpec fwd{false, true, st, st, 1.f, 0.f};
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, fwd, {T, WFS, D, b_.x, D, params_.region("shared_w13"), D, b_.sh13, WFS}));
+    MOEKIT_CUDA_CHECK(activation_forward<act::SwiGLU>(b_.sh13, b_.sh13 + FS, b_.sha, T, FS, s, WFS, act::SwiGLU{}));
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, fwd, {T, D, FS, b_.sha, FS, params_.region("shared_w2"), FS, b_.shy, D}));
+    if (shared_gate_) MOEKIT_CUDA_CHECK(shared_gate_forward(b_.x, params_.region("shared_gate"), b_.shsig, T, D, s));
+    return 2 * tokens_ * I64(WFS) * D + 2 * tokens_ * I64(D) * FS;
+  }
+  void shared_join(cudaStream_t stream) {
+    if (side_) side_->join(stream);
+  }
+  S* shared_rows() const { return b_.shy; }
+  S* shared_dx() const { return b_.shdy; }
+  // On the side stream: σ dy and (with the gate) dz = (dy · ys) σ (1 − σ) and w_sg's gradient; then
+  // FFN_s's backward: dW2s += (σ dy)^T a, da = (σ dy) W2s, the activation's backward, dW13s += dH^T x,
+  // and its input gradient (partial over tp) into shdy, which token_backward adds.
+  void shared_backward(const S* dy, cudaStream_t stream) {
+    if (!has_shared()) return;
+    const int T = int(tokens_), D = int(cfg_.d_model), FS = int(shared_f_), WFS = 2 * FS;
+    const cudaDataType_t st = data_type<S>();
+    side_->fork(stream);
+    const cudaStream_t s = side_->stream();
+    const cublasHandle_t h = side_->handle();
+    const ParameterTable& t = table();
+    MOEKIT_CUDA_CHECK(shared_rows_backward(dy, b_.shy, shared_gate_ ? b_.shsig : nullptr, b_.shdy, b_.shdz, T, D, s));
+    if (shared_gate_) MOEKIT_CUDA_CHECK(shared_gate_grad(b_.shdz, b_.x, params_.grad_at(t.region("shared_gate").offset), T, D, s));
+    const GemmSpec wgrad{true, false, st, CUDA_R_32F, 1.f, 1.f}, dgrad{false, false, st, st, 1.f, 0.f};
+    const S *w13 = params_.region("shared_w13"), *w2 = params_.region("shared_w2");
+    float *g13 = params_.grad_at(t.region("shared_w13").offset), *g2 = params_.grad_at(t.region("shared_w2").offset);
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, wgrad, {D, FS, T, b_.shdy, D, b_.sha, FS, g2, FS}));
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, dgrad, {T, FS, D, b_.shdy, D, w2, FS, b_.sha, FS}));
+    MOEKIT_CUDA_CHECK(activation_backward<act::SwiGLU>(b_.sh13, b_.sh13 + FS, b_.sha, b_.sh13, b_.sh13 + FS, T, FS, s, WFS,
+                                                       act::SwiGLU{}));
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, wgrad, {WFS, D, T, b_.sh13, WFS, b_.x, D, g13, D}));
+    MOEKIT_CUBLAS_CHECK(gemm_row_major(h, dgrad, {T, D, WFS, b_.sh13, WFS, w13, D, b_.shdy, D}));
+  }
+
+  // y by gather (with the zero-computation experts), then σ · the shared experts' rows (summed over tp
+  // and joined by then).
+  void combine(S* y, cudaStream_t stream) {
+    MOEKIT_CUDA_CHECK(backend::cuda::combine(combine_params(), y, stream));
+    if (has_shared())
+      MOEKIT_CUDA_CHECK(add_shared_rows(y, b_.shy, shared_gate_ ? b_.shsig : nullptr, int(tokens_), int(cfg_.d_model), stream));
+  }
 
   // ---- backward ---------------------------------------------------------------------------------
   // dgate of every slot; d rows = gate·dy of every FFN row (into dyp).
@@ -326,6 +387,9 @@ class MoeOps {
     cublasHandle_t h = gemm_->handle(stream);
     float* dx32 = b_.dx32 ? b_.dx32 : reinterpret_cast<float*>(dx);
     MOEKIT_CUDA_CHECK(backend::cuda::token_backward(combine_params(), b_.dyp, dy, b_.dz, dx32, stream));
+    if (has_shared())  // FFN_s's input gradient (summed over tp and joined by then), σ's part
+      MOEKIT_CUDA_CHECK(add_shared_dx(dx32, b_.shdy, shared_gate_ ? b_.shdz : nullptr,
+                                      shared_gate_ ? params_.region("shared_gate") : nullptr, T, D, stream));
     if (NC > 0) {
       const ParameterTable& t = table();
       MOEKIT_CUBLAS_CHECK(gemm_row_major(h, {true, false, st, CUDA_R_32F, 1.f, 1.f},
@@ -419,6 +483,8 @@ class MoeOps {
   struct Buffers {
     S *x = nullptr, *xp = nullptr, *h13 = nullptr, *a = nullptr, *yp = nullptr, *dyp = nullptr, *dlogits_s = nullptr,
       *coef_z = nullptr, *coef_v = nullptr;
+    S *sh13 = nullptr, *sha = nullptr, *shy = nullptr, *shdy = nullptr;  // the shared experts: [h1|h3], a, ys, dys
+    float *shsig = nullptr, *shdz = nullptr;                              // σ and σ'·dσ per token
     float *prev = nullptr, *logits = nullptr, *prob = nullptr, *dlogits = nullptr, *scratch = nullptr, *gate = nullptr,
           *dgate = nullptr, *lse = nullptr, *score = nullptr, *mix = nullptr, *dz = nullptr, *zc_logits = nullptr,
           *dx32 = nullptr, *ones = nullptr, *dprob = nullptr;
@@ -449,6 +515,11 @@ class MoeOps {
     for (int** p : {&b.idx, &b.slot_of_row, &b.row_of_slot}) take(*p, rows);
     take(b.xp, rows * d), take(b.h13, rows * wfl), take(b.a, rows * fl), take(b.yp, rows * d), take(b.dyp, rows * d);
     if (nc) take(b.zc_logits, t * 2 * nc), take(b.coef_z, t * 2 * nc), take(b.coef_v, t * nc);
+    if (shared_f_ > 0) {
+      const std::size_t fs = std::size_t(shared_f_);
+      take(b.sh13, t * 2 * fs), take(b.sha, t * fs), take(b.shy, t * d), take(b.shdy, t * d);
+      take(b.shsig, t), take(b.shdz, t);
+    }
     if constexpr (kBf16) take(b.dx32, t * d);
     take(b.ones, t);
     take(b.dprob, n);
@@ -532,6 +603,9 @@ class MoeOps {
   int chunks_ = 1;
   bool external_ = false;
   DeviceArray<S> xe_, ye_, dye_, h13e_, ae_;  // the expert side of a distributed layer
+  I64 shared_f_ = 0;                          // the shared experts' width on this rank (0: none)
+  bool shared_gate_ = false;
+  std::unique_ptr<SideStream> side_;          // their stream (shared experts only)
 };
 
 }  // namespace MOEKIT_CUDA_ABI

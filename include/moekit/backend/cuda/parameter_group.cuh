@@ -72,17 +72,16 @@ class AdamWGroup final : public train::ParameterGroup {
         MOEKIT_CUDA_CHECK(convert(static_cast<const __nv_bfloat16*>(params_[i].value), mp, std::size_t(params_[i].numel()), stream_));
   }
 
-  void grad_squares(double& replicated, double& expert_slices) override {
+  void grad_squares(NormSquares& sq) override {
     for (std::size_t i = 0; i < params_.size(); ++i)
       MOEKIT_CUDA_CHECK(sum_of_squares(params_[i].grad, params_[i].numel(), partial_.data(), sums_.data() + i, false, stream_));
     if (!params_.empty())
       MOEKIT_CUDA_CHECK(cudaMemcpyAsync(host_sums_.data(), sums_.data(), params_.size() * sizeof(double), cudaMemcpyDeviceToHost, stream_));
     MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    replicated = expert_slices = 0.0;
     for (std::size_t i = 0; i < params_.size(); ++i) {
       const double s = host_sums_.data()[i];
       if (!std::isfinite(s)) throw NumericError("gradient of " + params_[i].name + " is not finite");
-      (params_[i].expert_slice() ? expert_slices : replicated) += s;
+      sq.add(params_[i].shard, s);
     }
   }
   void scale_grads(double factor) override {

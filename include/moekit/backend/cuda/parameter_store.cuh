@@ -25,7 +25,7 @@ struct DeviceParameter {
   std::vector<std::int64_t> shape;
   cudaDataType_t dtype = CUDA_R_32F;
   ParamShard shard = ParamShard::kReplicated;
-  bool expert_slice() const { return shard != ParamShard::kReplicated; }
+  bool expert_slice() const { return expert_shard(shard); }
   std::int64_t numel() const { return numel_of(shape); }
 };
 

@@ -73,6 +73,7 @@ class MoeOps {
   MoeOps(const MoeConfig& cfg, ParameterTable table, const StatsLayout& layout, Options)
       : cfg_(cfg), table_(std::move(table)), layout_(layout), router_(cfg), act_(act::make_activation<Act>(cfg)) {
     Router::declare_logits(terms_);
+    if (table_.has_region("shared_w2")) shared_f_ = table_.region("shared_w2").stride / cfg_.d_model;
     value_.assign(std::size_t(table_.size()), S(0));
     ints_.assign(std::size_t(layout_.ints), 0);  // sized once: the GlobalBatch hook points into it
     floats_.assign(std::size_t(layout_.floats), C(0));
@@ -123,6 +124,10 @@ class MoeOps {
       computed += tokens * d * 3 + rows * std::max(d, f);
       stored += rows * wf;
     }
+    if (shared_f_ > 0) {  // the shared experts: ys, its gradient rows, a; h13, σ, dσ (bf16: dh13, GEMM outputs)
+      stored += tokens * (2 * d + shared_f_) + (kMixed ? tokens * 2 * shared_f_ : 0);
+      computed += tokens * (2 * shared_f_ + 2) + (kMixed ? tokens * std::max(d, shared_f_) : 0);
+    }
     return stored * I64(sizeof(S)) + computed * I64(sizeof(C)) + (tokens * k * 2 + rows) * I64(sizeof(I32));
   }
   // Sizes the saved activations for up to `tokens` tokens; forward calls it too, so buffers only grow.
@@ -167,9 +172,10 @@ class MoeOps {
   // Bytes of the buffers this layer holds now (parameters and gradients included).
   std::size_t buffer_bytes() const {
     std::size_t b = 0;
-    for (const auto* v : {&value_, &x_, &xp_, &yp_, &dyp_, &a_, &dh13_, &xe_, &ye_, &dye_}) b += v->capacity() * sizeof(S);
+    for (const auto* v : {&value_, &x_, &xp_, &yp_, &dyp_, &a_, &dh13_, &xe_, &ye_, &dye_, &ys_, &dys_, &as_, &dhs_})
+      b += v->capacity() * sizeof(S);
     for (const auto* v : {&std::as_const(grad_), &floats_, &prev_, &logits_, &prob_, &dlogits_, &gate_, &dgate_, &mix_, &lse_, &h13_, &state_,
-                          &x32_, &tok32_, &dy32_, &acc_, &zc32_})
+                          &x32_, &tok32_, &dy32_, &acc_, &zc32_, &hs_, &sg_, &dz_, &sacc_})
       b += v->capacity() * sizeof(C);
     for (const auto* v : {&ints_, &idx_, &slot_row_, &row_slot_}) b += v->capacity() * sizeof(I32);
     return b;
@@ -311,12 +317,82 @@ class MoeOps {
     }
   }
 
+  // ---- the shared experts (experts/shared.hpp): FFN_s on every token, σ per token ------------------
+  bool has_shared() const { return shared_f_ > 0; }
+  // ys = FFN_s(x) with this rank's tp slice of it (a partial sum over tp: the layer sums it over the tp
+  // group), σ_t = sigmoid(w_sg · x_t) or 1. Returns the GEMM FLOPs.
+  I64 shared_forward(Context) {
+    if (!has_shared()) return 0;
+    const I64 d = cfg_.d_model, fs = shared_f_;
+    const std::size_t t = std::size_t(tokens_);
+    hs_.resize(std::max(hs_.size(), t * std::size_t(2 * fs)));
+    as_.resize(std::max(as_.size(), t * std::size_t(fs)));
+    for (auto* v : {&ys_, &dys_}) v->resize(std::max(v->size(), t * std::size_t(d)));
+    for (auto* v : {&sg_, &dz_}) v->resize(std::max(v->size(), t));
+    const FfnShapes<S> s = shared_shapes();
+    const SharedWeights<S> w = shared_families(value_);
+    if constexpr (kMixed) {
+      sacc_.resize(std::max(sacc_.size(), t * std::size_t(std::max(d, fs))));
+      backend::host::ffn_forward<act::SwiGLU>(s, w.w13, w.w2, x_.data(), hs_.data(), as_.data(), sacc_.data(), ys_.data());
+    } else {
+      backend::host::ffn_forward<act::SwiGLU>(s, w.w13, w.w2, x_.data(), hs_.data(), as_.data(), ys_.data());
+    }
+    const C* xc = x_compute();
+    for (I64 i = 0; i < tokens_; ++i) {
+      C z = 0;
+      if (w.gate)
+        for (I64 c = 0; c < d; ++c) z += xc[i * d + c] * to_compute<C>(w.gate[c]);
+      sg_[std::size_t(i)] = w.gate ? C(1) / (C(1) + std::exp(-z)) : C(1);
+    }
+    return 2 * tokens_ * (2 * fs) * d + 2 * tokens_ * d * fs;
+  }
+  // ys, for the sum over the tp group (after shared_join()); dys: the input gradient's partial rows.
+  void shared_join(Context) {}  // the host computed them already
+  S* shared_rows() { return ys_.data(); }
+  S* shared_dx() { return dys_.data(); }
+  // dσ_t = dy_t · ys_t (ys summed over tp by then) and w_sg's gradient Σ_t σ'_t dσ_t x_t (token order);
+  // then FFN_s's backward from σ_t dy_t: its weight gradients, and its input gradient (partial over
+  // tp) into dys, which token_backward adds with σ's part.
+  void shared_backward(const S* dy_s, Context) {
+    if (!has_shared()) return;
+    const I64 d = cfg_.d_model;
+    const C* dy = nullptr;
+    if constexpr (kMixed) dy = dy32_.data();  // combine_backward converted it
+    else dy = dy_s;
+    const SharedWeights<S> w = shared_families(value_);
+    const SharedWeights<C> g = shared_families(grads());
+#pragma omp parallel for schedule(static) if (tokens_ * d >= MOEKIT_OMP_MIN_WORK)
+    for (I64 i = 0; i < tokens_; ++i) {
+      const C sig = sg_[std::size_t(i)];
+      C ds = 0;
+      for (I64 c = 0; c < d; ++c) {
+        if (w.gate) ds += dy[i * d + c] * to_compute<C>(ys_[std::size_t(i * d + c)]);
+        dys_[std::size_t(i * d + c)] = from_compute<S>(sig * dy[i * d + c]);
+      }
+      dz_[std::size_t(i)] = ds * sig * (C(1) - sig);
+    }
+    if (g.gate) {
+      const C* xc = x_compute();
+      for (I64 i = 0; i < tokens_; ++i)
+        for (I64 c = 0; c < d; ++c) g.gate[c] += dz_[std::size_t(i)] * xc[i * d + c];
+    }
+    const FfnShapes<S> s = shared_shapes();
+    if constexpr (kMixed) {
+      dhs_.resize(std::max(dhs_.size(), std::size_t(tokens_ * 2 * shared_f_)));
+      backend::host::ffn_backward<act::SwiGLU>(s, w.w13, w.w2, x_.data(), hs_.data(), as_.data(), dhs_.data(), sacc_.data(), dys_.data(),
+                                               g.w13, g.w2);
+    } else {
+      backend::host::ffn_backward<act::SwiGLU>(s, w.w13, w.w2, x_.data(), hs_.data(), as_.data(), dys_.data(), g.w13, g.w2);
+    }
+  }
+
   // y = Σ over kept FFN slots of gate · expert row, then the zero-computation experts on the token's
-  // own row (no GEMM, no travel).
+  // own row (no GEMM, no travel), then σ · the shared experts' row (summed over tp by then).
   void combine(S* y, Context) {
     C* yc = compute_rows(y);
     gather_slot_rows(plan_view(), yp_.data(), cfg_.d_model, /*gate_weighted=*/true, yc);
     if constexpr (kAnyZc) zero_computation_forward(yc);
+    if (has_shared()) add_shared_rows(yc);
     if constexpr (kMixed) convert(yc, y, tokens_ * cfg_.d_model);
   }
 
@@ -359,14 +435,23 @@ class MoeOps {
       }
     }
   }
-  // dx = Σ over kept FFN slots of the x rows' gradient, then the copy / constant experts (bf16: into
-  // the fp32 dx that router_backward completes and rounds).
+  // dx = Σ over kept FFN slots of the x rows' gradient, then the copy / constant experts, then the
+  // shared experts' (FFN_s's rows, summed over tp by then, and σ's dz_t · w_sg) (bf16: into the fp32
+  // dx that router_backward completes and rounds).
   void token_backward(const S* dy, S* dx, Context) {
     C* dxc = compute_rows(dx);
     gather_slot_rows(plan_view(), dyp_.data(), cfg_.d_model, /*gate_weighted=*/false, dxc);
     if constexpr (kAnyZc) {
       if constexpr (kMixed) zero_computation_backward(dy32_.data(), dxc);
       else zero_computation_backward(dy, dxc);
+    }
+    if (has_shared()) {
+      const I64 d = cfg_.d_model;
+      const S* wg = shared_families(value_).gate;
+#pragma omp parallel for schedule(static) if (tokens_ * d >= MOEKIT_OMP_MIN_WORK)
+      for (I64 i = 0; i < tokens_; ++i)
+        for (I64 c = 0; c < d; ++c)
+          dxc[i * d + c] += to_compute<C>(dys_[std::size_t(i * d + c)]) + (wg ? dz_[std::size_t(i)] * to_compute<C>(wg[c]) : C(0));
     }
   }
   // dlogits from dgate, the balance loss's dprob and the z-loss (router/topk.hpp), plus dlogits_next;
@@ -437,6 +522,28 @@ class MoeOps {
     return {w.b13, w.b2, g ? g->b13 : nullptr, g ? g->b2 : nullptr, I64(table_.grid().t) * cols, cols};
   }
   Weights W() { return families_in(value_); }
+  // The shared experts' families in a flat buffer ([w1; w3], w2, w_sg: null without shared_gate).
+  template <class E>
+  struct SharedWeights {
+    E *w13, *w2, *gate;
+  };
+  template <class E>
+  SharedWeights<E> shared_families(std::vector<E>& flat) const {
+    E* b = flat.data();
+    return {b + table_.offset_or_end("shared_w13"), b + table_.offset_or_end("shared_w2"),
+            table_.has_region("shared_gate") ? b + table_.region("shared_gate").offset : nullptr};
+  }
+  // FFN_s as one expert over the T token rows.
+  FfnShapes<S> shared_shapes() {
+    shared_offsets_[1] = tokens_;
+    return {cfg_.d_model, shared_f_, shared_offsets_, 1, 2 * shared_f_, false};
+  }
+  void add_shared_rows(C* y) const {
+    const I64 d = cfg_.d_model;
+#pragma omp parallel for schedule(static) if (tokens_ * d >= MOEKIT_OMP_MIN_WORK)
+    for (I64 i = 0; i < tokens_; ++i)
+      for (I64 c = 0; c < d; ++c) y[i * d + c] += sg_[std::size_t(i)] * to_compute<C>(ys_[std::size_t(i * d + c)]);
+  }
   Grads G() { return families_in(grads()); }
   // The constant experts' weights in the compute type (bf16: the fp32 copy begin() made).
   struct ZcWeights {
@@ -558,6 +665,12 @@ class MoeOps {
   std::vector<C> h13_;  // [h1 | h3] per FFN row
   std::vector<S> xe_, ye_, dye_;  // the expert side's rows (distributed only)
   std::vector<C> x32_, tok32_, dy32_, acc_, zc32_;  // bf16 only: fp32 x, y / dx, dy, GEMM outputs, constant experts' weights
+  // The shared experts: width of this rank's slice (0: none); ys [T, D] (its output, then summed over
+  // tp), dys (σ dy, then its input gradient), a; [h1 | h3], σ, σ' dσ; bf16: dH13 and the GEMM outputs.
+  I64 shared_f_ = 0;
+  I64 shared_offsets_[2] = {0, 0};
+  std::vector<S> ys_, dys_, as_, dhs_;
+  std::vector<C> hs_, sg_, dz_, sacc_;
 };
 
 }  // namespace backend::host
