@@ -30,7 +30,8 @@ DEFAULTS = {"num_zero_experts": 0, "num_copy_experts": 0, "num_constant_experts"
             "lbl_coef": 0.0, "zloss_coef": 0.0, "tau": 1.0, "backend": "host", "dtype": "fp32",
             "expert_bias": False, "bias_update_rate": 1e-3, "router_bias": False, "routed_scaling_factor": 1.0,
             "n_group": None, "topk_group": 1, "group_score": "top2_sum", "ffn_bias": False,
-            "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "num_shared_experts": 0, "d_shared": 0, "shared_gate": False}
+            "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "num_shared_experts": 0, "d_shared": 0, "shared_gate": False,
+            "balance": "micro_batch", "sequence_length": 0}
 BIAS = "gate.e_score_correction_bias"  # router::BiasBalanced's selection biases (an input, not a parameter)
 ZC_KINDS = ("num_zero_experts", "num_copy_experts", "num_constant_experts")  # after the FFN experts, in order
 BACKENDS, DTYPES = ("host", "cuda"), ("fp32", "bf16")
@@ -107,6 +108,12 @@ def load_config(path):
         for key in ("d_shared", "shared_gate"):
             if cfg[key]:
                 raise InputError(f"{path}: {key} needs num_shared_experts > 0")
+    if cfg["balance"] not in ("micro_batch", "sequence"):
+        raise InputError(f"{path}: balance must be micro_batch or sequence")
+    if not is_int(cfg["sequence_length"]) or cfg["sequence_length"] < 0:
+        raise InputError(f"{path}: sequence_length must be an integer >= 0")
+    if (cfg["balance"] == "sequence") != (cfg["sequence_length"] > 0):
+        raise InputError(f"{path}: sequence_length (>= 1) goes with \"balance\": \"sequence\", and only with it")
     if "n_group" not in given:
         for key in ("topk_group", "group_score"):
             if key in given:
@@ -289,9 +296,17 @@ class MoeLayer(torch.nn.Module):
             y = y + shared
 
         # MoE++'s heterogeneous LBL: eta_i = 1 for FFN experts, tau for the others (Switch's when tau = 1).
-        f = routed.to(x.dtype) / (k * tokens)  # fraction of slots per expert: no gradient
         eta = torch.tensor([1.0] * n_ffn + [tau] * n_zc, dtype=x.dtype)
-        lbl = n * (eta * f * prob.mean(dim=0)).sum()
+        if cfg["balance"] == "sequence":  # DeepSeek-V3: f and P per sequence of S tokens, averaged over them
+            s = cfg["sequence_length"]
+            if tokens % s:
+                raise InputError(f"sequence_length {s} does not divide the {tokens} tokens")
+            seq = idx.reshape(tokens // s, s * k)
+            f = torch.stack([torch.bincount(r, minlength=n) for r in seq]).to(x.dtype) / (k * s)
+            lbl = n * (eta * f * prob.reshape(tokens // s, s, n).mean(dim=1)).sum(dim=1).mean()
+        else:
+            f = routed.to(x.dtype) / (k * tokens)  # fraction of slots per expert: no gradient
+            lbl = n * (eta * f * prob.mean(dim=0)).sum()
         zloss = (torch.logsumexp(logits, dim=-1) ** 2).mean()
         out = {"y": y, "logits": logits, "topk.indices": idx.to(torch.int32), "topk.gates": gates,
                "expert.counts": torch.bincount(idx[keep], minlength=n).to(torch.int32),

@@ -124,6 +124,13 @@ class TrainedModel {
   double slots_[2] = {0, 0};  // routed, kept: this interval, this rank
 };
 
+// The MoE options that moved from their defaults (a checkpoint's record: empty for a run without them).
+static nlohmann::json moe_options(const Options& o) {
+  nlohmann::json j = o.moe.changed();
+  if (o.sequence_balance) j["balance"] = "sequence";
+  return j;
+}
+
 // What a checkpoint must agree with to be resumed: every flag that changes the model, the data or the
 // optimisation (threads, intervals, output paths and the sample may differ).
 static nlohmann::json checkpoint_config(const Options& o) {
@@ -134,7 +141,7 @@ static nlohmann::json checkpoint_config(const Options& o) {
           {"constant_experts", o.constant_experts}, {"tau", o.tau}, {"capacity_factor", o.capacity_factor},
           {"gating_residual", o.gating_residual}, {"expert_bias", o.expert_bias}, {"global_balance", o.global_balance},
           {"bias_rate", o.bias_rate}, {"lbl_coef", o.lbl_coef}, {"zloss_coef", o.zloss_coef}, {"steps", o.steps}, {"time_budget", o.time_budget}, {"batch", o.batch},
-          {"accum", o.accum}, {"lr", o.lr}, {"weight_decay", o.weight_decay}, {"seed", o.seed}, {"moe_options", o.moe.changed()}};
+          {"accum", o.accum}, {"lr", o.lr}, {"weight_decay", o.weight_decay}, {"seed", o.seed}, {"moe_options", moe_options(o)}};
 }
 
 // The model's config from the flags: with --granularity G, --d-expert is the d_ff being split,
@@ -149,6 +156,7 @@ static LmConfig model_config(const Options& o) {
   m.tau = o.tau, m.capacity_factor = o.capacity_factor, m.gating_residual = o.gating_residual;
   m.expert_bias = o.expert_bias, m.bias_update_rate = o.bias_rate, m.lbl_coef = o.lbl_coef, m.zloss_coef = o.zloss_coef;
   o.moe.apply(m);
+  if (o.sequence_balance) m.options.set("balance", "sequence"), m.options.set("sequence_length", o.seq);  // a sequence is --seq bytes
   if (o.granularity > 1) {
     const moekit::MoeConfig fine = moekit::fine_grained_config(m, o.d_expert, o.experts, o.granularity, o.top_k);
     m.d_expert = fine.d_expert, m.num_ffn_experts = fine.num_ffn_experts, m.top_k = fine.top_k;
@@ -253,7 +261,7 @@ static int run(const Options& opt, moekit::comm::HostCommunicator* world, CudaMo
         (long long)opt.steps);
   out("training: %lld steps x %lld sequences x %lld bytes x %lld micro-batches | AdamW lr %.1e (warmup %lld, cosine) | balance %s, lbl %.3g, z %.3g\n\n",
       (long long)opt.steps, (long long)opt.batch, (long long)opt.seq, (long long)opt.accum, opt.lr, (long long)schedule.warmup_steps,
-      opt.global_balance ? "global" : "micro", opt.lbl_coef, opt.zloss_coef);
+      opt.global_balance ? "global" : opt.sequence_balance ? "sequence" : "micro", opt.lbl_coef, opt.zloss_coef);
 
   // 4. Progress: a line per interval; a held-out evaluation every --eval-interval steps.
   Progress progress;

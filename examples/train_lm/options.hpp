@@ -21,7 +21,7 @@ struct Options {
   std::int64_t experts = 8, top_k = 2, d_expert = 256, granularity = 1;
   std::int64_t zero_experts = 0, copy_experts = 0, constant_experts = 0;
   double tau = 1.0, capacity_factor = 0.0;
-  bool gating_residual = false, expert_bias = false, global_balance = false;
+  bool gating_residual = false, expert_bias = false, global_balance = false, sequence_balance = false;
   double bias_rate = 1e-3, lbl_coef = 0.01, zloss_coef = 1e-3;
   MoeFlags moe;  // the open models' routers and experts (--router, --n-group, --activation, ...)
   // Optimisation.
@@ -79,7 +79,9 @@ inline Options parse_options(int argc, char** argv) {
   app.add_flag("--expert-bias", o.expert_bias, "aux-loss-free balancing (DeepSeek-V3): per-expert selection biases");
   app.add_option("--bias-rate", o.bias_rate, "u of the expert-bias update")->check(nonneg);
   std::string balance = "micro", parallel = "none", backend = "host", dtype = "fp32";
-  app.add_option("--balance", balance, "load-balance scope: micro or global")->check(CLI::IsMember({"micro", "global"}));
+  app.add_option("--balance", balance,
+                 "load-balance scope: micro, global, or sequence (f and P per sequence of --seq bytes, DeepSeek-V3's)")
+      ->check(CLI::IsMember({"micro", "global", "sequence"}));
   app.add_option("--lbl-coef", o.lbl_coef, "load-balancing loss coefficient")->check(nonneg);
   app.add_option("--zloss-coef", o.zloss_coef, "router z-loss coefficient")->check(nonneg);
   o.moe.add_to(app);
@@ -123,6 +125,7 @@ inline Options parse_options(int argc, char** argv) {
     std::exit(2);
   }
   o.global_balance = balance == "global";
+  o.sequence_balance = balance == "sequence";
   parse_parallel(parallel, o.parallel);
   o.cuda = backend == "cuda";
   o.bf16 = dtype == "bf16";

@@ -349,6 +349,15 @@ void run_all() {
     mp.cfg.options.set("num_shared_experts", 1), mp.cfg.options.set("shared_gate", true);
     check<MoeLayer<backend::Host<float>, Soft, MixedGelu>, MoeLayer<backend::Cuda<V>, Soft, MixedGelu>>(mp);
   }
+  SUBCASE("the balance loss's sequence scope (DeepSeek-V3): per-sequence statistics and dprob rows") {
+    Case sq{"sequence-balance-sigmoid", small_config(8, 2, RouterKind::kSigmoid, Activation::kSwiGLU), 96, 49};
+    sq.cfg.options.set("balance", "sequence"), sq.cfg.options.set("sequence_length", 8), sq.cfg.lbl_coef = 0.3;
+    check<MoeLayer<backend::Host<float>, Sig, experts::Ffn<act::SwiGLU>>, MoeLayer<backend::Cuda<V>, Sig, experts::Ffn<act::SwiGLU>>>(sq);
+    Case mp{"sequence-balance-moepp", small_config(6, 2, RouterKind::kSoftmax, Activation::kGeLU), 60, 51};
+    mp.cfg.num_zero_experts = 1, mp.cfg.num_copy_experts = 1, mp.cfg.num_constant_experts = 1, mp.cfg.tau = 0.5;
+    mp.cfg.options.set("balance", "sequence"), mp.cfg.options.set("sequence_length", 12), mp.cfg.lbl_coef = 0.3;
+    check<MoeLayer<backend::Host<float>, Soft, MixedGelu>, MoeLayer<backend::Cuda<V>, Soft, MixedGelu>>(mp);
+  }
   SUBCASE("MoE++ with sigmoid routing and GlobalBatch balance") {
     Case c{"moepp-sigmoid-global", small_config(6, 2, RouterKind::kSigmoid, Activation::kGeLU), 64, 13};
     c.cfg.num_zero_experts = 2, c.cfg.num_copy_experts = 1, c.cfg.num_constant_experts = 1, c.cfg.tau = 0.1;

@@ -271,6 +271,18 @@ TEST_CASE("shared experts: every strategy and split equals parallel::None (tp-sl
   }
 }
 
+TEST_CASE("the balance loss's sequence scope: every split equals parallel::None on each shard's sequences") {
+  for (auto s : splits()) {
+    MoeConfig c = base_config(s.tp, s.ep, s.dp, false);
+    c.router = RouterKind::kSigmoid, c.lbl_coef = 0.3;
+    c.options.set("balance", "sequence"), c.options.set("sequence_length", 4);
+    check_equivalence<parallel::Hybrid, router::TopK<router::Sigmoid>, Ffn, balance::MicroBatch>(c, 12);
+    MoeConfig m = base_config(s.tp, s.ep, s.dp, true);
+    m.lbl_coef = 0.3, m.options.set("balance", "sequence"), m.options.set("sequence_length", 3);
+    check_equivalence<parallel::Hybrid, Soft, Mixed, balance::MicroBatch>(m, 12);
+  }
+}
+
 // router::BiasBalanced: each rank routes its own shard; end_step sums the step's counts over the shards,
 // so after every step the biases are the same bits on every rank and equal a single-rank layer's that saw
 // the concatenated batch (sums of ±u in the same order), and so are the next step's routing decisions.

@@ -43,6 +43,7 @@ struct Case {
   bool ffn_bias = false;                    // experts.{e}.w1/w3/w2.bias
   double swiglu_alpha = 0, swiglu_limit = 0;  // written when set (activation "swiglu_oai")
   int shared = 0, d_shared = 0;               // num_shared_experts, d_shared (0: not written, d_expert)
+  int seq_len = 0;                            // > 0: "balance": "sequence" with this sequence_length
   bool shared_gate = false;
   int shared_width() const { return shared * (d_shared > 0 ? d_shared : F); }
   double capacity = 0.0, lbl = 0.01, z = 0.001, tau = 1.0, rate = 1e-3;
@@ -62,6 +63,7 @@ struct Case {
     if (shared > 0) j["num_shared_experts"] = shared;
     if (d_shared > 0) j["d_shared"] = d_shared;
     if (shared_gate) j["shared_gate"] = true;
+    if (seq_len > 0) j["balance"] = "sequence", j["sequence_length"] = seq_len;
     return j;
   }
   nlohmann::json base_config() const {

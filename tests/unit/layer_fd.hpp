@@ -5,12 +5,22 @@
 
 #include <cmath>
 #include <cstdint>
+#include <random>
 #include <string>
 #include <vector>
 
 #include <moekit/moe_layer.hpp>
 
+#include "../common/random.hpp"
+
 namespace moekit::testing {
+
+// n values from N(0, 1), the same for a seed on every platform's std::mt19937_64 (the inputs of the
+// policies' tests).
+inline std::vector<double> normal_vector(std::size_t n, unsigned seed) {
+  std::mt19937_64 g(seed);
+  return moekit_test::random_vec(n, g);
+}
 
 // L = Σ y·dy + lbl_coef·LBL + zloss_coef·zloss of one forward (idx: the routing it took).
 template <class Layer>

@@ -176,12 +176,18 @@ Ref reference(const Case& c, const Tensors& t) {
     }
   }
   // MoE++ LBL (Switch's when tau = 1): N_E sum eta_i f_i P_i, f from the routed (pre-capacity) counts,
-  // P the mean router probability, eta_i = 1 for FFN experts and tau for the others.
-  for (int i = 0; i < NE; ++i) {
-    double p = 0;
-    for (int tk = 0; tk < T; ++tk) p += P[tk * NE + i] / T;
-    r.lbl += NE * (i < N ? 1.0 : c.tau) * (double(r.routed[i]) / (K * T)) * p;
-  }
+  // P the mean router probability, eta_i = 1 for FFN experts and tau for the others. The sequence
+  // scope (DeepSeek-V3): the same over each sequence of seq_len tokens, averaged over the sequences.
+  const int S = c.seq_len > 0 ? c.seq_len : T, B = T / S;
+  for (int b = 0; b < B; ++b)
+    for (int i = 0; i < NE; ++i) {
+      double p = 0, f = 0;
+      for (int tk = b * S; tk < (b + 1) * S; ++tk) {
+        p += P[tk * NE + i] / S;
+        for (int j = 0; j < K; ++j) f += r.idx[tk * K + j] == i ? 1.0 / (K * S) : 0.0;
+      }
+      r.lbl += NE * (i < N ? 1.0 : c.tau) * f * p / B;
+    }
   for (int i = 0; i < T * D; ++i) r.loss += r.y[i] * dy[i];
   r.loss += c.lbl * r.lbl + c.z * r.zloss;
   return r;
@@ -252,7 +258,13 @@ std::vector<Case> cases() {
   Case u;
   u.name = "MoE++ relu with a gated shared expert: 3 FFN + zero + copy + constant";
   u.act = "relu", u.N = 3, u.Z = u.C = u.Q = 1, u.T = 9, u.shared = 1, u.d_shared = 3, u.shared_gate = true;
-  return {a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r, s, u};
+  Case v;  // the balance loss's sequence scope (docs/design.md §4)
+  v.name = "DeepSeek-V3's sequence-wise balance: sigmoid top-2, 3 sequences of 4, lbl 0.3";
+  v.router = "sigmoid", v.T = 12, v.seq_len = 4, v.lbl = 0.3;
+  Case w;
+  w.name = "sequence-wise balance with MoE++ experts (eta = tau), 2 sequences of 5, capacity 1.0";
+  w.T = 10, w.seq_len = 5, w.N = 3, w.Z = w.C = w.Q = 1, w.tau = 0.5, w.capacity = 1.0, w.lbl = 0.3, w.act = "gelu";
+  return {a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r, s, u, v, w};
 }
 
 }  // namespace

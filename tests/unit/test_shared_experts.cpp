@@ -37,13 +37,7 @@ MoeConfig routed_only(MoeConfig c) {
   return c;
 }
 
-std::vector<double> random_vector(std::size_t n, unsigned seed) {
-  std::mt19937_64 g(seed);
-  std::normal_distribution<double> nd(0.0, 1.0);
-  std::vector<double> v(n);
-  for (auto& x : v) x = nd(g);
-  return v;
-}
+using testing::normal_vector;
 
 // y = routed + σ · W2s (silu(W1s x) ⊙ W3s x), σ = sigmoid(w_sg · x) or 1; then every gradient by
 // central differences.
@@ -52,7 +46,7 @@ void check_shared_layer(const MoeConfig& c, std::int64_t width, bool gate, unsig
   Layer layer(c);
   layer.init_params(seed);
   const std::int64_t tokens = 11, D = c.d_model;
-  std::vector<double> x = random_vector(std::size_t(tokens * D), seed + 1), dy = random_vector(x.size(), seed + 2), y(x.size());
+  std::vector<double> x = normal_vector(std::size_t(tokens * D), seed + 1), dy = normal_vector(x.size(), seed + 2), y(x.size());
   layer.forward(MatrixView<const double>(x.data(), {tokens, D}), MatrixView<double>(y.data(), {tokens, D}));
 
   const auto w = layer.weights();
@@ -216,7 +210,7 @@ TEST_CASE("shared experts: options by their rules, and none unless asked") {
     L a(none), b(routed_only(none));
     a.init_params(1), b.init_params(1);
     CHECK(a.parameters().size() == b.parameters().size());
-    const std::vector<double> x = random_vector(std::size_t(5 * none.d_model), 4);
+    const std::vector<double> x = normal_vector(std::size_t(5 * none.d_model), 4);
     std::vector<double> ya(x.size()), yb(x.size());
     a.forward(MatrixView<const double>(x.data(), {5, none.d_model}), MatrixView<double>(ya.data(), {5, none.d_model}));
     b.forward(MatrixView<const double>(x.data(), {5, none.d_model}), MatrixView<double>(yb.data(), {5, none.d_model}));
@@ -239,7 +233,7 @@ TEST_CASE("shared experts: bf16 host layer against double, evaluation mode, and 
   lb.load_weights(wf);
   ld.load_weights(wf.as<double>());
   const std::int64_t T = 24, Dm = c.d_model;
-  std::vector<double> x = random_vector(std::size_t(T * Dm), 22), y(x.size());
+  std::vector<double> x = normal_vector(std::size_t(T * Dm), 22), y(x.size());
   std::vector<bf16> xb(x.size()), yb(x.size());
   for (std::size_t i = 0; i < x.size(); ++i) xb[i] = bf16(x[i]), x[i] = double(float(xb[i]));
   ld.forward(MatrixView<const double>(x.data(), {T, Dm}), MatrixView<double>(y.data(), {T, Dm}));

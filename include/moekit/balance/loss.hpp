@@ -35,6 +35,24 @@ void load_balancing_dprob_all(const std::int64_t* counts, int n, int k, std::int
   for (int i = 0; i < n; ++i) dprob[i] = coef * load_balancing_dprob<S>(counts[i], n, k, tokens_f, tokens_p, eta[i]);
 }
 
+// The sequence scope (DeepSeek-V3 eq. 17-20): `seqs` sequences of `len` tokens, counts and prob_sum
+// [seqs, n] (each sequence's routed counts and Σ_t prob[t, i]); LBL = (1/seqs) Σ_b of each sequence's
+// loss above.
+template <class S>
+S sequence_balancing_loss(const std::int64_t* counts, const S* prob_sum, int n, int k, std::int64_t seqs, std::int64_t len,
+                          const S* eta) {
+  if (seqs <= 0) return S(0);
+  S acc = 0;
+  for (std::int64_t b = 0; b < seqs; ++b) acc += load_balancing_loss<S>(counts + b * n, prob_sum + b * n, n, k, len, len, eta);
+  return acc / S(seqs);
+}
+// coef · d LBL / d prob_ti for the tokens of each sequence b: dprob [seqs, n] (N_E η_i f_{b,i} / (B·S)).
+template <class S>
+void sequence_balancing_dprob_all(const std::int64_t* counts, int n, int k, std::int64_t seqs, std::int64_t len, const S* eta, S coef,
+                                  S* dprob) {
+  for (std::int64_t b = 0; b < seqs; ++b) load_balancing_dprob_all<S>(counts + b * n, n, k, len, len, eta, coef / S(seqs), dprob + b * n);
+}
+
 // Slots one expert may take: C = ceil(gamma * k * T / N_E); 0 means dropless (no limit, returns -1).
 inline std::int64_t expert_capacity(double gamma, std::int64_t k, std::int64_t tokens, std::int64_t n_experts) {
   if (gamma <= 0.0) return -1;

@@ -3,9 +3,49 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <string>
+#include <tuple>
 #include <vector>
 
+#include "moekit/core/config.hpp"
+#include "moekit/core/error.hpp"
+#include "moekit/core/options.hpp"
+
+namespace moekit {
+// Over which tokens the load-balancing loss's f_i and P_i are taken, within the micro-batch scope: all
+// of them, or each sequence apart (DeepSeek-V3's complementary sequence-wise loss).
+enum class BalanceScope { kMicroBatch, kSequence };
+inline const char* to_string(BalanceScope s) { return s == BalanceScope::kMicroBatch ? "micro_batch" : "sequence"; }
+template <>
+struct EnumValues<BalanceScope> {
+  static constexpr BalanceScope all[] = {BalanceScope::kMicroBatch, BalanceScope::kSequence};
+};
+}  // namespace moekit
+
 namespace moekit::balance {
+
+// The sequence scope (DeepSeek-V3, arXiv 2412.19437 eq. 17-20; docs/design.md §4): the tokens are B
+// sequences of sequence_length S, row-major [B, S]; f_{b,i} and P_{b,i} are taken over each sequence and
+// LBL = (1/B) Σ_b N_E Σ_i η_i f_{b,i} P_{b,i}. An option of every layer's micro-batch scope (a runtime
+// choice: no new layer types); a GlobalBatch layer refuses it, and a T that S does not divide is a
+// ConfigError at forward.
+struct ScopeOptions {
+  BalanceScope balance = BalanceScope::kMicroBatch;
+  std::int64_t sequence_length = 0;
+  static constexpr auto fields() {
+    return std::make_tuple(ConfigField<BalanceScope, ScopeOptions>{"balance", &ScopeOptions::balance},
+                           ConfigField<std::int64_t, ScopeOptions>{"sequence_length", &ScopeOptions::sequence_length,
+                                                                   FieldRule::kNonNegative});
+  }
+  void validate(const MoeConfig&) const {
+    if (balance == BalanceScope::kSequence && sequence_length < 1)
+      throw ConfigError("sequence_length", std::to_string(sequence_length), "must be >= 1 with \"balance\": \"sequence\"");
+    if (balance != BalanceScope::kSequence && sequence_length != 0)
+      throw ConfigError("sequence_length", std::to_string(sequence_length), "needs \"balance\": \"sequence\"");
+  }
+  // Tokens per sequence of the sequence scope, or 0 (the whole micro-batch).
+  std::int64_t per_sequence() const { return balance == BalanceScope::kSequence ? sequence_length : 0; }
+};
 
 // f_i of the load-balancing loss comes from the current micro-batch on this rank (docs/design.md §4).
 struct MicroBatch {

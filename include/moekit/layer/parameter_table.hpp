@@ -331,7 +331,7 @@ class ParameterTable {
       std::vector<std::size_t> members;
       for (std::size_t j = i; j < families_.size(); ++j)
         if (families_[j].group == families_[i].group) members.push_back(j), listed[j] = true;
-      const auto [first, count] = local_range(families_[i]);
+      const I64 count = local_range(families_[i]).second;
       for (I64 le = 0; le < count; ++le)
         for (std::size_t j : members) {
           const ParamFamily& f = families_[j];
@@ -342,7 +342,6 @@ class ParameterTable {
           specs_.push_back({tensor_name(f, index), f.key, index, f.shape, local_shape(f), f.shard,
                             family_offset[j] + le * family_stride[j], f.fp32});
         }
-      (void)first;
     }
   }
   static std::string tensor_name(const ParamFamily& f, I64 index) {

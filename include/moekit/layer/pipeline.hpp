@@ -183,6 +183,13 @@ class MoeLayer {
   AuxLosses forward(MatrixView<const S> x, MatrixView<S> y, MatrixView<const L> prev_logits = {}, Context ctx = {}) {
     const std::int64_t tokens = x.shape[0];
     check_forward_args(cfg_, kResidual, x, y, prev_logits, Ops::kMaxSlots);  // layer/routing_plan.hpp
+    // The sequence scope needs whole sequences in training; an evaluation-mode forward of another length
+    // (a prompt, a generated token) takes its aux losses over all its tokens, as one sequence.
+    if (seq_len_ > 0 && tokens % seq_len_ != 0 && training_)
+      throw ConfigError("sequence_length", std::to_string(seq_len_),
+                        "must divide the micro-batch's tokens T = " + std::to_string(tokens) + " (sequences of the balance scope, [B, S] row-major)");
+    seq_now_ = seq_len_ > 0 && tokens % seq_len_ == 0 ? seq_len_ : 0;
+    ops_.use_sequences(seq_now_ > 0);
     ops_.prepare(tokens);
     has_forward_ = false;
     has_prev_ = prev_logits.data != nullptr;
@@ -215,6 +222,9 @@ class MoeLayer {
     ops_.combine(y.data, ctx);
     // f_i from the scope's routed (pre-capacity) counts; P_i and z from this micro-batch.
     aux_ = aux_losses<L>(cfg_, balance_, training_, routed_, tokens_, prob_sum_.data(), z_sum_, eta_.data(), f_counts_, f_tokens_);
+    if (seq_now_ > 0)  // the sequence scope: f and P per sequence, averaged over the sequences
+      aux_.lbl = double(balance::sequence_balancing_loss<L>(seq_counts_.data(), seq_prob_.data(), int(cfg_.num_experts()), int(cfg_.top_k),
+                                                            tokens_ / seq_now_, seq_now_, eta_.data()));
     has_forward_ = true;
     forward_trained_ = training_;
     return aux_;
@@ -248,13 +258,21 @@ class MoeLayer {
     }
     join_shared(ops_.shared_dx(), ctx);
     ops_.token_backward(dy.data, dx.data, ctx);
-    // The balance loss's dL/dp (the same for every token) and the z-loss's scale, on the host.
+    // The balance loss's dL/dp (the same for every token of the scope: one row, or one per sequence of
+    // the sequence scope) and the z-loss's scale, on the host.
     const L scale = L(aux_scale);
-    dprob_.assign(std::size_t(cfg_.num_experts()), L(0));
-    balance::load_balancing_dprob_all<L>(f_counts_.data(), int(cfg_.num_experts()), int(cfg_.top_k), f_tokens_, tokens_,
-                                         eta_.data(), scale * L(cfg_.lbl_coef), dprob_.data());
+    const int n = int(cfg_.num_experts()), k = int(cfg_.top_k);
+    if (seq_now_ > 0) {
+      const I64 seqs = tokens_ / seq_now_;
+      dprob_.assign(std::size_t(seqs * n), L(0));
+      balance::sequence_balancing_dprob_all<L>(seq_counts_.data(), n, k, seqs, seq_now_, eta_.data(), scale * L(cfg_.lbl_coef),
+                                               dprob_.data());
+    } else {
+      dprob_.assign(std::size_t(n), L(0));
+      balance::load_balancing_dprob_all<L>(f_counts_.data(), n, k, f_tokens_, tokens_, eta_.data(), scale * L(cfg_.lbl_coef), dprob_.data());
+    }
     const L zscale = tokens_ > 0 ? scale * L(cfg_.zloss_coef) * L(2) / L(tokens_) : L(0);
-    ops_.router_backward(dprob_.data(), zscale, dlogits_next.data, dprev_logits.data, dx.data, has_prev_, ctx);
+    ops_.router_backward(dprob_.data(), seq_now_, zscale, dlogits_next.data, dprev_logits.data, dx.data, has_prev_, ctx);
   }
 
   // ---- launch layer (as CUTLASS's device adapters; docs/cuda.md): status codes, nothing thrown -----
@@ -502,9 +520,18 @@ class MoeLayer {
 
   static MoeConfig validated(const MoeConfig& cfg) {
     detail::validate_layer_config<Router, Experts>(cfg);
+    check_scope(cfg);
     return cfg;
   }
+  // The sequence scope is a form of the micro-batch scope.
+  static void check_scope(const MoeConfig& cfg) {
+    if (Balance::global && read_options<balance::ScopeOptions>(cfg).per_sequence() > 0)
+      throw ConfigError("balance", "\"sequence\"", "is a form of the micro-batch scope: a balance::GlobalBatch layer takes f from the global batch");
+  }
   void init() {
+    check_scope(cfg_);  // (the distributed constructor's agreed config skips validated())
+    seq_len_ = read_options<balance::ScopeOptions>(cfg_).per_sequence();
+    ops_.set_sequence_length(seq_len_);
     eta_ = balance_eta<L>(cfg_);
     state_.resize(std::size_t(cfg_.num_experts()), kStateful);
     if constexpr (kStateful) ops_.set_router_state(state_.values());
@@ -545,6 +572,12 @@ class MoeLayer {
     bad_token_ = ints[layout_.bad];
     prob_sum_.assign(floats + layout_.prob_sum, floats + layout_.prob_sum + n);
     z_sum_ = floats[layout_.z_sum];
+    if (seq_now_ > 0) {  // the sequence scope's [B, N] counts and probability sums
+      const auto st = ops_.sequence_stats_host();
+      const I64 m = tokens_ / seq_now_ * n;
+      seq_counts_.assign(st.counts, st.counts + m);
+      seq_prob_.assign(st.prob_sums, st.prob_sums + m);
+    }
   }
   void throw_if_not_finite() const {
     if (bad_token_ != kNoBadToken)
@@ -563,7 +596,10 @@ class MoeLayer {
   Ops ops_;
   Balance balance_;
   router::RouterState<L> state_;  // a stateful router's values (BiasBalanced: b [N_E]), every router's step counts
-  std::vector<L> eta_, prob_sum_, dprob_;
+  std::vector<L> eta_, prob_sum_, dprob_, seq_prob_;
+  std::vector<std::int64_t> seq_counts_;
+  std::int64_t seq_len_ = 0;  // the sequence scope's S (balance::ScopeOptions), or 0
+  std::int64_t seq_now_ = 0;  // the last forward's: S, or 0 (an evaluation forward of a length S does not divide)
   L z_sum_ = L(0);
   std::int64_t tokens_ = 0, f_tokens_ = 0, gemm_flops_ = 0, recomputations_ = 0;
   int bad_token_ = kNoBadToken;

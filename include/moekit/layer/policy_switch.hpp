@@ -20,6 +20,7 @@
 
 #include "moekit/core/config.hpp"
 #include "moekit/core/error.hpp"
+#include "moekit/balance/policy.hpp"
 #include "moekit/core/options.hpp"
 #include "moekit/experts/policy.hpp"
 #include "moekit/router/bias_balanced.hpp"
@@ -158,6 +159,7 @@ inline std::vector<std::string> policy_option_keys() {
       for (auto& x : k) add(x);
     }());
   }(ExpertRows{});
+  for (auto& x : option_keys<balance::ScopeOptions>()) add(x);
   return keys;
 }
 
@@ -285,6 +287,7 @@ void check_policies(const MoeConfig& cfg) {
   std::vector<std::string> known;
   detail::router_option_keys<Router>(known);
   detail::expert_option_keys<Experts>(known);
+  for (auto& x : option_keys<balance::ScopeOptions>()) known.push_back(x);  // every layer's balance scope
   for (const RouterChoice& ch : kRouterChoices) known.push_back(ch.key);
   for (const auto& [key, value] : cfg.options.entries()) {
     bool ok = false;
@@ -297,6 +300,7 @@ void check_policies(const MoeConfig& cfg) {
   }
   (void)Router(cfg);  // reads and validates every router option
   experts::read_expert_options<Experts>(cfg);
+  (void)read_options<balance::ScopeOptions>(cfg);
 }
 
 }  // namespace moekit

@@ -176,12 +176,26 @@ class MoeOps {
   I64 capacity_rows() const { return capacity_rows_; }
 
   // ---- statistics: computed on the device, brought to pinned memory by sync_stats -------------------
+  // The balance loss's sequence scope (balance::ScopeOptions): S tokens per sequence, or 0. Set before
+  // the workspace is sized (its per-sequence buffers).
+  void set_sequence_length(I64 s) { seq_len_ = s; }
+  void use_sequences(bool on) { seq_on_ = on; }  // this forward's: whole sequences (an evaluation forward may have none)
+  struct SequenceStats {
+    const std::int32_t* counts;  // [B, N_E]
+    const float* prob_sums;      // [B, N_E]
+  };
+  SequenceStats sequence_stats_host() const { return {host_seq_counts_.data(), host_seq_prob_.data()}; }
   std::int32_t* stats_ints() const { return reinterpret_cast<std::int32_t*>(b_.stats); }
   const std::int32_t* stats_ints_host() const { return host_stats_.data(); }
   const float* stats_floats_host() const { return reinterpret_cast<const float*>(host_stats_.data() + layout_.ints); }
   // The forward's one host synchronisation.
   void sync_stats(cudaStream_t stream) {
     MOEKIT_CUDA_CHECK(cudaMemcpyAsync(host_stats_.data(), b_.stats, stats_bytes(), cudaMemcpyDeviceToHost, stream));
+    if (seq_len_ > 0 && seq_on_ && tokens_ > 0) {  // the sequence scope's [B, N_E] statistics, in the same synchronisation
+      const std::size_t m = std::size_t(tokens_ / seq_len_ * cfg_.num_experts());
+      MOEKIT_CUDA_CHECK(cudaMemcpyAsync(host_seq_counts_.data(), b_.seq_counts, m * sizeof(int), cudaMemcpyDeviceToHost, stream));
+      MOEKIT_CUDA_CHECK(cudaMemcpyAsync(host_seq_prob_.data(), b_.seq_prob, m * sizeof(float), cudaMemcpyDeviceToHost, stream));
+    }
     MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
 
@@ -231,6 +245,9 @@ class MoeOps {
       MOEKIT_CUDA_CHECK(cudaMemsetAsync(prob_sum, 0, sizeof(float) * std::size_t(N), stream));
     }
     MOEKIT_CUDA_CHECK(sum_squares(b_.lse, T, stats_floats() + layout_.z_sum, stream));
+    if (seq_len_ > 0 && seq_on_)
+      MOEKIT_CUDA_CHECK(sequence_stats(b_.idx, b_.prob, int(tokens_ / seq_len_), int(seq_len_), N, int(cfg_.top_k), b_.seq_counts,
+                                       b_.seq_prob, stream));
   }
 
   // Capacity, permutation (chunk-major), the gather of every FFN row, the constant experts' mix.
@@ -400,17 +417,19 @@ class MoeOps {
   }
   // dlogits (route_tokens_backward with the balance loss's dprob and the z-loss), + dlogits_next; the
   // router's (and gating residual's) weight gradients; dx += dlogits W_r, converted to the storage type.
-  void router_backward(const float* dprob, float zscale, const float* dlogits_next, float* dprev, S* dx, bool has_prev,
+  // dprob: one row [N_E], or (dprob_tokens S > 0, the sequence scope) one per sequence of S tokens.
+  void router_backward(const float* dprob, I64 dprob_tokens, float zscale, const float* dlogits_next, float* dprev, S* dx, bool has_prev,
                        cudaStream_t stream) {
     const int T = int(tokens_), N = int(cfg_.num_experts()), D = int(cfg_.d_model);
     cublasHandle_t h = gemm_->handle(stream);
-    std::copy_n(dprob, N, host_dprob_.data());  // pinned: the copy is asynchronous
-    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(b_.dprob, host_dprob_.data(), sizeof(float) * std::size_t(N), cudaMemcpyHostToDevice, stream));
+    const std::size_t rows = dprob_tokens > 0 ? std::size_t(tokens_ / dprob_tokens) : 1;
+    std::copy_n(dprob, rows * std::size_t(N), host_dprob_.data());  // pinned: the copy is asynchronous
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(b_.dprob, host_dprob_.data(), sizeof(float) * rows * std::size_t(N), cudaMemcpyHostToDevice, stream));
     if (T == 0) return;
     float* dx32 = b_.dx32 ? b_.dx32 : reinterpret_cast<float*>(dx);
     RouteBackwardParams rb;
     rb.logits = b_.logits, rb.prob = b_.prob, rb.idx = b_.idx, rb.gate = b_.gate, rb.dgate = b_.dgate, rb.dprob = b_.dprob;
-    rb.lse = b_.lse, rb.zscale = zscale;
+    rb.lse = b_.lse, rb.zscale = zscale, rb.dprob_tokens = int(dprob_tokens);
     rb.tokens = T, rb.experts = N, rb.top_k = int(cfg_.top_k);
     rb.scratch = b_.scratch, rb.dlogits = b_.dlogits;
     MOEKIT_CUDA_CHECK(route_tokens_backward(router_, rb, stream));
@@ -485,6 +504,8 @@ class MoeOps {
       *coef_z = nullptr, *coef_v = nullptr;
     S *sh13 = nullptr, *sha = nullptr, *shy = nullptr, *shdy = nullptr;  // the shared experts: [h1|h3], a, ys, dys
     float *shsig = nullptr, *shdz = nullptr;                              // σ and σ'·dσ per token
+    int* seq_counts = nullptr;                                            // the sequence scope: [B, N_E]
+    float* seq_prob = nullptr;
     float *prev = nullptr, *logits = nullptr, *prob = nullptr, *dlogits = nullptr, *scratch = nullptr, *gate = nullptr,
           *dgate = nullptr, *lse = nullptr, *score = nullptr, *mix = nullptr, *dz = nullptr, *zc_logits = nullptr,
           *dx32 = nullptr, *ones = nullptr, *dprob = nullptr;
@@ -522,7 +543,8 @@ class MoeOps {
     }
     if constexpr (kBf16) take(b.dx32, t * d);
     take(b.ones, t);
-    take(b.dprob, n);
+    take(b.dprob, n * dprob_rows(tokens));
+    if (seq_len_ > 0) take(b.seq_counts, n * dprob_rows(tokens)), take(b.seq_prob, n * dprob_rows(tokens));
     take(b.stats, stats_bytes());
     char* perm = nullptr;
     take(perm, permute_temp_bytes(tokens));
@@ -552,9 +574,14 @@ class MoeOps {
     if (tokens * wide > I64(INT32_MAX))
       throw ShapeError("tokens * num_experts = " + std::to_string(tokens * wide) + " exceeds 2^31 - 1 on the CUDA backend");
   }
+  // Rows of the balance loss's dprob: one per sequence of the sequence scope, else one.
+  std::size_t dprob_rows(I64 tokens) const { return seq_len_ > 0 ? std::size_t(std::max<I64>(tokens / seq_len_, 1)) : 1; }
   void bind(char* base, I64 tokens) {
     check_token_limits(tokens);
     reserved_ = -1;  // until the buffers are carved and written: a failure below leaves no workspace
+    const std::size_t m = dprob_rows(tokens) * std::size_t(cfg_.num_experts());
+    if (host_dprob_.size() < m) host_dprob_.resize(m);  // pinned, beside the workspace
+    if (seq_len_ > 0 && host_seq_counts_.size() < m) host_seq_counts_.resize(m), host_seq_prob_.resize(m);
     carve(b_, base, tokens);
     perm_bytes_ = permute_temp_bytes(tokens);
     if (tokens > 0) {
@@ -596,7 +623,11 @@ class MoeOps {
   std::unique_ptr<ExpertGemm> gemm_;
   DeviceArray<char> owned_;
   PinnedArray<std::int32_t> host_stats_;  // the statistics block: ints then floats (same 4-byte size)
-  PinnedArray<float> host_dprob_;
+  PinnedArray<float> host_dprob_;  // [dprob rows, N_E]
+  PinnedArray<std::int32_t> host_seq_counts_;  // the sequence scope's statistics
+  PinnedArray<float> host_seq_prob_;
+  I64 seq_len_ = 0;
+  bool seq_on_ = false;
   Buffers b_;
   std::size_t perm_bytes_ = 0;
   I64 reserved_ = -1, tokens_ = 0, capacity_rows_ = 0;  // reserved_ -1: no workspace yet

@@ -54,7 +54,6 @@ class ParameterStore {
     return reinterpret_cast<S*>(values_.data() + table_.value_byte_offset(element, sizeof(S)));
   }
   S* region(const char* key) const { return value_at(table_.offset_or_end(key)); }
-  S* router() const { return region("router"); }
   S* w13() const { return region("w13"); }
   S* w2() const { return region("w2"); }
   S* const_wc() const { return region("const_wc"); }
@@ -63,7 +62,6 @@ class ParameterStore {
   float* fp32_region(const char* key) const {
     return reinterpret_cast<float*>(values_.data() + table_.value_byte_offset(table_.offset_or_end(key), sizeof(S)));
   }
-  float* gate_residual() const { return fp32_region("gate_residual"); }
   float* grad_at(std::int64_t element) const { return grads_.data() + element; }
 
   // Full-size host fp32 weights to the device (this layer's part, rounded to S); synchronises (work in

@@ -39,7 +39,8 @@ struct RouteBackwardParams {
   const int* idx = nullptr;       // [T, k]
   const float* gate = nullptr;    // [T, k]
   const float* dgate = nullptr;   // [T, k]
-  const float* dprob = nullptr;   // [N_E]: d(aux)/d(prob_ti), the same for every token
+  const float* dprob = nullptr;   // [N_E]: d(aux)/d(prob_ti), the same for every token; or [T / dprob_tokens, N_E]
+  int dprob_tokens = 0;           // > 0: the sequence scope, row t / dprob_tokens for token t
   const float* lse = nullptr;     // [T]
   float zscale = 0.f;             // zloss_coef * 2 / T (times aux_scale); d/d(lse_t) = zscale * lse_t
   int tokens = 0, experts = 0, top_k = 0;
@@ -73,7 +74,8 @@ struct RouteTokenBackwardOp {
   __device__ void operator()(const RouteBackwardParams& p, int t) const {
     const std::size_t n = std::size_t(p.experts), k = std::size_t(p.top_k);
     router::route_token_choice_backward(router, p.logits + t * n, p.experts, p.prob + t * n, p.idx + t * k, p.gate + t * k,
-                                        p.dgate + t * k, p.dprob, p.zscale * p.lse[t], p.scratch + t * n, p.dlogits + t * n);
+                                        p.dgate + t * k, p.dprob + (p.dprob_tokens > 0 ? std::size_t(t / p.dprob_tokens) * n : 0),
+                                        p.zscale * p.lse[t], p.scratch + t * n, p.dlogits + t * n);
   }
 };
 
@@ -119,6 +121,32 @@ cudaError_t route_tokens_backward(const Router& router, const RouteBackwardParam
       !p.dgate || !p.dprob || !p.lse || !p.scratch || !p.dlogits)
     return cudaErrorInvalidValue;
   return launch_per_token(RouteTokenBackwardOp<Router>{router}, p, stream);
+}
+
+// The balance loss's sequence scope: counts[b, i] = slots of sequence b (tokens [b·S, (b+1)·S)) routed to
+// expert i, prob_sums[b, i] = Σ over its tokens of prob[t, i]. One thread per (b, i), in token order: no
+// atomics, deterministic. (A template, as every kernel here: one definition across translation units.)
+template <class P>
+MOEKIT_KERNEL void sequence_stats_kernel(const int* idx, const P* prob, int seqs, int len, int experts, int top_k, int* counts,
+                                      P* prob_sums) {
+  const std::int64_t at = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (at >= std::int64_t(seqs) * experts) return;
+  const int b = int(at / experts), i = int(at % experts);
+  int c = 0;
+  P s = 0;
+  for (std::int64_t t = std::int64_t(b) * len; t < std::int64_t(b + 1) * len; ++t) {
+    for (int j = 0; j < top_k; ++j) c += idx[t * top_k + j] == i;
+    s += prob[t * experts + i];
+  }
+  counts[at] = c, prob_sums[at] = s;
+}
+inline cudaError_t sequence_stats(const int* idx, const float* prob, int seqs, int len, int experts, int top_k, int* counts, float* prob_sums,
+                                  cudaStream_t stream) {
+  const std::int64_t n = std::int64_t(seqs) * experts;
+  if (n == 0) return cudaSuccess;
+  if (!idx || !prob || !counts || !prob_sums || seqs < 0 || len < 1 || experts < 1 || top_k < 1) return cudaErrorInvalidValue;
+  sequence_stats_kernel<float><<<unsigned((n + 127) / 128), 128, 0, stream>>>(idx, prob, seqs, len, experts, top_k, counts, prob_sums);
+  return cudaGetLastError();
 }
 
 // The score a slot was picked by, for capacity drops: p for softmax, s = sigmoid(logit) for sigmoid

@@ -185,6 +185,14 @@ class MoeOps {
   void reserve_expert_side(I64) {}
 
   // ---- statistics (computed on the host: no synchronisation) --------------------------------------
+  // The balance loss's sequence scope (balance::ScopeOptions): S tokens per sequence, or 0.
+  void set_sequence_length(I64 s) { seq_len_ = s; }
+  void use_sequences(bool on) { seq_on_ = on; }  // this forward's: whole sequences (an evaluation forward may have none)
+  struct SequenceStats {
+    const I32* counts;     // [B, N_E] routed slots of each sequence
+    const C* prob_sums;    // [B, N_E] Σ over its tokens of prob[t, :]
+  };
+  SequenceStats sequence_stats_host() const { return {seq_counts_.data(), seq_prob_.data()}; }
   I32* stats_ints() { return ints_.data(); }
   const I32* stats_ints_host() const { return ints_.data(); }
   const C* stats_floats_host() const { return floats_.data(); }
@@ -265,6 +273,16 @@ class MoeOps {
       z += lse_[t] * lse_[t];
     }
     floats_[layout_.z_sum] = z;
+    if (seq_len_ > 0 && seq_on_) {  // each sequence's counts and probability sums, in token order
+      const I64 seqs = tokens_ / seq_len_;
+      seq_counts_.assign(std::size_t(seqs * n), 0);
+      seq_prob_.assign(std::size_t(seqs * n), C(0));
+      for (I64 t = 0; t < seqs * seq_len_; ++t) {
+        const I64 b = t / seq_len_;
+        for (I64 j = 0; j < k; ++j) ++seq_counts_[std::size_t(b * n + idx_[t * k + j])];
+        for (I64 i = 0; i < n; ++i) seq_prob_[std::size_t(b * n + i)] += prob_[t * n + i];
+      }
+    }
   }
 
   // Capacity drops (lowest router score first), the kept counts, and each kept FFN slot's row:
@@ -455,8 +473,9 @@ class MoeOps {
     }
   }
   // dlogits from dgate, the balance loss's dprob and the z-loss (router/topk.hpp), plus dlogits_next;
-  // then the router's (and gating residual's) weight gradients and dx += dlogits W_r.
-  void router_backward(const C* dprob, C zscale, const C* dlogits_next, C* dprev, S* dx, bool has_prev, Context) {
+  // then the router's (and gating residual's) weight gradients and dx += dlogits W_r. dprob: one row
+  // [N_E] for every token, or (dprob_tokens S > 0: the sequence scope) row t / S for token t.
+  void router_backward(const C* dprob, I64 dprob_tokens, C zscale, const C* dlogits_next, C* dprev, S* dx, bool has_prev, Context) {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model;
 #pragma omp parallel if (tokens_ * n >= MOEKIT_OMP_MIN_WORK)
     {
@@ -464,8 +483,9 @@ class MoeOps {
 #pragma omp for schedule(static)
       for (I64 t = 0; t < tokens_; ++t) {
         C* dl = &dlogits_[t * n];
+        const C* dp = dprob_tokens > 0 ? dprob + (t / dprob_tokens) * n : dprob;
         router::route_token_choice_backward(router_, &logits_[t * n], int(n), &prob_[t * n], &idx_[t * k], &gate_[t * k],
-                                            &dgate_[t * k], dprob, zscale * lse_[t], scratch.data(), dl);
+                                            &dgate_[t * k], dp, zscale * lse_[t], scratch.data(), dl);
         if (dlogits_next)
           for (I64 i = 0; i < n; ++i) dl[i] += dlogits_next[t * n + i];
       }
@@ -500,10 +520,11 @@ class MoeOps {
   bool slot_kept(I64 t, I64 j) const { return slot_row_[t * cfg_.top_k + j] != kSlotDropped; }
 
  private:
-  // The families of a flat buffer (values: S; gradients: C).
+  // The expert families of a flat buffer (values: S; gradients: C); the router's terms find theirs by
+  // their family key (route, router_backward).
   template <class E>
   struct Families {
-    E *router, *w13, *w2, *b13, *b2, *const_wc, *const_v, *gate_residual;  // b13, b2: null without ffn_bias
+    E *w13, *w2, *b13, *b2, *const_wc, *const_v;  // b13, b2: null without ffn_bias
   };
   using Weights = Families<S>;
   using Grads = Families<C>;
@@ -512,8 +533,8 @@ class MoeOps {
     const ParameterTable& t = table_;
     E* b = flat.data();
     auto opt = [&](const char* key) { return t.has_region(key) ? b + t.region(key).offset : nullptr; };
-    return {b + t.offset_or_end("router"),   b + t.offset_or_end("w13"),     b + t.offset_or_end("w2"), opt("b13"), opt("b2"),
-            b + t.offset_or_end("const_wc"), b + t.offset_or_end("const_v"), b + t.offset_or_end("gate_residual")};
+    return {b + t.offset_or_end("w13"), b + t.offset_or_end("w2"), opt("b13"), opt("b2"), b + t.offset_or_end("const_wc"),
+            b + t.offset_or_end("const_v")};
   }
   // The FFN biases of w (and their gradients in g), or none: b2's tp slice is this rank's columns.
   FfnBias<S, C> bias(const Weights& w, const Grads* g) const {
@@ -669,6 +690,10 @@ class MoeOps {
   // tp), dys (σ dy, then its input gradient), a; [h1 | h3], σ, σ' dσ; bf16: dH13 and the GEMM outputs.
   I64 shared_f_ = 0;
   I64 shared_offsets_[2] = {0, 0};
+  I64 seq_len_ = 0;  // the balance loss's sequence scope: its per-sequence statistics
+  bool seq_on_ = false;
+  std::vector<I32> seq_counts_;
+  std::vector<C> seq_prob_;
   std::vector<S> ys_, dys_, as_, dhs_;
   std::vector<C> hs_, sg_, dz_, sacc_;
 };
