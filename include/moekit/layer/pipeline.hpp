@@ -1,4 +1,6 @@
 #pragma once
+// Over 600 lines on purpose: the layer's public API and its stages in one class (the distributed stages
+// are already apart, layer/pipeline_distributed.hpp); the next split would cut the stages from their state.
 // MoeLayer<Backend, Router, Experts, Balance, Parallel>: the MoE layer, one class template for every
 // backend and parallel strategy. The stages are written here once; their bodies are the backend's
 // operations (Ops = layer_ops<...>::type: backend/host/layer_ops.hpp, backend/cuda/layer_ops.cuh), and

@@ -1,4 +1,6 @@
 #pragma once
+// Over 600 lines on purpose: the CUDA stage bodies mirror backend/host/layer_ops.hpp one for one; the
+// kernels themselves live in their own headers (router, permute, combine, activation, shared_expert).
 // The CUDA backend's stage bodies for MoeLayer (layer/pipeline.hpp, docs/design.md §6): the same function as the
 // host backend's (backend/host/layer_ops.hpp), for every router, expert set, capacity mode and strategy,
 // forward and exact backward, on the caller's stream. Include it (through backend/cuda/moe_layer.cuh)

@@ -1,4 +1,6 @@
 #pragma once
+// Over 600 lines on purpose: one class holds every stage body of the host oracle (routing, plan, FFN,
+// combine, the zero-computation and shared experts, the backward), so each stage reads beside its buffers.
 // The host backend's stage bodies for MoeLayer (layer/pipeline.hpp): CBLAS GEMMs per expert, OpenMP
 // loops over tokens, buffers that grow on demand (docs/design.md §1-§5). This is the oracle of the CUDA
 // backend and the way everything runs without a GPU. Every loop that adds into a shared value runs in
