@@ -31,7 +31,7 @@ DEFAULTS = {"num_zero_experts": 0, "num_copy_experts": 0, "num_constant_experts"
             "expert_bias": False, "bias_update_rate": 1e-3, "router_bias": False, "routed_scaling_factor": 1.0,
             "n_group": None, "topk_group": 1, "group_score": "top2_sum", "ffn_bias": False,
             "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "num_shared_experts": 0, "d_shared": 0, "shared_gate": False,
-            "balance": "micro_batch", "sequence_length": 0}
+            "balance": "micro_batch", "sequence_length": 0, "routing": "token_choice"}
 BIAS = "gate.e_score_correction_bias"  # router::BiasBalanced's selection biases (an input, not a parameter)
 ZC_KINDS = ("num_zero_experts", "num_copy_experts", "num_constant_experts")  # after the FFN experts, in order
 BACKENDS, DTYPES = ("host", "cuda"), ("fp32", "bf16")
@@ -114,6 +114,13 @@ def load_config(path):
         raise InputError(f"{path}: sequence_length must be an integer >= 0")
     if (cfg["balance"] == "sequence") != (cfg["sequence_length"] > 0):
         raise InputError(f"{path}: sequence_length (>= 1) goes with \"balance\": \"sequence\", and only with it")
+    if cfg["routing"] not in ("token_choice", "expert_choice"):
+        raise InputError(f"{path}: routing must be token_choice or expert_choice")
+    if cfg["routing"] == "expert_choice":  # the experts choose: moekit-layer's rules (router/expert_choice.hpp)
+        if cfg["router"] != "softmax" or cfg["capacity_factor"] <= 0 or cfg["lbl_coef"] > 0 or cfg["renormalize"] \
+                or cfg["expert_bias"] or "n_group" in given or cfg["balance"] != "micro_batch":
+            raise InputError(f"{path}: expert_choice needs the softmax router, capacity_factor > 0, lbl_coef 0, "
+                             "and no renormalize, expert_bias, n_group or sequence balance")
     if "n_group" not in given:
         for key in ("topk_group", "group_score"):
             if key in given:
@@ -245,6 +252,8 @@ class MoeLayer(torch.nn.Module):
         else:  # DeepSeek-V3: sigmoid scores; P uses s / sum(s)
             score = torch.sigmoid(logits)
             prob = score / score.sum(dim=-1, keepdim=True)
+        if cfg["routing"] == "expert_choice":
+            return self.expert_choice(x, logits, score)
         # Ties go to the lower expert index: a stable descending sort (torch.topk does not promise it).
         # With expert_bias (DeepSeek-V3) the selection ranks score + bias; the gates use the score alone.
         chosen = score.detach() if bias is None else score.detach() + bias
@@ -315,6 +324,48 @@ class MoeLayer(torch.nn.Module):
             mean = routed.sum().to(torch.float64) / n
             out["expert_bias.update"] = (torch.sign(mean - routed.to(torch.float64)) * cfg["bias_update_rate"]).to(x.dtype)
         return out
+
+
+    def expert_choice(self, x, logits, score):
+        """Zhou et al. (arXiv 2202.09368): expert e takes the C_e tokens with the largest softmax score
+        (a stable descending sort over the tokens: ties to the lower token), C_e the capacity of its kind
+        capped at T; y_t = sum over the experts that took t of c * p[t, e] * E_e(x_t)."""
+        cfg, tokens = self.cfg, x.shape[0]
+        n, k, n_ffn = num_experts(cfg), cfg["top_k"], cfg["num_ffn_experts"]
+        gamma, tau, n_zc = cfg["capacity_factor"], cfg["tau"], n - n_ffn
+        if n_zc == 0:
+            cap_ffn = cap_zc = math.ceil(gamma * k * tokens / n)
+        else:
+            cap_ffn = math.ceil(gamma * tau * k * tokens / (tau * n_ffn + n_zc))
+            cap_zc = math.ceil(gamma * k * tokens / (tau * n_ffn + n_zc))
+        taken = torch.zeros(tokens, n, dtype=torch.bool)
+        for e in range(n):
+            cap = min(cap_ffn if e < n_ffn else cap_zc, tokens)
+            taken[torch.sort(score.detach()[:, e], descending=True, stable=True).indices[:cap], e] = True
+        gates = score * cfg["routed_scaling_factor"] * taken
+        y = torch.zeros_like(x)
+        for e, kind in self.expert_kinds():
+            t = taken[:, e].nonzero(as_tuple=True)[0]
+            if not t.numel() or kind == "zero":
+                continue
+            if kind == "ffn":
+                out = self.experts[e](x[t])
+            elif kind == "copy":
+                out = x[t]
+            else:
+                out = self.constant[e - (n - cfg["num_constant_experts"])](x[t])
+            y = y.index_add(0, t, gates[t, e].unsqueeze(-1) * out)
+        if cfg["num_shared_experts"] > 0:
+            shared = self.shared_experts(x)
+            if cfg["shared_gate"]:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            y = y + shared
+        counts = taken.sum(dim=0)
+        eta = torch.tensor([1.0] * n_ffn + [tau] * n_zc, dtype=x.dtype)
+        lbl = n * (eta * counts.to(x.dtype) / (k * tokens) * score.mean(dim=0)).sum()  # reported; lbl_coef is 0
+        zloss = (torch.logsumexp(logits, dim=-1) ** 2).mean()
+        return {"y": y, "logits": logits, "choice.taken": taken.to(torch.int32), "choice.gates": gates,
+                "expert.counts": counts.to(torch.int32), "aux.lbl": lbl.reshape(1), "aux.zloss": zloss.reshape(1)}
 
 
 def best_groups_only(sel, n_group, topk_group, how):
@@ -417,7 +468,8 @@ def compare(args):
             good = rel <= rtol
             print(f"{'ok' if good else 'DIFFER':8} {name}: max |diff| / max |ref| = {rel:.2e}")
             ok = ok and good
-    if not torch.equal(out.get("topk.indices", torch.zeros(0)).to(torch.int64), ref["topk.indices"].to(torch.int64)):
+    route = "topk.indices" if "topk.indices" in ref else "choice.taken"
+    if not torch.equal(out.get(route, torch.zeros(0)).to(torch.int64), ref[route].to(torch.int64)):
         print("note: the routing differs; with near-tied router scores fp32 and fp64 may pick different experts,"
               " and every tensor downstream then differs too")
     print("all outputs match" if ok else "some outputs differ")

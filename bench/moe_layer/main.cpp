@@ -385,6 +385,12 @@ int main(int argc, char** argv) {
     sh.options.set("num_shared_experts", std::int64_t(2)), sh.options.set("shared_gate", true);
     rows.push_back(run<Vanilla>(*s, base_config(*s), false, reps, "ffn"));
     rows.push_back(run<Vanilla>(*s, sh, false, reps, "ffn+2shared"));
+    // Expert choice (Zhou et al.): each expert takes ceil(gamma k T / N_E) of the tokens, beside the
+    // token-choice row of the same capacity factor 1 (its routing adds a sort per expert).
+    MoeConfig ec = v;
+    ec.lbl_coef = 0.0, ec.options.set("routing", std::string("expert_choice"));
+    rows.push_back(run<Vanilla>(*s, v, false, reps, "ffn"));
+    rows.push_back(run<Vanilla>(*s, ec, false, reps, "ffn (EC)"));
   }
 
   // Decode: a few tokens per call, evaluation mode, many reps (each call is short).

@@ -181,6 +181,17 @@ class CudaMoeBlock final : public DeviceMoeBlock<host_storage_t<typename Layer::
     static_assert(sizeof(int) == sizeof(std::int32_t));
     return download(reinterpret_cast<const std::int32_t*>(layer_.topk_indices_device()), config().top_k, idx_, have_idx_);
   }
+  typename DeviceMoeBlock<host_storage_t<typename Layer::storage_type>>::Routed routed() const override {
+    if (layer_.routing() == mk::Routing::kTokenChoice) return DeviceMoeBlock<host_storage_t<typename Layer::storage_type>>::routed();
+    const auto plan = layer_.routing_plan_device();  // by token, device memory
+    typename DeviceMoeBlock<host_storage_t<typename Layer::storage_type>>::Routed r;
+    r.first.resize(std::size_t(plan.layout.tokens + 1)), r.experts.resize(std::size_t(plan.layout.slots));
+    MOEKIT_CUDA_CHECK(cudaMemcpyAsync(r.first.data(), plan.layout.first, sizeof(int) * r.first.size(), cudaMemcpyDeviceToHost, stream_.get()));
+    if (!r.experts.empty())
+      MOEKIT_CUDA_CHECK(cudaMemcpyAsync(r.experts.data(), plan.expert, sizeof(int) * r.experts.size(), cudaMemcpyDeviceToHost, stream_.get()));
+    MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+    return r;
+  }
   mk::VectorView<const std::int32_t> expert_counts() const override { return layer_.expert_counts(); }
   const std::vector<std::int64_t>& routed_counts() const override { return layer_.routed_counts(); }
   std::int64_t expert_gemm_flops() const override { return layer_.expert_gemm_flops(); }

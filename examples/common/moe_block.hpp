@@ -36,7 +36,20 @@ class MoeBlock {
                         Matrix<T> dprev_logits) = 0;
   virtual Matrix<const T> logits() const = 0;
   virtual Matrix<const T> probs() const = 0;
-  virtual Matrix<const std::int32_t> topk_indices() const = 0;
+  virtual Matrix<const std::int32_t> topk_indices() const = 0;  // token choice only
+  // The experts each token of the last forward went to: token t's are experts[first[t] .. first[t + 1])
+  // (token choice: its top k; expert choice: the experts that took it, in expert order).
+  struct Routed {
+    std::vector<std::int32_t> first, experts;
+  };
+  virtual Routed routed() const {
+    const auto idx = topk_indices();
+    Routed r;
+    r.first.resize(std::size_t(idx.shape[0] + 1));
+    for (std::int64_t t = 0; t <= idx.shape[0]; ++t) r.first[std::size_t(t)] = std::int32_t(t * idx.shape[1]);
+    r.experts.assign(idx.data, idx.data + idx.shape[0] * idx.shape[1]);
+    return r;
+  }
   virtual moekit::VectorView<const std::int32_t> expert_counts() const = 0;
   virtual const std::vector<std::int64_t>& routed_counts() const = 0;
   virtual std::int64_t expert_gemm_flops() const = 0;
@@ -110,6 +123,12 @@ class HostMoeBlock final : public MoeBlock<T> {
   Matrix<const T> probs() const override { return {layer_->views().probs, {layer_->num_tokens(), config().num_experts()}}; }
   Matrix<const std::int32_t> topk_indices() const override {
     return {layer_->views().topk_indices, {layer_->num_tokens(), config().top_k}};
+  }
+  typename MoeBlock<T>::Routed routed() const override {
+    const auto v = layer_->views();
+    if (v.routing == moekit::Routing::kTokenChoice) return MoeBlock<T>::routed();
+    const moekit::SlotLayout& l = v.plan.layout;  // by token, host memory
+    return {std::vector<std::int32_t>(l.first, l.first + l.tokens + 1), std::vector<std::int32_t>(v.plan.expert, v.plan.expert + l.slots)};
   }
   moekit::VectorView<const std::int32_t> expert_counts() const override { return layer_->expert_counts(); }
   const std::vector<std::int64_t>& routed_counts() const override { return layer_->routed_counts(); }

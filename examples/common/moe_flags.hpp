@@ -25,6 +25,7 @@ struct MoeFlags {
   bool ffn_bias = false;
   std::int64_t shared_experts = 0, d_shared = 0;  // d_shared 0: d_expert
   bool shared_gate = false;
+  std::string routing = "token_choice";  // or expert_choice (the experts pick their tokens)
 
   void add_to(CLI::App& app) {
     const std::string g = "Routers and experts of the open models";
@@ -50,6 +51,10 @@ struct MoeFlags {
         ->check(CLI::NonNegativeNumber)->group(g);
     app.add_option("--d-shared", d_shared, "each shared expert's width (0: --d-expert)")->check(CLI::NonNegativeNumber)->group(g);
     app.add_flag("--shared-gate", shared_gate, "the shared experts' output times sigmoid(w x) (Qwen2-MoE)")->group(g);
+    app.add_option("--routing", routing,
+                   "token_choice, or expert_choice: each expert takes its capacity of the batch's tokens (softmax; needs "
+                   "--capacity-factor > 0 and --lbl-coef 0; a token's experts then depend on the other tokens of the batch)")
+        ->check(CLI::IsMember({"token_choice", "expert_choice"}))->group(g);
   }
 
   // The flags given values other than their defaults, by their config keys (a checkpoint's record; empty
@@ -71,6 +76,7 @@ struct MoeFlags {
     if (shared_experts != d.shared_experts) j["num_shared_experts"] = shared_experts;
     if (d_shared != d.d_shared) j["d_shared"] = d_shared;
     if (shared_gate) j["shared_gate"] = true;
+    if (routing != d.routing) j["routing"] = routing;
     return j;
   }
   bool any() const { return !changed().empty(); }
@@ -99,5 +105,6 @@ struct MoeFlags {
     if (shared_experts != d.shared_experts) mc.options.set("num_shared_experts", shared_experts);
     if (d_shared != d.d_shared) mc.options.set("d_shared", d_shared);
     if (shared_gate) mc.options.set("shared_gate", true);
+    if (routing != d.routing) mc.options.set("routing", routing);
   }
 };

@@ -82,10 +82,22 @@ LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
   // Router results live in the layer's workspace: copy them before backward reuses any buffer.
   const moekit::ForwardViews<float> v = layer->views();
   download_raw(v.logits, tn, out.logits);
-  std::vector<int> idx;
-  download_raw(v.topk_indices, tk, idx);
-  out.topk_indices.assign(idx.begin(), idx.end());
-  download_raw(v.topk_gates, tk, out.topk_gates);
+  if (v.routing == moekit::Routing::kTokenChoice) {
+    std::vector<int> idx;
+    download_raw(v.topk_indices, tk, idx);
+    out.topk_indices.assign(idx.begin(), idx.end());
+    download_raw(v.topk_gates, tk, out.topk_gates);
+  } else {  // expert choice: the plan by token, from the device
+    const std::size_t slots = std::size_t(v.plan.layout.slots);
+    std::vector<int> first, token_of, experts;
+    std::vector<float> gates;
+    download_raw(v.plan.layout.first, std::size_t(T + 1), first);
+    download_raw(v.plan.layout.token_of, slots, token_of);
+    download_raw(v.plan.expert, slots, experts);
+    download_raw(v.plan.gate, slots, gates);
+    const moekit::SlotLayout host = moekit::SlotLayout::by_token(int(T), int(slots), first.data(), token_of.data());
+    dense_choice(v.routing, host, experts.data(), gates.data(), n, out);
+  }
   const auto counts = layer->expert_counts();
   out.expert_counts.assign(counts.data, counts.data + counts.numel());
   out.lbl = aux.lbl, out.zloss = aux.zloss;

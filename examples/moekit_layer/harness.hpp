@@ -19,6 +19,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -257,8 +258,11 @@ LayerOutputs run_host_layer(const moekit::MoeConfig& cfg, const LayerInputs& in)
   // Router results are views into the layer: copy them before backward reuses any buffer.
   const moekit::ForwardViews<float> v = layer->views();
   out.logits.assign(v.logits, v.logits + tokens * n);
-  out.topk_indices.assign(v.topk_indices, v.topk_indices + tokens * k);
-  out.topk_gates.assign(v.topk_gates, v.topk_gates + tokens * k);
+  if (v.routing == moekit::Routing::kTokenChoice) {
+    out.topk_indices.assign(v.topk_indices, v.topk_indices + tokens * k);
+    out.topk_gates.assign(v.topk_gates, v.topk_gates + tokens * k);
+  }
+  dense_choice(v.routing, v.plan.layout, v.plan.expert, v.plan.gate, n, out);
   const auto counts = layer->expert_counts();
   out.expert_counts.assign(counts.data, counts.data + n);
   out.lbl = aux.lbl, out.zloss = aux.zloss;
@@ -272,6 +276,12 @@ LayerOutputs run_host_layer(const moekit::MoeConfig& cfg, const LayerInputs& in)
 }
 
 // The outputs under their names (docs/harness.md), the same for every backend and dtype.
+// Whether the config asks for expert-choice routing (router/expert_choice.hpp).
+inline bool expert_choice(const moekit::MoeConfig& c) {
+  const auto* v = c.options.find("routing");
+  return v && std::holds_alternative<std::string>(*v) && std::get<std::string>(*v) == "expert_choice";
+}
+
 inline moekit::io::SafetensorsWriter write_outputs(const HarnessConfig& h, std::int64_t tokens, const LayerOutputs& o) {
   const moekit::MoeConfig& cfg = h.layer;
   const std::int64_t d = cfg.d_model, n = cfg.num_experts(), k = cfg.top_k;
@@ -285,8 +295,13 @@ inline moekit::io::SafetensorsWriter write_outputs(const HarnessConfig& h, std::
   out.add_f32("y", {tokens, d}, sized(o.y, tokens * d, "y"));
   out.add_f32("dx", {tokens, d}, sized(o.dx, tokens * d, "dx"));
   out.add_f32("logits", {tokens, n}, sized(o.logits, tokens * n, "logits"));
-  out.add_i32("topk.indices", {tokens, k}, sized(o.topk_indices, tokens * k, "topk.indices"));
-  out.add_f32("topk.gates", {tokens, k}, sized(o.topk_gates, tokens * k, "topk.gates"));
+  if (expert_choice(cfg)) {  // expert choice: the pairs taken, dense
+    out.add_i32("choice.taken", {tokens, n}, sized(o.choice_taken, tokens * n, "choice.taken"));
+    out.add_f32("choice.gates", {tokens, n}, sized(o.choice_gates, tokens * n, "choice.gates"));
+  } else {
+    out.add_i32("topk.indices", {tokens, k}, sized(o.topk_indices, tokens * k, "topk.indices"));
+    out.add_f32("topk.gates", {tokens, k}, sized(o.topk_gates, tokens * k, "topk.gates"));
+  }
   out.add_i32("expert.counts", {n}, sized(o.expert_counts, n, "expert.counts"));
   out.add_f32("aux.lbl", {1}, std::vector<float>{float(o.lbl)});
   out.add_f32("aux.zloss", {1}, std::vector<float>{float(o.zloss)});

@@ -9,6 +9,8 @@
 #include <vector>
 
 #include "moekit/core/config.hpp"
+#include "moekit/layer/routing_plan.hpp"
+#include "moekit/router/expert_choice.hpp"
 
 namespace moekit_layer {
 
@@ -31,14 +33,28 @@ struct LayerInputs {
 struct LayerOutputs {
   std::vector<float> y, dx;                         // [T, D]
   std::vector<float> logits;                        // [T, N_E]
-  std::vector<std::int32_t> topk_indices;           // [T, k]
-  std::vector<float> topk_gates;                    // [T, k]
+  std::vector<std::int32_t> topk_indices;           // [T, k]; token choice
+  std::vector<float> topk_gates;                    // [T, k]; token choice
+  std::vector<std::int32_t> choice_taken;           // [T, N_E] 1 where expert e took token t; expert choice
+  std::vector<float> choice_gates;                  // [T, N_E] the gate of each pair taken, else 0; expert choice
   std::vector<std::int32_t> expert_counts;          // [N_E], after capacity drops
   double lbl = 0.0, zloss = 0.0;                    // unscaled aux losses
   std::vector<float> grad_prev_logits;              // [T, N_E] with the gating residual, else empty
   std::vector<float> expert_bias_update;            // [N_E] with "expert_bias": the update this forward's counts apply
   std::map<std::string, std::vector<float>> grads;  // fp32 gradient of every parameter, by its name
 };
+
+// Expert choice's plan (by token; host copies of its arrays) as the dense [T, N_E] outputs.
+inline void dense_choice(moekit::Routing routing, const moekit::SlotLayout& slots, const int* experts, const float* gates,
+                         std::int64_t n, LayerOutputs& out) {
+  if (routing != moekit::Routing::kExpertChoice) return;
+  out.choice_taken.assign(std::size_t(slots.tokens * n), 0);
+  out.choice_gates.assign(std::size_t(slots.tokens * n), 0.f);
+  for (int s = 0; s < slots.slots; ++s) {
+    const std::size_t at = std::size_t(slots.token(s)) * std::size_t(n) + std::size_t(experts[s]);
+    out.choice_taken[at] = 1, out.choice_gates[at] = gates[s];
+  }
+}
 
 // The CUDA runs: MoeLayer<backend::Cuda<float>> and MoeLayer<backend::Cuda<bf16>>. Defined in
 // cuda_layer_fp32.cu and cuda_layer_bf16.cu, which are compiled (and MOEKIT_LAYER_WITH_CUDA defined)

@@ -66,6 +66,8 @@ inline Evaluation evaluate(Model<float>& model, const domains::Stream& s, std::i
     make_windows(s, pos.data(), rows, c.context, ids.data(), targets.data());
     model.forward(ids.data(), targets.data(), rows, 0.0, token_loss.data());
     for (std::int64_t l = 0; l < c.blocks; ++l) ev.expert_gemm_flops += double(model.moe(l).expert_gemm_flops());
+    std::vector<typename std::remove_reference_t<decltype(model.moe(0))>::Routed> routed;  // token or expert choice
+    for (std::int64_t l = 0; l < c.blocks; ++l) routed.push_back(model.moe(l).routed());
     for (std::int64_t r = 0; r < rows; ++r) {
       const std::int64_t i = start + r;
       const int d = s.domain[i];
@@ -76,8 +78,9 @@ inline Evaluation evaluate(Model<float>& model, const domains::Stream& s, std::i
       ev.domain_tokens[d] += 1;
       const int context_domain = s.domain[i > 0 ? i - 1 : 0];
       for (std::int64_t l = 0; l < c.blocks; ++l) {
-        const auto idx = model.moe(l).topk_indices();
-        for (std::int64_t j = 0; j < c.top_k; ++j) ev.routed[l][context_domain][idx(r, j)] += 1;
+        const auto& ro = routed[std::size_t(l)];
+        for (std::int32_t j = ro.first[std::size_t(r)]; j < ro.first[std::size_t(r + 1)]; ++j)
+          ev.routed[l][context_domain][ro.experts[std::size_t(j)]] += 1;
       }
     }
   }

@@ -37,7 +37,7 @@ struct Evaluation {
 
 inline Evaluation evaluate(Lm& model, const TextSplit& part, std::size_t domains, std::int64_t limit) {
   const std::int64_t seq = model.config().seq, windows = eval_windows(part, limit, seq), chunk = 8;
-  const std::int64_t L = model.config().blocks, E = model.total_experts(), k = model.layer_config().top_k;
+  const std::int64_t L = model.config().blocks, E = model.total_experts();
   Evaluation ev;
   ev.domain_loss.assign(domains, 0.0);
   ev.domain_bytes.assign(domains, 0);
@@ -53,16 +53,18 @@ inline Evaluation evaluate(Lm& model, const TextSplit& part, std::size_t domains
     make_sequences(part.bytes, starts.data(), rows, seq, inputs.data(), targets.data());
     model.forward(inputs.data(), rows, seq);
     model.loss(targets.data(), 0.0, token_loss.data());
-    std::vector<const std::int32_t*> top(static_cast<std::size_t>(L));
-    for (std::int64_t l = 0; l < L; ++l) top[l] = model.moe(l).topk_indices().data;
+    std::vector<typename std::remove_reference_t<decltype(model.moe(0))>::Routed> routed;  // token or expert choice
+    for (std::int64_t l = 0; l < L; ++l) routed.push_back(model.moe(l).routed());
     for (std::int64_t r = 0; r < rows; ++r)
       for (std::int64_t s = 0; s < seq; ++s) {
         const std::int64_t i = r * seq + s, at = starts[r] + s;
         sum += token_loss[i];
         ev.domain_loss[part.domain[at + 1]] += token_loss[i];  // the predicted byte's domain
         ev.domain_bytes[part.domain[at + 1]] += 1;
-        for (std::int64_t l = 0; l < L; ++l)  // the routed byte's domain
-          for (std::int64_t j = 0; j < k; ++j) ev.routed[l][part.domain[at]][top[l][i * k + j]] += 1;
+        for (std::int64_t l = 0; l < L; ++l) {  // the routed byte's domain
+          const auto& r = routed[std::size_t(l)];
+          for (std::int32_t s = r.first[std::size_t(i)]; s < r.first[std::size_t(i + 1)]; ++s) ev.routed[l][part.domain[at]][r.experts[std::size_t(s)]] += 1;
+        }
       }
     ev.bytes += rows * seq;
   }

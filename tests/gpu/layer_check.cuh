@@ -164,8 +164,33 @@ void check(const Case& c) {
     const auto aux = dev.forward(MatrixView<const S>(dx_in.p, {T, D}), MatrixView<S>(dy_out.p, {T, D}),
                                  MatrixView<const float>(residual ? dprev_in.p : nullptr, {T, N}), stream.s);
     // Routing first: the same experts, the same kept slots.
-    std::vector<int> idx_dev(T * K), rows_dev(T * K);
-    if (T > 0) {
+    const bool by_token = host.routing() == moekit::Routing::kExpertChoice;  // expert choice: compare the plans
+    if (by_token) {
+      const auto ref = host.routing_plan();
+      const auto got = dev.routing_plan_device();
+      REQUIRE(got.layout.slots == ref.layout.slots);
+      const std::size_t ns = std::size_t(ref.layout.slots);
+      std::vector<int> first(std::size_t(T + 1)), token_of(ns), experts(ns), rows(ns);
+      std::vector<float> gates(ns);
+      MOEKIT_CUDA_CHECK(cudaMemcpyAsync(first.data(), got.layout.first, sizeof(int) * first.size(), cudaMemcpyDeviceToHost, stream.s));
+      if (ns > 0) {
+        MOEKIT_CUDA_CHECK(cudaMemcpyAsync(token_of.data(), got.layout.token_of, sizeof(int) * ns, cudaMemcpyDeviceToHost, stream.s));
+        MOEKIT_CUDA_CHECK(cudaMemcpyAsync(experts.data(), got.expert, sizeof(int) * ns, cudaMemcpyDeviceToHost, stream.s));
+        MOEKIT_CUDA_CHECK(cudaMemcpyAsync(rows.data(), got.row, sizeof(int) * ns, cudaMemcpyDeviceToHost, stream.s));
+        MOEKIT_CUDA_CHECK(cudaMemcpyAsync(gates.data(), got.gate, sizeof(float) * ns, cudaMemcpyDeviceToHost, stream.s));
+      }
+      MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream.s));
+      int plan_mismatch = 0;
+      for (std::int64_t t = 0; t <= T; ++t) plan_mismatch += first[std::size_t(t)] != ref.layout.first[t];
+      for (std::size_t s = 0; s < ns; ++s) {
+        plan_mismatch += token_of[s] != ref.layout.token_of[s] || experts[s] != ref.expert[s] || rows[s] != ref.row[s];
+        CHECK(std::abs(gates[s] - ref.gate[s]) <= tol * std::max(1.f, std::abs(ref.gate[s])));
+      }
+      CHECK(plan_mismatch == 0);
+      CHECK(dev.topk_indices_device() == nullptr);
+    }
+    std::vector<int> idx_dev(by_token ? 0 : T * K), rows_dev(by_token ? 0 : T * K);
+    if (T > 0 && !by_token) {
       MOEKIT_CUDA_CHECK(cudaMemcpyAsync(idx_dev.data(), dev.topk_indices_device(), sizeof(int) * idx_dev.size(),
                                         cudaMemcpyDeviceToHost, stream.s));
       MOEKIT_CUDA_CHECK(cudaMemcpyAsync(rows_dev.data(), dev.slot_rows_device(), sizeof(int) * rows_dev.size(),
@@ -174,7 +199,7 @@ void check(const Case& c) {
     }
     const auto idx_ref = host.topk_indices();
     int idx_mismatch = 0, kept_mismatch = 0;
-    for (std::int64_t s = 0; s < T * K; ++s) {
+    for (std::int64_t s = 0; s < (by_token ? 0 : T * K); ++s) {
       idx_mismatch += idx_dev[s] != idx_ref.data[s];
       kept_mismatch += (rows_dev[s] != mc::kDroppedSlot) != host.slot_kept(s / K, s % K);
     }
@@ -302,6 +327,26 @@ void run_all() {
     s.cfg.expert_bias = true;
     check<MoeLayer<backend::Host<float>, BG, experts::Ffn<act::GeLU>, balance::GlobalBatch>,
           MoeLayer<backend::Cuda<V>, BG, experts::Ffn<act::GeLU>, balance::GlobalBatch>>(s);
+  }
+  SUBCASE("expert choice: the experts pick their tokens (ties to the lower token), with MoE++ and a scale") {
+    for (double gamma : {1.0, 2.0})
+      for (std::int64_t T : {37, 203}) {
+        Case c{"expert-choice", small_config(8, 2, RouterKind::kSoftmax, Activation::kSwiGLU), T, 41};
+        c.cfg.lbl_coef = 0.0, c.cfg.capacity_factor = gamma;
+        c.cfg.options.set("routing", "expert_choice");
+        c.gemm = T == 37 ? mc::GemmStrategy::kGrouped : mc::GemmStrategy::kStreams;
+        check<MoeLayer<backend::Host<float>, Soft, experts::Ffn<act::SwiGLU>>, MoeLayer<backend::Cuda<V>, Soft, experts::Ffn<act::SwiGLU>>>(c);
+      }
+    Case tie{"expert-choice-ties", small_config(8, 1, RouterKind::kSoftmax, Activation::kSwiGLU), 64, 43};
+    tie.cfg.lbl_coef = 0.0, tie.cfg.capacity_factor = 1.0, tie.cfg.options.set("routing", "expert_choice");
+    tie.skew_to_expert0 = true;  // many equal scores after the skew saturates
+    check<MoeLayer<backend::Host<float>, Soft, experts::Ffn<act::SwiGLU>>, MoeLayer<backend::Cuda<V>, Soft, experts::Ffn<act::SwiGLU>>>(tie);
+    using GR = router::GatingResidual<Soft>;
+    Case pp{"expert-choice-moepp", small_config(8, 3, RouterKind::kSoftmax, Activation::kSwiGLU), 97, 45};
+    pp.cfg.num_zero_experts = 1, pp.cfg.num_copy_experts = 1, pp.cfg.num_constant_experts = 2;
+    pp.cfg.gating_residual = true, pp.cfg.tau = 0.75, pp.cfg.capacity_factor = 1.0, pp.cfg.lbl_coef = 0.0;
+    pp.cfg.options.set("routing", "expert_choice"), pp.cfg.options.set("routed_scaling_factor", 1.5);
+    check<MoeLayer<backend::Host<float>, GR, Mixed>, MoeLayer<backend::Cuda<V>, GR, Mixed>>(pp);
   }
   SUBCASE("the open models' routers: groups (DeepSeek-V2/V3), router bias (GPT-OSS), gate rule") {
     using V3 = router::BiasBalanced<router::GroupLimited<Sig>>;

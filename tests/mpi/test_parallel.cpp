@@ -283,6 +283,22 @@ TEST_CASE("the balance loss's sequence scope: every split equals parallel::None 
   }
 }
 
+TEST_CASE("expert choice: every split equals parallel::None on each shard (each rank's experts choose among its tokens)") {
+  for (auto s : splits()) {
+    // Each shard's experts take C = ceil(γ k T / N_E) of its own T tokens; the plan is by token, and
+    // dispatch, the chunks of duplicate token dropping and combine read it as they read token choice's.
+    MoeConfig c = base_config(s.tp, s.ep, s.dp, false);
+    c.lbl_coef = 0.0, c.capacity_factor = 1.5, c.options.set("routing", "expert_choice");
+    check_equivalence<parallel::Hybrid, Soft, Ffn, balance::MicroBatch>(c);
+    check_equivalence<parallel::Hybrid, Soft, Ffn, balance::MicroBatch>(c, 11, /*dtd=*/false, /*recompute=*/true);
+    if (s.tp == 1) check_equivalence<parallel::Expert, Soft, Ffn, balance::MicroBatch>(c);
+    if (s.ep == 1) check_equivalence<parallel::Tensor, Soft, Ffn, balance::MicroBatch>(c);
+    MoeConfig m = base_config(s.tp, s.ep, s.dp, true);  // MoE++'s τ-weighted capacities, a routed scale
+    m.lbl_coef = 0.0, m.capacity_factor = 1.0, m.options.set("routing", "expert_choice"), m.options.set("routed_scaling_factor", 1.5);
+    check_equivalence<parallel::Hybrid, Soft, Mixed, balance::MicroBatch>(m, 17);
+  }
+}
+
 // router::BiasBalanced: each rank routes its own shard; end_step sums the step's counts over the shards,
 // so after every step the biases are the same bits on every rank and equal a single-rank layer's that saw
 // the concatenated batch (sums of ±u in the same order), and so are the next step's routing decisions.

@@ -45,6 +45,7 @@ struct Case {
   int shared = 0, d_shared = 0;               // num_shared_experts, d_shared (0: not written, d_expert)
   int seq_len = 0;                            // > 0: "balance": "sequence" with this sequence_length
   bool shared_gate = false;
+  bool expert_choice = false;  // "routing": "expert_choice": each expert takes its capacity of tokens
   int shared_width() const { return shared * (d_shared > 0 ? d_shared : F); }
   double capacity = 0.0, lbl = 0.01, z = 0.001, tau = 1.0, rate = 1e-3;
   std::uint64_t seed = 7;
@@ -64,6 +65,7 @@ struct Case {
     if (d_shared > 0) j["d_shared"] = d_shared;
     if (shared_gate) j["shared_gate"] = true;
     if (seq_len > 0) j["balance"] = "sequence", j["sequence_length"] = seq_len;
+    if (expert_choice) j["routing"] = "expert_choice";
     return j;
   }
   nlohmann::json base_config() const {

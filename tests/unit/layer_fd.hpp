@@ -31,7 +31,13 @@ double layer_loss(Layer& layer, const std::vector<double>& x, const std::vector<
   const AuxLosses aux = layer.forward(MatrixView<const double>(x.data(), {tokens, c.d_model}), MatrixView<double>(y.data(), {tokens, c.d_model}));
   double l = c.lbl_coef * aux.lbl + c.zloss_coef * aux.zloss;
   for (std::size_t i = 0; i < y.size(); ++i) l += y[i] * dy[i];
-  idx->assign(layer.topk_indices().data, layer.topk_indices().data + tokens * c.top_k);
+  if (layer.routing() == Routing::kTokenChoice) {
+    idx->assign(layer.topk_indices().data, layer.topk_indices().data + tokens * c.top_k);
+  } else {  // expert choice: the (token, expert) pairs taken
+    const auto plan = layer.routing_plan();
+    idx->clear();
+    for (int s = 0; s < plan.layout.slots; ++s) idx->push_back(plan.layout.token(s) * int(c.num_experts()) + plan.expert[s]);
+  }
   return l;
 }
 

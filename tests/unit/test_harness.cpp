@@ -19,6 +19,8 @@ namespace {
 struct Ref {
   std::vector<double> y, logits, gates;
   std::vector<int> idx, counts, routed;
+  std::vector<int> taken;            // expert choice: [T, N_E] 1 where expert e took token t
+  std::vector<double> choice_gates;  // expert choice: [T, N_E] its gate, else 0
   double lbl = 0, zloss = 0, loss = 0, min_gap = 1e9;
 };
 
@@ -51,6 +53,7 @@ Ref reference(const Case& c, const Tensors& t) {
       ssum += score[tk * NE + i];
     }
     for (int i = 0; i < NE; ++i) P[tk * NE + i] = c.router == "softmax" ? score[tk * NE + i] : score[tk * NE + i] / ssum;
+    if (c.expert_choice) continue;  // the experts choose, below
     // The selection ranks score + bias (router::BiasBalanced); the gates below use the score alone.
     auto chosen = [&](int i) { return score[tk * NE + i] + (c.bias ? t.at("gate.e_score_correction_bias")[i] : 0.0); };
     std::vector<int> order;  // the candidates: every expert, or those of the topk_group best groups
@@ -86,10 +89,39 @@ Ref reference(const Case& c, const Tensors& t) {
       for (int j = 0; j < K; ++j) r.gates[tk * K + j] /= picked;
     for (int j = 0; j < K; ++j) r.gates[tk * K + j] *= c.scale;
   }
+  // The slots: (token, expert, gate). Token choice: t·K + j. Expert choice (Zhou et al.): expert e takes
+  // the C_e tokens of highest score (earlier token first on ties), C_e its kind's capacity below capped
+  // at T; the slots by token, then expert, each gate c · p[t, e].
+  std::vector<int> slot_token, slot_expert;
+  std::vector<double> slot_gate;
+  for (int s = 0; s < T * K; ++s) slot_token.push_back(s / K), slot_expert.push_back(r.idx[s]), slot_gate.push_back(r.gates[s]);
+  if (c.expert_choice) {
+    const double g = c.capacity, denom = c.tau * N + NZC;
+    const int cap_ffn = std::min(T, int(std::ceil(NZC == 0 ? g * K * T / NE : g * c.tau * K * T / denom)));
+    const int cap_zc = std::min(T, int(std::ceil(NZC == 0 ? g * K * T / NE : g * K * T / denom)));
+    r.taken.assign(T * NE, 0), r.choice_gates.assign(T * NE, 0.0);
+    for (int e = 0; e < NE; ++e) {
+      std::vector<int> tokens(T);
+      std::iota(tokens.begin(), tokens.end(), 0);
+      std::stable_sort(tokens.begin(), tokens.end(), [&](int a, int b) { return score[a * NE + e] > score[b * NE + e]; });
+      const int cap = e < N ? cap_ffn : cap_zc;
+      if (cap < T) r.min_gap = std::min(r.min_gap, score[tokens[cap - 1] * NE + e] - score[tokens[cap] * NE + e]);
+      for (int q = 0; q < cap; ++q) r.taken[tokens[q] * NE + e] = 1;
+      r.routed[e] = cap;
+    }
+    slot_token.clear(), slot_expert.clear(), slot_gate.clear();
+    for (int tk = 0; tk < T; ++tk)
+      for (int e = 0; e < NE; ++e)
+        if (r.taken[tk * NE + e]) {
+          r.choice_gates[tk * NE + e] = c.scale * score[tk * NE + e];
+          slot_token.push_back(tk), slot_expert.push_back(e), slot_gate.push_back(r.choice_gates[tk * NE + e]);
+        }
+  }
+  const int slots = int(slot_token.size());
   // Capacity: each expert keeps its C highest-scoring slots (earlier token first on ties), with MoE++'s
   // C_FFN and C_ZC when there are zero-computation experts.
-  std::vector<bool> kept(T * K, true);
-  if (c.capacity > 0) {
+  std::vector<bool> kept(slots, true);
+  if (c.capacity > 0 && !c.expert_choice) {
     const double g = c.capacity, denom = c.tau * N + NZC;
     const int cap_ffn = int(std::ceil(NZC == 0 ? g * K * T / NE : g * c.tau * K * T / denom));
     const int cap_zc = int(std::ceil(NZC == 0 ? g * K * T / NE : g * K * T / denom));
@@ -103,9 +135,9 @@ Ref reference(const Case& c, const Tensors& t) {
     }
   }
   r.counts.assign(NE, 0);
-  for (int s = 0; s < T * K; ++s) {
+  for (int s = 0; s < slots; ++s) {
     if (!kept[s]) continue;
-    const int tk = s / K, e = r.idx[s];
+    const int tk = slot_token[s], e = slot_expert[s];
     const double* xt = &x[tk * D];
     ++r.counts[e];
     std::vector<double> o(D, 0.0);  // E_e(x_t)
@@ -149,7 +181,7 @@ Ref reference(const Case& c, const Tensors& t) {
       const double a1 = 1.0 / (1.0 + std::exp(z2 - z1)), a2 = 1.0 - a1;
       for (int d = 0; d < D; ++d) o[d] = a1 * xt[d] + a2 * v[d];
     }
-    for (int d = 0; d < D; ++d) r.y[tk * D + d] += r.gates[s] * o[d];
+    for (int d = 0; d < D; ++d) r.y[tk * D + d] += slot_gate[s] * o[d];
   }
   // Shared experts: every token, + σ_t · W2s (silu(W1s x) ⊙ W3s x), σ_t = sigmoid(w_sg · x_t) or 1;
   // never scaled by the routed scaling factor.
@@ -184,8 +216,10 @@ Ref reference(const Case& c, const Tensors& t) {
       double p = 0, f = 0;
       for (int tk = b * S; tk < (b + 1) * S; ++tk) {
         p += P[tk * NE + i] / S;
-        for (int j = 0; j < K; ++j) f += r.idx[tk * K + j] == i ? 1.0 / (K * S) : 0.0;
+        if (!c.expert_choice)
+          for (int j = 0; j < K; ++j) f += r.idx[tk * K + j] == i ? 1.0 / (K * S) : 0.0;
       }
+      if (c.expert_choice) f = double(r.routed[i]) / (K * T);  // the C_e; one sequence
       r.lbl += NE * (i < N ? 1.0 : c.tau) * f * p / B;
     }
   for (int i = 0; i < T * D; ++i) r.loss += r.y[i] * dy[i];
@@ -264,7 +298,14 @@ std::vector<Case> cases() {
   Case w;
   w.name = "sequence-wise balance with MoE++ experts (eta = tau), 2 sequences of 5, capacity 1.0";
   w.T = 10, w.seq_len = 5, w.N = 3, w.Z = w.C = w.Q = 1, w.tau = 0.5, w.capacity = 1.0, w.lbl = 0.3, w.act = "gelu";
-  return {a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r, s, u, v, w};
+  Case x;  // expert-choice routing (docs/design.md §2)
+  x.name = "expert choice: softmax, 4 experts take ceil(1.5 · 2 · 9 / 4) = 7 of 9 tokens each, scaling 1.3";
+  x.expert_choice = true, x.T = 9, x.capacity = 1.5, x.lbl = 0.0, x.scale = 1.3;
+  Case y;
+  y.name = "expert choice with MoE++ experts (C_FFN 3, C_ZC 5 of 10) and a gated shared expert";
+  y.expert_choice = true, y.T = 10, y.N = 3, y.Z = y.C = y.Q = 1, y.tau = 0.5, y.capacity = 1.0, y.lbl = 0.0;
+  y.shared = 1, y.d_shared = 3, y.shared_gate = true, y.act = "gelu";
+  return {a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p, q, r, s, u, v, w, x, y};
 }
 
 }  // namespace
@@ -285,7 +326,10 @@ TEST_CASE("moekit-layer: outputs match an independent double reference") {
     REQUIRE_MESSAGE(r.rc == 0, r.err);
     CHECK(r.err.empty());
     const auto f = moekit::io::read_safetensors(h.out);
-    std::set<std::string> expected{"y", "dx", "logits", "topk.indices", "topk.gates", "expert.counts", "aux.lbl", "aux.zloss"};
+    std::set<std::string> expected{"y", "dx", "logits", "expert.counts", "aux.lbl", "aux.zloss"};
+    for (const char* o : c.expert_choice ? std::vector<const char*>{"choice.taken", "choice.gates"}
+                                         : std::vector<const char*>{"topk.indices", "topk.gates"})
+      expected.insert(o);
     for (const auto& p : c.params()) expected.insert("grad." + p);
     if (c.residual) expected.insert("grad.prev_logits");
     if (c.bias) expected.insert("expert_bias.update");
@@ -297,14 +341,21 @@ TEST_CASE("moekit-layer: outputs match an independent double reference") {
     const std::int64_t T = c.T, D = c.D, N = c.NE(), K = c.K;
     CHECK(rel_error(f.get_f32("y", {T, D}), ref.y) < 1e-5);
     CHECK(rel_error(f.get_f32("logits", {T, N}), ref.logits) < 1e-5);
-    CHECK(rel_error(f.get_f32("topk.gates", {T, K}), ref.gates) < 1e-5);
-    const auto idx = f.get_i32("topk.indices", {T, K});
-    CHECK(std::vector<int>(idx.begin(), idx.end()) == ref.idx);
+    if (c.expert_choice) {
+      CHECK(rel_error(f.get_f32("choice.gates", {T, N}), ref.choice_gates) < 1e-5);
+      const auto taken = f.get_i32("choice.taken", {T, N});
+      CHECK(std::vector<int>(taken.begin(), taken.end()) == ref.taken);
+      CHECK(*std::min_element(ref.taken.begin(), ref.taken.end()) == 0);  // some pair not taken
+    } else {
+      CHECK(rel_error(f.get_f32("topk.gates", {T, K}), ref.gates) < 1e-5);
+      const auto idx = f.get_i32("topk.indices", {T, K});
+      CHECK(std::vector<int>(idx.begin(), idx.end()) == ref.idx);
+    }
     const auto counts = f.get_i32("expert.counts", {N});
     CHECK(std::vector<int>(counts.begin(), counts.end()) == ref.counts);
     CHECK(f.get_f32("aux.lbl", {1})[0] == doctest::Approx(ref.lbl).epsilon(1e-5));
     CHECK(f.get_f32("aux.zloss", {1})[0] == doctest::Approx(ref.zloss).epsilon(1e-5));
-    if (c.capacity > 0) CHECK(std::accumulate(ref.counts.begin(), ref.counts.end(), 0) < c.T * c.K);  // some drops
+    if (c.capacity > 0 && !c.expert_choice) CHECK(std::accumulate(ref.counts.begin(), ref.counts.end(), 0) < c.T * c.K);  // some drops
     if (c.bias) {
       // The update this forward's routed counts apply: rate · sign(mean − c_i), worked out here.
       const auto upd = f.get_f32("expert_bias.update", {N});

@@ -54,9 +54,11 @@ template <class L>
 struct ForwardViews {
   const L* logits = nullptr;          // [T, N_E]
   const L* probs = nullptr;           // [T, N_E] P of the balance loss
-  const int* topk_indices = nullptr;  // [T, k]
-  const L* topk_gates = nullptr;      // [T, k]
+  const int* topk_indices = nullptr;  // [T, k]; token choice only
+  const L* topk_gates = nullptr;      // [T, k]; token choice only
   bool on_device = false;
+  Routing routing = Routing::kTokenChoice;
+  RoutingPlan<L> plan;  // every slot: token (plan.layout, by token under expert choice), expert, gate, row
 };
 
 template <class Backend>
@@ -196,9 +198,11 @@ class ErasedMoeLayer final : public AnyMoeLayer<typename Layer::backend_type> {
   }
   ForwardViews<L> views() const override {
     if constexpr (requires { layer_.logits_device(); })
-      return {layer_.logits_device(), layer_.probs_device(), layer_.topk_indices_device(), layer_.topk_gates_device(), true};
+      return {layer_.logits_device(), layer_.probs_device(), layer_.topk_indices_device(), layer_.topk_gates_device(), true,
+              layer_.routing(), layer_.routing_plan_device()};
     else
-      return {layer_.logits().data, layer_.probs().data, layer_.topk_indices().data, layer_.topk_gates().data, false};
+      return {layer_.logits().data, layer_.probs().data, layer_.topk_indices().data, layer_.topk_gates().data, false,
+              layer_.routing(), layer_.routing_plan()};
   }
 
  private:

@@ -116,6 +116,8 @@ class MoeLayer {
   }
 
   const MoeConfig& config() const { return cfg_; }
+  // Token choice, or expert choice (router/expert_choice.hpp): the router's `routing` option.
+  Routing routing() const { return routing_; }
   Ops& ops() { return ops_; }
   const Ops& ops() const { return ops_; }
   // The balance-scope policy object (GlobalBatch keeps its count buffer here: end_step() resets it).
@@ -163,10 +165,11 @@ class MoeLayer {
       ops_.reserve(tokens);
     }
     if constexpr (kDistributed && !Ops::kGrows) {
-      const std::int64_t t = ops_.reserved_tokens(), rows = std::int64_t(cfg_.ep) * t * cfg_.top_k;
-      if (rows > std::int64_t(INT32_MAX)) throw ShapeError("ep * tokens * top_k = " + std::to_string(rows) + " exceeds 2^31 - 1");
+      const std::int64_t t = ops_.reserved_tokens(), slots = router::max_routing_slots(cfg_, routing_, t),
+                         rows = std::int64_t(cfg_.ep) * slots;
+      if (rows > std::int64_t(INT32_MAX)) throw ShapeError("ep * slots = " + std::to_string(rows) + " exceeds 2^31 - 1 (slots: tokens * top_k, or the experts' tokens under expert choice)");
       ops_.reserve_expert_side(rows);
-      ex_.reserve(rows, t * cfg_.top_k, cfg_.d_model);
+      ex_.reserve(rows, slots, cfg_.d_model);
     }
   }
   // CUDA, one GPU: caller-owned device memory (256-byte aligned, at least workspace_bytes(tokens)).
@@ -185,6 +188,8 @@ class MoeLayer {
   AuxLosses forward(MatrixView<const S> x, MatrixView<S> y, MatrixView<const L> prev_logits = {}, Context ctx = {}) {
     const std::int64_t tokens = x.shape[0];
     check_forward_args(cfg_, kResidual, x, y, prev_logits, Ops::kMaxSlots);  // layer/routing_plan.hpp
+    if (routing_ == Routing::kExpertChoice && router::routing_slots(cfg_, routing_, tokens) > Ops::kMaxSlots)
+      throw ShapeError("x has " + std::to_string(tokens) + " tokens; the experts' tokens under expert choice must be <= " + std::to_string(Ops::kMaxSlots));
     // The sequence scope needs whole sequences in training; an evaluation-mode forward of another length
     // (a prompt, a generated token) takes its aux losses over all its tokens, as one sequence.
     if (seq_len_ > 0 && tokens % seq_len_ != 0 && training_)
@@ -199,8 +204,11 @@ class MoeLayer {
     ops_.begin(x.data, prev_logits.data, tokens, ctx);
     const std::int64_t shared_flops = ops_.shared_forward(ctx);  // overlaps what follows on CUDA
     ops_.route(has_prev_, ctx);  // a stateful router reads the values set_router_state() gave the ops
-    const auto caps = balance::expert_capacities(cfg_.capacity_factor, cfg_.tau, cfg_.top_k, tokens, cfg_.num_ffn_experts,
-                                                 cfg_.num_zc_experts());
+    // Expert choice took each expert's capacity of tokens in the route stage: the plan drops nothing.
+    const auto caps = routing_ == Routing::kExpertChoice
+                          ? balance::Capacities{}
+                          : balance::expert_capacities(cfg_.capacity_factor, cfg_.tau, cfg_.top_k, tokens, cfg_.num_ffn_experts,
+                                                       cfg_.num_zc_experts());
     ops_.plan(caps, chunks(), my_chunk(), ctx);
     if constexpr (kDistributed) exchange_stats(ctx);  // brings the statistics to the host
     else ops_.sync_stats(ctx);
@@ -510,6 +518,19 @@ class MoeLayer {
   {
     return ops_.topk_gates();
   }
+  // Host: the last forward's plan, by slot (token choice: [T, k]; expert choice: by token, a token's
+  // slots in expert order), with each slot's expert, gate and row (or kSlotDropped / kSlotZeroComputation).
+  auto routing_plan() const
+    requires requires(const Ops& o) { o.routing_plan(); }
+  {
+    return ops_.routing_plan();
+  }
+  // CUDA: the same plan in device memory (valid until the next forward).
+  auto routing_plan_device() const
+    requires requires(const Ops& o) { o.routing_plan_device(); }
+  {
+    return ops_.routing_plan_device();
+  }
   // True for (token, pick) pairs that were kept (not dropped by capacity).
   bool slot_kept(std::int64_t t, std::int64_t j) const
     requires requires(const Ops& o) { o.slot_kept(t, j); }
@@ -525,14 +546,18 @@ class MoeLayer {
     check_scope(cfg);
     return cfg;
   }
-  // The sequence scope is a form of the micro-batch scope.
+  // The sequence scope is a form of the micro-batch scope, and a token-choice one.
   static void check_scope(const MoeConfig& cfg) {
-    if (Balance::global && read_options<balance::ScopeOptions>(cfg).per_sequence() > 0)
+    const bool per_sequence = read_options<balance::ScopeOptions>(cfg).per_sequence() > 0;
+    if (Balance::global && per_sequence)
       throw ConfigError("balance", "\"sequence\"", "is a form of the micro-batch scope: a balance::GlobalBatch layer takes f from the global batch");
+    if (per_sequence && router::routing_of(Router(cfg)) == Routing::kExpertChoice)
+      throw ConfigError("balance", "\"sequence\"", "needs token-choice routing (\"routing\": \"expert_choice\" balances by construction)");
   }
   void init() {
     check_scope(cfg_);  // (the distributed constructor's agreed config skips validated())
     seq_len_ = read_options<balance::ScopeOptions>(cfg_).per_sequence();
+    routing_ = router::routing_of(Router(cfg_));
     ops_.set_sequence_length(seq_len_);
     eta_ = balance_eta<L>(cfg_);
     state_.resize(std::size_t(cfg_.num_experts()), kStateful);
@@ -602,6 +627,7 @@ class MoeLayer {
   std::vector<std::int64_t> seq_counts_;
   std::int64_t seq_len_ = 0;  // the sequence scope's S (balance::ScopeOptions), or 0
   std::int64_t seq_now_ = 0;  // the last forward's: S, or 0 (an evaluation forward of a length S does not divide)
+  Routing routing_ = Routing::kTokenChoice;  // the router's (router/expert_choice.hpp)
   L z_sum_ = L(0);
   std::int64_t tokens_ = 0, f_tokens_ = 0, gemm_flops_ = 0, recomputations_ = 0;
   int bad_token_ = kNoBadToken;

@@ -36,6 +36,7 @@
 #include "moekit/core/macros.hpp"
 #include "moekit/core/options.hpp"
 #include "moekit/core/parameter.hpp"
+#include "moekit/router/expert_choice.hpp"
 #include "moekit/router/score.hpp"
 #include "moekit/router/topk.hpp"
 
@@ -56,26 +57,33 @@ template <class Score>
 struct TopK {
   static_assert(ScoreFunction<Score>, "router::TopK<Score>: Score must be router::Softmax or router::Sigmoid");
   using score = Score;
-  // DeepSeek-V3's and LongCat-Flash's routed_scaling_factor: the gates are multiplied by it.
+  // DeepSeek-V3's and LongCat-Flash's routed_scaling_factor: the gates are multiplied by it. routing:
+  // the tokens choose their experts (the default), or the experts their tokens (router/expert_choice.hpp).
   struct Options {
     double routed_scaling_factor = 1.0;
+    Routing routing = Routing::kTokenChoice;
     static constexpr auto fields() {
       return std::make_tuple(ConfigField<double, Options>{"routed_scaling_factor", &Options::routed_scaling_factor,
-                                                          FieldRule::kFinitePositive});
+                                                          FieldRule::kFinitePositive},
+                             ConfigField<Routing, Options>{"routing", &Options::routing});
+    }
+    void validate(const MoeConfig& c) const {
+      if (routing == Routing::kExpertChoice) check_expert_choice(c);
     }
   };
   using options = Options;
 
   int k = 1;
   GateRule rule;
+  Routing routing = Routing::kTokenChoice;
 
   TopK() = default;
-  explicit TopK(const MoeConfig& c)
-      : k(int(c.top_k)), rule{c.renormalize.value_or(Score::kind == RouterKind::kSigmoid), read_options<Options>(c).routed_scaling_factor} {}
+  explicit TopK(const MoeConfig& c) : TopK(c, read_options<Options>(c)) {}
 
   static void check(const MoeConfig& c) {
     if (c.router != Score::kind)
       throw ConfigError("router", field_text(c.router), std::string("must match the layer's compile-time policy (") + to_string(Score::kind) + ")");
+    if (Score::kind != RouterKind::kSoftmax) require_token_choice(c, read_options<Options>(c).routing, "the sigmoid score (expert choice takes the softmax over the experts)");
   }
   static void list_choices(std::vector<std::string>&) {}
   // The router weight W_r (logits = x W_r^T).
@@ -94,6 +102,10 @@ struct TopK {
   MOEKIT_HD S capacity_score(S logit, S prob) const {
     return router::capacity_score(Score{}, logit, prob);
   }
+
+ private:
+  TopK(const MoeConfig& c, const Options& o)
+      : k(int(c.top_k)), rule{c.renormalize.value_or(Score::kind == RouterKind::kSigmoid), o.routed_scaling_factor}, routing(o.routing) {}
 };
 
 // What a router has beyond the required members, with the defaults of a plain stateless router.

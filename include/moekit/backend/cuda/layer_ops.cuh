@@ -31,6 +31,7 @@
 #include "moekit/backend/cuda/activation.cuh"
 #include "moekit/backend/cuda/combine.cuh"
 #include "moekit/backend/cuda/exchange_ops.cuh"
+#include "moekit/backend/cuda/expert_choice.cuh"
 #include "moekit/backend/cuda/expert_bias.cuh"
 #include "moekit/backend/cuda/grouped_gemm.cuh"
 #include "moekit/backend/cuda/memory.cuh"
@@ -76,7 +77,8 @@ class MoeOps {
   };
 
   MoeOps(const MoeConfig& cfg, ParameterTable table, const StatsLayout& layout, GemmStrategy gemm)
-      : cfg_(cfg), layout_(layout), params_(checked_store(cfg, std::move(table))), router_(cfg), act_(act::make_activation<Act>(cfg)) {
+      : cfg_(cfg), layout_(layout), params_(checked_store(cfg, std::move(table))), router_(cfg), routing_(router::routing_of(router_)),
+        act_(act::make_activation<Act>(cfg)) {
     Router::declare_logits(terms_);
     for (const router::LogitTerm& t : terms_) {  // x meets a storage-typed weight, fp32 logits an fp32 one
       const bool want_fp32 = t.input != router::LogitInput::kX;
@@ -233,12 +235,25 @@ class MoeOps {
       }
       beta = 1.f;
     }
-    RouteParams rp;
-    rp.logits = b_.logits, rp.tokens = T, rp.experts = N, rp.top_k = int(cfg_.top_k), rp.sel = b_.scratch;
-    rp.prob = b_.prob, rp.idx = b_.idx, rp.gate = b_.gate, rp.lse = b_.lse;
-    rp.counts = stats_ints() + layout_.routed, rp.bad_token = stats_ints() + layout_.bad;
-    if constexpr (kStateful) rp.state = state_dev_.data();
-    MOEKIT_CUDA_CHECK(route_tokens(router_, rp, stream));
+    if (routing_ == Routing::kExpertChoice) {  // the experts choose (backend/cuda/expert_choice.cuh)
+      const balance::Capacities caps = router::expert_choice_capacities(cfg_, tokens_);
+      ExpertChoiceParams ep;
+      ep.logits = b_.logits, ep.tokens = T, ep.experts = N, ep.ffn_experts = int(cfg_.num_ffn_experts);
+      ep.cap_ffn = int(caps.ffn), ep.cap_zc = int(caps.zc), ep.scale = float(router_.gate_rule().scale);
+      ep.prob = b_.prob, ep.lse = b_.lse, ep.bad_token = stats_ints() + layout_.bad, ep.counts = stats_ints() + layout_.routed;
+      ep.first = b_.ec_first, ep.token_of = b_.ec_token_of, ep.idx = b_.idx, ep.gate = b_.gate;
+      ep.keys = b_.ec_keys, ep.taken = b_.ec_taken, ep.count = b_.ec_count, ep.offsets = b_.ec_offsets;
+      MOEKIT_CUDA_CHECK(expert_choice_route(ep, b_.perm, perm_bytes_, stream));
+      slot_count_ = I64(caps.ffn) * cfg_.num_ffn_experts + I64(caps.zc) * cfg_.num_zc_experts();
+    } else {
+      RouteParams rp;
+      rp.logits = b_.logits, rp.tokens = T, rp.experts = N, rp.top_k = int(cfg_.top_k), rp.sel = b_.scratch;
+      rp.prob = b_.prob, rp.idx = b_.idx, rp.gate = b_.gate, rp.lse = b_.lse;
+      rp.counts = stats_ints() + layout_.routed, rp.bad_token = stats_ints() + layout_.bad;
+      if constexpr (kStateful) rp.state = state_dev_.data();
+      MOEKIT_CUDA_CHECK(route_tokens(router_, rp, stream));
+      slot_count_ = tokens_ * cfg_.top_k;
+    }
     float* prob_sum = stats_floats() + layout_.prob_sum;
     if (T > 0) {
       const float one = 1.f, zero = 0.f;
@@ -254,8 +269,7 @@ class MoeOps {
 
   // Capacity, permutation (chunk-major), the gather of every FFN row, the constant experts' mix.
   void plan(const balance::Capacities& caps, int chunks, int /*my_chunk: every row is gathered*/, cudaStream_t stream) {
-    const int T = int(tokens_), N = int(cfg_.num_experts()), K = int(cfg_.top_k), D = int(cfg_.d_model),
-              NC = int(cfg_.num_constant_experts);
+    const int T = int(tokens_), N = int(cfg_.num_experts()), D = int(cfg_.d_model), NC = int(cfg_.num_constant_experts);
     chunks_ = chunks;
     PermuteParams pp;
     pp.idx = b_.idx, pp.slots = slots(), pp.experts = N, pp.ffn_experts = int(cfg_.num_ffn_experts), pp.chunks = chunks;
@@ -268,7 +282,7 @@ class MoeOps {
     pp.offsets = stats_ints() + layout_.offsets, pp.kept_counts = stats_ints() + layout_.kept;
     std::size_t perm_bytes = perm_bytes_;
     MOEKIT_CUDA_CHECK(permute_slots(b_.perm, perm_bytes, pp, stream));
-    MOEKIT_CUDA_CHECK(gather_rows(b_.x, b_.slot_of_row, b_.xp, T * K, slots(), D, stream, rows_dev()));
+    MOEKIT_CUDA_CHECK(gather_rows(b_.x, b_.slot_of_row, b_.xp, int(slot_count_), slots(), D, stream, rows_dev()));
     if (NC > 0) {  // [a1, a2] of constant experts from one GEMM over all of them
       MOEKIT_CUBLAS_CHECK(gemm_row_major(gemm_->handle(stream), {false, true, data_type<S>(), CUDA_R_32F, 1.f, 0.f},
                                          {T, 2 * NC, D, b_.x, D, params_.const_wc(), D, b_.zc_logits, 2 * NC}));
@@ -429,12 +443,20 @@ class MoeOps {
     MOEKIT_CUDA_CHECK(cudaMemcpyAsync(b_.dprob, host_dprob_.data(), sizeof(float) * rows * std::size_t(N), cudaMemcpyHostToDevice, stream));
     if (T == 0) return;
     float* dx32 = b_.dx32 ? b_.dx32 : reinterpret_cast<float*>(dx);
-    RouteBackwardParams rb;
-    rb.logits = b_.logits, rb.prob = b_.prob, rb.idx = b_.idx, rb.gate = b_.gate, rb.dgate = b_.dgate, rb.dprob = b_.dprob;
-    rb.lse = b_.lse, rb.zscale = zscale, rb.dprob_tokens = int(dprob_tokens);
-    rb.tokens = T, rb.experts = N, rb.top_k = int(cfg_.top_k);
-    rb.scratch = b_.scratch, rb.dlogits = b_.dlogits;
-    MOEKIT_CUDA_CHECK(route_tokens_backward(router_, rb, stream));
+    if (routing_ == Routing::kExpertChoice) {  // each token over its own slots
+      ExpertChoiceBackwardParams eb;
+      eb.logits = b_.logits, eb.prob = b_.prob, eb.gate = b_.gate, eb.dgate = b_.dgate, eb.dprob = b_.dprob, eb.lse = b_.lse;
+      eb.first = b_.ec_first, eb.idx = b_.idx, eb.tokens = T, eb.experts = N;
+      eb.scale = float(router_.gate_rule().scale), eb.zscale = zscale, eb.scratch = b_.scratch, eb.dlogits = b_.dlogits;
+      MOEKIT_CUDA_CHECK(expert_choice_backward(eb, stream));
+    } else {
+      RouteBackwardParams rb;
+      rb.logits = b_.logits, rb.prob = b_.prob, rb.idx = b_.idx, rb.gate = b_.gate, rb.dgate = b_.dgate, rb.dprob = b_.dprob;
+      rb.lse = b_.lse, rb.zscale = zscale, rb.dprob_tokens = int(dprob_tokens);
+      rb.tokens = T, rb.experts = N, rb.top_k = int(cfg_.top_k);
+      rb.scratch = b_.scratch, rb.dlogits = b_.dlogits;
+      MOEKIT_CUDA_CHECK(route_tokens_backward(router_, rb, stream));
+    }
     if (dlogits_next) {
       const float one = 1.f;
       MOEKIT_CUBLAS_CHECK(cublasSaxpy(h, T * N, &one, dlogits_next, 1, b_.dlogits, 1));
@@ -469,9 +491,11 @@ class MoeOps {
   // ---- device views of the last forward (valid until the next forward) -----------------------------
   const float* logits_device() const { return b_.logits; }
   const float* probs_device() const { return b_.prob; }
-  const int* topk_indices_device() const { return b_.idx; }
+  const int* topk_indices_device() const { return routing_ == Routing::kTokenChoice ? b_.idx : nullptr; }
   const float* topk_gates_device() const { return b_.gate; }
   const int* slot_rows_device() const { return b_.row_of_slot; }  // row, or kSlotDropped / kSlotZeroComputation
+  // The plan by slot (expert choice: by token; its layout's arrays are device arrays too).
+  RoutingPlan<float> routing_plan_device() const { return {slots(), b_.idx, b_.gate, b_.row_of_slot, b_.slot_of_row}; }
 
  private:
   static ParameterStore<S> checked_store(const MoeConfig& cfg, ParameterTable table) {
@@ -512,15 +536,19 @@ class MoeOps {
           *dgate = nullptr, *lse = nullptr, *score = nullptr, *mix = nullptr, *dz = nullptr, *zc_logits = nullptr,
           *dx32 = nullptr, *ones = nullptr, *dprob = nullptr;
     int *idx = nullptr, *slot_of_row = nullptr, *row_of_slot = nullptr;
+    // Expert choice (backend/cuda/expert_choice.cuh): sort keys [2, N_E·T], taken [T·N_E], per-token counts
+    // [T + 1], segment offsets [N_E + 1]; the plan's first [T + 1] and token_of [slots].
+    unsigned long long* ec_keys = nullptr;
+    int *ec_taken = nullptr, *ec_count = nullptr, *ec_offsets = nullptr, *ec_first = nullptr, *ec_token_of = nullptr;
     void* perm = nullptr;
     char* stats = nullptr;  // the statistics block (layer/routing_plan.hpp StatsLayout): ints, then floats
   };
 
   // Lays the buffers for `tokens` tokens out from `base` (or only counts with base == nullptr).
   std::size_t carve(Buffers& b, char* base, I64 tokens) const {
-    const std::size_t t = std::size_t(tokens), n = std::size_t(cfg_.num_experts()), k = std::size_t(cfg_.top_k),
-                      d = std::size_t(cfg_.d_model), fl = std::size_t(f()), nc = std::size_t(cfg_.num_constant_experts),
-                      rows = t * k, wfl = std::size_t(wf());
+    const std::size_t t = std::size_t(tokens), n = std::size_t(cfg_.num_experts()), d = std::size_t(cfg_.d_model),
+                      fl = std::size_t(f()), nc = std::size_t(cfg_.num_constant_experts),
+                      rows = std::size_t(router::max_routing_slots(cfg_, routing_, tokens)), wfl = std::size_t(wf());
     constexpr bool kBf16 = !std::is_same_v<S, float>;
     std::size_t at = 0;
     auto take = [&](auto*& p, std::size_t count) {
@@ -544,6 +572,10 @@ class MoeOps {
       take(b.shsig, t), take(b.shdz, t);
     }
     if constexpr (kBf16) take(b.dx32, t * d);
+    if (routing_ == Routing::kExpertChoice) {
+      take(b.ec_keys, 2 * t * n), take(b.ec_taken, t * n), take(b.ec_count, t + 1), take(b.ec_offsets, n + 1);
+      take(b.ec_first, t + 1), take(b.ec_token_of, rows);
+    }
     take(b.ones, t);
     take(b.dprob, n * dprob_rows(tokens));
     if (seq_len_ > 0) take(b.seq_counts, n * dprob_rows(tokens)), take(b.seq_prob, n * dprob_rows(tokens));
@@ -555,11 +587,14 @@ class MoeOps {
   }
   // For the most chunks a strategy can use (tp, with duplicate token dropping), so the choice of
   // dropping does not change the workspace.
+  // Expert choice's sort and scan use the same memory before the permutation does.
   std::size_t permute_temp_bytes(I64 tokens) const {
     std::size_t most = 0;
+    if (routing_ == Routing::kExpertChoice) MOEKIT_CUDA_CHECK(expert_choice_temp_bytes(int(tokens), int(cfg_.num_experts()), most));
+    const int slots = int(router::max_routing_slots(cfg_, routing_, tokens));
     for (int chunks : {1, int(cfg_.tp)}) {
       PermuteParams pp;
-      pp.slots = SlotLayout::token_choice(int(tokens), int(cfg_.top_k)), pp.experts = int(cfg_.num_experts());
+      pp.slots = SlotLayout::token_choice(slots, 1), pp.experts = int(cfg_.num_experts());  // only the count matters here
       pp.ffn_experts = int(cfg_.num_ffn_experts), pp.chunks = chunks;
       std::size_t bytes = 0;
       MOEKIT_CUDA_CHECK(permute_slots(nullptr, bytes, pp, nullptr));
@@ -572,6 +607,8 @@ class MoeOps {
     if (tokens < 0) throw ShapeError("tokens = " + std::to_string(tokens) + " must be >= 0");
     if (tokens * cfg_.top_k > kMaxSlots)
       throw ShapeError("tokens * top_k = " + std::to_string(tokens * cfg_.top_k) + " exceeds 2^30 on the CUDA backend");
+    if (const I64 slots = router::max_routing_slots(cfg_, routing_, tokens); slots > kMaxSlots)
+      throw ShapeError("the experts' tokens under expert choice, " + std::to_string(slots) + ", exceed 2^30 on the CUDA backend");
     const I64 wide = std::max(cfg_.num_experts(), 2 * cfg_.num_constant_experts);
     if (tokens * wide > I64(INT32_MAX))
       throw ShapeError("tokens * num_experts = " + std::to_string(tokens * wide) + " exceeds 2^31 - 1 on the CUDA backend");
@@ -593,8 +630,12 @@ class MoeOps {
     reserved_ = tokens;
   }
 
-  // The plan's slots: the token-choice routers' [T, k] (route_tokens writes them so).
-  SlotLayout slots() const { return SlotLayout::token_choice(int(tokens_), int(cfg_.top_k)); }
+  // The plan's slots: the token-choice routers' [T, k] (route_tokens writes them so), or expert choice's
+  // by token (expert_choice_route writes first and token_of; the count is known on the host).
+  SlotLayout slots() const {
+    if (routing_ == Routing::kExpertChoice) return SlotLayout::by_token(int(tokens_), int(slot_count_), b_.ec_first, b_.ec_token_of);
+    return SlotLayout::token_choice(int(tokens_), int(cfg_.top_k));
+  }
   CombineParams<S> combine_params() const {
     CombineParams<S> p;
     p.slots = slots(), p.d = int(cfg_.d_model);
@@ -618,6 +659,7 @@ class MoeOps {
   StatsLayout layout_;
   ParameterStore<S> params_;
   Router router_;             // the router policy with its options (the kernels take it by value)
+  Routing routing_;           // its routing (router/expert_choice.hpp)
   router::LogitTerms terms_;  // how its logits are made
   DeviceArray<float> state_dev_;  // a stateful router's values (router::BiasBalanced: b), read by route_tokens
   Act act_;                       // the experts' activation with its options (copied into the kernels)
@@ -633,6 +675,7 @@ class MoeOps {
   Buffers b_;
   std::size_t perm_bytes_ = 0;
   I64 reserved_ = -1, tokens_ = 0, capacity_rows_ = 0;  // reserved_ -1: no workspace yet
+  I64 slot_count_ = 0;  // the last forward's slots (T·k, or the experts' tokens under expert choice)
   int chunks_ = 1;
   bool external_ = false;
   DeviceArray<S> xe_, ye_, dye_, h13e_, ae_;  // the expert side of a distributed layer

@@ -73,7 +73,8 @@ class MoeOps {
   };
 
   MoeOps(const MoeConfig& cfg, ParameterTable table, const StatsLayout& layout, Options)
-      : cfg_(cfg), table_(std::move(table)), layout_(layout), router_(cfg), act_(act::make_activation<Act>(cfg)) {
+      : cfg_(cfg), table_(std::move(table)), layout_(layout), router_(cfg), routing_(router::routing_of(router_)),
+        act_(act::make_activation<Act>(cfg)) {
     Router::declare_logits(terms_);
     if (table_.has_region("shared_w2")) shared_f_ = table_.region("shared_w2").stride / cfg_.d_model;
     value_.assign(std::size_t(table_.size()), S(0));
@@ -118,8 +119,8 @@ class MoeOps {
   // ---- workspace --------------------------------------------------------------------------------
   static void check_config(const MoeConfig&) {}  // no limits beyond MoeConfig's own rules
   I64 workspace_bytes(I64 tokens) const {
-    const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
-    const I64 rows = tokens * k, wf = kGated ? 2 * f : f;
+    const auto n = cfg_.num_experts(), d = cfg_.d_model, f = cfg_.d_expert;
+    const I64 rows = router::max_routing_slots(cfg_, routing_, tokens), k = rows / std::max<I64>(tokens, 1), wf = kGated ? 2 * f : f;
     I64 stored = tokens * d + rows * d * 3 + rows * f;  // x, xp / yp / dyp, a
     I64 computed = tokens * n * (kResidual ? 4 : 3) + tokens * k * 4 + tokens + rows * wf;
     if constexpr (kMixed) {  // x, y / dx and dy in fp32; the GEMMs' fp32 outputs; dH13 in bf16
@@ -130,23 +131,25 @@ class MoeOps {
       stored += tokens * (2 * d + shared_f_) + (kMixed ? tokens * 2 * shared_f_ : 0);
       computed += tokens * (2 * shared_f_ + 2) + (kMixed ? tokens * std::max(d, shared_f_) : 0);
     }
-    return stored * I64(sizeof(S)) + computed * I64(sizeof(C)) + (tokens * k * 2 + rows) * I64(sizeof(I32));
+    const I64 by_token = routing_ == Routing::kExpertChoice ? tokens + 1 + rows : 0;  // first, token_of
+    return stored * I64(sizeof(S)) + computed * I64(sizeof(C)) + (rows * 3 + by_token) * I64(sizeof(I32));
   }
   // Sizes the saved activations for up to `tokens` tokens; forward calls it too, so buffers only grow.
   // In evaluation mode the buffers only backward needs (the activation a, d rows, dlogits, dgate) are
   // not allocated, and the forward computes a in place of h13's h1 half (bf16: a is the next GEMM's
   // bf16 operand, kept in both modes).
   void reserve(I64 tokens) {
-    const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model, f = cfg_.d_expert;
-    const I64 rows = tokens * k;
+    const auto n = cfg_.num_experts(), d = cfg_.d_model, f = cfg_.d_expert;
+    const I64 rows = router::max_routing_slots(cfg_, routing_, tokens);  // slots, and the most FFN rows
     if (tokens > reserved_) {
       for (auto* v : {&logits_, &prob_}) v->resize(tokens * n);
       if constexpr (kResidual) prev_.resize(tokens * n);
-      for (auto* v : {&gate_, &mix_}) v->resize(tokens * k * (v == &mix_ ? 2 : 1));
+      for (auto* v : {&gate_, &mix_}) v->resize(rows * (v == &mix_ ? 2 : 1));
       lse_.resize(tokens);
-      idx_.resize(tokens * k);
-      slot_row_.resize(tokens * k);
+      idx_.resize(rows);
+      slot_row_.resize(rows);
       row_slot_.resize(rows);
+      if (routing_ == Routing::kExpertChoice) first_.resize(tokens + 1), token_of_.resize(rows);
       x_.resize(tokens * d);
       for (auto* v : {&xp_, &yp_}) v->resize(rows * d);
       h13_.resize(rows * (kGated ? 2 : 1) * f);
@@ -159,7 +162,7 @@ class MoeOps {
     }
     if (training_ && tokens > reserved_backward_) {
       dlogits_.resize(tokens * n);
-      dgate_.resize(tokens * k);
+      dgate_.resize(rows);
       dyp_.resize(rows * d);
       a_.resize(rows * f);
       if constexpr (kMixed) {
@@ -179,7 +182,7 @@ class MoeOps {
     for (const auto* v : {&std::as_const(grad_), &floats_, &prev_, &logits_, &prob_, &dlogits_, &gate_, &dgate_, &mix_, &lse_, &h13_, &state_,
                           &x32_, &tok32_, &dy32_, &acc_, &zc32_, &hs_, &sg_, &dz_, &sacc_})
       b += v->capacity() * sizeof(C);
-    for (const auto* v : {&ints_, &idx_, &slot_row_, &row_slot_}) b += v->capacity() * sizeof(I32);
+    for (const auto* v : {&ints_, &idx_, &slot_row_, &row_slot_, &first_, &token_of_}) b += v->capacity() * sizeof(I32);
     return b;
   }
   I64 reserved_tokens() const { return reserved_; }
@@ -224,6 +227,7 @@ class MoeOps {
   // forward stops after the statistics anyway, and its rows stay in range until then.
   void route(bool has_prev, Context) {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model;
+    const bool ec = routing_ == Routing::kExpertChoice;
     has_prev_ = has_prev;
     bool first = true;  // the first term writes the logits, the others add
     for (const router::LogitTerm& term : terms_) {
@@ -254,14 +258,24 @@ class MoeOps {
         if (!finite) {
 #pragma omp critical
           bad = std::min(bad, int(t));
-          for (I64 j = 0; j < k; ++j) idx_[t * k + j] = int(j), gate_[t * k + j] = C(0);
+          if (!ec)
+            for (I64 j = 0; j < k; ++j) idx_[t * k + j] = int(j), gate_[t * k + j] = C(0);
           std::fill_n(&prob_[t * n], n, C(0));
           lse_[t] = C(0);
           continue;
         }
-        lse_[t] = router::route_token_choice(router_, l, int(n), &prob_[t * n], sel.data(), &idx_[t * k], &gate_[t * k],
-                                             state_.empty() ? nullptr : state_.data());
+        if (ec)  // the scores now, the experts' choice below
+          lse_[t] = router::token_scores(router::Softmax{}, l, int(n), &prob_[t * n]);
+        else
+          lse_[t] = router::route_token_choice(router_, l, int(n), &prob_[t * n], sel.data(), &idx_[t * k], &gate_[t * k],
+                                               state_.empty() ? nullptr : state_.data());
       }
+    }
+    if (ec) {  // each expert takes its best tokens; the plan by token (router/expert_choice.hpp)
+      const I64 count = router::expert_choice_select(prob_.data(), tokens_, n, cfg_.num_ffn_experts,
+                                                     router::expert_choice_capacities(cfg_, tokens_), router_.gate_rule().scale,
+                                                     first_.data(), token_of_.data(), idx_.data(), gate_.data());
+      slots_ = SlotLayout::by_token(int(tokens_), int(count), first_.data(), token_of_.data());
     }
     I32* routed = &ints_[layout_.routed];
     std::fill_n(routed, n, 0);
@@ -478,7 +492,7 @@ class MoeOps {
   // then the router's (and gating residual's) weight gradients and dx += dlogits W_r. dprob: one row
   // [N_E] for every token, or (dprob_tokens S > 0: the sequence scope) row t / S for token t.
   void router_backward(const C* dprob, I64 dprob_tokens, C zscale, const C* dlogits_next, C* dprev, S* dx, bool has_prev, Context) {
-    const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model;
+    const auto n = cfg_.num_experts(), d = cfg_.d_model;
 #pragma omp parallel if (tokens_ * n >= MOEKIT_OMP_MIN_WORK)
     {
       std::vector<C> scratch(n);
@@ -486,8 +500,13 @@ class MoeOps {
       for (I64 t = 0; t < tokens_; ++t) {
         C* dl = &dlogits_[t * n];
         const C* dp = dprob_tokens > 0 ? dprob + (t / dprob_tokens) * n : dprob;
-        router::route_token_choice_backward(router_, &logits_[t * n], int(n), &prob_[t * n], &idx_[t * k], &gate_[t * k],
-                                            &dgate_[t * k], dp, zscale * lse_[t], scratch.data(), dl);
+        const I64 s = slots_.begin(int(t));
+        if (routing_ == Routing::kExpertChoice)
+          router::expert_choice_token_backward(&logits_[t * n], int(n), slots_.end(int(t)) - int(s), router_.gate_rule().scale,
+                                               &prob_[t * n], &idx_[s], &gate_[s], &dgate_[s], dp, zscale * lse_[t], scratch.data(), dl);
+        else
+          router::route_token_choice_backward(router_, &logits_[t * n], int(n), &prob_[t * n], &idx_[s], &gate_[s], &dgate_[s], dp,
+                                              zscale * lse_[t], scratch.data(), dl);
         if (dlogits_next)
           for (I64 i = 0; i < n; ++i) dl[i] += dlogits_next[t * n + i];
       }
@@ -517,9 +536,11 @@ class MoeOps {
   // ---- views of the last forward ------------------------------------------------------------------
   MatrixView<const C> logits() const { return {logits_.data(), {tokens_, cfg_.num_experts()}}; }
   MatrixView<const C> probs() const { return {prob_.data(), {tokens_, cfg_.num_experts()}}; }
-  MatrixView<const I32> topk_indices() const { return {idx_.data(), {tokens_, cfg_.top_k}}; }
-  MatrixView<const C> topk_gates() const { return {gate_.data(), {tokens_, cfg_.top_k}}; }
-  bool slot_kept(I64 t, I64 j) const { return slot_row_[t * cfg_.top_k + j] != kSlotDropped; }
+  // Token choice only ([T, k]; expert choice: views of nothing, see routing_plan()).
+  MatrixView<const I32> topk_indices() const { return {token_choice() ? idx_.data() : nullptr, {tokens_, cfg_.top_k}}; }
+  MatrixView<const C> topk_gates() const { return {token_choice() ? gate_.data() : nullptr, {tokens_, cfg_.top_k}}; }
+  bool slot_kept(I64 t, I64 j) const { return token_choice() && slot_row_[t * cfg_.top_k + j] != kSlotDropped; }
+  RoutingPlan<C> routing_plan() const { return plan_view(); }
 
  private:
   // The expert families of a flat buffer (values: S; gradients: C); the router's terms find theirs by
@@ -603,6 +624,7 @@ class MoeOps {
     const I64 at = I64(slots_.token(s)) * cfg_.num_experts() + idx_[s];
     return router_.capacity_score(logits_[at], prob_[at]);
   }
+  bool token_choice() const { return routing_ == Routing::kTokenChoice; }
   RoutingPlan<C> plan_view() const { return {slots_, idx_.data(), gate_.data(), slot_row_.data(), row_slot_.data()}; }
   // Calls fn(slot, kind, constant index) for each kept zero-computation slot of token t.
   template <class F>
@@ -667,6 +689,7 @@ class MoeOps {
   ParameterTable table_;
   StatsLayout layout_;
   Router router_;             // the router policy with its options
+  Routing routing_;           // its routing (router/expert_choice.hpp)
   Act act_;                   // the experts' activation with its options
   router::LogitTerms terms_;  // how its logits are made
   std::vector<S> value_;  // flat, laid out by table_
@@ -684,6 +707,7 @@ class MoeOps {
   std::vector<S> x_;
   std::vector<C> prev_, logits_, prob_, dlogits_, gate_, dgate_, mix_, lse_;
   std::vector<I32> idx_, slot_row_, row_slot_;
+  std::vector<I32> first_, token_of_;  // expert choice: the plan by token (SlotLayout::by_token)
   std::vector<S> xp_, yp_, dyp_, a_, dh13_;
   std::vector<C> h13_;  // [h1 | h3] per FFN row
   std::vector<S> xe_, ye_, dye_;  // the expert side's rows (distributed only)
