@@ -33,6 +33,7 @@ DEFAULTS = {"num_zero_experts": 0, "num_copy_experts": 0, "num_constant_experts"
             "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "num_shared_experts": 0, "d_shared": 0, "shared_gate": False,
             "balance": "micro_batch", "sequence_length": 0, "routing": "token_choice"}
 BIAS = "gate.e_score_correction_bias"  # router::BiasBalanced's selection biases (an input, not a parameter)
+REPLAY = "replay.indices"  # router replay's record [T, k] int32, -1 for a slot with no expert (optional input)
 ZC_KINDS = ("num_zero_experts", "num_copy_experts", "num_constant_experts")  # after the FFN experts, in order
 BACKENDS, DTYPES = ("host", "cuda"), ("fp32", "bf16")
 ACTIVATIONS = ("swiglu", "gelu", "relu", "swiglu_oai")
@@ -240,7 +241,7 @@ class MoeLayer(torch.nn.Module):
             + ["copy"] * cfg["num_copy_experts"] + ["constant"] * cfg["num_constant_experts"]
         return list(enumerate(kinds))
 
-    def forward(self, x, prev_logits=None, bias=None):
+    def forward(self, x, prev_logits=None, bias=None, replay=None):
         cfg, tokens = self.cfg, x.shape[0]
         n, k, n_ffn = num_experts(cfg), cfg["top_k"], cfg["num_ffn_experts"]
         logits = self.gate(x)  # [T, N_E]
@@ -260,20 +261,24 @@ class MoeLayer(torch.nn.Module):
         if cfg["n_group"] is not None:  # the groups are scored on the same selection scores (s + b)
             chosen = best_groups_only(chosen, cfg["n_group"], cfg["topk_group"], cfg["group_score"])
         idx = torch.sort(chosen, dim=-1, descending=True, stable=True).indices[:, :k]
-        gates = score.gather(1, idx)
+        if replay is not None:  # router replay: the record's experts; a -1 slot has none (gate 0, not counted)
+            idx = replay.to(torch.int64)
+        has = idx >= 0
+        gates = score.gather(1, idx.clamp(min=0)) * has
         # renormalize null / absent: the router's default (sigmoid yes, softmax no), as moekit's; either
         # way for either score function when given. The scaling factor comes after the normalisation.
         renorm = cfg["router"] == "sigmoid" if cfg["renormalize"] is None else cfg["renormalize"]
-        if renorm:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
+        if renorm:  # a replayed token without experts keeps its zero gates (no 0 / 0)
+            total = gates.sum(dim=-1, keepdim=True)
+            gates = gates / torch.where(total > 0, total, torch.ones_like(total))
         gates = gates * cfg["routed_scaling_factor"]
-        routed = torch.bincount(idx.flatten(), minlength=n)
+        routed = torch.bincount(idx[has], minlength=n)
 
         # Capacity: each expert keeps its C highest-scoring slots, earlier tokens first on ties; a
         # dropped slot contributes 0 to y. C = ceil(gamma k T / N_E), or with N_ZC zero-computation
         # experts MoE++'s C_FFN = ceil(gamma tau k T / (tau N_FFN + N_ZC)), C_ZC = ceil(gamma k T / (...)).
         gamma, tau, n_zc = cfg["capacity_factor"], cfg["tau"], n - n_ffn
-        keep = torch.ones_like(idx, dtype=torch.bool)
+        keep = has.clone()
         if gamma > 0:
             if n_zc == 0:
                 cap_ffn = cap_zc = math.ceil(gamma * k * tokens / n)
@@ -311,7 +316,7 @@ class MoeLayer(torch.nn.Module):
             if tokens % s:
                 raise InputError(f"sequence_length {s} does not divide the {tokens} tokens")
             seq = idx.reshape(tokens // s, s * k)
-            f = torch.stack([torch.bincount(r, minlength=n) for r in seq]).to(x.dtype) / (k * s)
+            f = torch.stack([torch.bincount(r[r >= 0], minlength=n) for r in seq]).to(x.dtype) / (k * s)
             lbl = n * (eta * f * prob.reshape(tokens // s, s, n).mean(dim=1)).sum(dim=1).mean()
         else:
             f = routed.to(x.dtype) / (k * tokens)  # fraction of slots per expert: no gradient
@@ -415,6 +420,11 @@ def make_input(args):
         tensors["prev_logits"] = torch.randn(args.tokens, num_experts(cfg), generator=g)
     if cfg["expert_bias"]:  # biases at the scale of the scores, so that they change some selections
         tensors[BIAS] = 0.3 * torch.randn(num_experts(cfg), generator=g)
+    if args.replay:  # a record from elsewhere (a rollout engine): k distinct experts per token, about 1 in 5 slots -1
+        n, k = num_experts(cfg), cfg["top_k"]
+        rec = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(args.tokens)]).to(torch.int32)
+        rec[torch.rand(rec.shape, generator=g) < 0.2] = -1
+        tensors[REPLAY] = rec
     save_file(tensors, args.input)
     print(f"wrote {args.input}: {len(tensors)} tensors, {args.tokens} tokens")
     return 0
@@ -426,15 +436,18 @@ def compare(args):
     inp, out = load_file(args.input), load_file(args.output)
     rtol = args.rtol if args.rtol is not None else DEFAULT_RTOL[cfg["dtype"]]
     if cfg["dtype"] == "bf16":  # what the bf16 layer computed on: round to nearest even, as moekit-layer does
-        inp = {k: v if k in FP32_IN_BF16_LAYER + (BIAS,) else v.to(torch.bfloat16).to(v.dtype) for k, v in inp.items()}
+        inp = {k: v if k in FP32_IN_BF16_LAYER + (BIAS, REPLAY) else v.to(torch.bfloat16).to(v.dtype) for k, v in inp.items()}
     layer = MoeLayer(cfg).to(dtype)
-    data = ("x", "dy", "prev_logits", BIAS)
+    data = ("x", "dy", "prev_logits", BIAS, REPLAY)
     params = {k: v.to(dtype) for k, v in inp.items() if k not in data}
     layer.load_state_dict(params, strict=True)  # names and shapes must match exactly
     x = inp["x"].to(dtype).requires_grad_(True)
     prev = inp["prev_logits"].to(dtype).requires_grad_(True) if cfg["gating_residual"] else None
     bias = inp[BIAS].to(dtype) if cfg["expert_bias"] else None
-    r = layer(x, prev, bias)
+    replay = inp.get(REPLAY)
+    if replay is not None and cfg["routing"] == "expert_choice":
+        raise InputError(f"{args.input}: {REPLAY} replays a token-choice selection; the config asks for expert choice")
+    r = layer(x, prev, bias, replay)
     loss = (r["y"] * inp["dy"].to(dtype)).sum() + cfg["lbl_coef"] * r["aux.lbl"].sum() \
         + cfg["zloss_coef"] * r["aux.zloss"].sum()
     loss.backward()
@@ -484,6 +497,7 @@ def main(argv=None):
     mk.add_argument("--input", required=True, help="the in.safetensors to write")
     mk.add_argument("--tokens", type=int, default=32)
     mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--replay", action="store_true", help="add a random router-replay record, replay.indices")
     cp = sub.add_parser("compare", help="compare moekit-layer's out.safetensors with PyTorch")
     cp.add_argument("--config", required=True)
     cp.add_argument("--input", required=True)

@@ -44,10 +44,13 @@ class MoeBlock {
   };
   virtual Routed routed() const {
     const auto idx = topk_indices();
-    Routed r;
-    r.first.resize(std::size_t(idx.shape[0] + 1));
-    for (std::int64_t t = 0; t <= idx.shape[0]; ++t) r.first[std::size_t(t)] = std::int32_t(t * idx.shape[1]);
-    r.experts.assign(idx.data, idx.data + idx.shape[0] * idx.shape[1]);
+    Routed r;  // a replayed record's -1 slots left out
+    r.first.push_back(0);
+    for (std::int64_t t = 0; t < idx.shape[0]; ++t) {
+      for (std::int64_t j = 0; j < idx.shape[1]; ++j)
+        if (idx(t, j) >= 0) r.experts.push_back(idx(t, j));
+      r.first.push_back(std::int32_t(r.experts.size()));
+    }
     return r;
   }
   virtual moekit::VectorView<const std::int32_t> expert_counts() const = 0;

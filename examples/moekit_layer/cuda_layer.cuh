@@ -68,6 +68,7 @@ LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
   layer->load_weights(w);
   if (layer->biased()) layer->set_expert_bias(in.expert_bias);
   layer->reserve(T);
+  if (!in.replay.empty()) layer->set_replay(MatrixView<const std::int32_t>(in.replay.data(), {T, k}));
   const std::size_t td = std::size_t(T * d), tn = std::size_t(T * n), tk = std::size_t(T * k);
   mc::DeviceArray<S> x(td), y(td), dy(td), dx(td);
   mc::DeviceArray<float> prev(residual ? tn : 0), dprev(residual ? tn : 0);
@@ -82,12 +83,12 @@ LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
   // Router results live in the layer's workspace: copy them before backward reuses any buffer.
   const moekit::ForwardViews<float> v = layer->views();
   download_raw(v.logits, tn, out.logits);
-  if (v.routing == moekit::Routing::kTokenChoice) {
+  if (v.routing == moekit::Routing::kTokenChoice && in.replay.empty()) {
     std::vector<int> idx;
     download_raw(v.topk_indices, tk, idx);
     out.topk_indices.assign(idx.begin(), idx.end());
     download_raw(v.topk_gates, tk, out.topk_gates);
-  } else {  // expert choice: the plan by token, from the device
+  } else {  // expert choice or a replayed record: the plan by token, from the device
     const std::size_t slots = std::size_t(v.plan.layout.slots);
     std::vector<int> first, token_of, experts;
     std::vector<float> gates;
@@ -97,6 +98,7 @@ LayerOutputs run(const moekit::MoeConfig& cfg, const LayerInputs& in) {
     download_raw(v.plan.gate, slots, gates);
     const moekit::SlotLayout host = moekit::SlotLayout::by_token(int(T), int(slots), first.data(), token_of.data());
     dense_choice(v.routing, host, experts.data(), gates.data(), n, out);
+    if (!in.replay.empty()) out.topk_indices = in.replay, out.topk_gates = replayed_gates(in.replay, k, host, gates.data());
   }
   const auto counts = layer->expert_counts();
   out.expert_counts.assign(counts.data, counts.data + counts.numel());

@@ -92,6 +92,7 @@ inline Options parse_args(int argc, const char* const* argv) {
 
 // The input tensor of router::BiasBalanced's biases (HF DeepSeek-V3's name).
 inline constexpr const char* kExpertBiasInput = "gate.e_score_correction_bias";
+inline constexpr const char* kReplayInput = "replay.indices";  // router replay (router/replay.hpp), optional
 
 // What cfg.json asks for: the layer, and where and in which dtype it runs.
 struct HarnessConfig {
@@ -198,6 +199,7 @@ inline std::string describe_inputs(const moekit::MoeConfig& c) {
   if (moekit::option_flag(c, "ffn_bias"))
     s += ", " + range("experts.", c.num_ffn_experts) + ".w1/w2" + (moekit::is_gated(c.activation) ? "/w3" : "") + ".bias";
   if (c.expert_bias) s += std::string(", ") + kExpertBiasInput;
+  s += std::string(", optionally ") + kReplayInput;
   return s + " for activation \"" + moekit::to_string(c.activation) + "\", " + std::to_string(c.num_constant_experts) +
          " constant experts, gating_residual " + (c.gating_residual ? "true" : "false");
 }
@@ -218,10 +220,12 @@ inline LayerInputs read_inputs(const moekit::MoeConfig& cfg, const moekit::io::S
   if (cfg.gating_residual) r.prev_logits = in.get_f32("prev_logits", {tokens, cfg.num_experts()});
   // router::BiasBalanced's selection biases, under HF DeepSeek-V3's name (state, not a parameter).
   if (cfg.expert_bias) r.expert_bias = in.get_f32(kExpertBiasInput, {cfg.num_experts()});
+  // Router replay's record: the experts of each slot (-1: none) instead of the router's selection.
+  if (in.contains(kReplayInput)) r.replay = in.get_i32(kReplayInput, {tokens, cfg.top_k});
   for (const auto& [name, shape] : parameter_shapes(cfg)) r.weights[name] = in.get_f32(name, shape);
   for (const auto& name : in.names())
     if (name != "x" && name != "dy" && !(cfg.gating_residual && name == "prev_logits") &&
-        !(cfg.expert_bias && name == kExpertBiasInput) && !r.weights.count(name))
+        !(cfg.expert_bias && name == kExpertBiasInput) && name != kReplayInput && !r.weights.count(name))
       throw moekit::FormatError(in.source() + ": tensor '" + name + "' is not an input of this layer (inputs: " +
                                 describe_inputs(cfg) + ")");
   return r;
@@ -248,6 +252,7 @@ LayerOutputs run_host_layer(const moekit::MoeConfig& cfg, const LayerInputs& in)
   convert(in.dy.data(), dy.data(), std::int64_t(dy.size()));
   layer->zero_grad();
   if (layer->biased()) layer->set_expert_bias(in.expert_bias);
+  if (!in.replay.empty()) layer->set_replay(moekit::MatrixView<const std::int32_t>(in.replay.data(), {tokens, k}));
   out.y.resize(in.x.size()), out.dx.resize(in.x.size()), out.grad_prev_logits.resize(in.prev_logits.size());
   // Views of nothing (data == nullptr) without the gating residual.
   const moekit::MatrixView<const float> prev{in.prev_logits.empty() ? nullptr : in.prev_logits.data(), {tokens, n}};
@@ -260,7 +265,8 @@ LayerOutputs run_host_layer(const moekit::MoeConfig& cfg, const LayerInputs& in)
   out.logits.assign(v.logits, v.logits + tokens * n);
   if (v.routing == moekit::Routing::kTokenChoice) {
     out.topk_indices.assign(v.topk_indices, v.topk_indices + tokens * k);
-    out.topk_gates.assign(v.topk_gates, v.topk_gates + tokens * k);
+    if (in.replay.empty()) out.topk_gates.assign(v.topk_gates, v.topk_gates + tokens * k);
+    else out.topk_gates = replayed_gates(in.replay, k, v.plan.layout, v.plan.gate);
   }
   dense_choice(v.routing, v.plan.layout, v.plan.expert, v.plan.gate, n, out);
   const auto counts = layer->expert_counts();

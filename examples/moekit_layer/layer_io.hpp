@@ -26,6 +26,7 @@ struct LayerInputs {
   std::vector<float> x, dy;                           // [T, D]
   std::vector<float> prev_logits;                     // [T, N_E] with the gating residual, else empty
   std::vector<float> expert_bias;                     // [N_E] with "expert_bias": gate.e_score_correction_bias
+  std::vector<std::int32_t> replay;                   // [T, k] router replay's record (-1: no expert), or empty
   std::map<std::string, std::vector<float>> weights;  // every parameter, by its name (parameter_shapes())
 };
 
@@ -54,6 +55,18 @@ inline void dense_choice(moekit::Routing routing, const moekit::SlotLayout& slot
     const std::size_t at = std::size_t(slots.token(s)) * std::size_t(n) + std::size_t(experts[s]);
     out.choice_taken[at] = 1, out.choice_gates[at] = gates[s];
   }
+}
+
+// A replayed forward's gates as [T, k] (0 where the record has -1), from its plan by token (host copies).
+inline std::vector<float> replayed_gates(const std::vector<std::int32_t>& record, std::int64_t k, const moekit::SlotLayout& slots,
+                                         const float* gates) {
+  std::vector<float> out(record.size(), 0.f);
+  for (int t = 0; t < slots.tokens; ++t) {
+    int s = slots.begin(t);
+    for (std::int64_t j = 0; j < k; ++j)
+      if (record[std::size_t(t * k + j)] >= 0) out[std::size_t(t * k + j)] = gates[s++];
+  }
+  return out;
 }
 
 // The CUDA runs: MoeLayer<backend::Cuda<float>> and MoeLayer<backend::Cuda<bf16>>. Defined in

@@ -6,6 +6,7 @@
 // Device outputs are poisoned (0xFF bytes: NaN) before each run, so an unwritten element fails.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <moekit/backend/cuda/moe_layer.cuh>
@@ -33,6 +34,7 @@ struct Case {
   mc::GemmStrategy gemm = mc::GemmStrategy::kAuto;
   double aux_scale = 1.0;
   bool dlogits_next = false;  // also pass a next layer's dlogits (always with the gating residual)
+  bool replay = false;        // router replay: both layers replay the same random record (-1 slots too)
 };
 
 template <class S>
@@ -143,6 +145,18 @@ void check(const Case& c) {
     x = rounded<S>(x);
     dy = rounded<S>(dy);
 
+    if (c.replay) {  // k distinct experts per token, about one slot in five -1
+      std::vector<std::int32_t> rec(T * K);
+      std::uniform_int_distribution<int> pick(0, int(N) - 1);
+      for (std::int64_t t = 0; t < T; ++t)
+        for (std::int64_t j = 0; j < K; ++j) {
+          int e = pick(g);
+          while (std::find(rec.begin() + t * K, rec.begin() + t * K + j, e) != rec.begin() + t * K + j) e = (e + 1) % int(N);
+          rec[t * K + j] = pick(g) % 5 == 0 ? -1 : e;
+        }
+      host.set_replay(MatrixView<const std::int32_t>(rec.data(), {T, K}));
+      dev.set_replay(MatrixView<const std::int32_t>(rec.data(), {T, K}));
+    }
     // Host oracle.
     std::vector<float> y_ref(T * D), dx_ref(T * D), dprev_ref(prev.size());
     const MatrixView<const float> prev_view{prev.empty() ? nullptr : prev.data(), {T, N}};
@@ -164,7 +178,7 @@ void check(const Case& c) {
     const auto aux = dev.forward(MatrixView<const S>(dx_in.p, {T, D}), MatrixView<S>(dy_out.p, {T, D}),
                                  MatrixView<const float>(residual ? dprev_in.p : nullptr, {T, N}), stream.s);
     // Routing first: the same experts, the same kept slots.
-    const bool by_token = host.routing() == moekit::Routing::kExpertChoice;  // expert choice: compare the plans
+    const bool by_token = host.routing_plan().layout.per_token == 0;  // expert choice, replay: compare the plans
     if (by_token) {
       const auto ref = host.routing_plan();
       const auto got = dev.routing_plan_device();
@@ -187,7 +201,7 @@ void check(const Case& c) {
         CHECK(std::abs(gates[s] - ref.gate[s]) <= tol * std::max(1.f, std::abs(ref.gate[s])));
       }
       CHECK(plan_mismatch == 0);
-      CHECK(dev.topk_indices_device() == nullptr);
+      CHECK((dev.topk_indices_device() == nullptr) == (host.routing() == moekit::Routing::kExpertChoice));
     }
     std::vector<int> idx_dev(by_token ? 0 : T * K), rows_dev(by_token ? 0 : T * K);
     if (T > 0 && !by_token) {
@@ -347,6 +361,41 @@ void run_all() {
     pp.cfg.gating_residual = true, pp.cfg.tau = 0.75, pp.cfg.capacity_factor = 1.0, pp.cfg.lbl_coef = 0.0;
     pp.cfg.options.set("routing", "expert_choice"), pp.cfg.options.set("routed_scaling_factor", 1.5);
     check<MoeLayer<backend::Host<float>, GR, Mixed>, MoeLayer<backend::Cuda<V>, GR, Mixed>>(pp);
+  }
+  SUBCASE("router replay: a record with -1 slots, then a forward's own record replayed bit for bit") {
+    for (double gamma : {0.0, 1.0}) {
+      Case c{"replay", small_config(8, 2, RouterKind::kSoftmax, Activation::kSwiGLU), 61, 47};
+      c.cfg.capacity_factor = gamma, c.cfg.renormalize = true, c.replay = true;
+      check<MoeLayer<backend::Host<float>, Soft, experts::Ffn<act::SwiGLU>>, MoeLayer<backend::Cuda<V>, Soft, experts::Ffn<act::SwiGLU>>>(c);
+    }
+    using V3 = router::BiasBalanced<router::GroupLimited<Sig>>;
+    Case v3{"replay-deepseek-v3", small_config(8, 3, RouterKind::kSigmoid, Activation::kSwiGLU), 97, 49};
+    v3.cfg.expert_bias = true, v3.cfg.lbl_coef = 0.0, v3.replay = true;
+    v3.cfg.options.set("n_group", 4), v3.cfg.options.set("topk_group", 2), v3.cfg.options.set("routed_scaling_factor", 2.5);
+    check<MoeLayer<backend::Host<float>, V3, experts::Ffn<act::SwiGLU>>, MoeLayer<backend::Cuda<V>, V3, experts::Ffn<act::SwiGLU>>>(v3);
+    // On the device alone: record, replay, the same bits.
+    using DevLayer = MoeLayer<backend::Cuda<V>, Soft, experts::Ffn<act::SwiGLU>>;
+    using S = typename DevLayer::storage_type;  // float, or __nv_bfloat16
+    DevLayer dev(small_config(8, 2, RouterKind::kSoftmax, Activation::kSwiGLU));
+    dev.init_params(51);
+    const std::int64_t T = 77, D = 40;
+    dev.reserve(T);
+    std::mt19937 g(53);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    std::vector<S> xs(T * D);
+    for (auto& v : xs) v = mc::storage_from_float<S>(nd(g));
+    DeviceBuffer<S> x(T * D), y1(T * D), y2(T * D);
+    x.upload(xs);
+    dev.forward(MatrixView<const S>(x.p, {T, D}), MatrixView<S>(y1.p, {T, D}));
+    std::vector<std::int32_t> rec(T * 2);
+    MOEKIT_CUDA_CHECK(cudaMemcpy(rec.data(), dev.topk_indices_device(), sizeof(int) * rec.size(), cudaMemcpyDeviceToHost));
+    dev.set_replay(MatrixView<const std::int32_t>(rec.data(), {T, 2}));
+    dev.forward(MatrixView<const S>(x.p, {T, D}), MatrixView<S>(y2.p, {T, D}));
+    MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto a = y1.download(nullptr), b = y2.download(nullptr);
+    int differ = 0;
+    for (std::size_t i = 0; i < a.size(); ++i) differ += std::memcmp(&a[i], &b[i], sizeof(S)) != 0;
+    CHECK(differ == 0);
   }
   SUBCASE("the open models' routers: groups (DeepSeek-V2/V3), router bias (GPT-OSS), gate rule") {
     using V3 = router::BiasBalanced<router::GroupLimited<Sig>>;

@@ -299,6 +299,40 @@ TEST_CASE("expert choice: every split equals parallel::None on each shard (each 
   }
 }
 
+TEST_CASE("router replay: a distributed forward's own record replays it bit for bit, every split") {
+  for (auto s : splits()) {
+    MoeConfig c = base_config(s.tp, s.ep, s.dp, true);
+    c.capacity_factor = 1.0, c.renormalize = true;
+    using Dist = MoeLayer<backend::Host<float>, Soft, Mixed, balance::MicroBatch, parallel::Hybrid>;
+    Dist layer(c, world());
+    MoeConfig one = c;
+    one.tp = one.ep = one.dp = 1;
+    layer.load_weights(ParameterTable::of<Soft, Mixed>(one).template initial<float>(43));
+    const std::int64_t T = 15, D = c.d_model, K = c.top_k;
+    const auto x = random_vec(std::size_t(T * D), 500u + unsigned(layer.grid().shard())), dy = random_vec(x.size(), 600u);
+    auto pass = [&](const std::vector<std::int32_t>* rec, std::vector<float>& y, std::vector<float>& dx, std::vector<float>& g) {
+      y.assign(x.size(), 0.f), dx.assign(x.size(), 0.f);
+      if (rec) layer.set_replay(MatrixView<const std::int32_t>(rec->data(), {T, K}));
+      layer.forward(MatrixView<const float>(x.data(), {T, D}), MatrixView<float>(y.data(), {T, D}));
+      const std::vector<std::int32_t> r(layer.topk_indices().data, layer.topk_indices().data + T * K);
+      layer.zero_grad();
+      layer.backward(MatrixView<const float>(dy.data(), {T, D}), MatrixView<float>(dx.data(), {T, D}));
+      layer.sync_gradients();
+      g.assign(layer.flat_grads().begin(), layer.flat_grads().end());
+      return r;
+    };
+    std::vector<float> y1, dx1, g1, y2, dx2, g2;
+    const auto rec = pass(nullptr, y1, dx1, g1);
+    const auto again = pass(&rec, y2, dx2, g2);
+    CAPTURE(s.tp);
+    CAPTURE(s.ep);
+    CHECK(again == rec);
+    CHECK(y2 == y1);
+    CHECK(dx2 == dx1);
+    CHECK(g2 == g1);
+  }
+}
+
 // router::BiasBalanced: each rank routes its own shard; end_step sums the step's counts over the shards,
 // so after every step the biases are the same bits on every rank and equal a single-rank layer's that saw
 // the concatenated batch (sums of ±u in the same order), and so are the next step's routing decisions.

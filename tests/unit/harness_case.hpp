@@ -46,6 +46,7 @@ struct Case {
   int seq_len = 0;                            // > 0: "balance": "sequence" with this sequence_length
   bool shared_gate = false;
   bool expert_choice = false;  // "routing": "expert_choice": each expert takes its capacity of tokens
+  std::vector<int> replay;     // router replay: the input replay.indices [T, K] (-1: no expert), or none
   int shared_width() const { return shared * (d_shared > 0 ? d_shared : F); }
   double capacity = 0.0, lbl = 0.01, z = 0.001, tau = 1.0, rate = 1e-3;
   std::uint64_t seed = 7;
@@ -97,6 +98,7 @@ struct Case {
     Shapes s{{"x", {T, D}}, {"dy", {T, D}}};
     if (residual) s["prev_logits"] = {T, NE()};
     if (bias) s["gate.e_score_correction_bias"] = {NE()};
+    if (!replay.empty()) s["replay.indices"] = {T, K};
     for (const auto& p : params()) {
       if (p == "gate.weight") s[p] = {NE(), D};
       else if (p == "gate.bias") s[p] = {NE()};
@@ -122,12 +124,14 @@ struct Case {
     };
     Tensors t;
     for (const auto& [name, shape] : shapes()) {
+      if (name == "replay.indices") continue;  // given, below
       const bool data = name == "x" || name == "dy" || name == "prev_logits";
       // The biases at the scores' scale (about 1 / N_E), so they change some selections.
       const double bound = name == "gate.e_score_correction_bias" ? 0.3 : data ? 1.0 : 1.0 / std::sqrt(double(shape.back()));
       const auto numel = std::accumulate(shape.begin(), shape.end(), std::int64_t(1), std::multiplies<>());
       for (std::int64_t i = 0; i < numel; ++i) t[name].push_back(uniform(bound));
     }
+    if (!replay.empty()) t["replay.indices"].assign(replay.begin(), replay.end());
     return t;
   }
 };
@@ -169,7 +173,8 @@ struct Harness {
     moekit::io::SafetensorsWriter w;
     for (const auto& [name, v] : t) {
       const std::vector<float> f(v.begin(), v.end());
-      if (as_bf16.count(name)) w.add_f32_as_bf16(name, s.at(name), f);
+      if (name == "replay.indices") w.add_i32(name, s.at(name), std::vector<std::int32_t>(v.begin(), v.end()));
+      else if (as_bf16.count(name)) w.add_f32_as_bf16(name, s.at(name), f);
       else w.add_f32(name, s.at(name), f);
     }
     w.write(in);

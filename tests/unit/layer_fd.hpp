@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
@@ -23,17 +24,20 @@ inline std::vector<double> normal_vector(std::size_t n, unsigned seed) {
 }
 
 // L = Σ y·dy + lbl_coef·LBL + zloss_coef·zloss of one forward (idx: the routing it took).
+// before_forward (optional): called before each forward (router replay sets its record there).
 template <class Layer>
-double layer_loss(Layer& layer, const std::vector<double>& x, const std::vector<double>& dy, std::vector<int>* idx) {
+double layer_loss(Layer& layer, const std::vector<double>& x, const std::vector<double>& dy, std::vector<int>* idx,
+                  const std::function<void(Layer&)>& before_forward = {}) {
   const MoeConfig& c = layer.config();
+  if (before_forward) before_forward(layer);
   const std::int64_t tokens = std::int64_t(x.size()) / c.d_model;
   std::vector<double> y(x.size());
   const AuxLosses aux = layer.forward(MatrixView<const double>(x.data(), {tokens, c.d_model}), MatrixView<double>(y.data(), {tokens, c.d_model}));
   double l = c.lbl_coef * aux.lbl + c.zloss_coef * aux.zloss;
   for (std::size_t i = 0; i < y.size(); ++i) l += y[i] * dy[i];
-  if (layer.routing() == Routing::kTokenChoice) {
+  if (layer.routing() == Routing::kTokenChoice && layer.topk_gates().data) {
     idx->assign(layer.topk_indices().data, layer.topk_indices().data + tokens * c.top_k);
-  } else {  // expert choice: the (token, expert) pairs taken
+  } else {  // expert choice, a replayed record: the (token, expert) pairs taken
     const auto plan = layer.routing_plan();
     idx->clear();
     for (int s = 0; s < plan.layout.slots; ++s) idx->push_back(plan.layout.token(s) * int(c.num_experts()) + plan.expert[s]);
@@ -49,11 +53,12 @@ struct FdCount {
 // coordinate whose perturbation changes the routing is skipped and counted. Each checked one must meet
 // |analytic − numeric| <= 1e-6 + 1e-5·|numeric|.
 template <class Layer>
-FdCount check_layer_gradients(Layer& layer, std::vector<double>& x, const std::vector<double>& dy) {
+FdCount check_layer_gradients(Layer& layer, std::vector<double>& x, const std::vector<double>& dy,
+                              const std::function<void(Layer&)>& before_forward = {}) {
   const MoeConfig& c = layer.config();
   const std::int64_t tokens = std::int64_t(x.size()) / c.d_model;
   std::vector<int> idx0;
-  layer_loss(layer, x, dy, &idx0);
+  layer_loss(layer, x, dy, &idx0, before_forward);
   std::vector<double> dx(x.size());
   layer.zero_grad();
   layer.backward(MatrixView<const double>(dy.data(), {tokens, c.d_model}), MatrixView<double>(dx.data(), {tokens, c.d_model}));
@@ -63,9 +68,9 @@ FdCount check_layer_gradients(Layer& layer, std::vector<double>& x, const std::v
     const double keep = *v;
     std::vector<int> ia, ib;
     *v = keep + eps;
-    const double lp = layer_loss(layer, x, dy, &ia);
+    const double lp = layer_loss(layer, x, dy, &ia, before_forward);
     *v = keep - eps;
-    const double lm = layer_loss(layer, x, dy, &ib);
+    const double lm = layer_loss(layer, x, dy, &ib, before_forward);
     *v = keep;
     if (ia != idx0 || ib != idx0) {
       ++n.skipped;

@@ -99,6 +99,7 @@ class AnyMoeLayer {
   virtual void set_expert_bias(std::span<const L> b) = 0;         // logic_error without BiasBalanced
   virtual std::vector<L> expert_bias_update() const = 0;          // logic_error without BiasBalanced
   virtual const std::vector<std::int64_t>& step_counts() const = 0;
+  virtual void set_replay(MatrixView<const std::int32_t> indices) = 0;  // router replay: the next forward's record
 
   virtual void sync_gradients(Context ctx = {}) = 0;  // the identity on one rank
   virtual ParallelGrid grid() const = 0;              // tp = ep = dp = 1 on one rank
@@ -159,6 +160,7 @@ class ErasedMoeLayer final : public AnyMoeLayer<typename Layer::backend_type> {
     if constexpr (kBiased) return layer_.expert_bias();
     else throw no_bias("expert_bias");
   }
+  void set_replay(MatrixView<const std::int32_t> indices) override { layer_.set_replay(indices); }
   void set_expert_bias(std::span<const L> b) override {
     if constexpr (kBiased) layer_.set_expert_bias(b);
     else throw no_bias("set_expert_bias");

@@ -198,6 +198,14 @@ class MoeLayer {
     seq_now_ = seq_len_ > 0 && tokens % seq_len_ == 0 ? seq_len_ : 0;
     ops_.use_sequences(seq_now_ > 0);
     ops_.prepare(tokens);
+    if (replay_pending_) {  // router replay: the record set_replay() gave (after prepare: the workspace holds T)
+      replay_pending_ = false;
+      if (replay_rows_ != tokens)
+        throw ShapeError("replay.indices has " + std::to_string(replay_rows_) + " rows for a forward of " + std::to_string(tokens) + " tokens");
+      ops_.use_replay(replay_.data(), tokens);
+    } else {
+      ops_.use_replay(nullptr, tokens);
+    }
     has_forward_ = false;
     has_prev_ = prev_logits.data != nullptr;
     tokens_ = tokens;
@@ -331,6 +339,24 @@ class MoeLayer {
   }
   // The message of the last launch-layer call that failed (empty after one that succeeded).
   const std::string& last_error() const noexcept { return last_error_; }
+
+  // ---- router replay (router/replay.hpp) -------------------------------------------------------------
+  // The next forward uses this record instead of its own selection: indices [T, k] int32, the experts of
+  // each token's slots (as topk_indices() recorded them), -1 for a slot with no expert. The gates come
+  // from the current scores by the router's rule (normalised over the token's replayed slots when it
+  // renormalises, then scaled), so they get gradients; capacity, the counts and the aux losses follow
+  // as usual. With unchanged weights a forward's own record replays it bit for bit. Checked here
+  // (ShapeError: its width, an expert out of range or twice in a row) and its rows against the forward's
+  // tokens; token choice only (expert choice: ConfigError). Used once: the forward after consumes it.
+  void set_replay(MatrixView<const std::int32_t> indices) {
+    if (routing_ == Routing::kExpertChoice)
+      throw ConfigError("routing", "\"expert_choice\"", "has no token-choice selection to replay (router replay is token choice's)");
+    router::check_routing_record(indices.data, indices.shape[0], indices.shape[1], cfg_.top_k, cfg_.num_experts(), "replay.indices");
+    replay_.assign(indices.data, indices.data + indices.shape[0] * indices.shape[1]);
+    replay_rows_ = indices.shape[0];
+    replay_pending_ = true;
+  }
+  bool replay_pending() const { return replay_pending_; }
 
   // ---- router state and the per-step hook ----------------------------------------------------------
   // Once after each optimizer step: resets a GlobalBatch buffer; a stateful router's hook
@@ -628,6 +654,9 @@ class MoeLayer {
   std::int64_t seq_len_ = 0;  // the sequence scope's S (balance::ScopeOptions), or 0
   std::int64_t seq_now_ = 0;  // the last forward's: S, or 0 (an evaluation forward of a length S does not divide)
   Routing routing_ = Routing::kTokenChoice;  // the router's (router/expert_choice.hpp)
+  std::vector<std::int32_t> replay_;  // router replay: the record the next forward uses
+  std::int64_t replay_rows_ = 0;
+  bool replay_pending_ = false;
   L z_sum_ = L(0);
   std::int64_t tokens_ = 0, f_tokens_ = 0, gemm_flops_ = 0, recomputations_ = 0;
   int bad_token_ = kNoBadToken;

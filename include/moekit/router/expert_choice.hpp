@@ -5,8 +5,9 @@
 //   y_t = Σ over the experts e that took t of c · S[t, e] · E_e(x_t)      (c: routed_scaling_factor).
 // C_e is §4's capacity of e's kind for T tokens, capped at T: ceil(capacity_factor · k · T / N_E) without
 // MoE++ zero-computation experts, their τ-weighted C_FFN / C_ZC with them. The selection is a constant of
-// the forward, so the backward is the token-choice one with the token's own slots: ∂L/∂S[t, e] = c ·
-// dy_t · E_e(x_t) for the pairs taken, then the softmax's backward (and the z-loss's, unchanged).
+// the forward, so the backward is the token-choice one over the token's own slots (router/policy.hpp's
+// route_by_token_backward): ∂L/∂S[t, e] = c · dy_t · E_e(x_t) for the pairs taken, then the softmax's
+// backward (and the z-loss's, unchanged).
 // The load is balanced by construction: a positive lbl_coef is a ConfigError, as are the routers that
 // change the selection (BiasBalanced, GroupLimited), the sigmoid score, renormalised gates and the
 // balance loss's sequence scope. In a causal language model a token's routing then depends on the other
@@ -110,14 +111,6 @@ std::int64_t expert_choice_select(const S* prob, std::int64_t tokens, std::int64
   }
   first[tokens] = int(s);
   return s;
-}
-
-// One token's backward under expert choice: its `count` slots (experts idx, gates, dgate) as a
-// token-choice token with k = count, unnormalised gates scaled by `scale` (router/topk.hpp).
-template <class S>
-MOEKIT_HD void expert_choice_token_backward(const S* logit, int n, int count, double scale, const S* prob, const int* idx,
-                                            const S* gate, const S* dgate, const S* dprob, S zcoef, S* ds, S* dlogit) {
-  token_backward(Softmax{}, logit, n, count, GateRule{false, scale}, prob, idx, gate, dgate, dprob, zcoef, ds, dlogit);
 }
 
 }  // namespace router

@@ -37,6 +37,7 @@
 #include "moekit/core/options.hpp"
 #include "moekit/core/parameter.hpp"
 #include "moekit/router/expert_choice.hpp"
+#include "moekit/router/replay.hpp"
 #include "moekit/router/score.hpp"
 #include "moekit/router/topk.hpp"
 
@@ -160,6 +161,15 @@ template <class R, class S>
 MOEKIT_HD void route_token_choice_backward(const R& r, const S* logit, int n, const S* prob, const int* idx, const S* gate,
                                            const S* dgate, const S* dprob, S zcoef, S* ds, S* dlogit) {
   token_backward(typename R::score{}, logit, n, r.k, r.gate_rule(), prob, idx, gate, dgate, dprob, zcoef, ds, dlogit);
+}
+
+// The backward of a token whose slots the plan lists by token (expert choice, a replayed routing): its
+// `count` slots (experts idx, gates, dgate) as a token-choice token with k = count, by the router's
+// gate rule (expert choice's: unnormalised, scaled).
+template <class R, class S>
+MOEKIT_HD void route_by_token_backward(const R& r, const S* logit, int n, int count, const S* prob, const int* idx, const S* gate,
+                                       const S* dgate, const S* dprob, S zcoef, S* ds, S* dlogit) {
+  token_backward(typename R::score{}, logit, n, count, r.gate_rule(), prob, idx, gate, dgate, dprob, zcoef, ds, dlogit);
 }
 
 // MoE++ gating residual (arXiv 2410.07348): logits^j = W^j x^j + W_g^j logits^{j-1}, W_g^j [N_E, N_E].

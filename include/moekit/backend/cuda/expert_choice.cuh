@@ -11,7 +11,7 @@
 //   mark       the first C_e tokens of segment e: taken[t, e] = 1
 //   count/scan slots per token, exclusive sum: first [T + 1]
 //   fill       one thread per token: its slots in expert order (expert, gate = c · p, token)
-// The backward is the token-choice one over each token's own slots (router::expert_choice_token_backward).
+// The backward is the token-choice one over each token's own slots (router.cuh's route_by_token_backward).
 #include <cub/device/device_scan.cuh>
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <cuda_runtime.h>
@@ -144,34 +144,6 @@ inline cudaError_t expert_choice_route(const ExpertChoiceParams& p, void* temp, 
   bytes = temp_bytes;
   MOEKIT_CUDA_RETURN_IF_ERROR(cub::DeviceScan::ExclusiveSum(temp, bytes, p.count, p.first, T + 1, stream));
   ec_fill_kernel<int><<<unsigned((T + kBlock - 1) / kBlock), kBlock, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
-// Backward: dlogits per token from its own slots (router::expert_choice_token_backward), the balance
-// loss's dprob row and the z-loss.
-struct ExpertChoiceBackwardParams {
-  const float *logits = nullptr, *prob = nullptr, *gate = nullptr, *dgate = nullptr, *dprob = nullptr, *lse = nullptr;
-  const int *first = nullptr, *idx = nullptr;
-  int tokens = 0, experts = 0;
-  float scale = 1.f, zscale = 0.f;
-  float *scratch = nullptr, *dlogits = nullptr;  // [T, N_E]
-};
-
-template <class I>
-MOEKIT_KERNEL void ec_backward_kernel(ExpertChoiceBackwardParams p) {
-  const int t = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
-  if (t >= p.tokens) return;
-  const std::size_t n = std::size_t(p.experts);
-  const int s = p.first[t];
-  router::expert_choice_token_backward(p.logits + t * n, p.experts, p.first[t + 1] - s, double(p.scale), p.prob + t * n, p.idx + s,
-                                       p.gate + s, p.dgate + s, p.dprob, p.zscale * p.lse[t], p.scratch + t * n, p.dlogits + t * n);
-}
-
-inline cudaError_t expert_choice_backward(const ExpertChoiceBackwardParams& p, cudaStream_t stream) {
-  if (p.tokens < 0 || p.experts < 1 || (p.tokens && (!p.logits || !p.prob || !p.first || !p.dprob || !p.lse || !p.scratch || !p.dlogits)))
-    return cudaErrorInvalidValue;
-  if (p.tokens == 0) return cudaSuccess;
-  ec_backward_kernel<int><<<unsigned((p.tokens + 127) / 128), 128, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -203,6 +203,16 @@ class MoeOps {
     MOEKIT_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
 
+  // Router replay (router/replay.hpp): the next forward's record [T, k] (checked by the layer; host
+  // memory that stays put until the forward's synchronisation), or null.
+  void use_replay(const std::int32_t* indices, I64 tokens) {
+    replay_on_ = indices != nullptr;
+    if (!replay_on_) return;
+    const std::size_t n = std::size_t(tokens * cfg_.top_k);
+    replay_slots_ = I64(std::count_if(indices, indices + n, [](std::int32_t e) { return e >= 0; }));
+    if (n) copy_to_device(b_.replay, indices, n * sizeof(int));
+  }
+
   // ---- forward ----------------------------------------------------------------------------------
   void begin(const S* x, const float* prev, I64 tokens, cudaStream_t stream) {
     tokens_ = tokens;
@@ -241,8 +251,8 @@ class MoeOps {
       ep.logits = b_.logits, ep.tokens = T, ep.experts = N, ep.ffn_experts = int(cfg_.num_ffn_experts);
       ep.cap_ffn = int(caps.ffn), ep.cap_zc = int(caps.zc), ep.scale = float(router_.gate_rule().scale);
       ep.prob = b_.prob, ep.lse = b_.lse, ep.bad_token = stats_ints() + layout_.bad, ep.counts = stats_ints() + layout_.routed;
-      ep.first = b_.ec_first, ep.token_of = b_.ec_token_of, ep.idx = b_.idx, ep.gate = b_.gate;
-      ep.keys = b_.ec_keys, ep.taken = b_.ec_taken, ep.count = b_.ec_count, ep.offsets = b_.ec_offsets;
+      ep.first = b_.plan_first, ep.token_of = b_.plan_token_of, ep.idx = b_.idx, ep.gate = b_.gate;
+      ep.keys = b_.ec_keys, ep.taken = b_.ec_taken, ep.count = b_.plan_count, ep.offsets = b_.ec_offsets;
       MOEKIT_CUDA_CHECK(expert_choice_route(ep, b_.perm, perm_bytes_, stream));
       slot_count_ = I64(caps.ffn) * cfg_.num_ffn_experts + I64(caps.zc) * cfg_.num_zc_experts();
     } else {
@@ -251,8 +261,15 @@ class MoeOps {
       rp.prob = b_.prob, rp.idx = b_.idx, rp.gate = b_.gate, rp.lse = b_.lse;
       rp.counts = stats_ints() + layout_.routed, rp.bad_token = stats_ints() + layout_.bad;
       if constexpr (kStateful) rp.state = state_dev_.data();
-      MOEKIT_CUDA_CHECK(route_tokens(router_, rp, stream));
-      slot_count_ = tokens_ * cfg_.top_k;
+      if (replay_on_) {  // the record's experts, by token (router.cuh's route_replay)
+        ReplayParams q;
+        q.route = rp, q.record = b_.replay, q.first = b_.plan_first, q.token_of = b_.plan_token_of, q.tokens = T;
+        MOEKIT_CUDA_CHECK(route_replay(router_, q, b_.plan_count, b_.plan_first, b_.perm, perm_bytes_, stream));
+        slot_count_ = replay_slots_;
+      } else {
+        MOEKIT_CUDA_CHECK(route_tokens(router_, rp, stream));
+        slot_count_ = tokens_ * cfg_.top_k;
+      }
     }
     float* prob_sum = stats_floats() + layout_.prob_sum;
     if (T > 0) {
@@ -263,7 +280,7 @@ class MoeOps {
     }
     MOEKIT_CUDA_CHECK(sum_squares(b_.lse, T, stats_floats() + layout_.z_sum, stream));
     if (seq_len_ > 0 && seq_on_)
-      MOEKIT_CUDA_CHECK(sequence_stats(b_.idx, b_.prob, int(tokens_ / seq_len_), int(seq_len_), N, int(cfg_.top_k), b_.seq_counts,
+      MOEKIT_CUDA_CHECK(sequence_stats(b_.idx, slots(), b_.prob, int(tokens_ / seq_len_), int(seq_len_), N, b_.seq_counts,
                                        b_.seq_prob, stream));
   }
 
@@ -443,18 +460,16 @@ class MoeOps {
     MOEKIT_CUDA_CHECK(cudaMemcpyAsync(b_.dprob, host_dprob_.data(), sizeof(float) * rows * std::size_t(N), cudaMemcpyHostToDevice, stream));
     if (T == 0) return;
     float* dx32 = b_.dx32 ? b_.dx32 : reinterpret_cast<float*>(dx);
-    if (routing_ == Routing::kExpertChoice) {  // each token over its own slots
-      ExpertChoiceBackwardParams eb;
-      eb.logits = b_.logits, eb.prob = b_.prob, eb.gate = b_.gate, eb.dgate = b_.dgate, eb.dprob = b_.dprob, eb.lse = b_.lse;
-      eb.first = b_.ec_first, eb.idx = b_.idx, eb.tokens = T, eb.experts = N;
-      eb.scale = float(router_.gate_rule().scale), eb.zscale = zscale, eb.scratch = b_.scratch, eb.dlogits = b_.dlogits;
-      MOEKIT_CUDA_CHECK(expert_choice_backward(eb, stream));
+    RouteBackwardParams rb;
+    rb.logits = b_.logits, rb.prob = b_.prob, rb.idx = b_.idx, rb.gate = b_.gate, rb.dgate = b_.dgate, rb.dprob = b_.dprob;
+    rb.lse = b_.lse, rb.zscale = zscale, rb.dprob_tokens = int(dprob_tokens);
+    rb.tokens = T, rb.experts = N, rb.top_k = int(cfg_.top_k);
+    rb.scratch = b_.scratch, rb.dlogits = b_.dlogits;
+    if (slots().per_token == 0) {  // by token (expert choice, replay): each token over its own slots
+      ByTokenBackwardParams q;
+      q.route = rb, q.first = b_.plan_first, q.tokens = T;
+      MOEKIT_CUDA_CHECK(route_by_token_backward(router_, q, stream));
     } else {
-      RouteBackwardParams rb;
-      rb.logits = b_.logits, rb.prob = b_.prob, rb.idx = b_.idx, rb.gate = b_.gate, rb.dgate = b_.dgate, rb.dprob = b_.dprob;
-      rb.lse = b_.lse, rb.zscale = zscale, rb.dprob_tokens = int(dprob_tokens);
-      rb.tokens = T, rb.experts = N, rb.top_k = int(cfg_.top_k);
-      rb.scratch = b_.scratch, rb.dlogits = b_.dlogits;
       MOEKIT_CUDA_CHECK(route_tokens_backward(router_, rb, stream));
     }
     if (dlogits_next) {
@@ -491,7 +506,8 @@ class MoeOps {
   // ---- device views of the last forward (valid until the next forward) -----------------------------
   const float* logits_device() const { return b_.logits; }
   const float* probs_device() const { return b_.prob; }
-  const int* topk_indices_device() const { return routing_ == Routing::kTokenChoice ? b_.idx : nullptr; }
+  // Token choice's [T, k] (a replayed forward: its record); expert choice: null (routing_plan_device()).
+  const int* topk_indices_device() const { return routing_ != Routing::kTokenChoice ? nullptr : replay_on_ ? b_.replay : b_.idx; }
   const float* topk_gates_device() const { return b_.gate; }
   const int* slot_rows_device() const { return b_.row_of_slot; }  // row, or kSlotDropped / kSlotZeroComputation
   // The plan by slot (expert choice: by token; its layout's arrays are device arrays too).
@@ -536,10 +552,12 @@ class MoeOps {
           *dgate = nullptr, *lse = nullptr, *score = nullptr, *mix = nullptr, *dz = nullptr, *zc_logits = nullptr,
           *dx32 = nullptr, *ones = nullptr, *dprob = nullptr;
     int *idx = nullptr, *slot_of_row = nullptr, *row_of_slot = nullptr;
-    // Expert choice (backend/cuda/expert_choice.cuh): sort keys [2, N_E·T], taken [T·N_E], per-token counts
-    // [T + 1], segment offsets [N_E + 1]; the plan's first [T + 1] and token_of [slots].
+    // A plan by token (expert choice, router replay): first [T + 1], token_of [slots], per-token counts
+    // [T + 1]; the replayed record [T, k]. Expert choice's sort (backend/cuda/expert_choice.cuh): keys
+    // [2, N_E·T], taken [T·N_E], segment offsets [N_E + 1].
+    int *plan_first = nullptr, *plan_token_of = nullptr, *plan_count = nullptr, *replay = nullptr;
     unsigned long long* ec_keys = nullptr;
-    int *ec_taken = nullptr, *ec_count = nullptr, *ec_offsets = nullptr, *ec_first = nullptr, *ec_token_of = nullptr;
+    int *ec_taken = nullptr, *ec_offsets = nullptr;
     void* perm = nullptr;
     char* stats = nullptr;  // the statistics block (layer/routing_plan.hpp StatsLayout): ints, then floats
   };
@@ -572,10 +590,9 @@ class MoeOps {
       take(b.shsig, t), take(b.shdz, t);
     }
     if constexpr (kBf16) take(b.dx32, t * d);
-    if (routing_ == Routing::kExpertChoice) {
-      take(b.ec_keys, 2 * t * n), take(b.ec_taken, t * n), take(b.ec_count, t + 1), take(b.ec_offsets, n + 1);
-      take(b.ec_first, t + 1), take(b.ec_token_of, rows);
-    }
+    take(b.plan_first, t + 1), take(b.plan_token_of, rows), take(b.plan_count, t + 1);
+    if (routing_ == Routing::kExpertChoice) take(b.ec_keys, 2 * t * n), take(b.ec_taken, t * n), take(b.ec_offsets, n + 1);
+    else take(b.replay, rows);
     take(b.ones, t);
     take(b.dprob, n * dprob_rows(tokens));
     if (seq_len_ > 0) take(b.seq_counts, n * dprob_rows(tokens)), take(b.seq_prob, n * dprob_rows(tokens));
@@ -587,10 +604,11 @@ class MoeOps {
   }
   // For the most chunks a strategy can use (tp, with duplicate token dropping), so the choice of
   // dropping does not change the workspace.
-  // Expert choice's sort and scan use the same memory before the permutation does.
+  // Expert choice's sort and scan, and replay's scan, use the same memory before the permutation does.
   std::size_t permute_temp_bytes(I64 tokens) const {
     std::size_t most = 0;
     if (routing_ == Routing::kExpertChoice) MOEKIT_CUDA_CHECK(expert_choice_temp_bytes(int(tokens), int(cfg_.num_experts()), most));
+    else MOEKIT_CUDA_CHECK(route_replay_temp_bytes(int(tokens), most));
     const int slots = int(router::max_routing_slots(cfg_, routing_, tokens));
     for (int chunks : {1, int(cfg_.tp)}) {
       PermuteParams pp;
@@ -633,7 +651,8 @@ class MoeOps {
   // The plan's slots: the token-choice routers' [T, k] (route_tokens writes them so), or expert choice's
   // by token (expert_choice_route writes first and token_of; the count is known on the host).
   SlotLayout slots() const {
-    if (routing_ == Routing::kExpertChoice) return SlotLayout::by_token(int(tokens_), int(slot_count_), b_.ec_first, b_.ec_token_of);
+    if (routing_ == Routing::kExpertChoice || replay_on_)
+      return SlotLayout::by_token(int(tokens_), int(slot_count_), b_.plan_first, b_.plan_token_of);
     return SlotLayout::token_choice(int(tokens_), int(cfg_.top_k));
   }
   CombineParams<S> combine_params() const {
@@ -675,7 +694,9 @@ class MoeOps {
   Buffers b_;
   std::size_t perm_bytes_ = 0;
   I64 reserved_ = -1, tokens_ = 0, capacity_rows_ = 0;  // reserved_ -1: no workspace yet
-  I64 slot_count_ = 0;  // the last forward's slots (T·k, or the experts' tokens under expert choice)
+  I64 slot_count_ = 0;  // the last forward's slots (T·k, the experts' tokens under expert choice, a record's experts)
+  I64 replay_slots_ = 0;
+  bool replay_on_ = false;  // the last forward replayed a record (router replay)
   int chunks_ = 1;
   bool external_ = false;
   DeviceArray<S> xe_, ye_, dye_, h13e_, ae_;  // the expert side of a distributed layer

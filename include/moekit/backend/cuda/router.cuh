@@ -9,6 +9,7 @@
 // __global__ shim; RouteTokenOp / RouteTokenBackwardOp are the device functors.
 // One thread per token: N_E up to a few hundred fits in registers and L1; a warp-per-token variant
 // for large N_E is future work once a device can measure both.
+#include <cub/device/device_scan.cuh>
 #include <cuda_runtime.h>
 
 #include "moekit/backend/cuda/status.cuh"
@@ -123,29 +124,119 @@ cudaError_t route_tokens_backward(const Router& router, const RouteBackwardParam
   return launch_per_token(RouteTokenBackwardOp<Router>{router}, p, stream);
 }
 
+// ---- plans by token (expert choice, router replay): a token's slots [first[t], first[t + 1]) -------------
+
+// Router replay (router/replay.hpp): count[t] = the record's experts of token t (its -1 slots left out),
+// count[T] = 0, for the exclusive scan that makes first.
+template <class I>
+MOEKIT_KERNEL void replay_count_kernel(const int* record, int tokens, int top_k, int* count) {
+  const int t = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
+  if (t > tokens) return;
+  int c = 0;
+  if (t < tokens)
+    for (int j = 0; j < top_k; ++j) c += record[std::size_t(t) * top_k + j] >= 0;
+  count[t] = c;
+}
+
+struct ReplayParams {
+  RouteParams route;               // logits, tokens, experts, top_k, prob, gate, lse, counts, bad_token; idx by token
+  const int* record = nullptr;     // [T, k], -1: no expert
+  const int* first = nullptr;      // [T + 1], from the scan
+  int* token_of = nullptr;         // [slots] out
+  int tokens = 0;                  // (launch_per_token reads it)
+};
+
+template <class Router>
+struct RouteReplayOp {
+  Router router;
+  __device__ void operator()(const ReplayParams& q, int t) const {
+    const RouteParams& p = q.route;
+    const std::size_t n = std::size_t(p.experts);
+    if (p.bad_token) {
+      bool finite = true;
+      for (std::size_t i = 0; i < n; ++i) finite = finite && isfinite(p.logits[t * n + i]);
+      if (!finite) atomicMin(p.bad_token, t);
+    }
+    int s = q.first[t];
+    const int s0 = s;
+    for (int j = 0; j < p.top_k; ++j)
+      if (const int e = q.record[std::size_t(t) * p.top_k + j]; e >= 0) p.idx[s] = e, q.token_of[s] = t, ++s;
+    p.lse[t] = router::route_token_replay(router, p.logits + t * n, p.experts, p.idx + s0, s - s0, p.prob + t * n, p.idx + s0, p.gate + s0);
+    for (int i = s0; i < s; ++i) atomicAdd(&p.counts[p.idx[i]], 1);
+  }
+};
+
+// Forward under replay: count, scan into first (temp: route_replay_temp_bytes), then one thread per token.
+inline cudaError_t route_replay_temp_bytes(int tokens, std::size_t& bytes) {
+  return cub::DeviceScan::ExclusiveSum(nullptr, bytes, static_cast<const int*>(nullptr), static_cast<int*>(nullptr), tokens + 1, nullptr);
+}
+template <class Router>
+cudaError_t route_replay(const Router& router, const ReplayParams& q, int* count, int* first, void* temp, std::size_t temp_bytes,
+                         cudaStream_t stream) {
+  const RouteParams& p = q.route;
+  if (!valid_shape(p.tokens, p.experts, p.top_k) || router.k != p.top_k || q.tokens != p.tokens || !p.logits || !p.prob || !p.idx ||
+      !p.gate || !p.lse || !p.counts || !count || !first || q.first != first || !q.token_of || (p.tokens && !q.record))
+    return cudaErrorInvalidValue;
+  MOEKIT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p.counts, 0, sizeof(int) * std::size_t(p.experts), stream));
+  if (p.bad_token) MOEKIT_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(p.bad_token, 0x7F, sizeof(int), stream));
+  replay_count_kernel<int><<<unsigned((p.tokens + 1 + 127) / 128), 128, 0, stream>>>(q.record, p.tokens, p.top_k, count);
+  MOEKIT_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  std::size_t bytes = temp_bytes;
+  MOEKIT_CUDA_RETURN_IF_ERROR(cub::DeviceScan::ExclusiveSum(temp, bytes, count, first, p.tokens + 1, stream));
+  return launch_per_token(RouteReplayOp<Router>{router}, q, stream);
+}
+
+// The backward of a plan by token: each token over its own slots (router::route_by_token_backward).
+struct ByTokenBackwardParams {
+  RouteBackwardParams route;   // idx, gate, dgate by slot
+  const int* first = nullptr;  // [T + 1]
+  int tokens = 0;
+};
+template <class Router>
+struct RouteByTokenBackwardOp {
+  Router router;
+  __device__ void operator()(const ByTokenBackwardParams& q, int t) const {
+    const RouteBackwardParams& p = q.route;
+    const std::size_t n = std::size_t(p.experts);
+    const int s = q.first[t];
+    router::route_by_token_backward(router, p.logits + t * n, p.experts, q.first[t + 1] - s, p.prob + t * n, p.idx + s, p.gate + s,
+                                    p.dgate + s, p.dprob + (p.dprob_tokens > 0 ? std::size_t(t / p.dprob_tokens) * n : 0),
+                                    p.zscale * p.lse[t], p.scratch + t * n, p.dlogits + t * n);
+  }
+};
+template <class Router>
+cudaError_t route_by_token_backward(const Router& router, const ByTokenBackwardParams& q, cudaStream_t stream) {
+  const RouteBackwardParams& p = q.route;
+  if (p.tokens < 0 || p.experts < 1 || q.tokens != p.tokens ||
+      (p.tokens && (!p.logits || !p.prob || !q.first || !p.dprob || !p.lse || !p.scratch || !p.dlogits)))
+    return cudaErrorInvalidValue;
+  return launch_per_token(RouteByTokenBackwardOp<Router>{router}, q, stream);
+}
+
 // The balance loss's sequence scope: counts[b, i] = slots of sequence b (tokens [b·S, (b+1)·S)) routed to
 // expert i, prob_sums[b, i] = Σ over its tokens of prob[t, i]. One thread per (b, i), in token order: no
 // atomics, deterministic. (A template, as every kernel here: one definition across translation units.)
 template <class P>
-MOEKIT_KERNEL void sequence_stats_kernel(const int* idx, const P* prob, int seqs, int len, int experts, int top_k, int* counts,
-                                      P* prob_sums) {
+MOEKIT_KERNEL void sequence_stats_kernel(const int* idx, SlotLayout slots, const P* prob, int seqs, int len, int experts, int* counts,
+                                         P* prob_sums) {
   const std::int64_t at = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (at >= std::int64_t(seqs) * experts) return;
   const int b = int(at / experts), i = int(at % experts);
   int c = 0;
   P s = 0;
-  for (std::int64_t t = std::int64_t(b) * len; t < std::int64_t(b + 1) * len; ++t) {
-    for (int j = 0; j < top_k; ++j) c += idx[t * top_k + j] == i;
-    s += prob[t * experts + i];
+  for (int t = b * len; t < (b + 1) * len; ++t) {
+    for (int q = slots.begin(t); q < slots.end(t); ++q) c += idx[q] == i;
+    s += prob[std::size_t(t) * experts + i];
   }
   counts[at] = c, prob_sums[at] = s;
 }
-inline cudaError_t sequence_stats(const int* idx, const float* prob, int seqs, int len, int experts, int top_k, int* counts, float* prob_sums,
-                                  cudaStream_t stream) {
+// idx by slot, in the plan's layout (token choice's [T, k], or by token under replay).
+inline cudaError_t sequence_stats(const int* idx, const SlotLayout& slots, const float* prob, int seqs, int len, int experts, int* counts,
+                                  float* prob_sums, cudaStream_t stream) {
   const std::int64_t n = std::int64_t(seqs) * experts;
   if (n == 0) return cudaSuccess;
-  if (!idx || !prob || !counts || !prob_sums || seqs < 0 || len < 1 || experts < 1 || top_k < 1) return cudaErrorInvalidValue;
-  sequence_stats_kernel<float><<<unsigned((n + 127) / 128), 128, 0, stream>>>(idx, prob, seqs, len, experts, top_k, counts, prob_sums);
+  if (!idx || !prob || !counts || !prob_sums || seqs < 0 || len < 1 || experts < 1 || !slots.valid()) return cudaErrorInvalidValue;
+  sequence_stats_kernel<float><<<unsigned((n + 127) / 128), 128, 0, stream>>>(idx, slots, prob, seqs, len, experts, counts, prob_sums);
   return cudaGetLastError();
 }
 

@@ -131,7 +131,7 @@ class MoeOps {
       stored += tokens * (2 * d + shared_f_) + (kMixed ? tokens * 2 * shared_f_ : 0);
       computed += tokens * (2 * shared_f_ + 2) + (kMixed ? tokens * std::max(d, shared_f_) : 0);
     }
-    const I64 by_token = routing_ == Routing::kExpertChoice ? tokens + 1 + rows : 0;  // first, token_of
+    const I64 by_token = tokens + 1 + rows;  // first, token_of
     return stored * I64(sizeof(S)) + computed * I64(sizeof(C)) + (rows * 3 + by_token) * I64(sizeof(I32));
   }
   // Sizes the saved activations for up to `tokens` tokens; forward calls it too, so buffers only grow.
@@ -149,7 +149,7 @@ class MoeOps {
       idx_.resize(rows);
       slot_row_.resize(rows);
       row_slot_.resize(rows);
-      if (routing_ == Routing::kExpertChoice) first_.resize(tokens + 1), token_of_.resize(rows);
+      first_.resize(tokens + 1), token_of_.resize(rows);  // the plans by token (expert choice, replay)
       x_.resize(tokens * d);
       for (auto* v : {&xp_, &yp_}) v->resize(rows * d);
       h13_.resize(rows * (kGated ? 2 : 1) * f);
@@ -203,6 +203,12 @@ class MoeOps {
   const C* stats_floats_host() const { return floats_.data(); }
   void sync_stats(Context) {}
 
+  // Router replay (router/replay.hpp): the next forward's record [T, k] (checked by the layer), or null.
+  void use_replay(const I32* indices, I64 tokens) {
+    if (indices) replay_.assign(indices, indices + tokens * cfg_.top_k);
+    replay_on_ = indices != nullptr;
+  }
+
   // ---- forward ----------------------------------------------------------------------------------
   void begin(const S* x, const C* prev, I64 tokens, Context) {
     tokens_ = tokens;
@@ -229,6 +235,16 @@ class MoeOps {
     const auto n = cfg_.num_experts(), k = cfg_.top_k, d = cfg_.d_model;
     const bool ec = routing_ == Routing::kExpertChoice;
     has_prev_ = has_prev;
+    if (replay_on_) {  // the record's experts, by token (its -1 slots left out); gates below
+      int s = 0;
+      for (I64 t = 0; t < tokens_; ++t) {
+        first_[t] = s;
+        for (I64 j = 0; j < k; ++j)
+          if (const I32 e = replay_[std::size_t(t * k + j)]; e >= 0) token_of_[s] = int(t), idx_[s++] = e;
+      }
+      first_[tokens_] = s;
+      slots_ = SlotLayout::by_token(int(tokens_), s, first_.data(), token_of_.data());
+    }
     bool first = true;  // the first term writes the logits, the others add
     for (const router::LogitTerm& term : terms_) {
       const S* w = &value_[std::size_t(table_.offset_or_end(term.family))];
@@ -258,17 +274,23 @@ class MoeOps {
         if (!finite) {
 #pragma omp critical
           bad = std::min(bad, int(t));
-          if (!ec)
+          if (replay_on_)
+            for (int s = slots_.begin(int(t)); s < slots_.end(int(t)); ++s) gate_[s] = C(0);
+          else if (!ec)
             for (I64 j = 0; j < k; ++j) idx_[t * k + j] = int(j), gate_[t * k + j] = C(0);
           std::fill_n(&prob_[t * n], n, C(0));
           lse_[t] = C(0);
           continue;
         }
-        if (ec)  // the scores now, the experts' choice below
+        if (ec) {  // the scores now, the experts' choice below
           lse_[t] = router::token_scores(router::Softmax{}, l, int(n), &prob_[t * n]);
-        else
+        } else if (replay_on_) {
+          const int s = slots_.begin(int(t));
+          lse_[t] = router::route_token_replay(router_, l, int(n), &idx_[s], slots_.end(int(t)) - s, &prob_[t * n], &idx_[s], &gate_[s]);
+        } else {
           lse_[t] = router::route_token_choice(router_, l, int(n), &prob_[t * n], sel.data(), &idx_[t * k], &gate_[t * k],
                                                state_.empty() ? nullptr : state_.data());
+        }
       }
     }
     if (ec) {  // each expert takes its best tokens; the plan by token (router/expert_choice.hpp)
@@ -295,7 +317,7 @@ class MoeOps {
       seq_prob_.assign(std::size_t(seqs * n), C(0));
       for (I64 t = 0; t < seqs * seq_len_; ++t) {
         const I64 b = t / seq_len_;
-        for (I64 j = 0; j < k; ++j) ++seq_counts_[std::size_t(b * n + idx_[t * k + j])];
+        for (int s = slots_.begin(int(t)); s < slots_.end(int(t)); ++s) ++seq_counts_[std::size_t(b * n + idx_[s])];
         for (I64 i = 0; i < n; ++i) seq_prob_[std::size_t(b * n + i)] += prob_[t * n + i];
       }
     }
@@ -501,9 +523,9 @@ class MoeOps {
         C* dl = &dlogits_[t * n];
         const C* dp = dprob_tokens > 0 ? dprob + (t / dprob_tokens) * n : dprob;
         const I64 s = slots_.begin(int(t));
-        if (routing_ == Routing::kExpertChoice)
-          router::expert_choice_token_backward(&logits_[t * n], int(n), slots_.end(int(t)) - int(s), router_.gate_rule().scale,
-                                               &prob_[t * n], &idx_[s], &gate_[s], &dgate_[s], dp, zscale * lse_[t], scratch.data(), dl);
+        if (slots_.per_token == 0)  // by token: expert choice, a replayed routing
+          router::route_by_token_backward(router_, &logits_[t * n], int(n), slots_.end(int(t)) - int(s), &prob_[t * n], &idx_[s], &gate_[s],
+                                          &dgate_[s], dp, zscale * lse_[t], scratch.data(), dl);
         else
           router::route_token_choice_backward(router_, &logits_[t * n], int(n), &prob_[t * n], &idx_[s], &gate_[s], &dgate_[s], dp,
                                               zscale * lse_[t], scratch.data(), dl);
@@ -536,10 +558,19 @@ class MoeOps {
   // ---- views of the last forward ------------------------------------------------------------------
   MatrixView<const C> logits() const { return {logits_.data(), {tokens_, cfg_.num_experts()}}; }
   MatrixView<const C> probs() const { return {prob_.data(), {tokens_, cfg_.num_experts()}}; }
-  // Token choice only ([T, k]; expert choice: views of nothing, see routing_plan()).
-  MatrixView<const I32> topk_indices() const { return {token_choice() ? idx_.data() : nullptr, {tokens_, cfg_.top_k}}; }
-  MatrixView<const C> topk_gates() const { return {token_choice() ? gate_.data() : nullptr, {tokens_, cfg_.top_k}}; }
-  bool slot_kept(I64 t, I64 j) const { return token_choice() && slot_row_[t * cfg_.top_k + j] != kSlotDropped; }
+  // Token choice only ([T, k]; expert choice: views of nothing, see routing_plan()). A replayed forward's
+  // indices are its record (-1 for no expert); its gates are by token (routing_plan()).
+  MatrixView<const I32> topk_indices() const {
+    return {!token_choice() ? nullptr : replay_on_ ? replay_.data() : idx_.data(), {tokens_, cfg_.top_k}};
+  }
+  MatrixView<const C> topk_gates() const { return {token_choice() && !replay_on_ ? gate_.data() : nullptr, {tokens_, cfg_.top_k}}; }
+  bool slot_kept(I64 t, I64 j) const {
+    if (!token_choice()) return false;
+    if (!replay_on_) return slot_row_[t * cfg_.top_k + j] != kSlotDropped;
+    int s = slots_.begin(int(t));  // the record's j-th slot, if it has an expert
+    for (I64 i = 0; i < j; ++i) s += replay_[std::size_t(t * cfg_.top_k + i)] >= 0;
+    return replay_[std::size_t(t * cfg_.top_k + j)] >= 0 && slot_row_[s] != kSlotDropped;
+  }
   RoutingPlan<C> routing_plan() const { return plan_view(); }
 
  private:
@@ -707,7 +738,9 @@ class MoeOps {
   std::vector<S> x_;
   std::vector<C> prev_, logits_, prob_, dlogits_, gate_, dgate_, mix_, lse_;
   std::vector<I32> idx_, slot_row_, row_slot_;
-  std::vector<I32> first_, token_of_;  // expert choice: the plan by token (SlotLayout::by_token)
+  std::vector<I32> first_, token_of_;  // a plan by token (SlotLayout::by_token): expert choice, replay
+  std::vector<I32> replay_;            // the record this forward replays (router replay), [T, k]
+  bool replay_on_ = false;
   std::vector<S> xp_, yp_, dyp_, a_, dh13_;
   std::vector<C> h13_;  // [h1 | h3] per FFN row
   std::vector<S> xe_, ye_, dye_;  // the expert side's rows (distributed only)
