@@ -18,6 +18,7 @@
 
 #include "../common/compare.hpp"
 #include "device_buffer.cuh"
+#include "../unit/zc_tanh_scale.hpp"
 
 namespace layer_check {
 
@@ -327,6 +328,15 @@ void run_all() {
       c.aux_scale = 0.5;
       c.gemm = gemm;
       check<MoeLayer<backend::Host<float>, GR, Mixed>, MoeLayer<backend::Cuda<V>, GR, Mixed>>(c);
+    }
+  }
+  SUBCASE("a zero-computation kind of the tests' own (TanhScale) beside Zero and Constant: its functors on the device") {
+    using TanhSet = experts::Set<experts::Ffn<act::SwiGLU>, moekit_test::TanhScale, experts::Zero, experts::Constant>;
+    for (double gamma : {0.0, 1.1}) {
+      Case c{"zc-custom-kind", small_config(6, 3, RouterKind::kSoftmax, Activation::kSwiGLU), 97, 13};
+      c.cfg.num_zero_experts = 1, c.cfg.num_constant_experts = 1, c.cfg.tau = 0.75, c.cfg.capacity_factor = gamma;
+      c.cfg.options.set("num_tanh_zc_experts", 2);
+      check<MoeLayer<backend::Host<float>, Soft, TanhSet>, MoeLayer<backend::Cuda<V>, Soft, TanhSet>>(c);
     }
   }
   SUBCASE("router::BiasBalanced: biased selection, unbiased gates, the per-step update") {

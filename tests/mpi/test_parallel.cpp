@@ -12,6 +12,7 @@
 #include <moekit/moe_layer.hpp>
 #include "../common/compare.hpp"
 #include "../common/random.hpp"
+#include "../unit/zc_tanh_scale.hpp"
 #include <moekit/parallel/comm/mpi.hpp>
 #include <moekit/parallel/host_moe_layer.hpp>
 #include <random>
@@ -155,6 +156,8 @@ std::vector<Split> splits() {
 using Soft = router::TopK<router::Softmax>;
 using Ffn = experts::Ffn<act::SwiGLU>;
 using Mixed = experts::Set<experts::Ffn<act::GeLU>, experts::Zero, experts::Copy, experts::Constant>;
+// A zero-computation kind of the tests' own (tests/unit/zc_tanh_scale.hpp) beside MoE++'s three.
+using WithTanh = experts::Set<experts::Ffn<act::GeLU>, experts::Zero, experts::Copy, experts::Constant, moekit_test::TanhScale>;
 
 }  // namespace
 
@@ -268,6 +271,20 @@ TEST_CASE("shared experts: every strategy and split equals parallel::None (tp-sl
     MoeConfig ds = base_config(s.tp, s.ep, s.dp, true);
     ds.options.set("num_shared_experts", 2), ds.capacity_factor = 1.0;
     check_equivalence<parallel::Hybrid, Soft, Mixed, balance::MicroBatch>(ds, 17);
+  }
+}
+
+TEST_CASE("a zero-computation kind of one's own: every strategy and split equals parallel::None") {
+  for (auto s : splits()) {
+    // Its experts are replicated and finish on the token's rank, as MoE++'s; its tensor u is replicated
+    // and its gradient reduced with the other replicated ones.
+    MoeConfig c = base_config(s.tp, s.ep, s.dp, true);
+    c.options.set("num_tanh_zc_experts", 2);
+    check_equivalence<parallel::Hybrid, Soft, WithTanh, balance::GlobalBatch>(c);
+    c.capacity_factor = 1.0;
+    check_equivalence<parallel::Hybrid, Soft, WithTanh, balance::MicroBatch>(c, 17, /*dtd=*/true, /*recompute=*/true);
+    if (s.tp == 1) check_equivalence<parallel::Expert, Soft, WithTanh, balance::MicroBatch>(c);
+    if (s.ep == 1) check_equivalence<parallel::Tensor, Soft, WithTanh, balance::MicroBatch>(c);
   }
 }
 

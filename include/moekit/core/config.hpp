@@ -63,13 +63,21 @@ inline RouterKind parse_router(const std::string& s) { return parse_enum<RouterK
 // The options of the layer's policies by key (router::GroupLimited's n_group, ...): each policy reads
 // its own options struct from them through that struct's field table (core/options.hpp), so a new
 // policy brings its options without a new MoeConfig field. Values as JSON gives them; kept sorted by key.
+// A key ending in "_zc_experts" is the count of a zero-computation kind a policy adds (experts/
+// zero_computation.hpp): those counts are part of N_E, so the sum of their integer values is kept here.
 class PolicyOptions {
  public:
   using Value = std::variant<bool, std::int64_t, double, std::string>;
+  static constexpr const char* kZcCountSuffix = "_zc_experts";
+  static bool is_zc_count(const std::string& key) {
+    const std::string s = kZcCountSuffix;
+    return key.size() > s.size() && key.compare(key.size() - s.size(), s.size(), s) == 0;
+  }
   void set(const std::string& key, Value v) {
     auto it = std::lower_bound(entries_.begin(), entries_.end(), key, [](const auto& e, const std::string& k) { return e.first < k; });
     if (it != entries_.end() && it->first == key) it->second = std::move(v);
     else entries_.insert(it, {key, std::move(v)});
+    recount();
   }
   // One per type: without them a bool would promote to int, a double convert to it, and a string
   // literal become a bool.
@@ -87,13 +95,22 @@ class PolicyOptions {
   bool has(const std::string& key) const { return find(key) != nullptr; }
   void erase(const std::string& key) {
     entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [&](const auto& e) { return e.first == key; }), entries_.end());
+    recount();
   }
+  // Σ of the "*_zc_experts" counts (non-integer or negative values count 0; MoeConfig::validate refuses them).
+  std::int64_t zc_experts() const { return zc_experts_; }
   bool empty() const { return entries_.empty(); }
   const std::vector<std::pair<std::string, Value>>& entries() const { return entries_; }
   friend bool operator==(const PolicyOptions&, const PolicyOptions&) = default;
 
  private:
+  void recount() {
+    zc_experts_ = 0;
+    for (const auto& [key, v] : entries_)
+      if (is_zc_count(key) && std::holds_alternative<std::int64_t>(v) && std::get<std::int64_t>(v) > 0) zc_experts_ += std::get<std::int64_t>(v);
+  }
   std::vector<std::pair<std::string, Value>> entries_;
+  std::int64_t zc_experts_ = 0;
 };
 
 // Runtime shapes and coefficients of one MoE layer. The compile-time policies of MoeLayer must agree
@@ -125,11 +142,12 @@ struct MoeConfig {
   // The policies' own options by key (core/options.hpp): router::GroupLimited's n_group, ...
   PolicyOptions options;
 
-  // N_E: all experts, in the order FFN, zero, copy, constant (logits, indices, counts).
-  std::int64_t num_experts() const {
-    return num_ffn_experts + num_zero_experts + num_copy_experts + num_constant_experts;
+  // N_E: all experts, in the order FFN, zero, copy, constant, then the zero-computation kinds a policy
+  // adds (options "*_zc_experts", experts/zero_computation.hpp) in its Set's order (logits, indices, counts).
+  std::int64_t num_experts() const { return num_ffn_experts + num_zc_experts(); }
+  std::int64_t num_zc_experts() const {
+    return num_zero_experts + num_copy_experts + num_constant_experts + options.zc_experts();
   }
-  std::int64_t num_zc_experts() const { return num_zero_experts + num_copy_experts + num_constant_experts; }
 
   // Throws ConfigError naming the first field that breaks a rule (fields in table order).
   void validate() const;
@@ -294,6 +312,9 @@ void check_field(const ConfigField<M>& f, const MoeConfig& c) {
 
 inline void MoeConfig::validate() const {
   for_each_config_field([&](const auto& f) { check_field(f, *this); });
+  for (const auto& [key, v] : options.entries())  // counts of added zero-computation kinds (N_E reads them first)
+    if (PolicyOptions::is_zc_count(key) && !(std::holds_alternative<std::int64_t>(v) && std::get<std::int64_t>(v) >= 0))
+      throw ConfigError(key, option_text(v), "must be a non-negative integer (a count of zero-computation experts)");
 }
 
 }  // namespace moekit

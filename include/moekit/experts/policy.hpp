@@ -1,4 +1,5 @@
 #pragma once
+#include <array>
 #include <cmath>
 #include <concepts>
 #include <cstdint>
@@ -43,8 +44,7 @@ struct Ffn {
   }
 };
 
-// MoE++ zero-computation experts Zero, Copy, Constant (arXiv 2410.07348): experts/zero_computation.hpp,
-// with their functors.
+// Zero-computation experts (MoE++'s Zero, Copy, Constant, or a kind of yours): experts/zero_computation.hpp.
 
 namespace detail {
 template <class T, class... Ts>
@@ -53,29 +53,38 @@ template <class T>
 inline constexpr bool is_ffn = false;
 template <class A>
 inline constexpr bool is_ffn<Ffn<A>> = true;
+template <class... Ts>
+inline constexpr bool distinct = true;
+template <class T, class... Ts>
+inline constexpr bool distinct<T, Ts...> = !contains<T, Ts...> && distinct<Ts...>;
+template <class Z, class... Ks>
+using if_present = std::conditional_t<contains<Z, Ks...>, std::tuple<Z>, std::tuple<>>;
 }  // namespace detail
 
-// A heterogeneous set: one Ffn<Act> first, then any of Zero, Copy, Constant; counts come from MoeConfig.
-template <class FfnExpert, class... ZeroComputation>
+// A set's zero-computation kinds in routing order (expert ids after the FFN experts): Zero, Copy,
+// Constant when present, then the others in the order the set lists them.
+template <class... Kinds>
+using zc_routing_order_t =
+    decltype(std::tuple_cat(detail::if_present<Zero, Kinds...>{}, detail::if_present<Copy, Kinds...>{},
+                            detail::if_present<Constant, Kinds...>{},
+                            std::conditional_t<is_builtin_zc<Kinds>, std::tuple<>, std::tuple<Kinds>>{}...));
+
+// A heterogeneous set: one Ffn<Act> first, then zero-computation kinds (Zero, Copy, Constant or any
+// ZeroComputationKind); each kind's count comes from the config (Z::count).
+template <class FfnExpert, class... Kinds>
 struct Set {
   static_assert(detail::is_ffn<FfnExpert>, "experts::Set<...>: the first member must be experts::Ffn<Act>");
-  static_assert(((std::same_as<ZeroComputation, Zero> || std::same_as<ZeroComputation, Copy> ||
-                  std::same_as<ZeroComputation, Constant>) && ...),
-                "experts::Set<Ffn<Act>, ...>: the other members must be experts::Zero, experts::Copy or experts::Constant");
+  static_assert((ZeroComputationKind<Kinds> && ...),
+                "experts::Set<Ffn<Act>, ...>: the other members must be zero-computation kinds (experts::Zero, Copy, "
+                "Constant, or a struct with the interface of experts/zero_computation.hpp)");
+  static_assert(detail::distinct<Kinds...>, "experts::Set<Ffn<Act>, ...>: a kind may appear once");
   using activation = typename FfnExpert::activation;
-  using members = std::tuple<FfnExpert, ZeroComputation...>;
-  static constexpr bool has_zero = detail::contains<Zero, ZeroComputation...>;
-  static constexpr bool has_copy = detail::contains<Copy, ZeroComputation...>;
-  static constexpr bool has_constant = detail::contains<Constant, ZeroComputation...>;
-  // The FFN experts' tensors, and the constant experts' Wc and v (zero and copy experts have none).
+  using members = std::tuple<FfnExpert, Kinds...>;
+  using zc_kinds = zc_routing_order_t<Kinds...>;
+  // The FFN experts' tensors, then each zero-computation kind's in routing order.
   static void declare_parameters(ParamDecls& d, const MoeConfig& c) {
     FfnExpert::declare_parameters(d, c);
-    if constexpr (has_constant) {
-      const std::int64_t n = c.num_constant_experts, m = c.d_model;
-      const double bd = 1.0 / std::sqrt(double(m));
-      d.add({"const_wc", "constant.{}.wc.weight", n, {2, m}, ParamShard::kReplicated, "", "constant", bd, false});
-      d.add({"const_v", "constant.{}.v", n, {m}, ParamShard::kReplicated, "", "constant", bd, false});
-    }
+    [&]<class... Z>(std::tuple<Z...>*) { (Z::declare_parameters(d, c), ...); }(static_cast<zc_kinds*>(nullptr));
   }
 };
 
@@ -119,14 +128,52 @@ void read_expert_options(const MoeConfig& c) {
   for_each_expert_part<E>([&]<class P>(std::type_identity<P>) { (void)read_options<options_t<P>>(c); });
 }
 
-// Which zero-computation kinds a policy admits (none for a bare Ffn<Act>).
+// The zero-computation kinds of an expert policy in routing order (none for a bare Ffn<Act>).
 template <class E>
-struct zc_kinds {
-  static constexpr bool zero = false, copy = false, constant = false;
+struct zc_kinds_of {
+  using type = std::tuple<>;
 };
-template <class F, class... Z>
-struct zc_kinds<Set<F, Z...>> {
-  static constexpr bool zero = Set<F, Z...>::has_zero, copy = Set<F, Z...>::has_copy,
-                        constant = Set<F, Z...>::has_constant;
+template <class E>
+  requires requires { typename E::zc_kinds; }
+struct zc_kinds_of<E> {
+  using type = typename E::zc_kinds;
 };
+template <class E>
+using zc_kinds_t = typename zc_kinds_of<E>::type;
+
+// Compile-time facts of a list of kinds, and f(Z{}) for the m-th (host and device).
+template <class List>
+struct ZcList;
+template <class... Z>
+struct ZcList<std::tuple<Z...>> {
+  static constexpr int size = int(sizeof...(Z));
+  static constexpr bool zero = detail::contains<Zero, Z...>, copy = detail::contains<Copy, Z...>,
+                        constant = detail::contains<Constant, Z...>;
+  static constexpr bool any = size > 0;
+  static constexpr bool custom = ((!is_builtin_zc<Z>) || ... || false);
+  static constexpr int max_saved = [] {
+    int m = 0;
+    ((m = Z::kSaved > m ? Z::kSaved : m), ...);
+    return m;
+  }();
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable  // f is a host lambda on the host, a device one in kernels
+#endif
+  template <class F>
+  MOEKIT_HD static void visit(int m, F&& f) {
+    int i = 0;
+    ((i++ == m ? (f(Z{}), 0) : 0), ...);
+  }
+  // Each kind's count, in list order.
+  static std::array<std::int64_t, sizeof...(Z)> counts(const MoeConfig& c) { return {Z::count(c)...}; }
+};
+// The kinds of E that the CUDA backend runs through their functors (all but Zero, Copy and Constant).
+template <class List>
+struct custom_zc;
+template <class... Z>
+struct custom_zc<std::tuple<Z...>> {
+  using type = decltype(std::tuple_cat(std::conditional_t<is_builtin_zc<Z>, std::tuple<>, std::tuple<Z>>{}...));
+};
+template <class E>
+using zc_kinds = ZcList<zc_kinds_t<E>>;
 }  // namespace moekit::experts

@@ -53,6 +53,16 @@ void validate_layer_config(const MoeConfig& cfg) {
   kind_allowed("num_zero_experts", cfg.num_zero_experts, Kinds::zero, "experts::Zero");
   kind_allowed("num_copy_experts", cfg.num_copy_experts, Kinds::copy, "experts::Copy");
   kind_allowed("num_constant_experts", cfg.num_constant_experts, Kinds::constant, "experts::Constant");
+  // The other kinds count through options "num_<name>_zc_experts", which N_E adds up: each must be a
+  // count the set's kinds read (the layer already refused keys none of its policies declares).
+  std::int64_t custom = 0;
+  [&]<class... Z>(std::tuple<Z...>*) {
+    ((custom += experts::is_builtin_zc<Z> ? 0 : Z::count(cfg)), ...);
+  }(static_cast<experts::zc_kinds_t<Experts>*>(nullptr));
+  if (custom != cfg.options.zc_experts())
+    throw ConfigError("options", std::to_string(cfg.options.zc_experts()) + " experts in \"*_zc_experts\" keys",
+                      "must equal the experts of the set's own zero-computation kinds (" + std::to_string(custom) +
+                      "): each kind outside MoeConfig counts through one such option");
 }
 }  // namespace detail
 

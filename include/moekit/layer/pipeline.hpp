@@ -165,7 +165,7 @@ class MoeLayer {
       ops_.reserve(tokens);
     }
     if constexpr (kDistributed && !Ops::kGrows) {
-      const std::int64_t t = ops_.reserved_tokens(), slots = router::max_routing_slots(cfg_, routing_, t),
+      const std::int64_t t = ops_.reserved_tokens(), slots = router::routing_slots(cfg_, routing_, t),
                          rows = std::int64_t(cfg_.ep) * slots;
       if (rows > std::int64_t(INT32_MAX)) throw ShapeError("ep * slots = " + std::to_string(rows) + " exceeds 2^31 - 1 (slots: tokens * top_k, or the experts' tokens under expert choice)");
       ops_.reserve_expert_side(rows);

@@ -103,7 +103,7 @@ bool router_matches(const MoeConfig& c) {
 }
 template <class E>
 bool experts_match(const MoeConfig& c) {
-  constexpr bool zc = experts::zc_kinds<E>::zero || experts::zc_kinds<E>::copy || experts::zc_kinds<E>::constant;
+  constexpr bool zc = experts::zc_kinds<E>::any;
   return c.activation == E::activation::kind && zc == (c.num_zc_experts() > 0);
 }
 

@@ -105,21 +105,30 @@ struct RoutingPlan {
   const int* slot_of_row = nullptr;  // [rows]: the inverse, for the FFN rows
 };
 
-enum class ZcKind { kZero, kCopy, kConstant };
+// What the CUDA kernels do with a zero-computation slot: MoE++'s three kinds in their own code, any
+// other kind (kCustom) through its functors (backend/cuda/zero_computation.cuh). The host calls every
+// kind's functors (backend/host/zero_computation.hpp).
+enum class ZcKind { kZero, kCopy, kConstant, kCustom };
 
-// The experts in routing order: FFN [0, ffn), zero, copy, then constant experts.
+// The experts in routing order: FFN [0, ffn), zero, copy, constant, then the other kinds (custom).
 struct ExpertKinds {
-  int ffn = 0, zero = 0, copy = 0, constant = 0;
+  int ffn = 0, zero = 0, copy = 0, constant = 0, custom = 0;
   static ExpertKinds of(const MoeConfig& c) {
-    return {int(c.num_ffn_experts), int(c.num_zero_experts), int(c.num_copy_experts), int(c.num_constant_experts)};
+    return {int(c.num_ffn_experts), int(c.num_zero_experts), int(c.num_copy_experts), int(c.num_constant_experts),
+            int(c.options.zc_experts())};
   }
   MOEKIT_HD bool is_ffn(int e) const { return e < ffn; }
-  MOEKIT_HD bool any_zc() const { return zero + copy + constant > 0; }
-  // The kind of zero-computation expert e (e >= ffn); q = its index among the constant experts.
+  MOEKIT_HD bool any_zc() const { return zero + copy + constant + custom > 0; }
+  MOEKIT_HD int first_custom() const { return ffn + zero + copy + constant; }
+  // The kind of zero-computation expert e (e >= ffn); q = its index among the constant experts (or
+  // among the custom ones, from first_custom()).
   MOEKIT_HD ZcKind zc_kind(int e, int& q) const {
     q = e - ffn - zero - copy;
     if (e < ffn + zero) return ZcKind::kZero;
-    return e < ffn + zero + copy ? ZcKind::kCopy : ZcKind::kConstant;
+    if (e < ffn + zero + copy) return ZcKind::kCopy;
+    if (q < constant) return ZcKind::kConstant;
+    q -= constant;
+    return ZcKind::kCustom;
   }
 };
 

@@ -44,7 +44,7 @@ struct BiasBalanced : Inner {
   static void check(const MoeConfig& c) {
     Inner::check(c);
     if (!c.expert_bias) throw ConfigError("expert_bias", "false", "must match the layer's compile-time policy (true)");
-    require_token_choice(c, routing_of(Inner(c)), "expert_bias (router::BiasBalanced)");
+    require_token_choice(routing_of(Inner(c)), "expert_bias (router::BiasBalanced)");
   }
   static void list_choices(std::vector<std::string>& keys) {
     Inner::list_choices(keys);

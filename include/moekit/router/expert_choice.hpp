@@ -52,14 +52,13 @@ inline balance::Capacities expert_choice_capacities(const MoeConfig& c, std::int
       balance::expert_capacities(c.capacity_factor, c.tau, c.top_k, tokens, c.num_ffn_experts, c.num_zc_experts());
   return {std::min(caps.ffn, tokens), std::min(caps.zc, tokens)};
 }
-// Slots of a forward of T tokens: T·k for token choice; Σ_e C_e for expert choice.
+// Slots of a forward of T tokens: T·k for token choice; Σ_e C_e for expert choice. Slots grow with T,
+// so this is also the most slots of any forward of up to T tokens (the slot buffers' size).
 inline std::int64_t routing_slots(const MoeConfig& c, Routing r, std::int64_t tokens) {
   if (r == Routing::kTokenChoice) return tokens * c.top_k;
   const balance::Capacities caps = expert_choice_capacities(c, tokens);
   return caps.ffn * c.num_ffn_experts + caps.zc * c.num_zc_experts();
 }
-// The most slots of any forward of up to T tokens (the slot buffers' size): slots grow with T.
-inline std::int64_t max_routing_slots(const MoeConfig& c, Routing r, std::int64_t tokens) { return routing_slots(c, r, tokens); }
 
 // The rules of expert choice, for a config that asks for it (TopK's options call this).
 inline void check_expert_choice(const MoeConfig& c) {
@@ -71,21 +70,22 @@ inline void check_expert_choice(const MoeConfig& c) {
     throw ConfigError("renormalize", "true", "does not apply to \"routing\": \"expert_choice\" (a token's gates are its softmax scores)");
 }
 // What a router that changes the token-choice selection says when asked for expert choice.
-inline void require_token_choice(const MoeConfig& c, Routing r, const char* who) {
+inline void require_token_choice(Routing r, const char* who) {
   if (r == Routing::kExpertChoice)
     throw ConfigError("routing", "\"expert_choice\"", std::string("cannot combine with ") + who + " (it changes the token-choice selection)");
-  (void)c;
 }
 
 // The selection on the host, from the scores prob [T, N_E] (softmax, rows of non-finite tokens zeroed):
 // expert e takes its C_e best tokens (caps: FFN experts [0, ffn), then the zero-computation ones), ties to
 // the lower token. Writes the by-token plan: first [T + 1] (token t's slots are [first[t], first[t+1]),
-// in expert order), token_of, expert [slots] and gate [slots] = scale · prob[t, e]. Returns the slots.
+// in expert order), token_of, expert [slots] and gate [slots] = scale · prob[t, e]; `taken` is scratch
+// [T, N_E]. Returns the slots.
 template <class S>
 std::int64_t expert_choice_select(const S* prob, std::int64_t tokens, std::int64_t experts, std::int64_t ffn_experts,
-                                  const balance::Capacities& caps, double scale, int* first, int* token_of, int* expert, S* gate) {
+                                  const balance::Capacities& caps, double scale, int* first, int* token_of, int* expert, S* gate,
+                                  std::vector<unsigned char>& taken) {
   using I64 = std::int64_t;
-  std::vector<unsigned char> taken(std::size_t(tokens * experts), 0);
+  taken.assign(std::size_t(tokens * experts), 0);  // the caller's buffer: no allocation once it is large enough
 #pragma omp parallel if (tokens * experts >= 32768)
   {
     std::vector<int> order(static_cast<std::size_t>(tokens));

@@ -75,7 +75,7 @@ struct GroupLimited : Inner {
   static void check(const MoeConfig& c) {
     Inner::check(c);
     if (!c.options.has("n_group")) throw ConfigError("n_group", "(missing)", "must be given for the layer's router::GroupLimited");
-    require_token_choice(c, routing_of(Inner(c)), "n_group (router::GroupLimited)");
+    require_token_choice(routing_of(Inner(c)), "n_group (router::GroupLimited)");
   }
   static void list_choices(std::vector<std::string>& keys) {
     Inner::list_choices(keys);

@@ -84,7 +84,7 @@ struct TopK {
   static void check(const MoeConfig& c) {
     if (c.router != Score::kind)
       throw ConfigError("router", field_text(c.router), std::string("must match the layer's compile-time policy (") + to_string(Score::kind) + ")");
-    if (Score::kind != RouterKind::kSoftmax) require_token_choice(c, read_options<Options>(c).routing, "the sigmoid score (expert choice takes the softmax over the experts)");
+    if (Score::kind != RouterKind::kSoftmax) require_token_choice(read_options<Options>(c).routing, "the sigmoid score (expert choice takes the softmax over the experts)");
   }
   static void list_choices(std::vector<std::string>&) {}
   // The router weight W_r (logits = x W_r^T).

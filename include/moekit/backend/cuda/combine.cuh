@@ -3,7 +3,8 @@
 // SlotLayout (layer/routing_plan.hpp: t·k + j for the token-choice routers):
 //   out[t, :] = Σ_s gate[s] · y[row_of_slot[s], :]                  (FFN slots that kept a row, in slot order)
 //             + Σ_s gate[s] · E_{idx[s]}(x[t, :])                     (kept zero-computation slots, in slot order)
-// with E = 0 (zero), x (copy) or a1·x + a2·v (constant, [a1, a2] = softmax(Wc x) from zc_mix()).
+// with E = 0 (zero), x (copy) or a1·x + a2·v (constant, [a1, a2] = softmax(Wc x) from zc_mix()); other
+// kinds' terms arrive summed in `extra` (backend/cuda/zero_computation.cuh).
 // Dropped slots (kDroppedSlot) add nothing. One thread per output element sums its terms in a fixed
 // order: no float atomics, deterministic. Zero-computation slots never have a row: they are finished
 // here, on the token's own row, so they never touch the GEMMs.
@@ -42,6 +43,9 @@ struct CombineParams {
   const T* const_v = nullptr;   // [N_const, d]
   const T* const_wc = nullptr;  // [N_const, 2, d] (token_backward)
   const float* mix = nullptr;   // [S, 2]: a1, a2 of constant slots (from zc_mix)
+  // Other zero-computation kinds (ZcKind::kCustom, backend/cuda/zero_computation.cuh): their terms,
+  // fp32 [T, d], added last (combine: Σ gate · E(x); token_backward: their input gradients); or null.
+  const float* extra = nullptr;
 };
 
 template <class T>
@@ -95,6 +99,10 @@ MOEKIT_KERNEL void combine_kernel(CombineParams<T> p, T* out) {
           for (int u = 0; u < V; ++u) acc[u] += g * (a1 * xv[u] + a2 * v[u]);
         }
       }
+    }
+    if (p.extra) {
+#pragma unroll
+      for (int u = 0; u < V; ++u) acc[u] += p.extra[e0 + u];
     }
     store_vec<V>(out, e0, acc);
   }
@@ -188,7 +196,7 @@ MOEKIT_KERNEL void combine_dgate_kernel(CombineParams<T> p, const T* dout, SlotG
     }
   }
   if (lane == 0) {
-    g.dgate[s] = dg;  // dropped slots and zero experts do not reach the output: 0
+    g.dgate[s] = dg;  // dropped slots and zero experts do not reach the output: 0 (custom kinds: later)
     if (g.dz) {
       g.dz[2 * s] = dz1;
       g.dz[2 * s + 1] = dz2;
@@ -227,6 +235,10 @@ MOEKIT_KERNEL void token_backward_kernel(CombineParams<T> p, const T* dxp, const
           for (int u = 0; u < V; ++u) acc[u] += a1g * dc[u] + dz1 * w0[u] + dz2 * w1[u];
         }
       }
+    }
+    if (p.extra) {
+#pragma unroll
+      for (int u = 0; u < V; ++u) acc[u] += p.extra[e0 + u];
     }
     store_vec<V>(dx, e0, acc);
   }

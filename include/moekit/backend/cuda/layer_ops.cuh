@@ -40,6 +40,7 @@
 #include "moekit/backend/cuda/policy.hpp"
 #include "moekit/backend/cuda/router.cuh"
 #include "moekit/backend/cuda/shared_expert.cuh"
+#include "moekit/backend/cuda/zero_computation.cuh"
 #include "moekit/balance/loss.hpp"
 #include "moekit/core/tensor.hpp"
 #include "moekit/layer/moe_layer_decl.hpp"
@@ -57,6 +58,9 @@ class MoeOps {
   static constexpr bool kGated = Act::gated;
   static constexpr bool kResidual = router::router_traits<Router>::reads_prev_logits;
   static constexpr bool kStateful = router::router_traits<Router>::stateful;
+  // Zero-computation kinds other than Zero / Copy / Constant run through their functors.
+  using CustomKinds = typename experts::custom_zc<experts::zc_kinds_t<Experts>>::type;
+  static constexpr bool kCustomZc = experts::ZcList<CustomKinds>::size > 0;
   using S = storage_t<V>;
   using I64 = std::int64_t;
 
@@ -99,6 +103,7 @@ class MoeOps {
       side_ = std::make_unique<SideStream>();
     }
     if (has_bias()) offsets_dev_.resize(std::size_t(params_.table().local_experts() + 1));
+    if constexpr (kCustomZc) czc_ = CustomZc<S, CustomKinds>(cfg_, params_.table());
     host_stats_.resize(std::size_t(layout_.ints + layout_.floats));  // pinned, sized once: the GlobalBatch hook points into it
     host_dprob_.resize(std::size_t(cfg_.num_experts()));
     MOEKIT_CUDA_CHECK(cudaDeviceSynchronize());
@@ -412,6 +417,17 @@ class MoeOps {
   // y by gather (with the zero-computation experts), then σ · the shared experts' rows (summed over tp
   // and joined by then).
   void combine(S* y, cudaStream_t stream) {
+    if constexpr (kCustomZc) {  // their terms into b_.zc_extra, which combine adds
+      const float* x32 = nullptr;
+      if constexpr (std::is_same_v<S, float>) {
+        x32 = b_.x;
+      } else {
+        MOEKIT_CUDA_CHECK(convert(b_.x, b_.zc_x32, std::size_t(tokens_ * cfg_.d_model), stream));
+        x32 = b_.zc_x32;
+      }
+      czp_ = czc_.params(params_, b_.zc_w32, slots(), b_.idx, b_.row_of_slot, b_.gate, x32, b_.zc_saved, stream);
+      MOEKIT_CUDA_CHECK(czc_.forward(czp_, b_.zc_extra, stream));
+    }
     MOEKIT_CUDA_CHECK(backend::cuda::combine(combine_params(), y, stream));
     if (has_shared())
       MOEKIT_CUDA_CHECK(add_shared_rows(y, b_.shy, shared_gate_ ? b_.shsig : nullptr, int(tokens_), int(cfg_.d_model), stream));
@@ -429,6 +445,16 @@ class MoeOps {
       MOEKIT_CUDA_CHECK(cudaMemsetAsync(b_.coef_v, 0, sizeof(S) * std::size_t(T) * NC, stream));
     }
     MOEKIT_CUDA_CHECK(backend::cuda::combine_backward(combine_params(), dy, b_.dyp, sg, stream));
+    if constexpr (kCustomZc) {  // their dgate, and their input gradients into b_.zc_extra for token_backward
+      const float* dy32 = nullptr;
+      if constexpr (std::is_same_v<S, float>) {
+        dy32 = dy;
+      } else {
+        MOEKIT_CUDA_CHECK(convert(dy, b_.zc_dy32, std::size_t(tokens_ * cfg_.d_model), stream));
+        dy32 = b_.zc_dy32;
+      }
+      MOEKIT_CUDA_CHECK(czc_.backward(czp_, dy32, b_.dgate, b_.zc_extra, stream));
+    }
   }
   // dx by gather + copy/constant experts (fp32 for bf16), the constant experts' weight gradients.
   void token_backward(const S* dy, S* dx, cudaStream_t stream) {
@@ -548,6 +574,8 @@ class MoeOps {
     float *shsig = nullptr, *shdz = nullptr;                              // σ and σ'·dσ per token
     int* seq_counts = nullptr;                                            // the sequence scope: [B, N_E]
     float* seq_prob = nullptr;
+    // Custom zero-computation kinds: their rows [T, d], saved scalars, bf16's fp32 x, dy and tensors.
+    float *zc_extra = nullptr, *zc_saved = nullptr, *zc_x32 = nullptr, *zc_dy32 = nullptr, *zc_w32 = nullptr;
     float *prev = nullptr, *logits = nullptr, *prob = nullptr, *dlogits = nullptr, *scratch = nullptr, *gate = nullptr,
           *dgate = nullptr, *lse = nullptr, *score = nullptr, *mix = nullptr, *dz = nullptr, *zc_logits = nullptr,
           *dx32 = nullptr, *ones = nullptr, *dprob = nullptr;
@@ -566,7 +594,7 @@ class MoeOps {
   std::size_t carve(Buffers& b, char* base, I64 tokens) const {
     const std::size_t t = std::size_t(tokens), n = std::size_t(cfg_.num_experts()), d = std::size_t(cfg_.d_model),
                       fl = std::size_t(f()), nc = std::size_t(cfg_.num_constant_experts),
-                      rows = std::size_t(router::max_routing_slots(cfg_, routing_, tokens)), wfl = std::size_t(wf());
+                      rows = std::size_t(router::routing_slots(cfg_, routing_, tokens)), wfl = std::size_t(wf());
     constexpr bool kBf16 = !std::is_same_v<S, float>;
     std::size_t at = 0;
     auto take = [&](auto*& p, std::size_t count) {
@@ -596,6 +624,10 @@ class MoeOps {
     take(b.ones, t);
     take(b.dprob, n * dprob_rows(tokens));
     if (seq_len_ > 0) take(b.seq_counts, n * dprob_rows(tokens)), take(b.seq_prob, n * dprob_rows(tokens));
+    if constexpr (kCustomZc) {
+      take(b.zc_extra, t * d), take(b.zc_saved, rows * std::size_t(CustomZc<S, CustomKinds>::kSaved));
+      if constexpr (kBf16) take(b.zc_x32, t * d), take(b.zc_dy32, t * d), take(b.zc_w32, std::size_t(czc_.copy_elements()));
+    }
     take(b.stats, stats_bytes());
     char* perm = nullptr;
     take(perm, permute_temp_bytes(tokens));
@@ -609,7 +641,7 @@ class MoeOps {
     std::size_t most = 0;
     if (routing_ == Routing::kExpertChoice) MOEKIT_CUDA_CHECK(expert_choice_temp_bytes(int(tokens), int(cfg_.num_experts()), most));
     else MOEKIT_CUDA_CHECK(route_replay_temp_bytes(int(tokens), most));
-    const int slots = int(router::max_routing_slots(cfg_, routing_, tokens));
+    const int slots = int(router::routing_slots(cfg_, routing_, tokens));
     for (int chunks : {1, int(cfg_.tp)}) {
       PermuteParams pp;
       pp.slots = SlotLayout::token_choice(slots, 1), pp.experts = int(cfg_.num_experts());  // only the count matters here
@@ -625,7 +657,7 @@ class MoeOps {
     if (tokens < 0) throw ShapeError("tokens = " + std::to_string(tokens) + " must be >= 0");
     if (tokens * cfg_.top_k > kMaxSlots)
       throw ShapeError("tokens * top_k = " + std::to_string(tokens * cfg_.top_k) + " exceeds 2^30 on the CUDA backend");
-    if (const I64 slots = router::max_routing_slots(cfg_, routing_, tokens); slots > kMaxSlots)
+    if (const I64 slots = router::routing_slots(cfg_, routing_, tokens); slots > kMaxSlots)
       throw ShapeError("the experts' tokens under expert choice, " + std::to_string(slots) + ", exceed 2^30 on the CUDA backend");
     const I64 wide = std::max(cfg_.num_experts(), 2 * cfg_.num_constant_experts);
     if (tokens * wide > I64(INT32_MAX))
@@ -663,6 +695,7 @@ class MoeOps {
     p.y = b_.yp, p.x = b_.x, p.idx = b_.idx;
     p.kinds = ExpertKinds::of(cfg_);
     p.const_v = params_.const_v(), p.const_wc = params_.const_wc(), p.mix = b_.mix;
+    p.extra = b_.zc_extra;  // null without custom kinds
     return p;
   }
   // One problem per expert with rows (offsets per expert, on the host).
@@ -677,6 +710,8 @@ class MoeOps {
   MoeConfig cfg_;
   StatsLayout layout_;
   ParameterStore<S> params_;
+  CustomZc<S, CustomKinds> czc_;        // zero-computation kinds other than MoE++'s three
+  CustomZcParams<CustomKinds> czp_;     // their last forward's launch parameters
   Router router_;             // the router policy with its options (the kernels take it by value)
   Routing routing_;           // its routing (router/expert_choice.hpp)
   router::LogitTerms terms_;  // how its logits are made

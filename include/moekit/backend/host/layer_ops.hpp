@@ -29,7 +29,7 @@
 #include "moekit/core/parameter.hpp"
 #include "moekit/core/tensor.hpp"
 #include "moekit/experts/activation.hpp"
-#include "moekit/experts/zero_computation.hpp"
+#include "moekit/backend/host/zero_computation.hpp"
 #include "moekit/layer/moe_layer_decl.hpp"
 #include "moekit/layer/parameter_table.hpp"
 #include "moekit/layer/routing_plan.hpp"
@@ -43,10 +43,9 @@ namespace backend::host {
 template <class T, class Router, class Experts, bool kDistributed>
 class MoeOps {
   using Act = typename Experts::activation;
-  using Kinds = experts::zc_kinds<Experts>;
   static constexpr bool kGated = Act::gated;
   static constexpr bool kResidual = router::router_traits<Router>::reads_prev_logits;
-  static constexpr bool kAnyZc = Kinds::zero || Kinds::copy || Kinds::constant;
+  static constexpr bool kAnyZc = experts::zc_kinds<Experts>::any;
   using I32 = std::int32_t;
   using I64 = std::int64_t;
   using S = T;
@@ -77,6 +76,7 @@ class MoeOps {
         act_(act::make_activation<Act>(cfg)) {
     Router::declare_logits(terms_);
     if (table_.has_region("shared_w2")) shared_f_ = table_.region("shared_w2").stride / cfg_.d_model;
+    if constexpr (kAnyZc) zc_ = ZcExperts(cfg_, table_);
     value_.assign(std::size_t(table_.size()), S(0));
     ints_.assign(std::size_t(layout_.ints), 0);  // sized once: the GlobalBatch hook points into it
     floats_.assign(std::size_t(layout_.floats), C(0));
@@ -120,7 +120,7 @@ class MoeOps {
   static void check_config(const MoeConfig&) {}  // no limits beyond MoeConfig's own rules
   I64 workspace_bytes(I64 tokens) const {
     const auto n = cfg_.num_experts(), d = cfg_.d_model, f = cfg_.d_expert;
-    const I64 rows = router::max_routing_slots(cfg_, routing_, tokens), k = rows / std::max<I64>(tokens, 1), wf = kGated ? 2 * f : f;
+    const I64 rows = router::routing_slots(cfg_, routing_, tokens), k = rows / std::max<I64>(tokens, 1), wf = kGated ? 2 * f : f;
     I64 stored = tokens * d + rows * d * 3 + rows * f;  // x, xp / yp / dyp, a
     I64 computed = tokens * n * (kResidual ? 4 : 3) + tokens * k * 4 + tokens + rows * wf;
     if constexpr (kMixed) {  // x, y / dx and dy in fp32; the GEMMs' fp32 outputs; dH13 in bf16
@@ -140,11 +140,11 @@ class MoeOps {
   // bf16 operand, kept in both modes).
   void reserve(I64 tokens) {
     const auto n = cfg_.num_experts(), d = cfg_.d_model, f = cfg_.d_expert;
-    const I64 rows = router::max_routing_slots(cfg_, routing_, tokens);  // slots, and the most FFN rows
+    const I64 rows = router::routing_slots(cfg_, routing_, tokens);  // slots, and the most FFN rows
     if (tokens > reserved_) {
       for (auto* v : {&logits_, &prob_}) v->resize(tokens * n);
       if constexpr (kResidual) prev_.resize(tokens * n);
-      for (auto* v : {&gate_, &mix_}) v->resize(rows * (v == &mix_ ? 2 : 1));
+      gate_.resize(rows);
       lse_.resize(tokens);
       idx_.resize(rows);
       slot_row_.resize(rows);
@@ -179,9 +179,11 @@ class MoeOps {
     std::size_t b = 0;
     for (const auto* v : {&value_, &x_, &xp_, &yp_, &dyp_, &a_, &dh13_, &xe_, &ye_, &dye_, &ys_, &dys_, &as_, &dhs_})
       b += v->capacity() * sizeof(S);
-    for (const auto* v : {&std::as_const(grad_), &floats_, &prev_, &logits_, &prob_, &dlogits_, &gate_, &dgate_, &mix_, &lse_, &h13_, &state_,
-                          &x32_, &tok32_, &dy32_, &acc_, &zc32_, &hs_, &sg_, &dz_, &sacc_})
+    for (const auto* v : {&std::as_const(grad_), &floats_, &prev_, &logits_, &prob_, &dlogits_, &gate_, &dgate_, &lse_, &h13_, &state_,
+                          &x32_, &tok32_, &dy32_, &acc_, &hs_, &sg_, &dz_, &sacc_})
       b += v->capacity() * sizeof(C);
+    b += zc_.bytes();
+    b += ec_taken_.capacity();
     for (const auto* v : {&ints_, &idx_, &slot_row_, &row_slot_, &first_, &token_of_}) b += v->capacity() * sizeof(I32);
     return b;
   }
@@ -214,15 +216,9 @@ class MoeOps {
     tokens_ = tokens;
     slots_ = SlotLayout::token_choice(int(tokens), int(cfg_.top_k));  // the token-choice routers' [T, k] slots
     std::copy_n(x, tokens * cfg_.d_model, x_.data());
-    if constexpr (kMixed) {  // fp32 x for the zero-computation experts and the router's weight gradient
-      convert(x, x32_.data(), tokens * cfg_.d_model);
-      if constexpr (Kinds::constant) {  // the constant experts' weights in fp32 (small)
-        const auto &wc = table_.region("const_wc"), &v = table_.region("const_v");
-        zc32_.resize(std::size_t(wc.size() + v.size()));
-        convert(&value_[std::size_t(wc.offset)], zc32_.data(), wc.size());
-        convert(&value_[std::size_t(v.offset)], zc32_.data() + wc.size(), v.size());
-      }
-    }
+    // fp32 x for the zero-computation experts and the router's weight gradient
+    if constexpr (kMixed) convert(x, x32_.data(), tokens * cfg_.d_model);
+    if constexpr (kAnyZc) zc_.begin(value_.data());  // bf16: their weights in fp32 (small)
     if constexpr (kResidual)
       if (prev) std::copy_n(prev, tokens * cfg_.num_experts(), prev_.data());
   }
@@ -296,7 +292,7 @@ class MoeOps {
     if (ec) {  // each expert takes its best tokens; the plan by token (router/expert_choice.hpp)
       const I64 count = router::expert_choice_select(prob_.data(), tokens_, n, cfg_.num_ffn_experts,
                                                      router::expert_choice_capacities(cfg_, tokens_), router_.gate_rule().scale,
-                                                     first_.data(), token_of_.data(), idx_.data(), gate_.data());
+                                                     first_.data(), token_of_.data(), idx_.data(), gate_.data(), ec_taken_);
       slots_ = SlotLayout::by_token(int(tokens_), int(count), first_.data(), token_of_.data());
     }
     I32* routed = &ints_[layout_.routed];
@@ -447,7 +443,7 @@ class MoeOps {
   void combine(S* y, Context) {
     C* yc = compute_rows(y);
     gather_slot_rows(plan_view(), yp_.data(), cfg_.d_model, /*gate_weighted=*/true, yc);
-    if constexpr (kAnyZc) zero_computation_forward(yc);
+    if constexpr (kAnyZc) zc_.forward(plan_view(), x_compute(), yc);
     if (has_shared()) add_shared_rows(yc);
     if constexpr (kMixed) convert(yc, y, tokens_ * cfg_.d_model);
   }
@@ -459,14 +455,13 @@ class MoeOps {
     const C* dy = nullptr;
     if constexpr (kMixed) convert(dy_s, dy32_.data(), tokens_ * d), dy = dy32_.data();
     else dy = dy_s;
-    const C* const_v = zc_weights().const_v;
-    const C* xc = x_compute();
-    const ExpertKinds kinds = ExpertKinds::of(cfg_);
+    [[maybe_unused]] const C* xc = x_compute();
+    [[maybe_unused]] const RoutingPlan<C> plan = plan_view();
     [[maybe_unused]] const I64 work = I64(slots_.slots) * d;  // read by the OpenMP clause only
 #pragma omp parallel for schedule(static) if (work >= MOEKIT_OMP_MIN_WORK)
     for (I64 t = 0; t < tokens_; ++t) {
       const C* dyt = dy + t * d;
-      const C* xt = xc + t * d;
+      [[maybe_unused]] const C* xt = xc + t * d;
       for (I64 s = slots_.begin(int(t)); s < slots_.end(int(t)); ++s) {
         const I32 row = slot_row_[s];
         C dg = 0;
@@ -478,16 +473,9 @@ class MoeOps {
             dst[c] = from_compute<S>(gate_[s] * dyt[c]);
           }
         } else if (row == kSlotZeroComputation) {
-          int q = 0;
-          const ZcKind kind = kinds.zc_kind(idx_[s], q);
-          if (kind == ZcKind::kCopy) {
-            for (I64 c = 0; c < d; ++c) dg += dyt[c] * xt[c];
-          } else if (kind == ZcKind::kConstant) {
-            const C* v = &const_v[I64(q) * d];
-            for (I64 c = 0; c < d; ++c) dg += dyt[c] * (mix_[2 * s] * xt[c] + mix_[2 * s + 1] * v[c]);
-          }
+          if constexpr (kAnyZc) dg = zc_.dgate(plan, s, xt, dyt);
         }
-        dgate_[s] = dg;  // dropped slots and zero experts do not reach y: 0
+        dgate_[s] = dg;  // dropped slots do not reach y: 0
       }
     }
   }
@@ -498,8 +486,10 @@ class MoeOps {
     C* dxc = compute_rows(dx);
     gather_slot_rows(plan_view(), dyp_.data(), cfg_.d_model, /*gate_weighted=*/false, dxc);
     if constexpr (kAnyZc) {
-      if constexpr (kMixed) zero_computation_backward(dy32_.data(), dxc);
-      else zero_computation_backward(dy, dxc);
+      const C* dyc = nullptr;
+      if constexpr (kMixed) dyc = dy32_.data();
+      else dyc = dy;
+      zc_.backward(plan_view(), x_compute(), dyc, dxc, grads().data());
     }
     if (has_shared()) {
       const I64 d = cfg_.d_model;
@@ -578,7 +568,7 @@ class MoeOps {
   // their family key (route, router_backward).
   template <class E>
   struct Families {
-    E *w13, *w2, *b13, *b2, *const_wc, *const_v;  // b13, b2: null without ffn_bias
+    E *w13, *w2, *b13, *b2;  // b13, b2: null without ffn_bias
   };
   using Weights = Families<S>;
   using Grads = Families<C>;
@@ -587,8 +577,7 @@ class MoeOps {
     const ParameterTable& t = table_;
     E* b = flat.data();
     auto opt = [&](const char* key) { return t.has_region(key) ? b + t.region(key).offset : nullptr; };
-    return {b + t.offset_or_end("w13"), b + t.offset_or_end("w2"), opt("b13"), opt("b2"), b + t.offset_or_end("const_wc"),
-            b + t.offset_or_end("const_v")};
+    return {b + t.offset_or_end("w13"), b + t.offset_or_end("w2"), opt("b13"), opt("b2")};
   }
   // The FFN biases of w (and their gradients in g), or none: b2's tp slice is this rank's columns.
   FfnBias<S, C> bias(const Weights& w, const Grads* g) const {
@@ -620,18 +609,6 @@ class MoeOps {
       for (I64 c = 0; c < d; ++c) y[i * d + c] += sg_[std::size_t(i)] * to_compute<C>(ys_[std::size_t(i * d + c)]);
   }
   Grads G() { return families_in(grads()); }
-  // The constant experts' weights in the compute type (bf16: the fp32 copy begin() made).
-  struct ZcWeights {
-    const C *const_wc, *const_v;
-  };
-  ZcWeights zc_weights() {
-    if constexpr (kMixed) {
-      return {zc32_.data(), zc32_.data() + table_.size_or_zero("const_wc")};
-    } else {
-      const Weights w = W();
-      return {w.const_wc, w.const_v};
-    }
-  }
   // x in the compute type, and the compute-type rows y / dx are summed in before they are rounded.
   const C* x_compute() const {
     if constexpr (kMixed) return x32_.data();
@@ -657,65 +634,6 @@ class MoeOps {
   }
   bool token_choice() const { return routing_ == Routing::kTokenChoice; }
   RoutingPlan<C> plan_view() const { return {slots_, idx_.data(), gate_.data(), slot_row_.data(), row_slot_.data()}; }
-  // Calls fn(slot, kind, constant index) for each kept zero-computation slot of token t.
-  template <class F>
-  void for_each_zc_slot(I64 t, F&& fn) const {
-    const ExpertKinds kinds = ExpertKinds::of(cfg_);
-    for (I64 s = slots_.begin(int(t)); s < slots_.end(int(t)); ++s)
-      if (slot_row_[s] == kSlotZeroComputation) {
-        int q = 0;
-        const ZcKind kind = kinds.zc_kind(idx_[s], q);
-        fn(s, kind, I64(q));
-      }
-  }
-  void zero_computation_forward(C* y) {
-    const auto d = cfg_.d_model;
-    const ZcWeights w = zc_weights();
-    const C* xc = x_compute();
-    [[maybe_unused]] const I64 work = I64(slots_.slots) * d;  // read by the OpenMP clause only
-#pragma omp parallel for schedule(static) if (work >= MOEKIT_OMP_MIN_WORK)
-    for (I64 t = 0; t < tokens_; ++t) {
-      const C* xt = xc + t * d;
-      C* yt = y + t * d;
-      for_each_zc_slot(t, [&](I64 s, ZcKind kind, I64 q) {
-        const C g = gate_[s];
-        if (kind == ZcKind::kCopy) {
-          for (I64 c = 0; c < d; ++c) yt[c] += g * xt[c];
-        } else if (kind == ZcKind::kConstant) {
-          C a1, a2;
-          experts::Constant::mix(&w.const_wc[q * 2 * d], xt, int(d), a1, a2);
-          mix_[2 * s] = a1;
-          mix_[2 * s + 1] = a2;
-          const C* v = &w.const_v[q * d];
-          for (I64 c = 0; c < d; ++c) yt[c] += g * (a1 * xt[c] + a2 * v[c]);
-        }
-      });
-    }
-  }
-  // Copy and constant experts' input gradients and the constant experts' weight gradients, in token
-  // order: the work is small, and one fixed order keeps the weight gradients deterministic.
-  void zero_computation_backward(const C* dy, C* dx) {
-    const auto d = cfg_.d_model;
-    const ZcWeights w = zc_weights();
-    const Grads gw = G();
-    const C* xc = x_compute();
-    std::vector<C> de(d);
-    for (I64 t = 0; t < tokens_; ++t) {
-      const C* dyt = dy + t * d;
-      C* dxt = dx + t * d;
-      for_each_zc_slot(t, [&](I64 s, ZcKind kind, I64 q) {
-        const C g = gate_[s];
-        if (kind == ZcKind::kCopy) {
-          for (I64 c = 0; c < d; ++c) dxt[c] += g * dyt[c];
-        } else if (kind == ZcKind::kConstant) {
-          for (I64 c = 0; c < d; ++c) de[c] = g * dyt[c];
-          experts::Constant::backward(&w.const_wc[q * 2 * d], xc + t * d, &w.const_v[q * d], mix_[2 * s], mix_[2 * s + 1],
-                                     de.data(), int(d), dxt, &gw.const_v[q * d], &gw.const_wc[q * 2 * d]);
-        }
-      });
-    }
-  }
-
   MoeConfig cfg_;
   ParameterTable table_;
   StatsLayout layout_;
@@ -736,15 +654,18 @@ class MoeOps {
   SlotLayout slots_;  // of the last forward's plan
   bool has_prev_ = false, training_ = true;
   std::vector<S> x_;
-  std::vector<C> prev_, logits_, prob_, dlogits_, gate_, dgate_, mix_, lse_;
+  std::vector<C> prev_, logits_, prob_, dlogits_, gate_, dgate_, lse_;
   std::vector<I32> idx_, slot_row_, row_slot_;
   std::vector<I32> first_, token_of_;  // a plan by token (SlotLayout::by_token): expert choice, replay
+  std::vector<unsigned char> ec_taken_;  // expert choice's scratch [T, N_E]
   std::vector<I32> replay_;            // the record this forward replays (router replay), [T, k]
   bool replay_on_ = false;
   std::vector<S> xp_, yp_, dyp_, a_, dh13_;
   std::vector<C> h13_;  // [h1 | h3] per FFN row
   std::vector<S> xe_, ye_, dye_;  // the expert side's rows (distributed only)
-  std::vector<C> x32_, tok32_, dy32_, acc_, zc32_;  // bf16 only: fp32 x, y / dx, dy, GEMM outputs, constant experts' weights
+  std::vector<C> x32_, tok32_, dy32_, acc_;  // bf16 only: fp32 x, y / dx, dy, GEMM outputs
+  using ZcExperts = ZeroComputation<S, C, experts::zc_kinds_t<Experts>>;
+  ZcExperts zc_;  // the zero-computation experts (backend/host/zero_computation.hpp)
   // The shared experts: width of this rank's slice (0: none); ys [T, D] (its output, then summed over
   // tp), dys (σ dy, then its input gradient), a; [h1 | h3], σ, σ' dσ; bf16: dH13 and the GEMM outputs.
   I64 shared_f_ = 0;
