@@ -22,10 +22,10 @@
 #include "moekit/backend/cuda/activation.cuh"  // convert
 #include "moekit/backend/cuda/parameter_store.cuh"
 #include "moekit/backend/cuda/status.cuh"
-#include "moekit/core/error.hpp"
 #include "moekit/experts/policy.hpp"
 #include "moekit/layer/parameter_table.hpp"
 #include "moekit/layer/routing_plan.hpp"
+#include "moekit/layer/zc_tensors.hpp"
 
 namespace moekit::backend::cuda {
 inline namespace MOEKIT_CUDA_ABI {
@@ -66,34 +66,37 @@ struct CustomZcParams {
     for (int i = 0; i < tensors[m]; ++i) r.w[i] = gw + goff[m][i] + q * stride[m][i];
     return r;
   }
+  // f(kind, its expert's tensors, their gradients, the slot's saved scalars) when slot s is a kept
+  // slot of a custom kind.
+  template <class F>
+  __device__ __forceinline__ void with_slot(int s, F&& f) const {
+    int m, q;
+    if (!custom(s, m, q)) return;
+    float* sv = saved + std::size_t(s) * std::size_t(saved_stride);
+    const auto w = weights(m, q);
+    const auto g = grads(m, q);
+    experts::ZcList<Kinds>::visit(m, [&](auto z) { f(z, w, g, sv); });
+  }
 };
 
 template <class Kinds>
 MOEKIT_KERNEL void custom_zc_forward_kernel(CustomZcParams<Kinds> p, float* extra) {
   const int t = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
   if (t >= p.slots.tokens) return;
-  const std::size_t d = std::size_t(p.d);
-  for (int s = p.slots.begin(t), end = p.slots.end(t); s < end; ++s) {
-    int m, q;
-    if (!p.custom(s, m, q)) continue;
-    const auto w = p.weights(m, q);
-    float* saved = p.saved + std::size_t(s) * std::size_t(p.saved_stride);
-    experts::ZcList<Kinds>::visit(m, [&](auto z) {
-      decltype(z)::forward(w, p.x + std::size_t(t) * d, p.d, p.gate[s], extra + std::size_t(t) * d, saved);
+  const std::size_t at = std::size_t(t) * std::size_t(p.d);
+  for (int s = p.slots.begin(t), end = p.slots.end(t); s < end; ++s)
+    p.with_slot(s, [&](auto z, const auto& w, const auto&, float* saved) {
+      decltype(z)::forward(w, p.x + at, p.d, p.gate[s], extra + at, saved);
     });
-  }
 }
 
 template <class Kinds>
 MOEKIT_KERNEL void custom_zc_dgate_kernel(CustomZcParams<Kinds> p, const float* dy, float* dgate) {
   const int s = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
-  int m, q;
-  if (s >= p.slots.slots || !p.custom(s, m, q)) return;
-  const std::size_t t = std::size_t(p.slots.token(s)), d = std::size_t(p.d);
-  const auto w = p.weights(m, q);
-  const float* saved = p.saved + std::size_t(s) * std::size_t(p.saved_stride);
-  experts::ZcList<Kinds>::visit(m, [&](auto z) {
-    dgate[s] = decltype(z)::backward(w, p.x + t * d, p.d, p.gate[s], dy + t * d, saved, static_cast<float*>(nullptr),
+  if (s >= p.slots.slots) return;
+  const std::size_t at = std::size_t(p.slots.token(s)) * std::size_t(p.d);
+  p.with_slot(s, [&](auto z, const auto& w, const auto&, float* saved) {
+    dgate[s] = decltype(z)::backward(w, p.x + at, p.d, p.gate[s], dy + at, saved, static_cast<float*>(nullptr),
                                      experts::ZcGrads<float>{});
   });
 }
@@ -102,33 +105,23 @@ template <class Kinds>
 MOEKIT_KERNEL void custom_zc_dx_kernel(CustomZcParams<Kinds> p, const float* dy, float* extra) {
   const int t = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
   if (t >= p.slots.tokens) return;
-  const std::size_t d = std::size_t(p.d);
-  for (int s = p.slots.begin(t), end = p.slots.end(t); s < end; ++s) {
-    int m, q;
-    if (!p.custom(s, m, q)) continue;
-    const auto w = p.weights(m, q);
-    const float* saved = p.saved + std::size_t(s) * std::size_t(p.saved_stride);
-    experts::ZcList<Kinds>::visit(m, [&](auto z) {
-      (void)decltype(z)::backward(w, p.x + std::size_t(t) * d, p.d, p.gate[s], dy + std::size_t(t) * d, saved,
-                                  extra + std::size_t(t) * d, experts::ZcGrads<float>{});
+  const std::size_t at = std::size_t(t) * std::size_t(p.d);
+  for (int s = p.slots.begin(t), end = p.slots.end(t); s < end; ++s)
+    p.with_slot(s, [&](auto z, const auto& w, const auto&, float* saved) {
+      (void)decltype(z)::backward(w, p.x + at, p.d, p.gate[s], dy + at, saved, extra + at, experts::ZcGrads<float>{});
     });
-  }
 }
 
+// One thread per custom expert: its slots in slot order, so the sums are deterministic.
 template <class Kinds>
 MOEKIT_KERNEL void custom_zc_weights_kernel(CustomZcParams<Kinds> p, const float* dy) {
   const int e = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
   if (e >= p.experts) return;
-  const std::size_t d = std::size_t(p.d);
   for (int s = 0; s < p.slots.slots; ++s) {
-    int m, q;
-    if (!p.custom(s, m, q) || p.idx[s] != p.first + e) continue;
-    const std::size_t t = std::size_t(p.slots.token(s));
-    const auto w = p.weights(m, q);
-    const auto g = p.grads(m, q);
-    const float* saved = p.saved + std::size_t(s) * std::size_t(p.saved_stride);
-    experts::ZcList<Kinds>::visit(m, [&](auto z) {
-      (void)decltype(z)::backward(w, p.x + t * d, p.d, p.gate[s], dy + t * d, saved, static_cast<float*>(nullptr), g);
+    if (p.idx[s] != p.first + e) continue;
+    const std::size_t at = std::size_t(p.slots.token(s)) * std::size_t(p.d);
+    p.with_slot(s, [&](auto z, const auto& w, const auto& g, float* saved) {
+      (void)decltype(z)::backward(w, p.x + at, p.d, p.gate[s], dy + at, saved, static_cast<float*>(nullptr), g);
     });
   }
 }
@@ -146,31 +139,18 @@ class CustomZc {
 
   CustomZc() = default;
   CustomZc(const MoeConfig& cfg, const ParameterTable& t) {
-    const auto counts = List::counts(cfg);
+    const auto at = ZcTensorLayout<Kinds>::of(cfg, t);
     const ExpertKinds kinds = ExpertKinds::of(cfg);
     base_.d = int(cfg.d_model), base_.first = kinds.first_custom(), base_.experts = kinds.custom;
     for (int m = 0; m < List::size; ++m) {
-      base_.count[m] = int(counts[std::size_t(m)]);
-      List::visit(m, [&](auto z) {
-        using Z = decltype(z);
-        ParamDecls d;
-        Z::declare_parameters(d, cfg);
-        if (int(d.families().size()) > P::kT)
-          throw ConfigError(Z::name, std::to_string(d.families().size()) + " tensor families",
-                            "a zero-computation kind declares at most " + std::to_string(P::kT));
-        base_.tensors[m] = int(d.families().size());
-        for (int i = 0; i < base_.tensors[m]; ++i) {
-          const auto& f = d.families()[std::size_t(i)];
-          if (f.region != f.key || f.shard != ParamShard::kReplicated || f.fp32)
-            throw ConfigError(Z::name, f.key, "a zero-computation kind's tensors are replicated, in the storage type, each in its own region");
-          if (!t.has_region(f.region)) continue;
-          const auto& r = t.region(f.region);
-          regions_.push_back({r.offset, r.size(), copy_elements_});
-          base_.goff[m][i] = r.offset, base_.stride[m][i] = r.stride;
-          base_.woff[m][i] = kCopy ? copy_elements_ : r.offset;
-          copy_elements_ += r.size();
-        }
-      });
+      base_.count[m] = int(at.count[std::size_t(m)]), base_.tensors[m] = at.tensors[std::size_t(m)];
+      for (int i = 0; i < base_.tensors[m]; ++i) {
+        const std::int64_t offset = at.offset[std::size_t(m)][std::size_t(i)], size = at.size[std::size_t(m)][std::size_t(i)];
+        regions_.push_back({offset, size, copy_elements_});
+        base_.goff[m][i] = offset, base_.stride[m][i] = at.stride[std::size_t(m)][std::size_t(i)];
+        base_.woff[m][i] = kCopy ? copy_elements_ : offset;
+        copy_elements_ += size;
+      }
     }
   }
   // fp32 elements a bf16 layer's workspace holds for the copy of the kinds' tensors.

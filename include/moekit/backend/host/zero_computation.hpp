@@ -4,14 +4,13 @@
 // that kind's q = e − first(m); its tensors are q's slices of the regions its kind declared.
 #include <array>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 #include "moekit/backend/host/convert.hpp"
-#include "moekit/core/error.hpp"
 #include "moekit/experts/policy.hpp"
 #include "moekit/layer/parameter_table.hpp"
 #include "moekit/layer/routing_plan.hpp"
+#include "moekit/layer/zc_tensors.hpp"
 
 namespace moekit::backend::host {
 
@@ -29,29 +28,12 @@ class ZeroComputation {
   static constexpr int kSaved = List::max_saved;
 
   ZeroComputation() = default;
-  ZeroComputation(const MoeConfig& cfg, const ParameterTable& t) : d_(cfg.d_model) {
-    const auto counts = List::counts(cfg);
+  ZeroComputation(const MoeConfig& cfg, const ParameterTable& t) : d_(cfg.d_model), at_(ZcTensorLayout<Kinds>::of(cfg, t)) {
     I64 first = cfg.num_ffn_experts, copy_at = 0;
     for (int m = 0; m < K; ++m) {
-      first_[m] = first, count_[m] = counts[std::size_t(m)];
-      first += counts[std::size_t(m)];
-      List::visit(m, [&]<class Z>(Z) {
-        ParamDecls d;
-        Z::declare_parameters(d, cfg);
-        if (int(d.families().size()) > kMaxT)
-          throw ConfigError(Z::name, std::to_string(d.families().size()) + " tensor families",
-                            "a zero-computation kind declares at most " + std::to_string(kMaxT));
-        tensors_[m] = int(d.families().size());
-        for (int i = 0; i < tensors_[m]; ++i) {
-          const auto& f = d.families()[std::size_t(i)];
-          if (f.region != f.key || f.shard != ParamShard::kReplicated)
-            throw ConfigError(Z::name, f.key, "a zero-computation kind's tensors are replicated, each in its own region");
-          if (!t.has_region(f.region)) continue;  // no experts of this kind
-          const auto& r = t.region(f.region);
-          offset_[m][i] = r.offset, stride_[m][i] = r.stride, copy_[m][i] = copy_at;
-          copy_at += r.size();
-        }
-      });
+      first_[m] = first;
+      first += at_.count[m];
+      for (int i = 0; i < at_.tensors[m]; ++i) copy_[m][i] = copy_at, copy_at += at_.size[m][i];
     }
     copies_.resize(std::size_t(kCopies ? copy_at : 0));
   }
@@ -61,8 +43,8 @@ class ZeroComputation {
     values_ = values;
     if constexpr (kCopies)
       for (int m = 0; m < K; ++m)
-        for (int i = 0; i < tensors_[m]; ++i)
-          convert(values + offset_[m][i], copies_.data() + copy_[m][i], count_[m] * stride_[m][i]);
+        for (int i = 0; i < at_.tensors[m]; ++i)
+          convert(values + at_.offset[m][i], copies_.data() + copy_[m][i], at_.size[m][i]);
   }
 
   // y[t] += Σ over t's kept zero-computation slots of gate · E(x[t]), in slot order; keeps kSaved
@@ -95,22 +77,22 @@ class ZeroComputation {
         experts::ZcGrads<C> g;
         int m = 0, q = 0;
         locate(p.expert[s], m, q);
-        for (int i = 0; i < tensors_[m]; ++i) g.w[i] = grads + offset_[m][i] + I64(q) * stride_[m][i];
+        for (int i = 0; i < at_.tensors[m]; ++i) g.w[i] = grads + at_.offset[m][i] + I64(q) * at_.stride[m][i];
         (void)Z::backward(w, x + t * d, int(d), p.gate[s], dy + t * d, saved(s), dx + t * d, g);
       });
   }
 
  private:
   void locate(int e, int& m, int& q) const {
-    for (m = 0; m + 1 < K && e >= first_[m] + count_[m]; ++m) {
+    for (m = 0; m + 1 < K && e >= first_[m] + at_.count[m]; ++m) {
     }
     q = int(e - first_[m]);
   }
   experts::ZcWeights<C> weights(int m, int q) const {
     experts::ZcWeights<C> w;
-    for (int i = 0; i < tensors_[m]; ++i) {
-      if constexpr (kCopies) w.w[i] = copies_.data() + copy_[m][i] + I64(q) * stride_[m][i];
-      else w.w[i] = values_ + offset_[m][i] + I64(q) * stride_[m][i];
+    for (int i = 0; i < at_.tensors[m]; ++i) {
+      if constexpr (kCopies) w.w[i] = copies_.data() + copy_[m][i] + I64(q) * at_.stride[m][i];
+      else w.w[i] = values_ + at_.offset[m][i] + I64(q) * at_.stride[m][i];
     }
     return w;
   }
@@ -130,9 +112,9 @@ class ZeroComputation {
   C* saved(I64 s) const { return saved_.data() + s * (kSaved > 0 ? kSaved : 1); }
 
   I64 d_ = 0;
-  std::array<I64, K> first_{}, count_{};
-  std::array<int, K> tensors_{};
-  std::array<std::array<I64, kMaxT>, K> offset_{}, stride_{}, copy_{};
+  ZcTensorLayout<Kinds> at_;             // where each kind's tensors lie in the table
+  std::array<I64, K> first_{};           // each kind's first expert id
+  std::array<std::array<I64, kMaxT>, K> copy_{};  // bf16: where each family lies in copies_
   const S* values_ = nullptr;
   std::vector<C> copies_;
   mutable std::vector<C> saved_;  // [slots, kSaved]
